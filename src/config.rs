@@ -1,0 +1,471 @@
+//! Configuration: built-in defaults, then an optional TOML file, then
+//! `STOCKGATE_*` environment variables (`__` separates sections, e.g.
+//! `STOCKGATE_LAYERS__GATE__ENABLED=false`). [`Config::validate`] rejects
+//! impossible values with a message naming the key.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The gRPC listener and request handling.
+    pub server: ServerConfig,
+    /// Log format and filter.
+    pub log: LogConfig,
+    /// Where each backend lives: `embedded` or a server URL.
+    pub backends: BackendsConfig,
+    /// The database store.
+    pub store: StoreConfig,
+    /// Defense layers and their switches.
+    pub layers: LayersConfig,
+    /// Request limits and the hold lifecycle.
+    pub reservations: ReservationsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request or response message accepted, in bytes. Reserve
+    /// messages are tiny; a low cap turns junk into OUT_OF_RANGE early.
+    pub max_message_bytes: usize,
+    /// Server-side cap on a call's duration, in milliseconds, applied even
+    /// when the caller sets no deadline (gRPC has none by default).
+    pub request_timeout_ms: u64,
+    /// How long a graceful shutdown waits for in-flight calls and the order
+    /// processor's current batch, in milliseconds.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` env-filter directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// `embedded` (SQLite file at `store.sqlite_path`) or a
+    /// `postgres://` URL.
+    pub store: String,
+    /// `embedded` (in-process counters). A `redis://` gate arrives with the
+    /// Redis gate and is refused until then.
+    pub gate: String,
+    /// `embedded` (in-process channel). An `amqp://` queue arrives with the
+    /// RabbitMQ queue and is refused until then.
+    pub queue: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite database file used when `backends.store = "embedded"`.
+    pub sqlite_path: String,
+    /// Most PostgreSQL connections this process opens. Request-path commits
+    /// (queue off) wait for a connection rather than piling onto the
+    /// database, so this also bounds database concurrency.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection, in milliseconds,
+    /// before it is answered UNAVAILABLE.
+    pub acquire_timeout_ms: u64,
+    /// Apply pending migrations at start-up. Deployments that run
+    /// `stockgate migrate` as a separate job set this to false.
+    pub migrate_on_start: bool,
+}
+
+/// The defense layers, outermost first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayersConfig {
+    /// Per-user and global rate limiting.
+    pub rate_limit: SwitchConfig,
+    /// Idempotency-key deduplication.
+    pub dedup: SwitchConfig,
+    /// The atomic stock gate in front of the database.
+    pub gate: SwitchConfig,
+    /// The order queue and its single order processor.
+    pub queue: QueueLayerConfig,
+    /// The database check, always on: the last line against overselling.
+    pub db: DbLayerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwitchConfig {
+    /// Whether the layer runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueLayerConfig {
+    /// Whether admitted reservations go through the queue (true) or are
+    /// committed to the database in the request path (false).
+    pub enabled: bool,
+    /// Most orders the processor commits in one transaction.
+    pub batch_size: usize,
+    /// How long the processor waits to fill a batch, in milliseconds, once
+    /// it has at least one order.
+    pub linger_ms: u64,
+    /// Most reservations waiting in the embedded queue; past it Reserve
+    /// answers UNAVAILABLE instead of growing memory without bound.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DbCheckMode {
+    /// Conditional update on the row version; retried on a lost race.
+    Optimistic,
+    /// Row lock (`SELECT ... FOR UPDATE`) held while committing.
+    Pessimistic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbLayerConfig {
+    /// `optimistic` or `pessimistic`.
+    pub check: DbCheckMode,
+    /// Most optimistic attempts for one order before the call is answered
+    /// ABORTED. Each lost race means another order was committed, so this
+    /// only binds under extreme contention on one SKU.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReservationsConfig {
+    /// Most units one Reserve call may ask for.
+    pub max_quantity: u32,
+    /// How long a hold lasts before it expires and its units return to
+    /// stock, in seconds. 0 = holds never expire.
+    pub hold_ttl_secs: u64,
+    /// How often the expiry sweeper looks for lapsed holds, in milliseconds.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 64 * 1024,
+            request_timeout_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        Self {
+            store: EMBEDDED.into(),
+            gate: EMBEDDED.into(),
+            queue: EMBEDDED.into(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_path: "stockgate.db".into(),
+            max_connections: 16,
+            acquire_timeout_ms: 2_000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Default for LayersConfig {
+    fn default() -> Self {
+        Self {
+            // Not built yet: see Config::validate.
+            rate_limit: SwitchConfig { enabled: false },
+            dedup: SwitchConfig { enabled: false },
+            gate: SwitchConfig::default(),
+            queue: QueueLayerConfig::default(),
+            db: DbLayerConfig::default(),
+        }
+    }
+}
+
+impl Default for QueueLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 64,
+            linger_ms: 2,
+            capacity: 100_000,
+        }
+    }
+}
+
+impl Default for DbLayerConfig {
+    fn default() -> Self {
+        Self {
+            check: DbCheckMode::Optimistic,
+            max_attempts: 64,
+        }
+    }
+}
+
+impl Default for ReservationsConfig {
+    fn default() -> Self {
+        Self {
+            max_quantity: 10,
+            hold_ttl_secs: 600,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The word that selects an in-process backend.
+pub const EMBEDDED: &str = "embedded";
+
+/// A backend chosen by `backends.*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    Sqlite(String),
+    Postgres(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not load configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` if given, then `STOCKGATE_*` variables, then
+    /// [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", file.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("STOCKGATE_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values the service cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_message_bytes < 1024 {
+            return Err(invalid("server.max_message_bytes", "must be at least 1024"));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be above 0"));
+        }
+        self.store_backend()?;
+        if self.backends.gate != EMBEDDED {
+            return Err(invalid(
+                "backends.gate",
+                "only \"embedded\" is available in this release",
+            ));
+        }
+        if self.backends.queue != EMBEDDED {
+            return Err(invalid(
+                "backends.queue",
+                "only \"embedded\" is available in this release",
+            ));
+        }
+        if self.store.max_connections == 0 {
+            return Err(invalid("store.max_connections", "must be above 0"));
+        }
+        if self.store.acquire_timeout_ms == 0 {
+            return Err(invalid("store.acquire_timeout_ms", "must be above 0"));
+        }
+        if self.layers.rate_limit.enabled {
+            return Err(invalid(
+                "layers.rate_limit.enabled",
+                "the rate-limit layer is not available in this release",
+            ));
+        }
+        if self.layers.dedup.enabled {
+            return Err(invalid(
+                "layers.dedup.enabled",
+                "the dedup layer is not available in this release",
+            ));
+        }
+        if self.layers.queue.batch_size == 0 {
+            return Err(invalid("layers.queue.batch_size", "must be above 0"));
+        }
+        if self.layers.queue.capacity == 0 {
+            return Err(invalid("layers.queue.capacity", "must be above 0"));
+        }
+        if self.layers.db.max_attempts == 0 {
+            return Err(invalid("layers.db.max_attempts", "must be above 0"));
+        }
+        if !(1..=10_000).contains(&self.reservations.max_quantity) {
+            return Err(invalid(
+                "reservations.max_quantity",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.reservations.sweep_interval_ms == 0 {
+            return Err(invalid("reservations.sweep_interval_ms", "must be above 0"));
+        }
+        Ok(())
+    }
+
+    /// Which store `backends.store` selects.
+    pub fn store_backend(&self) -> Result<StoreBackend, ConfigError> {
+        let url = self.backends.store.as_str();
+        if url == EMBEDDED {
+            if self.store.sqlite_path.is_empty() {
+                return Err(invalid("store.sqlite_path", "must not be empty"));
+            }
+            Ok(StoreBackend::Sqlite(self.store.sqlite_path.clone()))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreBackend::Postgres(url.to_owned()))
+        } else {
+            Err(invalid(
+                "backends.store",
+                "must be \"embedded\" or a postgres:// URL",
+            ))
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(
+            config.store_backend().unwrap(),
+            StoreBackend::Sqlite("stockgate.db".into())
+        );
+    }
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "sg.toml",
+                "[layers.queue]\nbatch_size = 8\n[reservations]\nmax_quantity = 3\n",
+            )?;
+            jail.set_env("STOCKGATE_RESERVATIONS__MAX_QUANTITY", "5");
+            let config = Config::load(Some(Path::new("sg.toml"))).unwrap();
+            assert_eq!(config.layers.queue.batch_size, 8);
+            assert_eq!(config.reservations.max_quantity, 5);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let mut config = Config::default();
+        config.reservations.max_quantity = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reservations.max_quantity"), "{err}");
+
+        let mut config = Config::default();
+        config.backends.store = "mysql://x".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("backends.store"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("sg.toml", "[layers.gate]\nenabeld = false\n")?;
+            let err = Config::load(Some(Path::new("sg.toml"))).unwrap_err();
+            assert!(err.to_string().contains("enabeld"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/sg"),
+            "postgres://app:***@db:5432/sg"
+        );
+        assert_eq!(redact_url("postgres://db/sg"), "postgres://db/sg");
+    }
+}

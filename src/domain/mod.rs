@@ -1,0 +1,341 @@
+//! Domain types: validated newtypes for everything a caller sends, the
+//! reservation record, and the pipeline that runs a reservation through the
+//! layers ([`pipeline`]).
+
+pub mod pipeline;
+
+use chrono::NaiveDateTime;
+
+use crate::error::ReservationError;
+
+/// A stock-keeping unit: 1-64 characters from `A-Z a-z 0-9 . _ -`, so it is
+/// safe inside Redis keys, queue messages and log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sku(String);
+
+/// The end user the caller acts for: 1-128 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+/// A caller-chosen retry key: 1-128 characters from `A-Z a-z 0-9 . _ : -`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+/// A server-assigned reservation id (UUIDv7, so ids sort by creation time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReservationId(String);
+
+/// Units in one request: 1 to the configured maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quantity(u32);
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), ReservationError> {
+    if value.is_empty() {
+        return Err(ReservationError::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ReservationError::invalid(
+            field,
+            format!("must be at most {max} characters, got {}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_chars(
+    field: &'static str,
+    value: &str,
+    allowed: impl Fn(char) -> bool,
+    described: &str,
+) -> Result<(), ReservationError> {
+    match value.chars().find(|c| !allowed(*c)) {
+        Some(bad) => Err(ReservationError::invalid(
+            field,
+            format!("character {bad:?} not allowed; use {described}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Sku {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(value: &str) -> Result<Self, ReservationError> {
+        check_len("sku", value, Self::MAX_LEN)?;
+        check_chars(
+            "sku",
+            value,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+            "A-Z a-z 0-9 . _ -",
+        )?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl UserId {
+    pub const MAX_LEN: usize = 128;
+    pub const METADATA: &'static str = "x-user-id";
+
+    pub fn parse(value: &str) -> Result<Self, ReservationError> {
+        check_len(Self::METADATA, value, Self::MAX_LEN)?;
+        check_chars(
+            Self::METADATA,
+            value,
+            |c| c.is_ascii_graphic(),
+            "visible ASCII",
+        )?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 128;
+    pub const METADATA: &'static str = "idempotency-key";
+
+    pub fn parse(value: &str) -> Result<Self, ReservationError> {
+        check_len(Self::METADATA, value, Self::MAX_LEN)?;
+        check_chars(
+            Self::METADATA,
+            value,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'),
+            "A-Z a-z 0-9 . _ : -",
+        )?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl ReservationId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// Accepts only the canonical hyphenated UUID form the server hands out.
+    pub fn parse(value: &str) -> Result<Self, ReservationError> {
+        if value.is_empty() {
+            return Err(ReservationError::invalid(
+                "reservation_id",
+                "must not be empty",
+            ));
+        }
+        match uuid::Uuid::try_parse(value) {
+            Ok(id) if id.hyphenated().to_string() == value => Ok(Self(value.to_owned())),
+            _ => Err(ReservationError::invalid(
+                "reservation_id",
+                "must be a reservation id returned by Reserve (a lowercase UUID)",
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Quantity {
+    pub fn parse(value: u32, max: u32) -> Result<Self, ReservationError> {
+        if value == 0 {
+            return Err(ReservationError::invalid("quantity", "must be at least 1"));
+        }
+        if value > max {
+            return Err(ReservationError::invalid(
+                "quantity",
+                format!("must be at most {max}, got {value}"),
+            ));
+        }
+        Ok(Self(value))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Where a reservation is in its lifecycle (see the proto for the diagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReservationState {
+    Queued,
+    Held,
+    Confirmed,
+    Released,
+    Expired,
+    Rejected,
+}
+
+impl ReservationState {
+    /// The spelling stored in the database's `state` column.
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Held => "held",
+            Self::Confirmed => "confirmed",
+            Self::Released => "released",
+            Self::Expired => "expired",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Option<Self> {
+        Some(match value {
+            "queued" => Self::Queued,
+            "held" => Self::Held,
+            "confirmed" => Self::Confirmed,
+            "released" => Self::Released,
+            "expired" => Self::Expired,
+            "rejected" => Self::Rejected,
+            _ => return None,
+        })
+    }
+
+    /// No transition leaves a final state.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Confirmed | Self::Released | Self::Expired | Self::Rejected
+        )
+    }
+}
+
+/// A reservation as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: ReservationId,
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: u32,
+    pub state: ReservationState,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// Orders ahead of it while queued.
+    pub queue_position: Option<u64>,
+    pub reject_reason: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+    pub expires_at: Option<NaiveDateTime>,
+}
+
+/// UTC now, at the microsecond precision both databases store.
+pub fn now() -> NaiveDateTime {
+    let now = chrono::Utc::now().naive_utc();
+    chrono::DurationRound::duration_trunc(now, chrono::TimeDelta::microseconds(1)).unwrap_or(now)
+}
+
+impl ReservationId {
+    /// Wraps an id read back from our own storage, already validated on
+    /// the way in.
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl Sku {
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl UserId {
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl IdempotencyKey {
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: ReservationError) -> &'static str {
+        match err {
+            ReservationError::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sku_rules() {
+        assert!(Sku::parse("SKU-1.a_b").is_ok());
+        assert_eq!(field_of(Sku::parse("").unwrap_err()), "sku");
+        assert_eq!(field_of(Sku::parse(&"x".repeat(65)).unwrap_err()), "sku");
+        assert!(Sku::parse(&"x".repeat(64)).is_ok());
+        assert_eq!(field_of(Sku::parse("a b").unwrap_err()), "sku");
+        assert_eq!(field_of(Sku::parse("{x}").unwrap_err()), "sku");
+        assert_eq!(field_of(Sku::parse("é").unwrap_err()), "sku");
+    }
+
+    #[test]
+    fn user_and_key_rules() {
+        assert!(UserId::parse("user@example.com").is_ok());
+        assert_eq!(field_of(UserId::parse("").unwrap_err()), "x-user-id");
+        assert_eq!(field_of(UserId::parse("a b").unwrap_err()), "x-user-id");
+        assert_eq!(
+            field_of(UserId::parse(&"u".repeat(129)).unwrap_err()),
+            "x-user-id"
+        );
+        assert!(IdempotencyKey::parse("order:42-a.b_c").is_ok());
+        assert_eq!(
+            field_of(IdempotencyKey::parse("k/1").unwrap_err()),
+            "idempotency-key"
+        );
+        assert_eq!(
+            field_of(IdempotencyKey::parse(&"k".repeat(129)).unwrap_err()),
+            "idempotency-key"
+        );
+    }
+
+    #[test]
+    fn quantity_rules() {
+        assert_eq!(field_of(Quantity::parse(0, 10).unwrap_err()), "quantity");
+        assert_eq!(Quantity::parse(1, 10).unwrap().get(), 1);
+        assert_eq!(Quantity::parse(10, 10).unwrap().get(), 10);
+        assert_eq!(field_of(Quantity::parse(11, 10).unwrap_err()), "quantity");
+        assert_eq!(
+            field_of(Quantity::parse(u32::MAX, 10).unwrap_err()),
+            "quantity"
+        );
+    }
+
+    #[test]
+    fn reservation_id_rules() {
+        let id = ReservationId::generate();
+        assert_eq!(ReservationId::parse(id.as_str()).unwrap(), id);
+        assert_eq!(
+            field_of(ReservationId::parse("").unwrap_err()),
+            "reservation_id"
+        );
+        assert_eq!(
+            field_of(ReservationId::parse("not-a-uuid").unwrap_err()),
+            "reservation_id"
+        );
+        let upper = id.as_str().to_uppercase();
+        assert_eq!(
+            field_of(ReservationId::parse(&upper).unwrap_err()),
+            "reservation_id"
+        );
+    }
+
+    #[test]
+    fn states_round_trip_through_the_db_spelling() {
+        use ReservationState::*;
+        for state in [Queued, Held, Confirmed, Released, Expired, Rejected] {
+            assert_eq!(ReservationState::from_db(state.as_db()), Some(state));
+        }
+        assert!(!Held.is_final() && !Queued.is_final());
+        assert!(Confirmed.is_final() && Rejected.is_final());
+    }
+}

@@ -1,0 +1,824 @@
+//! The reservation pipeline: one Reserve call through the layers that sit
+//! behind the middleware (stock gate → order queue or request-path commit →
+//! database check), plus the order processor's batch step, the lifecycle
+//! (confirm, release, expiry) and the operator actions that must keep the
+//! gate and the database consistent.
+//!
+//! The rule everywhere: the gate and the queue may only filter. Units the
+//! gate took for a reservation go back to it exactly when the database did
+//! not take them ([`Pipeline::settle_gate`]), and every decision the caller
+//! heard as RESERVED or QUEUED ends as a database row.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{broadcast, mpsc};
+
+use super::{
+    now, IdempotencyKey, Quantity, Reservation, ReservationId, ReservationState, Sku, UserId,
+};
+use crate::{
+    config::{Config, DbCheckMode},
+    error::ReservationError,
+    gate::{GateDecision, GateError, GateRelease, GateRequest, SkuStock, StockGate},
+    queue::{OrderQueue, QueueError, QueuedOrder},
+    store::{
+        Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause, Settled, Store,
+        StoreError,
+    },
+};
+
+/// The layer switches in force; swapped whole at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layers {
+    pub rate_limit: bool,
+    pub dedup: bool,
+    pub gate: bool,
+    pub queue: bool,
+    pub db_check: DbCheckMode,
+}
+
+impl Layers {
+    pub fn from_config(config: &Config) -> Self {
+        let layers = &config.layers;
+        Self {
+            rate_limit: layers.rate_limit.enabled,
+            dedup: layers.dedup.enabled,
+            gate: layers.gate.enabled,
+            queue: layers.queue.enabled,
+            db_check: layers.db.check,
+        }
+    }
+}
+
+/// A change to the switches; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayersChange {
+    pub rate_limit: Option<bool>,
+    pub dedup: Option<bool>,
+    pub gate: Option<bool>,
+    pub queue: Option<bool>,
+    pub db_check: Option<DbCheckMode>,
+}
+
+/// A validated Reserve call.
+#[derive(Debug, Clone)]
+pub struct ReserveCommand {
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: Quantity,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// How a Reserve call was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveResult {
+    Reserved {
+        reservation: Reservation,
+        remaining: Option<i64>,
+    },
+    Queued {
+        reservation: Reservation,
+        position: u64,
+        remaining: Option<i64>,
+    },
+    SoldOut {
+        remaining: Option<i64>,
+    },
+    UserLimit,
+    /// An earlier call with the same idempotency key made this one.
+    Existing(Reservation),
+}
+
+/// A SKU's stock as every layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockView {
+    pub row: InventoryRow,
+    pub gate_stock: Option<i64>,
+    pub held_units: i64,
+    pub confirmed_units: i64,
+    pub queued_units: i64,
+}
+
+/// What watchers hear about.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Changed(Reservation),
+    /// The processor finished a batch: queued positions dropped.
+    QueueAdvanced,
+}
+
+struct Pending {
+    reservation: Reservation,
+    ticket: Option<u64>,
+}
+
+/// Fixed per-process limits from config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_quantity: u32,
+    pub hold_ttl: Option<Duration>,
+    pub max_attempts: u32,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Self {
+        let ttl = config.reservations.hold_ttl_secs;
+        Self {
+            max_quantity: config.reservations.max_quantity,
+            hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
+            max_attempts: config.layers.db.max_attempts,
+        }
+    }
+}
+
+pub struct Pipeline {
+    store: Store,
+    gate: Arc<dyn StockGate>,
+    queue: Arc<dyn OrderQueue>,
+    layers: ArcSwap<Layers>,
+    limits: Limits,
+    ready: AtomicBool,
+    /// Reservations published and not yet settled by the processor, the
+    /// only place a QUEUED reservation is visible before it has a row.
+    pending: Mutex<HashMap<ReservationId, Pending>>,
+    events: broadcast::Sender<Event>,
+}
+
+fn store_error(err: StoreError) -> ReservationError {
+    if err.is_unavailable() {
+        ReservationError::unavailable("database", err)
+    } else {
+        ReservationError::Internal(err.into())
+    }
+}
+
+fn gate_error(err: GateError) -> ReservationError {
+    ReservationError::unavailable("stock gate", err)
+}
+
+fn queue_error(err: QueueError) -> ReservationError {
+    ReservationError::unavailable("order queue", err)
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Store,
+        gate: Arc<dyn StockGate>,
+        queue: Arc<dyn OrderQueue>,
+        layers: Layers,
+        limits: Limits,
+    ) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            store,
+            gate,
+            queue,
+            layers: ArcSwap::from_pointee(layers),
+            limits,
+            ready: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn layers(&self) -> Layers {
+        **self.layers.load()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn ensure_ready(&self) -> Result<(), ReservationError> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(ReservationError::NotReady(
+                "the store is not migrated or not reachable yet".into(),
+            ))
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<ReservationId, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        // No watcher is not an error.
+        let _ = self.events.send(event);
+    }
+
+    /// Loads the gate from the database and opens for traffic.
+    pub async fn warm_up(&self) -> Result<(), ReservationError> {
+        self.reload_gate().await?;
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn reload_gate(&self) -> Result<(), ReservationError> {
+        let rows = self.store.all_inventory().await.map_err(store_error)?;
+        let stock: Vec<SkuStock> = rows.iter().map(sku_stock).collect();
+        self.gate.load(&stock).await.map_err(gate_error)
+    }
+
+    // ---- Reserve -------------------------------------------------------
+
+    pub async fn reserve(&self, cmd: ReserveCommand) -> Result<ReserveResult, ReservationError> {
+        self.ensure_ready()?;
+        let layers = self.layers();
+        if let Some(key) = &cmd.idempotency_key {
+            if let Some(existing) = self.pending_with_key(&cmd.user, key).await {
+                return Ok(ReserveResult::Existing(existing));
+            }
+        }
+        let order = NewOrder {
+            id: ReservationId::generate(),
+            sku: cmd.sku,
+            user: cmd.user,
+            quantity: cmd.quantity.get(),
+            idempotency_key: cmd.idempotency_key,
+            created_at: now(),
+        };
+        let mut remaining = None;
+        if layers.gate {
+            let request = GateRequest {
+                id: order.id.clone(),
+                sku: order.sku.clone(),
+                user: order.user.clone(),
+                quantity: order.quantity,
+            };
+            match self.gate.reserve(&request).await.map_err(gate_error)? {
+                GateDecision::Reserved { remaining: left } => remaining = Some(left),
+                GateDecision::SoldOut { remaining } => {
+                    return Ok(ReserveResult::SoldOut {
+                        remaining: Some(remaining),
+                    })
+                }
+                GateDecision::UserLimit { .. } => return Ok(ReserveResult::UserLimit),
+                GateDecision::UnknownSku => {
+                    return Err(ReservationError::UnknownSku(order.sku.as_str().into()))
+                }
+                GateDecision::NotReady => {
+                    return Err(ReservationError::NotReady(
+                        "the stock gate is being rebuilt from the database".into(),
+                    ))
+                }
+            }
+        }
+        if layers.queue {
+            self.enqueue(order, layers.gate, remaining).await
+        } else {
+            self.commit_now(order, layers).await
+        }
+    }
+
+    async fn pending_with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<Reservation> {
+        let (mut reservation, ticket) = {
+            let pending = self.pending();
+            let found = pending.values().find(|p| {
+                p.reservation.user == *user && p.reservation.idempotency_key.as_ref() == Some(key)
+            })?;
+            (found.reservation.clone(), found.ticket)
+        };
+        if let Some(ticket) = ticket {
+            reservation.queue_position = Some(self.queue.position(ticket).await);
+        }
+        Some(reservation)
+    }
+
+    async fn enqueue(
+        &self,
+        order: NewOrder,
+        gated: bool,
+        mut remaining: Option<i64>,
+    ) -> Result<ReserveResult, ReservationError> {
+        if !gated {
+            // Without the gate, a read of the row still answers sold out and
+            // unknown SKUs before anything is queued.
+            match self
+                .store
+                .inventory(&order.sku)
+                .await
+                .map_err(store_error)?
+            {
+                None => return Err(ReservationError::UnknownSku(order.sku.as_str().into())),
+                Some(row) if row.stock < i64::from(order.quantity) => {
+                    return Ok(ReserveResult::SoldOut {
+                        remaining: Some(row.stock),
+                    })
+                }
+                Some(row) => remaining = Some(row.stock - i64::from(order.quantity)),
+            }
+        }
+        let mut reservation = Reservation {
+            id: order.id.clone(),
+            sku: order.sku.clone(),
+            user: order.user.clone(),
+            quantity: order.quantity,
+            state: ReservationState::Queued,
+            idempotency_key: order.idempotency_key.clone(),
+            queue_position: None,
+            reject_reason: None,
+            created_at: order.created_at,
+            updated_at: order.created_at,
+            expires_at: None,
+        };
+        // Visible before it is published, so the processor can never settle
+        // it before we know about it.
+        self.pending().insert(
+            order.id.clone(),
+            Pending {
+                reservation: reservation.clone(),
+                ticket: None,
+            },
+        );
+        match self.queue.publish(order.clone(), gated).await {
+            Ok(ticket) => {
+                if let Some(pending) = self.pending().get_mut(&order.id) {
+                    pending.ticket = Some(ticket);
+                }
+                let position = self.queue.position(ticket).await;
+                reservation.queue_position = Some(position);
+                Ok(ReserveResult::Queued {
+                    reservation,
+                    position,
+                    remaining,
+                })
+            }
+            Err(err) => {
+                self.pending().remove(&order.id);
+                if gated {
+                    self.gate_release(&order).await;
+                }
+                Err(queue_error(err))
+            }
+        }
+    }
+
+    fn commit_params(&self, mode: DbCheckMode, record_rejections: bool) -> CommitParams {
+        CommitParams {
+            mode,
+            max_attempts: self.limits.max_attempts,
+            hold_ttl: self.limits.hold_ttl,
+            record_rejections,
+            now: now(),
+        }
+    }
+
+    async fn commit_now(
+        &self,
+        order: NewOrder,
+        layers: Layers,
+    ) -> Result<ReserveResult, ReservationError> {
+        let params = self.commit_params(layers.db_check, false);
+        match self.store.commit_order(&order, params).await {
+            Ok(outcome) => self.settle(&order, layers.gate, outcome).await,
+            Err(err) => {
+                if layers.gate {
+                    self.gate_release(&order).await;
+                }
+                Err(store_error(err))
+            }
+        }
+    }
+
+    /// Settles the gate for what the database decided, tells watchers, and
+    /// turns the outcome into the caller's answer.
+    async fn settle(
+        &self,
+        order: &NewOrder,
+        gated: bool,
+        outcome: CommitOutcome,
+    ) -> Result<ReserveResult, ReservationError> {
+        if gated {
+            self.settle_gate(order, &outcome).await;
+        }
+        match outcome {
+            CommitOutcome::Committed {
+                reservation,
+                remaining,
+            } => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(ReserveResult::Reserved {
+                    reservation,
+                    remaining: Some(remaining),
+                })
+            }
+            CommitOutcome::AlreadyCommitted(existing) | CommitOutcome::DuplicateKey(existing) => {
+                Ok(ReserveResult::Existing(existing))
+            }
+            CommitOutcome::SoldOut { remaining } => Ok(ReserveResult::SoldOut {
+                remaining: Some(remaining),
+            }),
+            CommitOutcome::UserLimit { .. } => Ok(ReserveResult::UserLimit),
+            CommitOutcome::UnknownSku => {
+                Err(ReservationError::UnknownSku(order.sku.as_str().into()))
+            }
+            CommitOutcome::Contention { attempts } => Err(ReservationError::Contention(attempts)),
+            CommitOutcome::Rejected { reservation, .. } => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(ReserveResult::Existing(reservation))
+            }
+        }
+    }
+
+    /// Gives the gate back what the database did not take. When the database
+    /// had less stock than the gate admitted, the units are *not* returned
+    /// (the gate over-counted); everything else that left no order returns
+    /// them.
+    async fn settle_gate(&self, order: &NewOrder, outcome: &CommitOutcome) {
+        let result = match outcome {
+            CommitOutcome::Committed { .. } | CommitOutcome::AlreadyCommitted(_) => {
+                self.gate.committed(&order.id).await
+            }
+            CommitOutcome::SoldOut { .. }
+            | CommitOutcome::UnknownSku
+            | CommitOutcome::Rejected {
+                cause: RejectCause::SoldOut,
+                ..
+            } => self.gate.rejected(&order.id).await,
+            CommitOutcome::DuplicateKey(_)
+            | CommitOutcome::UserLimit { .. }
+            | CommitOutcome::Contention { .. }
+            | CommitOutcome::Rejected { .. } => self.gate.release(&gate_release(order)).await,
+        };
+        if let Err(err) = result {
+            tracing::warn!(reservation = order.id.as_str(), error = %err, "could not settle the stock gate; a reload will repair it");
+        }
+    }
+
+    async fn gate_release(&self, order: &NewOrder) {
+        if let Err(err) = self.gate.release(&gate_release(order)).await {
+            tracing::warn!(reservation = order.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
+        }
+    }
+
+    // ---- The order processor's step -------------------------------------
+
+    /// Commits one batch from the queue, in order. Returns only when every
+    /// order in it is settled; a database outage is retried, never dropped.
+    pub async fn process_batch(&self, batch: &[QueuedOrder]) {
+        let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
+        let mut backoff = Duration::from_millis(10);
+        while !todo.is_empty() {
+            let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
+            let params = self.commit_params(self.layers().db_check, true);
+            let outcomes = match self.store.commit_batch(&orders, params).await {
+                Ok(outcomes) => outcomes,
+                Err(err) => {
+                    tracing::error!(error = %err, orders = orders.len(), "order batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let mut again = Vec::new();
+            for (queued, outcome) in todo.into_iter().zip(outcomes) {
+                if matches!(outcome, CommitOutcome::Contention { .. }) {
+                    again.push(queued);
+                    continue;
+                }
+                self.finish_queued(queued, outcome).await;
+            }
+            todo = again;
+        }
+        if let Some(last) = batch.iter().map(|q| q.ticket).max() {
+            self.queue.done_through(last).await;
+        }
+        self.emit(Event::QueueAdvanced);
+    }
+
+    async fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
+        let order = &queued.order;
+        let result = self.settle(order, queued.gated, outcome).await;
+        // The row exists now (or never will): stop answering from memory.
+        self.pending().remove(&order.id);
+        match result {
+            Ok(ReserveResult::Existing(existing)) if existing.id != order.id => {
+                tracing::info!(
+                    reservation = order.id.as_str(),
+                    holder = existing.id.as_str(),
+                    "duplicate idempotency key in queue"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(reservation = order.id.as_str(), error = %err, "queued order could not be committed");
+            }
+        }
+    }
+
+    // ---- Reads and the lifecycle ----------------------------------------
+
+    /// The reservation, from memory while queued, else from the database.
+    pub async fn get(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        let reservation = self.find(id).await?;
+        if reservation.user != *user {
+            return Err(ReservationError::NotOwner(id.as_str().into()));
+        }
+        Ok(reservation)
+    }
+
+    async fn find(&self, id: &ReservationId) -> Result<Reservation, ReservationError> {
+        let queued = self
+            .pending()
+            .get(id)
+            .map(|p| (p.reservation.clone(), p.ticket));
+        if let Some((mut reservation, ticket)) = queued {
+            if let Some(ticket) = ticket {
+                reservation.queue_position = Some(self.queue.position(ticket).await);
+            }
+            return Ok(reservation);
+        }
+        self.store
+            .reservation(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::ReservationNotFound(id.as_str().into()))
+    }
+
+    pub async fn confirm(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        self.refuse_if_queued(id, user)?;
+        let settled = self
+            .store
+            .confirm(id, user, now())
+            .await
+            .map_err(store_error)?;
+        self.after_settle(id, settled, "confirm").await
+    }
+
+    pub async fn release(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        self.refuse_if_queued(id, user)?;
+        let settled = self
+            .store
+            .release(id, user, now())
+            .await
+            .map_err(store_error)?;
+        if let Settled::Changed(released) = &settled {
+            self.return_to_gate(released).await;
+        }
+        self.after_settle(id, settled, "release").await
+    }
+
+    fn refuse_if_queued(&self, id: &ReservationId, user: &UserId) -> Result<(), ReservationError> {
+        match self.pending().get(id) {
+            Some(p) if p.reservation.user != *user => {
+                Err(ReservationError::NotOwner(id.as_str().into()))
+            }
+            Some(_) => Err(ReservationError::WrongState(format!(
+                "reservation {} is still queued; watch it until it is held",
+                id.as_str()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn after_settle(
+        &self,
+        id: &ReservationId,
+        settled: Settled,
+        action: &str,
+    ) -> Result<Reservation, ReservationError> {
+        match settled {
+            Settled::Changed(reservation) => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(reservation)
+            }
+            Settled::Unchanged(reservation) => Ok(reservation),
+            Settled::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
+            Settled::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
+            Settled::WrongState(reservation) => Err(ReservationError::WrongState(format!(
+                "cannot {action} reservation {} in state {}",
+                id.as_str(),
+                reservation.state.as_db()
+            ))),
+            Settled::HoldExpired(_) => Err(ReservationError::WrongState(format!(
+                "cannot {action} reservation {}: the hold has expired",
+                id.as_str()
+            ))),
+        }
+    }
+
+    async fn return_to_gate(&self, reservation: &Reservation) {
+        let release = GateRelease {
+            id: reservation.id.clone(),
+            sku: reservation.sku.clone(),
+            user: reservation.user.clone(),
+            quantity: reservation.quantity,
+        };
+        if let Err(err) = self.gate.release(&release).await {
+            tracing::warn!(reservation = reservation.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
+        }
+    }
+
+    /// Expires lapsed holds (the sweeper); returns how many.
+    pub async fn expire_due(&self) -> Result<usize, ReservationError> {
+        let expired = self
+            .store
+            .expire_due(now(), 500)
+            .await
+            .map_err(store_error)?;
+        for reservation in &expired {
+            self.return_to_gate(reservation).await;
+            self.emit(Event::Changed(reservation.clone()));
+        }
+        Ok(expired.len())
+    }
+
+    /// Streams the reservation until it reaches a final state or the
+    /// receiver is dropped.
+    pub async fn watch(
+        self: &Arc<Self>,
+        id: ReservationId,
+        user: UserId,
+    ) -> Result<mpsc::Receiver<Result<Reservation, ReservationError>>, ReservationError> {
+        // Subscribe before the first read so no change falls in between.
+        let mut events = self.events.subscribe();
+        let first = self.get(&id, &user).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let pipeline = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
+                return;
+            }
+            loop {
+                let next = match events.recv().await {
+                    Ok(Event::Changed(reservation)) if reservation.id == id => reservation,
+                    Ok(Event::Changed(_)) => continue,
+                    Ok(Event::QueueAdvanced) if last.state != ReservationState::Queued => continue,
+                    // Missed events or a queue move: read the truth again.
+                    Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match pipeline.find(&id).await {
+                            Ok(current) => current,
+                            Err(err) => {
+                                let _ = tx.send(Err(err)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if next == last {
+                    continue;
+                }
+                last = next;
+                if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    // ---- Operators -------------------------------------------------------
+
+    pub async fn set_stock(
+        &self,
+        sku: &Sku,
+        stock: i64,
+        max_per_user: u32,
+    ) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let row = self
+            .store
+            .set_stock(sku, stock, max_per_user, now())
+            .await
+            .map_err(store_error)?;
+        self.gate.set(&sku_stock(&row)).await.map_err(gate_error)?;
+        self.view(row).await
+    }
+
+    pub async fn adjust_stock(&self, sku: &Sku, delta: i64) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        match self
+            .store
+            .adjust_stock(sku, delta, now())
+            .await
+            .map_err(store_error)?
+        {
+            Adjusted::Applied(row) => {
+                self.gate.adjust(sku, delta).await.map_err(gate_error)?;
+                self.view(row).await
+            }
+            Adjusted::UnknownSku => Err(ReservationError::UnknownSku(sku.as_str().into())),
+            Adjusted::BelowZero { stock } => Err(ReservationError::InsufficientStock(format!(
+                "delta {delta} would take stock of {} below zero (it is {stock})",
+                sku.as_str()
+            ))),
+        }
+    }
+
+    pub async fn stock(&self, sku: &Sku) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let row = self
+            .store
+            .inventory(sku)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
+        self.view(row).await
+    }
+
+    async fn view(&self, row: InventoryRow) -> Result<StockView, ReservationError> {
+        let sku = Sku::from_trusted(row.sku.clone());
+        let totals = self.store.unit_totals(&sku).await.map_err(store_error)?;
+        let gate_stock = if self.layers().gate {
+            self.gate.available(&sku).await.map_err(gate_error)?
+        } else {
+            None
+        };
+        let queued_units = self
+            .pending()
+            .values()
+            .filter(|p| p.reservation.sku == sku)
+            .map(|p| i64::from(p.reservation.quantity))
+            .sum();
+        Ok(StockView {
+            row,
+            gate_stock,
+            held_units: totals.held,
+            confirmed_units: totals.confirmed,
+            queued_units,
+        })
+    }
+
+    /// Applies a switch change. Switching the gate on rebuilds it from the
+    /// database first, because it missed every change while it was off.
+    pub async fn set_layers(&self, change: LayersChange) -> Result<Layers, ReservationError> {
+        let before = self.layers();
+        let after = Layers {
+            rate_limit: change.rate_limit.unwrap_or(before.rate_limit),
+            dedup: change.dedup.unwrap_or(before.dedup),
+            gate: change.gate.unwrap_or(before.gate),
+            queue: change.queue.unwrap_or(before.queue),
+            db_check: change.db_check.unwrap_or(before.db_check),
+        };
+        if after.rate_limit {
+            return Err(ReservationError::invalid(
+                "rate_limit",
+                "the rate-limit layer is not available in this release",
+            ));
+        }
+        if after.dedup {
+            return Err(ReservationError::invalid(
+                "dedup",
+                "the dedup layer is not available in this release",
+            ));
+        }
+        if after.gate && !before.gate {
+            self.reload_gate().await?;
+        }
+        self.layers.store(Arc::new(after));
+        tracing::info!(?before, ?after, "layer switches changed");
+        Ok(after)
+    }
+}
+
+fn sku_stock(row: &InventoryRow) -> SkuStock {
+    SkuStock {
+        sku: Sku::from_trusted(row.sku.clone()),
+        db_stock: row.stock,
+        max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
+    }
+}
+
+fn gate_release(order: &NewOrder) -> GateRelease {
+    GateRelease {
+        id: order.id.clone(),
+        sku: order.sku.clone(),
+        user: order.user.clone(),
+        quantity: order.quantity,
+    }
+}

@@ -1,0 +1,347 @@
+//! The in-process stock gate of the embedded profile: the same decision
+//! table as the Redis script, under one mutex. Its counters live in memory
+//! and are rebuilt from the database at start-up; the per-user units start
+//! from zero after a restart, so until then the database alone enforces the
+//! per-user limit for holds made before the restart.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use async_trait::async_trait;
+
+use super::{GateDecision, GateError, GateRelease, GateRequest, SkuStock, StockGate};
+use crate::domain::{ReservationId, Sku};
+
+#[derive(Debug, Default)]
+struct Counter {
+    available: i64,
+    max_per_user: u32,
+    /// Live units per user (admitted and not released or refused).
+    users: HashMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Admitted, not yet in the database.
+    InFlight,
+    /// Held or sold in the database.
+    Committed,
+    /// Released or refused: a tombstone so a second release returns nothing.
+    Done,
+}
+
+#[derive(Debug)]
+struct Admitted {
+    sku: String,
+    user: String,
+    quantity: u32,
+    phase: Phase,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: bool,
+    counters: HashMap<String, Counter>,
+    admitted: HashMap<String, Admitted>,
+}
+
+impl State {
+    fn in_flight(&self, sku: &str) -> i64 {
+        self.admitted
+            .values()
+            .filter(|a| a.phase == Phase::InFlight && a.sku == sku)
+            .map(|a| i64::from(a.quantity))
+            .sum()
+    }
+
+    fn free_user_units(&mut self, sku: &str, user: &str, quantity: u32) {
+        if let Some(counter) = self.counters.get_mut(sku) {
+            if let Some(live) = counter.users.get_mut(user) {
+                *live -= i64::from(quantity);
+                if *live <= 0 {
+                    counter.users.remove(user);
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, stock: &SkuStock) {
+        let in_flight = self.in_flight(stock.sku.as_str());
+        let counter = self
+            .counters
+            .entry(stock.sku.as_str().to_owned())
+            .or_default();
+        counter.available = (stock.db_stock - in_flight).max(0);
+        counter.max_per_user = stock.max_per_user;
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct EmbeddedGate {
+    state: Mutex<State>,
+}
+
+impl EmbeddedGate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied
+        // decision (every update is a few field writes), so keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl StockGate for EmbeddedGate {
+    async fn reserve(&self, request: &GateRequest) -> Result<GateDecision, GateError> {
+        let mut state = self.lock();
+        if !state.ready {
+            return Ok(GateDecision::NotReady);
+        }
+        let Some(counter) = state.counters.get_mut(request.sku.as_str()) else {
+            return Ok(GateDecision::UnknownSku);
+        };
+        let quantity = i64::from(request.quantity);
+        if counter.available < quantity {
+            return Ok(GateDecision::SoldOut {
+                remaining: counter.available,
+            });
+        }
+        let live = counter
+            .users
+            .get(request.user.as_str())
+            .copied()
+            .unwrap_or(0);
+        if counter.max_per_user > 0 && live + quantity > i64::from(counter.max_per_user) {
+            return Ok(GateDecision::UserLimit {
+                live_units: live,
+                limit: counter.max_per_user,
+            });
+        }
+        counter.available -= quantity;
+        let remaining = counter.available;
+        counter
+            .users
+            .insert(request.user.as_str().to_owned(), live + quantity);
+        state.admitted.insert(
+            request.id.as_str().to_owned(),
+            Admitted {
+                sku: request.sku.as_str().to_owned(),
+                user: request.user.as_str().to_owned(),
+                quantity: request.quantity,
+                phase: Phase::InFlight,
+            },
+        );
+        Ok(GateDecision::Reserved { remaining })
+    }
+
+    async fn committed(&self, id: &ReservationId) -> Result<(), GateError> {
+        if let Some(admitted) = self.lock().admitted.get_mut(id.as_str()) {
+            if admitted.phase == Phase::InFlight {
+                admitted.phase = Phase::Committed;
+            }
+        }
+        Ok(())
+    }
+
+    async fn rejected(&self, id: &ReservationId) -> Result<(), GateError> {
+        let mut state = self.lock();
+        let Some(admitted) = state.admitted.get_mut(id.as_str()) else {
+            return Ok(());
+        };
+        if admitted.phase == Phase::Done {
+            return Ok(());
+        }
+        admitted.phase = Phase::Done;
+        let (sku, user, quantity) = (
+            admitted.sku.clone(),
+            admitted.user.clone(),
+            admitted.quantity,
+        );
+        state.free_user_units(&sku, &user, quantity);
+        Ok(())
+    }
+
+    async fn release(&self, release: &GateRelease) -> Result<(), GateError> {
+        let mut state = self.lock();
+        match state.admitted.get_mut(release.id.as_str()) {
+            Some(admitted) if admitted.phase == Phase::Done => return Ok(()),
+            Some(admitted) => admitted.phase = Phase::Done,
+            // Admitted before this process started (the counter was rebuilt
+            // from the database, which did not count the hold as available):
+            // remember it so a second release is a no-op.
+            None => {
+                state.admitted.insert(
+                    release.id.as_str().to_owned(),
+                    Admitted {
+                        sku: release.sku.as_str().to_owned(),
+                        user: release.user.as_str().to_owned(),
+                        quantity: release.quantity,
+                        phase: Phase::Done,
+                    },
+                );
+            }
+        }
+        let sku = release.sku.as_str();
+        state.free_user_units(sku, release.user.as_str(), release.quantity);
+        if let Some(counter) = state.counters.get_mut(sku) {
+            counter.available += i64::from(release.quantity);
+        }
+        Ok(())
+    }
+
+    async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
+        let mut state = self.lock();
+        for sku in stock {
+            state.set(sku);
+        }
+        state.ready = true;
+        Ok(())
+    }
+
+    async fn set(&self, stock: &SkuStock) -> Result<(), GateError> {
+        self.lock().set(stock);
+        Ok(())
+    }
+
+    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError> {
+        if let Some(counter) = self.lock().counters.get_mut(sku.as_str()) {
+            counter.available = (counter.available + delta).max(0);
+        }
+        Ok(())
+    }
+
+    async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError> {
+        Ok(self.lock().counters.get(sku.as_str()).map(|c| c.available))
+    }
+
+    async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError> {
+        Ok(self.lock().in_flight(sku.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::UserId,
+        gate::decision_table::{self, request},
+    };
+
+    #[tokio::test]
+    async fn follows_the_decision_table() {
+        decision_table::run(EmbeddedGate::new).await;
+    }
+
+    async fn loaded(stock: i64, max_per_user: u32) -> (EmbeddedGate, Sku) {
+        let gate = EmbeddedGate::new();
+        let sku = Sku::parse("S").unwrap();
+        gate.load(&[SkuStock {
+            sku: sku.clone(),
+            db_stock: stock,
+            max_per_user,
+        }])
+        .await
+        .unwrap();
+        (gate, sku)
+    }
+
+    fn release_of(request: &GateRequest) -> GateRelease {
+        GateRelease {
+            id: request.id.clone(),
+            sku: request.sku.clone(),
+            user: request.user.clone(),
+            quantity: request.quantity,
+        }
+    }
+
+    #[tokio::test]
+    async fn release_returns_units_once() {
+        let (gate, sku) = loaded(5, 0).await;
+        let r = request(&sku, "u1", 3);
+        gate.reserve(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
+        gate.release(&release_of(&r)).await.unwrap();
+        gate.release(&release_of(&r)).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn release_of_a_hold_from_before_a_restart_counts_once() {
+        let (gate, sku) = loaded(2, 0).await;
+        let earlier = GateRelease {
+            id: ReservationId::generate(),
+            sku: sku.clone(),
+            user: UserId::parse("u1").unwrap(),
+            quantity: 3,
+        };
+        gate.release(&earlier).await.unwrap();
+        gate.release(&earlier).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn rejection_frees_the_user_but_not_the_stock() {
+        let (gate, sku) = loaded(4, 2).await;
+        let r = request(&sku, "u1", 2);
+        gate.reserve(&r).await.unwrap();
+        gate.rejected(&r.id).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
+        let again = request(&sku, "u1", 2);
+        assert_eq!(
+            gate.reserve(&again).await.unwrap(),
+            GateDecision::Reserved { remaining: 0 }
+        );
+        // A release after the rejection gives nothing back.
+        gate.release(&release_of(&r)).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn reload_subtracts_units_still_in_flight() {
+        let (gate, sku) = loaded(10, 0).await;
+        let in_flight = request(&sku, "u1", 3);
+        gate.reserve(&in_flight).await.unwrap();
+        let committed = request(&sku, "u2", 2);
+        gate.reserve(&committed).await.unwrap();
+        gate.committed(&committed.id).await.unwrap();
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 3);
+        // The database took the committed 2 out of its 10.
+        gate.set(&SkuStock {
+            sku: sku.clone(),
+            db_stock: 8,
+            max_per_user: 0,
+        })
+        .await
+        .unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn concurrent_reservations_never_oversell() {
+        let (gate, sku) = loaded(100, 0).await;
+        let gate = std::sync::Arc::new(gate);
+        let mut tasks = Vec::new();
+        for i in 0..1_000 {
+            let gate = gate.clone();
+            let sku = sku.clone();
+            tasks.push(tokio::spawn(async move {
+                let user = format!("u{i}");
+                let quantity = 1 + (i % 3) as u32;
+                match gate.reserve(&request(&sku, &user, quantity)).await.unwrap() {
+                    GateDecision::Reserved { .. } => i64::from(quantity),
+                    _ => 0,
+                }
+            }));
+        }
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += task.await.unwrap();
+        }
+        let left = gate.available(&sku).await.unwrap().unwrap();
+        assert!(admitted <= 100);
+        assert_eq!(admitted + left, 100);
+    }
+}

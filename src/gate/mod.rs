@@ -1,0 +1,248 @@
+//! The stock gate: an atomic counter per SKU in front of the database, so
+//! that of 50,000 buyers for one unit exactly one is admitted and the rest
+//! are answered without touching the database.
+//!
+//! The gate is a filter, not the truth: the database check still decides.
+//! A gate that admits too much costs a database rejection; a gate that
+//! admits too little costs a sale until it is reloaded from the database.
+//! It must never be empty-and-open: a gate without counters answers
+//! [`GateDecision::NotReady`], never "sold out" and never "admitted".
+
+mod embedded;
+
+pub use embedded::EmbeddedGate;
+
+use async_trait::async_trait;
+
+use crate::domain::{ReservationId, Sku, UserId};
+
+/// A request to admit `quantity` units.
+#[derive(Debug, Clone)]
+pub struct GateRequest {
+    pub id: ReservationId,
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: u32,
+}
+
+/// Units to give back for one reservation.
+#[derive(Debug, Clone)]
+pub struct GateRelease {
+    pub id: ReservationId,
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: u32,
+}
+
+/// The gate's answer; one row of the decision table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateDecision {
+    /// Units taken from the counter; `remaining` are left.
+    Reserved { remaining: i64 },
+    /// Fewer than the requested units are left.
+    SoldOut { remaining: i64 },
+    /// The user's live units plus this request exceed the SKU's limit.
+    UserLimit { live_units: i64, limit: u32 },
+    /// The gate is loaded and has no such SKU.
+    UnknownSku,
+    /// The gate has not been loaded from the database (start-up, or the
+    /// counters were lost); admit nothing.
+    NotReady,
+}
+
+/// A SKU's counter as loaded from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkuStock {
+    pub sku: Sku,
+    /// Units available in the database.
+    pub db_stock: i64,
+    pub max_per_user: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("stock gate backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One stock gate backend.
+#[async_trait]
+pub trait StockGate: Send + Sync + 'static {
+    /// Decides atomically and, when admitted, records the reservation as in
+    /// flight (admitted, not yet in the database).
+    async fn reserve(&self, request: &GateRequest) -> Result<GateDecision, GateError>;
+
+    /// The reservation reached the database as a hold; it no longer counts
+    /// as in flight but still counts towards the user's limit.
+    async fn committed(&self, id: &ReservationId) -> Result<(), GateError>;
+
+    /// The database refused the reservation: forget it and free the user's
+    /// units, but do not return stock, because the database has less than
+    /// the gate believed (the drift is repaired by a reload).
+    async fn rejected(&self, id: &ReservationId) -> Result<(), GateError>;
+
+    /// Returns the units of one reservation, at most once per reservation id
+    /// however often it is called.
+    async fn release(&self, release: &GateRelease) -> Result<(), GateError>;
+
+    /// Rebuilds every counter from the database: available = database
+    /// stock minus units in flight. Marks the gate ready.
+    async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError>;
+
+    /// Overwrites one SKU's counter (admin set stock), by the same rule.
+    async fn set(&self, stock: &SkuStock) -> Result<(), GateError>;
+
+    /// Adds `delta` to a SKU's counter (admin adjust).
+    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError>;
+
+    /// The counter, or `None` when the gate has none for the SKU.
+    async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError>;
+
+    /// Units admitted for the SKU and not yet committed or refused.
+    async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError>;
+}
+
+#[cfg(test)]
+pub(crate) mod decision_table {
+    //! The decision table every backend must implement identically.
+    use super::*;
+
+    pub struct Case {
+        pub name: &'static str,
+        pub stock: Option<(i64, u32)>,
+        /// (user, quantity) reservations made before the checked one.
+        pub before: &'static [(&'static str, u32)],
+        pub user: &'static str,
+        pub quantity: u32,
+        pub expect: GateDecision,
+    }
+
+    pub const CASES: &[Case] = &[
+        Case {
+            name: "plenty",
+            stock: Some((10, 0)),
+            before: &[],
+            user: "u1",
+            quantity: 3,
+            expect: GateDecision::Reserved { remaining: 7 },
+        },
+        Case {
+            name: "exactly the last units",
+            stock: Some((3, 0)),
+            before: &[],
+            user: "u1",
+            quantity: 3,
+            expect: GateDecision::Reserved { remaining: 0 },
+        },
+        Case {
+            name: "one short",
+            stock: Some((2, 0)),
+            before: &[],
+            user: "u1",
+            quantity: 3,
+            expect: GateDecision::SoldOut { remaining: 2 },
+        },
+        Case {
+            name: "empty",
+            stock: Some((0, 0)),
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::SoldOut { remaining: 0 },
+        },
+        Case {
+            name: "after others took it",
+            stock: Some((10, 0)),
+            before: &[("a", 3), ("b", 3), ("c", 3)],
+            user: "u1",
+            quantity: 3,
+            expect: GateDecision::SoldOut { remaining: 1 },
+        },
+        Case {
+            name: "within the user limit",
+            stock: Some((10, 2)),
+            before: &[("u1", 1)],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::Reserved { remaining: 8 },
+        },
+        Case {
+            name: "over the user limit",
+            stock: Some((10, 2)),
+            before: &[("u1", 2)],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::UserLimit {
+                live_units: 2,
+                limit: 2,
+            },
+        },
+        Case {
+            name: "limit is per user",
+            stock: Some((10, 2)),
+            before: &[("u2", 2)],
+            user: "u1",
+            quantity: 2,
+            expect: GateDecision::Reserved { remaining: 6 },
+        },
+        Case {
+            name: "sold out wins over the user limit",
+            stock: Some((2, 2)),
+            before: &[("u1", 2)],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::SoldOut { remaining: 0 },
+        },
+        Case {
+            name: "unknown sku",
+            stock: None,
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::UnknownSku,
+        },
+    ];
+
+    /// Runs every case against fresh gates made by `make`.
+    pub async fn run<G: StockGate>(mut make: impl FnMut() -> G) {
+        for case in CASES {
+            let gate = make();
+            let sku = Sku::parse("SKU-T").unwrap();
+            let loaded: Vec<SkuStock> = case
+                .stock
+                .iter()
+                .map(|&(db_stock, max_per_user)| SkuStock {
+                    sku: sku.clone(),
+                    db_stock,
+                    max_per_user,
+                })
+                .collect();
+            gate.load(&loaded).await.unwrap();
+            for &(user, quantity) in case.before {
+                let before = request(&sku, user, quantity);
+                gate.reserve(&before).await.unwrap();
+            }
+            let got = gate
+                .reserve(&request(&sku, case.user, case.quantity))
+                .await
+                .unwrap();
+            assert_eq!(got, case.expect, "case {:?}", case.name);
+        }
+        // And before any load: not ready, whatever the request.
+        let gate = make();
+        let sku = Sku::parse("SKU-T").unwrap();
+        assert_eq!(
+            gate.reserve(&request(&sku, "u1", 1)).await.unwrap(),
+            GateDecision::NotReady
+        );
+    }
+
+    pub fn request(sku: &Sku, user: &str, quantity: u32) -> GateRequest {
+        GateRequest {
+            id: ReservationId::generate(),
+            sku: sku.clone(),
+            user: UserId::parse(user).unwrap(),
+            quantity,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `stockgate.v1.InventoryService`.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::{idempotency_key, user_id};
+use crate::{
+    domain::{
+        pipeline::{Pipeline, ReserveCommand, ReserveResult},
+        Quantity, ReservationId, ReservationState, Sku,
+    },
+    pb::{self, inventory_service_server::InventoryService},
+};
+
+pub struct InventoryApi {
+    pipeline: Arc<Pipeline>,
+}
+
+impl InventoryApi {
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self { pipeline }
+    }
+}
+
+fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
+    use pb::ReserveOutcome as O;
+    let (outcome, reservation, remaining, position) = match result {
+        ReserveResult::Reserved {
+            reservation,
+            remaining,
+        } => (O::Reserved, Some(reservation), remaining, None),
+        ReserveResult::Queued {
+            reservation,
+            position,
+            remaining,
+        } => (O::Queued, Some(reservation), remaining, Some(position)),
+        ReserveResult::SoldOut { remaining } => (O::SoldOut, None, remaining, None),
+        ReserveResult::UserLimit => (O::UserLimitReached, None, None, None),
+        ReserveResult::Existing(reservation) => {
+            let outcome = match reservation.state {
+                ReservationState::Queued => O::Queued,
+                ReservationState::Rejected => O::SoldOut,
+                _ => O::Reserved,
+            };
+            let position = reservation.queue_position;
+            (outcome, Some(reservation), None, position)
+        }
+    };
+    pb::ReserveResponse {
+        outcome: outcome as i32,
+        reservation: reservation.map(Into::into),
+        remaining_stock: remaining,
+        queue_position: position,
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchReservationResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl InventoryService for InventoryApi {
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveResponse>, Status> {
+        let user = user_id(request.metadata())?;
+        let key = idempotency_key(request.metadata())?;
+        let body = request.into_inner();
+        let command = ReserveCommand {
+            sku: Sku::parse(&body.sku)?,
+            user,
+            quantity: Quantity::parse(body.quantity, self.pipeline.limits().max_quantity)?,
+            idempotency_key: key,
+        };
+        let result = self.pipeline.reserve(command).await?;
+        Ok(Response::new(reserve_response(result)))
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<pb::GetReservationRequest>,
+    ) -> Result<Response<pb::GetReservationResponse>, Status> {
+        let user = user_id(request.metadata())?;
+        let id = ReservationId::parse(&request.get_ref().reservation_id)?;
+        let reservation = self.pipeline.get(&id, &user).await?;
+        Ok(Response::new(pb::GetReservationResponse {
+            reservation: Some(reservation.into()),
+        }))
+    }
+
+    async fn confirm_reservation(
+        &self,
+        request: Request<pb::ConfirmReservationRequest>,
+    ) -> Result<Response<pb::ConfirmReservationResponse>, Status> {
+        let user = user_id(request.metadata())?;
+        let id = ReservationId::parse(&request.get_ref().reservation_id)?;
+        let reservation = self.pipeline.confirm(&id, &user).await?;
+        Ok(Response::new(pb::ConfirmReservationResponse {
+            reservation: Some(reservation.into()),
+        }))
+    }
+
+    async fn release_reservation(
+        &self,
+        request: Request<pb::ReleaseReservationRequest>,
+    ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
+        let user = user_id(request.metadata())?;
+        let id = ReservationId::parse(&request.get_ref().reservation_id)?;
+        let reservation = self.pipeline.release(&id, &user).await?;
+        Ok(Response::new(pb::ReleaseReservationResponse {
+            reservation: Some(reservation.into()),
+        }))
+    }
+
+    type WatchReservationStream = WatchStream;
+
+    async fn watch_reservation(
+        &self,
+        request: Request<pb::WatchReservationRequest>,
+    ) -> Result<Response<Self::WatchReservationStream>, Status> {
+        let user = user_id(request.metadata())?;
+        let id = ReservationId::parse(&request.get_ref().reservation_id)?;
+        let updates = self.pipeline.watch(id, user).await?;
+        let stream = ReceiverStream::new(updates).map(|update| {
+            update
+                .map(|reservation| pb::WatchReservationResponse {
+                    reservation: Some(reservation.into()),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,91 @@
+//! gRPC services: decode and validate, call the pipeline, encode. No SQL,
+//! no gate or queue calls here.
+
+mod admin;
+mod inventory;
+
+pub use admin::AdminApi;
+pub use inventory::InventoryApi;
+
+use chrono::NaiveDateTime;
+use tonic::metadata::MetadataMap;
+
+use crate::{
+    domain::{IdempotencyKey, Reservation, ReservationState, UserId},
+    error::ReservationError,
+    pb,
+};
+
+/// Reads a metadata value as text; a present but non-ASCII value is an
+/// error naming the key, not "missing".
+fn metadata_str<'a>(
+    metadata: &'a MetadataMap,
+    key: &'static str,
+) -> Result<Option<&'a str>, ReservationError> {
+    match metadata.get(key) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| ReservationError::invalid(key, "must be visible ASCII")),
+    }
+}
+
+pub(crate) fn user_id(metadata: &MetadataMap) -> Result<UserId, ReservationError> {
+    match metadata_str(metadata, UserId::METADATA)? {
+        Some(value) => UserId::parse(value),
+        None => Err(ReservationError::invalid(
+            UserId::METADATA,
+            "request metadata must carry the caller's user id",
+        )),
+    }
+}
+
+pub(crate) fn idempotency_key(
+    metadata: &MetadataMap,
+) -> Result<Option<IdempotencyKey>, ReservationError> {
+    metadata_str(metadata, IdempotencyKey::METADATA)?
+        .map(IdempotencyKey::parse)
+        .transpose()
+}
+
+fn timestamp(at: NaiveDateTime) -> prost_types::Timestamp {
+    let utc = at.and_utc();
+    prost_types::Timestamp {
+        seconds: utc.timestamp(),
+        nanos: utc.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn state(state: ReservationState) -> pb::ReservationState {
+    match state {
+        ReservationState::Queued => pb::ReservationState::Queued,
+        ReservationState::Held => pb::ReservationState::Held,
+        ReservationState::Confirmed => pb::ReservationState::Confirmed,
+        ReservationState::Released => pb::ReservationState::Released,
+        ReservationState::Expired => pb::ReservationState::Expired,
+        ReservationState::Rejected => pb::ReservationState::Rejected,
+    }
+}
+
+impl From<Reservation> for pb::Reservation {
+    fn from(r: Reservation) -> Self {
+        let held = r.state == ReservationState::Held;
+        pb::Reservation {
+            reservation_id: r.id.as_str().to_owned(),
+            sku: r.sku.as_str().to_owned(),
+            user_id: r.user.as_str().to_owned(),
+            quantity: r.quantity,
+            state: state(r.state) as i32,
+            queue_position: r.queue_position,
+            reject_reason: r.reject_reason.unwrap_or_default(),
+            created_at: Some(timestamp(r.created_at)),
+            updated_at: Some(timestamp(r.updated_at)),
+            expires_at: r.expires_at.filter(|_| held).map(timestamp),
+            idempotency_key: r
+                .idempotency_key
+                .map(|k| k.as_str().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The `stockgate` command: parse flags, load config, start logging, hand
+//! over to the library.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use stockgate::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "Flash-sale inventory reservation service")]
+struct Cli {
+    /// TOML config file; defaults, then this file, then STOCKGATE_* env vars.
+    #[arg(long, short, global = true, env = "STOCKGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (the default).
+    Serve {
+        /// Listen address; overrides `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        /// Revert the latest migration instead.
+        #[arg(long)]
+        revert: bool,
+    },
+    /// Validate the configuration, print it as TOML, and exit.
+    CheckConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    stockgate::telemetry::init(&config.log);
+    match cli.command.unwrap_or(Command::Serve { listen: None }) {
+        Command::Serve { listen } => {
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            let listener = tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+            stockgate::run(config, listener, shutdown_signal()).await
+        }
+        Command::Migrate { revert } => stockgate::server::migrate(&config, revert).await,
+        Command::CheckConfig => {
+            print!("{}", toml_of(&config)?);
+            Ok(())
+        }
+    }
+}
+
+fn toml_of(config: &Config) -> anyhow::Result<String> {
+    let mut config = config.clone();
+    config.backends.store = stockgate::config::redact_url(&config.backends.store);
+    Ok(toml::to_string_pretty(&config)?)
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (Kubernetes) starts a graceful stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

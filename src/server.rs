@@ -1,0 +1,270 @@
+//! Assembly and lifecycle: builds the backends the config selects, serves
+//! gRPC until `shutdown` resolves, then drains. [`run`] is what `main` and the
+//! integration tests both call.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    config::{redact_url, Config, StoreBackend},
+    domain::pipeline::{Layers, Limits, Pipeline},
+    gate::EmbeddedGate,
+    grpc::{AdminApi, InventoryApi},
+    pb::{
+        self, admin_service_server::AdminServiceServer,
+        inventory_service_server::InventoryServiceServer,
+    },
+    queue::{EmbeddedQueue, EmbeddedReceiver, OrderQueue},
+    store::Store,
+};
+
+/// Names under which health is reported: the whole server ("") and each
+/// service.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    "stockgate.v1.InventoryService",
+    "stockgate.v1.AdminService",
+];
+
+/// Serves until `shutdown` resolves, then stops accepting calls, lets
+/// in-flight calls and the order processor finish (bounded by
+/// `server.shutdown_grace_ms`), and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let target = config.store_backend()?;
+    match &target {
+        StoreBackend::Postgres(url) => tracing::info!(store = %redact_url(url), "store: postgres"),
+        StoreBackend::Sqlite(path) => tracing::info!(store = %path, "store: embedded sqlite"),
+    }
+    let store = Store::connect(target, &config.store)?;
+    let (queue, receiver) = EmbeddedQueue::new(config.layers.queue.capacity);
+    let queue = Arc::new(queue);
+    let pipeline = Arc::new(Pipeline::new(
+        store,
+        Arc::new(EmbeddedGate::new()),
+        queue.clone(),
+        Layers::from_config(&config),
+        Limits::from_config(&config),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let readiness = tokio::spawn(become_ready(
+        pipeline.clone(),
+        health.clone(),
+        config.store.migrate_on_start,
+        stop_rx.clone(),
+    ));
+    let processor = tokio::spawn(run_processor(
+        pipeline.clone(),
+        receiver,
+        config.layers.queue.batch_size,
+        Duration::from_millis(config.layers.queue.linger_ms),
+    ));
+    let sweeper = tokio::spawn(run_sweeper(
+        pipeline.clone(),
+        Duration::from_millis(config.reservations.sweep_interval_ms),
+        stop_rx.clone(),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = config.server.max_message_bytes;
+    let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin = AdminServiceServer::new(AdminApi::new(pipeline.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    tracing::info!(addr = %listener.local_addr()?, layers = ?pipeline.layers(), "serving");
+    let grace = config.shutdown_grace();
+    let mut draining = stop_rx.clone();
+    let health_on_stop = health.clone();
+    let serve = Server::builder()
+        .timeout(config.request_timeout())
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inventory)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutdown requested; draining");
+            // Readiness goes first so load balancers stop sending.
+            set_health(&health_on_stop, ServingStatus::NotServing).await;
+            let _ = stop_tx.send(true);
+        });
+    // Long-lived calls (watch streams) would hold a graceful stop open
+    // forever; give them the grace period, then stop anyway.
+    let result = tokio::select! {
+        result = serve => result.map_err(anyhow::Error::from),
+        _ = async {
+            let _ = draining.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(?grace, "in-flight calls outlived the shutdown grace period");
+            Ok(())
+        }
+    };
+
+    readiness.abort();
+    sweeper.abort();
+    // Queued orders were promised a decision: let the processor drain them.
+    queue.close();
+    if tokio::time::timeout(grace, processor).await.is_err() {
+        tracing::error!("order processor did not drain within the grace period");
+    }
+    tracing::info!("stopped");
+    result
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Retries until the store is reachable and migrated (migrating it when
+/// allowed), loads the gate, then reports SERVING.
+async fn become_ready(
+    pipeline: Arc<Pipeline>,
+    health: HealthReporter,
+    migrate: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_reason = String::new();
+    loop {
+        let reason = match check_store(&pipeline, migrate).await {
+            Ok(()) => match pipeline.warm_up().await {
+                Ok(()) => {
+                    set_health(&health, ServingStatus::Serving).await;
+                    tracing::info!("ready: store migrated and reachable, gate loaded");
+                    return;
+                }
+                Err(err) => format!("gate warm-up failed: {err:#}"),
+            },
+            Err(reason) => reason,
+        };
+        if reason != last_reason {
+            tracing::warn!(%reason, "not ready");
+            last_reason = reason;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
+    let store = pipeline.store();
+    if migrate {
+        let applied = store.migrate().await.map_err(|e| e.to_string())?;
+        if applied > 0 {
+            tracing::info!(applied, "migrations applied");
+        }
+    } else {
+        let pending = store
+            .pending_migrations()
+            .await
+            .map_err(|e| e.to_string())?;
+        if pending > 0 {
+            return Err(format!(
+                "{pending} migrations pending; run `stockgate migrate`"
+            ));
+        }
+    }
+    store.ping().await.map_err(|e| e.to_string())
+}
+
+/// The single order processor: batches of up to `batch_size`, waiting at
+/// most `linger` to fill one, until the queue is closed and empty.
+fn run_processor(
+    pipeline: Arc<Pipeline>,
+    mut receiver: EmbeddedReceiver,
+    batch_size: usize,
+    linger: Duration,
+) -> impl Future<Output = ()> {
+    async move {
+        let mut batch = Vec::with_capacity(batch_size);
+        loop {
+            if receiver.recv_many(&mut batch, batch_size).await == 0 {
+                return;
+            }
+            if batch.len() < batch_size && !linger.is_zero() {
+                tokio::time::sleep(linger).await;
+                while batch.len() < batch_size {
+                    match receiver.try_recv() {
+                        Ok(order) => batch.push(order),
+                        Err(_) => break,
+                    }
+                }
+            }
+            pipeline.process_batch(&batch).await;
+            batch.clear();
+        }
+    }
+}
+
+fn run_sweeper(
+    pipeline: Arc<Pipeline>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> {
+    async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if !pipeline.is_ready() {
+                continue;
+            }
+            match pipeline.expire_due().await {
+                Ok(0) => {}
+                Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
+                Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
+            }
+        }
+    }
+}
+
+/// Runs `stockgate migrate`: applies (or, with `revert`, reverts the latest)
+/// migrations against the configured store.
+pub async fn migrate(config: &Config, revert: bool) -> anyhow::Result<()> {
+    let store = Store::connect(config.store_backend()?, &config.store)?;
+    if revert {
+        store.revert_last_migration().await?;
+        tracing::info!("reverted the latest migration");
+    } else {
+        let applied = store.migrate().await?;
+        tracing::info!(applied, "migrations applied");
+    }
+    Ok(())
+}
+
+/// Spawned helper for tests and embedding: `run` on its own task.
+pub fn spawn(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(run(config, listener, shutdown))
+}
+
+#[allow(dead_code)]
+fn _assert_queue_object_safe(_: &dyn OrderQueue) {}

@@ -1,0 +1,987 @@
+//! The database store: PostgreSQL in production, SQLite in the embedded
+//! profile, both through diesel with the same schema ([`schema`]) and the same
+//! queries.
+//!
+//! The database is the source of truth and the last line against
+//! overselling: an order is committed only by the conditional update
+//! `UPDATE inventory SET stock = stock - q, version = version + 1 WHERE sku = ?
+//! AND version = ? AND stock >= q` touching exactly one row, and orders are
+//! unique by reservation id and by (user, idempotency key).
+//!
+//! The query code is written once in the `queries!` macro and instantiated
+//! per connection type, because diesel's query builder is typed by backend;
+//! [`Store`] picks the instance for the pool it holds.
+
+mod models;
+pub mod schema;
+
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::{
+    prelude::*,
+    result::{DatabaseErrorKind, Error as DieselError},
+    SqliteConnection,
+};
+use diesel_async::{
+    pooled_connection::{bb8, AsyncDieselConnectionManager, ManagerConfig},
+    sync_connection_wrapper::SyncConnectionWrapper,
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use futures::FutureExt;
+
+pub use models::InventoryRow;
+use models::ReservationRow;
+use schema::{inventory, reservations};
+
+use crate::{
+    config::{DbCheckMode, StoreBackend, StoreConfig},
+    domain::{IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId},
+};
+
+pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection could be had in time: the database is down,
+    /// unreachable or saturated.
+    #[error("no database connection: {0}")]
+    Connect(String),
+    #[error(transparent)]
+    Query(#[from] DieselError),
+    #[error("migrations failed: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// Whether a retry later may succeed (as opposed to a bug).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Query(DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)) => true,
+            Self::Query(DieselError::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+}
+
+/// An order as the pipeline hands it to the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    pub id: ReservationId,
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: u32,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub created_at: NaiveDateTime,
+}
+
+/// How to commit orders.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitParams {
+    pub mode: DbCheckMode,
+    pub max_attempts: u32,
+    /// `None`: holds never expire.
+    pub hold_ttl: Option<Duration>,
+    /// Store orders that cannot be filled as REJECTED rows, so a caller who
+    /// was told QUEUED can see why (the queue path). The request path
+    /// answers the caller directly and stores nothing.
+    pub record_rejections: bool,
+    pub now: NaiveDateTime,
+}
+
+/// What the database decided for one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Stock taken, order stored as HELD.
+    Committed {
+        reservation: Reservation,
+        remaining: i64,
+    },
+    /// This reservation id was committed before (a redelivered message).
+    AlreadyCommitted(Reservation),
+    /// Another reservation already holds this user's idempotency key.
+    DuplicateKey(Reservation),
+    SoldOut {
+        remaining: i64,
+    },
+    UserLimit {
+        live_units: i64,
+        limit: u32,
+    },
+    UnknownSku,
+    /// Every optimistic attempt lost its race; nothing was written.
+    Contention {
+        attempts: u32,
+    },
+    /// With `record_rejections`: the order could not be filled and is
+    /// stored as REJECTED with the reason.
+    Rejected {
+        reservation: Reservation,
+        cause: RejectCause,
+    },
+}
+
+/// Why a recorded order was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectCause {
+    SoldOut,
+    UserLimit,
+    DuplicateKey,
+}
+
+/// The result of confirming or releasing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The state changed now (for a release: units went back to stock).
+    Changed(Reservation),
+    /// Already in the asked-for (or another final) state; nothing changed.
+    Unchanged(Reservation),
+    NotFound,
+    NotOwner,
+    /// The state forbids the transition.
+    WrongState(Reservation),
+    /// A hold whose expiry has passed cannot be confirmed.
+    HoldExpired(Reservation),
+}
+
+/// Units of one SKU by reservation state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitTotals {
+    pub held: i64,
+    pub confirmed: i64,
+}
+
+/// Whether an adjustment applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adjusted {
+    Applied(InventoryRow),
+    UnknownSku,
+    /// The adjustment would take stock below zero; `stock` is what is there.
+    BelowZero {
+        stock: i64,
+    },
+}
+
+enum Pool {
+    Pg(bb8::Pool<AsyncPgConnection>),
+    Sqlite(bb8::Pool<SqliteConn>),
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: std::sync::Arc<Pool>,
+    target: std::sync::Arc<StoreBackend>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn lock_inventory_pg<'a>(
+    conn: &'a mut AsyncPgConnection,
+    sku: &'a str,
+) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
+    inventory::table
+        .find(sku)
+        .select(InventoryRow::as_select())
+        .for_update()
+        .first(conn)
+        .map(|r| r.optional())
+}
+
+/// SQLite has no row locks; the embedded pool has a single connection, so
+/// every transaction is already serialised.
+fn lock_inventory_sqlite<'a>(
+    conn: &'a mut SqliteConn,
+    sku: &'a str,
+) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
+    inventory::table
+        .find(sku)
+        .select(InventoryRow::as_select())
+        .first(conn)
+        .map(|r| r.optional())
+}
+
+const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
+
+macro_rules! queries {
+    ($name:ident, $Conn:ty, $lock:path) => {
+        mod $name {
+            use super::*;
+
+            async fn find(conn: &mut $Conn, id: &str) -> QueryResult<Option<ReservationRow>> {
+                reservations::table
+                    .find(id)
+                    .select(ReservationRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()
+            }
+
+            async fn insert_row(conn: &mut $Conn, row: &ReservationRow) -> QueryResult<()> {
+                diesel::insert_into(reservations::table)
+                    .values(row)
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            }
+
+            fn row_for(
+                order: &NewOrder,
+                state: ReservationState,
+                now: NaiveDateTime,
+            ) -> ReservationRow {
+                ReservationRow {
+                    reservation_id: order.id.as_str().to_owned(),
+                    sku: order.sku.as_str().to_owned(),
+                    user_id: order.user.as_str().to_owned(),
+                    idempotency_key: order
+                        .idempotency_key
+                        .as_ref()
+                        .map(|k| k.as_str().to_owned()),
+                    quantity: order.quantity as i32,
+                    state: state.as_db().to_owned(),
+                    reject_reason: None,
+                    expires_at: None,
+                    created_at: order.created_at,
+                    updated_at: now,
+                }
+            }
+
+            /// Stores an unfillable order as REJECTED. The key is not
+            /// stored: it belongs to whichever reservation holds it, or may
+            /// be retried once stock comes back.
+            async fn reject(
+                conn: &mut $Conn,
+                order: &NewOrder,
+                cause: RejectCause,
+                reason: String,
+                now: NaiveDateTime,
+            ) -> QueryResult<CommitOutcome> {
+                let mut row = row_for(order, ReservationState::Rejected, now);
+                row.idempotency_key = None;
+                row.reject_reason = Some(reason);
+                insert_row(conn, &row).await?;
+                Ok(CommitOutcome::Rejected {
+                    reservation: row.into_domain(),
+                    cause,
+                })
+            }
+
+            async fn decide(
+                conn: &mut $Conn,
+                order: &NewOrder,
+                params: CommitParams,
+            ) -> QueryResult<CommitOutcome> {
+                if let Some(row) = find(conn, order.id.as_str()).await? {
+                    return Ok(CommitOutcome::AlreadyCommitted(row.into_domain()));
+                }
+                if let Some(key) = &order.idempotency_key {
+                    let holder = reservations::table
+                        .filter(reservations::user_id.eq(order.user.as_str()))
+                        .filter(reservations::idempotency_key.eq(key.as_str()))
+                        .select(ReservationRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if let Some(holder) = holder {
+                        if params.record_rejections {
+                            let reason = format!(
+                                "duplicate idempotency key: reservation {} holds it",
+                                holder.reservation_id
+                            );
+                            return reject(
+                                conn,
+                                order,
+                                RejectCause::DuplicateKey,
+                                reason,
+                                params.now,
+                            )
+                            .await;
+                        }
+                        return Ok(CommitOutcome::DuplicateKey(holder.into_domain()));
+                    }
+                }
+                let quantity = i64::from(order.quantity);
+                for _attempt in 0..params.max_attempts {
+                    let current = match params.mode {
+                        DbCheckMode::Optimistic => inventory::table
+                            .find(order.sku.as_str())
+                            .select(InventoryRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?,
+                        DbCheckMode::Pessimistic => $lock(conn, order.sku.as_str()).await?,
+                    };
+                    let Some(current) = current else {
+                        return Ok(CommitOutcome::UnknownSku);
+                    };
+                    if current.max_per_user > 0 {
+                        let live: Option<i64> = reservations::table
+                            .filter(reservations::sku.eq(order.sku.as_str()))
+                            .filter(reservations::user_id.eq(order.user.as_str()))
+                            .filter(reservations::state.eq_any(LIVE_STATES))
+                            .select(diesel::dsl::sum(reservations::quantity))
+                            .first(conn)
+                            .await?;
+                        let live = live.unwrap_or(0);
+                        if live + quantity > i64::from(current.max_per_user) {
+                            if params.record_rejections {
+                                let reason = format!(
+                                    "user limit: {live} of {} units already held",
+                                    current.max_per_user
+                                );
+                                return reject(
+                                    conn,
+                                    order,
+                                    RejectCause::UserLimit,
+                                    reason,
+                                    params.now,
+                                )
+                                .await;
+                            }
+                            return Ok(CommitOutcome::UserLimit {
+                                live_units: live,
+                                limit: current.max_per_user as u32,
+                            });
+                        }
+                    }
+                    if current.stock < quantity {
+                        if params.record_rejections {
+                            let reason = format!("sold out: {} units left", current.stock);
+                            return reject(conn, order, RejectCause::SoldOut, reason, params.now)
+                                .await;
+                        }
+                        return Ok(CommitOutcome::SoldOut {
+                            remaining: current.stock,
+                        });
+                    }
+                    let updated = diesel::update(
+                        inventory::table
+                            .filter(inventory::sku.eq(order.sku.as_str()))
+                            .filter(inventory::version.eq(current.version))
+                            .filter(inventory::stock.ge(quantity)),
+                    )
+                    .set((
+                        inventory::stock.eq(inventory::stock - quantity),
+                        inventory::version.eq(inventory::version + 1),
+                        inventory::updated_at.eq(params.now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                    if updated == 1 {
+                        let mut row = row_for(order, ReservationState::Held, params.now);
+                        row.expires_at = params.hold_ttl.map(|ttl| {
+                            params.now
+                                + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
+                        });
+                        insert_row(conn, &row).await?;
+                        return Ok(CommitOutcome::Committed {
+                            reservation: row.into_domain(),
+                            remaining: current.stock - quantity,
+                        });
+                    }
+                    // Another writer committed since our read: back off a
+                    // little so the retries do not march in lock step.
+                    let pause = rand::random_range(50..500);
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
+                }
+                Ok(CommitOutcome::Contention {
+                    attempts: params.max_attempts,
+                })
+            }
+
+            /// One order in its own (sub)transaction. A unique violation
+            /// means a concurrent writer stored this id or key first and has
+            /// committed by now, so one more pass finds its row.
+            pub(super) async fn commit_one(
+                conn: &mut $Conn,
+                order: &NewOrder,
+                params: CommitParams,
+            ) -> QueryResult<CommitOutcome> {
+                let mut retried = false;
+                loop {
+                    let result = conn
+                        .transaction::<_, DieselError, _>(async |conn| {
+                            decide(conn, order, params).await
+                        })
+                        .await;
+                    match result {
+                        Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+                            if !retried =>
+                        {
+                            retried = true;
+                        }
+                        other => return other,
+                    }
+                }
+            }
+
+            pub(super) async fn commit_batch(
+                conn: &mut $Conn,
+                orders: &[NewOrder],
+                params: CommitParams,
+            ) -> QueryResult<Vec<CommitOutcome>> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    {
+                        let mut outcomes = Vec::with_capacity(orders.len());
+                        for order in orders {
+                            // Nested: each order is a savepoint, so one
+                            // conflict does not undo the batch.
+                            outcomes.push(commit_one(conn, order, params).await?);
+                        }
+                        Ok(outcomes)
+                    }
+                })
+                .await
+            }
+
+            pub(super) async fn get(
+                conn: &mut $Conn,
+                id: &str,
+            ) -> QueryResult<Option<Reservation>> {
+                Ok(find(conn, id).await?.map(ReservationRow::into_domain))
+            }
+
+            async fn restock(
+                conn: &mut $Conn,
+                sku: &str,
+                quantity: i32,
+                now: NaiveDateTime,
+            ) -> QueryResult<()> {
+                diesel::update(inventory::table.find(sku))
+                    .set((
+                        inventory::stock.eq(inventory::stock + i64::from(quantity)),
+                        inventory::version.eq(inventory::version + 1),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            }
+
+            /// Moves a HELD reservation to `to`, returning its units to stock
+            /// unless it is being confirmed. The `state = 'held'` condition
+            /// makes the move happen once however often it is asked for.
+            async fn transition(
+                conn: &mut $Conn,
+                row: &ReservationRow,
+                to: ReservationState,
+                now: NaiveDateTime,
+            ) -> QueryResult<bool> {
+                let target = reservations::table
+                    .filter(reservations::reservation_id.eq(&row.reservation_id))
+                    .filter(reservations::state.eq(ReservationState::Held.as_db()));
+                let changes = (
+                    reservations::state.eq(to.as_db()),
+                    reservations::updated_at.eq(now),
+                );
+                let moved = if to == ReservationState::Confirmed {
+                    // A lapsed hold cannot be confirmed even if the sweeper
+                    // has not reached it yet.
+                    let unexpired = reservations::expires_at
+                        .is_null()
+                        .or(reservations::expires_at.gt(now));
+                    diesel::update(target.filter(unexpired))
+                        .set(changes)
+                        .execute(conn)
+                        .await?
+                } else {
+                    diesel::update(target).set(changes).execute(conn).await?
+                };
+                if moved == 1 && to != ReservationState::Confirmed {
+                    restock(conn, &row.sku, row.quantity, now).await?;
+                }
+                Ok(moved == 1)
+            }
+
+            pub(super) async fn settle(
+                conn: &mut $Conn,
+                id: &str,
+                user: &str,
+                to: ReservationState,
+                now: NaiveDateTime,
+            ) -> QueryResult<Settled> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    {
+                        let Some(row) = find(conn, id).await? else {
+                            return Ok(Settled::NotFound);
+                        };
+                        if row.user_id != user {
+                            return Ok(Settled::NotOwner);
+                        }
+                        let state = ReservationState::from_db(&row.state);
+                        if state == Some(to) {
+                            return Ok(Settled::Unchanged(row.into_domain()));
+                        }
+                        if state != Some(ReservationState::Held) {
+                            // Releasing something no longer held is a no-op;
+                            // confirming it is an error.
+                            return Ok(
+                                if to == ReservationState::Released
+                                    && state != Some(ReservationState::Confirmed)
+                                {
+                                    Settled::Unchanged(row.into_domain())
+                                } else {
+                                    Settled::WrongState(row.into_domain())
+                                },
+                            );
+                        }
+                        if transition(conn, &row, to, now).await? {
+                            let row = find(conn, id)
+                                .await?
+                                .expect("row updated in this transaction");
+                            return Ok(Settled::Changed(row.into_domain()));
+                        }
+                        let row = find(conn, id).await?.expect("rows are never deleted");
+                        Ok(
+                            if ReservationState::from_db(&row.state) == Some(ReservationState::Held)
+                            {
+                                Settled::HoldExpired(row.into_domain())
+                            } else {
+                                Settled::WrongState(row.into_domain())
+                            },
+                        )
+                    }
+                })
+                .await
+            }
+
+            pub(super) async fn expire_due(
+                conn: &mut $Conn,
+                now: NaiveDateTime,
+                limit: i64,
+            ) -> QueryResult<Vec<Reservation>> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    let due: Vec<ReservationRow> = reservations::table
+                        .filter(reservations::state.eq(ReservationState::Held.as_db()))
+                        .filter(reservations::expires_at.le(now))
+                        .order(reservations::expires_at.asc())
+                        .limit(limit)
+                        .select(ReservationRow::as_select())
+                        .load(conn)
+                        .await?;
+                    let mut expired = Vec::with_capacity(due.len());
+                    for row in due {
+                        if transition(conn, &row, ReservationState::Expired, now).await? {
+                            let mut reservation = row.into_domain();
+                            reservation.state = ReservationState::Expired;
+                            reservation.updated_at = now;
+                            expired.push(reservation);
+                        }
+                    }
+                    Ok(expired)
+                })
+                .await
+            }
+
+            pub(super) async fn set_stock(
+                conn: &mut $Conn,
+                sku: &str,
+                stock: i64,
+                max_per_user: i32,
+                now: NaiveDateTime,
+            ) -> QueryResult<InventoryRow> {
+                diesel::insert_into(inventory::table)
+                    .values((
+                        inventory::sku.eq(sku),
+                        inventory::stock.eq(stock),
+                        inventory::version.eq(0i64),
+                        inventory::max_per_user.eq(max_per_user),
+                        inventory::created_at.eq(now),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .on_conflict(inventory::sku)
+                    .do_update()
+                    .set((
+                        inventory::stock.eq(stock),
+                        inventory::version.eq(inventory::version + 1),
+                        inventory::max_per_user.eq(max_per_user),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .returning(InventoryRow::as_returning())
+                    .get_result(conn)
+                    .await
+            }
+
+            pub(super) async fn adjust_stock(
+                conn: &mut $Conn,
+                sku: &str,
+                delta: i64,
+                now: NaiveDateTime,
+            ) -> QueryResult<Adjusted> {
+                let updated = diesel::update(
+                    inventory::table
+                        .filter(inventory::sku.eq(sku))
+                        .filter((inventory::stock + delta).ge(0i64)),
+                )
+                .set((
+                    inventory::stock.eq(inventory::stock + delta),
+                    inventory::version.eq(inventory::version + 1),
+                    inventory::updated_at.eq(now),
+                ))
+                .returning(InventoryRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?;
+                if let Some(row) = updated {
+                    return Ok(Adjusted::Applied(row));
+                }
+                Ok(match inventory(conn, sku).await? {
+                    Some(row) => Adjusted::BelowZero { stock: row.stock },
+                    None => Adjusted::UnknownSku,
+                })
+            }
+
+            pub(super) async fn inventory(
+                conn: &mut $Conn,
+                sku: &str,
+            ) -> QueryResult<Option<InventoryRow>> {
+                inventory::table
+                    .find(sku)
+                    .select(InventoryRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()
+            }
+
+            pub(super) async fn all_inventory(conn: &mut $Conn) -> QueryResult<Vec<InventoryRow>> {
+                inventory::table
+                    .select(InventoryRow::as_select())
+                    .order(inventory::sku.asc())
+                    .load(conn)
+                    .await
+            }
+
+            pub(super) async fn unit_totals(
+                conn: &mut $Conn,
+                sku: &str,
+            ) -> QueryResult<UnitTotals> {
+                let rows: Vec<(String, Option<i64>)> = reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .filter(reservations::state.eq_any(LIVE_STATES))
+                    .group_by(reservations::state)
+                    .select((
+                        reservations::state,
+                        diesel::dsl::sum(reservations::quantity),
+                    ))
+                    .load(conn)
+                    .await?;
+                let mut totals = UnitTotals::default();
+                for (state, units) in rows {
+                    match ReservationState::from_db(&state) {
+                        Some(ReservationState::Held) => totals.held = units.unwrap_or(0),
+                        Some(ReservationState::Confirmed) => totals.confirmed = units.unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                Ok(totals)
+            }
+
+            /// Every reservation of a SKU, oldest first (tests and checks).
+            pub(super) async fn reservations_of(
+                conn: &mut $Conn,
+                sku: &str,
+            ) -> QueryResult<Vec<Reservation>> {
+                Ok(reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .order(reservations::reservation_id.asc())
+                    .select(ReservationRow::as_select())
+                    .load(conn)
+                    .await?
+                    .into_iter()
+                    .map(ReservationRow::into_domain)
+                    .collect())
+            }
+
+            pub(super) async fn ping(conn: &mut $Conn) -> QueryResult<()> {
+                conn.batch_execute("SELECT 1").await
+            }
+        }
+    };
+}
+
+queries!(pg, AsyncPgConnection, lock_inventory_pg);
+queries!(sqlite, SqliteConn, lock_inventory_sqlite);
+
+/// Runs `$f` from the query module matching the pool, on a pooled connection.
+macro_rules! dispatch {
+    ($self:ident . $f:ident ( $($arg:expr),* $(,)? )) => {
+        match &*$self.pool {
+            Pool::Pg(pool) => {
+                let mut conn = pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))?;
+                pg::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
+            }
+            Pool::Sqlite(pool) => {
+                let mut conn = pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))?;
+                sqlite::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
+            }
+        }
+    };
+}
+
+impl Store {
+    /// Builds the pool without connecting, so the server can start (and
+    /// report NOT_SERVING) while the database is still coming up.
+    pub fn connect(target: StoreBackend, config: &StoreConfig) -> Result<Self, StoreError> {
+        let timeout = Duration::from_millis(config.acquire_timeout_ms);
+        let pool = match &target {
+            StoreBackend::Postgres(url) => {
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+                Pool::Pg(
+                    bb8::Pool::builder()
+                        .max_size(config.max_connections)
+                        .connection_timeout(timeout)
+                        .build_unchecked(manager),
+                )
+            }
+            StoreBackend::Sqlite(path) => {
+                let mut setup = ManagerConfig::default();
+                setup.custom_setup = Box::new(|url| {
+                    async move {
+                        let mut conn = SqliteConn::establish(url).await?;
+                        conn.batch_execute(SQLITE_PRAGMAS)
+                            .await
+                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    }
+                    .boxed()
+                });
+                let manager =
+                    AsyncDieselConnectionManager::<SqliteConn>::new_with_config(path, setup);
+                // One connection: SQLite has one writer, and a single
+                // connection serialises transactions without busy errors.
+                Pool::Sqlite(
+                    bb8::Pool::builder()
+                        .max_size(1)
+                        .connection_timeout(timeout)
+                        .build_unchecked(manager),
+                )
+            }
+        };
+        Ok(Self {
+            pool: std::sync::Arc::new(pool),
+            target: std::sync::Arc::new(target),
+        })
+    }
+
+    /// "postgres" or "sqlite", for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match &*self.pool {
+            Pool::Pg(_) => "postgres",
+            Pool::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies pending migrations on a dedicated connection; returns how
+    /// many ran. Needs the multi-threaded runtime (diesel's harness blocks).
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        self.with_harness(|harness, source| {
+            harness
+                .run_pending_migrations(source)
+                .map(|done| done.len())
+        })
+        .await
+    }
+
+    /// How many migrations have not been applied yet.
+    pub async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        self.with_harness(|harness, source| {
+            harness.pending_migrations(source).map(|todo| todo.len())
+        })
+        .await
+    }
+
+    /// Reverts the latest migration (operators and the down.sql tests).
+    pub async fn revert_last_migration(&self) -> Result<(), StoreError> {
+        self.with_harness(|harness, source| harness.revert_last_migration(source).map(|_| 0))
+            .await
+            .map(|_| ())
+    }
+
+    async fn with_harness<F>(&self, run: F) -> Result<usize, StoreError>
+    where
+        F: FnOnce(
+                &mut dyn MigrationHarnessAny,
+                EmbeddedMigrations,
+            ) -> diesel::migration::Result<usize>
+            + Send,
+    {
+        let error = |e: &dyn std::fmt::Display| StoreError::Migration(e.to_string());
+        match &*self.target {
+            StoreBackend::Postgres(url) => {
+                let conn = AsyncPgConnection::establish(url)
+                    .await
+                    .map_err(|e| StoreError::Connect(e.to_string()))?;
+                let mut harness = AsyncMigrationHarness::new(conn);
+                tokio::task::block_in_place(|| run(&mut PgHarness(&mut harness), PG_MIGRATIONS))
+                    .map_err(|e| error(&*e))
+            }
+            StoreBackend::Sqlite(path) => {
+                let conn = SqliteConn::establish(path)
+                    .await
+                    .map_err(|e| StoreError::Connect(e.to_string()))?;
+                let mut harness = AsyncMigrationHarness::new(conn);
+                tokio::task::block_in_place(|| {
+                    run(&mut SqliteHarness(&mut harness), SQLITE_MIGRATIONS)
+                })
+                .map_err(|e| error(&*e))
+            }
+        }
+    }
+
+    /// A round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self.ping())
+    }
+
+    /// Commits one order in its own transaction (queue off).
+    pub async fn commit_order(
+        &self,
+        order: &NewOrder,
+        params: CommitParams,
+    ) -> Result<CommitOutcome, StoreError> {
+        dispatch!(self.commit_one(order, params))
+    }
+
+    /// Commits orders in one transaction, each behind its own savepoint and
+    /// its own optimistic check, in the given order (the queue path).
+    pub async fn commit_batch(
+        &self,
+        orders: &[NewOrder],
+        params: CommitParams,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        dispatch!(self.commit_batch(orders, params))
+    }
+
+    pub async fn reservation(&self, id: &ReservationId) -> Result<Option<Reservation>, StoreError> {
+        dispatch!(self.get(id.as_str()))
+    }
+
+    pub async fn confirm(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        now: NaiveDateTime,
+    ) -> Result<Settled, StoreError> {
+        dispatch!(self.settle(id.as_str(), user.as_str(), ReservationState::Confirmed, now))
+    }
+
+    /// Releases a hold and returns its units to stock, once.
+    pub async fn release(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        now: NaiveDateTime,
+    ) -> Result<Settled, StoreError> {
+        dispatch!(self.settle(id.as_str(), user.as_str(), ReservationState::Released, now))
+    }
+
+    /// Expires up to `limit` lapsed holds, returning their units to stock.
+    pub async fn expire_due(
+        &self,
+        now: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<Reservation>, StoreError> {
+        dispatch!(self.expire_due(now, limit))
+    }
+
+    /// Creates the SKU or overwrites its available stock and per-user limit.
+    pub async fn set_stock(
+        &self,
+        sku: &Sku,
+        stock: i64,
+        max_per_user: u32,
+        now: NaiveDateTime,
+    ) -> Result<InventoryRow, StoreError> {
+        let limit = i32::try_from(max_per_user).unwrap_or(i32::MAX);
+        dispatch!(self.set_stock(sku.as_str(), stock, limit, now))
+    }
+
+    pub async fn adjust_stock(
+        &self,
+        sku: &Sku,
+        delta: i64,
+        now: NaiveDateTime,
+    ) -> Result<Adjusted, StoreError> {
+        dispatch!(self.adjust_stock(sku.as_str(), delta, now))
+    }
+
+    pub async fn inventory(&self, sku: &Sku) -> Result<Option<InventoryRow>, StoreError> {
+        dispatch!(self.inventory(sku.as_str()))
+    }
+
+    pub async fn all_inventory(&self) -> Result<Vec<InventoryRow>, StoreError> {
+        dispatch!(self.all_inventory())
+    }
+
+    pub async fn unit_totals(&self, sku: &Sku) -> Result<UnitTotals, StoreError> {
+        dispatch!(self.unit_totals(sku.as_str()))
+    }
+
+    pub async fn reservations_of(&self, sku: &Sku) -> Result<Vec<Reservation>, StoreError> {
+        dispatch!(self.reservations_of(sku.as_str()))
+    }
+}
+
+/// WAL lets readers run beside the writer; NORMAL sync is durable across
+/// process crashes (not power loss), which fits a laptop profile.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
+
+/// The harness operations we use, object-safe so one closure serves both
+/// backends.
+pub trait MigrationHarnessAny {
+    fn run_pending_migrations(
+        &mut self,
+        source: EmbeddedMigrations,
+    ) -> diesel::migration::Result<Vec<String>>;
+    fn pending_migrations(
+        &mut self,
+        source: EmbeddedMigrations,
+    ) -> diesel::migration::Result<Vec<String>>;
+    fn revert_last_migration(
+        &mut self,
+        source: EmbeddedMigrations,
+    ) -> diesel::migration::Result<String>;
+}
+
+macro_rules! harness_any {
+    ($name:ident, $Conn:ty) => {
+        struct $name<'a>(&'a mut AsyncMigrationHarness<$Conn>);
+
+        impl MigrationHarnessAny for $name<'_> {
+            fn run_pending_migrations(
+                &mut self,
+                source: EmbeddedMigrations,
+            ) -> diesel::migration::Result<Vec<String>> {
+                MigrationHarness::run_pending_migrations(self.0, source)
+                    .map(|done| done.iter().map(|v| v.to_string()).collect())
+            }
+            fn pending_migrations(
+                &mut self,
+                source: EmbeddedMigrations,
+            ) -> diesel::migration::Result<Vec<String>> {
+                MigrationHarness::pending_migrations(self.0, source)
+                    .map(|todo| todo.iter().map(|m| m.name().to_string()).collect())
+            }
+            fn revert_last_migration(
+                &mut self,
+                source: EmbeddedMigrations,
+            ) -> diesel::migration::Result<String> {
+                MigrationHarness::revert_last_migration(self.0, source).map(|v| v.to_string())
+            }
+        }
+    };
+}
+
+harness_any!(PgHarness, AsyncPgConnection);
+harness_any!(SqliteHarness, SqliteConn);

@@ -1,0 +1,55 @@
+//! Rows as stored, and their conversion into domain types.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+
+use super::schema::{inventory, reservations};
+use crate::domain::{IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId};
+
+/// One SKU's stock row.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = inventory)]
+pub struct InventoryRow {
+    pub sku: String,
+    /// Units available for new reservations.
+    pub stock: i64,
+    /// Bumped by every change; the optimistic check compares it.
+    pub version: i64,
+    pub max_per_user: i32,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = reservations)]
+pub struct ReservationRow {
+    pub reservation_id: String,
+    pub sku: String,
+    pub user_id: String,
+    pub idempotency_key: Option<String>,
+    pub quantity: i32,
+    pub state: String,
+    pub reject_reason: Option<String>,
+    pub expires_at: Option<NaiveDateTime>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+impl ReservationRow {
+    pub fn into_domain(self) -> Reservation {
+        Reservation {
+            id: ReservationId::from_trusted(self.reservation_id),
+            sku: Sku::from_trusted(self.sku),
+            user: UserId::from_trusted(self.user_id),
+            quantity: u32::try_from(self.quantity).unwrap_or(0),
+            // The CHECK constraint admits only spellings from_db knows.
+            state: ReservationState::from_db(&self.state).unwrap_or(ReservationState::Rejected),
+            idempotency_key: self.idempotency_key.map(IdempotencyKey::from_trusted),
+            queue_position: None,
+            reject_reason: self.reject_reason,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            expires_at: self.expires_at,
+        }
+    }
+}

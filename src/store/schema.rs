@@ -1,0 +1,30 @@
+//! Table definitions shared by the PostgreSQL and SQLite migrations.
+
+diesel::table! {
+    inventory (sku) {
+        sku -> Varchar,
+        stock -> BigInt,
+        version -> BigInt,
+        max_per_user -> Integer,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    reservations (reservation_id) {
+        reservation_id -> Varchar,
+        sku -> Varchar,
+        user_id -> Varchar,
+        idempotency_key -> Nullable<Varchar>,
+        quantity -> Integer,
+        state -> Varchar,
+        reject_reason -> Nullable<Text>,
+        expires_at -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(reservations -> inventory (sku));
+diesel::allow_tables_to_appear_in_same_query!(inventory, reservations);
