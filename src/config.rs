@@ -37,6 +37,12 @@ pub struct ServerConfig {
     /// Largest request or response message accepted, in bytes. Reserve
     /// messages are tiny; a low cap turns junk into OUT_OF_RANGE early.
     pub max_message_bytes: usize,
+    /// Most concurrent calls (HTTP/2 streams) per client connection. It
+    /// bounds the work one connection can queue, and it keeps a burst of
+    /// small gRPC messages under h2's flood guard: h2 answers more than about
+    /// 100 unread small DATA frames on one connection with GOAWAY
+    /// (ENHANCE_YOUR_CALM), dropping every call on it. Keep it at or below 100.
+    pub max_concurrent_streams: u32,
     /// Server-side cap on a call's duration, in milliseconds, applied even
     /// when the caller sets no deadline (gRPC has none by default).
     pub request_timeout_ms: u64,
@@ -170,6 +176,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_bytes: 64 * 1024,
+            max_concurrent_streams: 100,
             request_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
         }
@@ -200,7 +207,7 @@ impl Default for StoreConfig {
         Self {
             sqlite_path: "stockgate.db".into(),
             max_connections: 16,
-            acquire_timeout_ms: 2_000,
+            acquire_timeout_ms: 5_000,
             migrate_on_start: true,
         }
     }
@@ -307,6 +314,12 @@ impl Config {
         if self.server.max_message_bytes < 1024 {
             return Err(invalid("server.max_message_bytes", "must be at least 1024"));
         }
+        if !(1..=100).contains(&self.server.max_concurrent_streams) {
+            return Err(invalid(
+                "server.max_concurrent_streams",
+                "must be between 1 and 100",
+            ));
+        }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be above 0"));
         }
@@ -409,6 +422,8 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail returns its own large error type; not ours to shrink.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

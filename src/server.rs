@@ -18,7 +18,7 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
     },
-    queue::{EmbeddedQueue, EmbeddedReceiver, OrderQueue},
+    queue::{EmbeddedQueue, EmbeddedReceiver, OrderQueue as _},
     store::Store,
 };
 
@@ -95,6 +95,7 @@ pub async fn run(
     let health_on_stop = health.clone();
     let serve = Server::builder()
         .timeout(config.request_timeout())
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inventory)
@@ -191,13 +192,13 @@ async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
 
 /// The single order processor: batches of up to `batch_size`, waiting at
 /// most `linger` to fill one, until the queue is closed and empty.
-fn run_processor(
+async fn run_processor(
     pipeline: Arc<Pipeline>,
     mut receiver: EmbeddedReceiver,
     batch_size: usize,
     linger: Duration,
-) -> impl Future<Output = ()> {
-    async move {
+) {
+    {
         let mut batch = Vec::with_capacity(batch_size);
         loop {
             if receiver.recv_many(&mut batch, batch_size).await == 0 {
@@ -218,12 +219,8 @@ fn run_processor(
     }
 }
 
-fn run_sweeper(
-    pipeline: Arc<Pipeline>,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> impl Future<Output = ()> {
-    async move {
+async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
+    {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -265,6 +262,3 @@ pub fn spawn(
 ) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(run(config, listener, shutdown))
 }
-
-#[allow(dead_code)]
-fn _assert_queue_object_safe(_: &dyn OrderQueue) {}

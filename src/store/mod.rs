@@ -60,12 +60,15 @@ pub enum StoreError {
 impl StoreError {
     /// Whether a retry later may succeed (as opposed to a bug).
     pub fn is_unavailable(&self) -> bool {
-        match self {
-            Self::Connect(_) => true,
-            Self::Query(DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)) => true,
-            Self::Query(DieselError::BrokenTransactionManager) => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::Query(DieselError::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection,
+                    _
+                ))
+                | Self::Query(DieselError::BrokenTransactionManager)
+        )
     }
 }
 

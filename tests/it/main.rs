@@ -1,1 +1,8 @@
+//! The one integration-test binary. Every test starts the real server
+//! through `stockgate::run` (see `harness`) against the embedded profile or
+//! a real PostgreSQL database of its own.
 
+mod api;
+mod harness;
+mod health;
+mod storm;

@@ -1,0 +1,424 @@
+//! Starts the real server through `stockgate::run` on 127.0.0.1:0 with
+//! isolated resources per test: its own SQLite file (embedded profile) or
+//! its own PostgreSQL database, created here and dropped afterwards.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use futures::future::join_all;
+use stockgate::{
+    config::{Config, DbCheckMode},
+    pb::{
+        admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
+        ReserveOutcome, ReserveRequest, ReserveResponse, SetLayersRequest, SetStockRequest,
+        StockView,
+    },
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    transport::{Channel, Endpoint},
+    Code, Request, Status,
+};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+/// Where the test PostgreSQL lives; trust auth on this machine kind.
+pub fn pg_admin_url() -> String {
+    std::env::var("STOCKGATE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// SQLite, embedded gate and queue: `stockgate serve` with no config.
+    Embedded,
+    /// A real PostgreSQL database of the test's own.
+    Postgres,
+}
+
+/// A database of one test's own, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("sg_it_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_admin_url()))
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (start it with .ci/run's service step)");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", pg_admin_url());
+        Self { name, url }
+    }
+
+    pub async fn drop_now(&self) {
+        if let Ok(mut admin) =
+            AsyncPgConnection::establish(&format!("{}/postgres", pg_admin_url())).await
+        {
+            let _ = admin
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub config: Config,
+    channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    pub db: Option<TestDb>,
+    _dir: tempfile::TempDir,
+}
+
+/// Config for a profile; tests adjust it further.
+pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    // Storms queue many calls client-side; don't let the server cap them.
+    config.server.request_timeout_ms = 60_000;
+    config.server.shutdown_grace_ms = 5_000;
+    config.store.sqlite_path = dir.path().join("stockgate.db").display().to_string();
+    config.reservations.sweep_interval_ms = 100;
+    let db = match profile {
+        Profile::Embedded => None,
+        Profile::Postgres => {
+            let db = TestDb::create().await;
+            config.backends.store = db.url.clone();
+            config.store.max_connections = 8;
+            Some(db)
+        }
+    };
+    (config, db, dir)
+}
+
+impl TestApp {
+    pub async fn spawn(profile: Profile) -> Self {
+        Self::spawn_with(profile, |_| {}).await
+    }
+
+    pub async fn spawn_with(profile: Profile, tweak: impl FnOnce(&mut Config)) -> Self {
+        let (mut config, db, dir) = config_for(profile).await;
+        tweak(&mut config);
+        let app = Self::start(config, db, dir).await;
+        app.wait_serving().await;
+        app
+    }
+
+    /// Starts without waiting for readiness.
+    pub async fn start(config: Config, db: Option<TestDb>, dir: tempfile::TempDir) -> Self {
+        // Server logs only when asked for (RUST_LOG=...), to keep runs quiet.
+        if std::env::var_os("RUST_LOG").is_some() {
+            stockgate::telemetry::init(&config.log);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = stockgate::server::spawn(config.clone(), listener, async move {
+            let _ = rx.await;
+        });
+        let channel = connect(addr).await;
+        Self {
+            addr,
+            config,
+            channel,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            db,
+            _dir: dir,
+        }
+    }
+
+    pub fn inventory(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
+
+    pub async fn health(&self) -> ServingStatus {
+        let response = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        ServingStatus::try_from(response.into_inner().status).unwrap()
+    }
+
+    pub async fn wait_serving(&self) {
+        for _ in 0..200 {
+            if self.health().await == ServingStatus::Serving {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server did not become SERVING within 10 s");
+    }
+
+    /// Graceful stop; the server must exit cleanly.
+    pub async fn stop(mut self) {
+        self.stop_server().await;
+        if let Some(db) = &self.db {
+            db.drop_now().await;
+        }
+    }
+
+    /// Stops the server but keeps its database for inspection.
+    pub async fn stop_server(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn set_stock(&self, sku: &str, stock: i64, max_per_user: u32) -> StockView {
+        self.admin()
+            .set_stock(SetStockRequest {
+                sku: sku.into(),
+                stock,
+                max_per_user,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stock
+            .unwrap()
+    }
+
+    pub async fn stock(&self, sku: &str) -> StockView {
+        self.admin()
+            .get_stock(stockgate::pb::GetStockRequest { sku: sku.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .stock
+            .unwrap()
+    }
+
+    pub async fn set_layers(&self, gate: bool, queue: bool, db_check: DbCheckMode) {
+        let mode = match db_check {
+            DbCheckMode::Optimistic => stockgate::pb::DbCheckMode::Optimistic,
+            DbCheckMode::Pessimistic => stockgate::pb::DbCheckMode::Pessimistic,
+        };
+        self.admin()
+            .set_layers(SetLayersRequest {
+                gate: Some(gate),
+                queue: Some(queue),
+                db_check: mode as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Waits until nothing is queued for `sku`.
+    pub async fn drain(&self, sku: &str) {
+        for _ in 0..600 {
+            if self.stock(sku).await.queued_units == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("queue for {sku} did not drain within 30 s");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+/// A request carrying the caller metadata.
+pub fn with_user<T>(body: T, user: &str, key: Option<&str>) -> Request<T> {
+    let mut request = Request::new(body);
+    request
+        .metadata_mut()
+        .insert("x-user-id", user.parse().unwrap());
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+    }
+    request
+}
+
+pub async fn reserve(
+    client: &mut InventoryServiceClient<Channel>,
+    sku: &str,
+    quantity: u32,
+    user: &str,
+) -> Result<ReserveResponse, Status> {
+    client
+        .reserve(with_user(
+            ReserveRequest {
+                sku: sku.into(),
+                quantity,
+            },
+            user,
+            None,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// What a storm's callers heard.
+#[derive(Debug, Default)]
+pub struct StormTally {
+    pub outcomes: HashMap<ReserveOutcome, usize>,
+    pub errors: HashMap<Code, usize>,
+    /// Units granted, by reservation id, as the callers were told.
+    pub granted: HashMap<String, u32>,
+}
+
+impl StormTally {
+    pub fn count(&self, outcome: ReserveOutcome) -> usize {
+        self.outcomes.get(&outcome).copied().unwrap_or(0)
+    }
+
+    pub fn admitted(&self) -> usize {
+        self.count(ReserveOutcome::Reserved) + self.count(ReserveOutcome::Queued)
+    }
+}
+
+/// Fires `buyers` concurrent Reserve calls over `connections` HTTP/2
+/// connections; buyer `i` asks for `quantity(i)` units as user `u{i}`.
+pub async fn storm(
+    addr: std::net::SocketAddr,
+    sku: &str,
+    buyers: usize,
+    connections: usize,
+    quantity: impl Fn(usize) -> u32,
+) -> StormTally {
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        channels.push(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(buyers));
+    let calls = (0..buyers).map(|i| {
+        let mut client = InventoryServiceClient::new(channels[i % connections].clone());
+        let sku = sku.to_owned();
+        let wanted = quantity(i);
+        let start = start.clone();
+        tokio::spawn(async move {
+            start.wait().await;
+            (
+                wanted,
+                reserve(&mut client, &sku, wanted, &format!("u{i}")).await,
+            )
+        })
+    });
+    let mut tally = StormTally::default();
+    for result in join_all(calls).await {
+        match result.unwrap() {
+            (wanted, Ok(response)) => {
+                let outcome = response.outcome();
+                *tally.outcomes.entry(outcome).or_default() += 1;
+                if matches!(outcome, ReserveOutcome::Reserved | ReserveOutcome::Queued) {
+                    let id = response.reservation.unwrap().reservation_id;
+                    assert!(
+                        tally.granted.insert(id, wanted).is_none(),
+                        "id handed out twice"
+                    );
+                }
+            }
+            (_, Err(status)) => {
+                if tally.errors.is_empty() {
+                    eprintln!("first storm error: {status:?}");
+                }
+                *tally.errors.entry(status.code()).or_default() += 1
+            }
+        }
+    }
+    tally
+}
+
+/// The store the server uses, opened beside it for checks.
+pub fn open_store(config: &Config) -> stockgate::store::Store {
+    stockgate::store::Store::connect(config.store_backend().unwrap(), &config.store).unwrap()
+}
+
+/// Checks the database against what the callers were told, after the queue
+/// has drained: units ordered never exceed the stock, the stock left is the
+/// stock minus the units ordered, every admitted reservation has a row (held
+/// or visibly rejected), and no row exists that no caller was told about.
+/// Returns the units ordered.
+pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &StormTally) -> i64 {
+    use stockgate::domain::{ReservationState, Sku};
+    let store = open_store(&app.config);
+    let sku_id = Sku::parse(sku).unwrap();
+    let rows = store.reservations_of(&sku_id).await.unwrap();
+    let left = store.inventory(&sku_id).await.unwrap().unwrap().stock;
+    let ordered: i64 = rows
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.state,
+                ReservationState::Held | ReservationState::Confirmed
+            )
+        })
+        .map(|r| i64::from(r.quantity))
+        .sum();
+    assert!(
+        ordered <= initial,
+        "oversold: {ordered} units ordered of {initial}"
+    );
+    assert_eq!(
+        left,
+        initial - ordered,
+        "stock left != stock - units ordered"
+    );
+    assert!(left >= 0);
+    let by_id: HashMap<&str, _> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    for (id, wanted) in &tally.granted {
+        let row = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("admitted reservation {id} was lost"));
+        assert_eq!(row.quantity, *wanted);
+        assert!(
+            matches!(
+                row.state,
+                ReservationState::Held | ReservationState::Rejected
+            ),
+            "unexpected state {:?}",
+            row.state
+        );
+    }
+    for row in &rows {
+        assert!(
+            tally.granted.contains_key(row.id.as_str()),
+            "row {} that no caller was told about",
+            row.id.as_str()
+        );
+    }
+    ordered
+}
