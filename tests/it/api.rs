@@ -6,15 +6,14 @@ use std::time::Duration;
 use stockgate::{
     domain::Sku,
     pb::{
-        AdjustStockRequest, ConfirmReservationRequest, GetReservationRequest,
-        ReleaseReservationRequest, ReservationState, ReserveOutcome, ReserveRequest,
-        SetLayersRequest, SetStockRequest, WatchReservationRequest,
+        AdjustStockRequest, ReservationState, ReserveOutcome, ReserveRequest, SetLayersRequest,
+        SetStockRequest, WatchReservationRequest,
     },
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
-use crate::harness::{open_store, reserve, with_user, Profile, TestApp};
+use crate::harness::{confirm, get, open_store, release, reserve, with_user, Profile, TestApp};
 
 const PROFILES: [Profile; 2] = [Profile::Embedded, Profile::Postgres];
 
@@ -124,30 +123,12 @@ async fn bad_input_gets_the_documented_code_naming_the_field_and_changes_nothing
         }
         // Reservation-id calls.
         for id in ["", "not-a-uuid", "0192A3B4-0000-7000-8000-000000000000"] {
-            let status = client
-                .confirm_reservation(with_user(
-                    ConfirmReservationRequest {
-                        reservation_id: id.into(),
-                    },
-                    "u1",
-                    None,
-                ))
-                .await
-                .unwrap_err();
+            let status = confirm(&mut client, id, "u1").await.unwrap_err();
             assert_eq!(status.code(), Code::InvalidArgument, "{id:?}");
             assert!(status.message().contains("reservation_id"));
         }
         let unknown = uuid::Uuid::now_v7().to_string();
-        let status = client
-            .release_reservation(with_user(
-                ReleaseReservationRequest {
-                    reservation_id: unknown,
-                },
-                "u1",
-                None,
-            ))
-            .await
-            .unwrap_err();
+        let status = release(&mut client, &unknown, "u1").await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
         // Admin.
         let mut admin = app.admin();
@@ -245,62 +226,20 @@ async fn confirm_and_release_are_idempotent_and_release_restocks() {
 
         let kept = reserve_held(&app, "LIFE", 2, "alice").await;
         for _ in 0..2 {
-            let confirmed = client
-                .confirm_reservation(with_user(
-                    ConfirmReservationRequest {
-                        reservation_id: kept.clone(),
-                    },
-                    "alice",
-                    None,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .reservation
-                .unwrap();
+            let confirmed = confirm(&mut client, &kept, "alice").await.unwrap();
             assert_eq!(confirmed.state(), ReservationState::Confirmed);
         }
         // Someone else's reservation.
-        let status = client
-            .confirm_reservation(with_user(
-                ConfirmReservationRequest {
-                    reservation_id: kept.clone(),
-                },
-                "mallory",
-                None,
-            ))
-            .await
-            .unwrap_err();
+        let status = confirm(&mut client, &kept, "mallory").await.unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied);
         // A confirmed sale cannot be released.
-        let status = client
-            .release_reservation(with_user(
-                ReleaseReservationRequest {
-                    reservation_id: kept.clone(),
-                },
-                "alice",
-                None,
-            ))
-            .await
-            .unwrap_err();
+        let status = release(&mut client, &kept, "alice").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
 
         let dropped = reserve_held(&app, "LIFE", 3, "bob").await;
         assert_eq!(app.stock("LIFE").await.db_stock, 0);
         for _ in 0..2 {
-            let released = client
-                .release_reservation(with_user(
-                    ReleaseReservationRequest {
-                        reservation_id: dropped.clone(),
-                    },
-                    "bob",
-                    None,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .reservation
-                .unwrap();
+            let released = release(&mut client, &dropped, "bob").await.unwrap();
             assert_eq!(released.state(), ReservationState::Released);
         }
         let view = app.stock("LIFE").await;
@@ -315,16 +254,7 @@ async fn confirm_and_release_are_idempotent_and_release_restocks() {
             "{profile:?}: released units return once, to the database and the gate"
         );
         // Released cannot be confirmed.
-        let status = client
-            .confirm_reservation(with_user(
-                ConfirmReservationRequest {
-                    reservation_id: dropped.clone(),
-                },
-                "bob",
-                None,
-            ))
-            .await
-            .unwrap_err();
+        let status = confirm(&mut client, &dropped, "bob").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
         // The released units sell again.
         let again = reserve(&mut client, "LIFE", 3, "carol").await.unwrap();
@@ -364,17 +294,24 @@ async fn same_idempotency_key_gives_one_reservation_with_every_layer_combination
             ids.push(response.reservation.unwrap().reservation_id);
             app.drain("IDEM").await;
         }
-        assert!(
-            ids.iter().all(|id| *id == ids[0]) || queue,
-            "gate={gate} queue={queue}: {ids:?}"
-        );
-        // Whatever each call was told, the database holds one live order
-        // for the key.
+        // Whatever each call was told, the database holds one order for
+        // the key: later calls get that reservation back, or (queue on, the
+        // dedup layer off, the first already committed) a reservation that
+        // ends REJECTED naming the one that holds the key.
         let store = open_store(&app.config);
         let rows = store
             .reservations_of(&Sku::parse("IDEM").unwrap())
             .await
             .unwrap();
+        for id in &ids[1..] {
+            if *id == ids[0] {
+                continue;
+            }
+            assert!(queue, "gate={gate} queue={queue}: {ids:?}");
+            let row = rows.iter().find(|r| r.id.as_str() == id).unwrap();
+            assert_eq!(row.state, stockgate::domain::ReservationState::Rejected);
+            assert!(row.reject_reason.as_deref().unwrap().contains(&ids[0]));
+        }
         let live = rows
             .iter()
             .filter(|r| r.idempotency_key.as_ref().map(|k| k.as_str()) == Some(key.as_str()))
@@ -404,16 +341,7 @@ async fn watch_streams_queue_and_final_state_then_ends() {
     let first = watch.next().await.unwrap().unwrap().reservation.unwrap();
     assert_eq!(first.state(), ReservationState::Held);
     assert!(first.expires_at.is_some());
-    client
-        .confirm_reservation(with_user(
-            ConfirmReservationRequest {
-                reservation_id: id.clone(),
-            },
-            "erin",
-            None,
-        ))
-        .await
-        .unwrap();
+    confirm(&mut client, &id, "erin").await.unwrap();
     let last = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap()
@@ -443,36 +371,14 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
         assert_eq!(sold_out.outcome(), ReserveOutcome::SoldOut);
         let mut state = ReservationState::Held;
         for _ in 0..100 {
-            state = client
-                .get_reservation(with_user(
-                    GetReservationRequest {
-                        reservation_id: id.clone(),
-                    },
-                    "frank",
-                    None,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .reservation
-                .unwrap()
-                .state();
+            state = get(&mut client, &id, "frank").await.unwrap().state();
             if state == ReservationState::Expired {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(state, ReservationState::Expired, "{profile:?}");
-        let status = client
-            .confirm_reservation(with_user(
-                ConfirmReservationRequest {
-                    reservation_id: id.clone(),
-                },
-                "frank",
-                None,
-            ))
-            .await
-            .unwrap_err();
+        let status = confirm(&mut client, &id, "frank").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
         let resold = reserve(&mut client, "EXPIRE", 1, "grace").await.unwrap();
         assert!(matches!(

@@ -422,3 +422,37 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
     }
     ordered
 }
+
+macro_rules! by_id_call {
+    ($name:ident, $method:ident, $Request:ident, $field:ident) => {
+        /// Calls the RPC as `user` and returns the reservation it answers.
+        pub async fn $name(
+            client: &mut InventoryServiceClient<Channel>,
+            id: &str,
+            user: &str,
+        ) -> Result<stockgate::pb::Reservation, Status> {
+            let request = stockgate::pb::$Request {
+                reservation_id: id.to_owned(),
+            };
+            let response = client.$method(with_user(request, user, None)).await?;
+            Ok(response
+                .into_inner()
+                .$field
+                .expect("reservation in response"))
+        }
+    };
+}
+
+by_id_call!(
+    confirm,
+    confirm_reservation,
+    ConfirmReservationRequest,
+    reservation
+);
+by_id_call!(
+    release,
+    release_reservation,
+    ReleaseReservationRequest,
+    reservation
+);
+by_id_call!(get, get_reservation, GetReservationRequest, reservation);
