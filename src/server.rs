@@ -198,44 +198,40 @@ async fn run_processor(
     batch_size: usize,
     linger: Duration,
 ) {
-    {
-        let mut batch = Vec::with_capacity(batch_size);
-        loop {
-            if receiver.recv_many(&mut batch, batch_size).await == 0 {
-                return;
-            }
-            if batch.len() < batch_size && !linger.is_zero() {
-                tokio::time::sleep(linger).await;
-                while batch.len() < batch_size {
-                    match receiver.try_recv() {
-                        Ok(order) => batch.push(order),
-                        Err(_) => break,
-                    }
+    let mut batch = Vec::with_capacity(batch_size);
+    loop {
+        if receiver.recv_many(&mut batch, batch_size).await == 0 {
+            return;
+        }
+        if batch.len() < batch_size && !linger.is_zero() {
+            tokio::time::sleep(linger).await;
+            while batch.len() < batch_size {
+                match receiver.try_recv() {
+                    Ok(order) => batch.push(order),
+                    Err(_) => break,
                 }
             }
-            pipeline.process_batch(&batch).await;
-            batch.clear();
         }
+        pipeline.process_batch(&batch).await;
+        batch.clear();
     }
 }
 
 async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
-    {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            if !pipeline.is_ready() {
-                continue;
-            }
-            match pipeline.expire_due().await {
-                Ok(0) => {}
-                Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
-                Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
-            }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !pipeline.is_ready() {
+            continue;
+        }
+        match pipeline.expire_due().await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
+            Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
         }
     }
 }

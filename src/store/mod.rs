@@ -434,15 +434,13 @@ macro_rules! queries {
                 params: CommitParams,
             ) -> QueryResult<Vec<CommitOutcome>> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
-                    {
-                        let mut outcomes = Vec::with_capacity(orders.len());
-                        for order in orders {
-                            // Nested: each order is a savepoint, so one
-                            // conflict does not undo the batch.
-                            outcomes.push(commit_one(conn, order, params).await?);
-                        }
-                        Ok(outcomes)
+                    let mut outcomes = Vec::with_capacity(orders.len());
+                    for order in orders {
+                        // Nested: each order is a savepoint, so one
+                        // conflict does not undo the batch.
+                        outcomes.push(commit_one(conn, order, params).await?);
                     }
+                    Ok(outcomes)
                 })
                 .await
             }
@@ -514,46 +512,43 @@ macro_rules! queries {
                 now: NaiveDateTime,
             ) -> QueryResult<Settled> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
-                    {
-                        let Some(row) = find(conn, id).await? else {
-                            return Ok(Settled::NotFound);
-                        };
-                        if row.user_id != user {
-                            return Ok(Settled::NotOwner);
-                        }
-                        let state = ReservationState::from_db(&row.state);
-                        if state == Some(to) {
-                            return Ok(Settled::Unchanged(row.into_domain()));
-                        }
-                        if state != Some(ReservationState::Held) {
-                            // Releasing something no longer held is a no-op;
-                            // confirming it is an error.
-                            return Ok(
-                                if to == ReservationState::Released
-                                    && state != Some(ReservationState::Confirmed)
-                                {
-                                    Settled::Unchanged(row.into_domain())
-                                } else {
-                                    Settled::WrongState(row.into_domain())
-                                },
-                            );
-                        }
-                        if transition(conn, &row, to, now).await? {
-                            let row = find(conn, id)
-                                .await?
-                                .expect("row updated in this transaction");
-                            return Ok(Settled::Changed(row.into_domain()));
-                        }
-                        let row = find(conn, id).await?.expect("rows are never deleted");
-                        Ok(
-                            if ReservationState::from_db(&row.state) == Some(ReservationState::Held)
+                    let Some(row) = find(conn, id).await? else {
+                        return Ok(Settled::NotFound);
+                    };
+                    if row.user_id != user {
+                        return Ok(Settled::NotOwner);
+                    }
+                    let state = ReservationState::from_db(&row.state);
+                    if state == Some(to) {
+                        return Ok(Settled::Unchanged(row.into_domain()));
+                    }
+                    if state != Some(ReservationState::Held) {
+                        // Releasing something no longer held is a no-op;
+                        // confirming it is an error.
+                        return Ok(
+                            if to == ReservationState::Released
+                                && state != Some(ReservationState::Confirmed)
                             {
-                                Settled::HoldExpired(row.into_domain())
+                                Settled::Unchanged(row.into_domain())
                             } else {
                                 Settled::WrongState(row.into_domain())
                             },
-                        )
+                        );
                     }
+                    if transition(conn, &row, to, now).await? {
+                        let row = find(conn, id)
+                            .await?
+                            .expect("row updated in this transaction");
+                        return Ok(Settled::Changed(row.into_domain()));
+                    }
+                    let row = find(conn, id).await?.expect("rows are never deleted");
+                    Ok(
+                        if ReservationState::from_db(&row.state) == Some(ReservationState::Held) {
+                            Settled::HoldExpired(row.into_domain())
+                        } else {
+                            Settled::WrongState(row.into_domain())
+                        },
+                    )
                 })
                 .await
             }

@@ -285,6 +285,12 @@ pub async fn reserve(
         .map(|r| r.into_inner())
 }
 
+/// Whether the caller was told it got the units: a hold now, or a place in
+/// the queue that ends in a hold or a visible rejection.
+pub fn is_admitted(outcome: ReserveOutcome) -> bool {
+    matches!(outcome, ReserveOutcome::Reserved | ReserveOutcome::Queued)
+}
+
 /// What a storm's callers heard.
 #[derive(Debug, Default)]
 pub struct StormTally {
@@ -343,7 +349,7 @@ pub async fn storm(
             (wanted, Ok(response)) => {
                 let outcome = response.outcome();
                 *tally.outcomes.entry(outcome).or_default() += 1;
-                if matches!(outcome, ReserveOutcome::Reserved | ReserveOutcome::Queued) {
+                if is_admitted(outcome) {
                     let id = response.reservation.unwrap().reservation_id;
                     assert!(
                         tally.granted.insert(id, wanted).is_none(),
