@@ -120,6 +120,59 @@ struct Pending {
     ticket: Option<u64>,
 }
 
+/// Queued reservations by id, and by (user, idempotency key) so a retry
+/// finds its queued twin without scanning the queue.
+#[derive(Default)]
+struct PendingBook {
+    by_id: HashMap<ReservationId, Pending>,
+    by_key: HashMap<(UserId, IdempotencyKey), ReservationId>,
+}
+
+impl PendingBook {
+    fn get(&self, id: &ReservationId) -> Option<&Pending> {
+        self.by_id.get(id)
+    }
+
+    fn get_mut(&mut self, id: &ReservationId) -> Option<&mut Pending> {
+        self.by_id.get_mut(id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Pending> {
+        self.by_id.values()
+    }
+
+    fn with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<&Pending> {
+        let id = self.by_key.get(&(user.clone(), key.clone()))?;
+        self.by_id.get(id)
+    }
+
+    fn insert(&mut self, pending: Pending) {
+        let reservation = &pending.reservation;
+        if let Some(key) = &reservation.idempotency_key {
+            // The first holder keeps the key: it is queued ahead of any twin,
+            // so its order is the one the database will keep.
+            self.by_key
+                .entry((reservation.user.clone(), key.clone()))
+                .or_insert_with(|| reservation.id.clone());
+        }
+        self.by_id.insert(reservation.id.clone(), pending);
+    }
+
+    fn remove(&mut self, id: &ReservationId) {
+        let Some(pending) = self.by_id.remove(id) else {
+            return;
+        };
+        let reservation = pending.reservation;
+        if let Some(key) = reservation.idempotency_key {
+            let slot = (reservation.user, key);
+            // A twin's removal must not drop the holder's entry.
+            if self.by_key.get(&slot) == Some(id) {
+                self.by_key.remove(&slot);
+            }
+        }
+    }
+}
+
 /// Fixed per-process limits from config.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -148,7 +201,7 @@ pub struct Pipeline {
     ready: AtomicBool,
     /// Reservations published and not yet settled by the processor, the
     /// only place a QUEUED reservation is visible before it has a row.
-    pending: Mutex<HashMap<ReservationId, Pending>>,
+    pending: Mutex<PendingBook>,
     events: broadcast::Sender<Event>,
 }
 
@@ -184,7 +237,7 @@ impl Pipeline {
             layers: ArcSwap::from_pointee(layers),
             limits,
             ready: AtomicBool::new(false),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(PendingBook::default()),
             events,
         }
     }
@@ -215,7 +268,7 @@ impl Pipeline {
         }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<ReservationId, Pending>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingBook> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -291,9 +344,7 @@ impl Pipeline {
     async fn pending_with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<Reservation> {
         let (mut reservation, ticket) = {
             let pending = self.pending();
-            let found = pending.values().find(|p| {
-                p.reservation.user == *user && p.reservation.idempotency_key.as_ref() == Some(key)
-            })?;
+            let found = pending.with_key(user, key)?;
             (found.reservation.clone(), found.ticket)
         };
         if let Some(ticket) = ticket {
@@ -341,13 +392,10 @@ impl Pipeline {
         };
         // Visible before it is published, so the processor can never settle
         // it before we know about it.
-        self.pending().insert(
-            order.id.clone(),
-            Pending {
-                reservation: reservation.clone(),
-                ticket: None,
-            },
-        );
+        self.pending().insert(Pending {
+            reservation: reservation.clone(),
+            ticket: None,
+        });
         match self.queue.publish(order.clone(), gated).await {
             Ok(ticket) => {
                 if let Some(pending) = self.pending().get_mut(&order.id) {
@@ -820,5 +868,58 @@ fn gate_release(order: &NewOrder) -> GateRelease {
         sku: order.sku.clone(),
         user: order.user.clone(),
         quantity: order.quantity,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(user: &str, key: Option<&str>) -> Pending {
+        let at = now();
+        Pending {
+            reservation: Reservation {
+                id: ReservationId::generate(),
+                sku: Sku::parse("S").unwrap(),
+                user: UserId::parse(user).unwrap(),
+                quantity: 1,
+                state: ReservationState::Queued,
+                idempotency_key: key.map(|k| IdempotencyKey::parse(k).unwrap()),
+                queue_position: None,
+                reject_reason: None,
+                created_at: at,
+                updated_at: at,
+                expires_at: None,
+            },
+            ticket: None,
+        }
+    }
+
+    #[test]
+    fn pending_book_finds_the_first_holder_of_a_key() {
+        let mut book = PendingBook::default();
+        let holder = queued("u1", Some("k"));
+        let twin = queued("u1", Some("k"));
+        let other_user = queued("u2", Some("k"));
+        let (holder_id, twin_id) = (holder.reservation.id.clone(), twin.reservation.id.clone());
+        book.insert(holder);
+        book.insert(twin);
+        book.insert(other_user);
+        let user = UserId::parse("u1").unwrap();
+        let key = IdempotencyKey::parse("k").unwrap();
+        assert_eq!(
+            book.with_key(&user, &key).unwrap().reservation.id,
+            holder_id
+        );
+        // Settling the twin leaves the holder findable.
+        book.remove(&twin_id);
+        assert_eq!(
+            book.with_key(&user, &key).unwrap().reservation.id,
+            holder_id
+        );
+        book.remove(&holder_id);
+        assert!(book.with_key(&user, &key).is_none());
+        assert!(book.with_key(&UserId::parse("u2").unwrap(), &key).is_some());
+        assert_eq!(book.values().count(), 1);
     }
 }
