@@ -25,6 +25,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Defense layers and their switches.
     pub layers: LayersConfig,
+    /// The Redis stock gate, when `backends.gate` is a `redis://` URL.
+    pub redis: RedisConfig,
     /// Request limits and the hold lifecycle.
     pub reservations: ReservationsConfig,
 }
@@ -75,8 +77,8 @@ pub struct BackendsConfig {
     /// `embedded` (SQLite file at `store.sqlite_path`) or a
     /// `postgres://` URL.
     pub store: String,
-    /// `embedded` (in-process counters). A `redis://` gate arrives with the
-    /// Redis gate and is refused until then.
+    /// `embedded` (in-process counters) or a `redis://` URL (one Lua script
+    /// per decision, shared by every replica).
     pub gate: String,
     /// `embedded` (in-process channel). An `amqp://` queue arrives with the
     /// RabbitMQ queue and is refused until then.
@@ -109,7 +111,7 @@ pub struct LayersConfig {
     /// Idempotency-key deduplication.
     pub dedup: SwitchConfig,
     /// The atomic stock gate in front of the database.
-    pub gate: SwitchConfig,
+    pub gate: GateLayerConfig,
     /// The order queue and its single order processor.
     pub queue: QueueLayerConfig,
     /// The database check, always on: the last line against overselling.
@@ -121,6 +123,50 @@ pub struct LayersConfig {
 pub struct SwitchConfig {
     /// Whether the layer runs. Can be changed at run time via AdminService.
     pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GateFailureMode {
+    /// The gate is down: answer UNAVAILABLE, admit nothing.
+    FailClosed,
+    /// The gate is down: skip it and let the queue and the database decide
+    /// (the database check still prevents overselling).
+    Bypass,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateLayerConfig {
+    /// Whether the gate runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+    /// What Reserve does while the gate backend is down or not loaded:
+    /// `fail_closed` or `bypass`.
+    pub failure_mode: GateFailureMode,
+    /// How long this replica answers "sold out" for a SKU from memory after
+    /// the gate said so, in milliseconds, unless a restock message clears it
+    /// sooner. It bounds staleness when a restock message is missed. 0
+    /// turns the fast path off.
+    pub sold_out_cache_ms: u64,
+    /// How often the reconciler compares the gate with the database (and
+    /// reloads a gate that lost its counters), in milliseconds.
+    pub reconcile_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Prefix of every key and channel, so several deployments (or test
+    /// runs) can share one Redis.
+    pub key_prefix: String,
+    /// Most time one Redis call may take, in milliseconds, before Reserve
+    /// treats the gate as down (see `layers.gate.failure_mode`).
+    pub response_timeout_ms: u64,
+    /// Most time one connection attempt may take, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long a reservation's record stays in Redis, in seconds. Releases
+    /// within this time are recognised as repeats; it must outlive holds.
+    pub record_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -225,9 +271,31 @@ impl Default for LayersConfig {
             // Not built yet: see Config::validate.
             rate_limit: SwitchConfig { enabled: false },
             dedup: SwitchConfig { enabled: false },
-            gate: SwitchConfig::default(),
+            gate: GateLayerConfig::default(),
             queue: QueueLayerConfig::default(),
             db: DbLayerConfig::default(),
+        }
+    }
+}
+
+impl Default for GateLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_mode: GateFailureMode::FailClosed,
+            sold_out_cache_ms: 1_000,
+            reconcile_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            key_prefix: "stockgate".into(),
+            response_timeout_ms: 500,
+            connect_timeout_ms: 1_000,
+            record_ttl_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -270,6 +338,13 @@ pub const EMBEDDED: &str = "embedded";
 pub enum StoreBackend {
     Sqlite(String),
     Postgres(String),
+}
+
+/// A gate chosen by `backends.gate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateBackend {
+    Embedded,
+    Redis(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,10 +399,29 @@ impl Config {
             return Err(invalid("server.request_timeout_ms", "must be above 0"));
         }
         self.store_backend()?;
-        if self.backends.gate != EMBEDDED {
+        self.gate_backend()?;
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
             return Err(invalid(
-                "backends.gate",
-                "only \"embedded\" is available in this release",
+                "redis.key_prefix",
+                "must be non-empty and free of { } (they mark hash tags)",
+            ));
+        }
+        if self.redis.response_timeout_ms == 0 || self.redis.connect_timeout_ms == 0 {
+            return Err(invalid(
+                "redis.response_timeout_ms",
+                "timeouts must be above 0",
+            ));
+        }
+        if self.redis.record_ttl_secs <= self.reservations.hold_ttl_secs {
+            return Err(invalid(
+                "redis.record_ttl_secs",
+                "must be longer than reservations.hold_ttl_secs",
+            ));
+        }
+        if self.layers.gate.reconcile_interval_ms == 0 {
+            return Err(invalid(
+                "layers.gate.reconcile_interval_ms",
+                "must be above 0",
             ));
         }
         if self.backends.queue != EMBEDDED {
@@ -373,6 +467,21 @@ impl Config {
             return Err(invalid("reservations.sweep_interval_ms", "must be above 0"));
         }
         Ok(())
+    }
+
+    /// Which gate `backends.gate` selects.
+    pub fn gate_backend(&self) -> Result<GateBackend, ConfigError> {
+        let url = self.backends.gate.as_str();
+        if url == EMBEDDED {
+            Ok(GateBackend::Embedded)
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            Ok(GateBackend::Redis(url.to_owned()))
+        } else {
+            Err(invalid(
+                "backends.gate",
+                "must be \"embedded\" or a redis:// URL",
+            ))
+        }
     }
 
     /// Which store `backends.store` selects.

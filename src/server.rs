@@ -10,9 +10,9 @@ use tonic::transport::Server;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
-    config::{redact_url, Config, StoreBackend},
+    config::{redact_url, Config, GateBackend, StoreBackend},
     domain::pipeline::{Layers, Limits, Pipeline},
-    gate::EmbeddedGate,
+    gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{AdminApi, InventoryApi},
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -47,9 +47,16 @@ pub async fn run(
     let store = Store::connect(target, &config.store)?;
     let (queue, receiver) = EmbeddedQueue::new(config.layers.queue.capacity);
     let queue = Arc::new(queue);
+    let gate: Arc<dyn StockGate> = match config.gate_backend()? {
+        GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
+        GateBackend::Redis(url) => {
+            tracing::info!(gate = %redact_url(&url), prefix = %config.redis.key_prefix, "gate: redis");
+            Arc::new(RedisGate::connect(&url, &config.redis)?)
+        }
+    };
     let pipeline = Arc::new(Pipeline::new(
         store,
-        Arc::new(EmbeddedGate::new()),
+        gate,
         queue.clone(),
         Layers::from_config(&config),
         Limits::from_config(&config),
@@ -70,6 +77,12 @@ pub async fn run(
         receiver,
         config.layers.queue.batch_size,
         Duration::from_millis(config.layers.queue.linger_ms),
+    ));
+    let restocks = tokio::spawn(forward_restocks(pipeline.clone()));
+    let reconciler = tokio::spawn(run_reconciler(
+        pipeline.clone(),
+        Duration::from_millis(config.layers.gate.reconcile_interval_ms),
+        stop_rx.clone(),
     ));
     let sweeper = tokio::spawn(run_sweeper(
         pipeline.clone(),
@@ -122,6 +135,8 @@ pub async fn run(
 
     readiness.abort();
     sweeper.abort();
+    reconciler.abort();
+    restocks.abort();
     // Queued orders were promised a decision: let the processor drain them.
     queue.close();
     if tokio::time::timeout(grace, processor).await.is_err() {
@@ -232,6 +247,42 @@ async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::
             Ok(0) => {}
             Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
             Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
+        }
+    }
+}
+
+/// Drops the sold-out fast path's answer when any replica restocks a SKU.
+async fn forward_restocks(pipeline: Arc<Pipeline>) {
+    let mut restocks = pipeline.restocks();
+    loop {
+        match restocks.recv().await {
+            Ok(sku) => pipeline.restocked(&sku),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                pipeline.restocked(crate::gate::RESTOCK_ALL)
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Compares the gate with the database every `every`, and at once when a
+/// caller found the gate not loaded.
+async fn run_reconciler(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = pipeline.reload_wanted() => {}
+            _ = stop.changed() => return,
+        }
+        if !pipeline.is_ready() {
+            continue;
+        }
+        if let Err(err) = pipeline.reconcile().await {
+            tracing::warn!(error = %err, "reconcile failed");
+            // Don't spin on a down backend.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

@@ -19,15 +19,18 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::sync::{broadcast, mpsc};
+use tokio::{
+    sync::{broadcast, mpsc, Notify},
+    time::Instant,
+};
 
 use super::{
     now, IdempotencyKey, Quantity, Reservation, ReservationId, ReservationState, Sku, UserId,
 };
 use crate::{
-    config::{Config, DbCheckMode},
+    config::{Config, DbCheckMode, GateFailureMode},
     error::ReservationError,
-    gate::{GateDecision, GateError, GateRelease, GateRequest, SkuStock, StockGate},
+    gate::{GateDecision, GateEntry, GateError, SkuStock, StockGate, RESTOCK_ALL},
     queue::{OrderQueue, QueueError, QueuedOrder},
     store::{
         Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause, Settled, Store,
@@ -179,6 +182,9 @@ pub struct Limits {
     pub max_quantity: u32,
     pub hold_ttl: Option<Duration>,
     pub max_attempts: u32,
+    pub gate_failure: GateFailureMode,
+    /// `None`: no sold-out fast path.
+    pub sold_out_cache: Option<Duration>,
 }
 
 impl Limits {
@@ -188,6 +194,9 @@ impl Limits {
             max_quantity: config.reservations.max_quantity,
             hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
             max_attempts: config.layers.db.max_attempts,
+            gate_failure: config.layers.gate.failure_mode,
+            sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
+                .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
         }
     }
 }
@@ -203,6 +212,27 @@ pub struct Pipeline {
     /// only place a QUEUED reservation is visible before it has a row.
     pending: Mutex<PendingBook>,
     events: broadcast::Sender<Event>,
+    /// The sold-out fast path: SKU → (units the gate last said were left,
+    /// until when to believe it). It may only ever say "no".
+    sold_out: Mutex<HashMap<Sku, (i64, Instant)>>,
+    /// Poked when the gate answered NotReady, so the reconciler reloads it
+    /// now rather than at its next tick.
+    reload_wanted: Notify,
+    /// Drift per SKU seen by the previous reconcile pass.
+    last_drift: Mutex<HashMap<Sku, i64>>,
+}
+
+/// What one reconcile pass found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// The gate had lost its counters and was reloaded from the database.
+    pub reloaded: bool,
+    /// SKUs whose gate view (admissible + in flight) differs from the
+    /// database's available stock, with the difference (gate − database).
+    pub drift: Vec<(Sku, i64)>,
+    /// SKUs whose drift was the same on two passes in a row (so not a commit
+    /// racing the check) and were reset from the database.
+    pub repaired: Vec<Sku>,
 }
 
 fn store_error(err: StoreError) -> ReservationError {
@@ -239,6 +269,9 @@ impl Pipeline {
             ready: AtomicBool::new(false),
             pending: Mutex::new(PendingBook::default()),
             events,
+            sold_out: Mutex::new(HashMap::new()),
+            reload_wanted: Notify::new(),
+            last_drift: Mutex::new(HashMap::new()),
         }
     }
 
@@ -279,7 +312,15 @@ impl Pipeline {
 
     /// Loads the gate from the database and opens for traffic.
     pub async fn warm_up(&self) -> Result<(), ReservationError> {
-        self.reload_gate().await?;
+        match self.reload_gate().await {
+            Ok(()) => {}
+            // With `bypass` the service can run on the later layers while the
+            // gate is down; the reconciler loads it when it comes back.
+            Err(err) if self.limits.gate_failure == GateFailureMode::Bypass => {
+                tracing::warn!(error = %err, "stock gate not loaded; bypassing it until it is");
+            }
+            Err(err) => return Err(err),
+        }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -309,36 +350,147 @@ impl Pipeline {
             created_at: now(),
         };
         let mut remaining = None;
+        let mut gated = false;
         if layers.gate {
-            let request = GateRequest {
-                id: order.id.clone(),
-                sku: order.sku.clone(),
-                user: order.user.clone(),
-                quantity: order.quantity,
-            };
-            match self.gate.reserve(&request).await.map_err(gate_error)? {
-                GateDecision::Reserved { remaining: left } => remaining = Some(left),
-                GateDecision::SoldOut { remaining } => {
+            if let Some(left) = self.known_sold_out(&order.sku, order.quantity) {
+                return Ok(ReserveResult::SoldOut {
+                    remaining: Some(left),
+                });
+            }
+            match self.gate.reserve(&gate_entry(&order)).await {
+                Ok(GateDecision::Reserved { remaining: left }) => {
+                    remaining = Some(left);
+                    gated = true;
+                }
+                Ok(GateDecision::SoldOut { remaining }) => {
+                    self.remember_sold_out(&order.sku, remaining);
                     return Ok(ReserveResult::SoldOut {
                         remaining: Some(remaining),
-                    })
+                    });
                 }
-                GateDecision::UserLimit { .. } => return Ok(ReserveResult::UserLimit),
-                GateDecision::UnknownSku => {
+                Ok(GateDecision::UserLimit { .. }) => return Ok(ReserveResult::UserLimit),
+                Ok(GateDecision::UnknownSku) => {
                     return Err(ReservationError::UnknownSku(order.sku.as_str().into()))
                 }
-                GateDecision::NotReady => {
-                    return Err(ReservationError::NotReady(
-                        "the stock gate is being rebuilt from the database".into(),
-                    ))
+                Ok(GateDecision::NotReady) => {
+                    self.reload_wanted.notify_one();
+                    if self.limits.gate_failure == GateFailureMode::FailClosed {
+                        return Err(ReservationError::NotReady(
+                            "the stock gate is being rebuilt from the database".into(),
+                        ));
+                    }
+                }
+                Err(err) => {
+                    if self.limits.gate_failure == GateFailureMode::FailClosed {
+                        return Err(gate_error(err));
+                    }
+                    tracing::warn!(error = %err, "stock gate down; bypassing it");
                 }
             }
         }
         if layers.queue {
-            self.enqueue(order, layers.gate, remaining).await
+            self.enqueue(order, gated, remaining).await
         } else {
-            self.commit_now(order, layers).await
+            self.commit_now(order, layers.db_check, gated).await
         }
+    }
+
+    fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
+        let cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(sku) {
+            Some(&(left, until)) if Instant::now() < until && left < i64::from(quantity) => {
+                Some(left)
+            }
+            _ => None,
+        }
+    }
+
+    fn remember_sold_out(&self, sku: &Sku, left: i64) {
+        if let Some(ttl) = self.limits.sold_out_cache {
+            self.sold_out
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sku.clone(), (left, Instant::now() + ttl));
+        }
+    }
+
+    /// Forgets the fast path's answer for a SKU that was restocked
+    /// ([`RESTOCK_ALL`]: for every SKU).
+    pub fn restocked(&self, sku: &str) {
+        let mut cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        if sku == RESTOCK_ALL {
+            cache.clear();
+        } else {
+            cache.remove(&Sku::from_trusted(sku.to_owned()));
+        }
+    }
+
+    /// Restock messages from the gate, for the listener task.
+    pub fn restocks(&self) -> broadcast::Receiver<String> {
+        self.gate.restocks()
+    }
+
+    /// Resolves when a caller found the gate not loaded.
+    pub async fn reload_wanted(&self) {
+        self.reload_wanted.notified().await
+    }
+
+    /// Compares the gate with the database: reloads a gate that lost its
+    /// counters, reports drift, and resets SKUs whose drift held steady
+    /// across two passes.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ReservationError> {
+        let mut report = ReconcileReport::default();
+        if !self.layers().gate {
+            return Ok(report);
+        }
+        if !self.gate.is_loaded().await.map_err(gate_error)? {
+            self.reload_gate().await?;
+            self.restocked(RESTOCK_ALL);
+            report.reloaded = true;
+            tracing::warn!("stock gate had lost its counters; reloaded from the database");
+            return Ok(report);
+        }
+        let rows = self.store.all_inventory().await.map_err(store_error)?;
+        let mut seen = HashMap::new();
+        for row in &rows {
+            let sku = Sku::from_trusted(row.sku.clone());
+            let Some(admissible) = self.gate.available(&sku).await.map_err(gate_error)? else {
+                // A SKU created while this gate was off or unreachable.
+                self.gate.set(&sku_stock(row)).await.map_err(gate_error)?;
+                report.repaired.push(sku);
+                continue;
+            };
+            let in_flight = self.gate.in_flight(&sku).await.map_err(gate_error)?;
+            let drift = admissible + in_flight - row.stock;
+            if drift == 0 {
+                continue;
+            }
+            report.drift.push((sku.clone(), drift));
+            let steady = self
+                .last_drift
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&sku)
+                == Some(&drift);
+            if steady {
+                // Re-read: a commit since the pass began would make the
+                // reset itself drift.
+                if let Some(fresh) = self.store.inventory(&sku).await.map_err(store_error)? {
+                    self.gate
+                        .set(&sku_stock(&fresh))
+                        .await
+                        .map_err(gate_error)?;
+                    report.repaired.push(sku.clone());
+                }
+            } else {
+                seen.insert(sku, drift);
+            }
+        }
+        *self.last_drift.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        if !report.drift.is_empty() {
+            tracing::warn!(drift = ?report.drift, repaired = ?report.repaired, "gate and database disagree");
+        }
+        Ok(report)
     }
 
     async fn pending_with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<Reservation> {
@@ -432,13 +584,14 @@ impl Pipeline {
     async fn commit_now(
         &self,
         order: NewOrder,
-        layers: Layers,
+        mode: DbCheckMode,
+        gated: bool,
     ) -> Result<ReserveResult, ReservationError> {
-        let params = self.commit_params(layers.db_check, false);
+        let params = self.commit_params(mode, false);
         match self.store.commit_order(&order, params).await {
-            Ok(outcome) => self.settle(&order, layers.gate, outcome).await,
+            Ok(outcome) => self.settle(&order, gated, outcome).await,
             Err(err) => {
-                if layers.gate {
+                if gated {
                     self.gate_release(&order).await;
                 }
                 Err(store_error(err))
@@ -493,18 +646,18 @@ impl Pipeline {
     async fn settle_gate(&self, order: &NewOrder, outcome: &CommitOutcome) {
         let result = match outcome {
             CommitOutcome::Committed { .. } | CommitOutcome::AlreadyCommitted(_) => {
-                self.gate.committed(&order.id).await
+                self.gate.committed(&gate_entry(order)).await
             }
             CommitOutcome::SoldOut { .. }
             | CommitOutcome::UnknownSku
             | CommitOutcome::Rejected {
                 cause: RejectCause::SoldOut,
                 ..
-            } => self.gate.rejected(&order.id).await,
+            } => self.gate.rejected(&gate_entry(order)).await,
             CommitOutcome::DuplicateKey(_)
             | CommitOutcome::UserLimit { .. }
             | CommitOutcome::Contention { .. }
-            | CommitOutcome::Rejected { .. } => self.gate.release(&gate_release(order)).await,
+            | CommitOutcome::Rejected { .. } => self.gate.release(&gate_entry(order)).await,
         };
         if let Err(err) = result {
             tracing::warn!(reservation = order.id.as_str(), error = %err, "could not settle the stock gate; a reload will repair it");
@@ -512,7 +665,7 @@ impl Pipeline {
     }
 
     async fn gate_release(&self, order: &NewOrder) {
-        if let Err(err) = self.gate.release(&gate_release(order)).await {
+        if let Err(err) = self.gate.release(&gate_entry(order)).await {
             tracing::warn!(reservation = order.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
         }
     }
@@ -679,12 +832,13 @@ impl Pipeline {
     }
 
     async fn return_to_gate(&self, reservation: &Reservation) {
-        let release = GateRelease {
+        let release = GateEntry {
             id: reservation.id.clone(),
             sku: reservation.sku.clone(),
             user: reservation.user.clone(),
             quantity: reservation.quantity,
         };
+        self.restocked(reservation.sku.as_str());
         if let Err(err) = self.gate.release(&release).await {
             tracing::warn!(reservation = reservation.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
         }
@@ -765,6 +919,7 @@ impl Pipeline {
             .await
             .map_err(store_error)?;
         self.gate.set(&sku_stock(&row)).await.map_err(gate_error)?;
+        self.restocked(sku.as_str());
         self.view(row).await
     }
 
@@ -778,6 +933,9 @@ impl Pipeline {
         {
             Adjusted::Applied(row) => {
                 self.gate.adjust(sku, delta).await.map_err(gate_error)?;
+                if delta > 0 {
+                    self.restocked(sku.as_str());
+                }
                 self.view(row).await
             }
             Adjusted::UnknownSku => Err(ReservationError::UnknownSku(sku.as_str().into())),
@@ -862,8 +1020,8 @@ fn sku_stock(row: &InventoryRow) -> SkuStock {
     }
 }
 
-fn gate_release(order: &NewOrder) -> GateRelease {
-    GateRelease {
+fn gate_entry(order: &NewOrder) -> GateEntry {
+    GateEntry {
         id: order.id.clone(),
         sku: order.sku.clone(),
         user: order.user.clone(),

@@ -7,9 +7,10 @@
 use std::{collections::HashMap, sync::Mutex};
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
-use super::{GateDecision, GateError, GateRelease, GateRequest, SkuStock, StockGate};
-use crate::domain::{ReservationId, Sku};
+use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate};
+use crate::domain::Sku;
 
 #[derive(Debug, Default)]
 struct Counter {
@@ -76,14 +77,29 @@ impl State {
 }
 
 /// See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EmbeddedGate {
     state: Mutex<State>,
+    restocks: broadcast::Sender<String>,
+}
+
+impl Default for EmbeddedGate {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            restocks: broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl EmbeddedGate {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn restocked(&self, sku: &str) {
+        // Nobody listening is fine.
+        let _ = self.restocks.send(sku.to_owned());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -95,7 +111,7 @@ impl EmbeddedGate {
 
 #[async_trait]
 impl StockGate for EmbeddedGate {
-    async fn reserve(&self, request: &GateRequest) -> Result<GateDecision, GateError> {
+    async fn reserve(&self, request: &GateEntry) -> Result<GateDecision, GateError> {
         let mut state = self.lock();
         if !state.ready {
             return Ok(GateDecision::NotReady);
@@ -137,8 +153,8 @@ impl StockGate for EmbeddedGate {
         Ok(GateDecision::Reserved { remaining })
     }
 
-    async fn committed(&self, id: &ReservationId) -> Result<(), GateError> {
-        if let Some(admitted) = self.lock().admitted.get_mut(id.as_str()) {
+    async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
+        if let Some(admitted) = self.lock().admitted.get_mut(entry.id.as_str()) {
             if admitted.phase == Phase::InFlight {
                 admitted.phase = Phase::Committed;
             }
@@ -146,9 +162,9 @@ impl StockGate for EmbeddedGate {
         Ok(())
     }
 
-    async fn rejected(&self, id: &ReservationId) -> Result<(), GateError> {
+    async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError> {
         let mut state = self.lock();
-        let Some(admitted) = state.admitted.get_mut(id.as_str()) else {
+        let Some(admitted) = state.admitted.get_mut(entry.id.as_str()) else {
             return Ok(());
         };
         if admitted.phase == Phase::Done {
@@ -164,7 +180,7 @@ impl StockGate for EmbeddedGate {
         Ok(())
     }
 
-    async fn release(&self, release: &GateRelease) -> Result<(), GateError> {
+    async fn release(&self, release: &GateEntry) -> Result<(), GateError> {
         let mut state = self.lock();
         match state.admitted.get_mut(release.id.as_str()) {
             Some(admitted) if admitted.phase == Phase::Done => return Ok(()),
@@ -188,6 +204,8 @@ impl StockGate for EmbeddedGate {
         state.free_user_units(sku, release.user.as_str(), release.quantity);
         if let Some(counter) = state.counters.get_mut(sku) {
             counter.available += i64::from(release.quantity);
+            drop(state);
+            self.restocked(sku);
         }
         Ok(())
     }
@@ -203,12 +221,16 @@ impl StockGate for EmbeddedGate {
 
     async fn set(&self, stock: &SkuStock) -> Result<(), GateError> {
         self.lock().set(stock);
+        self.restocked(stock.sku.as_str());
         Ok(())
     }
 
     async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError> {
         if let Some(counter) = self.lock().counters.get_mut(sku.as_str()) {
             counter.available = (counter.available + delta).max(0);
+        }
+        if delta > 0 {
+            self.restocked(sku.as_str());
         }
         Ok(())
     }
@@ -220,13 +242,21 @@ impl StockGate for EmbeddedGate {
     async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError> {
         Ok(self.lock().in_flight(sku.as_str()))
     }
+
+    async fn is_loaded(&self) -> Result<bool, GateError> {
+        Ok(self.lock().ready)
+    }
+
+    fn restocks(&self) -> broadcast::Receiver<String> {
+        self.restocks.subscribe()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        domain::UserId,
+        domain::{ReservationId, UserId},
         gate::decision_table::{self, request},
     };
 
@@ -248,30 +278,21 @@ mod tests {
         (gate, sku)
     }
 
-    fn release_of(request: &GateRequest) -> GateRelease {
-        GateRelease {
-            id: request.id.clone(),
-            sku: request.sku.clone(),
-            user: request.user.clone(),
-            quantity: request.quantity,
-        }
-    }
-
     #[tokio::test]
     async fn release_returns_units_once() {
         let (gate, sku) = loaded(5, 0).await;
         let r = request(&sku, "u1", 3);
         gate.reserve(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
-        gate.release(&release_of(&r)).await.unwrap();
-        gate.release(&release_of(&r)).await.unwrap();
+        gate.release(&r).await.unwrap();
+        gate.release(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
     }
 
     #[tokio::test]
     async fn release_of_a_hold_from_before_a_restart_counts_once() {
         let (gate, sku) = loaded(2, 0).await;
-        let earlier = GateRelease {
+        let earlier = GateEntry {
             id: ReservationId::generate(),
             sku: sku.clone(),
             user: UserId::parse("u1").unwrap(),
@@ -287,7 +308,7 @@ mod tests {
         let (gate, sku) = loaded(4, 2).await;
         let r = request(&sku, "u1", 2);
         gate.reserve(&r).await.unwrap();
-        gate.rejected(&r.id).await.unwrap();
+        gate.rejected(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
         let again = request(&sku, "u1", 2);
         assert_eq!(
@@ -295,7 +316,7 @@ mod tests {
             GateDecision::Reserved { remaining: 0 }
         );
         // A release after the rejection gives nothing back.
-        gate.release(&release_of(&r)).await.unwrap();
+        gate.release(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
     }
 
@@ -306,7 +327,7 @@ mod tests {
         gate.reserve(&in_flight).await.unwrap();
         let committed = request(&sku, "u2", 2);
         gate.reserve(&committed).await.unwrap();
-        gate.committed(&committed.id).await.unwrap();
+        gate.committed(&committed).await.unwrap();
         assert_eq!(gate.in_flight(&sku).await.unwrap(), 3);
         // The database took the committed 2 out of its 10.
         gate.set(&SkuStock {

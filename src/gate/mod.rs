@@ -9,25 +9,20 @@
 //! [`GateDecision::NotReady`], never "sold out" and never "admitted".
 
 mod embedded;
+mod redis_gate;
 
 pub use embedded::EmbeddedGate;
+pub use redis_gate::RedisGate;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
 use crate::domain::{ReservationId, Sku, UserId};
 
-/// A request to admit `quantity` units.
+/// One reservation as the gate sees it: what to admit, and later what to
+/// settle or give back.
 #[derive(Debug, Clone)]
-pub struct GateRequest {
-    pub id: ReservationId,
-    pub sku: Sku,
-    pub user: UserId,
-    pub quantity: u32,
-}
-
-/// Units to give back for one reservation.
-#[derive(Debug, Clone)]
-pub struct GateRelease {
+pub struct GateEntry {
     pub id: ReservationId,
     pub sku: Sku,
     pub user: UserId,
@@ -70,20 +65,20 @@ pub enum GateError {
 pub trait StockGate: Send + Sync + 'static {
     /// Decides atomically and, when admitted, records the reservation as in
     /// flight (admitted, not yet in the database).
-    async fn reserve(&self, request: &GateRequest) -> Result<GateDecision, GateError>;
+    async fn reserve(&self, request: &GateEntry) -> Result<GateDecision, GateError>;
 
     /// The reservation reached the database as a hold; it no longer counts
     /// as in flight but still counts towards the user's limit.
-    async fn committed(&self, id: &ReservationId) -> Result<(), GateError>;
+    async fn committed(&self, entry: &GateEntry) -> Result<(), GateError>;
 
     /// The database refused the reservation: forget it and free the user's
     /// units, but do not return stock, because the database has less than
     /// the gate believed (the drift is repaired by a reload).
-    async fn rejected(&self, id: &ReservationId) -> Result<(), GateError>;
+    async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError>;
 
     /// Returns the units of one reservation, at most once per reservation id
     /// however often it is called.
-    async fn release(&self, release: &GateRelease) -> Result<(), GateError>;
+    async fn release(&self, release: &GateEntry) -> Result<(), GateError>;
 
     /// Rebuilds every counter from the database: available = database
     /// stock minus units in flight. Marks the gate ready.
@@ -100,7 +95,18 @@ pub trait StockGate: Send + Sync + 'static {
 
     /// Units admitted for the SKU and not yet committed or refused.
     async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError>;
+
+    /// Whether the counters are loaded; false after the backend lost them
+    /// (a Redis restart or flush), which calls for a reload.
+    async fn is_loaded(&self) -> Result<bool, GateError>;
+
+    /// SKU names whose counter went up (release, restock) on any replica
+    /// sharing this gate, or [`RESTOCK_ALL`] when some may have been missed.
+    fn restocks(&self) -> broadcast::Receiver<String>;
 }
+
+/// A restock message meaning "any SKU may have been restocked".
+pub const RESTOCK_ALL: &str = "*";
 
 #[cfg(test)]
 pub(crate) mod decision_table {
@@ -237,8 +243,8 @@ pub(crate) mod decision_table {
         );
     }
 
-    pub fn request(sku: &Sku, user: &str, quantity: u32) -> GateRequest {
-        GateRequest {
+    pub fn request(sku: &Sku, user: &str, quantity: u32) -> GateEntry {
+        GateEntry {
             id: ReservationId::generate(),
             sku: sku.clone(),
             user: UserId::parse(user).unwrap(),

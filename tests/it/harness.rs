@@ -35,6 +35,31 @@ pub enum Profile {
     Embedded,
     /// A real PostgreSQL database of the test's own.
     Postgres,
+    /// PostgreSQL plus the Redis gate under a key prefix of the test's own.
+    Redis,
+}
+
+pub fn redis_url() -> String {
+    std::env::var("STOCKGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Deletes every key under `prefix`: what a Redis restart or FLUSHALL does
+/// to this test, without touching the keys of tests running beside it.
+pub async fn wipe_redis_prefix(prefix: &str) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 }
 
 /// A database of one test's own, dropped when the test ends.
@@ -93,13 +118,17 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.reservations.sweep_interval_ms = 100;
     let db = match profile {
         Profile::Embedded => None,
-        Profile::Postgres => {
+        Profile::Postgres | Profile::Redis => {
             let db = TestDb::create().await;
             config.backends.store = db.url.clone();
             config.store.max_connections = 8;
             Some(db)
         }
     };
+    if profile == Profile::Redis {
+        config.backends.gate = redis_url();
+        config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
+    }
     (config, db, dir)
 }
 

@@ -5,4 +5,5 @@
 mod api;
 mod harness;
 mod health;
+mod redis_gate;
 mod storm;

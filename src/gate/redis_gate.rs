@@ -1,0 +1,391 @@
+//! The stock gate on a real Redis server: one Lua script per decision, run
+//! with EVALSHA (redis::Script reloads it after NOSCRIPT, e.g. after a
+//! restart or `SCRIPT FLUSH`).
+//!
+//! Key layout, with `P` = `redis.key_prefix` and every key of one SKU sharing
+//! the hash tag `{SKU}` so the scripts run unchanged on Redis Cluster:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled) |
+//! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
+//! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
+//! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
+//! | `P:loaded` | string | present once the counters were loaded from the database |
+//! | channel `P:restock` | pub/sub | SKU names whose counter went up, so replicas drop their sold-out cache |
+//!
+//! A missing `inv` hash means "not loaded" when `P:loaded` is missing too
+//! (a restart or flush emptied Redis) and "unknown SKU" otherwise.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    AsyncCommands, Client, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
+};
+use tokio::{sync::broadcast, task::JoinHandle};
+
+use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate, RESTOCK_ALL};
+use crate::{config::RedisConfig, domain::Sku};
+
+pub struct RedisGate {
+    conn: ConnectionManager,
+    prefix: String,
+    record_ttl_secs: u64,
+    reserve: Script,
+    settle: Script,
+    set: Script,
+    adjust: Script,
+    restocks: broadcast::Sender<String>,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for RedisGate {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+fn unavailable(err: redis::RedisError) -> GateError {
+    GateError::Unavailable(err.to_string())
+}
+
+impl RedisGate {
+    /// Connects lazily: the server may start before Redis answers, and the
+    /// connection manager reconnects by itself after a loss.
+    pub fn connect(url: &str, config: &RedisConfig) -> Result<Self, GateError> {
+        let client = Client::open(url).map_err(unavailable)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
+            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(config.response_timeout_ms));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(unavailable)?;
+        let (restocks, _) = broadcast::channel(1024);
+        let channel = format!("{}:restock", config.key_prefix);
+        let subscriber = tokio::spawn(listen_for_restocks(client, channel, restocks.clone()));
+        Ok(Self {
+            conn,
+            prefix: config.key_prefix.clone(),
+            record_ttl_secs: config.record_ttl_secs,
+            reserve: Script::new(include_str!("scripts/reserve.lua")),
+            settle: Script::new(include_str!("scripts/settle.lua")),
+            set: Script::new(include_str!("scripts/set.lua")),
+            adjust: Script::new(include_str!("scripts/adjust.lua")),
+            restocks,
+            subscriber,
+        })
+    }
+
+    /// Runs a script, reloading it after NOSCRIPT more than once if need be:
+    /// the client's own reload retries once, and a second `SCRIPT FLUSH`
+    /// (or a failover) can land between its load and its retry.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+    ) -> Result<T, GateError> {
+        let mut conn = self.conn.clone();
+        let mut reloads = 0;
+        loop {
+            match invocation.invoke_async(&mut conn).await {
+                Err(err)
+                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && reloads < 5 =>
+                {
+                    reloads += 1;
+                }
+                other => return other.map_err(unavailable),
+            }
+        }
+    }
+
+    fn key(&self, sku: &Sku, part: &str) -> String {
+        format!("{}:{{{}}}:{part}", self.prefix, sku.as_str())
+    }
+
+    fn loaded_key(&self) -> String {
+        format!("{}:loaded", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:restock", self.prefix)
+    }
+
+    async fn settle(&self, action: &str, entry: &GateEntry) -> Result<(), GateError> {
+        let record = self.key(&entry.sku, &format!("res:{}", entry.id.as_str()));
+        self.invoke::<i64>(
+            self.settle
+                .prepare_invoke()
+                .key(self.key(&entry.sku, "inv"))
+                .key(self.key(&entry.sku, "users"))
+                .key(record)
+                .key(self.key(&entry.sku, "pending"))
+                .arg(action)
+                .arg(entry.user.as_str())
+                .arg(entry.quantity)
+                .arg(self.record_ttl_secs)
+                .arg(entry.id.as_str())
+                .arg(self.channel())
+                .arg(entry.sku.as_str()),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Forwards restock messages; after every (re)subscription it sends
+/// [`RESTOCK_ALL`], since messages published while disconnected are lost.
+async fn listen_for_restocks(client: Client, channel: String, tx: broadcast::Sender<String>) {
+    loop {
+        if let Ok(mut pubsub) = client.get_async_pubsub().await {
+            if pubsub.subscribe(&channel).await.is_ok() {
+                let _ = tx.send(RESTOCK_ALL.to_owned());
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    if let Ok(sku) = message.get_payload::<String>() {
+                        let _ = tx.send(sku);
+                    }
+                }
+                let _ = tx.send(RESTOCK_ALL.to_owned());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[async_trait]
+impl StockGate for RedisGate {
+    async fn reserve(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let reply: Vec<i64> = self
+            .invoke(
+                self.reserve
+                    .prepare_invoke()
+                    .key(self.key(&entry.sku, "inv"))
+                    .key(self.key(&entry.sku, "users"))
+                    .key(self.key(&entry.sku, &format!("res:{}", entry.id.as_str())))
+                    .key(self.key(&entry.sku, "pending"))
+                    .arg(entry.user.as_str())
+                    .arg(entry.quantity)
+                    .arg(self.record_ttl_secs)
+                    .arg(now_ms)
+                    .arg(entry.id.as_str()),
+            )
+            .await?;
+        Ok(match reply.as_slice() {
+            [1, remaining] => GateDecision::Reserved {
+                remaining: *remaining,
+            },
+            [2, remaining] => GateDecision::SoldOut {
+                remaining: *remaining,
+            },
+            [3, live, cap] => GateDecision::UserLimit {
+                live_units: *live,
+                limit: u32::try_from(*cap).unwrap_or(u32::MAX),
+            },
+            [0] if self.is_loaded().await? => GateDecision::UnknownSku,
+            [0] => GateDecision::NotReady,
+            other => {
+                return Err(GateError::Unavailable(format!(
+                    "unexpected reserve script reply {other:?}"
+                )))
+            }
+        })
+    }
+
+    async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
+        self.settle("committed", entry).await
+    }
+
+    async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError> {
+        self.settle("rejected", entry).await
+    }
+
+    async fn release(&self, entry: &GateEntry) -> Result<(), GateError> {
+        self.settle("release", entry).await
+    }
+
+    async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
+        for sku in stock {
+            self.set(sku).await?;
+        }
+        self.conn
+            .clone()
+            .set::<_, _, ()>(self.loaded_key(), 1)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn set(&self, stock: &SkuStock) -> Result<(), GateError> {
+        self.invoke::<i64>(
+            self.set
+                .prepare_invoke()
+                .key(self.key(&stock.sku, "inv"))
+                .arg(stock.db_stock)
+                .arg(stock.max_per_user)
+                .arg(self.channel())
+                .arg(stock.sku.as_str()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError> {
+        self.invoke::<i64>(
+            self.adjust
+                .prepare_invoke()
+                .key(self.key(sku, "inv"))
+                .arg(delta)
+                .arg(self.channel())
+                .arg(sku.as_str()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError> {
+        self.conn
+            .clone()
+            .hget(self.key(sku, "inv"), "stock")
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError> {
+        let inflight: Option<i64> = self
+            .conn
+            .clone()
+            .hget(self.key(sku, "inv"), "inflight")
+            .await
+            .map_err(unavailable)?;
+        Ok(inflight.unwrap_or(0))
+    }
+
+    async fn is_loaded(&self) -> Result<bool, GateError> {
+        self.conn
+            .clone()
+            .exists(self.loaded_key())
+            .await
+            .map_err(unavailable)
+    }
+
+    fn restocks(&self) -> broadcast::Receiver<String> {
+        self.restocks.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the real Redis on 127.0.0.1:6379 (`STOCKGATE_TEST_REDIS_URL`
+    //! overrides), each gate under a key prefix of its own.
+    use super::*;
+    use crate::gate::decision_table::{self, request};
+
+    fn redis_url() -> String {
+        std::env::var("STOCKGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn fresh_gate() -> RedisGate {
+        let config = RedisConfig {
+            key_prefix: format!("sg-unit-{}", uuid::Uuid::now_v7().simple()),
+            ..RedisConfig::default()
+        };
+        RedisGate::connect(&redis_url(), &config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn follows_the_decision_table() {
+        decision_table::run(fresh_gate).await;
+    }
+
+    async fn loaded(stock: i64, max_per_user: u32) -> (RedisGate, Sku) {
+        let gate = fresh_gate();
+        let sku = Sku::parse("S").unwrap();
+        gate.load(&[SkuStock {
+            sku: sku.clone(),
+            db_stock: stock,
+            max_per_user,
+        }])
+        .await
+        .unwrap();
+        (gate, sku)
+    }
+
+    #[tokio::test]
+    async fn release_returns_units_once() {
+        let (gate, sku) = loaded(5, 0).await;
+        let r = request(&sku, "u1", 3);
+        gate.reserve(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 3);
+        gate.release(&r).await.unwrap();
+        gate.release(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn rejection_frees_the_user_but_not_the_stock_and_commit_ends_in_flight() {
+        let (gate, sku) = loaded(4, 2).await;
+        let r = request(&sku, "u1", 2);
+        gate.reserve(&r).await.unwrap();
+        gate.rejected(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
+        let again = request(&sku, "u1", 2);
+        assert_eq!(
+            gate.reserve(&again).await.unwrap(),
+            GateDecision::Reserved { remaining: 0 }
+        );
+        gate.committed(&again).await.unwrap();
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 0);
+        // A release after the rejection gives nothing back.
+        gate.release(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_release_never_creates_a_counter_for_an_unloaded_sku() {
+        let gate = fresh_gate();
+        let sku = Sku::parse("GONE").unwrap();
+        gate.release(&request(&sku, "u1", 1)).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), None);
+        gate.adjust(&sku, 5).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn restocks_are_published_to_every_gate_on_the_prefix() {
+        let (gate, sku) = loaded(1, 0).await;
+        let other = RedisGate::connect(
+            &redis_url(),
+            &RedisConfig {
+                key_prefix: gate.prefix.clone(),
+                ..RedisConfig::default()
+            },
+        )
+        .unwrap();
+        let mut heard = other.restocks();
+        // The subscription comes up in the background: restock until the
+        // other gate hears the SKU (a message sent before it subscribed is
+        // lost, which is what its catch-all message on subscribing covers).
+        let heard_sku = async {
+            loop {
+                gate.adjust(&sku, 1).await.unwrap();
+                let wait = tokio::time::timeout(Duration::from_millis(200), heard.recv());
+                if let Ok(Ok(message)) = wait.await {
+                    if message == "S" {
+                        return;
+                    }
+                    assert_eq!(message, RESTOCK_ALL);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), heard_sku)
+            .await
+            .expect("restock heard within 5 s");
+    }
+}

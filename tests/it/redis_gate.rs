@@ -1,0 +1,219 @@
+//! The Redis stock gate through the whole server, on the real Redis at
+//! 127.0.0.1:6379 (a key prefix per test) and a PostgreSQL database per test.
+
+use std::time::Duration;
+
+use stockgate::{
+    config::{DbCheckMode, GateFailureMode},
+    pb::ReserveOutcome,
+};
+use tonic::Code;
+
+use crate::harness::{
+    assert_invariants, config_for, redis_url, release, reserve, storm, wipe_redis_prefix, Profile,
+    TestApp,
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_thousand_buyers_one_unit_through_redis() {
+    let app = TestApp::spawn(Profile::Redis).await;
+    app.set_stock("FLASH-R", 1, 0).await;
+    let tally = storm(app.addr, "FLASH-R", 50_000, 16, |_| 1).await;
+    assert!(tally.errors.is_empty(), "errors: {:?}", tally.errors);
+    assert_eq!(tally.admitted(), 1);
+    assert_eq!(tally.count(ReserveOutcome::SoldOut), 49_999);
+    app.drain("FLASH-R").await;
+    assert_eq!(assert_invariants(&app, "FLASH-R", 1, &tally).await, 1);
+    let view = app.stock("FLASH-R").await;
+    assert_eq!((view.db_stock, view.gate_stock), (0, Some(0)));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quantities_and_per_user_limit_through_redis() {
+    let app = TestApp::spawn(Profile::Redis).await;
+    app.set_stock("TEN", 10, 0).await;
+    let mut client = app.inventory();
+    let mut admitted = 0;
+    for i in 0..5 {
+        let response = reserve(&mut client, "TEN", 3, &format!("u{i}"))
+            .await
+            .unwrap();
+        if crate::harness::is_admitted(response.outcome()) {
+            admitted += 1;
+        } else {
+            assert_eq!(response.outcome(), ReserveOutcome::SoldOut);
+            assert_eq!(response.remaining_stock, Some(1));
+        }
+    }
+    assert_eq!(admitted, 3);
+    app.drain("TEN").await;
+    assert_eq!(app.stock("TEN").await.gate_stock, Some(1));
+
+    app.set_stock("CAP", 50, 2).await;
+    for queue in [true, false] {
+        app.set_layers(true, queue, DbCheckMode::Optimistic).await;
+        let user = format!("hammer-{queue}");
+        let calls = (0..200).map(|_| {
+            let mut client = app.inventory();
+            let user = user.clone();
+            tokio::spawn(async move { reserve(&mut client, "CAP", 1, &user).await.unwrap() })
+        });
+        let outcomes = futures::future::join_all(calls).await;
+        let admitted = outcomes
+            .into_iter()
+            .filter(|r| crate::harness::is_admitted(r.as_ref().unwrap().outcome()))
+            .count();
+        assert_eq!(admitted, 2, "queue={queue}");
+    }
+    app.drain("CAP").await;
+    assert_eq!(app.stock("CAP").await.held_units, 4);
+    app.stop().await;
+}
+
+/// `SCRIPT FLUSH` empties the script cache under a running storm; EVALSHA
+/// answers NOSCRIPT and the client reloads the script: no caller notices.
+#[tokio::test(flavor = "multi_thread")]
+async fn script_flush_mid_storm_fails_no_request() {
+    let app = TestApp::spawn(Profile::Redis).await;
+    app.set_stock("FLUSHED", 500, 0).await;
+    let flusher = tokio::spawn(async {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        for _ in 0..20 {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let tally = storm(app.addr, "FLUSHED", 3_000, 8, |i| 1 + (i % 2) as u32).await;
+    flusher.await.unwrap();
+    assert!(tally.errors.is_empty(), "errors: {:?}", tally.errors);
+    app.drain("FLUSHED").await;
+    assert_eq!(assert_invariants(&app, "FLUSHED", 500, &tally).await, 500);
+    app.stop().await;
+}
+
+/// Redis loses every key mid-sale. fail_closed: callers get UNAVAILABLE
+/// until the reconciler has rebuilt the counters from the database, then
+/// sales go on; bypass: nobody notices. Neither oversells.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_emptied_mid_sale_is_rebuilt_from_the_database() {
+    for mode in [GateFailureMode::FailClosed, GateFailureMode::Bypass] {
+        let app = TestApp::spawn_with(Profile::Redis, |c| {
+            c.layers.gate.failure_mode = mode;
+            c.layers.queue.enabled = false;
+        })
+        .await;
+        app.set_stock("LOST", 100, 0).await;
+        let first = storm(app.addr, "LOST", 300, 4, |_| 1).await;
+        assert_eq!(first.admitted(), 100);
+        let mut client = app.inventory();
+        // Free 40 units, then lose Redis.
+        let released: Vec<_> = first.granted.keys().take(40).cloned().collect();
+        for id in &released {
+            let user = {
+                let store = crate::harness::open_store(&app.config);
+                let id = stockgate::domain::ReservationId::parse(id).unwrap();
+                store
+                    .reservation(&id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .user
+                    .as_str()
+                    .to_owned()
+            };
+            release(&mut client, id, &user).await.unwrap();
+        }
+        wipe_redis_prefix(&app.config.redis.key_prefix).await;
+        let during = reserve(&mut client, "LOST", 1, "late").await;
+        match mode {
+            GateFailureMode::FailClosed => {
+                let status = during.unwrap_err();
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            }
+            GateFailureMode::Bypass => {
+                assert_eq!(during.unwrap().outcome(), ReserveOutcome::Reserved);
+            }
+        }
+        // The reconciler was poked by the NotReady answer; wait for it.
+        let mut view = app.stock("LOST").await;
+        for _ in 0..100 {
+            if view.gate_stock.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            view = app.stock("LOST").await;
+        }
+        let expected_left = if mode == GateFailureMode::Bypass {
+            39
+        } else {
+            40
+        };
+        // With bypass, the reload may read the database just before the
+        // bypassed order commits: the gate then over-counts by that order
+        // (never under-counts), and the database check refuses the extra.
+        let gate_left = view.gate_stock.unwrap();
+        assert!(
+            gate_left == expected_left || (mode == GateFailureMode::Bypass && gate_left == 40),
+            "{mode:?}: gate {gate_left}"
+        );
+        let second = storm(app.addr, "LOST", 300, 4, |_| 1).await;
+        assert!(second.errors.is_empty(), "{mode:?}: {:?}", second.errors);
+        assert_eq!(second.admitted() as i64, expected_left);
+        let view = app.stock("LOST").await;
+        assert_eq!((view.db_stock, view.gate_stock), (0, Some(0)), "{mode:?}");
+        app.stop().await;
+    }
+}
+
+/// Two replicas share PostgreSQL and Redis. Both learn the SKU sold out
+/// (and cache it); a restock through one reopens sales on the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn restock_after_sold_out_reopens_sales_on_every_replica() {
+    let (config, db, dir) = config_for(Profile::Redis).await;
+    let a = TestApp::start(config.clone(), db, dir).await;
+    a.wait_serving().await;
+    let b = TestApp::start(config.clone(), None, tempfile::tempdir().unwrap()).await;
+    b.wait_serving().await;
+    a.set_stock("RESTOCK", 1, 0).await;
+    let mut on_a = a.inventory();
+    let mut on_b = b.inventory();
+    assert!(crate::harness::is_admitted(
+        reserve(&mut on_a, "RESTOCK", 1, "first")
+            .await
+            .unwrap()
+            .outcome()
+    ));
+    for client in [&mut on_a, &mut on_b] {
+        let answer = reserve(client, "RESTOCK", 1, "second").await.unwrap();
+        assert_eq!(answer.outcome(), ReserveOutcome::SoldOut);
+    }
+    a.admin()
+        .adjust_stock(stockgate::pb::AdjustStockRequest {
+            sku: "RESTOCK".into(),
+            delta: 1,
+        })
+        .await
+        .unwrap();
+    // The sold-out cache holds for 1 s without a message; the restock
+    // message must beat that by far.
+    let mut outcome = ReserveOutcome::SoldOut;
+    for _ in 0..20 {
+        outcome = reserve(&mut on_b, "RESTOCK", 1, "second")
+            .await
+            .unwrap()
+            .outcome();
+        if outcome != ReserveOutcome::SoldOut {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(crate::harness::is_admitted(outcome), "{outcome:?}");
+    b.stop().await;
+    a.stop().await;
+}
