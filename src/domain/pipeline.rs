@@ -918,7 +918,9 @@ impl Pipeline {
             .set_stock(sku, stock, max_per_user, now())
             .await
             .map_err(store_error)?;
-        self.gate.set(&sku_stock(&row)).await.map_err(gate_error)?;
+        if let Err(err) = self.gate.set(&sku_stock(&row)).await {
+            self.gate_lagging(sku, err);
+        }
         self.restocked(sku.as_str());
         self.view(row).await
     }
@@ -932,7 +934,9 @@ impl Pipeline {
             .map_err(store_error)?
         {
             Adjusted::Applied(row) => {
-                self.gate.adjust(sku, delta).await.map_err(gate_error)?;
+                if let Err(err) = self.gate.adjust(sku, delta).await {
+                    self.gate_lagging(sku, err);
+                }
                 if delta > 0 {
                     self.restocked(sku.as_str());
                 }
@@ -944,6 +948,14 @@ impl Pipeline {
                 sku.as_str()
             ))),
         }
+    }
+
+    /// The database changed and the gate could not follow. The database
+    /// write stands (it is the truth, and the caller must not hear "nothing
+    /// changed"); the reconciler brings the gate in line.
+    fn gate_lagging(&self, sku: &Sku, err: GateError) {
+        tracing::warn!(sku = sku.as_str(), error = %err, "stock gate not updated; the reconciler will repair it");
+        self.reload_wanted.notify_one();
     }
 
     pub async fn stock(&self, sku: &Sku) -> Result<StockView, ReservationError> {
@@ -961,7 +973,9 @@ impl Pipeline {
         let sku = Sku::from_trusted(row.sku.clone());
         let totals = self.store.unit_totals(&sku).await.map_err(store_error)?;
         let gate_stock = if self.layers().gate {
-            self.gate.available(&sku).await.map_err(gate_error)?
+            // An unreachable gate shows as "no counter", not as an error:
+            // operators need the database's view most when the gate is down.
+            self.gate.available(&sku).await.ok().flatten()
         } else {
             None
         };

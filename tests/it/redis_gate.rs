@@ -217,3 +217,43 @@ async fn restock_after_sold_out_reopens_sales_on_every_replica() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Redis unreachable from the start: fail_closed never reports SERVING (and
+/// admits nothing); bypass serves from the database, within the deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_unreachable_fail_closed_or_bypass() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    for mode in [GateFailureMode::FailClosed, GateFailureMode::Bypass] {
+        let (mut config, db, dir) = config_for(Profile::Redis).await;
+        // Nothing listens on port 1.
+        config.backends.gate = "redis://127.0.0.1:1".into();
+        config.redis.connect_timeout_ms = 100;
+        config.redis.response_timeout_ms = 100;
+        config.layers.gate.failure_mode = mode;
+        let app = TestApp::start(config, db, dir).await;
+        let mut client = app.inventory();
+        match mode {
+            GateFailureMode::FailClosed => {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                assert_eq!(app.health().await, ServingStatus::NotServing);
+                let status = reserve(&mut client, "ANY", 1, "u1").await.unwrap_err();
+                assert_eq!(status.code(), Code::Unavailable);
+            }
+            GateFailureMode::Bypass => {
+                app.wait_serving().await;
+                app.set_stock("DB-ONLY", 1, 0).await;
+                let started = std::time::Instant::now();
+                let first = reserve(&mut client, "DB-ONLY", 1, "u1").await.unwrap();
+                let second = reserve(&mut client, "DB-ONLY", 1, "u2").await.unwrap();
+                assert!(crate::harness::is_admitted(first.outcome()));
+                assert_eq!(second.outcome(), ReserveOutcome::SoldOut);
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "{:?}",
+                    started.elapsed()
+                );
+            }
+        }
+        app.stop().await;
+    }
+}
