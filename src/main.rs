@@ -33,12 +33,35 @@ enum Command {
     },
     /// Validate the configuration, print it as TOML, and exit.
     CheckConfig,
+    /// Measure Reserve against same-run references (raw redis-benchmark on
+    /// the gate script, a no-op RPC) on an in-process server.
+    Bench {
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// HTTP/2 connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// The Redis gate and redis-benchmark's target.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis: String,
+        /// Store: `embedded` or a postgres:// URL.
+        #[arg(long, default_value = "embedded")]
+        store: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
+    if matches!(cli.command, Some(Command::Bench { .. })) {
+        // The bench prints a table; keep the in-process server's logs out.
+        config.log.filter = "warn".into();
+    }
     stockgate::telemetry::init(&config.log);
     match cli.command.unwrap_or(Command::Serve { listen: None }) {
         Command::Serve { listen } => {
@@ -51,6 +74,24 @@ async fn main() -> anyhow::Result<()> {
             stockgate::run(config, listener, shutdown_signal()).await
         }
         Command::Migrate { revert } => stockgate::server::migrate(&config, revert).await,
+        Command::Bench {
+            requests,
+            concurrency,
+            connections,
+            redis,
+            store,
+        } => {
+            let options = stockgate::bench::BenchOptions {
+                requests,
+                concurrency,
+                connections,
+                redis_url: redis,
+                store,
+            };
+            let results = stockgate::bench::run(options.clone()).await?;
+            print!("{}", stockgate::bench::render(&results, &options));
+            Ok(())
+        }
         Command::CheckConfig => {
             print!("{}", toml_of(&config)?);
             Ok(())

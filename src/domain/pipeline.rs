@@ -30,7 +30,7 @@ use super::{
 use crate::{
     config::{Config, DbCheckMode, GateFailureMode},
     error::ReservationError,
-    gate::{GateDecision, GateEntry, GateError, SkuStock, StockGate, RESTOCK_ALL},
+    gate::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL},
     queue::{OrderQueue, QueueError, QueuedOrder},
     store::{
         Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause, Settled, Store,
@@ -608,8 +608,19 @@ impl Pipeline {
         outcome: CommitOutcome,
     ) -> Result<ReserveResult, ReservationError> {
         if gated {
-            self.settle_gate(order, &outcome).await;
+            self.settle_gate(settlement(&outcome), &[gate_entry(order)])
+                .await;
         }
+        self.answer(order, outcome)
+    }
+
+    /// Tells watchers and turns the database's decision into the caller's
+    /// answer.
+    fn answer(
+        &self,
+        order: &NewOrder,
+        outcome: CommitOutcome,
+    ) -> Result<ReserveResult, ReservationError> {
         match outcome {
             CommitOutcome::Committed {
                 reservation,
@@ -639,28 +650,9 @@ impl Pipeline {
         }
     }
 
-    /// Gives the gate back what the database did not take. When the database
-    /// had less stock than the gate admitted, the units are *not* returned
-    /// (the gate over-counted); everything else that left no order returns
-    /// them.
-    async fn settle_gate(&self, order: &NewOrder, outcome: &CommitOutcome) {
-        let result = match outcome {
-            CommitOutcome::Committed { .. } | CommitOutcome::AlreadyCommitted(_) => {
-                self.gate.committed(&gate_entry(order)).await
-            }
-            CommitOutcome::SoldOut { .. }
-            | CommitOutcome::UnknownSku
-            | CommitOutcome::Rejected {
-                cause: RejectCause::SoldOut,
-                ..
-            } => self.gate.rejected(&gate_entry(order)).await,
-            CommitOutcome::DuplicateKey(_)
-            | CommitOutcome::UserLimit { .. }
-            | CommitOutcome::Contention { .. }
-            | CommitOutcome::Rejected { .. } => self.gate.release(&gate_entry(order)).await,
-        };
-        if let Err(err) = result {
-            tracing::warn!(reservation = order.id.as_str(), error = %err, "could not settle the stock gate; a reload will repair it");
+    async fn settle_gate(&self, action: Settlement, entries: &[GateEntry]) {
+        if let Err(err) = self.gate.settle_batch(action, entries).await {
+            tracing::warn!(?action, reservations = entries.len(), error = %err, "could not settle the stock gate; a reload will repair it");
         }
     }
 
@@ -689,15 +681,25 @@ impl Pipeline {
                     continue;
                 }
             };
-            let mut again = Vec::new();
-            for (queued, outcome) in todo.into_iter().zip(outcomes) {
-                if matches!(outcome, CommitOutcome::Contention { .. }) {
-                    again.push(queued);
-                    continue;
-                }
-                self.finish_queued(queued, outcome).await;
+            let (again, done): (Vec<_>, Vec<_>) = todo
+                .into_iter()
+                .zip(outcomes)
+                .partition(|(_, outcome)| matches!(outcome, CommitOutcome::Contention { .. }));
+            // One gate round trip per kind of settlement, not one per order.
+            let mut settlements: HashMap<Settlement, Vec<GateEntry>> = HashMap::new();
+            for (queued, outcome) in done.iter().filter(|(queued, _)| queued.gated) {
+                settlements
+                    .entry(settlement(outcome))
+                    .or_default()
+                    .push(gate_entry(&queued.order));
             }
-            todo = again;
+            for (action, entries) in settlements {
+                self.settle_gate(action, &entries).await;
+            }
+            for (queued, outcome) in done {
+                self.finish_queued(queued, outcome);
+            }
+            todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
         if let Some(last) = batch.iter().map(|q| q.ticket).max() {
             self.queue.done_through(last).await;
@@ -705,9 +707,9 @@ impl Pipeline {
         self.emit(Event::QueueAdvanced);
     }
 
-    async fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
+    fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
         let order = &queued.order;
-        let result = self.settle(order, queued.gated, outcome).await;
+        let result = self.answer(order, outcome);
         // The row exists now (or never will): stop answering from memory.
         self.pending().remove(&order.id);
         match result {
@@ -1031,6 +1033,28 @@ fn sku_stock(row: &InventoryRow) -> SkuStock {
         sku: Sku::from_trusted(row.sku.clone()),
         db_stock: row.stock,
         max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
+    }
+}
+
+/// What the database's decision means for the units the gate admitted: the
+/// order is in the database; or the database had less stock than the gate
+/// believed (forget the reservation, return nothing: the gate over-counted);
+/// or no order resulted for another reason (return the units).
+fn settlement(outcome: &CommitOutcome) -> Settlement {
+    match outcome {
+        CommitOutcome::Committed { .. } | CommitOutcome::AlreadyCommitted(_) => {
+            Settlement::Committed
+        }
+        CommitOutcome::SoldOut { .. }
+        | CommitOutcome::UnknownSku
+        | CommitOutcome::Rejected {
+            cause: RejectCause::SoldOut,
+            ..
+        } => Settlement::Rejected,
+        CommitOutcome::DuplicateKey(_)
+        | CommitOutcome::UserLimit { .. }
+        | CommitOutcome::Contention { .. }
+        | CommitOutcome::Rejected { .. } => Settlement::Released,
     }
 }
 

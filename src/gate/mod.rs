@@ -45,6 +45,29 @@ pub enum GateDecision {
     NotReady,
 }
 
+/// What the database's decision means for the gate's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Settlement {
+    /// The order is in the database: stop counting it as in flight.
+    Committed,
+    /// The database had less stock than the gate admitted: forget the
+    /// reservation without returning its units.
+    Rejected,
+    /// No order resulted (or it ended): give the units back.
+    Released,
+}
+
+impl Settlement {
+    /// The action name the Redis settle script takes.
+    pub fn as_script_arg(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Rejected => "rejected",
+            Self::Released => "release",
+        }
+    }
+}
+
 /// A SKU's counter as loaded from the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkuStock {
@@ -79,6 +102,24 @@ pub trait StockGate: Send + Sync + 'static {
     /// Returns the units of one reservation, at most once per reservation id
     /// however often it is called.
     async fn release(&self, release: &GateEntry) -> Result<(), GateError>;
+
+    /// Applies one settlement to many reservations (the processor's batch):
+    /// the same as calling the single method for each, in fewer round trips
+    /// where the backend can.
+    async fn settle_batch(
+        &self,
+        action: Settlement,
+        entries: &[GateEntry],
+    ) -> Result<(), GateError> {
+        for entry in entries {
+            match action {
+                Settlement::Committed => self.committed(entry).await?,
+                Settlement::Rejected => self.rejected(entry).await?,
+                Settlement::Released => self.release(entry).await?,
+            }
+        }
+        Ok(())
+    }
 
     /// Rebuilds every counter from the database: available = database
     /// stock minus units in flight. Marks the gate ready.

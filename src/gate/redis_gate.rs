@@ -27,7 +27,7 @@ use redis::{
 };
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate, RESTOCK_ALL};
+use super::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL};
 use crate::{config::RedisConfig, domain::Sku};
 
 pub struct RedisGate {
@@ -114,25 +114,40 @@ impl RedisGate {
         format!("{}:restock", self.prefix)
     }
 
-    async fn settle(&self, action: &str, entry: &GateEntry) -> Result<(), GateError> {
-        let record = self.key(&entry.sku, &format!("res:{}", entry.id.as_str()));
-        self.invoke::<i64>(
-            self.settle
-                .prepare_invoke()
-                .key(self.key(&entry.sku, "inv"))
-                .key(self.key(&entry.sku, "users"))
-                .key(record)
-                .key(self.key(&entry.sku, "pending"))
-                .arg(action)
-                .arg(entry.user.as_str())
-                .arg(entry.quantity)
+    /// One settle-script run per SKU, covering all of that SKU's entries
+    /// (a script may only touch keys of one hash slot).
+    async fn settle_entries(
+        &self,
+        action: Settlement,
+        entries: &[GateEntry],
+    ) -> Result<(), GateError> {
+        let mut by_sku: Vec<(&Sku, Vec<&GateEntry>)> = Vec::new();
+        for entry in entries {
+            match by_sku.iter_mut().find(|(sku, _)| *sku == &entry.sku) {
+                Some((_, group)) => group.push(entry),
+                None => by_sku.push((&entry.sku, vec![entry])),
+            }
+        }
+        for (sku, group) in by_sku {
+            let mut invocation = self.settle.prepare_invoke();
+            invocation
+                .key(self.key(sku, "inv"))
+                .key(self.key(sku, "users"))
+                .key(self.key(sku, "pending"))
+                .arg(action.as_script_arg())
                 .arg(self.record_ttl_secs)
-                .arg(entry.id.as_str())
                 .arg(self.channel())
-                .arg(entry.sku.as_str()),
-        )
-        .await
-        .map(|_| ())
+                .arg(sku.as_str());
+            for entry in group {
+                invocation
+                    .key(self.key(sku, &format!("res:{}", entry.id.as_str())))
+                    .arg(entry.user.as_str())
+                    .arg(entry.quantity)
+                    .arg(entry.id.as_str());
+            }
+            self.invoke::<i64>(&mut invocation).await?;
+        }
+        Ok(())
     }
 }
 
@@ -197,15 +212,26 @@ impl StockGate for RedisGate {
     }
 
     async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle("committed", entry).await
+        self.settle_entries(Settlement::Committed, std::slice::from_ref(entry))
+            .await
     }
 
     async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle("rejected", entry).await
+        self.settle_entries(Settlement::Rejected, std::slice::from_ref(entry))
+            .await
     }
 
     async fn release(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle("release", entry).await
+        self.settle_entries(Settlement::Released, std::slice::from_ref(entry))
+            .await
+    }
+
+    async fn settle_batch(
+        &self,
+        action: Settlement,
+        entries: &[GateEntry],
+    ) -> Result<(), GateError> {
+        self.settle_entries(action, entries).await
     }
 
     async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
@@ -345,6 +371,38 @@ mod tests {
         // A release after the rejection gives nothing back.
         gate.release(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn batch_settlement_spans_skus_and_counts_once() {
+        let gate = fresh_gate();
+        let (a, b) = (Sku::parse("A").unwrap(), Sku::parse("B").unwrap());
+        let stock = |sku: &Sku| SkuStock {
+            sku: sku.clone(),
+            db_stock: 10,
+            max_per_user: 0,
+        };
+        gate.load(&[stock(&a), stock(&b)]).await.unwrap();
+        let entries = [
+            request(&a, "u1", 2),
+            request(&a, "u2", 3),
+            request(&b, "u1", 4),
+        ];
+        for entry in &entries {
+            gate.reserve(entry).await.unwrap();
+        }
+        gate.settle_batch(Settlement::Committed, &entries[..2])
+            .await
+            .unwrap();
+        assert_eq!(gate.in_flight(&a).await.unwrap(), 0);
+        for _ in 0..2 {
+            gate.settle_batch(Settlement::Released, &entries)
+                .await
+                .unwrap();
+        }
+        assert_eq!(gate.available(&a).await.unwrap(), Some(10));
+        assert_eq!(gate.available(&b).await.unwrap(), Some(10));
+        assert_eq!(gate.in_flight(&b).await.unwrap(), 0);
     }
 
     #[tokio::test]

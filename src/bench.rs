@@ -1,0 +1,374 @@
+//! `stockgate bench`: Reserve throughput and latency next to same-run
+//! references, so ratios stay comparable on a noisy machine.
+//!
+//! In one run, at one concurrency, it measures: raw `redis-benchmark`
+//! running the gate's own reserve script (EVALSHA) against the same Redis;
+//! a no-op RPC (grpc.health.v1 Check) on the same server, the transport's
+//! ceiling; and Reserve with every available layer on, for a SKU with stock
+//! and for a sold-out SKU. The server runs in this process on 127.0.0.1:0
+//! with the backends given; the load shares the machine with it, as the
+//! reference loads do.
+
+use std::{
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use tokio::sync::oneshot;
+use tonic::{
+    transport::{Channel, Endpoint},
+    Request,
+};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+use crate::{
+    config::Config,
+    pb::{
+        admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
+        ReserveOutcome, ReserveRequest, SetStockRequest,
+    },
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Calls per measurement.
+    pub requests: usize,
+    /// Calls in flight at once (also redis-benchmark's `-c`).
+    pub concurrency: usize,
+    /// HTTP/2 connections the calls are spread over.
+    pub connections: usize,
+    /// The Redis gate; also where redis-benchmark runs the script.
+    pub redis_url: String,
+    /// The store: `embedded` or a postgres:// URL.
+    pub store: String,
+}
+
+/// One measured line.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub name: String,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub failures: usize,
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
+    let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile_dir()?;
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse()?;
+    config.backends.gate = options.redis_url.clone();
+    config.backends.store = options.store.clone();
+    config.store.sqlite_path = dir.join("bench.db").display().to_string();
+    config.redis.key_prefix = prefix.clone();
+    config.layers.queue.capacity = options.requests.max(1) * 2;
+    config.validate()?;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = crate::server::spawn(config, listener, async move {
+        let _ = stopped.await;
+    });
+    let channels = connect(addr, options.connections).await?;
+    wait_serving(&channels[0]).await?;
+
+    let mut admin = AdminServiceClient::new(channels[0].clone());
+    let stock = i64::try_from(options.requests * 2)?;
+    for (sku, units) in [("BENCH-AVAIL", stock), ("BENCH-SOLDOUT", 0)] {
+        admin
+            .set_stock(SetStockRequest {
+                sku: sku.into(),
+                stock: units,
+                max_per_user: 0,
+            })
+            .await?;
+    }
+
+    let mut results = vec![redis_benchmark(&options, &prefix).await?];
+    results.push(
+        load(
+            &channels,
+            &options,
+            "no-op RPC (health Check)",
+            |channel, _| {
+                let mut client = HealthClient::new(channel);
+                async move {
+                    client
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .map(|_| true)
+                }
+            },
+        )
+        .await,
+    );
+    for (name, sku, expect) in [
+        (
+            "Reserve, stock available",
+            "BENCH-AVAIL",
+            ReserveOutcome::Queued,
+        ),
+        (
+            "Reserve, sold out",
+            "BENCH-SOLDOUT",
+            ReserveOutcome::SoldOut,
+        ),
+    ] {
+        results.push(
+            load(&channels, &options, name, move |channel, i| {
+                let mut client = InventoryServiceClient::new(channel);
+                async move {
+                    let mut request = Request::new(ReserveRequest {
+                        sku: sku.into(),
+                        quantity: 1,
+                    });
+                    request
+                        .metadata_mut()
+                        .insert("x-user-id", format!("bench-{i}").parse().unwrap());
+                    let response = client.reserve(request).await?.into_inner();
+                    Ok(response.outcome() == expect)
+                }
+            })
+            .await,
+        );
+    }
+
+    let _ = stop.send(());
+    server.await??;
+    cleanup(&options.redis_url, &prefix).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(results)
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("stockgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+async fn connect(addr: std::net::SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        channels.push(
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
+async fn wait_serving(channel: &Channel) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(channel.clone());
+    for _ in 0..200 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        if status == ServingStatus::Serving as i32 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("server did not become SERVING (is Redis reachable and the store migrated?)")
+}
+
+/// `requests` calls from `concurrency` workers; a call counts as failed
+/// when it errs or does not answer as expected.
+async fn load<F, Fut>(channels: &[Channel], options: &BenchOptions, name: &str, call: F) -> Measured
+where
+    F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<bool, tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..options.concurrency)
+        .map(|w| {
+            let channel = channels[w % channels.len()].clone();
+            let next = next.clone();
+            let call = call.clone();
+            let total = options.requests;
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut failures = 0;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return (latencies, failures);
+                    }
+                    let begun = Instant::now();
+                    match call(channel.clone(), i).await {
+                        Ok(true) => latencies.push(begun.elapsed()),
+                        _ => failures += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(options.requests);
+    let mut failures = 0;
+    for worker in workers {
+        if let Ok((mut l, f)) = worker.await {
+            latencies.append(&mut l);
+            failures += f;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[idx].as_secs_f64() * 1000.0
+    };
+    Measured {
+        name: name.into(),
+        rps: options.requests as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        failures,
+    }
+}
+
+/// redis-benchmark running the reserve script itself, at the same
+/// concurrency, on a SKU with stock that never runs out.
+async fn redis_benchmark(options: &BenchOptions, prefix: &str) -> anyhow::Result<Measured> {
+    let client = redis::Client::open(options.redis_url.as_str())?;
+    let (host, port) = match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        other => bail!("redis-benchmark needs a TCP address, not {other:?}"),
+    };
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(include_str!("gate/scripts/reserve.lua"))
+        .query_async(&mut conn)
+        .await?;
+    let key = |part: &str| format!("{prefix}:{{BENCH-RAW}}:{part}");
+    let _: () = redis::cmd("HSET")
+        .arg(key("inv"))
+        .arg("stock")
+        .arg(i64::MAX / 2)
+        .arg("cap")
+        .arg(0)
+        .arg("inflight")
+        .arg(0)
+        .query_async(&mut conn)
+        .await?;
+    let output = Command::new("redis-benchmark")
+        .args(["-h", &host, "-p", &port.to_string()])
+        .args(["-c", &options.concurrency.to_string()])
+        .args(["-n", &options.requests.to_string()])
+        .arg("--csv")
+        .args(["EVALSHA", &sha, "4"])
+        .args([key("inv"), key("users"), key("res:raw"), key("pending")])
+        .args(["bench-user", "1", "60", "0", "raw"])
+        .output()
+        .context("running redis-benchmark (Debian package redis-tools)")?;
+    if !output.status.success() {
+        bail!(
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse_redis_benchmark_csv(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// The last CSV row: "test","rps","avg","min","p50","p95","p99","max".
+fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
+    let row = csv
+        .lines()
+        .rev()
+        .find(|line| line.starts_with("\"EVALSHA"))
+        .context("no EVALSHA row in redis-benchmark output")?;
+    let fields: Vec<&str> = row.split("\",\"").map(|f| f.trim_matches('"')).collect();
+    if fields.len() < 8 {
+        bail!("unexpected redis-benchmark row {row:?}");
+    }
+    Ok(Measured {
+        name: "raw redis-benchmark EVALSHA reserve.lua".into(),
+        rps: fields[1].parse()?,
+        p50_ms: fields[4].parse()?,
+        p99_ms: fields[6].parse()?,
+        failures: 0,
+    })
+}
+
+async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
+/// The table `stockgate bench` prints.
+pub fn render(results: &[Measured], options: &BenchOptions) -> String {
+    let find = |prefix: &str| results.iter().find(|m| m.name.starts_with(prefix));
+    let noop = find("no-op").map(|m| m.rps);
+    let raw = find("raw").map(|m| m.rps);
+    let mut out = format!(
+        "requests={} concurrency={} connections={} store={}\n{:<42} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        options.requests,
+        options.concurrency,
+        options.connections,
+        crate::config::redact_url(&options.store),
+        "measurement",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "x no-op",
+        "x raw"
+    );
+    for m in results {
+        let ratio = |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", m.rps / b));
+        out.push_str(&format!(
+            "{:<42} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>8} {:>8}\n",
+            m.name,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            m.failures,
+            ratio(noop),
+            ratio(raw)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_redis_benchmark_csv() {
+        let csv = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\",\"p50_latency_ms\",\"p95_latency_ms\",\"p99_latency_ms\",\"max_latency_ms\"\n\
+                   \"EVALSHA abc 4 k1 k2 k3 k4 u 1 60 0 raw\",\"41152.26\",\"1.100\",\"0.200\",\"1.023\",\"1.599\",\"2.111\",\"5.000\"\n";
+        let m = parse_redis_benchmark_csv(csv).unwrap();
+        assert_eq!(m.rps, 41152.26);
+        assert_eq!(m.p50_ms, 1.023);
+        assert_eq!(m.p99_ms, 2.111);
+    }
+}
