@@ -45,6 +45,9 @@ enum Command {
         /// HTTP/2 connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Interleaved rounds; the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// The Redis gate and redis-benchmark's target.
         #[arg(long, default_value = "redis://127.0.0.1:6379")]
         redis: String,
@@ -78,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
             requests,
             concurrency,
             connections,
+            rounds,
             redis,
             store,
         } => {
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                 requests,
                 concurrency,
                 connections,
+                rounds,
                 redis_url: redis,
                 store,
             };

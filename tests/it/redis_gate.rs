@@ -257,3 +257,34 @@ async fn redis_unreachable_fail_closed_or_bypass() {
         app.stop().await;
     }
 }
+
+/// The bench runs end to end (small N): every measurement present, every
+/// call answered as expected. Its figures are for the README, not asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_runs_and_reports_every_measurement() {
+    let options = stockgate::bench::BenchOptions {
+        requests: 500,
+        concurrency: 8,
+        connections: 2,
+        rounds: 1,
+        redis_url: redis_url(),
+        store: "embedded".into(),
+    };
+    let results = stockgate::bench::run(options.clone()).await.unwrap();
+    let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "raw redis-benchmark EVALSHA reserve.lua",
+            "no-op RPC (health Check)",
+            "Reserve, sold out",
+            "Reserve, stock available"
+        ]
+    );
+    for m in &results {
+        assert_eq!(m.failures, 0, "{m:?}");
+        assert!(m.rps > 0.0 && m.p50_ms <= m.p99_ms, "{m:?}");
+    }
+    let table = stockgate::bench::render(&results, &options);
+    assert!(table.contains("x no-op"), "{table}");
+}
