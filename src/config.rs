@@ -151,6 +151,11 @@ pub struct GateLayerConfig {
     /// How often the reconciler compares the gate with the database (and
     /// reloads a gate that lost its counters), in milliseconds.
     pub reconcile_interval_ms: u64,
+    /// A reservation the gate admitted that is, after this long (ms),
+    /// neither queued in this process nor in the database was lost between
+    /// admission and queueing (a crash); the reconciler returns its units.
+    /// Keep it well above the queue's lag.
+    pub in_flight_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -285,6 +290,7 @@ impl Default for GateLayerConfig {
             failure_mode: GateFailureMode::FailClosed,
             sold_out_cache_ms: 1_000,
             reconcile_interval_ms: 5_000,
+            in_flight_timeout_ms: 60_000,
         }
     }
 }
@@ -416,6 +422,12 @@ impl Config {
             return Err(invalid(
                 "redis.record_ttl_secs",
                 "must be longer than reservations.hold_ttl_secs",
+            ));
+        }
+        if self.layers.gate.in_flight_timeout_ms <= self.server.request_timeout_ms {
+            return Err(invalid(
+                "layers.gate.in_flight_timeout_ms",
+                "must be longer than server.request_timeout_ms (a request-path commit may take that long)",
             ));
         }
         if self.layers.gate.reconcile_interval_ms == 0 {

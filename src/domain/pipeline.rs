@@ -185,6 +185,7 @@ pub struct Limits {
     pub gate_failure: GateFailureMode,
     /// `None`: no sold-out fast path.
     pub sold_out_cache: Option<Duration>,
+    pub in_flight_timeout: Duration,
 }
 
 impl Limits {
@@ -197,6 +198,7 @@ impl Limits {
             gate_failure: config.layers.gate.failure_mode,
             sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
                 .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
+            in_flight_timeout: Duration::from_millis(config.layers.gate.in_flight_timeout_ms),
         }
     }
 }
@@ -233,6 +235,9 @@ pub struct ReconcileReport {
     /// SKUs whose drift was the same on two passes in a row (so not a commit
     /// racing the check) and were reset from the database.
     pub repaired: Vec<Sku>,
+    /// Admitted reservations found neither queued nor in the database after
+    /// `layers.gate.in_flight_timeout_ms`, whose units were returned.
+    pub lost_admissions: Vec<ReservationId>,
 }
 
 fn store_error(err: StoreError) -> ReservationError {
@@ -454,6 +459,9 @@ impl Pipeline {
         let mut seen = HashMap::new();
         for row in &rows {
             let sku = Sku::from_trusted(row.sku.clone());
+            report
+                .lost_admissions
+                .extend(self.settle_stale_in_flight(&sku).await?);
             let Some(admissible) = self.gate.available(&sku).await.map_err(gate_error)? else {
                 // A SKU created while this gate was off or unreachable.
                 self.gate.set(&sku_stock(row)).await.map_err(gate_error)?;
@@ -491,6 +499,52 @@ impl Pipeline {
             tracing::warn!(drift = ?report.drift, repaired = ?report.repaired, "gate and database disagree");
         }
         Ok(report)
+    }
+
+    /// Settles admissions older than the in-flight timeout by what became of
+    /// them: in the database → committed or rejected; still queued here →
+    /// left alone; nowhere → lost before it was queued, units returned.
+    async fn settle_stale_in_flight(
+        &self,
+        sku: &Sku,
+    ) -> Result<Vec<ReservationId>, ReservationError> {
+        let timeout = chrono::TimeDelta::from_std(self.limits.in_flight_timeout)
+            .unwrap_or(chrono::TimeDelta::MAX);
+        let cutoff = (chrono::Utc::now() - timeout).timestamp_millis();
+        let stale = self
+            .gate
+            .stale_in_flight(sku, cutoff)
+            .await
+            .map_err(gate_error)?;
+        let mut lost = Vec::new();
+        for entry in stale {
+            if self.pending().get(&entry.id).is_some() {
+                continue;
+            }
+            let action = match self
+                .store
+                .reservation(&entry.id)
+                .await
+                .map_err(store_error)?
+            {
+                Some(row) if row.state == ReservationState::Rejected => Settlement::Rejected,
+                Some(_) => Settlement::Committed,
+                None => {
+                    lost.push(entry.id.clone());
+                    Settlement::Released
+                }
+            };
+            self.settle_gate(action, std::slice::from_ref(&entry)).await;
+        }
+        if !lost.is_empty() {
+            tracing::warn!(
+                sku = sku.as_str(),
+                lost = lost.len(),
+                "returned units of admissions that never reached the queue"
+            );
+            self.restocked(sku.as_str());
+        }
+        Ok(lost)
     }
 
     async fn pending_with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<Reservation> {

@@ -137,6 +137,17 @@ pub trait StockGate: Send + Sync + 'static {
     /// Units admitted for the SKU and not yet committed or refused.
     async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError>;
 
+    /// Reservations admitted before `admitted_before_ms` (Unix ms) and still
+    /// in flight: candidates for a crash between admission and queueing.
+    /// Backends that lose their records with the process return none.
+    async fn stale_in_flight(
+        &self,
+        _sku: &Sku,
+        _admitted_before_ms: i64,
+    ) -> Result<Vec<GateEntry>, GateError> {
+        Ok(Vec::new())
+    }
+
     /// Whether the counters are loaded; false after the backend lost them
     /// (a Redis restart or flush), which calls for a reload.
     async fn is_loaded(&self) -> Result<bool, GateError>;

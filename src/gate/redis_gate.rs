@@ -290,6 +290,45 @@ impl StockGate for RedisGate {
         Ok(inflight.unwrap_or(0))
     }
 
+    async fn stale_in_flight(
+        &self,
+        sku: &Sku,
+        admitted_before_ms: i64,
+    ) -> Result<Vec<GateEntry>, GateError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(sku, "pending"))
+            .arg("-inf")
+            .arg(admitted_before_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(500)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut stale = Vec::with_capacity(ids.len());
+        for id in ids {
+            let record = self.key(sku, &format!("res:{id}"));
+            let (user, qty): (Option<String>, Option<u32>) = redis::cmd("HMGET")
+                .arg(&record)
+                .arg("user")
+                .arg("qty")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let parsed = (user, qty, crate::domain::ReservationId::parse(&id));
+            if let (Some(user), Some(quantity), Ok(id)) = parsed {
+                stale.push(GateEntry {
+                    id,
+                    sku: sku.clone(),
+                    user: crate::domain::UserId::from_trusted(user),
+                    quantity,
+                });
+            }
+        }
+        Ok(stale)
+    }
+
     async fn is_loaded(&self) -> Result<bool, GateError> {
         self.conn
             .clone()

@@ -113,6 +113,7 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     // Storms queue many calls client-side; don't let the server cap them.
     config.server.request_timeout_ms = 60_000;
+    config.layers.gate.in_flight_timeout_ms = 120_000;
     config.server.shutdown_grace_ms = 5_000;
     config.store.sqlite_path = dir.path().join("stockgate.db").display().to_string();
     config.reservations.sweep_interval_ms = 100;
@@ -147,6 +148,9 @@ impl TestApp {
 
     /// Starts without waiting for readiness.
     pub async fn start(config: Config, db: Option<TestDb>, dir: tempfile::TempDir) -> Self {
+        // A config the server would refuse shows here, not as "connection
+        // refused" later.
+        config.validate().expect("test config must be valid");
         // Server logs only when asked for (RUST_LOG=...), to keep runs quiet.
         if std::env::var_os("RUST_LOG").is_some() {
             stockgate::telemetry::init(&config.log);

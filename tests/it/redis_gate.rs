@@ -288,3 +288,46 @@ async fn bench_runs_and_reports_every_measurement() {
     let table = stockgate::bench::render(&results, &options);
     assert!(table.contains("x no-op"), "{table}");
 }
+
+/// A replica admitted units and died before queueing them: the reconciler
+/// finds the admission neither queued nor in the database after the timeout
+/// and returns its units; admissions that did reach the database keep theirs.
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_admissions_are_returned_by_the_reconciler() {
+    use stockgate::gate::{GateEntry, RedisGate, StockGate};
+    let app = TestApp::spawn_with(Profile::Redis, |c| {
+        c.server.request_timeout_ms = 100;
+        c.layers.gate.in_flight_timeout_ms = 300;
+        c.layers.gate.reconcile_interval_ms = 100;
+        c.layers.queue.enabled = false;
+    })
+    .await;
+    app.set_stock("CRASH", 5, 0).await;
+    // The dead replica's admission, straight into the shared gate.
+    let dead = RedisGate::connect(&redis_url(), &app.config.redis).unwrap();
+    let orphan = GateEntry {
+        id: stockgate::domain::ReservationId::generate(),
+        sku: stockgate::domain::Sku::parse("CRASH").unwrap(),
+        user: stockgate::domain::UserId::parse("ghost").unwrap(),
+        quantity: 2,
+    };
+    dead.reserve(&orphan).await.unwrap();
+    drop(dead);
+    let mut client = app.inventory();
+    let kept = reserve(&mut client, "CRASH", 1, "alive").await.unwrap();
+    assert_eq!(kept.outcome(), ReserveOutcome::Reserved);
+    assert_eq!(app.stock("CRASH").await.gate_stock, Some(2));
+    let mut view = app.stock("CRASH").await;
+    for _ in 0..60 {
+        if view.gate_stock == Some(4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        view = app.stock("CRASH").await;
+    }
+    assert_eq!(
+        (view.db_stock, view.held_units, view.gate_stock),
+        (4, 1, Some(4))
+    );
+    app.stop().await;
+}
