@@ -107,7 +107,7 @@ pub struct StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LayersConfig {
     /// Per-user and global rate limiting.
-    pub rate_limit: SwitchConfig,
+    pub rate_limit: RateLimitConfig,
     /// Idempotency-key deduplication.
     pub dedup: SwitchConfig,
     /// The atomic stock gate in front of the database.
@@ -116,6 +116,43 @@ pub struct LayersConfig {
     pub queue: QueueLayerConfig,
     /// The database check, always on: the last line against overselling.
     pub db: DbLayerConfig,
+}
+
+/// Rate limits apply per replica: with N API replicas behind a balancer,
+/// callers get up to N times these rates, so size them as the wanted total
+/// divided by N (per user, a user's calls usually spread over replicas too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Whether the layer runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+    /// Count what would be refused without refusing (for tuning).
+    pub shadow: bool,
+    /// One Reserve call per user per this many milliseconds (1000 = 1/s).
+    pub per_user_period_ms: u64,
+    /// Calls a user may make at once before the period applies.
+    pub per_user_burst: u32,
+    /// Calls per second across all users, per replica.
+    pub global_per_sec: u32,
+    /// Calls at once across all users before the global rate applies.
+    pub global_burst: u32,
+    /// How often users idle long enough to have a full burst again are
+    /// forgotten, in milliseconds (bounds memory with millions of users).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            shadow: false,
+            per_user_period_ms: 1_000,
+            per_user_burst: 1,
+            global_per_sec: 20_000,
+            global_burst: 5_000,
+            sweep_interval_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -273,8 +310,7 @@ impl Default for SwitchConfig {
 impl Default for LayersConfig {
     fn default() -> Self {
         Self {
-            // Not built yet: see Config::validate.
-            rate_limit: SwitchConfig { enabled: false },
+            rate_limit: RateLimitConfig::default(),
             dedup: SwitchConfig { enabled: false },
             gate: GateLayerConfig::default(),
             queue: QueueLayerConfig::default(),
@@ -448,10 +484,23 @@ impl Config {
         if self.store.acquire_timeout_ms == 0 {
             return Err(invalid("store.acquire_timeout_ms", "must be above 0"));
         }
-        if self.layers.rate_limit.enabled {
+        let rate = &self.layers.rate_limit;
+        if rate.per_user_period_ms == 0 || rate.per_user_burst == 0 {
             return Err(invalid(
-                "layers.rate_limit.enabled",
-                "the rate-limit layer is not available in this release",
+                "layers.rate_limit.per_user_period_ms",
+                "per_user_period_ms and per_user_burst must be above 0",
+            ));
+        }
+        if rate.global_per_sec == 0 || rate.global_burst == 0 {
+            return Err(invalid(
+                "layers.rate_limit.global_per_sec",
+                "global_per_sec and global_burst must be above 0",
+            ));
+        }
+        if rate.sweep_interval_ms == 0 {
+            return Err(invalid(
+                "layers.rate_limit.sweep_interval_ms",
+                "must be above 0",
             ));
         }
         if self.layers.dedup.enabled {

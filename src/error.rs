@@ -32,6 +32,12 @@ pub enum ReservationError {
     /// The optimistic check lost every attempt; nothing was written.
     #[error("stock row changed {0} times in a row; nothing reserved, retry")]
     Contention(u32),
+    /// Over a rate limit; retry after the given time.
+    #[error("rate limited ({scope} limit); retry in {retry_after:?}")]
+    RateLimited {
+        scope: &'static str,
+        retry_after: std::time::Duration,
+    },
     /// Start-up has not finished (store not migrated or reachable).
     #[error("service not ready: {0}")]
     NotReady(String),
@@ -63,6 +69,9 @@ impl ReservationError {
     }
 }
 
+/// Response metadata telling a refused caller how many seconds to wait.
+pub const RETRY_AFTER: &str = "retry-after";
+
 impl From<ReservationError> for Status {
     fn from(err: ReservationError) -> Self {
         // The caller gets a short message; the cause chain stays in our log.
@@ -76,6 +85,7 @@ impl From<ReservationError> for Status {
                 Code::FailedPrecondition
             }
             ReservationError::Contention(_) => Code::Aborted,
+            ReservationError::RateLimited { .. } => Code::ResourceExhausted,
             ReservationError::NotReady(_) | ReservationError::Unavailable { .. } => {
                 Code::Unavailable
             }
@@ -89,6 +99,17 @@ impl From<ReservationError> for Status {
             Code::Unavailable => {
                 tracing::warn!(error = ?err, "backend unavailable");
                 Status::unavailable(err.to_string())
+            }
+            Code::ResourceExhausted => {
+                let mut status = Status::new(code, err.to_string());
+                if let ReservationError::RateLimited { retry_after, .. } = err {
+                    // Whole seconds, rounded up, as HTTP's Retry-After.
+                    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                    status
+                        .metadata_mut()
+                        .insert(RETRY_AFTER, secs.max(1).into());
+                }
+                status
             }
             _ => Status::new(code, err.to_string()),
         }
@@ -120,6 +141,13 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (ReservationError::Contention(3), Code::Aborted),
+            (
+                ReservationError::RateLimited {
+                    scope: "user",
+                    retry_after: std::time::Duration::from_millis(1),
+                },
+                Code::ResourceExhausted,
+            ),
             (ReservationError::NotReady("x".into()), Code::Unavailable),
             (
                 ReservationError::unavailable("store", anyhow::anyhow!("down")),
@@ -139,6 +167,15 @@ mod tests {
     fn invalid_argument_names_the_field() {
         let status = Status::from(ReservationError::invalid("quantity", "must be at least 1"));
         assert_eq!(status.message(), "invalid quantity: must be at least 1");
+    }
+
+    #[test]
+    fn rate_limited_carries_a_retry_hint_in_whole_seconds() {
+        let status = Status::from(ReservationError::RateLimited {
+            scope: "user",
+            retry_after: std::time::Duration::from_millis(1_200),
+        });
+        assert_eq!(status.metadata().get(RETRY_AFTER).unwrap(), "2");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod domain;
 pub mod error;
 pub mod gate;
 pub mod grpc;
+pub mod middleware;
 pub mod queue;
 pub mod server;
 pub mod store;

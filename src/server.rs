@@ -4,6 +4,9 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
+use governor::clock::DefaultClock;
+
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -11,9 +14,10 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     config::{redact_url, Config, GateBackend, StoreBackend},
-    domain::pipeline::{Layers, Limits, Pipeline},
+    domain::pipeline::{Layers, Limits, Pipeline, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{AdminApi, InventoryApi},
+    middleware::{RateLimitLayer, RateLimits},
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
@@ -54,11 +58,16 @@ pub async fn run(
             Arc::new(RedisGate::connect(&url, &config.redis)?)
         }
     };
+    let switches: Switches = Arc::new(ArcSwap::from_pointee(Layers::from_config(&config)));
+    let rate_limits = Arc::new(RateLimits::new(
+        &config.layers.rate_limit,
+        DefaultClock::default(),
+    ));
     let pipeline = Arc::new(Pipeline::new(
         store,
         gate,
         queue.clone(),
-        Layers::from_config(&config),
+        switches.clone(),
         Limits::from_config(&config),
     ));
 
@@ -79,6 +88,10 @@ pub async fn run(
         Duration::from_millis(config.layers.queue.linger_ms),
     ));
     let restocks = tokio::spawn(forward_restocks(pipeline.clone()));
+    let limiter_sweeper = tokio::spawn(sweep_rate_limits(
+        rate_limits.clone(),
+        Duration::from_millis(config.layers.rate_limit.sweep_interval_ms),
+    ));
     let reconciler = tokio::spawn(run_reconciler(
         pipeline.clone(),
         Duration::from_millis(config.layers.gate.reconcile_interval_ms),
@@ -98,7 +111,7 @@ pub async fn run(
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let admin = AdminServiceServer::new(AdminApi::new(pipeline.clone()))
+    let admin = AdminServiceServer::new(AdminApi::new(pipeline.clone(), rate_limits.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
@@ -109,6 +122,9 @@ pub async fn run(
     let serve = Server::builder()
         .timeout(config.request_timeout())
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        // Outermost first. Rate limiting runs before anything decodes a
+        // body, so a flood costs a header lookup and a counter per call.
+        .layer(RateLimitLayer::new(rate_limits, switches))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inventory)
@@ -137,6 +153,7 @@ pub async fn run(
     sweeper.abort();
     reconciler.abort();
     restocks.abort();
+    limiter_sweeper.abort();
     // Queued orders were promised a decision: let the processor drain them.
     queue.close();
     if tokio::time::timeout(grace, processor).await.is_err() {
@@ -248,6 +265,16 @@ async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::
             Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
             Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
         }
+    }
+}
+
+/// Forgets users idle long enough to have a full burst again, so memory
+/// stays bounded however many distinct users call.
+async fn sweep_rate_limits(limits: Arc<RateLimits>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        limits.sweep();
     }
 }
 

@@ -61,6 +61,10 @@ impl Layers {
     }
 }
 
+/// The switches in force, shared by the pipeline and the middleware; read
+/// per request without locks, replaced whole by `SetLayers`.
+pub type Switches = Arc<ArcSwap<Layers>>;
+
 /// A change to the switches; `None` keeps the current value.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayersChange {
@@ -207,7 +211,7 @@ pub struct Pipeline {
     store: Store,
     gate: Arc<dyn StockGate>,
     queue: Arc<dyn OrderQueue>,
-    layers: ArcSwap<Layers>,
+    layers: Switches,
     limits: Limits,
     ready: AtomicBool,
     /// Reservations published and not yet settled by the processor, the
@@ -261,7 +265,7 @@ impl Pipeline {
         store: Store,
         gate: Arc<dyn StockGate>,
         queue: Arc<dyn OrderQueue>,
-        layers: Layers,
+        layers: Switches,
         limits: Limits,
     ) -> Self {
         let (events, _) = broadcast::channel(4096);
@@ -269,7 +273,7 @@ impl Pipeline {
             store,
             gate,
             queue,
-            layers: ArcSwap::from_pointee(layers),
+            layers,
             limits,
             ready: AtomicBool::new(false),
             pending: Mutex::new(PendingBook::default()),
@@ -1061,12 +1065,6 @@ impl Pipeline {
             queue: change.queue.unwrap_or(before.queue),
             db_check: change.db_check.unwrap_or(before.db_check),
         };
-        if after.rate_limit {
-            return Err(ReservationError::invalid(
-                "rate_limit",
-                "the rate-limit layer is not available in this release",
-            ));
-        }
         if after.dedup {
             return Err(ReservationError::invalid(
                 "dedup",

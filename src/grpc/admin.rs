@@ -11,16 +11,21 @@ use crate::{
         Sku,
     },
     error::ReservationError,
+    middleware::RateLimits,
     pb::{self, admin_service_server::AdminService},
 };
 
 pub struct AdminApi {
     pipeline: Arc<Pipeline>,
+    rate_limits: Arc<RateLimits>,
 }
 
 impl AdminApi {
-    pub fn new(pipeline: Arc<Pipeline>) -> Self {
-        Self { pipeline }
+    pub fn new(pipeline: Arc<Pipeline>, rate_limits: Arc<RateLimits>) -> Self {
+        Self {
+            pipeline,
+            rate_limits,
+        }
     }
 }
 
@@ -119,8 +124,15 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::GetLayersRequest>,
     ) -> Result<Response<pb::GetLayersResponse>, Status> {
+        let stats = self.rate_limits.stats();
         Ok(Response::new(pb::GetLayersResponse {
             layers: Some(layers(self.pipeline.layers())),
+            rate_limit_stats: Some(pb::RateLimitStats {
+                admitted: stats.admitted,
+                refused: stats.refused,
+                shadow_refused: stats.shadow_refused,
+                tracked_users: stats.tracked_users,
+            }),
         }))
     }
 

@@ -5,5 +5,6 @@
 mod api;
 mod harness;
 mod health;
+mod middleware;
 mod redis_gate;
 mod storm;

@@ -1,0 +1,139 @@
+//! The tower middleware through the real server.
+
+use futures::future::join_all;
+use stockgate::pb::{GetLayersRequest, RateLimitStats, SetLayersRequest};
+use tonic::Code;
+
+use crate::harness::{reserve, Profile, TestApp};
+
+async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
+    app.admin()
+        .get_layers(GetLayersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rate_limit_stats
+        .unwrap()
+}
+
+/// 2,000 users send 5 calls each at once: each gets exactly one through and
+/// the rest RESOURCE_EXHAUSTED with a retry hint. (The period is a minute,
+/// not a second, so a slow machine cannot let a second call through; the
+/// per-second arithmetic is unit-tested on a fake clock.)
+async fn five_calls_per_user(app: &TestApp) -> (usize, usize) {
+    app.set_stock("LIMITED", 100_000, 0).await;
+    let calls = (0..10_000).map(|i| {
+        let mut client = app.inventory();
+        tokio::spawn(async move {
+            (
+                i / 5,
+                reserve(&mut client, "LIMITED", 1, &format!("u{}", i / 5)).await,
+            )
+        })
+    });
+    let mut through = vec![0; 2_000];
+    let mut refused = 0;
+    for call in join_all(calls).await {
+        match call.unwrap() {
+            (user, Ok(_)) => through[user] += 1,
+            (_, Err(status)) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                let hint: u64 = status
+                    .metadata()
+                    .get("retry-after")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=60).contains(&hint), "retry-after {hint}");
+                refused += 1;
+            }
+        }
+    }
+    (through.iter().filter(|&&n| n == 1).count(), refused)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_lets_one_call_per_user_through() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.layers.rate_limit.enabled = true;
+        c.layers.rate_limit.per_user_period_ms = 60_000;
+    })
+    .await;
+    let (users_with_one, refused) = five_calls_per_user(&app).await;
+    assert_eq!((users_with_one, refused), (2_000, 8_000));
+    let stats = rate_limit_stats(&app).await;
+    // One SetStock is not limited; the 10,000 calls are.
+    assert_eq!(
+        (stats.admitted, stats.refused, stats.shadow_refused),
+        (2_000, 8_000, 0)
+    );
+    assert_eq!(stats.tracked_users, 2_000);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_mode_lets_everything_through_and_counts() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.layers.rate_limit.enabled = true;
+        c.layers.rate_limit.shadow = true;
+        c.layers.rate_limit.per_user_period_ms = 60_000;
+    })
+    .await;
+    app.set_stock("LIMITED", 100_000, 0).await;
+    let calls = (0..1_000).map(|i| {
+        let mut client = app.inventory();
+        tokio::spawn(
+            async move { reserve(&mut client, "LIMITED", 1, &format!("u{}", i / 5)).await },
+        )
+    });
+    for call in join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+    let stats = rate_limit_stats(&app).await;
+    assert_eq!(
+        (stats.admitted, stats.refused, stats.shadow_refused),
+        (200, 0, 800)
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switched_at_run_time_and_only_for_callers() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.layers.rate_limit.per_user_period_ms = 60_000;
+    })
+    .await;
+    app.set_stock("S", 100, 0).await;
+    let mut client = app.inventory();
+    for _ in 0..3 {
+        reserve(&mut client, "S", 1, "eve").await.unwrap();
+    }
+    let switch = |on: bool| SetLayersRequest {
+        rate_limit: Some(on),
+        ..Default::default()
+    };
+    app.admin().set_layers(switch(true)).await.unwrap();
+    reserve(&mut client, "S", 1, "eve").await.unwrap();
+    let status = reserve(&mut client, "S", 1, "eve").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // No user id: refused by the layer with the field named.
+    let status = client
+        .reserve(stockgate::pb::ReserveRequest {
+            sku: "S".into(),
+            quantity: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("x-user-id"));
+    // Operators and health checks are never limited.
+    for _ in 0..50 {
+        app.admin().get_layers(GetLayersRequest {}).await.unwrap();
+        app.health().await;
+    }
+    app.admin().set_layers(switch(false)).await.unwrap();
+    reserve(&mut client, "S", 1, "eve").await.unwrap();
+    app.stop().await;
+}
