@@ -107,7 +107,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
         &channels,
         &warm,
         "warm-up",
-        reserve_call("BENCH-SOLDOUT", ReserveOutcome::SoldOut),
+        reserve_call("BENCH-SOLDOUT", "warm".into(), ReserveOutcome::SoldOut),
     )
     .await;
 
@@ -120,7 +120,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                 &channels,
                 &options,
                 "Reserve, sold out",
-                reserve_call("BENCH-SOLDOUT", ReserveOutcome::SoldOut),
+                reserve_call(
+                    "BENCH-SOLDOUT",
+                    format!("out-{round}"),
+                    ReserveOutcome::SoldOut,
+                ),
             )
             .await,
         );
@@ -129,7 +133,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                 &channels,
                 &options,
                 "Reserve, stock available",
-                reserve_call_unique("BENCH-AVAIL", round),
+                // A distinct user per call and round: each is queued.
+                reserve_call("BENCH-AVAIL", format!("in-{round}"), ReserveOutcome::Queued),
             )
             .await,
         );
@@ -173,9 +178,11 @@ fn reserve_request(sku: &str, user: String) -> Request<ReserveRequest> {
     request
 }
 
-/// Reserve as user `bench-i`, counting only the expected outcome as success.
+/// Reserve as user `{users}-i`, counting only the expected outcome as
+/// success.
 fn reserve_call(
     sku: &'static str,
+    users: String,
     expect: ReserveOutcome,
 ) -> impl Fn(
     Channel,
@@ -187,36 +194,13 @@ fn reserve_call(
        + 'static {
     move |channel, i| {
         let mut client = InventoryServiceClient::new(channel);
+        let user = format!("{users}-{i}");
         Box::pin(async move {
             let response = client
-                .reserve(reserve_request(sku, format!("bench-{i}")))
+                .reserve(reserve_request(sku, user))
                 .await?
                 .into_inner();
             Ok(response.outcome() == expect)
-        })
-    }
-}
-
-/// Reserve with stock: a distinct user per call and round, answered QUEUED.
-fn reserve_call_unique(
-    sku: &'static str,
-    round: usize,
-) -> impl Fn(
-    Channel,
-    usize,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<bool, tonic::Status>> + Send>,
-> + Clone
-       + Send
-       + 'static {
-    move |channel, i| {
-        let mut client = InventoryServiceClient::new(channel);
-        Box::pin(async move {
-            let response = client
-                .reserve(reserve_request(sku, format!("bench-{round}-{i}")))
-                .await?
-                .into_inner();
-            Ok(response.outcome() == ReserveOutcome::Queued)
         })
     }
 }

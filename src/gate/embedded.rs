@@ -257,7 +257,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::{ReservationId, UserId},
-        gate::decision_table::{self, request},
+        gate::decision_table::{self, loaded, request},
     };
 
     #[tokio::test]
@@ -265,22 +265,9 @@ mod tests {
         decision_table::run(EmbeddedGate::new).await;
     }
 
-    async fn loaded(stock: i64, max_per_user: u32) -> (EmbeddedGate, Sku) {
-        let gate = EmbeddedGate::new();
-        let sku = Sku::parse("S").unwrap();
-        gate.load(&[SkuStock {
-            sku: sku.clone(),
-            db_stock: stock,
-            max_per_user,
-        }])
-        .await
-        .unwrap();
-        (gate, sku)
-    }
-
     #[tokio::test]
     async fn release_returns_units_once() {
-        let (gate, sku) = loaded(5, 0).await;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 5, 0).await;
         let r = request(&sku, "u1", 3);
         gate.reserve(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
@@ -291,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_of_a_hold_from_before_a_restart_counts_once() {
-        let (gate, sku) = loaded(2, 0).await;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 2, 0).await;
         let earlier = GateEntry {
             id: ReservationId::generate(),
             sku: sku.clone(),
@@ -305,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejection_frees_the_user_but_not_the_stock() {
-        let (gate, sku) = loaded(4, 2).await;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 4, 2).await;
         let r = request(&sku, "u1", 2);
         gate.reserve(&r).await.unwrap();
         gate.rejected(&r).await.unwrap();
@@ -322,7 +309,7 @@ mod tests {
 
     #[tokio::test]
     async fn reload_subtracts_units_still_in_flight() {
-        let (gate, sku) = loaded(10, 0).await;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 10, 0).await;
         let in_flight = request(&sku, "u1", 3);
         gate.reserve(&in_flight).await.unwrap();
         let committed = request(&sku, "u2", 2);
@@ -342,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_reservations_never_oversell() {
-        let (gate, sku) = loaded(100, 0).await;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 100, 0).await;
         let gate = std::sync::Arc::new(gate);
         let mut tasks = Vec::new();
         for i in 0..1_000 {

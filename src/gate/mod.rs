@@ -295,6 +295,19 @@ pub(crate) mod decision_table {
         );
     }
 
+    /// `gate` loaded with one SKU "S".
+    pub async fn loaded<G: StockGate>(gate: G, stock: i64, max_per_user: u32) -> (G, Sku) {
+        let sku = Sku::parse("S").unwrap();
+        gate.load(&[SkuStock {
+            sku: sku.clone(),
+            db_stock: stock,
+            max_per_user,
+        }])
+        .await
+        .unwrap();
+        (gate, sku)
+    }
+
     pub fn request(sku: &Sku, user: &str, quantity: u32) -> GateEntry {
         GateEntry {
             id: ReservationId::generate(),

@@ -347,7 +347,7 @@ mod tests {
     //! Against the real Redis on 127.0.0.1:6379 (`STOCKGATE_TEST_REDIS_URL`
     //! overrides), each gate under a key prefix of its own.
     use super::*;
-    use crate::gate::decision_table::{self, request};
+    use crate::gate::decision_table::{self, loaded, request};
 
     fn redis_url() -> String {
         std::env::var("STOCKGATE_TEST_REDIS_URL")
@@ -367,22 +367,9 @@ mod tests {
         decision_table::run(fresh_gate).await;
     }
 
-    async fn loaded(stock: i64, max_per_user: u32) -> (RedisGate, Sku) {
-        let gate = fresh_gate();
-        let sku = Sku::parse("S").unwrap();
-        gate.load(&[SkuStock {
-            sku: sku.clone(),
-            db_stock: stock,
-            max_per_user,
-        }])
-        .await
-        .unwrap();
-        (gate, sku)
-    }
-
     #[tokio::test]
     async fn release_returns_units_once() {
-        let (gate, sku) = loaded(5, 0).await;
+        let (gate, sku) = loaded(fresh_gate(), 5, 0).await;
         let r = request(&sku, "u1", 3);
         gate.reserve(&r).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(2));
@@ -395,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejection_frees_the_user_but_not_the_stock_and_commit_ends_in_flight() {
-        let (gate, sku) = loaded(4, 2).await;
+        let (gate, sku) = loaded(fresh_gate(), 4, 2).await;
         let r = request(&sku, "u1", 2);
         gate.reserve(&r).await.unwrap();
         gate.rejected(&r).await.unwrap();
@@ -456,7 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn restocks_are_published_to_every_gate_on_the_prefix() {
-        let (gate, sku) = loaded(1, 0).await;
+        let (gate, sku) = loaded(fresh_gate(), 1, 0).await;
         let other = RedisGate::connect(
             &redis_url(),
             &RedisConfig {
