@@ -27,6 +27,8 @@ pub struct Config {
     pub layers: LayersConfig,
     /// The Redis stock gate, when `backends.gate` is a `redis://` URL.
     pub redis: RedisConfig,
+    /// The RabbitMQ order queue, when `backends.queue` is an `amqp://` URL.
+    pub rabbitmq: RabbitConfig,
     /// Request limits and the hold lifecycle.
     pub reservations: ReservationsConfig,
 }
@@ -51,6 +53,29 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for in-flight calls and the order
     /// processor's current batch, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// What this process runs: `all` (the gRPC API and the order
+    /// processor), `api` (callers and operators only) or `processor` (the
+    /// order processor, with health on the listener). Split roles need the
+    /// RabbitMQ queue, which connects them.
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    All,
+    Api,
+    Processor,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        self != Role::Processor
+    }
+
+    pub fn processes_orders(self) -> bool {
+        self != Role::Api
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,8 +105,9 @@ pub struct BackendsConfig {
     /// `embedded` (in-process counters) or a `redis://` URL (one Lua script
     /// per decision, shared by every replica).
     pub gate: String,
-    /// `embedded` (in-process channel). An `amqp://` queue arrives with the
-    /// RabbitMQ queue and is refused until then.
+    /// `embedded` (in-process channel; lost on a crash) or an `amqp://` URL
+    /// (a durable RabbitMQ quorum queue shared by every replica; needs the
+    /// PostgreSQL store).
     pub queue: String,
 }
 
@@ -225,6 +251,29 @@ pub struct QueueLayerConfig {
     /// Most reservations waiting in the embedded queue; past it Reserve
     /// answers UNAVAILABLE instead of growing memory without bound.
     pub capacity: usize,
+    /// How often the processor tries an order the database keeps refusing
+    /// with an error (not an outage, which is retried until it ends) before
+    /// it gives up: the reservation becomes REJECTED, its units go back,
+    /// and with RabbitMQ the message is moved to the dead-letter queue.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitConfig {
+    /// The durable quorum queue of orders (single active consumer). The
+    /// dead-letter queue is `<queue>.dlq` and the fanout exchange telling
+    /// API replicas which reservations were settled is `<queue>.settled`.
+    pub queue: String,
+    /// Most time Reserve waits for the broker to confirm a message, in
+    /// milliseconds; past it the reservation is rolled back (UNAVAILABLE).
+    pub publish_timeout_ms: u64,
+    /// Most unacknowledged messages the processor holds; at least
+    /// `layers.queue.batch_size` so a batch can fill.
+    pub prefetch: u16,
+    /// Pause between reconnection attempts after the broker was lost, in
+    /// milliseconds.
+    pub reconnect_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -267,6 +316,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 100,
             request_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            role: Role::All,
         }
     }
 }
@@ -349,6 +399,18 @@ impl Default for QueueLayerConfig {
             batch_size: 64,
             linger_ms: 2,
             capacity: 100_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            queue: "stockgate.orders".into(),
+            publish_timeout_ms: 2_000,
+            prefetch: 512,
+            reconnect_delay_ms: 500,
         }
     }
 }
@@ -380,6 +442,13 @@ pub const EMBEDDED: &str = "embedded";
 pub enum StoreBackend {
     Sqlite(String),
     Postgres(String),
+}
+
+/// A queue chosen by `backends.queue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    Embedded,
+    Rabbit(String),
 }
 
 /// A gate chosen by `backends.gate`.
@@ -472,11 +541,41 @@ impl Config {
                 "must be above 0",
             ));
         }
-        if self.backends.queue != EMBEDDED {
-            return Err(invalid(
-                "backends.queue",
-                "only \"embedded\" is available in this release",
-            ));
+        match self.queue_backend()? {
+            QueueBackend::Rabbit(_) => {
+                if !matches!(self.store_backend()?, StoreBackend::Postgres(_)) {
+                    return Err(invalid(
+                        "backends.queue",
+                        "an amqp:// queue needs a postgres:// store (replicas share tickets and orders through it)",
+                    ));
+                }
+                let rabbit = &self.rabbitmq;
+                if rabbit.queue.is_empty() || rabbit.queue.len() > 200 {
+                    return Err(invalid("rabbitmq.queue", "must be 1 to 200 characters"));
+                }
+                if rabbit.publish_timeout_ms == 0 || rabbit.reconnect_delay_ms == 0 {
+                    return Err(invalid(
+                        "rabbitmq.publish_timeout_ms",
+                        "publish_timeout_ms and reconnect_delay_ms must be above 0",
+                    ));
+                }
+                if usize::from(rabbit.prefetch) < self.layers.queue.batch_size {
+                    return Err(invalid(
+                        "rabbitmq.prefetch",
+                        "must be at least layers.queue.batch_size",
+                    ));
+                }
+            }
+            QueueBackend::Embedded if self.server.role != Role::All => {
+                return Err(invalid(
+                    "server.role",
+                    "`api` and `processor` need an amqp:// backends.queue to connect them",
+                ));
+            }
+            QueueBackend::Embedded => {}
+        }
+        if self.layers.queue.max_attempts == 0 {
+            return Err(invalid("layers.queue.max_attempts", "must be above 0"));
         }
         if self.store.max_connections == 0 {
             return Err(invalid("store.max_connections", "must be above 0"));
@@ -531,6 +630,21 @@ impl Config {
     }
 
     /// Which gate `backends.gate` selects.
+    pub fn queue_backend(&self) -> Result<QueueBackend, ConfigError> {
+        let url = self.backends.queue.as_str();
+        if url == EMBEDDED {
+            Ok(QueueBackend::Embedded)
+        } else if url.starts_with("amqp://") {
+            Ok(QueueBackend::Rabbit(url.to_owned()))
+        } else {
+            // amqps:// would need lapin's TLS stack, which is not built in.
+            Err(invalid(
+                "backends.queue",
+                "must be \"embedded\" or an amqp:// URL",
+            ))
+        }
+    }
+
     pub fn gate_backend(&self) -> Result<GateBackend, ConfigError> {
         let url = self.backends.gate.as_str();
         if url == EMBEDDED {

@@ -13,7 +13,7 @@ use tonic::transport::Server;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
-    config::{redact_url, Config, GateBackend, StoreBackend},
+    config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
     domain::pipeline::{Layers, Limits, Pipeline, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{AdminApi, InventoryApi},
@@ -22,7 +22,10 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
     },
-    queue::{EmbeddedQueue, EmbeddedReceiver, OrderQueue as _},
+    queue::{
+        decode, encode, EmbeddedQueue, EmbeddedReceiver, OrderQueue, QueueNames, RabbitConsumer,
+        RabbitQueue,
+    },
     store::Store,
 };
 
@@ -49,8 +52,24 @@ pub async fn run(
         StoreBackend::Sqlite(path) => tracing::info!(store = %path, "store: embedded sqlite"),
     }
     let store = Store::connect(target, &config.store)?;
-    let (queue, receiver) = EmbeddedQueue::new(config.layers.queue.capacity);
-    let queue = Arc::new(queue);
+    let role = config.server.role;
+    let (queue, embedded_receiver, rabbit): (Arc<dyn OrderQueue>, _, _) = match config
+        .queue_backend()?
+    {
+        QueueBackend::Embedded => {
+            let (queue, receiver) = EmbeddedQueue::new(config.layers.queue.capacity);
+            (Arc::new(queue), Some(receiver), None)
+        }
+        QueueBackend::Rabbit(url) => {
+            tracing::info!(queue = %redact_url(&url), name = %config.rabbitmq.queue, ?role, "queue: rabbitmq");
+            let queue = Arc::new(RabbitQueue::new(&url, &config.rabbitmq, store.clone()));
+            (
+                queue.clone() as Arc<dyn OrderQueue>,
+                None,
+                Some((queue, url)),
+            )
+        }
+    };
     let gate: Arc<dyn StockGate> = match config.gate_backend()? {
         GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
         GateBackend::Redis(url) => {
@@ -81,12 +100,43 @@ pub async fn run(
         config.store.migrate_on_start,
         stop_rx.clone(),
     ));
-    let processor = tokio::spawn(run_processor(
-        pipeline.clone(),
-        receiver,
-        config.layers.queue.batch_size,
-        Duration::from_millis(config.layers.queue.linger_ms),
-    ));
+    let batch_size = config.layers.queue.batch_size;
+    let linger = Duration::from_millis(config.layers.queue.linger_ms);
+    let processor = match (embedded_receiver, &rabbit) {
+        (Some(receiver), _) => Some(tokio::spawn(run_processor(
+            pipeline.clone(),
+            receiver,
+            batch_size,
+            linger,
+        ))),
+        (None, Some((queue, url))) if role.processes_orders() => {
+            Some(tokio::spawn(run_rabbit_processor(
+                pipeline.clone(),
+                RabbitSource {
+                    url: url.clone(),
+                    names: queue.names().clone(),
+                    prefetch: config.rabbitmq.prefetch,
+                    reconnect_delay: Duration::from_millis(config.rabbitmq.reconnect_delay_ms),
+                },
+                batch_size,
+                linger,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
+    // API replicas learn from the processor which queued reservations
+    // now have a row.
+    let follower = match &rabbit {
+        Some((queue, _)) if role.serves_api() => {
+            let settled = pipeline.clone();
+            Some(tokio::spawn(queue.clone().follow_settled(
+                move |ids| settled.apply_settled(&ids),
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let restocks = tokio::spawn(forward_restocks(pipeline.clone()));
     let limiter_sweeper = tokio::spawn(sweep_rate_limits(
         rate_limits.clone(),
@@ -95,6 +145,7 @@ pub async fn run(
     let reconciler = tokio::spawn(run_reconciler(
         pipeline.clone(),
         Duration::from_millis(config.layers.gate.reconcile_interval_ms),
+        rabbit.is_some() && role.serves_api(),
         stop_rx.clone(),
     ));
     let sweeper = tokio::spawn(run_sweeper(
@@ -127,8 +178,8 @@ pub async fn run(
         .layer(RateLimitLayer::new(rate_limits, switches))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(inventory)
-        .add_service(admin)
+        .add_optional_service(role.serves_api().then_some(inventory))
+        .add_optional_service(role.serves_api().then_some(admin))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             tracing::info!("shutdown requested; draining");
@@ -154,10 +205,17 @@ pub async fn run(
     reconciler.abort();
     restocks.abort();
     limiter_sweeper.abort();
-    // Queued orders were promised a decision: let the processor drain them.
+    if let Some(follower) = follower {
+        follower.abort();
+    }
+    // Queued orders were promised a decision: let the embedded processor
+    // drain them (a RabbitMQ processor finishes its batch; the rest stays
+    // queued for the next one).
     queue.close();
-    if tokio::time::timeout(grace, processor).await.is_err() {
-        tracing::error!("order processor did not drain within the grace period");
+    if let Some(processor) = processor {
+        if tokio::time::timeout(grace, processor).await.is_err() {
+            tracing::error!("order processor did not drain within the grace period");
+        }
     }
     tracing::info!("stopped");
     result
@@ -249,6 +307,89 @@ async fn run_processor(
     }
 }
 
+/// Where the RabbitMQ processor consumes from.
+struct RabbitSource {
+    url: String,
+    names: QueueNames,
+    prefetch: u16,
+    reconnect_delay: Duration,
+}
+
+/// The order processor on RabbitMQ: consumes (as the single active
+/// consumer, or on standby), commits each batch, copies orders it gave up on
+/// to the dead-letter queue, and only then acks, so a crash at any point
+/// redelivers and the database's idempotency absorbs the repeat.
+/// Reconnects after a broker loss; on `stop` it finishes the batch in hand.
+async fn run_rabbit_processor(
+    pipeline: Arc<Pipeline>,
+    source: RabbitSource,
+    batch_size: usize,
+    linger: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let mut consumer =
+            match RabbitConsumer::connect(&source.url, &source.names, source.prefetch).await {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    tracing::warn!(error = %err, "order processor cannot reach the queue");
+                    tokio::select! {
+                        _ = tokio::time::sleep(source.reconnect_delay) => continue,
+                        _ = stop.changed() => return,
+                    }
+                }
+            };
+        tracing::info!(queue = %source.names.orders, "order processor consuming (or on standby)");
+        loop {
+            let batch = tokio::select! {
+                batch = consumer.next_batch(batch_size, linger) => batch,
+                _ = stop.changed() => {
+                    consumer.close().await;
+                    return;
+                }
+            };
+            let Some(deliveries) = batch else {
+                tracing::warn!("order queue connection lost; reconnecting");
+                break;
+            };
+            let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
+                continue;
+            };
+            let mut orders = Vec::with_capacity(deliveries.len());
+            let mut unsettled = false;
+            for delivery in &deliveries {
+                match decode(&delivery.data) {
+                    Ok(order) => orders.push(order),
+                    Err(reason) => {
+                        tracing::error!(%reason, "undecodable order message; dead-lettering it");
+                        unsettled |= consumer.dead_letter(&delivery.data, &reason).await.is_err();
+                    }
+                }
+            }
+            for (order, reason) in pipeline.process_batch(&orders).await {
+                unsettled |= consumer
+                    .dead_letter(&encode(&order), &reason)
+                    .await
+                    .is_err();
+            }
+            if unsettled {
+                // Not acked: redelivered to whoever consumes next.
+                tracing::warn!("could not dead-letter; leaving the batch unacked");
+                break;
+            }
+            if let Err(err) = consumer.ack_through(last_tag).await {
+                // Redelivered and found already committed.
+                tracing::warn!(error = %err, "batch committed but not acked; it will be redelivered");
+                break;
+            }
+        }
+        consumer.close().await;
+    }
+}
+
 async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -294,7 +435,12 @@ async fn forward_restocks(pipeline: Arc<Pipeline>) {
 
 /// Compares the gate with the database every `every`, and at once when a
 /// caller found the gate not loaded.
-async fn run_reconciler(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn run_reconciler(
+    pipeline: Arc<Pipeline>,
+    every: Duration,
+    resync_queued: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -305,6 +451,14 @@ async fn run_reconciler(pipeline: Arc<Pipeline>, every: Duration, mut stop: watc
         }
         if !pipeline.is_ready() {
             continue;
+        }
+        if resync_queued {
+            // Notices from the processor can be missed across a broker
+            // reconnect; the database has the answer.
+            let dropped = pipeline.resync_pending(every, 256).await;
+            if dropped > 0 {
+                tracing::info!(dropped, "queued reservations found settled in the database");
+            }
         }
         if let Err(err) = pipeline.reconcile().await {
             tracing::warn!(error = %err, "reconcile failed");

@@ -190,6 +190,7 @@ pub struct Limits {
     /// `None`: no sold-out fast path.
     pub sold_out_cache: Option<Duration>,
     pub in_flight_timeout: Duration,
+    pub max_order_attempts: u32,
 }
 
 impl Limits {
@@ -203,6 +204,7 @@ impl Limits {
             sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
                 .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
             in_flight_timeout: Duration::from_millis(config.layers.gate.in_flight_timeout_ms),
+            max_order_attempts: config.layers.queue.max_attempts,
         }
     }
 }
@@ -521,6 +523,13 @@ impl Pipeline {
             .await
             .map_err(gate_error)?;
         let mut lost = Vec::new();
+        // With a shared broker, an admission another replica queued is not
+        // in our memory: call nothing lost while messages still wait.
+        let waiting = if stale.is_empty() {
+            Some(0)
+        } else {
+            self.queue.backlog().await
+        };
         for entry in stale {
             if self.pending().get(&entry.id).is_some() {
                 continue;
@@ -533,6 +542,7 @@ impl Pipeline {
             {
                 Some(row) if row.state == ReservationState::Rejected => Settlement::Rejected,
                 Some(_) => Settlement::Committed,
+                None if waiting != Some(0) => continue,
                 None => {
                     lost.push(entry.id.clone());
                     Settlement::Released
@@ -620,6 +630,17 @@ impl Pipeline {
                 })
             }
             Err(err) => {
+                if let QueueError::Unconfirmed(why) = &err {
+                    // The broker may still hold the message: a REJECTED row
+                    // makes its late delivery a no-op, so the caller's
+                    // UNAVAILABLE stays true. If even that write fails the
+                    // outcome is indeterminate (logged); the gate's
+                    // reconciler repairs its count either way.
+                    let reason = format!("the order queue did not confirm the order: {why}");
+                    if let Err(db) = self.store.record_failed(&order, &reason, now()).await {
+                        tracing::error!(reservation = order.id.as_str(), error = %db, "unconfirmed order could not be fenced off; it may still be committed");
+                    }
+                }
                 self.pending().remove(&order.id);
                 if gated {
                     self.gate_release(&order).await;
@@ -724,19 +745,46 @@ impl Pipeline {
 
     /// Commits one batch from the queue, in order. Returns only when every
     /// order in it is settled; a database outage is retried, never dropped.
-    pub async fn process_batch(&self, batch: &[QueuedOrder]) {
+    /// An order the database keeps refusing with an error is given up after
+    /// `layers.queue.max_attempts` tries: it is returned with the reason,
+    /// recorded REJECTED and its units given back.
+    pub async fn process_batch(&self, batch: &[QueuedOrder]) -> Vec<(QueuedOrder, String)> {
         let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
+        let mut failed = Vec::new();
         let mut backoff = Duration::from_millis(10);
         while !todo.is_empty() {
             let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
             let params = self.commit_params(self.layers().db_check, true);
             let outcomes = match self.store.commit_batch(&orders, params).await {
                 Ok(outcomes) => outcomes,
-                Err(err) => {
+                Err(err) if err.is_unavailable() => {
                     tracing::error!(error = %err, orders = orders.len(), "order batch failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
+                }
+                Err(err) => {
+                    // One order can poison a whole transaction: find it by
+                    // committing one at a time.
+                    tracing::warn!(error = %err, orders = orders.len(), "order batch refused; committing one by one");
+                    let mut outcomes = Vec::with_capacity(todo.len());
+                    for queued in &todo {
+                        match self.commit_alone(queued).await {
+                            Ok(outcome) => outcomes.push(Some(outcome)),
+                            Err(reason) => {
+                                self.give_up(queued, &reason).await;
+                                failed.push(((*queued).clone(), reason));
+                                outcomes.push(None);
+                            }
+                        }
+                    }
+                    let (kept, outcomes): (Vec<_>, Vec<_>) = todo
+                        .into_iter()
+                        .zip(outcomes)
+                        .filter_map(|(queued, outcome)| outcome.map(|o| (queued, o)))
+                        .unzip();
+                    todo = kept;
+                    outcomes
                 }
             };
             let (again, done): (Vec<_>, Vec<_>) = todo
@@ -760,9 +808,99 @@ impl Pipeline {
             todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
         if let Some(last) = batch.iter().map(|q| q.ticket).max() {
-            self.queue.done_through(last).await;
+            let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
+            self.queue.settled(last, &ids).await;
         }
         self.emit(Event::QueueAdvanced);
+        failed
+    }
+
+    /// One order in its own transaction, retried on errors up to
+    /// `layers.queue.max_attempts` times (an outage does not count).
+    async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let params = self.commit_params(self.layers().db_check, true);
+            match self
+                .store
+                .commit_batch(std::slice::from_ref(&queued.order), params)
+                .await
+            {
+                Ok(mut outcomes) => return Ok(outcomes.remove(0)),
+                Err(err) if err.is_unavailable() => {}
+                Err(err) => {
+                    attempts += 1;
+                    if attempts >= self.limits.max_order_attempts {
+                        return Err(format!("failed {attempts} times: {err}"));
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Ends an order the database would not take: REJECTED row (with the
+    /// time of failure, since the order's own data may be what fails),
+    /// units back to the gate, watchers told, error logged.
+    async fn give_up(&self, queued: &QueuedOrder, reason: &str) {
+        let order = &queued.order;
+        tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
+        let recorded = self
+            .store
+            .record_failed(order, &format!("processing failed: {reason}"), now())
+            .await;
+        if queued.gated {
+            self.settle_gate(Settlement::Released, &[gate_entry(order)])
+                .await;
+            self.restocked(order.sku.as_str());
+        }
+        self.pending().remove(&order.id);
+        match recorded {
+            Ok(reservation) => self.emit(Event::Changed(reservation)),
+            Err(err) => {
+                tracing::error!(reservation = order.id.as_str(), error = %err, "failed order could not be recorded")
+            }
+        }
+    }
+
+    /// Another process (the order processor) settled these reservations:
+    /// they have a row now, so stop answering them from memory.
+    pub fn apply_settled(&self, ids: &[ReservationId]) {
+        {
+            let mut pending = self.pending();
+            for id in ids {
+                pending.remove(id);
+            }
+        }
+        self.emit(Event::QueueAdvanced);
+    }
+
+    /// Drops queued reservations older than `older_than` that already have
+    /// a row: the processor's notice about them was missed (a broker
+    /// reconnect). Checks at most `limit` per call; returns how many it
+    /// dropped.
+    pub async fn resync_pending(&self, older_than: Duration, limit: usize) -> usize {
+        let cutoff =
+            now() - chrono::TimeDelta::from_std(older_than).unwrap_or(chrono::TimeDelta::MAX);
+        let old: Vec<ReservationId> = self
+            .pending()
+            .values()
+            .filter(|p| p.ticket.is_some() && p.reservation.created_at < cutoff)
+            .map(|p| p.reservation.id.clone())
+            .take(limit)
+            .collect();
+        let mut settled = Vec::new();
+        for id in old {
+            if let Ok(Some(_)) = self.store.reservation(&id).await {
+                settled.push(id);
+            }
+        }
+        if !settled.is_empty() {
+            self.apply_settled(&settled);
+        }
+        settled.len()
     }
 
     fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::{OrderQueue, QueueError, QueuedOrder};
-use crate::store::NewOrder;
+use crate::{domain::ReservationId, store::NewOrder};
 
 /// The publishing side.
 #[derive(Debug)]
@@ -66,8 +66,12 @@ impl OrderQueue for EmbeddedQueue {
         ticket.saturating_sub(self.done.load(Ordering::Acquire) + 1)
     }
 
-    async fn done_through(&self, ticket: u64) {
-        self.done.fetch_max(ticket, Ordering::AcqRel);
+    async fn settled(&self, through: u64, _ids: &[ReservationId]) {
+        self.done.fetch_max(through, Ordering::AcqRel);
+    }
+
+    async fn backlog(&self) -> Option<u64> {
+        Some(0)
     }
 
     fn close(&self) {
@@ -102,7 +106,7 @@ mod tests {
         ));
         assert_eq!(queue.position(2).await, 1);
         assert_eq!(rx.recv().await.unwrap().ticket, 1);
-        queue.done_through(1).await;
+        queue.settled(1, &[]).await;
         assert_eq!(queue.position(2).await, 0);
         queue.close();
         assert!(matches!(

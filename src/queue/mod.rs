@@ -7,12 +7,14 @@
 //! load however large the spike.
 
 mod embedded;
+mod rabbit;
 
 pub use embedded::{EmbeddedQueue, EmbeddedReceiver};
+pub use rabbit::{decode, encode, QueueNames, RabbitConsumer, RabbitQueue};
 
 use async_trait::async_trait;
 
-use crate::store::NewOrder;
+use crate::{domain::ReservationId, store::NewOrder};
 
 /// What travels through the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,13 @@ pub enum QueueError {
     Full(usize),
     #[error("order queue is closed for shutdown")]
     Closed,
+    /// Definitely not enqueued (the broker is unreachable, or returned it).
+    #[error("order queue unavailable: {0}")]
+    Unavailable(String),
+    /// Sent, but the broker never confirmed it: it may or may not be
+    /// stored, so the reservation must be fenced off in the database.
+    #[error("order not confirmed by the queue: {0}")]
+    Unconfirmed(String),
 }
 
 /// One queue backend.
@@ -43,8 +52,14 @@ pub trait OrderQueue: Send + Sync + 'static {
     /// Orders ahead of `ticket` that are not done yet.
     async fn position(&self, ticket: u64) -> u64;
 
-    /// Records that every order up to `ticket` is done.
-    async fn done_through(&self, ticket: u64);
+    /// Records that a batch was settled: every order up to `through` is
+    /// done, and `ids` have their row (or were rejected).
+    async fn settled(&self, through: u64, ids: &[ReservationId]);
+
+    /// Orders waiting that this process cannot see (`None`: cannot tell
+    /// now). The embedded queue answers 0: its orders are all in this
+    /// process's memory.
+    async fn backlog(&self) -> Option<u64>;
 
     /// Stops accepting orders; what is already queued is still delivered.
     fn close(&self);

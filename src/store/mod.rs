@@ -55,6 +55,8 @@ pub enum StoreError {
     Query(#[from] DieselError),
     #[error("migrations failed: {0}")]
     Migration(String),
+    #[error("not supported by this store: {0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -443,6 +445,27 @@ macro_rules! queries {
                     Ok(outcomes)
                 })
                 .await
+            }
+
+            /// Stores an order the processor gave up on (or whose publish
+            /// was never confirmed) as REJECTED, so a late delivery of it
+            /// finds the row and creates nothing. An existing row wins.
+            /// `created_at` is `now`: the order's own may be what failed.
+            pub(super) async fn record_failed(
+                conn: &mut $Conn,
+                order: &NewOrder,
+                reason: &str,
+                now: NaiveDateTime,
+            ) -> QueryResult<Reservation> {
+                if let Some(row) = find(conn, order.id.as_str()).await? {
+                    return Ok(row.into_domain());
+                }
+                let mut row = row_for(order, ReservationState::Rejected, now);
+                row.idempotency_key = None;
+                row.reject_reason = Some(reason.to_owned());
+                row.created_at = now;
+                insert_row(conn, &row).await?;
+                Ok(row.into_domain())
             }
 
             pub(super) async fn get(
@@ -858,6 +881,50 @@ impl Store {
         params: CommitParams,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         dispatch!(self.commit_batch(orders, params))
+    }
+
+    /// See `record_failed` in the query module.
+    pub async fn record_failed(
+        &self,
+        order: &NewOrder,
+        reason: &str,
+        now: NaiveDateTime,
+    ) -> Result<Reservation, StoreError> {
+        dispatch!(self.record_failed(order, reason, now))
+    }
+
+    /// The next ticket of the shared queue-position sequence (PostgreSQL
+    /// only: replicas sharing RabbitMQ share the database).
+    pub async fn next_ticket(&self) -> Result<u64, StoreError> {
+        self.ticket_query("SELECT nextval('order_tickets') AS value")
+            .await
+    }
+
+    /// The last ticket handed out, 0 before the first.
+    pub async fn last_ticket(&self) -> Result<u64, StoreError> {
+        self.ticket_query(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS value FROM order_tickets",
+        )
+        .await
+    }
+
+    async fn ticket_query(&self, sql: &'static str) -> Result<u64, StoreError> {
+        #[derive(QueryableByName)]
+        struct Ticket {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            value: i64,
+        }
+        let Pool::Pg(pool) = &*self.pool else {
+            return Err(StoreError::Unsupported(
+                "queue tickets need PostgreSQL (backends.store)",
+            ));
+        };
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let ticket: Ticket = diesel::sql_query(sql).get_result(&mut *conn).await?;
+        Ok(u64::try_from(ticket.value).unwrap_or(0))
     }
 
     pub async fn reservation(&self, id: &ReservationId) -> Result<Option<Reservation>, StoreError> {

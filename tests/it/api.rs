@@ -355,7 +355,7 @@ async fn watch_streams_queue_and_final_state_then_ends() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unconfirmed_holds_expire_and_their_units_sell_again() {
-    for profile in PROFILES {
+    for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
         let app = TestApp::spawn_with(profile, |c| c.reservations.hold_ttl_secs = 1).await;
         app.set_stock("EXPIRE", 1, 0).await;
         let mut client = app.inventory();

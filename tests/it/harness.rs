@@ -37,6 +37,60 @@ pub enum Profile {
     Postgres,
     /// PostgreSQL plus the Redis gate under a key prefix of the test's own.
     Redis,
+    /// PostgreSQL, the Redis gate and the RabbitMQ queue, with a queue
+    /// name of the test's own (deleted when the test stops the app).
+    Rabbit,
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("STOCKGATE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (start it with .ci/run's service step)");
+    let channel = conn.create_channel().await.unwrap();
+    (conn, channel)
+}
+
+/// Messages ready in a queue, as the broker counts them.
+pub async fn queue_depth(queue: &str) -> u32 {
+    let (_conn, channel) = amqp_channel().await;
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+/// Deletes a test's queues and exchange.
+pub async fn delete_rabbit(config: &Config) {
+    let names = stockgate::queue::QueueNames::new(&config.rabbitmq.queue);
+    let Ok(conn) =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let Ok(channel) = conn.create_channel().await else {
+        return;
+    };
+    for queue in [&names.orders, &names.dead_letters] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(names.settled.as_str().into(), Default::default())
+        .await;
 }
 
 pub fn redis_url() -> String {
@@ -119,19 +173,23 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.reservations.sweep_interval_ms = 100;
     let db = match profile {
         Profile::Embedded => None,
-        Profile::Postgres | Profile::Redis => {
+        Profile::Postgres | Profile::Redis | Profile::Rabbit => {
             let db = TestDb::create().await;
             config.backends.store = db.url.clone();
             config.store.max_connections = 8;
             Some(db)
         }
     };
-    if profile == Profile::Redis {
+    if matches!(profile, Profile::Redis | Profile::Rabbit) {
         config.backends.gate = redis_url();
         config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
         // The suite runs storms side by side on two cores; these tests are
         // about correctness, so a slow Redis answer must not count as down.
         config.redis.response_timeout_ms = 5_000;
+    }
+    if profile == Profile::Rabbit {
+        config.backends.queue = amqp_url();
+        config.rabbitmq.queue = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
     }
     (config, db, dir)
 }
@@ -207,8 +265,12 @@ impl TestApp {
     /// Graceful stop; the server must exit cleanly.
     pub async fn stop(mut self) {
         self.stop_server().await;
+        // The app that owns the database owns the test's queues too.
         if let Some(db) = &self.db {
             db.drop_now().await;
+            if self.config.backends.queue.starts_with("amqp") {
+                delete_rabbit(&self.config).await;
+            }
         }
     }
 

@@ -86,12 +86,15 @@ async fn migrations_revert_and_reapply() {
     for profile in [Profile::Embedded, Profile::Postgres] {
         let (config, db, _dir) = config_for(profile).await;
         let store = open_store(&config);
-        assert!(store.migrate().await.unwrap() > 0);
+        let applied = store.migrate().await.unwrap();
+        assert!(applied > 0);
         assert_eq!(store.pending_migrations().await.unwrap(), 0);
-        store.revert_last_migration().await.unwrap();
-        assert_eq!(store.pending_migrations().await.unwrap(), 1);
+        for reverted in 1..=applied {
+            store.revert_last_migration().await.unwrap();
+            assert_eq!(store.pending_migrations().await.unwrap(), reverted);
+        }
         assert!(store.inventory(&Sku::parse("A").unwrap()).await.is_err());
-        store.migrate().await.unwrap();
+        assert_eq!(store.migrate().await.unwrap(), applied);
         assert!(store
             .inventory(&Sku::parse("A").unwrap())
             .await

@@ -6,5 +6,6 @@ mod api;
 mod harness;
 mod health;
 mod middleware;
+mod rabbit_queue;
 mod redis_gate;
 mod storm;

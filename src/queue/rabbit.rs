@@ -1,0 +1,610 @@
+//! The RabbitMQ order queue: a durable quorum queue with single active
+//! consumer, so any number of processor replicas run and exactly one
+//! consumes.
+//!
+//! Topology (all names from `rabbitmq.queue`, here `Q`):
+//! - `Q`: quorum queue of orders, `x-single-active-consumer`; persistent
+//!   JSON messages, published with `mandatory` and publisher confirms;
+//! - `Q.dlq`: quorum queue of orders the processor gave up on, kept for
+//!   operators (`rabbitmqctl list_queues name messages`);
+//! - `Q.settled`: fanout exchange on which the processor announces each
+//!   settled batch, so every API replica drops the reservations it was
+//!   answering from memory and moves queue positions on. Best effort: a
+//!   replica that missed one finds the rows in the database
+//!   ([`crate::domain::pipeline::Pipeline::resync_pending`]).
+//!
+//! Every declaration carries identical arguments: the broker refuses a
+//! redeclaration with different ones (406 PRECONDITION_FAILED).
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use chrono::DateTime;
+use futures::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::Mutex, time::Instant};
+
+use super::{OrderQueue, QueueError, QueuedOrder};
+use crate::{
+    config::RabbitConfig,
+    domain::{IdempotencyKey, ReservationId, Sku, UserId},
+    store::{NewOrder, Store},
+};
+
+/// Persistent delivery mode (survives a broker restart).
+const PERSISTENT: u8 = 2;
+/// Connecting to a broker that does not answer must not hold Reserve up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The queue, dead-letter queue and settled exchange of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNames {
+    pub orders: String,
+    pub dead_letters: String,
+    pub settled: String,
+}
+
+impl QueueNames {
+    pub fn new(queue: &str) -> Self {
+        Self {
+            orders: queue.to_owned(),
+            dead_letters: format!("{queue}.dlq"),
+            settled: format!("{queue}.settled"),
+        }
+    }
+}
+
+/// An order as it travels; versioned so a processor can tell a message it
+/// does not understand (dead-lettered) from one it does.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireOrder {
+    v: u32,
+    ticket: u64,
+    id: String,
+    sku: String,
+    user: String,
+    quantity: u32,
+    idempotency_key: Option<String>,
+    /// Microseconds since the Unix epoch (UTC).
+    created_at: i64,
+    gated: bool,
+}
+
+const WIRE_VERSION: u32 = 1;
+
+pub fn encode(queued: &QueuedOrder) -> Vec<u8> {
+    let order = &queued.order;
+    let wire = WireOrder {
+        v: WIRE_VERSION,
+        ticket: queued.ticket,
+        id: order.id.as_str().to_owned(),
+        sku: order.sku.as_str().to_owned(),
+        user: order.user.as_str().to_owned(),
+        quantity: order.quantity,
+        idempotency_key: order
+            .idempotency_key
+            .as_ref()
+            .map(|k| k.as_str().to_owned()),
+        created_at: order.created_at.and_utc().timestamp_micros(),
+        gated: queued.gated,
+    };
+    serde_json::to_vec(&wire).expect("an order always serialises")
+}
+
+/// Decodes a message body; the error says why it cannot be processed.
+pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
+    let wire: WireOrder =
+        serde_json::from_slice(body).map_err(|e| format!("undecodable message: {e}"))?;
+    if wire.v != WIRE_VERSION {
+        return Err(format!("unknown message version {}", wire.v));
+    }
+    let field = |name: &str, e: crate::error::ReservationError| format!("bad {name}: {e}");
+    let created_at = DateTime::from_timestamp_micros(wire.created_at)
+        .ok_or_else(|| format!("bad created_at: {}", wire.created_at))?
+        .naive_utc();
+    Ok(QueuedOrder {
+        ticket: wire.ticket,
+        gated: wire.gated,
+        order: NewOrder {
+            id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
+            sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
+            user: UserId::parse(&wire.user).map_err(|e| field("user", e))?,
+            quantity: wire.quantity,
+            idempotency_key: wire
+                .idempotency_key
+                .as_deref()
+                .map(IdempotencyKey::parse)
+                .transpose()
+                .map_err(|e| field("idempotency_key", e))?,
+            created_at,
+        },
+    })
+}
+
+/// What the processor announces after each batch.
+#[derive(Debug, Serialize, Deserialize)]
+struct SettledNotice {
+    through: u64,
+    ids: Vec<String>,
+}
+
+fn quorum_args(single_active: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    if single_active {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
+async fn declare(channel: &Channel, names: &QueueNames) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(names.orders.as_str().into(), durable, quorum_args(true))
+        .await?;
+    channel
+        .queue_declare(
+            names.dead_letters.as_str().into(),
+            durable,
+            quorum_args(false),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.settled.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// A connection with one confirming channel and the topology declared.
+struct Link {
+    // Held so the connection lives as long as the channel is used.
+    _connection: Connection,
+    channel: Channel,
+}
+
+async fn open(uri: &str, names: &QueueNames) -> Result<Link, String> {
+    let connect = async {
+        let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        declare(&channel, names).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        lapin::Result::Ok(Link {
+            _connection: connection,
+            channel,
+        })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+fn persistent_json(id: Option<&str>) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_content_type("application/json".into());
+    match id {
+        Some(id) => props.with_message_id(id.into()),
+        None => props,
+    }
+}
+
+/// The publishing side, shared by every Reserve call of one replica.
+pub struct RabbitQueue {
+    uri: String,
+    names: QueueNames,
+    store: Store,
+    publish_timeout: Duration,
+    reconnect_delay: Duration,
+    link: ArcSwapOption<Link>,
+    /// Serialises reconnects; holds when the last attempt failed so callers
+    /// during an outage are refused at once instead of each trying.
+    reconnect: Mutex<Option<Instant>>,
+    done: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for RabbitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitQueue")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitQueue {
+    /// Connects lazily: the server starts (and refuses Reserve with
+    /// UNAVAILABLE) while the broker is still coming up.
+    pub fn new(uri: &str, config: &RabbitConfig, store: Store) -> Self {
+        Self {
+            uri: uri.to_owned(),
+            names: QueueNames::new(&config.queue),
+            store,
+            publish_timeout: Duration::from_millis(config.publish_timeout_ms),
+            reconnect_delay: Duration::from_millis(config.reconnect_delay_ms),
+            link: ArcSwapOption::empty(),
+            reconnect: Mutex::new(None),
+            done: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn names(&self) -> &QueueNames {
+        &self.names
+    }
+
+    async fn channel(&self) -> Result<Channel, QueueError> {
+        if let Some(link) = self.link.load_full() {
+            if link.channel.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        let mut last_failure = self.reconnect.lock().await;
+        // Another caller may have reconnected while we waited.
+        if let Some(link) = self.link.load_full() {
+            if link.channel.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        if let Some(at) = *last_failure {
+            if at.elapsed() < self.reconnect_delay {
+                return Err(QueueError::Unavailable(
+                    "the broker is unreachable; reconnecting".into(),
+                ));
+            }
+        }
+        match open(&self.uri, &self.names).await {
+            Ok(link) => {
+                let channel = link.channel.clone();
+                self.link.store(Some(Arc::new(link)));
+                *last_failure = None;
+                tracing::info!(queue = %self.names.orders, "connected to the order queue");
+                Ok(channel)
+            }
+            Err(err) => {
+                *last_failure = Some(Instant::now());
+                self.link.store(None);
+                tracing::warn!(error = %err, "order queue unreachable");
+                Err(QueueError::Unavailable(err))
+            }
+        }
+    }
+
+    /// Tells API replicas that these reservations were settled.
+    async fn announce(&self, through: u64, ids: &[ReservationId]) {
+        let notice = SettledNotice {
+            through,
+            ids: ids.iter().map(|id| id.as_str().to_owned()).collect(),
+        };
+        let body = serde_json::to_vec(&notice).expect("a notice always serialises");
+        let Ok(channel) = self.channel().await else {
+            return;
+        };
+        // Not awaited for a confirm: a lost notice is repaired by the
+        // replicas' database resync.
+        if let Err(err) = channel
+            .basic_publish(
+                self.names.settled.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+        {
+            tracing::debug!(error = %err, "settled notice not sent");
+        }
+    }
+
+    /// Follows the settled exchange until `stop`: moves this replica's
+    /// queue positions on and calls `on_settled` with the reservations
+    /// that now have a row. Reconnects after a broker loss.
+    pub async fn follow_settled(
+        self: Arc<Self>,
+        on_settled: impl Fn(Vec<ReservationId>) + Send + Sync,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.open_follower().await {
+                Ok((_link, mut consumer)) => {
+                    self.catch_up().await;
+                    loop {
+                        let next = tokio::select! {
+                            next = consumer.next() => next,
+                            _ = stop.changed() => return,
+                        };
+                        let Some(Ok(delivery)) = next else { break };
+                        match serde_json::from_slice::<SettledNotice>(&delivery.data) {
+                            Ok(notice) => {
+                                self.done.fetch_max(notice.through, Ordering::AcqRel);
+                                on_settled(
+                                    notice
+                                        .ids
+                                        .iter()
+                                        .filter_map(|id| ReservationId::parse(id).ok())
+                                        .collect(),
+                                );
+                            }
+                            Err(err) => tracing::warn!(error = %err, "bad settled notice"),
+                        }
+                    }
+                    tracing::warn!("settled notices interrupted; reconnecting");
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot follow settled notices"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.reconnect_delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn open_follower(&self) -> Result<(Link, Consumer), String> {
+        let link = open(&self.uri, &self.names).await?;
+        let setup = async {
+            let mine = link
+                .channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            link.channel
+                .queue_bind(
+                    mine.name().clone(),
+                    self.names.settled.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            link.channel
+                .basic_consume(
+                    mine.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        };
+        let consumer = setup.await.map_err(|e| e.to_string())?;
+        Ok((link, consumer))
+    }
+
+    /// A replica that starts (or reconnects) mid-sale has heard no notice:
+    /// estimate how far the processor got as tickets issued minus messages
+    /// waiting, so positions are near right before the next notice.
+    async fn catch_up(&self) {
+        if self.done.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let (Ok(last), Some(waiting)) = (self.store.last_ticket().await, self.backlog().await)
+        else {
+            return;
+        };
+        self.done
+            .fetch_max(last.saturating_sub(waiting), Ordering::AcqRel);
+    }
+}
+
+#[async_trait]
+impl OrderQueue for RabbitQueue {
+    async fn publish(&self, order: NewOrder, gated: bool) -> Result<u64, QueueError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        let channel = self.channel().await?;
+        let ticket = self
+            .store
+            .next_ticket()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("no queue ticket: {e}")))?;
+        let id = order.id.as_str().to_owned();
+        let body = encode(&QueuedOrder {
+            ticket,
+            order,
+            gated,
+        });
+        // lapin checks the channel before writing, so an error here means
+        // nothing reached the broker.
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                self.names.orders.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                persistent_json(Some(&id)),
+            )
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(self.publish_timeout, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(ticket),
+            // Returned: the queue does not exist, so nothing was stored.
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(QueueError::Unavailable(format!(
+                "the broker returned the order: {}",
+                returned.reply_text
+            ))),
+            Ok(Ok(other)) => Err(QueueError::Unconfirmed(format!(
+                "the broker did not confirm the order ({other:?})"
+            ))),
+            Ok(Err(err)) => Err(QueueError::Unconfirmed(err.to_string())),
+            Err(_) => Err(QueueError::Unconfirmed(format!(
+                "no confirm within {:?}",
+                self.publish_timeout
+            ))),
+        }
+    }
+
+    async fn position(&self, ticket: u64) -> u64 {
+        ticket.saturating_sub(self.done.load(Ordering::Acquire) + 1)
+    }
+
+    async fn settled(&self, through: u64, ids: &[ReservationId]) {
+        self.done.fetch_max(through, Ordering::AcqRel);
+        self.announce(through, ids).await;
+    }
+
+    async fn backlog(&self) -> Option<u64> {
+        let channel = self.channel().await.ok()?;
+        let queue = channel
+            .queue_declare(
+                self.names.orders.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        Some(u64::from(queue.message_count()))
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// The processor's side: one consumer on the orders queue. With single
+/// active consumer the broker delivers to one processor replica at a time
+/// and hands over to a standby when its connection goes.
+pub struct RabbitConsumer {
+    link: Link,
+    consumer: Consumer,
+    names: QueueNames,
+}
+
+impl RabbitConsumer {
+    pub async fn connect(uri: &str, names: &QueueNames, prefetch: u16) -> Result<Self, String> {
+        let link = open(uri, names).await?;
+        let setup = async {
+            link.channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            link.channel
+                .basic_consume(
+                    names.orders.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        let consumer = setup.await.map_err(|e| e.to_string())?;
+        Ok(Self {
+            link,
+            consumer,
+            names: names.clone(),
+        })
+    }
+
+    /// Waits for a delivery, then takes up to `max` within `linger`.
+    /// `None`: the consumer or its connection ended.
+    pub async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<Vec<Delivery>> {
+        let first = self.consumer.next().await?.ok()?;
+        let mut batch = vec![first];
+        let deadline = Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Ok(Some(Ok(delivery))) => batch.push(delivery),
+                // The connection dropped mid-batch: the broker redelivers
+                // what was not acked, so what we hold can still be
+                // committed (idempotently) before reconnecting.
+                Ok(_) | Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Copies a message to the dead-letter queue (confirmed), with the
+    /// reason in a header.
+    pub async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), String> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-stockgate-error".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        let confirm = self
+            .link
+            .channel
+            .basic_publish(
+                "".into(),
+                self.names.dead_letters.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                persistent_json(None).with_headers(headers),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(other) => Err(format!("dead-letter publish not confirmed: {other:?}")),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    /// Acknowledges every delivery up to and including `tag`.
+    pub async fn ack_through(&self, tag: u64) -> Result<(), String> {
+        self.link
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Leaves the queue; unacked deliveries go back to it.
+    pub async fn close(self) {
+        let _ = self
+            .link
+            .channel
+            .close(200, "processor stopping".into())
+            .await;
+    }
+}

@@ -1,0 +1,341 @@
+//! The RabbitMQ order queue and the single order processor, against the
+//! real broker on 127.0.0.1:5672, PostgreSQL and Redis. Each test has its
+//! own queue names, database and key prefix.
+
+use std::{process::Stdio, time::Duration};
+
+use futures::StreamExt;
+use stockgate::{
+    config::{Config, Role},
+    domain::{ReservationId, ReservationState as DomainState, Sku, UserId},
+    gate::{GateDecision, GateEntry, RedisGate, StockGate},
+    pb::{ReservationState, ReserveOutcome, WatchReservationRequest},
+    queue::{OrderQueue, QueueNames, RabbitQueue},
+    store::NewOrder,
+};
+
+use crate::harness::{
+    assert_invariants, config_for, confirm, open_store, queue_depth, reserve, storm, with_user,
+    Profile, TestApp,
+};
+
+/// Waits until `sku` has `rows` reservation rows in the database.
+async fn wait_rows(config: &Config, sku: &str, rows: usize, within: Duration) {
+    let store = open_store(config);
+    let sku = Sku::parse(sku).unwrap();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let found = store.reservations_of(&sku).await.unwrap().len();
+        if found >= rows {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{found} of {rows} rows after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A processor-only replica sharing `config`'s database, gate and queue.
+async fn processor(config: &Config, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = config.clone();
+    config.server.role = Role::Processor;
+    tweak(&mut config);
+    let app = TestApp::start(config, None, tempfile::tempdir().unwrap()).await;
+    app.wait_serving().await;
+    app
+}
+
+/// An API-only replica owning the test's database and queues.
+async fn api_only() -> TestApp {
+    TestApp::spawn_with(Profile::Rabbit, |c| c.server.role = Role::Api).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_reservations_over_five_thousand_units_end_as_five_thousand_orders() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    app.set_stock("TENK", 5_000, 0).await;
+    let tally = storm(app.addr, "TENK", 10_000, 8, |_| 1).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.count(ReserveOutcome::Queued), 5_000);
+    assert_eq!(tally.count(ReserveOutcome::SoldOut), 5_000);
+    app.drain("TENK").await;
+    let ordered = assert_invariants(&app, "TENK", 5_000, &tally).await;
+    assert_eq!(ordered, 5_000);
+    // Every order ends confirmed: none stays queued or held.
+    let mut client = app.inventory();
+    let store = open_store(&app.config);
+    let rows = store
+        .reservations_of(&Sku::parse("TENK").unwrap())
+        .await
+        .unwrap();
+    for row in &rows {
+        assert_eq!(row.state, DomainState::Held);
+        let confirmed = confirm(&mut client, row.id.as_str(), row.user.as_str())
+            .await
+            .unwrap();
+        assert_eq!(confirmed.state(), ReservationState::Confirmed);
+    }
+    assert_eq!(queue_depth(&app.config.rabbitmq.queue).await, 0);
+    let view = app.stock("TENK").await;
+    assert_eq!((view.db_stock, view.confirmed_units), (0, 5_000));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_one_processor_consumes_and_the_standby_takes_over() {
+    let app = api_only().await;
+    app.set_stock("SAC", 400, 0).await;
+    let first = processor(&app.config, |_| {}).await;
+    // Let the first register before the standby, so it is the active one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = processor(&app.config, |_| {}).await;
+    let consumers = list_consumers(&app.config.rabbitmq.queue);
+    assert_eq!(consumers.len(), 2, "{consumers:?}");
+    assert_eq!(
+        consumers.iter().filter(|active| **active).count(),
+        1,
+        "exactly one active consumer: {consumers:?}"
+    );
+    let before = storm(app.addr, "SAC", 200, 4, |_| 1).await;
+    app.drain("SAC").await;
+    // The active one goes away; the standby must take over.
+    first.stop().await;
+    let after = storm_users(&app, "SAC", 200, 200).await;
+    app.drain("SAC").await;
+    let consumers = list_consumers(&app.config.rabbitmq.queue);
+    assert_eq!(consumers, vec![true], "the standby is now active");
+    let mut tally = before;
+    tally.granted.extend(after);
+    assert_eq!(assert_invariants(&app, "SAC", 400, &tally).await, 400);
+    second.stop().await;
+    app.stop().await;
+}
+
+/// Reserve calls from users `u{from}`.. that did not take part yet.
+async fn storm_users(app: &TestApp, sku: &str, from: usize, n: usize) -> Vec<(String, u32)> {
+    let mut client = app.inventory();
+    let mut granted = Vec::new();
+    for i in from..from + n {
+        let response = reserve(&mut client, sku, 1, &format!("u{i}"))
+            .await
+            .unwrap();
+        assert_eq!(response.outcome(), ReserveOutcome::Queued);
+        granted.push((response.reservation.unwrap().reservation_id, 1));
+    }
+    granted
+}
+
+/// Whether each consumer of `queue` is the active one, from the broker.
+fn list_consumers(queue: &str) -> Vec<bool> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_consumers", "-q", "queue_name", "active"])
+        .output()
+        .expect("rabbitmqctl on this machine");
+    assert!(out.status.success(), "{out:?}");
+    let mut active: Vec<bool> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            (cols.next() == Some(queue)).then(|| cols.next() == Some("true"))
+        })
+        .collect();
+    active.sort();
+    active
+}
+
+/// The processor as a real process, killed with SIGKILL while it commits,
+/// twice: no order lost, none doubled, the queue drained by the next one.
+#[tokio::test(flavor = "multi_thread")]
+async fn processor_killed_mid_batch_loses_and_doubles_nothing() {
+    let app = api_only().await;
+    app.set_stock("KILL", 3_000, 0).await;
+    let tally = storm(app.addr, "KILL", 3_000, 8, |_| 1).await;
+    assert_eq!(tally.count(ReserveOutcome::Queued), 3_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("processor.toml");
+    let mut config = app.config.clone();
+    config.server.role = Role::Processor;
+    config.layers.queue.batch_size = 100;
+    config.layers.queue.linger_ms = 0;
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let store = open_store(&app.config);
+    let sku = Sku::parse("KILL").unwrap();
+    let mut last = 0;
+    for round in 0..2 {
+        let mut child = spawn_processor(&file);
+        // Kill once this process has committed something.
+        loop {
+            let rows = store.reservations_of(&sku).await.unwrap().len();
+            if rows > last {
+                last = rows;
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "processor exited");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(last < 3_000, "round {round}: killed too late to matter");
+    }
+    let mut child = spawn_processor(&file);
+    app.drain("KILL").await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(assert_invariants(&app, "KILL", 3_000, &tally).await, 3_000);
+    assert_eq!(queue_depth(&app.config.rabbitmq.queue).await, 0);
+    app.stop().await;
+}
+
+fn spawn_processor(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
+        .arg("--config")
+        .arg(config)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("STOCKGATE_LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// An order the database keeps refusing (here: a creation time PostgreSQL
+/// cannot store, as a buggy producer might send) is given up after the
+/// configured attempts: REJECTED with the reason, units back in the gate,
+/// the message in the dead-letter queue, and the queue moves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
+    let app = TestApp::spawn_with(Profile::Rabbit, |c| c.layers.queue.max_attempts = 3).await;
+    app.set_stock("POISON", 5, 0).await;
+    let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
+    let order = NewOrder {
+        id: ReservationId::generate(),
+        sku: Sku::parse("POISON").unwrap(),
+        user: UserId::parse("mallory").unwrap(),
+        quantity: 2,
+        idempotency_key: None,
+        created_at: chrono::NaiveDate::from_ymd_opt(-5000, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap(),
+    };
+    let entry = GateEntry {
+        id: order.id.clone(),
+        sku: order.sku.clone(),
+        user: order.user.clone(),
+        quantity: order.quantity,
+    };
+    assert!(matches!(
+        gate.reserve(&entry).await.unwrap(),
+        GateDecision::Reserved { remaining: 3 }
+    ));
+    let producer = RabbitQueue::new(
+        &app.config.backends.queue,
+        &app.config.rabbitmq,
+        open_store(&app.config),
+    );
+    producer.publish(order.clone(), true).await.unwrap();
+    wait_rows(&app.config, "POISON", 1, Duration::from_secs(20)).await;
+    let row = open_store(&app.config)
+        .reservation(&order.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, DomainState::Rejected);
+    let reason = row.reject_reason.unwrap();
+    assert!(reason.contains("processing failed"), "{reason}");
+    assert_eq!(gate.available(&order.sku).await.unwrap(), Some(5));
+    let names = QueueNames::new(&app.config.rabbitmq.queue);
+    assert_eq!(queue_depth(&names.dead_letters).await, 1);
+    // The queue moved on: a good order behind it is committed.
+    let mut client = app.inventory();
+    let good = reserve(&mut client, "POISON", 1, "alice").await.unwrap();
+    assert_eq!(good.outcome(), ReserveOutcome::Queued);
+    wait_rows(&app.config, "POISON", 2, Duration::from_secs(10)).await;
+    assert_eq!(app.stock("POISON").await.db_stock, 4);
+    app.stop().await;
+}
+
+/// With a backlog and a slow processor, the position a watcher sees only
+/// falls, and the stream ends in the final state.
+#[tokio::test(flavor = "multi_thread")]
+async fn watched_positions_fall_monotonically_and_end_in_the_final_state() {
+    let app = api_only().await;
+    app.set_stock("POS", 60, 0).await;
+    let mut client = app.inventory();
+    let mut last_id = String::new();
+    for i in 0..60 {
+        let response = reserve(&mut client, "POS", 1, &format!("p{i}"))
+            .await
+            .unwrap();
+        assert_eq!(response.outcome(), ReserveOutcome::Queued);
+        let reservation = response.reservation.unwrap();
+        assert_eq!(reservation.queue_position, Some(i));
+        last_id = reservation.reservation_id;
+    }
+    let mut watch = client
+        .watch_reservation(with_user(
+            WatchReservationRequest {
+                reservation_id: last_id.clone(),
+            },
+            "p59",
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let worker = processor(&app.config, |c| {
+        c.layers.queue.batch_size = 5;
+        c.layers.queue.linger_ms = 0;
+    })
+    .await;
+    let mut positions = Vec::new();
+    let mut last_state = ReservationState::Unspecified;
+    while let Ok(Some(update)) = tokio::time::timeout(Duration::from_secs(20), watch.next()).await {
+        let reservation = update.unwrap().reservation.unwrap();
+        last_state = reservation.state();
+        if let Some(position) = reservation.queue_position {
+            positions.push(position);
+        }
+        // HELD is where the queue's part ends (confirm or release is the
+        // caller's next step).
+        if last_state != ReservationState::Queued {
+            break;
+        }
+    }
+    assert_eq!(last_state, ReservationState::Held, "{positions:?}");
+    assert!(positions.len() >= 2, "{positions:?}");
+    assert_eq!(positions[0], 59);
+    assert!(
+        positions.windows(2).all(|w| w[1] <= w[0]),
+        "positions rose: {positions:?}"
+    );
+    worker.stop().await;
+    app.stop().await;
+}
+
+/// Reserve with the broker unreachable: UNAVAILABLE, and the gate's units
+/// come back (nothing admitted is left hanging).
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_broker_answers_unavailable_and_returns_the_units() {
+    let (mut config, db, dir) = config_for(Profile::Rabbit).await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    config.backends.queue = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let app = TestApp::start(config, db, dir).await;
+    app.wait_serving().await;
+    app.set_stock("NOMQ", 3, 0).await;
+    let mut client = app.inventory();
+    for i in 0..5 {
+        let status = reserve(&mut client, "NOMQ", 1, &format!("n{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("queue"), "{status:?}");
+    }
+    let view = app.stock("NOMQ").await;
+    assert_eq!((view.db_stock, view.gate_stock), (3, Some(3)));
+    app.stop().await;
+}
