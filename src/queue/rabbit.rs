@@ -413,18 +413,14 @@ impl RabbitQueue {
     }
 
     /// A replica that starts (or reconnects) mid-sale has heard no notice:
-    /// estimate how far the processor got as tickets issued minus messages
-    /// waiting, so positions are near right before the next notice.
+    /// start from the progress the processor recorded.
     async fn catch_up(&self) {
-        if self.done.load(Ordering::Acquire) > 0 {
-            return;
+        match self.store.queue_done_through().await {
+            Ok(done) => {
+                self.done.fetch_max(done, Ordering::AcqRel);
+            }
+            Err(err) => tracing::warn!(error = %err, "queue progress unknown"),
         }
-        let (Ok(last), Some(waiting)) = (self.store.last_ticket().await, self.backlog().await)
-        else {
-            return;
-        };
-        self.done
-            .fetch_max(last.saturating_sub(waiting), Ordering::AcqRel);
     }
 }
 
@@ -485,6 +481,10 @@ impl OrderQueue for RabbitQueue {
 
     async fn settled(&self, through: u64, ids: &[ReservationId]) {
         self.done.fetch_max(through, Ordering::AcqRel);
+        if let Err(err) = self.store.advance_queue(through).await {
+            // Only positions suffer: replicas catch up at the next batch.
+            tracing::warn!(error = %err, "queue progress not recorded");
+        }
         self.announce(through, ids).await;
     }
 

@@ -896,19 +896,24 @@ impl Store {
     /// The next ticket of the shared queue-position sequence (PostgreSQL
     /// only: replicas sharing RabbitMQ share the database).
     pub async fn next_ticket(&self) -> Result<u64, StoreError> {
-        self.ticket_query("SELECT nextval('order_tickets') AS value")
+        self.ticket_query("SELECT nextval('order_tickets') AS value", None)
             .await
     }
 
-    /// The last ticket handed out, 0 before the first.
-    pub async fn last_ticket(&self) -> Result<u64, StoreError> {
-        self.ticket_query(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS value FROM order_tickets",
-        )
-        .await
+    /// The highest ticket the processor settled.
+    pub async fn queue_done_through(&self) -> Result<u64, StoreError> {
+        self.ticket_query("SELECT done_through AS value FROM queue_progress", None)
+            .await
     }
 
-    async fn ticket_query(&self, sql: &'static str) -> Result<u64, StoreError> {
+    /// Records that the processor settled every ticket up to `through`.
+    pub async fn advance_queue(&self, through: u64) -> Result<(), StoreError> {
+        let sql = "UPDATE queue_progress SET done_through = GREATEST(done_through, $1) \
+                   WHERE id = 1 RETURNING done_through AS value";
+        self.ticket_query(sql, Some(through)).await.map(|_| ())
+    }
+
+    async fn ticket_query(&self, sql: &'static str, bind: Option<u64>) -> Result<u64, StoreError> {
         #[derive(QueryableByName)]
         struct Ticket {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -923,7 +928,17 @@ impl Store {
             .get()
             .await
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        let ticket: Ticket = diesel::sql_query(sql).get_result(&mut *conn).await?;
+        let query = diesel::sql_query(sql);
+        let ticket: Ticket = match bind {
+            Some(value) => {
+                let value = i64::try_from(value).unwrap_or(i64::MAX);
+                query
+                    .bind::<diesel::sql_types::BigInt, _>(value)
+                    .get_result(&mut *conn)
+                    .await?
+            }
+            None => query.get_result(&mut *conn).await?,
+        };
         Ok(u64::try_from(ticket.value).unwrap_or(0))
     }
 

@@ -8,4 +8,5 @@ mod health;
 mod middleware;
 mod rabbit_queue;
 mod redis_gate;
+mod relay;
 mod storm;

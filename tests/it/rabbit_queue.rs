@@ -14,9 +14,12 @@ use stockgate::{
     store::NewOrder,
 };
 
-use crate::harness::{
-    assert_invariants, config_for, confirm, open_store, queue_depth, reserve, storm, with_user,
-    Profile, TestApp,
+use crate::{
+    harness::{
+        assert_invariants, config_for, confirm, open_store, queue_depth, reserve, storm, with_user,
+        Profile, StormTally, TestApp,
+    },
+    relay::Relay,
 };
 
 /// Waits until `sku` has `rows` reservation rows in the database.
@@ -338,4 +341,71 @@ async fn unreachable_broker_answers_unavailable_and_returns_the_units() {
     let view = app.stock("NOMQ").await;
     assert_eq!((view.db_stock, view.gate_stock), (3, Some(3)));
     app.stop().await;
+}
+
+/// The broker goes away mid-sale (through a relay this test owns, so the
+/// shared broker stays up for the tests beside it): Reserve answers
+/// UNAVAILABLE while it is gone, publishing and processing resume on their
+/// own, and nothing admitted is lost or left held in the gate.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_outage_mid_sale_refuses_then_recovers_losing_nothing() {
+    let relay = Relay::start("127.0.0.1:5672".parse().unwrap()).await;
+    let app = TestApp::spawn_with(Profile::Rabbit, |c| {
+        c.backends.queue = format!("amqp://guest:guest@{}/%2f", relay.addr);
+        c.rabbitmq.reconnect_delay_ms = 100;
+    })
+    .await;
+    app.set_stock("OUTAGE", 1_000, 0).await;
+    let client = app.inventory();
+    let mut tally = StormTally::default();
+    let call = |i: usize| {
+        let mut client = client.clone();
+        async move { reserve(&mut client, "OUTAGE", 1, &format!("o{i}")).await }
+    };
+    for i in 0..100 {
+        record(&mut tally, call(i).await);
+    }
+    assert_eq!(tally.count(ReserveOutcome::Queued), 100);
+
+    relay.set_up(false);
+    for i in 100..200 {
+        let status = call(i).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    relay.set_up(true);
+    let resumed = tokio::time::Instant::now();
+    let mut i = 200;
+    while tally.count(ReserveOutcome::Queued) < 200 {
+        match call(i).await {
+            Ok(response) => record(&mut tally, Ok(response)),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    resumed.elapsed() < Duration::from_secs(10),
+                    "publishing did not resume"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        i += 1;
+    }
+    app.drain("OUTAGE").await;
+    assert_eq!(assert_invariants(&app, "OUTAGE", 1_000, &tally).await, 200);
+    let view = app.stock("OUTAGE").await;
+    assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
+    let after = call(1_000_000).await.unwrap();
+    assert_eq!(after.outcome(), ReserveOutcome::Queued);
+    app.stop().await;
+}
+
+fn record(tally: &mut StormTally, result: Result<stockgate::pb::ReserveResponse, tonic::Status>) {
+    let response = result.unwrap();
+    let outcome = response.outcome();
+    *tally.outcomes.entry(outcome).or_default() += 1;
+    if crate::harness::is_admitted(outcome) {
+        tally
+            .granted
+            .insert(response.reservation.unwrap().reservation_id, 1);
+    }
 }

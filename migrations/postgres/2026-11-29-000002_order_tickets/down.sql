@@ -1,1 +1,2 @@
+DROP TABLE queue_progress;
 DROP SEQUENCE order_tickets;
