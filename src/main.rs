@@ -55,13 +55,39 @@ enum Command {
         #[arg(long, default_value = "embedded")]
         store: String,
     },
+    /// Measure committed orders per second through RabbitMQ, the order
+    /// processor and PostgreSQL (group commit and batches of one) next to
+    /// pgbench running the same update and insert one at a time.
+    BenchQueue {
+        /// Orders per measurement.
+        #[arg(long, default_value_t = 10_000)]
+        orders: usize,
+        /// The group-commit batch size.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Interleaved rounds; the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// A PostgreSQL database of the benchmark's own; it is migrated.
+        #[arg(
+            long,
+            default_value = "postgres://postgres@127.0.0.1:5432/stockgate_bench"
+        )]
+        store: String,
+        /// The broker; the benchmark makes and deletes its own queues.
+        #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp: String,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
-    if matches!(cli.command, Some(Command::Bench { .. })) {
+    if matches!(
+        cli.command,
+        Some(Command::Bench { .. } | Command::BenchQueue { .. })
+    ) {
         // The bench prints a table; keep the in-process server's logs out.
         config.log.filter = "warn".into();
     }
@@ -95,6 +121,24 @@ async fn main() -> anyhow::Result<()> {
             };
             let results = stockgate::bench::run(options.clone()).await?;
             print!("{}", stockgate::bench::render(&results, &options));
+            Ok(())
+        }
+        Command::BenchQueue {
+            orders,
+            batch_size,
+            rounds,
+            store,
+            amqp,
+        } => {
+            let options = stockgate::bench::queue::QueueBenchOptions {
+                orders,
+                batch_size,
+                rounds,
+                store,
+                amqp,
+            };
+            let results = stockgate::bench::queue::run(options.clone()).await?;
+            print!("{}", stockgate::bench::queue::render(&results, &options));
             Ok(())
         }
         Command::CheckConfig => {

@@ -608,3 +608,22 @@ impl RabbitConsumer {
             .await;
     }
 }
+
+/// Deletes a deployment's queues and exchange (benchmarks and tests that
+/// made their own; operators retire a queue name the same way).
+pub async fn delete_topology(uri: &str, queue: &str) {
+    let names = QueueNames::new(queue);
+    let Ok(link) = open(uri, &names).await else {
+        return;
+    };
+    for queue in [&names.orders, &names.dead_letters] {
+        let _ = link
+            .channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = link
+        .channel
+        .exchange_delete(names.settled.as_str().into(), Default::default())
+        .await;
+}

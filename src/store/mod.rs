@@ -15,7 +15,10 @@
 mod models;
 pub mod schema;
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use chrono::NaiveDateTime;
 use diesel::{
@@ -217,8 +220,32 @@ fn lock_inventory_sqlite<'a>(
 
 const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
 
+/// One multi-row INSERT per chunk (bounded so a huge batch stays under the
+/// protocol's parameter limit).
+async fn insert_rows_pg(conn: &mut AsyncPgConnection, rows: &[ReservationRow]) -> QueryResult<()> {
+    for chunk in rows.chunks(1_000) {
+        diesel::insert_into(reservations::table)
+            .values(chunk)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Row by row: diesel cannot batch rows with optional columns on SQLite,
+/// and an in-process database has no round trips to save.
+async fn insert_rows_sqlite(conn: &mut SqliteConn, rows: &[ReservationRow]) -> QueryResult<()> {
+    for row in rows {
+        diesel::insert_into(reservations::table)
+            .values(row)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 macro_rules! queries {
-    ($name:ident, $Conn:ty, $lock:path) => {
+    ($name:ident, $Conn:ty, $lock:path, $insert_many:path) => {
         mod $name {
             use super::*;
 
@@ -237,6 +264,16 @@ macro_rules! queries {
                     .execute(conn)
                     .await
                     .map(|_| ())
+            }
+
+            /// An unfillable order as a REJECTED row. The key is not stored:
+            /// it belongs to whichever reservation holds it, or may be
+            /// retried once stock comes back.
+            fn rejected_row(order: &NewOrder, reason: String, now: NaiveDateTime) -> ReservationRow {
+                let mut row = row_for(order, ReservationState::Rejected, now);
+                row.idempotency_key = None;
+                row.reject_reason = Some(reason);
+                row
             }
 
             fn row_for(
@@ -261,9 +298,7 @@ macro_rules! queries {
                 }
             }
 
-            /// Stores an unfillable order as REJECTED. The key is not
-            /// stored: it belongs to whichever reservation holds it, or may
-            /// be retried once stock comes back.
+            /// Stores an unfillable order as REJECTED.
             async fn reject(
                 conn: &mut $Conn,
                 order: &NewOrder,
@@ -271,14 +306,197 @@ macro_rules! queries {
                 reason: String,
                 now: NaiveDateTime,
             ) -> QueryResult<CommitOutcome> {
-                let mut row = row_for(order, ReservationState::Rejected, now);
-                row.idempotency_key = None;
-                row.reject_reason = Some(reason);
+                let row = rejected_row(order, reason, now);
                 insert_row(conn, &row).await?;
                 Ok(CommitOutcome::Rejected {
                     reservation: row.into_domain(),
                     cause,
                 })
+            }
+
+            /// The queue path's group commit: the whole batch decided in
+            /// FIFO order from a few set-based reads, then one optimistic
+            /// update per SKU (`WHERE version = $v AND stock >= $taken`,
+            /// covering every order of that SKU in the batch) and one
+            /// multi-row insert, so a batch costs a handful of round trips
+            /// instead of several per order. `None`: a version moved or the
+            /// batch holds a case this path leaves to `decide` (the same id
+            /// or idempotency key twice); the caller rolls back and decides
+            /// order by order.
+            async fn decide_grouped(
+                conn: &mut $Conn,
+                orders: &[NewOrder],
+                params: CommitParams,
+            ) -> QueryResult<Option<Vec<CommitOutcome>>> {
+                let ids: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+                let existing: HashMap<String, ReservationRow> = reservations::table
+                    .filter(reservations::reservation_id.eq_any(&ids))
+                    .select(ReservationRow::as_select())
+                    .load(conn)
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.reservation_id.clone(), row))
+                    .collect();
+                let keyed: Vec<(&str, &str)> = orders
+                    .iter()
+                    .filter_map(|o| {
+                        o.idempotency_key
+                            .as_ref()
+                            .map(|k| (o.user.as_str(), k.as_str()))
+                    })
+                    .collect();
+                let mut holders: HashMap<(String, String), ReservationRow> = HashMap::new();
+                if !keyed.is_empty() {
+                    let users: Vec<&str> = keyed.iter().map(|(u, _)| *u).collect();
+                    let keys: Vec<&str> = keyed.iter().map(|(_, k)| *k).collect();
+                    for row in reservations::table
+                        .filter(reservations::user_id.eq_any(&users))
+                        .filter(reservations::idempotency_key.eq_any(&keys))
+                        .select(ReservationRow::as_select())
+                        .load(conn)
+                        .await?
+                    {
+                        if let Some(key) = row.idempotency_key.clone() {
+                            holders.insert((row.user_id.clone(), key), row);
+                        }
+                    }
+                }
+                let skus: Vec<&str> = orders
+                    .iter()
+                    .map(|o| o.sku.as_str())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                // SKU → (row as read, units this batch takes).
+                let mut stock: HashMap<String, (InventoryRow, i64)> = inventory::table
+                    .filter(inventory::sku.eq_any(&skus))
+                    .select(InventoryRow::as_select())
+                    .load(conn)
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.sku.clone(), (row, 0)))
+                    .collect();
+                let capped: Vec<&str> = stock
+                    .values()
+                    .filter(|(row, _)| row.max_per_user > 0)
+                    .map(|(row, _)| row.sku.as_str())
+                    .collect();
+                let mut live: HashMap<(String, String), i64> = HashMap::new();
+                if !capped.is_empty() {
+                    let users: Vec<&str> = orders.iter().map(|o| o.user.as_str()).collect();
+                    let sums: Vec<(String, String, Option<i64>)> = reservations::table
+                        .filter(reservations::sku.eq_any(&capped))
+                        .filter(reservations::user_id.eq_any(&users))
+                        .filter(reservations::state.eq_any(LIVE_STATES))
+                        .group_by((reservations::sku, reservations::user_id))
+                        .select((
+                            reservations::sku,
+                            reservations::user_id,
+                            diesel::dsl::sum(reservations::quantity),
+                        ))
+                        .load(conn)
+                        .await?;
+                    for (sku, user, units) in sums {
+                        live.insert((sku, user), units.unwrap_or(0));
+                    }
+                }
+
+                let mut seen_ids = HashSet::new();
+                let mut seen_keys = HashSet::new();
+                let mut outcomes = Vec::with_capacity(orders.len());
+                let mut rows = Vec::with_capacity(orders.len());
+                for order in orders {
+                    if let Some(row) = existing.get(order.id.as_str()) {
+                        outcomes.push(CommitOutcome::AlreadyCommitted(row.clone().into_domain()));
+                        continue;
+                    }
+                    if !seen_ids.insert(order.id.as_str()) {
+                        return Ok(None);
+                    }
+                    if let Some(key) = &order.idempotency_key {
+                        let slot = (order.user.as_str().to_owned(), key.as_str().to_owned());
+                        if let Some(holder) = holders.get(&slot) {
+                            let reason = format!(
+                                "duplicate idempotency key: reservation {} holds it",
+                                holder.reservation_id
+                            );
+                            let row = rejected_row(order, reason, params.now);
+                            outcomes.push(CommitOutcome::Rejected {
+                                reservation: row.clone().into_domain(),
+                                cause: RejectCause::DuplicateKey,
+                            });
+                            rows.push(row);
+                            continue;
+                        }
+                        if !seen_keys.insert(slot) {
+                            return Ok(None);
+                        }
+                    }
+                    let Some((current, taken)) = stock.get_mut(order.sku.as_str()) else {
+                        outcomes.push(CommitOutcome::UnknownSku);
+                        continue;
+                    };
+                    let quantity = i64::from(order.quantity);
+                    let available = current.stock - *taken;
+                    let slot = (order.sku.as_str().to_owned(), order.user.as_str().to_owned());
+                    if current.max_per_user > 0 {
+                        let units = live.get(&slot).copied().unwrap_or(0);
+                        if units + quantity > i64::from(current.max_per_user) {
+                            let reason = format!(
+                                "user limit: {units} of {} units already held",
+                                current.max_per_user
+                            );
+                            let row = rejected_row(order, reason, params.now);
+                            outcomes.push(CommitOutcome::Rejected {
+                                reservation: row.clone().into_domain(),
+                                cause: RejectCause::UserLimit,
+                            });
+                            rows.push(row);
+                            continue;
+                        }
+                    }
+                    if available < quantity {
+                        let reason = format!("sold out: {available} units left");
+                        let row = rejected_row(order, reason, params.now);
+                        outcomes.push(CommitOutcome::Rejected {
+                            reservation: row.clone().into_domain(),
+                            cause: RejectCause::SoldOut,
+                        });
+                        rows.push(row);
+                        continue;
+                    }
+                    *taken += quantity;
+                    *live.entry(slot).or_default() += quantity;
+                    let mut row = row_for(order, ReservationState::Held, params.now);
+                    row.expires_at = params.hold_ttl.map(|ttl| {
+                        params.now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
+                    });
+                    outcomes.push(CommitOutcome::Committed {
+                        reservation: row.clone().into_domain(),
+                        remaining: available - quantity,
+                    });
+                    rows.push(row);
+                }
+                for (current, taken) in stock.values().filter(|(_, taken)| *taken > 0) {
+                    let updated = diesel::update(
+                        inventory::table
+                            .filter(inventory::sku.eq(&current.sku))
+                            .filter(inventory::version.eq(current.version))
+                            .filter(inventory::stock.ge(*taken)),
+                    )
+                    .set((
+                        inventory::stock.eq(inventory::stock - *taken),
+                        inventory::version.eq(inventory::version + 1),
+                        inventory::updated_at.eq(params.now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                    if updated != 1 {
+                        return Ok(None);
+                    }
+                }
+                $insert_many(conn, &rows).await?;
+                Ok(Some(outcomes))
             }
 
             async fn decide(
@@ -435,6 +653,26 @@ macro_rules! queries {
                 orders: &[NewOrder],
                 params: CommitParams,
             ) -> QueryResult<Vec<CommitOutcome>> {
+                if orders.len() > 1
+                    && params.record_rejections
+                    && params.mode == DbCheckMode::Optimistic
+                {
+                    let grouped = conn
+                        .transaction::<_, DieselError, _>(async |conn| {
+                            decide_grouped(conn, orders, params)
+                                .await?
+                                .ok_or(DieselError::RollbackTransaction)
+                        })
+                        .await;
+                    match grouped {
+                        Ok(outcomes) => return Ok(outcomes),
+                        // A concurrent writer moved a version or stored a
+                        // clashing row: decide order by order instead.
+                        Err(DieselError::RollbackTransaction)
+                        | Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {}
+                        Err(other) => return Err(other),
+                    }
+                }
                 conn.transaction::<_, DieselError, _>(async |conn| {
                     let mut outcomes = Vec::with_capacity(orders.len());
                     for order in orders {
@@ -460,9 +698,7 @@ macro_rules! queries {
                 if let Some(row) = find(conn, order.id.as_str()).await? {
                     return Ok(row.into_domain());
                 }
-                let mut row = row_for(order, ReservationState::Rejected, now);
-                row.idempotency_key = None;
-                row.reject_reason = Some(reason.to_owned());
+                let mut row = rejected_row(order, reason.to_owned(), now);
                 row.created_at = now;
                 insert_row(conn, &row).await?;
                 Ok(row.into_domain())
@@ -730,8 +966,13 @@ macro_rules! queries {
     };
 }
 
-queries!(pg, AsyncPgConnection, lock_inventory_pg);
-queries!(sqlite, SqliteConn, lock_inventory_sqlite);
+queries!(pg, AsyncPgConnection, lock_inventory_pg, insert_rows_pg);
+queries!(
+    sqlite,
+    SqliteConn,
+    lock_inventory_sqlite,
+    insert_rows_sqlite
+);
 
 /// Runs `$f` from the query module matching the pool, on a pooled connection.
 macro_rules! dispatch {

@@ -74,23 +74,7 @@ pub async fn queue_depth(queue: &str) -> u32 {
 
 /// Deletes a test's queues and exchange.
 pub async fn delete_rabbit(config: &Config) {
-    let names = stockgate::queue::QueueNames::new(&config.rabbitmq.queue);
-    let Ok(conn) =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    let Ok(channel) = conn.create_channel().await else {
-        return;
-    };
-    for queue in [&names.orders, &names.dead_letters] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(names.settled.as_str().into(), Default::default())
-        .await;
+    stockgate::queue::delete_topology(&amqp_url(), &config.rabbitmq.queue).await;
 }
 
 pub fn redis_url() -> String {

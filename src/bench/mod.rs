@@ -9,6 +9,8 @@
 //! with the backends given; the load shares the machine with it, as the
 //! reference loads do.
 
+pub mod queue;
+
 use std::{
     process::Command,
     sync::{
@@ -340,7 +342,7 @@ async fn redis_benchmark(options: &BenchOptions, prefix: &str) -> anyhow::Result
     let mut conn = client.get_multiplexed_async_connection().await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(include_str!("gate/scripts/reserve.lua"))
+        .arg(include_str!("../gate/scripts/reserve.lua"))
         .query_async(&mut conn)
         .await?;
     let key = |part: &str| format!("{prefix}:{{BENCH-RAW}}:{part}");

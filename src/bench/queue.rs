@@ -1,0 +1,241 @@
+//! `stockgate bench-queue`: committed orders per second through RabbitMQ,
+//! the order processor and PostgreSQL, with group commit and with batches
+//! of one, next to `pgbench` running the same single-row update and insert
+//! one transaction at a time against the same database, in the same run.
+//!
+//! Each measurement fills a fresh queue with `orders` messages first (not
+//! timed), then starts a real processor (`server::run` with role
+//! `processor`, gate off) and times from its first committed order to its
+//! last, read from the SKU's stock in the database.
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context};
+use futures::{stream, StreamExt};
+use tokio::{sync::oneshot, time::Instant};
+
+use crate::{
+    config::{Config, Role},
+    domain::{now, ReservationId, Sku, UserId},
+    queue::{OrderQueue, RabbitQueue},
+    store::{NewOrder, Store},
+};
+
+#[derive(Debug, Clone)]
+pub struct QueueBenchOptions {
+    /// Orders per measurement.
+    pub orders: usize,
+    /// The group-commit batch size compared with batches of one.
+    pub batch_size: usize,
+    /// Interleaved rounds; the median round is reported.
+    pub rounds: usize,
+    /// A PostgreSQL database of the benchmark's own (migrated here).
+    pub store: String,
+    pub amqp: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueMeasured {
+    pub name: String,
+    pub per_sec: f64,
+}
+
+pub async fn run(options: QueueBenchOptions) -> anyhow::Result<Vec<QueueMeasured>> {
+    let mut config = Config::default();
+    config.backends.store = options.store.clone();
+    config.backends.queue = options.amqp.clone();
+    config.server.role = Role::Processor;
+    config.layers.gate.enabled = false;
+    config.layers.queue.linger_ms = 2;
+    config.rabbitmq.prefetch = u16::try_from(options.batch_size * 4)
+        .unwrap_or(u16::MAX)
+        .max(512);
+    config.validate()?;
+    let store = Store::connect(config.store_backend()?, &config.store)?;
+    store.migrate().await?;
+
+    let mut rounds = Vec::new();
+    for round in 0..options.rounds.max(1) {
+        let mut measured = vec![pgbench(&options.store, options.orders, &store).await?];
+        for batch in [options.batch_size, 1] {
+            let per_sec = processor_run(&config, &store, &options, batch, round).await?;
+            measured.push(QueueMeasured {
+                name: format!("queue + processor, batch size {batch}"),
+                per_sec,
+            });
+        }
+        rounds.push(measured);
+    }
+    Ok((0..rounds[0].len())
+        .map(|i| {
+            let mut column: Vec<_> = rounds.iter().map(|r| r[i].clone()).collect();
+            column.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+            column[column.len() / 2].clone()
+        })
+        .collect())
+}
+
+async fn processor_run(
+    base: &Config,
+    store: &Store,
+    options: &QueueBenchOptions,
+    batch: usize,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let sku = Sku::parse(&format!("QB-{batch}-{round}-{}", &tag[20..]))?;
+    let total = i64::try_from(options.orders)?;
+    store.set_stock(&sku, total, 0, now()).await?;
+    let mut config = base.clone();
+    config.rabbitmq.queue = format!("sg-bench-{tag}");
+    config.layers.queue.batch_size = batch;
+
+    // Fill the queue through the real publisher (confirms and all).
+    let producer = Arc::new(RabbitQueue::new(
+        &options.amqp,
+        &config.rabbitmq,
+        store.clone(),
+    ));
+    let results: Vec<_> = stream::iter(0..options.orders)
+        .map(|i| {
+            let producer = producer.clone();
+            let order = NewOrder {
+                id: ReservationId::generate(),
+                sku: sku.clone(),
+                user: UserId::parse(&format!("qb-{i}")).expect("valid user"),
+                quantity: 1,
+                idempotency_key: None,
+                created_at: now(),
+            };
+            async move { producer.publish(order, false).await }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    if let Some(Err(err)) = results.into_iter().find(|r| r.is_err()) {
+        bail!("filling the queue: {err}");
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = crate::server::spawn(config.clone(), listener, async move {
+        let _ = stopped.await;
+    });
+    let left = || async {
+        store
+            .inventory(&sku)
+            .await
+            .ok()
+            .flatten()
+            .map_or(total, |row| row.stock)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (started, first_left) = loop {
+        let stock = left().await;
+        if stock < total {
+            break (Instant::now(), stock);
+        }
+        if Instant::now() > deadline {
+            bail!("the processor committed nothing");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    loop {
+        if left().await == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the processor did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    server.await??;
+    crate::queue::delete_topology(&options.amqp, &config.rabbitmq.queue).await;
+    Ok(first_left as f64 / elapsed)
+}
+
+/// The same single-row conditional update and order insert, one
+/// transaction at a time, one client.
+async fn pgbench(url: &str, orders: usize, store: &Store) -> anyhow::Result<QueueMeasured> {
+    let sku = Sku::parse("PGBENCH")?;
+    store.set_stock(&sku, 1_000_000_000, 0, now()).await?;
+    let script = std::env::temp_dir().join(format!("stockgate-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "BEGIN;\n\
+         UPDATE inventory SET stock = stock - 1, version = version + 1 WHERE sku = 'PGBENCH' AND stock >= 1;\n\
+         INSERT INTO reservations (reservation_id, sku, user_id, quantity, state, created_at, updated_at) \
+         VALUES (gen_random_uuid()::text, 'PGBENCH', 'pgbench', 1, 'held', now(), now());\n\
+         END;\n",
+    )?;
+    let output = Command::new("pgbench")
+        .args(["-n", "-c", "1", "-j", "1", "-t", &orders.to_string(), "-f"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .context("running pgbench (Debian package postgresql-contrib / postgresql-15)")?;
+    let _ = std::fs::remove_file(&script);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(QueueMeasured {
+        name: "pgbench, update + insert, 1 client".into(),
+        per_sec: parse_pgbench_tps(&text)?,
+    })
+}
+
+/// "tps = 1234.567890 (without initial connection time)".
+fn parse_pgbench_tps(text: &str) -> anyhow::Result<f64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .context("no tps line in pgbench output")?;
+    let value = line["tps = ".len()..]
+        .split_whitespace()
+        .next()
+        .context("empty tps line")?;
+    Ok(value.parse()?)
+}
+
+pub fn render(results: &[QueueMeasured], options: &QueueBenchOptions) -> String {
+    let find = |prefix: &str| results.iter().find(|m| m.name.starts_with(prefix));
+    let pgbench = find("pgbench").map(|m| m.per_sec);
+    let single = results
+        .iter()
+        .find(|m| m.name.ends_with("batch size 1"))
+        .map(|m| m.per_sec);
+    let mut out = format!(
+        "orders={} rounds={} (median round shown)\n{:<40} {:>12} {:>10} {:>10}\n",
+        options.orders, options.rounds, "measurement", "orders/s", "x pgbench", "x batch 1"
+    );
+    for m in results {
+        let ratio =
+            |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", m.per_sec / b));
+        out.push_str(&format!(
+            "{:<40} {:>12.0} {:>10} {:>10}\n",
+            m.name,
+            m.per_sec,
+            ratio(pgbench),
+            ratio(single)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pgbench_tps() {
+        let text = "transaction type: x.sql\nlatency average = 0.5 ms\ntps = 1987.654321 (without initial connection time)\n";
+        assert_eq!(parse_pgbench_tps(text).unwrap(), 1987.654321);
+        assert!(parse_pgbench_tps("nothing").is_err());
+    }
+}

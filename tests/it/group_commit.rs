@@ -1,0 +1,147 @@
+//! The processor's group commit (`Store::commit_batch` on the queue path),
+//! on both dialects: one batch decides its orders in FIFO order exactly as
+//! one-by-one commits would, and the cases it leaves to the per-order path
+//! (the same id or idempotency key twice in a batch) end the same way.
+
+use stockgate::{
+    config::DbCheckMode,
+    domain::{now, IdempotencyKey, ReservationId, Sku, UserId},
+    store::{CommitOutcome, CommitParams, NewOrder, Store},
+};
+
+use crate::harness::{config_for, open_store, Profile};
+
+fn order(sku: &str, user: &str, quantity: u32, key: Option<&str>) -> NewOrder {
+    NewOrder {
+        id: ReservationId::generate(),
+        sku: Sku::parse(sku).unwrap(),
+        user: UserId::parse(user).unwrap(),
+        quantity,
+        idempotency_key: key.map(|k| IdempotencyKey::parse(k).unwrap()),
+        created_at: now(),
+    }
+}
+
+fn params() -> CommitParams {
+    CommitParams {
+        mode: DbCheckMode::Optimistic,
+        max_attempts: 8,
+        hold_ttl: None,
+        record_rejections: true,
+        now: now(),
+    }
+}
+
+/// A compact spelling of each outcome, so a whole batch compares at once.
+fn shape(outcome: &CommitOutcome) -> String {
+    match outcome {
+        CommitOutcome::Committed { remaining, .. } => format!("held, {remaining} left"),
+        CommitOutcome::AlreadyCommitted(r) => format!("already {:?}", r.state),
+        CommitOutcome::Rejected { cause, .. } => format!("rejected {cause:?}"),
+        CommitOutcome::UnknownSku => "unknown sku".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn stock_of(store: &Store, sku: &str) -> i64 {
+    store
+        .inventory(&Sku::parse(sku).unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .stock
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_decides_in_arrival_order_like_single_commits() {
+    for profile in [Profile::Postgres, Profile::Embedded] {
+        let (config, db, _dir) = config_for(profile).await;
+        let store = open_store(&config);
+        store.migrate().await.unwrap();
+        store
+            .set_stock(&Sku::parse("A").unwrap(), 3, 0, now())
+            .await
+            .unwrap();
+        store
+            .set_stock(&Sku::parse("CAP").unwrap(), 10, 1, now())
+            .await
+            .unwrap();
+        let first = order("A", "u1", 2, Some("k1"));
+        let batch = vec![
+            first.clone(),
+            order("CAP", "u9", 1, None),
+            order("A", "u2", 2, None),   // 1 left: sold out
+            order("A", "u3", 1, None),   // fits the last unit
+            order("CAP", "u9", 1, None), // over the per-user cap of 1
+            order("NOPE", "u4", 1, None),
+        ];
+        let outcomes = store.commit_batch(&batch, params()).await.unwrap();
+        let shapes: Vec<String> = outcomes.iter().map(shape).collect();
+        assert_eq!(
+            shapes,
+            [
+                "held, 1 left",
+                "held, 9 left",
+                "rejected SoldOut",
+                "held, 0 left",
+                "rejected UserLimit",
+                "unknown sku"
+            ],
+            "{profile:?}"
+        );
+        assert_eq!(stock_of(&store, "A").await, 0);
+        assert_eq!(stock_of(&store, "CAP").await, 9);
+
+        // A redelivered batch changes nothing.
+        let again = store.commit_batch(&batch[..4], params()).await.unwrap();
+        assert!(
+            again
+                .iter()
+                .all(|o| matches!(o, CommitOutcome::AlreadyCommitted(_))),
+            "{profile:?}: {again:?}"
+        );
+        assert_eq!(stock_of(&store, "A").await, 0);
+
+        // The same id twice, and a key already held (in the database and
+        // twice within the batch), take the per-order path: one order each.
+        store
+            .set_stock(&Sku::parse("B").unwrap(), 10, 0, now())
+            .await
+            .unwrap();
+        let twice = order("B", "u5", 1, None);
+        let keyed = order("B", "u6", 1, Some("k6"));
+        let keyed_twin = NewOrder {
+            id: ReservationId::generate(),
+            ..keyed.clone()
+        };
+        let reused = NewOrder {
+            id: ReservationId::generate(),
+            sku: Sku::parse("B").unwrap(),
+            ..first.clone()
+        };
+        let batch = vec![twice.clone(), twice, keyed, keyed_twin, reused];
+        let shapes: Vec<String> = store
+            .commit_batch(&batch, params())
+            .await
+            .unwrap()
+            .iter()
+            .map(shape)
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                "held, 9 left",
+                "already Held",
+                "held, 8 left",
+                "rejected DuplicateKey",
+                "rejected DuplicateKey"
+            ],
+            "{profile:?}"
+        );
+        assert_eq!(stock_of(&store, "B").await, 8);
+        drop(store);
+        if let Some(db) = db {
+            db.drop_now().await;
+        }
+    }
+}
