@@ -54,6 +54,9 @@ enum Command {
         /// Store: `embedded` or a postgres:// URL.
         #[arg(long, default_value = "embedded")]
         store: String,
+        /// Queue: `embedded` or an amqp:// URL (needs a postgres store).
+        #[arg(long, default_value = "embedded")]
+        queue: String,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -110,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             redis,
             store,
+            queue,
         } => {
             let options = stockgate::bench::BenchOptions {
                 requests,
@@ -118,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds,
                 redis_url: redis,
                 store,
+                queue,
             };
             let results = stockgate::bench::run(options.clone()).await?;
             print!("{}", stockgate::bench::render(&results, &options));

@@ -54,6 +54,8 @@ pub struct BenchOptions {
     pub redis_url: String,
     /// The store: `embedded` or a postgres:// URL.
     pub store: String,
+    /// The queue: `embedded` or an amqp:// URL (needs a postgres store).
+    pub queue: String,
 }
 
 /// One measured line.
@@ -73,6 +75,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     config.server.listen = "127.0.0.1:0".parse()?;
     config.backends.gate = options.redis_url.clone();
     config.backends.store = options.store.clone();
+    config.backends.queue = options.queue.clone();
+    config.rabbitmq.queue = prefix.clone();
     config.store.sqlite_path = dir.join("bench.db").display().to_string();
     config.redis.key_prefix = prefix.clone();
     config.layers.queue.capacity = options.requests.max(1) * 2;
@@ -150,6 +154,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let _ = stop.send(());
     server.await??;
     cleanup(&options.redis_url, &prefix).await?;
+    if options.queue.starts_with("amqp://") {
+        crate::queue::delete_topology(&options.queue, &prefix).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
 }
@@ -414,12 +421,13 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
     let noop = find("no-op").map(|m| m.rps);
     let raw = find("raw").map(|m| m.rps);
     let mut out = format!(
-        "requests={} concurrency={} connections={} rounds={} (median round shown) store={}\n{:<42} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        "requests={} concurrency={} connections={} rounds={} (median round shown) store={} queue={}\n{:<42} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
         options.requests,
         options.concurrency,
         options.connections,
         options.rounds,
         crate::config::redact_url(&options.store),
+        crate::config::redact_url(&options.queue),
         "measurement",
         "calls/s",
         "p50 ms",

@@ -409,3 +409,109 @@ fn record(tally: &mut StormTally, result: Result<stockgate::pb::ReserveResponse,
             .insert(response.reservation.unwrap().reservation_id, 1);
     }
 }
+
+/// `stockgate bench-queue` runs end to end (small N) against the real
+/// broker, PostgreSQL and pgbench. Its figures are for the README, not
+/// asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_queue_runs_and_reports_every_measurement() {
+    let db = crate::harness::TestDb::create().await;
+    let options = stockgate::bench::queue::QueueBenchOptions {
+        orders: 300,
+        batch_size: 16,
+        rounds: 1,
+        store: db.url.clone(),
+        amqp: crate::harness::amqp_url(),
+    };
+    let results = stockgate::bench::queue::run(options.clone()).await.unwrap();
+    let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pgbench, update + insert, 1 client",
+            "queue + processor, batch size 16",
+            "queue + processor, batch size 1"
+        ]
+    );
+    assert!(results.iter().all(|m| m.per_sec > 0.0), "{results:?}");
+    let table = stockgate::bench::queue::render(&results, &options);
+    assert!(table.contains("x batch 1"), "{table}");
+    db.drop_now().await;
+}
+
+/// Starts the broker again however the test ends, so a failure here does
+/// not take RabbitMQ away from the rest of the suite.
+struct BrokerRestart;
+
+impl BrokerRestart {
+    fn stop() -> Self {
+        rabbitmqctl(&["stop_app"]);
+        BrokerRestart
+    }
+}
+
+impl Drop for BrokerRestart {
+    fn drop(&mut self) {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on this machine");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+/// The real broker stopped and started again mid-sale (its app, not the
+/// node, so it is back in seconds; this test runs alone in its nextest
+/// group with every other test that uses RabbitMQ). Orders queued before
+/// the stop survive in the quorum queue and are committed; Reserve answers
+/// UNAVAILABLE while it is down and resumes on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_restart_mid_sale_keeps_queued_orders_and_resumes() {
+    let app = api_only().await;
+    app.set_stock("RESTART", 1_000, 0).await;
+    let client = app.inventory();
+    let call = |i: usize| {
+        let mut client = client.clone();
+        async move { reserve(&mut client, "RESTART", 1, &format!("r{i}")).await }
+    };
+    let mut tally = StormTally::default();
+    // Queued with no processor running: these wait in the broker.
+    for i in 0..100 {
+        record(&mut tally, call(i).await);
+    }
+    {
+        let _down = BrokerRestart::stop();
+        for i in 100..150 {
+            let status = call(i).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+    }
+    let mut i = 150;
+    let resumed = tokio::time::Instant::now();
+    while tally.count(ReserveOutcome::Queued) < 200 {
+        match call(i).await {
+            Ok(response) => record(&mut tally, Ok(response)),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    resumed.elapsed() < Duration::from_secs(30),
+                    "publishing did not resume"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        i += 1;
+    }
+    let worker = processor(&app.config, |_| {}).await;
+    app.drain("RESTART").await;
+    assert_eq!(assert_invariants(&app, "RESTART", 1_000, &tally).await, 200);
+    let view = app.stock("RESTART").await;
+    assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
+    worker.stop().await;
+    app.stop().await;
+}

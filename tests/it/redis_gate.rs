@@ -269,6 +269,7 @@ async fn bench_runs_and_reports_every_measurement() {
         rounds: 1,
         redis_url: redis_url(),
         store: "embedded".into(),
+        queue: "embedded".into(),
     };
     let results = stockgate::bench::run(options.clone()).await.unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
