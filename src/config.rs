@@ -105,6 +105,10 @@ pub struct BackendsConfig {
     /// `embedded` (in-process counters) or a `redis://` URL (one Lua script
     /// per decision, shared by every replica).
     pub gate: String,
+    /// `embedded` (in-process map) or a `redis://` URL (keys under
+    /// `redis.key_prefix`, shared by every replica) for the dedup layer's
+    /// stored answers.
+    pub dedup: String,
     /// `embedded` (in-process channel; lost on a crash) or an `amqp://` URL
     /// (a durable RabbitMQ quorum queue shared by every replica; needs the
     /// PostgreSQL store).
@@ -129,13 +133,13 @@ pub struct StoreConfig {
 }
 
 /// The defense layers, outermost first.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LayersConfig {
     /// Per-user and global rate limiting.
     pub rate_limit: RateLimitConfig,
-    /// Idempotency-key deduplication.
-    pub dedup: SwitchConfig,
+    /// Idempotency-key deduplication of Reserve calls.
+    pub dedup: DedupLayerConfig,
     /// The atomic stock gate in front of the database.
     pub gate: GateLayerConfig,
     /// The order queue and its single order processor.
@@ -183,9 +187,25 @@ impl Default for RateLimitConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct SwitchConfig {
+pub struct DedupLayerConfig {
     /// Whether the layer runs. Can be changed at run time via AdminService.
     pub enabled: bool,
+    /// How long a Reserve's answer is replayed to retries with the same
+    /// idempotency key, in seconds.
+    pub ttl_secs: u64,
+    /// How long a concurrent duplicate waits for the first call's answer,
+    /// in milliseconds, before it is answered ABORTED.
+    pub wait_ms: u64,
+}
+
+impl Default for DedupLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 24 * 3600,
+            wait_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -336,6 +356,7 @@ impl Default for BackendsConfig {
             store: EMBEDDED.into(),
             gate: EMBEDDED.into(),
             queue: EMBEDDED.into(),
+            dedup: EMBEDDED.into(),
         }
     }
 }
@@ -347,24 +368,6 @@ impl Default for StoreConfig {
             max_connections: 16,
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
-        }
-    }
-}
-
-impl Default for SwitchConfig {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
-}
-
-impl Default for LayersConfig {
-    fn default() -> Self {
-        Self {
-            rate_limit: RateLimitConfig::default(),
-            dedup: SwitchConfig { enabled: false },
-            gate: GateLayerConfig::default(),
-            queue: QueueLayerConfig::default(),
-            db: DbLayerConfig::default(),
         }
     }
 }
@@ -602,12 +605,13 @@ impl Config {
                 "must be above 0",
             ));
         }
-        if self.layers.dedup.enabled {
+        if self.layers.dedup.ttl_secs == 0 || self.layers.dedup.wait_ms == 0 {
             return Err(invalid(
-                "layers.dedup.enabled",
-                "the dedup layer is not available in this release",
+                "layers.dedup.ttl_secs",
+                "ttl_secs and wait_ms must be above 0",
             ));
         }
+        self.dedup_backend()?;
         if self.layers.queue.batch_size == 0 {
             return Err(invalid("layers.queue.batch_size", "must be above 0"));
         }
@@ -630,6 +634,21 @@ impl Config {
     }
 
     /// Which gate `backends.gate` selects.
+    /// `None`: in-process; `Some(url)`: Redis.
+    pub fn dedup_backend(&self) -> Result<Option<String>, ConfigError> {
+        let url = self.backends.dedup.as_str();
+        if url == EMBEDDED {
+            Ok(None)
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            Ok(Some(url.to_owned()))
+        } else {
+            Err(invalid(
+                "backends.dedup",
+                "must be \"embedded\" or a redis:// URL",
+            ))
+        }
+    }
+
     pub fn queue_backend(&self) -> Result<QueueBackend, ConfigError> {
         let url = self.backends.queue.as_str();
         if url == EMBEDDED {

@@ -32,6 +32,10 @@ pub enum ReservationError {
     /// The optimistic check lost every attempt; nothing was written.
     #[error("stock row changed {0} times in a row; nothing reserved, retry")]
     Contention(u32),
+    /// Another call with the same idempotency key is still running and did
+    /// not answer within `layers.dedup.wait_ms`.
+    #[error("a call with this idempotency key is still running; retry it")]
+    DuplicateInFlight,
     /// Over a rate limit; retry after the given time.
     #[error("rate limited ({scope} limit); retry in {retry_after:?}")]
     RateLimited {
@@ -84,7 +88,7 @@ impl From<ReservationError> for Status {
             ReservationError::WrongState(_) | ReservationError::InsufficientStock(_) => {
                 Code::FailedPrecondition
             }
-            ReservationError::Contention(_) => Code::Aborted,
+            ReservationError::Contention(_) | ReservationError::DuplicateInFlight => Code::Aborted,
             ReservationError::RateLimited { .. } => Code::ResourceExhausted,
             ReservationError::NotReady(_) | ReservationError::Unavailable { .. } => {
                 Code::Unavailable
@@ -141,6 +145,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (ReservationError::Contention(3), Code::Aborted),
+            (ReservationError::DuplicateInFlight, Code::Aborted),
             (
                 ReservationError::RateLimited {
                     scope: "user",

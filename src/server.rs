@@ -17,7 +17,7 @@ use crate::{
     domain::pipeline::{Layers, Limits, Pipeline, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{AdminApi, InventoryApi},
-    middleware::{RateLimitLayer, RateLimits},
+    middleware::{DedupLayer, DedupStore, DedupTimes, MemoryDedup, RateLimitLayer, RateLimits},
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
@@ -82,6 +82,28 @@ pub async fn run(
         &config.layers.rate_limit,
         DefaultClock::default(),
     ));
+    let (dedup_store, memory_dedup): (Arc<dyn DedupStore>, _) = match config.dedup_backend()? {
+        None => {
+            let memory = Arc::new(MemoryDedup::default());
+            (memory.clone(), Some(memory))
+        }
+        Some(url) => {
+            tracing::info!(dedup = %redact_url(&url), "dedup store: redis");
+            let store = crate::middleware::RedisDedup::new(
+                &url,
+                &config.redis.key_prefix,
+                Duration::from_millis(config.redis.response_timeout_ms),
+            )
+            .map_err(anyhow::Error::msg)?;
+            (Arc::new(store), None)
+        }
+    };
+    let dedup_times = DedupTimes {
+        ttl: Duration::from_secs(config.layers.dedup.ttl_secs),
+        wait: Duration::from_millis(config.layers.dedup.wait_ms),
+        // A claim outlives the call that made it by a margin, then lapses.
+        in_flight: config.request_timeout() + Duration::from_secs(1),
+    };
     let pipeline = Arc::new(Pipeline::new(
         store,
         gate,
@@ -140,6 +162,7 @@ pub async fn run(
     let restocks = tokio::spawn(forward_restocks(pipeline.clone()));
     let limiter_sweeper = tokio::spawn(sweep_rate_limits(
         rate_limits.clone(),
+        memory_dedup,
         Duration::from_millis(config.layers.rate_limit.sweep_interval_ms),
     ));
     let reconciler = tokio::spawn(run_reconciler(
@@ -175,7 +198,11 @@ pub async fn run(
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         // Outermost first. Rate limiting runs before anything decodes a
         // body, so a flood costs a header lookup and a counter per call.
-        .layer(RateLimitLayer::new(rate_limits, switches))
+        .layer(RateLimitLayer::new(rate_limits, switches.clone()))
+        // Then dedup: after the rate limit, so a refused duplicate holds no
+        // claim on its key; before the services, so a duplicate never
+        // reaches the stock logic.
+        .layer(DedupLayer::new(dedup_store, switches, dedup_times))
         .add_service(health_service)
         .add_service(reflection)
         .add_optional_service(role.serves_api().then_some(inventory))
@@ -409,13 +436,21 @@ async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::
     }
 }
 
-/// Forgets users idle long enough to have a full burst again, so memory
-/// stays bounded however many distinct users call.
-async fn sweep_rate_limits(limits: Arc<RateLimits>, every: Duration) {
+/// Forgets users idle long enough to have a full burst again, and expired
+/// in-process dedup answers, so memory stays bounded however many distinct
+/// users and keys call.
+async fn sweep_rate_limits(
+    limits: Arc<RateLimits>,
+    dedup: Option<Arc<MemoryDedup>>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         limits.sweep();
+        if let Some(dedup) = &dedup {
+            dedup.sweep();
+        }
     }
 }
 

@@ -1203,12 +1203,6 @@ impl Pipeline {
             queue: change.queue.unwrap_or(before.queue),
             db_check: change.db_check.unwrap_or(before.db_check),
         };
-        if after.dedup {
-            return Err(ReservationError::invalid(
-                "dedup",
-                "the dedup layer is not available in this release",
-            ));
-        }
         if after.gate && !before.gate {
             self.reload_gate().await?;
         }

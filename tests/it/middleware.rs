@@ -1,10 +1,13 @@
 //! The tower middleware through the real server.
 
 use futures::future::join_all;
-use stockgate::pb::{GetLayersRequest, RateLimitStats, SetLayersRequest};
+use prost::Message;
+use stockgate::pb::{
+    GetLayersRequest, RateLimitStats, ReserveRequest, ReserveResponse, SetLayersRequest,
+};
 use tonic::Code;
 
-use crate::harness::{reserve, Profile, TestApp};
+use crate::harness::{is_admitted, reserve, with_user, Profile, TestApp};
 
 async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
     app.admin()
@@ -136,4 +139,79 @@ async fn switched_at_run_time_and_only_for_callers() {
     app.admin().set_layers(switch(false)).await.unwrap();
     reserve(&mut client, "S", 1, "eve").await.unwrap();
     app.stop().await;
+}
+
+/// The same idempotency key sent 100 times at once: one reservation and
+/// 100 identical answers; sent again afterwards: the identical answer; on
+/// another replica sharing Redis: the same; the same key for another SKU:
+/// refused, naming the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_idempotency_key_gives_one_reservation_and_identical_answers() {
+    for profile in [Profile::Embedded, Profile::Redis] {
+        let app = TestApp::spawn_with(profile, |c| {
+            c.layers.dedup.enabled = true;
+            if profile == Profile::Redis {
+                c.backends.dedup = c.backends.gate.clone();
+            }
+        })
+        .await;
+        app.set_stock("DEDUP", 10, 0).await;
+        app.set_stock("OTHER", 10, 0).await;
+        let calls = (0..100).map(|_| {
+            let mut client = app.inventory();
+            tokio::spawn(async move { keyed_reserve(&mut client, "DEDUP", "cart-1").await })
+        });
+        let answers: Vec<ReserveResponse> = join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        let first = answers[0].clone();
+        assert!(is_admitted(first.outcome()), "{profile:?}: {first:?}");
+        for answer in &answers {
+            assert_eq!(answer.encode_to_vec(), first.encode_to_vec(), "{profile:?}");
+        }
+        let mut client = app.inventory();
+        let again = keyed_reserve(&mut client, "DEDUP", "cart-1").await.unwrap();
+        assert_eq!(again.encode_to_vec(), first.encode_to_vec(), "{profile:?}");
+        if profile == Profile::Redis {
+            let twin = TestApp::start(app.config.clone(), None, tempfile::tempdir().unwrap()).await;
+            twin.wait_serving().await;
+            let elsewhere = keyed_reserve(&mut twin.inventory(), "DEDUP", "cart-1")
+                .await
+                .unwrap();
+            assert_eq!(elsewhere.encode_to_vec(), first.encode_to_vec());
+            twin.stop().await;
+        }
+        let status = keyed_reserve(&mut client, "OTHER", "cart-1")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("idempotency-key"), "{status:?}");
+        app.drain("DEDUP").await;
+        let view = app.stock("DEDUP").await;
+        assert_eq!(view.db_stock, 9, "{profile:?}: one unit taken");
+        assert_eq!(app.stock("OTHER").await.db_stock, 10, "{profile:?}");
+        app.stop().await;
+    }
+}
+
+async fn keyed_reserve(
+    client: &mut stockgate::pb::inventory_service_client::InventoryServiceClient<
+        tonic::transport::Channel,
+    >,
+    sku: &str,
+    key: &str,
+) -> Result<ReserveResponse, tonic::Status> {
+    client
+        .reserve(with_user(
+            ReserveRequest {
+                sku: sku.into(),
+                quantity: 1,
+            },
+            "dana",
+            Some(key),
+        ))
+        .await
+        .map(|r| r.into_inner())
 }

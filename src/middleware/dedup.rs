@@ -1,0 +1,626 @@
+//! Dedup by idempotency key: the first Reserve carrying a given
+//! (`x-user-id`, `idempotency-key`) runs; a retry with the same key and the
+//! same request gets the first answer replayed byte for byte (HTTP status,
+//! headers, body and trailers); a concurrent duplicate waits for that answer
+//! (up to `layers.dedup.wait_ms`, then ABORTED) instead of running twice;
+//! the same key with a different request is refused with INVALID_ARGUMENT.
+//!
+//! Only Reserve is deduplicated (reads are not). Answers that a retry should
+//! not inherit (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED,
+//! INTERNAL, …) are not stored: the claim is dropped so the retry runs. The
+//! store is Redis when `backends.dedup` is a `redis://` URL (every replica
+//! sees every key) and in-process otherwise. When the store is unreachable
+//! the call runs without dedup: the pipeline's own idempotency (queued keys
+//! in memory, the database's unique (user, key)) still stands behind it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::{sync::Notify, time::Instant};
+use tower::{Layer, Service};
+
+use crate::{
+    domain::{pipeline::Switches, IdempotencyKey, UserId},
+    error::ReservationError,
+};
+
+/// The one deduplicated call.
+pub const DEDUP_PATH: &str = "/stockgate.v1.InventoryService/Reserve";
+/// A Reserve request is tiny; anything larger is refused before hashing.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The first call's whole answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, Vec<u8>)>,
+}
+
+fn pairs(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    map.iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+fn header_map(pairs: &[(String, Vec<u8>)]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+impl StoredAnswer {
+    async fn capture(response: http::Response<tonic::body::Body>) -> Result<Self, String> {
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().map(pairs).unwrap_or_default();
+        Ok(Self {
+            status: parts.status.as_u16(),
+            headers: pairs(&parts.headers),
+            trailers,
+            body: collected.to_bytes().to_vec(),
+        })
+    }
+
+    pub fn to_response(&self) -> http::Response<tonic::body::Body> {
+        let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
+        if !self.body.is_empty() {
+            frames.push(Ok(Frame::data(Bytes::from(self.body.clone()))));
+        }
+        if !self.trailers.is_empty() {
+            frames.push(Ok(Frame::trailers(header_map(&self.trailers))));
+        }
+        let body = tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)));
+        let mut response = http::Response::new(body);
+        *response.status_mut() =
+            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
+        *response.headers_mut() = header_map(&self.headers);
+        response
+    }
+
+    /// The gRPC status code (trailers, or headers for a trailers-only
+    /// answer).
+    fn grpc_code(&self) -> Option<tonic::Code> {
+        self.trailers
+            .iter()
+            .chain(&self.headers)
+            .find(|(name, _)| name == "grpc-status")
+            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<i32>().ok())
+            .map(tonic::Code::from)
+    }
+
+    /// Whether a retry should get this answer: a decision (OK, including
+    /// "sold out" and "over the limit" outcomes) or a verdict on the request
+    /// itself. Anything transient is left for the retry to run again.
+    fn is_final(&self) -> bool {
+        matches!(
+            self.grpc_code(),
+            Some(
+                tonic::Code::Ok
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::NotFound
+                    | tonic::Code::FailedPrecondition
+            )
+        )
+    }
+}
+
+/// What a claim on a key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody had it: this call runs, then completes or abandons it.
+    Run,
+    /// Answered before: replay.
+    Done(StoredAnswer),
+    /// Another call with this key is running.
+    InFlight,
+    /// The key was used with a different request.
+    Mismatch,
+}
+
+/// Where claims and answers live.
+#[async_trait]
+pub trait DedupStore: Send + Sync + 'static {
+    /// Claims `key` for a request with `fingerprint` under `token`; a claim
+    /// lapses after `in_flight` if never completed (a crashed replica).
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: &str,
+        in_flight: Duration,
+    ) -> Result<Claim, String>;
+    /// Stores the answer (if `token` still holds the claim) for `ttl`.
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<(), String>;
+    /// Drops the claim (if `token` still holds it) so a retry runs.
+    async fn abandon(&self, key: &str, token: &str) -> Result<(), String>;
+    /// Waits a little for any claim to change.
+    async fn changed(&self);
+}
+
+struct Entry {
+    fingerprint: String,
+    token: String,
+    answer: Option<StoredAnswer>,
+    expires: Instant,
+}
+
+/// The embedded profile's store: one process, so a map and a notifier.
+#[derive(Default)]
+pub struct MemoryDedup {
+    entries: Mutex<HashMap<String, Entry>>,
+    notify: Notify,
+}
+
+impl MemoryDedup {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets lapsed claims and expired answers (bounded memory).
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        entries.retain(|_, entry| entry.expires > now);
+        entries.len()
+    }
+}
+
+#[async_trait]
+impl DedupStore for MemoryDedup {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: &str,
+        in_flight: Duration,
+    ) -> Result<Claim, String> {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        match entries.get(key) {
+            Some(entry) if entry.expires > now => Ok(if entry.fingerprint != fingerprint {
+                Claim::Mismatch
+            } else if let Some(answer) = &entry.answer {
+                Claim::Done(answer.clone())
+            } else {
+                Claim::InFlight
+            }),
+            _ => {
+                entries.insert(
+                    key.to_owned(),
+                    Entry {
+                        fingerprint: fingerprint.to_owned(),
+                        token: token.to_owned(),
+                        answer: None,
+                        expires: now + in_flight,
+                    },
+                );
+                Ok(Claim::Run)
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        if let Some(entry) = self.entries().get_mut(key) {
+            if entry.token == token {
+                entry.answer = Some(answer.clone());
+                entry.expires = Instant::now() + ttl;
+            }
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
+        {
+            let mut entries = self.entries();
+            if entries.get(key).is_some_and(|e| e.token == token) {
+                entries.remove(key);
+            }
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn changed(&self) {
+        // Bounded: a notification between the waiter's claim and this
+        // call is missed, so look again soon anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(20), self.notify.notified()).await;
+    }
+}
+
+/// The shared store: one hash per key in Redis, changed only by Lua scripts
+/// so a claim, a completion and an abandon are each atomic.
+pub struct RedisDedup {
+    client: redis::Client,
+    timeout: Duration,
+    /// Connected on first use, so the server starts while Redis is down.
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    prefix: String,
+    claim: redis::Script,
+    complete: redis::Script,
+    abandon: redis::Script,
+}
+
+impl RedisDedup {
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            timeout,
+            conn: tokio::sync::OnceCell::new(),
+            prefix: prefix.to_owned(),
+            claim: redis::Script::new(include_str!("scripts/dedup_claim.lua")),
+            complete: redis::Script::new(include_str!("scripts/dedup_complete.lua")),
+            abandon: redis::Script::new(include_str!("scripts/dedup_abandon.lua")),
+        })
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+        self.conn
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.timeout))
+                    .set_connection_timeout(Some(self.timeout));
+                redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
+    fn record(&self, key: &str) -> String {
+        format!("{}:dedup:{key}", self.prefix)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl DedupStore for RedisDedup {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: &str,
+        in_flight: Duration,
+    ) -> Result<Claim, String> {
+        let mut conn = self.conn().await?;
+        let reply: Vec<String> = self
+            .claim
+            .key(self.record(key))
+            .arg(fingerprint)
+            .arg(token)
+            .arg(millis(in_flight))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(match reply.as_slice() {
+            [kind] if kind == "run" => Claim::Run,
+            [kind] if kind == "mismatch" => Claim::Mismatch,
+            [kind] if kind == "inflight" => Claim::InFlight,
+            [kind, json] if kind == "done" => {
+                Claim::Done(serde_json::from_str(json).map_err(|e| e.to_string())?)
+            }
+            other => return Err(format!("unexpected dedup claim reply {other:?}")),
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        let json = serde_json::to_string(answer).map_err(|e| e.to_string())?;
+        let mut conn = self.conn().await?;
+        self.complete
+            .key(self.record(key))
+            .arg(token)
+            .arg(json)
+            .arg(millis(ttl))
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        self.abandon
+            .key(self.record(key))
+            .arg(token)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn changed(&self) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Timing of the layer.
+#[derive(Debug, Clone, Copy)]
+pub struct DedupTimes {
+    /// How long a stored answer is replayed.
+    pub ttl: Duration,
+    /// How long a concurrent duplicate waits for the first call's answer.
+    pub wait: Duration,
+    /// How long an unanswered claim holds the key (a crashed replica's
+    /// claim must not block the key for the whole ttl).
+    pub in_flight: Duration,
+}
+
+/// The tower layer; stays in the stack and reads its switch per call.
+#[derive(Clone)]
+pub struct DedupLayer {
+    store: Arc<dyn DedupStore>,
+    switches: Switches,
+    times: DedupTimes,
+}
+
+impl DedupLayer {
+    pub fn new(store: Arc<dyn DedupStore>, switches: Switches, times: DedupTimes) -> Self {
+        Self {
+            store,
+            switches,
+            times,
+        }
+    }
+}
+
+impl<S> Layer<S> for DedupLayer {
+    type Service = Dedup<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Dedup {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Dedup<S> {
+    inner: S,
+    layer: DedupLayer,
+}
+
+/// The record key of (user, idempotency key): length-prefixed so no two
+/// pairs spell the same key.
+fn record_key(user: &str, key: &str) -> String {
+    format!("{}:{user}:{key}", user.len())
+}
+
+fn fingerprint(path: &str, body: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(path.as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn refusal(err: ReservationError) -> http::Response<tonic::body::Body> {
+    tonic::Status::from(err).into_http()
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+
+impl<S> Service<HttpRequest> for Dedup<S>
+where
+    S: Service<HttpRequest, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let key = match (header(UserId::METADATA), header(IdempotencyKey::METADATA)) {
+            (Some(user), Some(key))
+                if self.layer.switches.load().dedup && request.uri().path() == DEDUP_PATH =>
+            {
+                record_key(&user, &key)
+            }
+            // No key, another call, or switched off: nothing to dedup (the
+            // handler validates missing metadata).
+            _ => return Box::pin(inner.call(request)),
+        };
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let body = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => {
+                    return Ok(tonic::Status::out_of_range(format!(
+                        "request larger than {MAX_BODY} bytes"
+                    ))
+                    .into_http())
+                }
+            };
+            let fingerprint = fingerprint(parts.uri.path(), &body);
+            let token = uuid::Uuid::now_v7().simple().to_string();
+            let store = layer.store.clone();
+            let times = layer.times;
+            let rebuilt = move || {
+                http::Request::from_parts(
+                    parts,
+                    tonic::body::Body::new(http_body_util::Full::new(body)),
+                )
+            };
+            let waiting_since = Instant::now();
+            loop {
+                match store
+                    .claim(&key, &fingerprint, &token, times.in_flight)
+                    .await
+                {
+                    Ok(Claim::Run) => {
+                        let response = inner.call(rebuilt()).await?;
+                        return Ok(finish(&*store, &key, &token, times, response).await);
+                    }
+                    Ok(Claim::Done(answer)) => return Ok(answer.to_response()),
+                    Ok(Claim::Mismatch) => {
+                        return Ok(refusal(ReservationError::invalid(
+                            IdempotencyKey::METADATA,
+                            "this idempotency key was already used with a different request",
+                        )))
+                    }
+                    Ok(Claim::InFlight) if waiting_since.elapsed() >= times.wait => {
+                        return Ok(refusal(ReservationError::DuplicateInFlight));
+                    }
+                    Ok(Claim::InFlight) => store.changed().await,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "dedup store unreachable; running the call without it");
+                        return inner.call(rebuilt()).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Stores a final answer (and hands back the stored copy, so the first
+/// caller and every replay get the same bytes) or drops the claim.
+async fn finish(
+    store: &dyn DedupStore,
+    key: &str,
+    token: &str,
+    times: DedupTimes,
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let answer = match StoredAnswer::capture(response).await {
+        Ok(answer) => answer,
+        Err(err) => {
+            let _ = store.abandon(key, token).await;
+            return tonic::Status::internal(format!("response lost: {err}")).into_http();
+        }
+    };
+    let stored = if answer.is_final() {
+        store.complete(key, token, &answer, times.ttl).await
+    } else {
+        store.abandon(key, token).await
+    };
+    if let Err(err) = stored {
+        tracing::warn!(error = %err, "dedup answer not stored; a retry will run again");
+    }
+    answer.to_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: i32) -> StoredAnswer {
+        StoredAnswer {
+            status: 200,
+            headers: vec![("content-type".into(), b"application/grpc".to_vec())],
+            body: vec![0, 0, 0, 0, 2, 8, 1],
+            trailers: vec![("grpc-status".into(), code.to_string().into_bytes())],
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_replays_mismatches_and_lapses() {
+        let store = MemoryDedup::default();
+        let short = Duration::from_millis(30);
+        assert_eq!(store.claim("k", "fp", "t1", short).await, Ok(Claim::Run));
+        assert_eq!(
+            store.claim("k", "fp", "t2", short).await,
+            Ok(Claim::InFlight)
+        );
+        assert_eq!(
+            store.claim("k", "other", "t2", short).await,
+            Ok(Claim::Mismatch)
+        );
+        // Only the holder's token completes.
+        store.complete("k", "t2", &answer(0), short).await.unwrap();
+        assert_eq!(
+            store.claim("k", "fp", "t3", short).await,
+            Ok(Claim::InFlight)
+        );
+        store
+            .complete("k", "t1", &answer(0), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.claim("k", "fp", "t4", short).await,
+            Ok(Claim::Done(answer(0)))
+        );
+        // An unanswered claim lapses; an abandoned one frees the key.
+        assert_eq!(store.claim("j", "fp", "t1", short).await, Ok(Claim::Run));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(store.claim("j", "fp", "t2", short).await, Ok(Claim::Run));
+        store.abandon("j", "t2").await.unwrap();
+        assert_eq!(store.claim("j", "fp", "t3", short).await, Ok(Claim::Run));
+        assert_eq!(store.sweep(), 2);
+    }
+
+    #[test]
+    fn only_final_answers_are_kept_and_they_replay_identically() {
+        assert!(answer(0).is_final());
+        assert!(answer(3).is_final());
+        assert!(!answer(14).is_final(), "UNAVAILABLE is retried");
+        assert!(!answer(10).is_final(), "ABORTED is retried");
+        assert_ne!(record_key("ab", "c"), record_key("a", "bc"));
+        assert_ne!(fingerprint("/p", b"x"), fingerprint("/p", b"y"));
+    }
+
+    #[tokio::test]
+    async fn a_stored_answer_rebuilds_to_the_same_answer() {
+        let original = answer(0);
+        let again = StoredAnswer::capture(original.to_response()).await.unwrap();
+        assert_eq!(again, original);
+    }
+}
