@@ -329,7 +329,12 @@ async fn run_processor(
                 }
             }
         }
-        pipeline.process_batch(&batch).await;
+        let outcome = pipeline.process_batch(&batch).await;
+        if outcome.incomplete {
+            // In memory there is nothing to redeliver from; the orders stay
+            // visible as QUEUED and the log says which.
+            tracing::error!("an order could be neither committed nor recorded as failed");
+        }
         batch.clear();
     }
 }
@@ -396,15 +401,19 @@ async fn run_rabbit_processor(
                     }
                 }
             }
-            for (order, reason) in pipeline.process_batch(&orders).await {
+            let outcome = pipeline.process_batch(&orders).await;
+            unsettled |= outcome.incomplete;
+            for (order, reason) in outcome.given_up {
                 unsettled |= consumer
                     .dead_letter(&encode(&order), &reason)
                     .await
                     .is_err();
             }
             if unsettled {
-                // Not acked: redelivered to whoever consumes next.
-                tracing::warn!("could not dead-letter; leaving the batch unacked");
+                // Not acked: redelivered to whoever consumes next, and the
+                // database's idempotency absorbs what was already done.
+                tracing::warn!("batch not fully settled; leaving it unacked");
+                tokio::time::sleep(source.reconnect_delay).await;
                 break;
             }
             if let Err(err) = consumer.ack_through(last_tag).await {

@@ -34,7 +34,7 @@ use crate::{
     queue::{OrderQueue, QueueError, QueuedOrder},
     store::{
         Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause, Settled, Store,
-        StoreError,
+        StoreError, SOLD_OUT_REASON,
     },
 };
 
@@ -230,6 +230,17 @@ pub struct Pipeline {
     last_drift: Mutex<HashMap<Sku, i64>>,
 }
 
+/// What became of a batch the processor took.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Orders given up after repeated database errors, with the reason;
+    /// recorded REJECTED with their units returned.
+    pub given_up: Vec<(QueuedOrder, String)>,
+    /// Some order could not even be recorded as given up: do not
+    /// acknowledge the batch, so it is delivered again.
+    pub incomplete: bool,
+}
+
 /// What one reconcile pass found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
@@ -344,7 +355,10 @@ impl Pipeline {
 
     // ---- Reserve -------------------------------------------------------
 
-    pub async fn reserve(&self, cmd: ReserveCommand) -> Result<ReserveResult, ReservationError> {
+    pub async fn reserve(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+    ) -> Result<ReserveResult, ReservationError> {
         self.ensure_ready()?;
         let layers = self.layers();
         if let Some(key) = &cmd.idempotency_key {
@@ -400,7 +414,13 @@ impl Pipeline {
             }
         }
         if layers.queue {
-            self.enqueue(order, gated, remaining).await
+            // On its own task: a caller that gives up (deadline, cancel)
+            // drops this future, and a publish abandoned half way would
+            // leave the reservation pending and its units held forever.
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.enqueue(order, gated, remaining).await })
+                .await
+                .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         } else {
             self.commit_now(order, layers.db_check, gated).await
         }
@@ -630,22 +650,52 @@ impl Pipeline {
                 })
             }
             Err(err) => {
-                if let QueueError::Unconfirmed(why) = &err {
-                    // The broker may still hold the message: a REJECTED row
-                    // makes its late delivery a no-op, so the caller's
-                    // UNAVAILABLE stays true. If even that write fails the
-                    // outcome is indeterminate (logged); the gate's
-                    // reconciler repairs its count either way.
-                    let reason = format!("the order queue did not confirm the order: {why}");
-                    if let Err(db) = self.store.record_failed(&order, &reason, now()).await {
-                        tracing::error!(reservation = order.id.as_str(), error = %db, "unconfirmed order could not be fenced off; it may still be committed");
-                    }
-                }
                 self.pending().remove(&order.id);
+                if let QueueError::Unconfirmed(why) = &err {
+                    return self
+                        .fence_unconfirmed(&order, gated, why, err.to_string())
+                        .await;
+                }
                 if gated {
                     self.gate_release(&order).await;
                 }
                 Err(queue_error(err))
+            }
+        }
+    }
+
+    /// The broker may hold an order it never confirmed. A REJECTED row for
+    /// its id makes a late delivery a no-op, so answering UNAVAILABLE and
+    /// returning the units is then true. If the processor got there first,
+    /// its row is the answer (and it settled the gate). If the fence cannot
+    /// be written the outcome is indeterminate: the units stay with the
+    /// admission, which the reconciler settles by what became of it.
+    async fn fence_unconfirmed(
+        &self,
+        order: &NewOrder,
+        gated: bool,
+        why: &str,
+        error: String,
+    ) -> Result<ReserveResult, ReservationError> {
+        let reason = format!("{FENCE_REASON}: {why}");
+        match self.store.record_failed(order, &reason, now()).await {
+            Ok(row) if row.reject_reason.as_deref() == Some(reason.as_str()) => {
+                if gated {
+                    self.gate_release(order).await;
+                }
+                self.emit(Event::Changed(row));
+                Err(ReservationError::unavailable(
+                    "order queue",
+                    anyhow::anyhow!(error),
+                ))
+            }
+            Ok(row) => Ok(ReserveResult::Existing(row)),
+            Err(db) => {
+                tracing::error!(reservation = order.id.as_str(), error = %db, "unconfirmed order could not be fenced off; its outcome is left to the reconciler");
+                Err(ReservationError::unavailable(
+                    "order queue",
+                    anyhow::anyhow!(error),
+                ))
             }
         }
     }
@@ -748,9 +798,10 @@ impl Pipeline {
     /// An order the database keeps refusing with an error is given up after
     /// `layers.queue.max_attempts` tries: it is returned with the reason,
     /// recorded REJECTED and its units given back.
-    pub async fn process_batch(&self, batch: &[QueuedOrder]) -> Vec<(QueuedOrder, String)> {
+    pub async fn process_batch(&self, batch: &[QueuedOrder]) -> BatchOutcome {
         let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
         let mut failed = Vec::new();
+        let mut unsettled: Vec<ReservationId> = Vec::new();
         let mut backoff = Duration::from_millis(10);
         while !todo.is_empty() {
             let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
@@ -772,8 +823,11 @@ impl Pipeline {
                         match self.commit_alone(queued).await {
                             Ok(outcome) => outcomes.push(Some(outcome)),
                             Err(reason) => {
-                                self.give_up(queued, &reason).await;
-                                failed.push(((*queued).clone(), reason));
+                                if self.give_up(queued, &reason).await {
+                                    failed.push(((*queued).clone(), reason));
+                                } else {
+                                    unsettled.push(queued.order.id.clone());
+                                }
                                 outcomes.push(None);
                             }
                         }
@@ -807,19 +861,24 @@ impl Pipeline {
             }
             todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
-        if let Some(last) = batch.iter().map(|q| q.ticket).max() {
-            let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
-            self.queue.settled(last, &ids).await;
+        if unsettled.is_empty() {
+            if let Some(last) = batch.iter().map(|q| q.ticket).max() {
+                let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
+                self.queue.settled(last, &ids).await;
+            }
         }
         self.emit(Event::QueueAdvanced);
-        failed
+        BatchOutcome {
+            given_up: failed,
+            incomplete: !unsettled.is_empty(),
+        }
     }
 
     /// One order in its own transaction, retried on errors up to
     /// `layers.queue.max_attempts` times (an outage does not count).
     async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
         let mut attempts = 0;
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Duration::from_millis(100);
         loop {
             let params = self.commit_params(self.layers().db_check, true);
             match self
@@ -843,26 +902,38 @@ impl Pipeline {
 
     /// Ends an order the database would not take: REJECTED row (with the
     /// time of failure, since the order's own data may be what fails),
-    /// units back to the gate, watchers told, error logged.
-    async fn give_up(&self, queued: &QueuedOrder, reason: &str) {
+    /// units back to the gate, watchers told, error logged. Returns false,
+    /// changing nothing, when not even the REJECTED row can be written: the
+    /// caller was told QUEUED, so the order must stay for a redelivery.
+    async fn give_up(&self, queued: &QueuedOrder, reason: &str) -> bool {
         let order = &queued.order;
         tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
-        let recorded = self
-            .store
-            .record_failed(order, &format!("processing failed: {reason}"), now())
-            .await;
+        let reason = format!("processing failed: {reason}");
+        let mut backoff = Duration::from_millis(100);
+        let recorded = loop {
+            match self.store.record_failed(order, &reason, now()).await {
+                Err(err) if err.is_unavailable() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => break other,
+            }
+        };
+        let reservation = match recorded {
+            Ok(reservation) => reservation,
+            Err(err) => {
+                tracing::error!(reservation = order.id.as_str(), error = %err, "failed order could not be recorded; leaving it queued");
+                return false;
+            }
+        };
         if queued.gated {
-            self.settle_gate(Settlement::Released, &[gate_entry(order)])
-                .await;
+            let action = settlement(&CommitOutcome::AlreadyCommitted(reservation.clone()));
+            self.settle_gate(action, &[gate_entry(order)]).await;
             self.restocked(order.sku.as_str());
         }
         self.pending().remove(&order.id);
-        match recorded {
-            Ok(reservation) => self.emit(Event::Changed(reservation)),
-            Err(err) => {
-                tracing::error!(reservation = order.id.as_str(), error = %err, "failed order could not be recorded")
-            }
-        }
+        self.emit(Event::Changed(reservation));
+        true
     }
 
     /// Another process (the order processor) settled these reservations:
@@ -1212,6 +1283,9 @@ impl Pipeline {
     }
 }
 
+/// How a fenced-off order's REJECTED row starts.
+pub const FENCE_REASON: &str = "the order queue did not confirm the order";
+
 fn sku_stock(row: &InventoryRow) -> SkuStock {
     SkuStock {
         sku: Sku::from_trusted(row.sku.clone()),
@@ -1226,9 +1300,21 @@ fn sku_stock(row: &InventoryRow) -> SkuStock {
 /// or no order resulted for another reason (return the units).
 fn settlement(outcome: &CommitOutcome) -> Settlement {
     match outcome {
-        CommitOutcome::Committed { .. } | CommitOutcome::AlreadyCommitted(_) => {
-            Settlement::Committed
-        }
+        CommitOutcome::Committed { .. } => Settlement::Committed,
+        // A redelivery finds the row the first delivery wrote; settle as
+        // that decision was (the first settlement may never have run).
+        CommitOutcome::AlreadyCommitted(row) => match row.state {
+            ReservationState::Rejected
+                if row
+                    .reject_reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(SOLD_OUT_REASON)) =>
+            {
+                Settlement::Rejected
+            }
+            ReservationState::Rejected => Settlement::Released,
+            _ => Settlement::Committed,
+        },
         CommitOutcome::SoldOut { .. }
         | CommitOutcome::UnknownSku
         | CommitOutcome::Rejected {

@@ -501,7 +501,16 @@ impl OrderQueue for RabbitQueue {
             )
             .await
             .ok()?;
-        Some(u64::from(queue.message_count()))
+        let ready = u64::from(queue.message_count());
+        if ready > 0 {
+            return Some(ready);
+        }
+        // Nothing ready, but the processor may hold deliveries unacked (the
+        // broker's count leaves them out): empty only once every ticket
+        // handed out is at or below what the processor settled.
+        let issued = self.store.last_ticket().await.ok()?;
+        let settled = self.store.queue_done_through().await.ok()?;
+        Some(issued.saturating_sub(settled))
     }
 
     fn close(&self) {
@@ -583,10 +592,11 @@ impl RabbitConsumer {
             )
             .await
             .map_err(|e| e.to_string())?;
-        match confirm.await {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(other) => Err(format!("dead-letter publish not confirmed: {other:?}")),
-            Err(err) => Err(err.to_string()),
+        match tokio::time::timeout(CONNECT_TIMEOUT * 5, confirm).await {
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(other)) => Err(format!("dead-letter publish not confirmed: {other:?}")),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("dead-letter publish not confirmed in time".into()),
         }
     }
 

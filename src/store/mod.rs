@@ -48,6 +48,16 @@ pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/
 
 type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 
+/// PostgreSQL errors diesel reports as `Unknown` that pass with time:
+/// deadlock (40P01), lock timeout (55P03), statement timeout (57014),
+/// administrator shutdown (57P01).
+const TRANSIENT_MESSAGES: [&str; 4] = [
+    "deadlock detected",
+    "could not obtain lock",
+    "canceling statement due to statement timeout",
+    "terminating connection due to administrator command",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No connection could be had in time: the database is down,
@@ -64,16 +74,25 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether a retry later may succeed (as opposed to a bug).
+    /// Serialization failures, a read-only database (a failover in
+    /// progress) and a command that could not be sent count as outages too:
+    /// the processor retries them rather than give up on an order.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            Self::Connect(_)
-                | Self::Query(DieselError::DatabaseError(
-                    DatabaseErrorKind::ClosedConnection,
-                    _
-                ))
-                | Self::Query(DieselError::BrokenTransactionManager)
-        )
+        match self {
+            Self::Connect(_) | Self::Query(DieselError::BrokenTransactionManager) => true,
+            Self::Query(DieselError::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::ClosedConnection
+                        | DatabaseErrorKind::SerializationFailure
+                        | DatabaseErrorKind::ReadOnlyTransaction
+                        | DatabaseErrorKind::UnableToSendCommand
+                ) || TRANSIENT_MESSAGES
+                    .iter()
+                    .any(|m| info.message().contains(m))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -87,6 +106,10 @@ pub struct NewOrder {
     pub idempotency_key: Option<IdempotencyKey>,
     pub created_at: NaiveDateTime,
 }
+
+/// How the reason of a REJECTED row starts when stock ran out, so a
+/// redelivery can tell it from rejections that must return gate units.
+pub const SOLD_OUT_REASON: &str = "sold out";
 
 /// How to commit orders.
 #[derive(Debug, Clone, Copy)]
@@ -456,7 +479,7 @@ macro_rules! queries {
                         }
                     }
                     if available < quantity {
-                        let reason = format!("sold out: {available} units left");
+                        let reason = format!("{SOLD_OUT_REASON}: {available} units left");
                         let row = rejected_row(order, reason, params.now);
                         outcomes.push(CommitOutcome::Rejected {
                             reservation: row.clone().into_domain(),
@@ -579,7 +602,7 @@ macro_rules! queries {
                     }
                     if current.stock < quantity {
                         if params.record_rejections {
-                            let reason = format!("sold out: {} units left", current.stock);
+                            let reason = format!("{SOLD_OUT_REASON}: {} units left", current.stock);
                             return reject(conn, order, RejectCause::SoldOut, reason, params.now)
                                 .await;
                         }
@@ -1139,6 +1162,13 @@ impl Store {
     pub async fn next_ticket(&self) -> Result<u64, StoreError> {
         self.ticket_query("SELECT nextval('order_tickets') AS value", None)
             .await
+    }
+
+    /// The last ticket handed out, 0 before the first.
+    pub async fn last_ticket(&self) -> Result<u64, StoreError> {
+        let sql =
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS value FROM order_tickets";
+        self.ticket_query(sql, None).await
     }
 
     /// The highest ticket the processor settled.

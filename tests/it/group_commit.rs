@@ -44,12 +44,18 @@ fn shape(outcome: &CommitOutcome) -> String {
 }
 
 async fn stock_of(store: &Store, sku: &str) -> i64 {
-    store
+    row_of(store, sku).await.0
+}
+
+/// (stock, version): the version says how many conditional updates ran, so
+/// one per SKU per batch shows the grouped path decided it.
+async fn row_of(store: &Store, sku: &str) -> (i64, i64) {
+    let row = store
         .inventory(&Sku::parse(sku).unwrap())
         .await
         .unwrap()
-        .unwrap()
-        .stock
+        .unwrap();
+    (row.stock, row.version)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -66,6 +72,8 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             .set_stock(&Sku::parse("CAP").unwrap(), 10, 1, now())
             .await
             .unwrap();
+        let (_, version_a) = row_of(&store, "A").await;
+        let (_, version_cap) = row_of(&store, "CAP").await;
         let first = order("A", "u1", 2, Some("k1"));
         let batch = vec![
             first.clone(),
@@ -89,8 +97,12 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             ],
             "{profile:?}"
         );
-        assert_eq!(stock_of(&store, "A").await, 0);
-        assert_eq!(stock_of(&store, "CAP").await, 9);
+        assert_eq!(row_of(&store, "A").await, (0, version_a + 1), "{profile:?}");
+        assert_eq!(
+            row_of(&store, "CAP").await,
+            (9, version_cap + 1),
+            "{profile:?}"
+        );
 
         // A redelivered batch changes nothing.
         let again = store.commit_batch(&batch[..4], params()).await.unwrap();
@@ -102,24 +114,44 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
         );
         assert_eq!(stock_of(&store, "A").await, 0);
 
-        // The same id twice, and a key already held (in the database and
-        // twice within the batch), take the per-order path: one order each.
+        // A key already held in the database, decided by the grouped path.
         store
-            .set_stock(&Sku::parse("B").unwrap(), 10, 0, now())
+            .set_stock(&Sku::parse("B").unwrap(), 11, 0, now())
             .await
             .unwrap();
+        let (_, version_b) = row_of(&store, "B").await;
+        let reused = NewOrder {
+            id: ReservationId::generate(),
+            sku: Sku::parse("B").unwrap(),
+            ..first.clone()
+        };
+        let shapes: Vec<String> = store
+            .commit_batch(&[order("B", "u7", 1, None), reused], params())
+            .await
+            .unwrap()
+            .iter()
+            .map(shape)
+            .collect();
+        assert_eq!(
+            shapes,
+            ["held, 10 left", "rejected DuplicateKey"],
+            "{profile:?}"
+        );
+        assert_eq!(
+            row_of(&store, "B").await,
+            (10, version_b + 1),
+            "{profile:?}"
+        );
+
+        // The same id twice, and one key twice within the batch, take the
+        // per-order path: one order each, one update per order.
         let twice = order("B", "u5", 1, None);
         let keyed = order("B", "u6", 1, Some("k6"));
         let keyed_twin = NewOrder {
             id: ReservationId::generate(),
             ..keyed.clone()
         };
-        let reused = NewOrder {
-            id: ReservationId::generate(),
-            sku: Sku::parse("B").unwrap(),
-            ..first.clone()
-        };
-        let batch = vec![twice.clone(), twice, keyed, keyed_twin, reused];
+        let batch = vec![twice.clone(), twice, keyed, keyed_twin];
         let shapes: Vec<String> = store
             .commit_batch(&batch, params())
             .await
@@ -133,12 +165,11 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
                 "held, 9 left",
                 "already Held",
                 "held, 8 left",
-                "rejected DuplicateKey",
                 "rejected DuplicateKey"
             ],
             "{profile:?}"
         );
-        assert_eq!(stock_of(&store, "B").await, 8);
+        assert_eq!(row_of(&store, "B").await, (8, version_b + 3), "{profile:?}");
         drop(store);
         if let Some(db) = db {
             db.drop_now().await;

@@ -502,10 +502,15 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
         );
     }
     for row in &rows {
-        // A caller told UNAVAILABLE may have left a REJECTED row (an order
-        // the broker never confirmed, fenced off), never an order.
+        // A caller told UNAVAILABLE may have left a fence (an order the
+        // broker never confirmed, stored REJECTED), never an order.
+        let fence = row.state == ReservationState::Rejected
+            && row
+                .reject_reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(stockgate::domain::pipeline::FENCE_REASON));
         assert!(
-            tally.granted.contains_key(row.id.as_str()) || row.state == ReservationState::Rejected,
+            tally.granted.contains_key(row.id.as_str()) || fence,
             "order {} ({:?}) that no caller was told about",
             row.id.as_str(),
             row.state

@@ -247,7 +247,16 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
     assert_eq!(row.state, DomainState::Rejected);
     let reason = row.reject_reason.unwrap();
     assert!(reason.contains("processing failed"), "{reason}");
-    assert_eq!(gate.available(&order.sku).await.unwrap(), Some(5));
+    // The row is written before the gate is settled: wait for the units.
+    let mut available = None;
+    for _ in 0..200 {
+        available = gate.available(&order.sku).await.unwrap();
+        if available == Some(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(available, Some(5), "units returned to the gate");
     let names = QueueNames::new(&app.config.rabbitmq.queue);
     assert_eq!(queue_depth(&names.dead_letters).await, 1);
     // The queue moved on: a good order behind it is committed.
@@ -513,5 +522,49 @@ async fn broker_restart_mid_sale_keeps_queued_orders_and_resumes() {
     let view = app.stock("RESTART").await;
     assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
     worker.stop().await;
+    app.stop().await;
+}
+
+/// Confirms that come too late (a 1 ms publish timeout, far below a quorum
+/// queue's write): callers hear UNAVAILABLE, the broker still delivers the
+/// orders, and each finds its fence (or, when the processor was faster than
+/// the fence, the caller is answered with the order it made). No order
+/// exists that no caller was told about, and the gate ends level with the
+/// database.
+#[tokio::test(flavor = "multi_thread")]
+async fn unconfirmed_publishes_are_fenced_and_their_late_delivery_creates_nothing() {
+    let app = TestApp::spawn_with(Profile::Rabbit, |c| c.rabbitmq.publish_timeout_ms = 1).await;
+    app.set_stock("FENCE", 1_000, 0).await;
+    let client = app.inventory();
+    let calls = (0..200).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move { reserve(&mut client, "FENCE", 1, &format!("f{i}")).await })
+    });
+    let mut tally = StormTally::default();
+    let mut unavailable = 0;
+    for call in futures::future::join_all(calls).await {
+        match call.unwrap() {
+            Ok(response) => record(&mut tally, Ok(response)),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(unavailable > 0, "no publish timed out");
+    // Every message, fenced or not, is consumed.
+    for _ in 0..400 {
+        if queue_depth(&app.config.rabbitmq.queue).await == 0
+            && app.stock("FENCE").await.queued_units == 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ordered = assert_invariants(&app, "FENCE", 1_000, &tally).await;
+    assert_eq!(ordered as usize, tally.granted.len());
+    let view = app.stock("FENCE").await;
+    assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
     app.stop().await;
 }
