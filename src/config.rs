@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// Server-side cap on a call's duration, in milliseconds, applied even
     /// when the caller sets no deadline (gRPC has none by default).
     pub request_timeout_ms: u64,
+    /// Most InventoryService calls one replica runs at once; the next is
+    /// refused at once with RESOURCE_EXHAUSTED and `retry-after` (load
+    /// shedding) rather than queued. 0 turns shedding off.
+    pub max_in_flight: usize,
     /// How long a graceful shutdown waits for in-flight calls and the order
     /// processor's current batch, in milliseconds.
     pub shutdown_grace_ms: u64,
@@ -335,6 +339,7 @@ impl Default for ServerConfig {
             max_message_bytes: 64 * 1024,
             max_concurrent_streams: 100,
             request_timeout_ms: 5_000,
+            max_in_flight: 4_096,
             shutdown_grace_ms: 10_000,
             role: Role::All,
         }

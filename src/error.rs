@@ -42,6 +42,9 @@ pub enum ReservationError {
         scope: &'static str,
         retry_after: std::time::Duration,
     },
+    /// The replica is at `server.max_in_flight`; retry after the given time.
+    #[error("server busy: too many calls in flight; retry in {retry_after:?}")]
+    Shed { retry_after: std::time::Duration },
     /// Start-up has not finished (store not migrated or reachable).
     #[error("service not ready: {0}")]
     NotReady(String),
@@ -89,7 +92,9 @@ impl From<ReservationError> for Status {
                 Code::FailedPrecondition
             }
             ReservationError::Contention(_) | ReservationError::DuplicateInFlight => Code::Aborted,
-            ReservationError::RateLimited { .. } => Code::ResourceExhausted,
+            ReservationError::RateLimited { .. } | ReservationError::Shed { .. } => {
+                Code::ResourceExhausted
+            }
             ReservationError::NotReady(_) | ReservationError::Unavailable { .. } => {
                 Code::Unavailable
             }
@@ -106,7 +111,9 @@ impl From<ReservationError> for Status {
             }
             Code::ResourceExhausted => {
                 let mut status = Status::new(code, err.to_string());
-                if let ReservationError::RateLimited { retry_after, .. } = err {
+                if let ReservationError::RateLimited { retry_after, .. }
+                | ReservationError::Shed { retry_after } = err
+                {
                     // Whole seconds, rounded up, as HTTP's Retry-After.
                     let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                     status
@@ -146,6 +153,12 @@ mod tests {
             ),
             (ReservationError::Contention(3), Code::Aborted),
             (ReservationError::DuplicateInFlight, Code::Aborted),
+            (
+                ReservationError::Shed {
+                    retry_after: std::time::Duration::from_secs(1),
+                },
+                Code::ResourceExhausted,
+            ),
             (
                 ReservationError::RateLimited {
                     scope: "user",

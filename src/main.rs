@@ -57,6 +57,10 @@ enum Command {
         /// Queue: `embedded` or an amqp:// URL (needs a postgres store).
         #[arg(long, default_value = "embedded")]
         queue: String,
+        /// Measure the tower middleware instead: each layer's cost on the
+        /// calls it lets through.
+        #[arg(long)]
+        middleware: bool,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
             redis,
             store,
             queue,
+            middleware,
         } => {
             let options = stockgate::bench::BenchOptions {
                 requests,
@@ -124,6 +129,14 @@ async fn main() -> anyhow::Result<()> {
                 store,
                 queue,
             };
+            if middleware {
+                let results = stockgate::bench::middleware::run(options.clone()).await?;
+                print!(
+                    "{}",
+                    stockgate::bench::middleware::render(&results, &options)
+                );
+                return Ok(());
+            }
             let results = stockgate::bench::run(options.clone()).await?;
             print!("{}", stockgate::bench::render(&results, &options));
             Ok(())

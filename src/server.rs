@@ -17,7 +17,10 @@ use crate::{
     domain::pipeline::{Layers, Limits, Pipeline, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{AdminApi, InventoryApi},
-    middleware::{DedupLayer, DedupStore, DedupTimes, MemoryDedup, RateLimitLayer, RateLimits},
+    middleware::{
+        DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
+        RateLimits,
+    },
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
@@ -196,8 +199,15 @@ pub async fn run(
     let serve = Server::builder()
         .timeout(config.request_timeout())
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
-        // Outermost first. Rate limiting runs before anything decodes a
-        // body, so a flood costs a header lookup and a counter per call.
+        // Outermost first (tonic's own timeout, honouring the caller's
+        // grpc-timeout when shorter, and its stream limit sit outside).
+        // Shedding first: a spike must not queue in front of anything.
+        .layer(tower::util::option_layer(
+            (config.server.max_in_flight > 0)
+                .then(|| LoadShedLayer::new(Arc::new(InFlight::new(config.server.max_in_flight)))),
+        ))
+        // Rate limiting runs before anything decodes a body, so a flood
+        // costs a header lookup and a counter per call.
         .layer(RateLimitLayer::new(rate_limits, switches.clone()))
         // Then dedup: after the rate limit, so a refused duplicate holds no
         // claim on its key; before the services, so a duplicate never

@@ -9,6 +9,7 @@
 //! with the backends given; the load shares the machine with it, as the
 //! reference loads do.
 
+pub mod middleware;
 pub mod queue;
 
 use std::{
@@ -82,14 +83,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     config.layers.queue.capacity = options.requests.max(1) * 2;
     config.validate()?;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = crate::server::spawn(config, listener, async move {
-        let _ = stopped.await;
-    });
-    let channels = connect(addr, options.connections).await?;
-    wait_serving(&channels[0]).await?;
+    let BenchServer {
+        channels,
+        stop,
+        server,
+    } = BenchServer::start(config, options.connections).await?;
 
     let mut admin = AdminServiceClient::new(channels[0].clone());
     let stock = i64::try_from(options.requests * (options.rounds + 1) * 2)?;
@@ -161,6 +159,36 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     Ok(results)
 }
 
+/// A server in this process, with client connections to it.
+pub(crate) struct BenchServer {
+    pub channels: Vec<Channel>,
+    pub stop: oneshot::Sender<()>,
+    pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchServer {
+    pub async fn start(config: Config, connections: usize) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = crate::server::spawn(config, listener, async move {
+            let _ = stopped.await;
+        });
+        let channels = connect(addr, connections).await?;
+        wait_serving(&channels[0]).await?;
+        Ok(Self {
+            channels,
+            stop,
+            server,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await?
+    }
+}
+
 fn noop(
     channel: Channel,
     _: usize,
@@ -176,20 +204,22 @@ fn noop(
     }
 }
 
+/// One call per user, each with its own idempotency key, as real callers
+/// send them (the dedup layer, when on, claims every one).
 fn reserve_request(sku: &str, user: String) -> Request<ReserveRequest> {
     let mut request = Request::new(ReserveRequest {
         sku: sku.into(),
         quantity: 1,
     });
-    request
-        .metadata_mut()
-        .insert("x-user-id", user.parse().expect("ASCII user id"));
+    let value: tonic::metadata::MetadataValue<_> = user.parse().expect("ASCII user id");
+    request.metadata_mut().insert("x-user-id", value.clone());
+    request.metadata_mut().insert("idempotency-key", value);
     request
 }
 
 /// Reserve as user `{users}-i`, counting only the expected outcome as
 /// success.
-fn reserve_call(
+pub(crate) fn reserve_call(
     sku: &'static str,
     users: String,
     expect: ReserveOutcome,
@@ -231,7 +261,7 @@ async fn wait_drained(admin: &mut AdminServiceClient<Channel>, sku: &str) -> any
 }
 
 /// Per measurement, the round with the median throughput.
-fn median_rounds(rounds: Vec<Vec<Measured>>) -> Vec<Measured> {
+pub(crate) fn median_rounds(rounds: Vec<Vec<Measured>>) -> Vec<Measured> {
     let Some(first) = rounds.first() else {
         return Vec::new();
     };
@@ -244,7 +274,7 @@ fn median_rounds(rounds: Vec<Vec<Measured>>) -> Vec<Measured> {
         .collect()
 }
 
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("stockgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -282,7 +312,12 @@ async fn wait_serving(channel: &Channel) -> anyhow::Result<()> {
 
 /// `requests` calls from `concurrency` workers; a call counts as failed
 /// when it errs or does not answer as expected.
-async fn load<F, Fut>(channels: &[Channel], options: &BenchOptions, name: &str, call: F) -> Measured
+pub(crate) async fn load<F, Fut>(
+    channels: &[Channel],
+    options: &BenchOptions,
+    name: &str,
+    call: F,
+) -> Measured
 where
     F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<bool, tonic::Status>> + Send,
@@ -402,7 +437,7 @@ fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
     })
 }
 
-async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys: Vec<String> = redis::cmd("KEYS")

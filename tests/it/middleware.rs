@@ -215,3 +215,38 @@ async fn keyed_reserve(
         .await
         .map(|r| r.into_inner())
 }
+
+/// A flood far above `server.max_in_flight`: the excess is refused at once
+/// with RESOURCE_EXHAUSTED and a retry hint, every call let in is decided
+/// normally, and nothing is oversold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_above_the_in_flight_limit_is_shed_and_the_rest_succeed() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.server.max_in_flight = 8;
+        // Request-path commits on one SQLite connection: calls pile up.
+        c.layers.queue.enabled = false;
+        c.layers.gate.enabled = false;
+    })
+    .await;
+    app.set_stock("FLOOD", 500, 0).await;
+    let tally = crate::harness::storm(app.addr, "FLOOD", 3_000, 4, |_| 1).await;
+    let shed = tally
+        .errors
+        .get(&Code::ResourceExhausted)
+        .copied()
+        .unwrap_or(0);
+    assert!(shed > 0, "nothing shed: {:?}", tally.outcomes);
+    assert_eq!(
+        tally.errors.len(),
+        1,
+        "only shedding refuses: {:?}",
+        tally.errors
+    );
+    let decided: usize = tally.outcomes.values().sum();
+    assert_eq!(decided + shed, 3_000);
+    let ordered = crate::harness::assert_invariants(&app, "FLOOD", 500, &tally).await;
+    assert_eq!(ordered as usize, tally.granted.len());
+    // Health and operators are never shed.
+    assert_eq!(app.stock("FLOOD").await.db_stock, 500 - ordered);
+    app.stop().await;
+}

@@ -332,3 +332,28 @@ async fn lost_admissions_are_returned_by_the_reconciler() {
     );
     app.stop().await;
 }
+
+/// `stockgate bench --middleware` runs end to end (small N): every row
+/// present and every call let through and answered sold out.
+#[tokio::test(flavor = "multi_thread")]
+async fn middleware_bench_runs_and_refuses_nothing() {
+    let options = stockgate::bench::BenchOptions {
+        requests: 300,
+        concurrency: 8,
+        connections: 2,
+        rounds: 1,
+        redis_url: redis_url(),
+        store: "embedded".into(),
+        queue: "embedded".into(),
+    };
+    let results = stockgate::bench::middleware::run(options.clone())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    assert_eq!(results[0].name, "middleware off");
+    for m in &results {
+        assert_eq!(m.failures, 0, "{m:?}");
+    }
+    let table = stockgate::bench::middleware::render(&results, &options);
+    assert!(table.contains("all middleware on"), "{table}");
+}

@@ -1,0 +1,127 @@
+//! `stockgate bench --middleware`: what each tower layer costs on the path
+//! it lets through. Reserve for a sold-out SKU (decided by the gate's fast
+//! path, so the layers are most of the work) under: no middleware, each
+//! layer alone, and all of them, interleaved in the same run. Two servers
+//! run in this process over the same backends, one with load shedding off
+//! and one with it on (shedding is start-up config); rate limiting and
+//! dedup are switched per row through AdminService, as SREs do. Limits are
+//! set so that nothing is refused, and every call carries its own
+//! idempotency key, so dedup claims and stores every one (in Redis).
+
+use anyhow::Context;
+
+use super::{
+    cleanup, load, median_rounds, reserve_call, tempfile_dir, BenchOptions, BenchServer, Measured,
+};
+use crate::{
+    config::Config,
+    pb::{
+        admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
+    },
+};
+
+/// (row, shedding server?, rate limit, dedup)
+const ROWS: [(&str, bool, bool, bool); 5] = [
+    ("middleware off", false, false, false),
+    ("load shedding only", true, false, false),
+    ("rate limit only", false, true, false),
+    ("dedup only (Redis)", false, false, true),
+    ("all middleware on", true, true, true),
+];
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
+    let prefix = format!("sg-bench-mw-{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile_dir()?;
+    let mut servers = Vec::new();
+    for shedding in [false, true] {
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse()?;
+        config.backends.gate = options.redis_url.clone();
+        config.backends.dedup = options.redis_url.clone();
+        config.backends.store = options.store.clone();
+        config.store.sqlite_path = dir
+            .join(format!("bench-mw-{shedding}.db"))
+            .display()
+            .to_string();
+        config.redis.key_prefix = format!("{prefix}-{shedding}");
+        config.server.max_in_flight = if shedding { 4_096 } else { 0 };
+        // Every call is a new user; the global budget must never bind.
+        config.layers.rate_limit.global_per_sec = 100_000_000;
+        config.layers.rate_limit.global_burst = 100_000_000;
+        config.validate()?;
+        let server = BenchServer::start(config, options.connections).await?;
+        AdminServiceClient::new(server.channels[0].clone())
+            .set_stock(SetStockRequest {
+                sku: "BENCH-SOLDOUT".into(),
+                stock: 0,
+                max_per_user: 0,
+            })
+            .await
+            .context("set up the sold-out SKU")?;
+        servers.push(server);
+    }
+
+    let mut rounds = Vec::new();
+    for round in 0..options.rounds.max(1) {
+        let mut measured = Vec::new();
+        for (row, (name, shedding, rate_limit, dedup)) in ROWS.iter().enumerate() {
+            let server = &servers[usize::from(*shedding)];
+            AdminServiceClient::new(server.channels[0].clone())
+                .set_layers(SetLayersRequest {
+                    rate_limit: Some(*rate_limit),
+                    dedup: Some(*dedup),
+                    ..Default::default()
+                })
+                .await?;
+            measured.push(
+                load(
+                    &server.channels,
+                    &options,
+                    name,
+                    reserve_call(
+                        "BENCH-SOLDOUT",
+                        format!("mw-{round}-{row}"),
+                        ReserveOutcome::SoldOut,
+                    ),
+                )
+                .await,
+            );
+        }
+        rounds.push(measured);
+    }
+    for server in servers {
+        server.stop().await?;
+    }
+    for shedding in [false, true] {
+        cleanup(&options.redis_url, &format!("{prefix}-{shedding}")).await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(median_rounds(rounds))
+}
+
+/// The table, with each row's throughput relative to "middleware off".
+pub fn render(results: &[Measured], options: &BenchOptions) -> String {
+    let base = results.first().map(|m| m.rps);
+    let mut out = format!(
+        "requests={} concurrency={} connections={} rounds={} (median round shown) store={}\n{:<28} {:>10} {:>9} {:>9} {:>8} {:>10}\n",
+        options.requests,
+        options.concurrency,
+        options.connections,
+        options.rounds,
+        crate::config::redact_url(&options.store),
+        "Reserve (sold out) with",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "x off"
+    );
+    for m in results {
+        let ratio = base.map_or("-".into(), |b| format!("{:.2}", m.rps / b));
+        out.push_str(&format!(
+            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>10}\n",
+            m.name, m.rps, m.p50_ms, m.p99_ms, m.failures, ratio
+        ));
+    }
+    out
+}

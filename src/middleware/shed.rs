@@ -1,0 +1,121 @@
+//! Load shedding: at most `server.max_in_flight` InventoryService calls run
+//! at once on a replica; the next one is refused at once with
+//! RESOURCE_EXHAUSTED and `retry-after`, instead of queueing. A spike then
+//! degrades into fast refusals, never into a pile of waiting tasks and
+//! growing memory. Operators, health checks and reflection are never shed.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::error::ReservationError;
+
+const SHED_PREFIX: &str = "/stockgate.v1.InventoryService/";
+/// As for rate-limit refusals: read the small body before answering, so a
+/// burst of refusals does not trip h2's flood guard.
+const REFUSED_BODY_LIMIT: usize = 16 * 1024;
+
+/// The replica's budget of calls in flight.
+#[derive(Debug)]
+pub struct InFlight {
+    permits: Arc<Semaphore>,
+    shed: AtomicU64,
+}
+
+impl InFlight {
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            shed: AtomicU64::new(0),
+        }
+    }
+
+    /// Calls refused since start-up.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadShedLayer {
+    limit: Arc<InFlight>,
+}
+
+impl LoadShedLayer {
+    pub fn new(limit: Arc<InFlight>) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed {
+            inner,
+            limit: self.limit.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadShed<S> {
+    inner: S,
+    limit: Arc<InFlight>,
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for LoadShed<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: http_body::Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !request.uri().path().starts_with(SHED_PREFIX) {
+            return Box::pin(inner.call(request));
+        }
+        match self.limit.permits.clone().try_acquire_owned() {
+            Ok(permit) => Box::pin(async move {
+                let response = inner.call(request).await;
+                drop(permit);
+                response
+            }),
+            Err(_) => {
+                self.limit.shed.fetch_add(1, Ordering::Relaxed);
+                let status = tonic::Status::from(ReservationError::Shed {
+                    retry_after: Duration::from_secs(1),
+                });
+                Box::pin(async move {
+                    let body =
+                        http_body_util::Limited::new(request.into_body(), REFUSED_BODY_LIMIT);
+                    let _ = http_body_util::BodyExt::collect(body).await;
+                    Ok(status.into_http())
+                })
+            }
+        }
+    }
+}
