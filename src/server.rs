@@ -188,9 +188,15 @@ pub async fn run(
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let admin = AdminServiceServer::new(AdminApi::new(pipeline.clone(), rate_limits.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let in_flight = (config.server.max_in_flight > 0)
+        .then(|| Arc::new(InFlight::new(config.server.max_in_flight)));
+    let admin = AdminServiceServer::new(AdminApi::new(
+        pipeline.clone(),
+        rate_limits.clone(),
+        in_flight.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
 
     tracing::info!(addr = %listener.local_addr()?, layers = ?pipeline.layers(), "serving");
     let grace = config.shutdown_grace();
@@ -202,10 +208,7 @@ pub async fn run(
         // Outermost first (tonic's own timeout, honouring the caller's
         // grpc-timeout when shorter, and its stream limit sit outside).
         // Shedding first: a spike must not queue in front of anything.
-        .layer(tower::util::option_layer(
-            (config.server.max_in_flight > 0)
-                .then(|| LoadShedLayer::new(Arc::new(InFlight::new(config.server.max_in_flight)))),
-        ))
+        .layer(tower::util::option_layer(in_flight.map(LoadShedLayer::new)))
         // Rate limiting runs before anything decodes a body, so a flood
         // costs a header lookup and a counter per call.
         .layer(RateLimitLayer::new(rate_limits, switches.clone()))

@@ -11,20 +11,26 @@ use crate::{
         Sku,
     },
     error::ReservationError,
-    middleware::RateLimits,
+    middleware::{InFlight, RateLimits},
     pb::{self, admin_service_server::AdminService},
 };
 
 pub struct AdminApi {
     pipeline: Arc<Pipeline>,
     rate_limits: Arc<RateLimits>,
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl AdminApi {
-    pub fn new(pipeline: Arc<Pipeline>, rate_limits: Arc<RateLimits>) -> Self {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        rate_limits: Arc<RateLimits>,
+        in_flight: Option<Arc<InFlight>>,
+    ) -> Self {
         Self {
             pipeline,
             rate_limits,
+            in_flight,
         }
     }
 }
@@ -132,6 +138,15 @@ impl AdminService for AdminApi {
                 refused: stats.refused,
                 shadow_refused: stats.shadow_refused,
                 tracked_users: stats.tracked_users,
+            }),
+            load_shed_stats: self.in_flight.as_ref().map(|limit| {
+                let stats = limit.stats();
+                pb::LoadShedStats {
+                    max_in_flight: stats.max_in_flight,
+                    in_flight: stats.in_flight,
+                    peak_in_flight: stats.peak_in_flight,
+                    shed: stats.shed,
+                }
             }),
         }))
     }

@@ -22,4 +22,4 @@ pub use dedup::{
     Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup, RedisDedup, StoredAnswer, DEDUP_PATH,
 };
 pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
-pub use shed::{InFlight, LoadShedLayer};
+pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

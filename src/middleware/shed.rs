@@ -27,21 +27,40 @@ const REFUSED_BODY_LIMIT: usize = 16 * 1024;
 /// The replica's budget of calls in flight.
 #[derive(Debug)]
 pub struct InFlight {
+    max: usize,
     permits: Arc<Semaphore>,
+    running: AtomicU64,
+    peak: AtomicU64,
     shed: AtomicU64,
+}
+
+/// What the layer has seen since start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadShedStats {
+    pub max_in_flight: u64,
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
+    pub shed: u64,
 }
 
 impl InFlight {
     pub fn new(max: usize) -> Self {
         Self {
+            max,
             permits: Arc::new(Semaphore::new(max)),
+            running: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
             shed: AtomicU64::new(0),
         }
     }
 
-    /// Calls refused since start-up.
-    pub fn shed(&self) -> u64 {
-        self.shed.load(Ordering::Relaxed)
+    pub fn stats(&self) -> LoadShedStats {
+        LoadShedStats {
+            max_in_flight: self.max as u64,
+            in_flight: self.running.load(Ordering::Relaxed),
+            peak_in_flight: self.peak.load(Ordering::Relaxed),
+            shed: self.shed.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -99,11 +118,17 @@ where
             return Box::pin(inner.call(request));
         }
         match self.limit.permits.clone().try_acquire_owned() {
-            Ok(permit) => Box::pin(async move {
-                let response = inner.call(request).await;
-                drop(permit);
-                response
-            }),
+            Ok(permit) => {
+                let limit = self.limit.clone();
+                let running = limit.running.fetch_add(1, Ordering::Relaxed) + 1;
+                limit.peak.fetch_max(running, Ordering::Relaxed);
+                Box::pin(async move {
+                    let response = inner.call(request).await;
+                    limit.running.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                    response
+                })
+            }
             Err(_) => {
                 self.limit.shed.fetch_add(1, Ordering::Relaxed);
                 let status = tonic::Status::from(ReservationError::Shed {

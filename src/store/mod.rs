@@ -723,8 +723,21 @@ macro_rules! queries {
                 }
                 let mut row = rejected_row(order, reason.to_owned(), now);
                 row.created_at = now;
-                insert_row(conn, &row).await?;
-                Ok(row.into_domain())
+                match insert_row(conn, &row).await {
+                    Ok(()) => Ok(row.into_domain()),
+                    // The processor stored this id between our read and
+                    // our insert: its row wins and is the answer.
+                    Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)) => {
+                        match find(conn, order.id.as_str()).await? {
+                            Some(row) => Ok(row.into_domain()),
+                            None => Err(DieselError::DatabaseError(
+                                DatabaseErrorKind::UniqueViolation,
+                                info,
+                            )),
+                        }
+                    }
+                    Err(err) => Err(err),
+                }
             }
 
             pub(super) async fn get(

@@ -244,6 +244,24 @@ async fn a_flood_above_the_in_flight_limit_is_shed_and_the_rest_succeed() {
     );
     let decided: usize = tally.outcomes.values().sum();
     assert_eq!(decided + shed, 3_000);
+    // The bound held: never more than 8 calls running (so memory held by
+    // calls is bounded too), and the replica counted every refusal.
+    let stats = app
+        .admin()
+        .get_layers(GetLayersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .load_shed_stats
+        .unwrap();
+    assert_eq!(stats.max_in_flight, 8);
+    assert!(
+        (1..=8).contains(&stats.peak_in_flight),
+        "peak {}",
+        stats.peak_in_flight
+    );
+    assert_eq!(stats.shed as usize, shed);
+    assert_eq!(stats.in_flight, 0);
     let ordered = crate::harness::assert_invariants(&app, "FLOOD", 500, &tally).await;
     assert_eq!(ordered as usize, tally.granted.len());
     // Health and operators are never shed.

@@ -257,8 +257,17 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(available, Some(5), "units returned to the gate");
+    // Dead-lettering follows the row and the gate: wait for it too.
     let names = QueueNames::new(&app.config.rabbitmq.queue);
-    assert_eq!(queue_depth(&names.dead_letters).await, 1);
+    let mut dead = 0;
+    for _ in 0..200 {
+        dead = queue_depth(&names.dead_letters).await;
+        if dead > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(dead, 1);
     // The queue moved on: a good order behind it is committed.
     let mut client = app.inventory();
     let good = reserve(&mut client, "POISON", 1, "alice").await.unwrap();
