@@ -26,8 +26,8 @@ use crate::{
         inventory_service_server::InventoryServiceServer,
     },
     queue::{
-        decode, encode, EmbeddedQueue, EmbeddedReceiver, OrderQueue, QueueNames, RabbitConsumer,
-        RabbitQueue,
+        decode, encode, salvage, EmbeddedQueue, EmbeddedReceiver, OrderQueue, QueueNames,
+        RabbitConsumer, RabbitQueue,
     },
     store::Store,
 };
@@ -410,7 +410,12 @@ async fn run_rabbit_processor(
                     Ok(order) => orders.push(order),
                     Err(reason) => {
                         tracing::error!(%reason, "undecodable order message; dead-lettering it");
-                        unsettled |= consumer.dead_letter(&delivery.data, &reason).await.is_err();
+                        let recorded = match salvage(&delivery.data) {
+                            Some(order) => pipeline.reject_unprocessable(&order, &reason).await,
+                            None => true,
+                        };
+                        unsettled |= !recorded
+                            || consumer.dead_letter(&delivery.data, &reason).await.is_err();
                     }
                 }
             }

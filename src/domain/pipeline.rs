@@ -936,6 +936,19 @@ impl Pipeline {
         true
     }
 
+    /// An order the processor cannot read in full (see
+    /// [`crate::queue::salvage`]): recorded REJECTED with `reason`, units
+    /// returned, replicas told. False when not even that could be written.
+    pub async fn reject_unprocessable(&self, queued: &QueuedOrder, reason: &str) -> bool {
+        let recorded = self.give_up(queued, reason).await;
+        if recorded {
+            self.queue
+                .settled(queued.ticket, std::slice::from_ref(&queued.order.id))
+                .await;
+        }
+        recorded
+    }
+
     /// Another process (the order processor) settled these reservations:
     /// they have a row now, so stop answering them from memory.
     pub fn apply_settled(&self, ids: &[ReservationId]) {

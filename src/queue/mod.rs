@@ -10,7 +10,9 @@ mod embedded;
 mod rabbit;
 
 pub use embedded::{EmbeddedQueue, EmbeddedReceiver};
-pub use rabbit::{decode, delete_topology, encode, QueueNames, RabbitConsumer, RabbitQueue};
+pub use rabbit::{
+    decode, delete_topology, encode, salvage, QueueNames, RabbitConsumer, RabbitQueue,
+};
 
 use async_trait::async_trait;
 

@@ -138,6 +138,31 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
     })
 }
 
+/// From a message [`decode`] refused, what identifies the reservation (id,
+/// sku, user, quantity, gated), if that much can still be read: enough to
+/// record it REJECTED and return its units, so a message from a newer or
+/// buggy producer does not leave its caller QUEUED forever. The creation
+/// time is now and the key is dropped.
+pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |name: &str| value.get(name)?.as_str();
+    Some(QueuedOrder {
+        ticket: value.get("ticket").and_then(|t| t.as_u64()).unwrap_or(0),
+        gated: value
+            .get("gated")
+            .and_then(|g| g.as_bool())
+            .unwrap_or(false),
+        order: NewOrder {
+            id: ReservationId::parse(text("id")?).ok()?,
+            sku: Sku::parse(text("sku")?).ok()?,
+            user: UserId::parse(text("user")?).ok()?,
+            quantity: u32::try_from(value.get("quantity")?.as_u64()?).ok()?,
+            idempotency_key: None,
+            created_at: crate::domain::now(),
+        },
+    })
+}
+
 /// What the processor announces after each batch.
 #[derive(Debug, Serialize, Deserialize)]
 struct SettledNotice {

@@ -47,7 +47,7 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
         .await
         .expect("RabbitMQ on 127.0.0.1:5672 (start it with .ci/run's service step)");

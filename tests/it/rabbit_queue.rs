@@ -40,6 +40,27 @@ async fn wait_rows(config: &Config, sku: &str, rows: usize, within: Duration) {
     }
 }
 
+/// Waits until the gate of `sku` admits `units` again and one message sits
+/// in the dead-letter queue: what giving up on an order ends with.
+async fn wait_given_up(config: &Config, gate: &RedisGate, sku: &Sku, units: i64) {
+    let names = QueueNames::new(&config.rabbitmq.queue);
+    let mut seen = (None, 0);
+    for _ in 0..200 {
+        seen = (
+            gate.available(sku).await.unwrap(),
+            queue_depth(&names.dead_letters).await,
+        );
+        if seen == (Some(units), 1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "gate and dead letters of {} ended at {seen:?}",
+        sku.as_str()
+    );
+}
+
 /// A processor-only replica sharing `config`'s database, gate and queue.
 async fn processor(config: &Config, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = config.clone();
@@ -247,27 +268,9 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
     assert_eq!(row.state, DomainState::Rejected);
     let reason = row.reject_reason.unwrap();
     assert!(reason.contains("processing failed"), "{reason}");
-    // The row is written before the gate is settled: wait for the units.
-    let mut available = None;
-    for _ in 0..200 {
-        available = gate.available(&order.sku).await.unwrap();
-        if available == Some(5) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(available, Some(5), "units returned to the gate");
-    // Dead-lettering follows the row and the gate: wait for it too.
-    let names = QueueNames::new(&app.config.rabbitmq.queue);
-    let mut dead = 0;
-    for _ in 0..200 {
-        dead = queue_depth(&names.dead_letters).await;
-        if dead > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(dead, 1);
+    // The row comes first, then the gate is settled, then the message is
+    // dead-lettered: wait for each.
+    wait_given_up(&app.config, &gate, &order.sku, 5).await;
     // The queue moved on: a good order behind it is committed.
     let mut client = app.inventory();
     let good = reserve(&mut client, "POISON", 1, "alice").await.unwrap();
@@ -575,5 +578,55 @@ async fn unconfirmed_publishes_are_fenced_and_their_late_delivery_creates_nothin
     assert_eq!(ordered as usize, tally.granted.len());
     let view = app.stock("FENCE").await;
     assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
+    app.stop().await;
+}
+
+/// A message this processor cannot read (here: a newer wire version) whose
+/// reservation can still be identified is recorded REJECTED with its units
+/// back, as well as dead-lettered, so its caller is not left QUEUED.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_message_is_rejected_with_its_units_returned() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    app.set_stock("UNREAD", 5, 0).await;
+    let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
+    let id = ReservationId::generate();
+    let entry = GateEntry {
+        id: id.clone(),
+        sku: Sku::parse("UNREAD").unwrap(),
+        user: UserId::parse("mallory").unwrap(),
+        quantity: 2,
+    };
+    assert!(matches!(
+        gate.reserve(&entry).await.unwrap(),
+        GateDecision::Reserved { remaining: 3 }
+    ));
+    let body = serde_json::json!({
+        "v": 99, "ticket": 1, "id": id.as_str(), "sku": "UNREAD", "user": "mallory",
+        "quantity": 2, "gated": true, "created_at": 0, "something_new": [1, 2, 3]
+    });
+    let (_conn, channel) = crate::harness::amqp_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            app.config.rabbitmq.queue.as_str().into(),
+            Default::default(),
+            &serde_json::to_vec(&body).unwrap(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_rows(&app.config, "UNREAD", 1, Duration::from_secs(20)).await;
+    let row = open_store(&app.config)
+        .reservation(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, DomainState::Rejected);
+    let reason = row.reject_reason.unwrap();
+    assert!(reason.contains("unknown message version 99"), "{reason}");
+    wait_given_up(&app.config, &gate, &entry.sku, 5).await;
     app.stop().await;
 }
