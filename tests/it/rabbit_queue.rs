@@ -40,9 +40,31 @@ async fn wait_rows(config: &Config, sku: &str, rows: usize, within: Duration) {
     }
 }
 
-/// Waits until the gate of `sku` admits `units` again and one message sits
-/// in the dead-letter queue: what giving up on an order ends with.
-async fn wait_given_up(config: &Config, gate: &RedisGate, sku: &Sku, units: i64) {
+/// What giving up on an order ends with, waited for in the order it
+/// happens: the reservation stored REJECTED with a reason containing
+/// `reason`, the gate of its SKU admitting `units` again, and one message
+/// in the dead-letter queue.
+async fn wait_given_up(
+    config: &Config,
+    gate: &RedisGate,
+    id: &ReservationId,
+    reason: &str,
+    units: i64,
+) {
+    let store = open_store(config);
+    let mut row = None;
+    for _ in 0..800 {
+        row = store.reservation(id).await.unwrap();
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let row = row.expect("a row for the given-up order");
+    assert_eq!(row.state, DomainState::Rejected);
+    let stored = row.reject_reason.unwrap_or_default();
+    assert!(stored.contains(reason), "{stored}");
+    let sku = &row.sku;
     let names = QueueNames::new(&config.rabbitmq.queue);
     let mut seen = (None, 0);
     for _ in 0..200 {
@@ -259,18 +281,7 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
         open_store(&app.config),
     );
     producer.publish(order.clone(), true).await.unwrap();
-    wait_rows(&app.config, "POISON", 1, Duration::from_secs(20)).await;
-    let row = open_store(&app.config)
-        .reservation(&order.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(row.state, DomainState::Rejected);
-    let reason = row.reject_reason.unwrap();
-    assert!(reason.contains("processing failed"), "{reason}");
-    // The row comes first, then the gate is settled, then the message is
-    // dead-lettered: wait for each.
-    wait_given_up(&app.config, &gate, &order.sku, 5).await;
+    wait_given_up(&app.config, &gate, &order.id, "processing failed", 5).await;
     // The queue moved on: a good order behind it is committed.
     let mut client = app.inventory();
     let good = reserve(&mut client, "POISON", 1, "alice").await.unwrap();
@@ -618,15 +629,6 @@ async fn unreadable_message_is_rejected_with_its_units_returned() {
         .unwrap()
         .await
         .unwrap();
-    wait_rows(&app.config, "UNREAD", 1, Duration::from_secs(20)).await;
-    let row = open_store(&app.config)
-        .reservation(&id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(row.state, DomainState::Rejected);
-    let reason = row.reject_reason.unwrap();
-    assert!(reason.contains("unknown message version 99"), "{reason}");
-    wait_given_up(&app.config, &gate, &entry.sku, 5).await;
+    wait_given_up(&app.config, &gate, &id, "unknown message version 99", 5).await;
     app.stop().await;
 }
