@@ -474,6 +474,25 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+const REDIS_SCHEMES: &[&str] = &["redis://", "rediss://"];
+
+/// A `backends.*` value: `None` for "embedded", else the URL if it has one
+/// of `schemes`; `a_url` names the accepted kind in the error.
+fn server_url(
+    key: &'static str,
+    value: &str,
+    schemes: &[&str],
+    a_url: &str,
+) -> Result<Option<String>, ConfigError> {
+    if value == EMBEDDED {
+        Ok(None)
+    } else if schemes.iter().any(|scheme| value.starts_with(scheme)) {
+        Ok(Some(value.to_owned()))
+    } else {
+        Err(invalid(key, format!("must be \"embedded\" or {a_url} URL")))
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -641,46 +660,33 @@ impl Config {
     /// Which gate `backends.gate` selects.
     /// `None`: in-process; `Some(url)`: Redis.
     pub fn dedup_backend(&self) -> Result<Option<String>, ConfigError> {
-        let url = self.backends.dedup.as_str();
-        if url == EMBEDDED {
-            Ok(None)
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
-            Ok(Some(url.to_owned()))
-        } else {
-            Err(invalid(
-                "backends.dedup",
-                "must be \"embedded\" or a redis:// URL",
-            ))
-        }
+        server_url(
+            "backends.dedup",
+            &self.backends.dedup,
+            REDIS_SCHEMES,
+            "a redis://",
+        )
     }
 
     pub fn queue_backend(&self) -> Result<QueueBackend, ConfigError> {
-        let url = self.backends.queue.as_str();
-        if url == EMBEDDED {
-            Ok(QueueBackend::Embedded)
-        } else if url.starts_with("amqp://") {
-            Ok(QueueBackend::Rabbit(url.to_owned()))
-        } else {
-            // amqps:// would need lapin's TLS stack, which is not built in.
-            Err(invalid(
-                "backends.queue",
-                "must be \"embedded\" or an amqp:// URL",
-            ))
-        }
+        // amqps:// would need lapin's TLS stack, which is not built in.
+        let url = server_url(
+            "backends.queue",
+            &self.backends.queue,
+            &["amqp://"],
+            "an amqp://",
+        )?;
+        Ok(url.map_or(QueueBackend::Embedded, QueueBackend::Rabbit))
     }
 
     pub fn gate_backend(&self) -> Result<GateBackend, ConfigError> {
-        let url = self.backends.gate.as_str();
-        if url == EMBEDDED {
-            Ok(GateBackend::Embedded)
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
-            Ok(GateBackend::Redis(url.to_owned()))
-        } else {
-            Err(invalid(
-                "backends.gate",
-                "must be \"embedded\" or a redis:// URL",
-            ))
-        }
+        let url = server_url(
+            "backends.gate",
+            &self.backends.gate,
+            REDIS_SCHEMES,
+            "a redis://",
+        )?;
+        Ok(url.map_or(GateBackend::Embedded, GateBackend::Redis))
     }
 
     /// Which store `backends.store` selects.

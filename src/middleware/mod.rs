@@ -18,6 +18,31 @@ mod dedup;
 mod rate_limit;
 mod shed;
 
+/// Calls the caller-facing layers apply to: operators, health checks and
+/// reflection are never limited or shed.
+const CALLER_PREFIX: &str = "/stockgate.v1.InventoryService/";
+
+/// Most of a refused call's body read before answering; anything larger is
+/// not a Reserve and is cut off.
+const REFUSED_BODY_LIMIT: usize = 16 * 1024;
+
+/// Answers `status` after reading the (tiny) request. Refusing with the
+/// body unread leaves its DATA frames counted against h2's flood guard, and
+/// a burst of refusals then makes h2 drop the whole connection (GOAWAY
+/// ENHANCE_YOUR_CALM).
+async fn refuse_after_reading<B>(
+    request: http::Request<B>,
+    status: tonic::Status,
+) -> http::Response<tonic::body::Body>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let body = http_body_util::Limited::new(request.into_body(), REFUSED_BODY_LIMIT);
+    let _ = http_body_util::BodyExt::collect(body).await;
+    status.into_http()
+}
+
 pub use dedup::{
     Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup, RedisDedup, StoredAnswer, DEDUP_PATH,
 };

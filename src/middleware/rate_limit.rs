@@ -27,13 +27,6 @@ use crate::{
     config::RateLimitConfig, domain::pipeline::Switches, domain::UserId, error::ReservationError,
 };
 
-/// Most of a refused call's body read before answering; anything larger is
-/// not a Reserve and is cut off.
-const REFUSED_BODY_LIMIT: usize = 16 * 1024;
-
-/// Calls to these paths are limited.
-const LIMITED_PREFIX: &str = "/stockgate.v1.InventoryService/";
-
 /// A limiter's decision for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -172,7 +165,9 @@ pub struct RateLimit<S> {
 impl<S> RateLimit<S> {
     /// `None`: let the call through; `Some`: the refusal to answer with.
     fn refusal<B>(&self, request: &http::Request<B>) -> Option<ReservationError> {
-        if !self.switches.load().rate_limit || !request.uri().path().starts_with(LIMITED_PREFIX) {
+        if !self.switches.load().rate_limit
+            || !request.uri().path().starts_with(super::CALLER_PREFIX)
+        {
             return None;
         }
         let user = request
@@ -216,15 +211,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         if let Some(refusal) = self.refusal(&request) {
             let status = tonic::Status::from(refusal);
-            return Box::pin(async move {
-                // Read the (tiny) request before answering. Refusing with
-                // the body unread leaves its DATA frames counted against
-                // h2's flood guard, and a burst of refusals then makes h2
-                // drop the whole connection (GOAWAY ENHANCE_YOUR_CALM).
-                let body = http_body_util::Limited::new(request.into_body(), REFUSED_BODY_LIMIT);
-                let _ = http_body_util::BodyExt::collect(body).await;
-                Ok(status.into_http())
-            });
+            return Box::pin(async move { Ok(super::refuse_after_reading(request, status).await) });
         }
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();

@@ -19,11 +19,6 @@ use tower::{Layer, Service};
 
 use crate::error::ReservationError;
 
-const SHED_PREFIX: &str = "/stockgate.v1.InventoryService/";
-/// As for rate-limit refusals: read the small body before answering, so a
-/// burst of refusals does not trip h2's flood guard.
-const REFUSED_BODY_LIMIT: usize = 16 * 1024;
-
 /// The replica's budget of calls in flight.
 #[derive(Debug)]
 pub struct InFlight {
@@ -114,7 +109,7 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !request.uri().path().starts_with(SHED_PREFIX) {
+        if !request.uri().path().starts_with(super::CALLER_PREFIX) {
             return Box::pin(inner.call(request));
         }
         match self.limit.permits.clone().try_acquire_owned() {
@@ -134,12 +129,7 @@ where
                 let status = tonic::Status::from(ReservationError::Shed {
                     retry_after: Duration::from_secs(1),
                 });
-                Box::pin(async move {
-                    let body =
-                        http_body_util::Limited::new(request.into_body(), REFUSED_BODY_LIMIT);
-                    let _ = http_body_util::BodyExt::collect(body).await;
-                    Ok(status.into_http())
-                })
+                Box::pin(async move { Ok(super::refuse_after_reading(request, status).await) })
             }
         }
     }

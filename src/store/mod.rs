@@ -243,6 +243,21 @@ fn lock_inventory_sqlite<'a>(
 
 const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
 
+/// Records a REJECTED decision of the grouped path: its outcome now, its row
+/// in the batch's insert.
+fn push_rejected(
+    outcomes: &mut Vec<CommitOutcome>,
+    rows: &mut Vec<ReservationRow>,
+    row: ReservationRow,
+    cause: RejectCause,
+) {
+    outcomes.push(CommitOutcome::Rejected {
+        reservation: row.clone().into_domain(),
+        cause,
+    });
+    rows.push(row);
+}
+
 /// One multi-row INSERT per chunk (bounded so a huge batch stays under the
 /// protocol's parameter limit).
 async fn insert_rows_pg(conn: &mut AsyncPgConnection, rows: &[ReservationRow]) -> QueryResult<()> {
@@ -444,11 +459,7 @@ macro_rules! queries {
                                 holder.reservation_id
                             );
                             let row = rejected_row(order, reason, params.now);
-                            outcomes.push(CommitOutcome::Rejected {
-                                reservation: row.clone().into_domain(),
-                                cause: RejectCause::DuplicateKey,
-                            });
-                            rows.push(row);
+                            push_rejected(&mut outcomes, &mut rows, row, RejectCause::DuplicateKey);
                             continue;
                         }
                         if !seen_keys.insert(slot) {
@@ -470,22 +481,14 @@ macro_rules! queries {
                                 current.max_per_user
                             );
                             let row = rejected_row(order, reason, params.now);
-                            outcomes.push(CommitOutcome::Rejected {
-                                reservation: row.clone().into_domain(),
-                                cause: RejectCause::UserLimit,
-                            });
-                            rows.push(row);
+                            push_rejected(&mut outcomes, &mut rows, row, RejectCause::UserLimit);
                             continue;
                         }
                     }
                     if available < quantity {
                         let reason = format!("{SOLD_OUT_REASON}: {available} units left");
                         let row = rejected_row(order, reason, params.now);
-                        outcomes.push(CommitOutcome::Rejected {
-                            reservation: row.clone().into_domain(),
-                            cause: RejectCause::SoldOut,
-                        });
-                        rows.push(row);
+                        push_rejected(&mut outcomes, &mut rows, row, RejectCause::SoldOut);
                         continue;
                     }
                     *taken += quantity;

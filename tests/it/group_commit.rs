@@ -43,6 +43,12 @@ fn shape(outcome: &CommitOutcome) -> String {
     }
 }
 
+/// Commits `batch` as the processor does and spells each outcome.
+async fn shapes_of(store: &Store, batch: &[NewOrder]) -> Vec<String> {
+    let outcomes = store.commit_batch(batch, params()).await.unwrap();
+    outcomes.iter().map(shape).collect()
+}
+
 async fn stock_of(store: &Store, sku: &str) -> i64 {
     row_of(store, sku).await.0
 }
@@ -83,8 +89,7 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             order("CAP", "u9", 1, None), // over the per-user cap of 1
             order("NOPE", "u4", 1, None),
         ];
-        let outcomes = store.commit_batch(&batch, params()).await.unwrap();
-        let shapes: Vec<String> = outcomes.iter().map(shape).collect();
+        let shapes = shapes_of(&store, &batch).await;
         assert_eq!(
             shapes,
             [
@@ -125,13 +130,7 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             sku: Sku::parse("B").unwrap(),
             ..first.clone()
         };
-        let shapes: Vec<String> = store
-            .commit_batch(&[order("B", "u7", 1, None), reused], params())
-            .await
-            .unwrap()
-            .iter()
-            .map(shape)
-            .collect();
+        let shapes = shapes_of(&store, &[order("B", "u7", 1, None), reused]).await;
         assert_eq!(
             shapes,
             ["held, 10 left", "rejected DuplicateKey"],
@@ -152,13 +151,7 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             ..keyed.clone()
         };
         let batch = vec![twice.clone(), twice, keyed, keyed_twin];
-        let shapes: Vec<String> = store
-            .commit_batch(&batch, params())
-            .await
-            .unwrap()
-            .iter()
-            .map(shape)
-            .collect();
+        let shapes = shapes_of(&store, &batch).await;
         assert_eq!(
             shapes,
             [

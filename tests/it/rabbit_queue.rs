@@ -406,22 +406,7 @@ async fn broker_outage_mid_sale_refuses_then_recovers_losing_nothing() {
     }
 
     relay.set_up(true);
-    let resumed = tokio::time::Instant::now();
-    let mut i = 200;
-    while tally.count(ReserveOutcome::Queued) < 200 {
-        match call(i).await {
-            Ok(response) => record(&mut tally, Ok(response)),
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                assert!(
-                    resumed.elapsed() < Duration::from_secs(10),
-                    "publishing did not resume"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        i += 1;
-    }
+    reserve_until_queued(&mut tally, &call, 200, 200, Duration::from_secs(10)).await;
     app.drain("OUTAGE").await;
     assert_eq!(assert_invariants(&app, "OUTAGE", 1_000, &tally).await, 200);
     let view = app.stock("OUTAGE").await;
@@ -429,6 +414,35 @@ async fn broker_outage_mid_sale_refuses_then_recovers_losing_nothing() {
     let after = call(1_000_000).await.unwrap();
     assert_eq!(after.outcome(), ReserveOutcome::Queued);
     app.stop().await;
+}
+
+/// After an outage ends: calls as users `from`, `from + 1`, … until
+/// `tally` holds `queued` QUEUED answers. Every refusal meanwhile must be
+/// UNAVAILABLE, and refusals must stop within `within` (publishing resumes
+/// on its own).
+async fn reserve_until_queued<F, Fut>(
+    tally: &mut StormTally,
+    call: F,
+    from: usize,
+    queued: usize,
+    within: Duration,
+) where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<stockgate::pb::ReserveResponse, tonic::Status>>,
+{
+    let resumed = tokio::time::Instant::now();
+    let mut i = from;
+    while tally.count(ReserveOutcome::Queued) < queued {
+        match call(i).await {
+            Ok(response) => record(tally, Ok(response)),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(resumed.elapsed() < within, "publishing did not resume");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        i += 1;
+    }
 }
 
 fn record(tally: &mut StormTally, result: Result<stockgate::pb::ReserveResponse, tonic::Status>) {
@@ -523,22 +537,7 @@ async fn broker_restart_mid_sale_keeps_queued_orders_and_resumes() {
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         }
     }
-    let mut i = 150;
-    let resumed = tokio::time::Instant::now();
-    while tally.count(ReserveOutcome::Queued) < 200 {
-        match call(i).await {
-            Ok(response) => record(&mut tally, Ok(response)),
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                assert!(
-                    resumed.elapsed() < Duration::from_secs(30),
-                    "publishing did not resume"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        i += 1;
-    }
+    reserve_until_queued(&mut tally, &call, 150, 200, Duration::from_secs(30)).await;
     let worker = processor(&app.config, |_| {}).await;
     app.drain("RESTART").await;
     assert_eq!(assert_invariants(&app, "RESTART", 1_000, &tally).await, 200);

@@ -258,19 +258,24 @@ async fn redis_unreachable_fail_closed_or_bypass() {
     }
 }
 
-/// The bench runs end to end (small N): every measurement present, every
-/// call answered as expected. Its figures are for the README, not asserted.
-#[tokio::test(flavor = "multi_thread")]
-async fn bench_runs_and_reports_every_measurement() {
-    let options = stockgate::bench::BenchOptions {
-        requests: 500,
+/// A one-round bench of `requests` calls on the embedded store and queue.
+fn small_bench(requests: usize) -> stockgate::bench::BenchOptions {
+    stockgate::bench::BenchOptions {
+        requests,
         concurrency: 8,
         connections: 2,
         rounds: 1,
         redis_url: redis_url(),
         store: "embedded".into(),
         queue: "embedded".into(),
-    };
+    }
+}
+
+/// The bench runs end to end (small N): every measurement present, every
+/// call answered as expected. Its figures are for the README, not asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_runs_and_reports_every_measurement() {
+    let options = small_bench(500);
     let results = stockgate::bench::run(options.clone()).await.unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
@@ -337,15 +342,7 @@ async fn lost_admissions_are_returned_by_the_reconciler() {
 /// present and every call let through and answered sold out.
 #[tokio::test(flavor = "multi_thread")]
 async fn middleware_bench_runs_and_refuses_nothing() {
-    let options = stockgate::bench::BenchOptions {
-        requests: 300,
-        concurrency: 8,
-        connections: 2,
-        rounds: 1,
-        redis_url: redis_url(),
-        store: "embedded".into(),
-        queue: "embedded".into(),
-    };
+    let options = small_bench(300);
     let results = stockgate::bench::middleware::run(options.clone())
         .await
         .unwrap();
