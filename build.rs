@@ -20,5 +20,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // The revision shown by `--version`, the start-up log and the
+    // build-info metric. An image build without `.git` passes it in as
+    // GIT_REVISION. (Not STOCKGATE_*: cargo also exports it to test runs,
+    // and the config would read it as a key.)
+    println!("cargo:rerun-if-env-changed=GIT_REVISION");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
+    let revision = env::var("GIT_REVISION").ok().or_else(|| {
+        std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .map(|s| s.trim().to_owned())
+    });
+    println!(
+        "cargo:rustc-env=BUILT_GIT_REVISION={}",
+        revision.unwrap_or_else(|| "unknown".into())
+    );
     Ok(())
 }

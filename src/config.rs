@@ -31,6 +31,58 @@ pub struct Config {
     pub rabbitmq: RabbitConfig,
     /// Request limits and the hold lifecycle.
     pub reservations: ReservationsConfig,
+    /// The operator API: credentials, its own listener, switch propagation.
+    pub admin: AdminConfig,
+    /// The Prometheus scrape endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// The operator API (AdminService).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token every admin call must carry (`authorization: Bearer
+    /// <token>`); compared in constant time. Prefer `token_file` or the
+    /// `STOCKGATE_ADMIN__TOKEN` variable over writing it in a file. Empty:
+    /// no token, which the server accepts only when the admin listener is
+    /// loopback-only (local development).
+    pub token: String,
+    /// A file holding the token (a mounted Kubernetes Secret); read at
+    /// start-up and on SIGHUP; surrounding whitespace is ignored. Wins over
+    /// `token`.
+    pub token_file: String,
+    /// A separate listener for AdminService (with health and reflection),
+    /// e.g. `0.0.0.0:50052`, so network policy can keep callers off it.
+    /// Empty: AdminService shares `server.listen`.
+    pub listen: String,
+    /// How often each replica reads the stored layer switches and reports
+    /// its own, in milliseconds: a change reaches every replica within
+    /// about this long.
+    pub switch_poll_ms: u64,
+}
+
+/// The Prometheus endpoint (`GET /metrics`, plain HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the metrics listener; empty turns it off.
+    pub listen: String,
+}
+
+/// TLS for the gRPC listeners (rustls). Both paths empty: plaintext.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_path: String,
+    /// PEM private key.
+    pub key_path: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.is_empty() || !self.key_path.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +114,8 @@ pub struct ServerConfig {
     /// order processor, with health on the listener). Split roles need the
     /// RabbitMQ queue, which connects them.
     pub role: Role,
+    /// TLS on the gRPC listeners (caller and admin).
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -148,8 +202,13 @@ pub struct LayersConfig {
     pub gate: GateLayerConfig,
     /// The order queue and its single order processor.
     pub queue: QueueLayerConfig,
-    /// The database check, always on: the last line against overselling.
+    /// The database check: the last line against overselling.
     pub db: DbLayerConfig,
+    /// Accept switches that leave nothing able to stop an oversell (the
+    /// database check `off` while the gate is off or bypassing), at start-up
+    /// and on SIGHUP. For demonstrations only; the admin API asks for
+    /// `force` per change instead.
+    pub allow_unsafe: bool,
 }
 
 /// Rate limits apply per replica: with N API replicas behind a balancer,
@@ -307,12 +366,17 @@ pub enum DbCheckMode {
     Optimistic,
     /// Row lock (`SELECT ... FOR UPDATE`) held while committing.
     Pessimistic,
+    /// The naive approach: read the stock, write what was read minus the
+    /// quantity, no version check. Concurrent commits overwrite each other
+    /// and oversell; for game days and demonstrations, never production.
+    Off,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DbLayerConfig {
-    /// `optimistic` or `pessimistic`.
+    /// `optimistic`, `pessimistic` or `off` (naive; can oversell, accepted
+    /// only with the gate on and fail-closed, or `layers.allow_unsafe`).
     pub check: DbCheckMode,
     /// Most optimistic attempts for one order before the call is answered
     /// ABORTED. Each lost race means another order was committed, so this
@@ -342,6 +406,26 @@ impl Default for ServerConfig {
             max_in_flight: 4_096,
             shutdown_grace_ms: 10_000,
             role: Role::All,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            token_file: String::new(),
+            listen: String::new(),
+            switch_poll_ms: 1_000,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -515,7 +599,12 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed("STOCKGATE_").split("__"))
+            // Variables of the command line itself, not config keys.
+            .merge(
+                Env::prefixed("STOCKGATE_")
+                    .ignore(&["config", "admin_addr", "admin_token"])
+                    .split("__"),
+            )
             .extract()
             .map_err(Box::new)?;
         config.validate()?;
@@ -654,7 +743,52 @@ impl Config {
         if self.reservations.sweep_interval_ms == 0 {
             return Err(invalid("reservations.sweep_interval_ms", "must be above 0"));
         }
+        if self.admin.switch_poll_ms == 0 {
+            return Err(invalid("admin.switch_poll_ms", "must be above 0"));
+        }
+        self.admin_listen()?;
+        self.metrics_listen()?;
+        let tls = &self.server.tls;
+        if tls.enabled() && (tls.cert_path.is_empty() || tls.key_path.is_empty()) {
+            return Err(invalid(
+                "server.tls.cert_path",
+                "cert_path and key_path must be set together",
+            ));
+        }
+        let layers = &self.layers;
+        if !layers.allow_unsafe
+            && crate::domain::pipeline::Layers::from_config(self).oversell_unguarded()
+        {
+            return Err(invalid(
+                "layers.db.check",
+                "`off` with the gate off or bypassing leaves nothing to stop an oversell; set layers.allow_unsafe = true to run it anyway",
+            ));
+        }
         Ok(())
+    }
+
+    /// `admin.listen` parsed; `None` when AdminService shares `server.listen`.
+    pub fn admin_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        optional_addr("admin.listen", &self.admin.listen)
+    }
+
+    /// `metrics.listen` parsed; `None` when metrics are off.
+    pub fn metrics_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        optional_addr("metrics.listen", &self.metrics.listen)
+    }
+
+    /// The admin token: `admin.token_file`'s content, else `admin.token`;
+    /// `None` when neither is set.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = if self.admin.token_file.is_empty() {
+            self.admin.token.clone()
+        } else {
+            std::fs::read_to_string(&self.admin.token_file)
+                .map_err(|e| invalid("admin.token_file", format!("cannot be read: {e}")))?
+                .trim()
+                .to_owned()
+        };
+        Ok((!token.is_empty()).then_some(token))
     }
 
     /// Which gate `backends.gate` selects.
@@ -716,6 +850,18 @@ impl Config {
     }
 }
 
+fn optional_addr(field: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        invalid(
+            field,
+            format!("`{value}` is not an address like 127.0.0.1:9464"),
+        )
+    })
+}
+
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -749,6 +895,34 @@ mod tests {
             config.store_backend().unwrap(),
             StoreBackend::Sqlite("stockgate.db".into())
         );
+    }
+
+    #[test]
+    fn an_unguarded_database_check_needs_allow_unsafe() {
+        let mut config = Config::default();
+        config.layers.db.check = DbCheckMode::Off;
+        config.validate().expect("the gate still guards");
+        config.layers.gate.failure_mode = GateFailureMode::Bypass;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("layers.db.check"), "{err}");
+        config.layers.gate.failure_mode = GateFailureMode::FailClosed;
+        config.layers.gate.enabled = false;
+        assert!(config.validate().is_err());
+        config.layers.allow_unsafe = true;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn cli_variables_are_not_config_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("STOCKGATE_ADMIN_TOKEN", "x");
+            jail.set_env("STOCKGATE_ADMIN_ADDR", "http://h:1");
+            jail.set_env("STOCKGATE_ADMIN__SWITCH_POLL_MS", "250");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.admin.switch_poll_ms, 250);
+            assert!(config.admin.token.is_empty());
+            Ok(())
+        });
     }
 
     #[test]

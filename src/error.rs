@@ -55,6 +55,16 @@ pub enum ReservationError {
         #[source]
         source: anyhow::Error,
     },
+    /// A switch change would leave nothing able to stop an oversell, and
+    /// the operator did not force it.
+    #[error("refused: {0}; set force to apply it anyway")]
+    UnsafeChange(String),
+    /// Another operator changed the switches at the same moment.
+    #[error("the layer switches were changed concurrently; read them again and retry")]
+    ConcurrentChange,
+    /// An admin call without a valid credential.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
     /// A bug or an unexpected backend answer.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -88,10 +98,13 @@ impl From<ReservationError> for Status {
                 Code::NotFound
             }
             ReservationError::NotOwner(_) => Code::PermissionDenied,
-            ReservationError::WrongState(_) | ReservationError::InsufficientStock(_) => {
-                Code::FailedPrecondition
-            }
-            ReservationError::Contention(_) | ReservationError::DuplicateInFlight => Code::Aborted,
+            ReservationError::WrongState(_)
+            | ReservationError::InsufficientStock(_)
+            | ReservationError::UnsafeChange(_) => Code::FailedPrecondition,
+            ReservationError::Contention(_)
+            | ReservationError::DuplicateInFlight
+            | ReservationError::ConcurrentChange => Code::Aborted,
+            ReservationError::Unauthenticated(_) => Code::Unauthenticated,
             ReservationError::RateLimited { .. } | ReservationError::Shed { .. } => {
                 Code::ResourceExhausted
             }
@@ -153,6 +166,15 @@ mod tests {
             ),
             (ReservationError::Contention(3), Code::Aborted),
             (ReservationError::DuplicateInFlight, Code::Aborted),
+            (ReservationError::ConcurrentChange, Code::Aborted),
+            (
+                ReservationError::UnsafeChange("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReservationError::Unauthenticated("x"),
+                Code::Unauthenticated,
+            ),
             (
                 ReservationError::Shed {
                     retry_after: std::time::Duration::from_secs(1),

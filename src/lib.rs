@@ -19,19 +19,25 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_cli;
 pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod gate;
 pub mod grpc;
+pub mod metrics;
 pub mod middleware;
+pub mod ops;
 pub mod queue;
 pub mod server;
 pub mod store;
 pub mod telemetry;
 
 pub use server::run;
+
+/// The git revision this binary was built from (`unknown` without git).
+pub const GIT_REVISION: &str = env!("BUILT_GIT_REVISION");
 
 /// Code generated from `proto/stockgate/v1`.
 #[allow(clippy::all, missing_docs)]

@@ -33,6 +33,8 @@ enum Command {
     },
     /// Validate the configuration, print it as TOML, and exit.
     CheckConfig,
+    /// Operator commands against a running server's AdminService.
+    Admin(stockgate::admin_cli::AdminArgs),
     /// Measure Reserve against same-run references (raw redis-benchmark on
     /// the gate script, a no-op RPC) on an in-process server.
     Bench {
@@ -90,6 +92,19 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Admin(args)) = cli.command {
+        // A client: the server's config is not needed here.
+        match stockgate::admin_cli::run(args).await {
+            Ok(out) => {
+                print!("{out}");
+                return Ok(());
+            }
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     if matches!(
         cli.command,
@@ -107,7 +122,11 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            stockgate::run(config, listener, shutdown_signal()).await
+            let extras = stockgate::server::Extras {
+                reloads: Some(reload_on_sighup(cli.config.clone())),
+                ..Default::default()
+            };
+            stockgate::server::run_with(config, listener, extras, shutdown_signal()).await
         }
         Command::Migrate { revert } => stockgate::server::migrate(&config, revert).await,
         Command::Bench {
@@ -159,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", stockgate::bench::queue::render(&results, &options));
             Ok(())
         }
+        Command::Admin(_) => unreachable!("handled above"),
         Command::CheckConfig => {
             print!("{}", toml_of(&config)?);
             Ok(())
@@ -169,7 +189,40 @@ async fn main() -> anyhow::Result<()> {
 fn toml_of(config: &Config) -> anyhow::Result<String> {
     let mut config = config.clone();
     config.backends.store = stockgate::config::redact_url(&config.backends.store);
+    if !config.admin.token.is_empty() {
+        config.admin.token = "***".into();
+    }
     Ok(toml::to_string_pretty(&config)?)
+}
+
+/// SIGHUP reloads the config (defaults, file, env, as at start-up) and hands
+/// it to the server; a file that does not load or validate is logged and
+/// ignored.
+fn reload_on_sighup(file: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Config> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; config reload disabled");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match Config::load(file.as_deref()) {
+                Ok(config) => {
+                    tracing::info!("SIGHUP: config reloaded");
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => tracing::error!(error = %err, "SIGHUP: config not reloaded"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop((tx, file));
+    rx
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM (Kubernetes) starts a graceful stop.

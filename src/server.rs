@@ -7,20 +7,29 @@ use std::{future::Future, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use governor::clock::DefaultClock;
 
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Identity, Server, ServerTlsConfig},
+};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
-    domain::pipeline::{Layers, Limits, Pipeline, Switches},
+    domain::pipeline::{Layers, LayersChange, Limits, Pipeline, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
-    grpc::{AdminApi, InventoryApi},
+    grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
+    metrics::GrpcMetricsLayer,
     middleware::{
         DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
         RateLimits,
     },
+    ops::{ChangeRequest, SwitchBoard},
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
@@ -40,6 +49,20 @@ const HEALTH_NAMES: [&str; 3] = [
     "stockgate.v1.AdminService",
 ];
 
+/// What a server runs with beyond its caller listener. Listeners left unset
+/// are bound from the config (`admin.listen`, `metrics.listen`); tests pass
+/// their own on port 0.
+#[derive(Default)]
+pub struct Extras {
+    /// AdminService's own listener (only used when `admin.listen` is set).
+    pub admin: Option<TcpListener>,
+    /// The `/metrics` listener (only used when `metrics.listen` is set).
+    pub metrics: Option<TcpListener>,
+    /// Reloaded configs (SIGHUP): their layer switches are applied to the
+    /// fleet as a change by `sighup`, their admin token here.
+    pub reloads: Option<mpsc::Receiver<Config>>,
+}
+
 /// Serves until `shutdown` resolves, then stops accepting calls, lets
 /// in-flight calls and the order processor finish (bounded by
 /// `server.shutdown_grace_ms`), and returns.
@@ -48,7 +71,71 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(config, listener, Extras::default(), shutdown).await
+}
+
+async fn bind_unless_given(
+    given: Option<TcpListener>,
+    wanted: Option<std::net::SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<TcpListener>> {
+    match (given, wanted) {
+        (_, None) => Ok(None),
+        (Some(listener), Some(_)) => Ok(Some(listener)),
+        (None, Some(addr)) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}")),
+    }
+}
+
+fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let tls = &config.server.tls;
+    if !tls.enabled() {
+        return Ok(None);
+    }
+    let read = |path: &str, field: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{field} {path}: {e}"))
+    };
+    let identity = Identity::from_pem(
+        read(&tls.cert_path, "server.tls.cert_path")?,
+        read(&tls.key_path, "server.tls.key_path")?,
+    );
+    Ok(Some(ServerTlsConfig::new().identity(identity)))
+}
+
+/// [`run`] with extra listeners and config reloads (what `main` uses).
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    extras: Extras,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     config.validate()?;
+    let metrics_handle = crate::metrics::install();
+    let tls = tls_config(&config)?;
+    let admin_listener = bind_unless_given(extras.admin, config.admin_listen()?, "admin").await?;
+    let metrics_listener =
+        bind_unless_given(extras.metrics, config.metrics_listen()?, "metrics").await?;
+    let admin_addr = match &admin_listener {
+        Some(admin) => admin.local_addr()?,
+        None => listener.local_addr()?,
+    };
+    let admin_token: AdminToken = Arc::new(ArcSwap::from_pointee(
+        config.admin_token()?.as_deref().map(token_digest),
+    ));
+    if admin_token.load().is_none() {
+        if admin_addr.ip().is_loopback() {
+            tracing::warn!(%admin_addr, "admin.token is not set: AdminService is open to anyone on this host");
+        } else {
+            tracing::warn!(%admin_addr, "admin.token is not set: AdminService refuses every call (set admin.token or admin.token_file)");
+        }
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        revision = crate::GIT_REVISION,
+        "stockgate starting"
+    );
     let target = config.store_backend()?;
     match &target {
         StoreBackend::Postgres(url) => tracing::info!(store = %redact_url(url), "store: postgres"),
@@ -80,7 +167,8 @@ pub async fn run(
             Arc::new(RedisGate::connect(&url, &config.redis)?)
         }
     };
-    let switches: Switches = Arc::new(ArcSwap::from_pointee(Layers::from_config(&config)));
+    let seed = Layers::from_config(&config);
+    let switches: Switches = Arc::new(ArcSwap::from_pointee(seed));
     let rate_limits = Arc::new(RateLimits::new(
         &config.layers.rate_limit,
         DefaultClock::default(),
@@ -115,16 +203,40 @@ pub async fn run(
         Limits::from_config(&config),
     ));
 
+    let board = Arc::new(SwitchBoard::new(
+        pipeline.store().clone(),
+        pipeline.clone(),
+        rate_limits.clone(),
+        seed,
+    ));
+
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let readiness = tokio::spawn(become_ready(
         pipeline.clone(),
+        board.clone(),
         health.clone(),
         config.store.migrate_on_start,
         stop_rx.clone(),
     ));
+    let switch_poller = tokio::spawn(crate::ops::run_poller(
+        board.clone(),
+        Duration::from_millis(config.admin.switch_poll_ms),
+        stop_rx.clone(),
+    ));
+    let reloader = extras
+        .reloads
+        .map(|reloads| tokio::spawn(apply_reloads(reloads, board.clone(), admin_token.clone())));
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics_handle,
+            stop_rx.clone(),
+        ))
+    });
     let batch_size = config.layers.queue.batch_size;
     let linger = Duration::from_millis(config.layers.queue.linger_ms);
     let processor = match (embedded_receiver, &rabbit) {
@@ -180,34 +292,61 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let max = config.server.max_message_bytes;
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let in_flight = (config.server.max_in_flight > 0)
         .then(|| Arc::new(InFlight::new(config.server.max_in_flight)));
-    let admin = AdminServiceServer::new(AdminApi::new(
+    let admin = InterceptedService::new(
+        AdminServiceServer::new(AdminApi::new(
+            pipeline.clone(),
+            rate_limits.clone(),
+            in_flight.clone(),
+            board.clone(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+        AdminAuth {
+            token: admin_token,
+            open_without_token: admin_addr.ip().is_loopback(),
+        },
+    );
+    let sampler = tokio::spawn(sample_gauges(
         pipeline.clone(),
-        rate_limits.clone(),
         in_flight.clone(),
-    ))
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+        stop_rx.clone(),
+    ));
 
-    tracing::info!(addr = %listener.local_addr()?, layers = ?pipeline.layers(), "serving");
+    tracing::info!(addr = %listener.local_addr()?, %admin_addr, tls = tls.is_some(), layers = ?pipeline.layers(), "serving");
     let grace = config.shutdown_grace();
     let mut draining = stop_rx.clone();
     let health_on_stop = health.clone();
-    let serve = Server::builder()
-        .timeout(config.request_timeout())
-        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+    let (caller_admin, own_admin) = match admin_listener {
+        Some(admin_listener) => (None, Some((admin, admin_listener))),
+        None => (Some(admin), None),
+    };
+    let admin_server = match own_admin {
+        Some((admin, admin_listener)) if role.serves_api() => {
+            let mut stop = stop_rx.clone();
+            let serve = builder(&config, tls.clone())?
+                .layer(GrpcMetricsLayer)
+                .add_service(health_service.clone())
+                .add_service(reflection_service()?)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                });
+            Some(tokio::spawn(serve))
+        }
+        _ => None,
+    };
+    let serve = builder(&config, tls)?
         // Outermost first (tonic's own timeout, honouring the caller's
         // grpc-timeout when shorter, and its stream limit sit outside).
-        // Shedding first: a spike must not queue in front of anything.
+        // Metrics first, so every answer is counted, refusals included.
+        .layer(GrpcMetricsLayer)
+        // Shedding next: a spike must not queue in front of anything.
         .layer(tower::util::option_layer(in_flight.map(LoadShedLayer::new)))
         // Rate limiting runs before anything decodes a body, so a flood
         // costs a header lookup and a counter per call.
@@ -217,9 +356,9 @@ pub async fn run(
         // reaches the stock logic.
         .layer(DedupLayer::new(dedup_store, switches, dedup_times))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_service()?)
         .add_optional_service(role.serves_api().then_some(inventory))
-        .add_optional_service(role.serves_api().then_some(admin))
+        .add_optional_service(caller_admin.filter(|_| role.serves_api()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             tracing::info!("shutdown requested; draining");
@@ -239,7 +378,22 @@ pub async fn run(
             Ok(())
         }
     };
+    if let Some(admin_server) = admin_server {
+        match tokio::time::timeout(grace, admin_server).await {
+            Ok(Ok(Err(err))) => tracing::warn!(error = %err, "admin listener failed"),
+            Err(_) => tracing::warn!("admin calls outlived the shutdown grace period"),
+            _ => {}
+        }
+    }
 
+    switch_poller.abort();
+    sampler.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     readiness.abort();
     sweeper.abort();
     reconciler.abort();
@@ -261,6 +415,77 @@ pub async fn run(
     result
 }
 
+fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Server> {
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
+        .timeout(config.request_timeout())
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams)))
+}
+
+fn reflection_service() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Applies reloaded configs: the file's switches to the whole fleet (as an
+/// audited change by `sighup`), its admin token to this replica.
+async fn apply_reloads(
+    mut reloads: mpsc::Receiver<Config>,
+    board: Arc<SwitchBoard>,
+    admin_token: AdminToken,
+) {
+    while let Some(config) = reloads.recv().await {
+        match config.admin_token() {
+            Ok(token) => admin_token.store(Arc::new(token.as_deref().map(token_digest))),
+            Err(err) => {
+                tracing::error!(error = %err, "reload: admin token unreadable; keeping the old one")
+            }
+        }
+        let request = ChangeRequest {
+            change: LayersChange::to(Layers::from_config(&config)),
+            actor: &format!("sighup via {}", board.replica()),
+            force: config.layers.allow_unsafe,
+            reason: "config file reloaded",
+        };
+        match board.change(request).await {
+            Ok((layers, revision)) => {
+                tracing::info!(revision, ?layers, "reload: layer switches applied")
+            }
+            Err(err) => tracing::error!(error = %err, "reload: layer switches not applied"),
+        }
+    }
+}
+
+/// Gauges that are read rather than counted: calls in flight, reservations
+/// waiting for the processor, readiness; and histogram upkeep.
+async fn sample_gauges(
+    pipeline: Arc<Pipeline>,
+    in_flight: Option<Arc<InFlight>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Some(limit) = &in_flight {
+            metrics::gauge!("stockgate_in_flight_calls").set(limit.stats().in_flight as f64);
+        }
+        metrics::gauge!("stockgate_queue_pending").set(pipeline.pending_count() as f64);
+        metrics::gauge!("stockgate_ready").set(if pipeline.is_ready() { 1.0 } else { 0.0 });
+        crate::metrics::upkeep();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for name in HEALTH_NAMES {
         health.set_service_status(name, status).await;
@@ -271,6 +496,7 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// allowed), loads the gate, then reports SERVING.
 async fn become_ready(
     pipeline: Arc<Pipeline>,
+    board: Arc<SwitchBoard>,
     health: HealthReporter,
     migrate: bool,
     mut stop: watch::Receiver<bool>,
@@ -278,13 +504,20 @@ async fn become_ready(
     let mut last_reason = String::new();
     loop {
         let reason = match check_store(&pipeline, migrate).await {
-            Ok(()) => match pipeline.warm_up().await {
+            // The fleet's switches first: they decide whether there is a
+            // gate to warm up.
+            Ok(()) => match async {
+                board.sync().await?;
+                pipeline.warm_up().await
+            }
+            .await
+            {
                 Ok(()) => {
                     set_health(&health, ServingStatus::Serving).await;
                     tracing::info!("ready: store migrated and reachable, gate loaded");
                     return;
                 }
-                Err(err) => format!("gate warm-up failed: {err:#}"),
+                Err(err) => format!("switches or gate warm-up failed: {err:#}"),
             },
             Err(reason) => reason,
         };

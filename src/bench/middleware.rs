@@ -35,6 +35,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let mut servers = Vec::new();
     for shedding in [false, true] {
         let mut config = Config::default();
+        // In-process servers side by side: no fixed metrics port.
+        config.metrics.listen = String::new();
         config.server.listen = "127.0.0.1:0".parse()?;
         config.backends.gate = options.redis_url.clone();
         config.backends.dedup = options.redis_url.clone();

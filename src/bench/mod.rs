@@ -73,6 +73,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
     let dir = tempfile_dir()?;
     let mut config = Config::default();
+    // In-process servers side by side: no fixed metrics port.
+    config.metrics.listen = String::new();
     config.server.listen = "127.0.0.1:0".parse()?;
     config.backends.gate = options.redis_url.clone();
     config.backends.store = options.store.clone();

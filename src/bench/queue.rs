@@ -42,6 +42,8 @@ pub struct QueueMeasured {
 
 pub async fn run(options: QueueBenchOptions) -> anyhow::Result<Vec<QueueMeasured>> {
     let mut config = Config::default();
+    // In-process servers side by side: no fixed metrics port.
+    config.metrics.listen = String::new();
     config.backends.store = options.store.clone();
     config.backends.queue = options.amqp.clone();
     config.server.role = Role::Processor;

@@ -19,6 +19,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{broadcast, mpsc, Notify},
     time::Instant,
@@ -28,22 +29,62 @@ use super::{
     now, IdempotencyKey, Quantity, Reservation, ReservationId, ReservationState, Sku, UserId,
 };
 use crate::{
-    config::{Config, DbCheckMode, GateFailureMode},
+    config::{Config, DbCheckMode, GateFailureMode, RateLimitConfig},
     error::ReservationError,
     gate::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL},
+    metrics,
     queue::{OrderQueue, QueueError, QueuedOrder},
     store::{
-        Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause, Settled, Store,
-        StoreError, SOLD_OUT_REASON,
+        Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause,
+        ReservationFilter, Settled, Store, StoreError, SOLD_OUT_REASON,
     },
 };
 
-/// The layer switches in force; swapped whole at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The rate limiter's budgets, switchable at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateSettings {
+    pub per_user_period_ms: u64,
+    pub per_user_burst: u32,
+    pub global_per_sec: u32,
+    pub global_burst: u32,
+}
+
+impl RateSettings {
+    pub fn from_config(config: &RateLimitConfig) -> Self {
+        Self {
+            per_user_period_ms: config.per_user_period_ms,
+            per_user_burst: config.per_user_burst,
+            global_per_sec: config.global_per_sec,
+            global_burst: config.global_burst,
+        }
+    }
+
+    /// The first field that is zero, for the error message.
+    pub fn zero_field(&self) -> Option<&'static str> {
+        if self.per_user_period_ms == 0 {
+            Some("per_user_period_ms")
+        } else if self.per_user_burst == 0 {
+            Some("per_user_burst")
+        } else if self.global_per_sec == 0 {
+            Some("global_per_sec")
+        } else if self.global_burst == 0 {
+            Some("global_burst")
+        } else {
+            None
+        }
+    }
+}
+
+/// The layer switches in force; swapped whole at run time. Stored as JSON
+/// (the fleet's switches), so fields are only ever added, with defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layers {
     pub rate_limit: bool,
+    pub rate_limit_shadow: bool,
+    pub rate_limits: RateSettings,
     pub dedup: bool,
     pub gate: bool,
+    pub gate_failure: GateFailureMode,
     pub queue: bool,
     pub db_check: DbCheckMode,
 }
@@ -53,26 +94,71 @@ impl Layers {
         let layers = &config.layers;
         Self {
             rate_limit: layers.rate_limit.enabled,
+            rate_limit_shadow: layers.rate_limit.shadow,
+            rate_limits: RateSettings::from_config(&layers.rate_limit),
             dedup: layers.dedup.enabled,
             gate: layers.gate.enabled,
+            gate_failure: layers.gate.failure_mode,
             queue: layers.queue.enabled,
             db_check: layers.db.check,
+        }
+    }
+
+    /// True when nothing would stop an oversell: the database check is off
+    /// (naive writes) and the gate is off or lets requests past it when its
+    /// backend is down. The queue does not count: it serialises commits
+    /// only while there is one processor, which a failover can break.
+    pub fn oversell_unguarded(&self) -> bool {
+        self.db_check == DbCheckMode::Off
+            && (!self.gate || self.gate_failure == GateFailureMode::Bypass)
+    }
+
+    /// These switches with `change` applied.
+    pub fn with(self, change: &LayersChange) -> Self {
+        Self {
+            rate_limit: change.rate_limit.unwrap_or(self.rate_limit),
+            rate_limit_shadow: change.rate_limit_shadow.unwrap_or(self.rate_limit_shadow),
+            rate_limits: change.rate_limits.unwrap_or(self.rate_limits),
+            dedup: change.dedup.unwrap_or(self.dedup),
+            gate: change.gate.unwrap_or(self.gate),
+            gate_failure: change.gate_failure.unwrap_or(self.gate_failure),
+            queue: change.queue.unwrap_or(self.queue),
+            db_check: change.db_check.unwrap_or(self.db_check),
         }
     }
 }
 
 /// The switches in force, shared by the pipeline and the middleware; read
-/// per request without locks, replaced whole by `SetLayers`.
+/// per request without locks, replaced whole when they change.
 pub type Switches = Arc<ArcSwap<Layers>>;
 
 /// A change to the switches; `None` keeps the current value.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayersChange {
     pub rate_limit: Option<bool>,
+    pub rate_limit_shadow: Option<bool>,
+    pub rate_limits: Option<RateSettings>,
     pub dedup: Option<bool>,
     pub gate: Option<bool>,
+    pub gate_failure: Option<GateFailureMode>,
     pub queue: Option<bool>,
     pub db_check: Option<DbCheckMode>,
+}
+
+impl LayersChange {
+    /// The change that turns any switches into `target`.
+    pub fn to(target: Layers) -> Self {
+        Self {
+            rate_limit: Some(target.rate_limit),
+            rate_limit_shadow: Some(target.rate_limit_shadow),
+            rate_limits: Some(target.rate_limits),
+            dedup: Some(target.dedup),
+            gate: Some(target.gate),
+            gate_failure: Some(target.gate_failure),
+            queue: Some(target.queue),
+            db_check: Some(target.db_check),
+        }
+    }
 }
 
 /// A validated Reserve call.
@@ -186,7 +272,6 @@ pub struct Limits {
     pub max_quantity: u32,
     pub hold_ttl: Option<Duration>,
     pub max_attempts: u32,
-    pub gate_failure: GateFailureMode,
     /// `None`: no sold-out fast path.
     pub sold_out_cache: Option<Duration>,
     pub in_flight_timeout: Duration,
@@ -200,7 +285,6 @@ impl Limits {
             max_quantity: config.reservations.max_quantity,
             hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
             max_attempts: config.layers.db.max_attempts,
-            gate_failure: config.layers.gate.failure_mode,
             sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
                 .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
             in_flight_timeout: Duration::from_millis(config.layers.gate.in_flight_timeout_ms),
@@ -257,7 +341,7 @@ pub struct ReconcileReport {
     pub lost_admissions: Vec<ReservationId>,
 }
 
-fn store_error(err: StoreError) -> ReservationError {
+pub(crate) fn store_error(err: StoreError) -> ReservationError {
     if err.is_unavailable() {
         ReservationError::unavailable("database", err)
     } else {
@@ -309,6 +393,12 @@ impl Pipeline {
         **self.layers.load()
     }
 
+    /// Reservations this replica published and the processor has not
+    /// settled yet.
+    pub fn pending_count(&self) -> usize {
+        self.pending().by_id.len()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -338,7 +428,7 @@ impl Pipeline {
             Ok(()) => {}
             // With `bypass` the service can run on the later layers while the
             // gate is down; the reconciler loads it when it comes back.
-            Err(err) if self.limits.gate_failure == GateFailureMode::Bypass => {
+            Err(err) if self.layers().gate_failure == GateFailureMode::Bypass => {
                 tracing::warn!(error = %err, "stock gate not loaded; bypassing it until it is");
             }
             Err(err) => return Err(err),
@@ -378,37 +468,48 @@ impl Pipeline {
         let mut gated = false;
         if layers.gate {
             if let Some(left) = self.known_sold_out(&order.sku, order.quantity) {
+                metrics::decision("gate", "sold_out_fast_path");
                 return Ok(ReserveResult::SoldOut {
                     remaining: Some(left),
                 });
             }
             match self.gate.reserve(&gate_entry(&order)).await {
                 Ok(GateDecision::Reserved { remaining: left }) => {
+                    metrics::decision("gate", "admitted");
                     remaining = Some(left);
                     gated = true;
                 }
                 Ok(GateDecision::SoldOut { remaining }) => {
+                    metrics::decision("gate", "sold_out");
                     self.remember_sold_out(&order.sku, remaining);
                     return Ok(ReserveResult::SoldOut {
                         remaining: Some(remaining),
                     });
                 }
-                Ok(GateDecision::UserLimit { .. }) => return Ok(ReserveResult::UserLimit),
+                Ok(GateDecision::UserLimit { .. }) => {
+                    metrics::decision("gate", "over_cap");
+                    return Ok(ReserveResult::UserLimit);
+                }
                 Ok(GateDecision::UnknownSku) => {
-                    return Err(ReservationError::UnknownSku(order.sku.as_str().into()))
+                    metrics::decision("gate", "unknown_sku");
+                    return Err(ReservationError::UnknownSku(order.sku.as_str().into()));
                 }
                 Ok(GateDecision::NotReady) => {
                     self.reload_wanted.notify_one();
-                    if self.limits.gate_failure == GateFailureMode::FailClosed {
+                    if layers.gate_failure == GateFailureMode::FailClosed {
+                        metrics::decision("gate", "unavailable");
                         return Err(ReservationError::NotReady(
                             "the stock gate is being rebuilt from the database".into(),
                         ));
                     }
+                    metrics::decision("gate", "bypassed");
                 }
                 Err(err) => {
-                    if self.limits.gate_failure == GateFailureMode::FailClosed {
+                    if layers.gate_failure == GateFailureMode::FailClosed {
+                        metrics::decision("gate", "unavailable");
                         return Err(gate_error(err));
                     }
+                    metrics::decision("gate", "bypassed");
                     tracing::warn!(error = %err, "stock gate down; bypassing it");
                 }
             }
@@ -521,6 +622,9 @@ impl Pipeline {
             }
         }
         *self.last_drift.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        let units: i64 = report.drift.iter().map(|(_, d)| d.abs()).sum();
+        ::metrics::gauge!("stockgate_gate_drift_units").set(units as f64);
+        ::metrics::gauge!("stockgate_gate_drift_skus").set(report.drift.len() as f64);
         if !report.drift.is_empty() {
             tracing::warn!(drift = ?report.drift, repaired = ?report.repaired, "gate and database disagree");
         }
@@ -638,6 +742,7 @@ impl Pipeline {
         });
         match self.queue.publish(order.clone(), gated).await {
             Ok(ticket) => {
+                metrics::decision("queue", "queued");
                 if let Some(pending) = self.pending().get_mut(&order.id) {
                     pending.ticket = Some(ticket);
                 }
@@ -650,6 +755,7 @@ impl Pipeline {
                 })
             }
             Err(err) => {
+                metrics::decision("queue", "refused");
                 self.pending().remove(&order.id);
                 if let QueueError::Unconfirmed(why) = &err {
                     return self
@@ -718,7 +824,10 @@ impl Pipeline {
     ) -> Result<ReserveResult, ReservationError> {
         let params = self.commit_params(mode, false);
         match self.store.commit_order(&order, params).await {
-            Ok(outcome) => self.settle(&order, gated, outcome).await,
+            Ok(outcome) => {
+                count_outcome(&outcome);
+                self.settle(&order, gated, outcome).await
+            }
             Err(err) => {
                 if gated {
                     self.gate_release(&order).await;
@@ -799,6 +908,12 @@ impl Pipeline {
     /// `layers.queue.max_attempts` tries: it is returned with the reason,
     /// recorded REJECTED and its units given back.
     pub async fn process_batch(&self, batch: &[QueuedOrder]) -> BatchOutcome {
+        let started = std::time::Instant::now();
+        ::metrics::histogram!("stockgate_processor_batch_size").record(batch.len() as f64);
+        if let Some(oldest) = batch.iter().map(|q| q.order.created_at).min() {
+            let lag = (now() - oldest).to_std().unwrap_or_default();
+            ::metrics::gauge!("stockgate_processor_lag_seconds").set(lag.as_secs_f64());
+        }
         let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
         let mut failed = Vec::new();
         let mut unsettled: Vec<ReservationId> = Vec::new();
@@ -809,6 +924,7 @@ impl Pipeline {
             let outcomes = match self.store.commit_batch(&orders, params).await {
                 Ok(outcomes) => outcomes,
                 Err(err) if err.is_unavailable() => {
+                    metrics::decision("db", "retry");
                     tracing::error!(error = %err, orders = orders.len(), "order batch failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -841,6 +957,7 @@ impl Pipeline {
                     outcomes
                 }
             };
+            outcomes.iter().for_each(count_outcome);
             let (again, done): (Vec<_>, Vec<_>) = todo
                 .into_iter()
                 .zip(outcomes)
@@ -868,6 +985,8 @@ impl Pipeline {
             }
         }
         self.emit(Event::QueueAdvanced);
+        ::metrics::histogram!("stockgate_processor_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         BatchOutcome {
             given_up: failed,
             incomplete: !unsettled.is_empty(),
@@ -1240,6 +1359,17 @@ impl Pipeline {
         self.reload_wanted.notify_one();
     }
 
+    /// Reservations with a database row, newest first (operators).
+    pub async fn list_reservations(
+        &self,
+        filter: &ReservationFilter,
+    ) -> Result<Vec<Reservation>, ReservationError> {
+        self.store
+            .list_reservations(filter)
+            .await
+            .map_err(store_error)
+    }
+
     pub async fn stock(&self, sku: &Sku) -> Result<StockView, ReservationError> {
         self.ensure_ready()?;
         let row = self
@@ -1276,24 +1406,40 @@ impl Pipeline {
         })
     }
 
-    /// Applies a switch change. Switching the gate on rebuilds it from the
-    /// database first, because it missed every change while it was off.
-    pub async fn set_layers(&self, change: LayersChange) -> Result<Layers, ReservationError> {
+    /// Puts `after` in force on this replica. Switching the gate on rebuilds
+    /// it from the database first, because it missed every change while it
+    /// was off; if that fails nothing changes. Calls already running keep
+    /// the switches they read when they started.
+    pub async fn apply_layers(&self, after: Layers) -> Result<(), ReservationError> {
         let before = self.layers();
-        let after = Layers {
-            rate_limit: change.rate_limit.unwrap_or(before.rate_limit),
-            dedup: change.dedup.unwrap_or(before.dedup),
-            gate: change.gate.unwrap_or(before.gate),
-            queue: change.queue.unwrap_or(before.queue),
-            db_check: change.db_check.unwrap_or(before.db_check),
-        };
         if after.gate && !before.gate {
             self.reload_gate().await?;
         }
         self.layers.store(Arc::new(after));
-        tracing::info!(?before, ?after, "layer switches changed");
-        Ok(after)
+        Ok(())
     }
+}
+
+/// Counts the database's decision for one order.
+fn count_outcome(outcome: &CommitOutcome) {
+    let decision = match outcome {
+        CommitOutcome::Committed { .. } => "committed",
+        CommitOutcome::SoldOut { .. }
+        | CommitOutcome::Rejected {
+            cause: RejectCause::SoldOut,
+            ..
+        } => "sold_out",
+        CommitOutcome::UserLimit { .. }
+        | CommitOutcome::Rejected {
+            cause: RejectCause::UserLimit,
+            ..
+        } => "over_cap",
+        CommitOutcome::Contention { .. } => "conflict",
+        CommitOutcome::Rejected { .. } | CommitOutcome::UnknownSku => "rejected",
+        // A redelivery or a retried key: the first decision was counted.
+        CommitOutcome::AlreadyCommitted(_) | CommitOutcome::DuplicateKey(_) => return,
+    };
+    metrics::decision("db", decision);
 }
 
 /// How a fenced-off order's REJECTED row starts.

@@ -2,23 +2,30 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    config::DbCheckMode,
+    config::{DbCheckMode, GateFailureMode},
     domain::{
-        pipeline::{Layers, LayersChange, Pipeline, StockView},
-        Sku,
+        pipeline::{Layers, LayersChange, Pipeline, RateSettings, StockView},
+        ReservationState, Sku,
     },
     error::ReservationError,
     middleware::{InFlight, RateLimits},
+    ops::{ChangeRequest, SwitchBoard, MAX_REASON},
     pb::{self, admin_service_server::AdminService},
+    store::ReservationFilter,
 };
+
+use super::{metadata_str, state, timestamp};
 
 pub struct AdminApi {
     pipeline: Arc<Pipeline>,
     rate_limits: Arc<RateLimits>,
     in_flight: Option<Arc<InFlight>>,
+    board: Arc<SwitchBoard>,
 }
 
 impl AdminApi {
@@ -26,12 +33,99 @@ impl AdminApi {
         pipeline: Arc<Pipeline>,
         rate_limits: Arc<RateLimits>,
         in_flight: Option<Arc<InFlight>>,
+        board: Arc<SwitchBoard>,
     ) -> Self {
         Self {
             pipeline,
             rate_limits,
             in_flight,
+            board,
         }
+    }
+}
+
+/// The admin credential, swappable on SIGHUP: the SHA-256 of the token, so
+/// the comparison takes the same time whatever the length or content of
+/// what a caller sends.
+pub type AdminToken = Arc<ArcSwap<Option<[u8; 32]>>>;
+
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Checks `authorization: Bearer <token>` on every admin call.
+#[derive(Clone)]
+pub struct AdminAuth {
+    pub token: AdminToken,
+    /// With no token configured: let calls through (a loopback-only admin
+    /// listener, local development) or refuse them all.
+    pub open_without_token: bool,
+}
+
+/// Who is calling, for the audit trail: `x-operator` (or "unknown") and
+/// the peer address.
+pub const OPERATOR_METADATA: &str = "x-operator";
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let refuse = |why: &'static str, request: &Request<()>| {
+            crate::metrics::admin_auth_failure();
+            tracing::warn!(
+                target: "stockgate::audit",
+                peer = ?request.remote_addr(),
+                operator = request.metadata().get(OPERATOR_METADATA).and_then(|v| v.to_str().ok()),
+                why,
+                "admin call refused"
+            );
+            Err(ReservationError::Unauthenticated(why).into())
+        };
+        let Some(expected) = **self.token.load() else {
+            if self.open_without_token {
+                return Ok(request);
+            }
+            return refuse(
+                "admin.token is not set and the admin listener is not loopback-only; the admin API is closed",
+                &request,
+            );
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(presented) = presented else {
+            return refuse("missing `authorization: Bearer <token>` metadata", &request);
+        };
+        let digest = token_digest(presented);
+        let difference = digest
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference != 0 {
+            return refuse("wrong admin token", &request);
+        }
+        Ok(request)
+    }
+}
+
+fn actor<T>(request: &Request<T>, replica: &str) -> Result<String, ReservationError> {
+    let operator = metadata_str(request.metadata(), OPERATOR_METADATA)?.unwrap_or("unknown");
+    let mut operator = operator.to_owned();
+    operator.truncate(100);
+    let peer = request
+        .remote_addr()
+        .map_or_else(|| "unknown peer".to_owned(), |a| a.to_string());
+    Ok(format!("{operator} from {peer} via {replica}"))
+}
+
+fn limit(value: u32) -> Result<i64, ReservationError> {
+    match value {
+        0 => Ok(50),
+        1..=1000 => Ok(i64::from(value)),
+        _ => Err(ReservationError::invalid(
+            "limit",
+            format!("must be between 0 and 1000, got {value}"),
+        )),
     }
 }
 
@@ -56,17 +150,101 @@ fn db_check(mode: DbCheckMode) -> pb::DbCheckMode {
     match mode {
         DbCheckMode::Optimistic => pb::DbCheckMode::Optimistic,
         DbCheckMode::Pessimistic => pb::DbCheckMode::Pessimistic,
+        DbCheckMode::Off => pb::DbCheckMode::Off,
+    }
+}
+
+fn gate_failure(mode: GateFailureMode) -> pb::GateFailureMode {
+    match mode {
+        GateFailureMode::FailClosed => pb::GateFailureMode::FailClosed,
+        GateFailureMode::Bypass => pb::GateFailureMode::Bypass,
     }
 }
 
 fn layers(layers: Layers) -> pb::Layers {
+    let rates = layers.rate_limits;
     pb::Layers {
         rate_limit: layers.rate_limit,
         dedup: layers.dedup,
         gate: layers.gate,
         queue: layers.queue,
         db_check: db_check(layers.db_check) as i32,
+        rate_limit_shadow: layers.rate_limit_shadow,
+        rate_limits: Some(pb::RateLimitSettings {
+            per_user_period_ms: rates.per_user_period_ms,
+            per_user_burst: rates.per_user_burst,
+            global_per_sec: rates.global_per_sec,
+            global_burst: rates.global_burst,
+        }),
+        gate_failure_mode: gate_failure(layers.gate_failure) as i32,
     }
+}
+
+/// The change a SetLayers request asks for, validated field by field.
+fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, ReservationError> {
+    let db_check = match pb::DbCheckMode::try_from(body.db_check) {
+        Ok(pb::DbCheckMode::Unspecified) => None,
+        Ok(pb::DbCheckMode::Optimistic) => Some(DbCheckMode::Optimistic),
+        Ok(pb::DbCheckMode::Pessimistic) => Some(DbCheckMode::Pessimistic),
+        Ok(pb::DbCheckMode::Off) => Some(DbCheckMode::Off),
+        Err(_) => {
+            return Err(ReservationError::invalid(
+                "db_check",
+                format!("unknown mode {}", body.db_check),
+            ))
+        }
+    };
+    let gate_failure = match pb::GateFailureMode::try_from(body.gate_failure_mode) {
+        Ok(pb::GateFailureMode::Unspecified) => None,
+        Ok(pb::GateFailureMode::FailClosed) => Some(GateFailureMode::FailClosed),
+        Ok(pb::GateFailureMode::Bypass) => Some(GateFailureMode::Bypass),
+        Err(_) => {
+            return Err(ReservationError::invalid(
+                "gate_failure_mode",
+                format!("unknown mode {}", body.gate_failure_mode),
+            ))
+        }
+    };
+    let rate_limits = match &body.rate_limits {
+        None => None,
+        Some(rates) => {
+            let settings = RateSettings {
+                per_user_period_ms: rates.per_user_period_ms,
+                per_user_burst: rates.per_user_burst,
+                global_per_sec: rates.global_per_sec,
+                global_burst: rates.global_burst,
+            };
+            if let Some(field) = settings.zero_field() {
+                return Err(ReservationError::InvalidArgument {
+                    field: "rate_limits",
+                    reason: format!("{field} must be 1 or more"),
+                });
+            }
+            if settings.per_user_period_ms > 86_400_000 {
+                return Err(ReservationError::invalid(
+                    "rate_limits",
+                    "per_user_period_ms must be at most one day",
+                ));
+            }
+            Some(settings)
+        }
+    };
+    if body.reason.chars().count() > MAX_REASON {
+        return Err(ReservationError::invalid(
+            "reason",
+            format!("at most {MAX_REASON} characters"),
+        ));
+    }
+    Ok(LayersChange {
+        rate_limit: body.rate_limit,
+        rate_limit_shadow: body.rate_limit_shadow,
+        rate_limits,
+        dedup: body.dedup,
+        gate: body.gate,
+        gate_failure,
+        queue: body.queue,
+        db_check,
+    })
 }
 
 #[tonic::async_trait]
@@ -131,6 +309,14 @@ impl AdminService for AdminApi {
         _request: Request<pb::GetLayersRequest>,
     ) -> Result<Response<pb::GetLayersResponse>, Status> {
         let stats = self.rate_limits.stats();
+        // The fleet view needs the database; this replica's own view not.
+        let replicas = match self.board.replicas().await {
+            Ok(replicas) => replicas,
+            Err(err) => {
+                tracing::warn!(error = %err, "replica list unavailable");
+                Vec::new()
+            }
+        };
         Ok(Response::new(pb::GetLayersResponse {
             layers: Some(layers(self.pipeline.layers())),
             rate_limit_stats: Some(pb::RateLimitStats {
@@ -148,6 +334,18 @@ impl AdminService for AdminApi {
                     shed: stats.shed,
                 }
             }),
+            replica: self.board.replica().to_owned(),
+            revision: self.board.revision(),
+            stored_revision: self.board.stored_revision(),
+            replicas: replicas
+                .into_iter()
+                .map(|r| pb::ReplicaLayers {
+                    replica: r.replica,
+                    revision: r.revision,
+                    layers: r.layers.map(layers),
+                    seen_at: Some(timestamp(r.seen_at)),
+                })
+                .collect(),
         }))
     }
 
@@ -155,31 +353,149 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::SetLayersRequest>,
     ) -> Result<Response<pb::SetLayersResponse>, Status> {
+        let actor = actor(&request, self.board.replica())?;
         let body = request.into_inner();
-        let db_check = match pb::DbCheckMode::try_from(body.db_check) {
-            Ok(pb::DbCheckMode::Unspecified) => None,
-            Ok(pb::DbCheckMode::Optimistic) => Some(DbCheckMode::Optimistic),
-            Ok(pb::DbCheckMode::Pessimistic) => Some(DbCheckMode::Pessimistic),
-            Err(_) => {
-                return Err(ReservationError::invalid(
-                    "db_check",
-                    format!("unknown mode {}", body.db_check),
-                )
-                .into())
-            }
-        };
-        let after = self
-            .pipeline
-            .set_layers(LayersChange {
-                rate_limit: body.rate_limit,
-                dedup: body.dedup,
-                gate: body.gate,
-                queue: body.queue,
-                db_check,
+        let change = layers_change(&body)?;
+        let (after, revision) = self
+            .board
+            .change(ChangeRequest {
+                change,
+                actor: &actor,
+                force: body.force,
+                reason: &body.reason,
             })
             .await?;
         Ok(Response::new(pb::SetLayersResponse {
             layers: Some(layers(after)),
+            revision,
         }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let limit = limit(request.get_ref().limit)?;
+        let events = self.board.audit_events(limit).await?;
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::AuditEvent {
+                    id: e.id,
+                    at: Some(timestamp(e.at)),
+                    actor: e.actor,
+                    action: e.action,
+                    outcome: e.outcome,
+                    before: e.before,
+                    after: e.after,
+                    reason: e.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_reservations(
+        &self,
+        request: Request<pb::ListReservationsRequest>,
+    ) -> Result<Response<pb::ListReservationsResponse>, Status> {
+        let body = request.into_inner();
+        let sku = if body.sku.is_empty() {
+            None
+        } else {
+            Some(Sku::parse(&body.sku)?.as_str().to_owned())
+        };
+        let wanted = match pb::ReservationState::try_from(body.state) {
+            Ok(pb::ReservationState::Unspecified) => None,
+            Ok(pb::ReservationState::Queued) => {
+                return Err(ReservationError::invalid(
+                    "state",
+                    "QUEUED reservations have no database row yet; use GetStock's queued_units",
+                )
+                .into())
+            }
+            Ok(wanted) => [
+                ReservationState::Held,
+                ReservationState::Confirmed,
+                ReservationState::Released,
+                ReservationState::Expired,
+                ReservationState::Rejected,
+            ]
+            .into_iter()
+            .find(|s| state(*s) == wanted),
+            Err(_) => {
+                return Err(ReservationError::invalid(
+                    "state",
+                    format!("unknown state {}", body.state),
+                )
+                .into())
+            }
+        };
+        let filter = ReservationFilter {
+            sku,
+            state: wanted.map(ReservationState::as_db),
+            limit: limit(body.limit)?,
+        };
+        let rows = self.pipeline.list_reservations(&filter).await?;
+        Ok(Response::new(pb::ListReservationsResponse {
+            reservations: rows.into_iter().map(pb::Reservation::from).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::service::Interceptor;
+
+    use super::*;
+
+    fn call(auth: &mut AdminAuth, bearer: Option<&str>) -> Result<(), tonic::Code> {
+        let mut request = Request::new(());
+        if let Some(bearer) = bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.parse().unwrap());
+        }
+        auth.call(request).map(drop).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn the_token_is_required_and_compared_whole() {
+        let mut auth = AdminAuth {
+            token: Arc::new(ArcSwap::from_pointee(Some(token_digest("tok")))),
+            open_without_token: true,
+        };
+        assert_eq!(call(&mut auth, Some("Bearer tok")), Ok(()));
+        for bad in [
+            None,
+            Some("Bearer to"),
+            Some("Bearer tokk"),
+            Some("tok"),
+            Some("Basic tok"),
+        ] {
+            assert_eq!(
+                call(&mut auth, bad),
+                Err(tonic::Code::Unauthenticated),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_token_only_a_loopback_listener_is_open() {
+        let none: AdminToken = Arc::new(ArcSwap::from_pointee(None));
+        let mut open = AdminAuth {
+            token: none.clone(),
+            open_without_token: true,
+        };
+        assert_eq!(call(&mut open, None), Ok(()));
+        let mut closed = AdminAuth {
+            token: none,
+            open_without_token: false,
+        };
+        assert_eq!(call(&mut closed, None), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            call(&mut closed, Some("Bearer anything")),
+            Err(tonic::Code::Unauthenticated)
+        );
     }
 }

@@ -4,7 +4,7 @@
 mod admin;
 mod inventory;
 
-pub use admin::AdminApi;
+pub use admin::{token_digest, AdminApi, AdminAuth, AdminToken, OPERATOR_METADATA};
 pub use inventory::InventoryApi;
 
 use chrono::NaiveDateTime;

@@ -501,27 +501,39 @@ where
                 )
             };
             let waiting_since = Instant::now();
+            let mut waited = false;
             loop {
                 match store
                     .claim(&key, &fingerprint, &token, times.in_flight)
                     .await
                 {
                     Ok(Claim::Run) => {
+                        crate::metrics::decision("dedup", "first");
                         let response = inner.call(rebuilt()).await?;
                         return Ok(finish(&*store, &key, &token, times, response).await);
                     }
-                    Ok(Claim::Done(answer)) => return Ok(answer.to_response()),
+                    Ok(Claim::Done(answer)) => {
+                        let how = if waited { "waited" } else { "replayed" };
+                        crate::metrics::decision("dedup", how);
+                        return Ok(answer.to_response());
+                    }
                     Ok(Claim::Mismatch) => {
+                        crate::metrics::decision("dedup", "key_conflict");
                         return Ok(refusal(ReservationError::invalid(
                             IdempotencyKey::METADATA,
                             "this idempotency key was already used with a different request",
-                        )))
+                        )));
                     }
                     Ok(Claim::InFlight) if waiting_since.elapsed() >= times.wait => {
+                        crate::metrics::decision("dedup", "busy");
                         return Ok(refusal(ReservationError::DuplicateInFlight));
                     }
-                    Ok(Claim::InFlight) => store.changed().await,
+                    Ok(Claim::InFlight) => {
+                        waited = true;
+                        store.changed().await
+                    }
                     Err(err) => {
+                        crate::metrics::decision("dedup", "store_unavailable");
                         tracing::warn!(error = %err, "dedup store unreachable; running the call without it");
                         return inner.call(rebuilt()).await;
                     }

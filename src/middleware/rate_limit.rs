@@ -7,7 +7,7 @@
 use std::{
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -23,8 +23,13 @@ use governor::{
 };
 use tower::{Layer, Service};
 
+use arc_swap::ArcSwap;
+
 use crate::{
-    config::RateLimitConfig, domain::pipeline::Switches, domain::UserId, error::ReservationError,
+    config::RateLimitConfig,
+    domain::pipeline::{RateSettings, Switches},
+    domain::UserId,
+    error::ReservationError,
 };
 
 /// A limiter's decision for one call.
@@ -53,12 +58,18 @@ type Keyed<C> =
     RateLimiter<String, DashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// The limits of one replica, on clock `C` (a fake clock in tests).
-pub struct RateLimits<C: Clock = governor::clock::DefaultClock> {
+/// The budgets in force; replaced whole when operators change the rates.
+struct Budgets<C: Clock> {
     per_user: Keyed<C>,
     global: Direct<C>,
+    settings: RateSettings,
+}
+
+/// The limits of one replica, on clock `C` (a fake clock in tests).
+pub struct RateLimits<C: Clock = governor::clock::DefaultClock> {
+    budgets: ArcSwap<Budgets<C>>,
     clock: C,
-    shadow: bool,
+    shadow: AtomicBool,
     admitted: AtomicU64,
     refused: AtomicU64,
     shadow_refused: AtomicU64,
@@ -70,30 +81,50 @@ fn nonzero(n: u32) -> NonZeroU32 {
 
 impl<C: Clock + Clone> RateLimits<C> {
     pub fn new(config: &RateLimitConfig, clock: C) -> Self {
-        let per_user = Quota::with_period(Duration::from_millis(config.per_user_period_ms.max(1)))
-            .expect("a non-zero period")
-            .allow_burst(nonzero(config.per_user_burst));
-        let global = Quota::per_second(nonzero(config.global_per_sec))
-            .allow_burst(nonzero(config.global_burst));
+        let settings = RateSettings::from_config(config);
         Self {
-            per_user: RateLimiter::dashmap_with_clock(per_user, clock.clone()),
-            global: RateLimiter::direct_with_clock(global, clock.clone()),
+            budgets: ArcSwap::from_pointee(Self::budgets(settings, &clock)),
             clock,
-            shadow: config.shadow,
+            shadow: AtomicBool::new(config.shadow),
             admitted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             shadow_refused: AtomicU64::new(0),
         }
     }
 
+    fn budgets(settings: RateSettings, clock: &C) -> Budgets<C> {
+        let per_user =
+            Quota::with_period(Duration::from_millis(settings.per_user_period_ms.max(1)))
+                .expect("a non-zero period")
+                .allow_burst(nonzero(settings.per_user_burst));
+        let global = Quota::per_second(nonzero(settings.global_per_sec))
+            .allow_burst(nonzero(settings.global_burst));
+        Budgets {
+            per_user: RateLimiter::dashmap_with_clock(per_user, clock.clone()),
+            global: RateLimiter::direct_with_clock(global, clock.clone()),
+            settings,
+        }
+    }
+
+    /// Puts new rates and shadow mode in force. New rates start every user
+    /// with a full budget (the old cells are dropped).
+    pub fn configure(&self, settings: RateSettings, shadow: bool) {
+        self.shadow.store(shadow, Ordering::Relaxed);
+        if self.budgets.load().settings != settings {
+            self.budgets
+                .store(Arc::new(Self::budgets(settings, &self.clock)));
+        }
+    }
+
     /// Decides one call by `user`: the user's own budget first (so one
     /// hammering user cannot spend the global budget), then the global one.
     pub fn check(&self, user: &str) -> Verdict {
+        let budgets = self.budgets.load();
         // The wait is measured from after the decision, so it never comes
         // out longer than the period itself.
-        let over = match self.per_user.check_key(&user.to_owned()) {
+        let over = match budgets.per_user.check_key(&user.to_owned()) {
             Err(not_until) => Some(("user", not_until.wait_time_from(self.clock.now()))),
-            Ok(()) => match self.global.check() {
+            Ok(()) => match budgets.global.check() {
                 Err(not_until) => Some(("global", not_until.wait_time_from(self.clock.now()))),
                 Ok(()) => None,
             },
@@ -101,14 +132,17 @@ impl<C: Clock + Clone> RateLimits<C> {
         match over {
             None => {
                 self.admitted.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::decision("rate_limit", "admitted");
                 Verdict::Admit
             }
-            Some(_) if self.shadow => {
+            Some(_) if self.shadow.load(Ordering::Relaxed) => {
                 self.shadow_refused.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::decision("rate_limit", "shadow_refused");
                 Verdict::Admit
             }
             Some((scope, retry_after)) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::decision("rate_limit", "refused");
                 Verdict::Refuse { scope, retry_after }
             }
         }
@@ -116,8 +150,9 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     /// Forgets users whose budget is full again.
     pub fn sweep(&self) {
-        self.per_user.retain_recent();
-        self.per_user.shrink_to_fit();
+        let budgets = self.budgets.load();
+        budgets.per_user.retain_recent();
+        budgets.per_user.shrink_to_fit();
     }
 
     pub fn stats(&self) -> RateLimitStats {
@@ -125,7 +160,7 @@ impl<C: Clock + Clone> RateLimits<C> {
             admitted: self.admitted.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             shadow_refused: self.shadow_refused.load(Ordering::Relaxed),
-            tracked_users: self.per_user.len() as u64,
+            tracked_users: self.budgets.load().per_user.len() as u64,
         }
     }
 }
@@ -175,6 +210,7 @@ impl<S> RateLimit<S> {
             .get(UserId::METADATA)
             .and_then(|v| v.to_str().ok());
         let Some(user) = user else {
+            crate::metrics::decision("rate_limit", "missing_user");
             return Some(ReservationError::invalid(
                 UserId::METADATA,
                 "request metadata must carry the caller's user id",

@@ -115,6 +115,7 @@ where
         match self.limit.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let limit = self.limit.clone();
+                crate::metrics::decision("shed", "admitted");
                 let running = limit.running.fetch_add(1, Ordering::Relaxed) + 1;
                 limit.peak.fetch_max(running, Ordering::Relaxed);
                 Box::pin(async move {
@@ -126,6 +127,7 @@ where
             }
             Err(_) => {
                 self.limit.shed.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::decision("shed", "shed");
                 let status = tonic::Status::from(ReservationError::Shed {
                     retry_after: Duration::from_secs(1),
                 });

@@ -13,6 +13,7 @@
 //! [`Store`] picks the instance for the pool it holds.
 
 mod models;
+mod ops;
 pub mod schema;
 
 use std::{
@@ -36,6 +37,7 @@ use futures::FutureExt;
 
 pub use models::InventoryRow;
 use models::ReservationRow;
+pub use ops::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, StoredSwitches};
 use schema::{inventory, reservations};
 
 use crate::{
@@ -562,7 +564,7 @@ macro_rules! queries {
                 let quantity = i64::from(order.quantity);
                 for _attempt in 0..params.max_attempts {
                     let current = match params.mode {
-                        DbCheckMode::Optimistic => inventory::table
+                        DbCheckMode::Optimistic | DbCheckMode::Off => inventory::table
                             .find(order.sku.as_str())
                             .select(InventoryRow::as_select())
                             .first(conn)
@@ -613,19 +615,34 @@ macro_rules! queries {
                             remaining: current.stock,
                         });
                     }
-                    let updated = diesel::update(
-                        inventory::table
-                            .filter(inventory::sku.eq(order.sku.as_str()))
-                            .filter(inventory::version.eq(current.version))
-                            .filter(inventory::stock.ge(quantity)),
-                    )
-                    .set((
-                        inventory::stock.eq(inventory::stock - quantity),
-                        inventory::version.eq(inventory::version + 1),
-                        inventory::updated_at.eq(params.now),
-                    ))
-                    .execute(conn)
-                    .await?;
+                    let updated = if params.mode == DbCheckMode::Off {
+                        // The article's naive write: what was read, minus
+                        // the order, whatever committed in between.
+                        diesel::update(
+                            inventory::table.filter(inventory::sku.eq(order.sku.as_str())),
+                        )
+                        .set((
+                            inventory::stock.eq(current.stock - quantity),
+                            inventory::version.eq(current.version + 1),
+                            inventory::updated_at.eq(params.now),
+                        ))
+                        .execute(conn)
+                        .await?
+                    } else {
+                        diesel::update(
+                            inventory::table
+                                .filter(inventory::sku.eq(order.sku.as_str()))
+                                .filter(inventory::version.eq(current.version))
+                                .filter(inventory::stock.ge(quantity)),
+                        )
+                        .set((
+                            inventory::stock.eq(inventory::stock - quantity),
+                            inventory::version.eq(inventory::version + 1),
+                            inventory::updated_at.eq(params.now),
+                        ))
+                        .execute(conn)
+                        .await?
+                    };
                     if updated == 1 {
                         let mut row = row_for(order, ReservationState::Held, params.now);
                         row.expires_at = params.hold_ttl.map(|ttl| {

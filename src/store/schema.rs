@@ -28,3 +28,35 @@ diesel::table! {
 
 diesel::joinable!(reservations -> inventory (sku));
 diesel::allow_tables_to_appear_in_same_query!(inventory, reservations);
+
+diesel::table! {
+    layer_switches (id) {
+        id -> Integer,
+        revision -> BigInt,
+        switches -> Text,
+        changed_by -> Text,
+        changed_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    audit_log (id) {
+        id -> BigInt,
+        at -> Timestamp,
+        actor -> Text,
+        action -> Text,
+        outcome -> Text,
+        before -> Text,
+        after -> Text,
+        reason -> Text,
+    }
+}
+
+diesel::table! {
+    replicas (replica) {
+        replica -> Varchar,
+        revision -> BigInt,
+        switches -> Text,
+        seen_at -> Timestamp,
+    }
+}

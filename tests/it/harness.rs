@@ -136,6 +136,11 @@ impl TestDb {
 
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    /// AdminService's own listener, when the config asked for one
+    /// (`admin.listen = "127.0.0.1:0"`).
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// The `/metrics` listener, when `metrics.listen = "127.0.0.1:0"`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub config: Config,
     channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
@@ -155,6 +160,8 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.server.shutdown_grace_ms = 5_000;
     config.store.sqlite_path = dir.path().join("stockgate.db").display().to_string();
     config.reservations.sweep_interval_ms = 100;
+    // Tests that scrape metrics ask for a listener of their own.
+    config.metrics.listen = String::new();
     let db = match profile {
         Profile::Embedded => None,
         Profile::Postgres | Profile::Redis | Profile::Rabbit => {
@@ -202,13 +209,35 @@ impl TestApp {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let bind = |wanted: Option<std::net::SocketAddr>| async move {
+            match wanted {
+                Some(wanted) => Some(TcpListener::bind(wanted).await.unwrap()),
+                None => None,
+            }
+        };
+        let admin = bind(config.admin_listen().unwrap()).await;
+        let metrics = bind(config.metrics_listen().unwrap()).await;
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = stockgate::server::spawn(config.clone(), listener, async move {
-            let _ = rx.await;
-        });
+        let extras = stockgate::server::Extras {
+            admin,
+            metrics,
+            reloads: None,
+        };
+        let handle = tokio::spawn(stockgate::server::run_with(
+            config.clone(),
+            listener,
+            extras,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         let channel = connect(addr).await;
         Self {
             addr,
+            admin_addr,
+            metrics_addr,
             config,
             channel,
             shutdown: Some(tx),
@@ -296,6 +325,7 @@ impl TestApp {
         let mode = match db_check {
             DbCheckMode::Optimistic => stockgate::pb::DbCheckMode::Optimistic,
             DbCheckMode::Pessimistic => stockgate::pb::DbCheckMode::Pessimistic,
+            DbCheckMode::Off => stockgate::pb::DbCheckMode::Off,
         };
         self.admin()
             .set_layers(SetLayersRequest {

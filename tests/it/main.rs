@@ -7,6 +7,7 @@ mod group_commit;
 mod harness;
 mod health;
 mod middleware;
+mod ops;
 mod rabbit_queue;
 mod redis_gate;
 mod relay;

@@ -1,0 +1,3 @@
+DROP TABLE replicas;
+DROP TABLE audit_log;
+DROP TABLE layer_switches;

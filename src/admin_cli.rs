@@ -1,0 +1,619 @@
+//! `stockgate admin …`: a thin command-line client of AdminService for
+//! operators and game-day runbooks. It prints plain tables; errors come back
+//! as the server's status code and message.
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    Request, Status,
+};
+
+use crate::pb::{
+    self, admin_service_client::AdminServiceClient, DbCheckMode, GateFailureMode, Layers,
+    RateLimitSettings, SetLayersRequest,
+};
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The admin endpoint (`admin.listen`, or `server.listen` when shared);
+    /// https:// needs `--ca-cert`.
+    #[arg(
+        long,
+        global = true,
+        env = "STOCKGATE_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub addr: String,
+    /// The admin token (`admin.token` of the server).
+    #[arg(
+        long,
+        global = true,
+        env = "STOCKGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Your name for the audit trail.
+    #[arg(long, global = true, env = "USER", default_value = "unknown")]
+    pub operator: String,
+    /// PEM CA certificate that signed the server's TLS certificate.
+    #[arg(long, global = true)]
+    pub ca_cert: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Show the layer switches (this replica and the fleet), or change them.
+    Layers {
+        #[command(subcommand)]
+        change: Option<LayersCommand>,
+    },
+    /// Read or change a SKU's stock.
+    Stock {
+        #[command(subcommand)]
+        command: StockCommand,
+    },
+    /// List reservations in the database.
+    Reservations {
+        #[command(subcommand)]
+        command: ReservationsCommand,
+    },
+    /// The newest audit events (switch changes, refusals).
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LayersCommand {
+    /// `set gate=off db_check=pessimistic …`. Keys: rate_limit,
+    /// rate_limit.shadow, rate_limit.per_user_period_ms,
+    /// rate_limit.per_user_burst, rate_limit.global_per_sec,
+    /// rate_limit.global_burst, dedup, gate, gate.failure_mode
+    /// (fail_closed|bypass), queue, db_check (optimistic|pessimistic|off).
+    Set {
+        /// key=value pairs.
+        #[arg(required = true)]
+        assignments: Vec<String>,
+        /// Apply even if nothing would be left to stop an oversell.
+        #[arg(long)]
+        force: bool,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StockCommand {
+    /// A SKU's stock as the database and the gate see it.
+    Get { sku: String },
+    /// Create a SKU or overwrite its available stock.
+    Set {
+        sku: String,
+        stock: i64,
+        /// Most units one user may hold (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        max_per_user: u32,
+    },
+    /// Add (or, negative, remove) units.
+    Adjust {
+        sku: String,
+        #[arg(allow_hyphen_values = true)]
+        delta: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReservationsCommand {
+    /// Newest first.
+    List {
+        #[arg(long)]
+        sku: Option<String>,
+        /// held, confirmed, released, expired or rejected.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+/// Adds the credential and the operator's name to every call.
+type AddMetadata = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = AdminServiceClient<InterceptedService<Channel, AddMetadata>>;
+
+async fn client(args: &AdminArgs) -> anyhow::Result<Client> {
+    let mut endpoint = Endpoint::from_shared(args.addr.clone())
+        .with_context(|| format!("--addr {}", args.addr))?;
+    if args.addr.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("--ca-cert {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {}", args.addr))?;
+    let bearer = args
+        .token
+        .as_ref()
+        .map(|t| MetadataValue::try_from(format!("Bearer {t}")))
+        .transpose()
+        .context("--token must be visible ASCII")?;
+    let operator = MetadataValue::try_from(args.operator.as_str())
+        .context("--operator must be visible ASCII")?;
+    let add: AddMetadata = Box::new(move |mut request: Request<()>| {
+        if let Some(bearer) = &bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        request
+            .metadata_mut()
+            .insert(crate::grpc::OPERATOR_METADATA, operator.clone());
+        Ok(request)
+    });
+    Ok(AdminServiceClient::with_interceptor(channel, add))
+}
+
+/// Runs one command; returns what to print.
+pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
+    let mut admin = client(&args).await?;
+    let status = |s: Status| {
+        anyhow!(
+            "{}: {}",
+            crate::metrics::code_name(s.code() as i32),
+            s.message()
+        )
+    };
+    match args.command {
+        AdminCommand::Layers { change: None } => {
+            let answer = admin
+                .get_layers(pb::GetLayersRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(render_layers(&answer))
+        }
+        AdminCommand::Layers {
+            change:
+                Some(LayersCommand::Set {
+                    assignments,
+                    force,
+                    reason,
+                }),
+        } => {
+            let current = admin
+                .get_layers(pb::GetLayersRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .layers
+                .unwrap_or_default();
+            let request = parse_assignments(&assignments, &current, force, reason)?;
+            let answer = admin
+                .set_layers(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut out = format!(
+                "revision {} stored; this replica now runs:\n",
+                answer.revision
+            );
+            out.push_str(&render_switches(&answer.layers.unwrap_or_default()));
+            Ok(out)
+        }
+        AdminCommand::Stock { command } => {
+            let view = match command {
+                StockCommand::Get { sku } => {
+                    admin
+                        .get_stock(pb::GetStockRequest { sku })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .stock
+                }
+                StockCommand::Set {
+                    sku,
+                    stock,
+                    max_per_user,
+                } => {
+                    admin
+                        .set_stock(pb::SetStockRequest {
+                            sku,
+                            stock,
+                            max_per_user,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .stock
+                }
+                StockCommand::Adjust { sku, delta } => {
+                    admin
+                        .adjust_stock(pb::AdjustStockRequest { sku, delta })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .stock
+                }
+            };
+            Ok(render_stock(&view.unwrap_or_default()))
+        }
+        AdminCommand::Reservations {
+            command: ReservationsCommand::List { sku, state, limit },
+        } => {
+            let state = match state.as_deref() {
+                None => pb::ReservationState::Unspecified,
+                Some(name) => pb::ReservationState::from_str_name(&format!(
+                    "RESERVATION_STATE_{}",
+                    name.to_ascii_uppercase()
+                ))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--state {name}: expected held, confirmed, released, expired or rejected"
+                    )
+                })?,
+            };
+            let answer = admin
+                .list_reservations(pb::ListReservationsRequest {
+                    sku: sku.unwrap_or_default(),
+                    state: state as i32,
+                    limit,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(render_reservations(&answer.reservations))
+        }
+        AdminCommand::Audit { limit } => {
+            let answer = admin
+                .list_audit_events(pb::ListAuditEventsRequest { limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(render_audit(&answer.events))
+        }
+    }
+}
+
+fn on_off(value: &str, key: &str) -> anyhow::Result<bool> {
+    match value {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => bail!("{key}={value}: expected on or off"),
+    }
+}
+
+fn number<T: std::str::FromStr>(value: &str, key: &str) -> anyhow::Result<T> {
+    value
+        .parse()
+        .map_err(|_| anyhow!("{key}={value}: expected a positive whole number"))
+}
+
+/// `key=value` pairs into a SetLayers request; rate fields not given keep
+/// the replica's current values (the request carries all four).
+pub fn parse_assignments(
+    assignments: &[String],
+    current: &Layers,
+    force: bool,
+    reason: String,
+) -> anyhow::Result<SetLayersRequest> {
+    let mut request = SetLayersRequest {
+        force,
+        reason,
+        ..Default::default()
+    };
+    let mut rates: Option<RateLimitSettings> = None;
+    for assignment in assignments {
+        let (key, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{assignment}`: expected key=value"))?;
+        let base = current.rate_limits.unwrap_or_default();
+        match key {
+            "rate_limit" => request.rate_limit = Some(on_off(value, key)?),
+            "rate_limit.shadow" => request.rate_limit_shadow = Some(on_off(value, key)?),
+            "rate_limit.per_user_period_ms" => rates.get_or_insert(base).per_user_period_ms = number(value, key)?,
+            "rate_limit.per_user_burst" => rates.get_or_insert(base).per_user_burst = number(value, key)?,
+            "rate_limit.global_per_sec" => rates.get_or_insert(base).global_per_sec = number(value, key)?,
+            "rate_limit.global_burst" => rates.get_or_insert(base).global_burst = number(value, key)?,
+            "dedup" => request.dedup = Some(on_off(value, key)?),
+            "gate" => request.gate = Some(on_off(value, key)?),
+            "gate.failure_mode" => {
+                request.gate_failure_mode = match value {
+                    "fail_closed" => GateFailureMode::FailClosed,
+                    "bypass" => GateFailureMode::Bypass,
+                    _ => bail!("{key}={value}: expected fail_closed or bypass"),
+                } as i32
+            }
+            "queue" => request.queue = Some(on_off(value, key)?),
+            "db_check" => {
+                request.db_check = match value {
+                    "optimistic" => DbCheckMode::Optimistic,
+                    "pessimistic" => DbCheckMode::Pessimistic,
+                    "off" => DbCheckMode::Off,
+                    _ => bail!("{key}={value}: expected optimistic, pessimistic or off"),
+                } as i32
+            }
+            _ => bail!(
+                "unknown key `{key}`; keys: rate_limit, rate_limit.shadow, rate_limit.per_user_period_ms, rate_limit.per_user_burst, rate_limit.global_per_sec, rate_limit.global_burst, dedup, gate, gate.failure_mode, queue, db_check"
+            ),
+        }
+    }
+    request.rate_limits = rates;
+    Ok(request)
+}
+
+/// Columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn onoff(b: bool) -> String {
+    if b { "on" } else { "off" }.into()
+}
+
+fn db_check_name(mode: i32) -> String {
+    match DbCheckMode::try_from(mode) {
+        Ok(DbCheckMode::Optimistic) => "optimistic",
+        Ok(DbCheckMode::Pessimistic) => "pessimistic",
+        Ok(DbCheckMode::Off) => "OFF (naive, can oversell)",
+        _ => "?",
+    }
+    .into()
+}
+
+fn failure_name(mode: i32) -> &'static str {
+    match GateFailureMode::try_from(mode) {
+        Ok(GateFailureMode::FailClosed) => "fail_closed",
+        Ok(GateFailureMode::Bypass) => "bypass",
+        _ => "?",
+    }
+}
+
+fn render_switches(layers: &Layers) -> String {
+    let rates = layers.rate_limits.unwrap_or_default();
+    let rows = vec![
+        vec![
+            "rate_limit".into(),
+            onoff(layers.rate_limit),
+            format!(
+                "shadow {}; per user 1 per {} ms, burst {}; global {}/s, burst {}",
+                onoff(layers.rate_limit_shadow),
+                rates.per_user_period_ms,
+                rates.per_user_burst,
+                rates.global_per_sec,
+                rates.global_burst
+            ),
+        ],
+        vec!["dedup".into(), onoff(layers.dedup), String::new()],
+        vec![
+            "gate".into(),
+            onoff(layers.gate),
+            format!("on failure: {}", failure_name(layers.gate_failure_mode)),
+        ],
+        vec!["queue".into(), onoff(layers.queue), String::new()],
+        vec![
+            "db_check".into(),
+            db_check_name(layers.db_check),
+            String::new(),
+        ],
+    ];
+    table(&["layer", "state", "detail"], &rows)
+}
+
+fn short(layers: &Option<Layers>) -> Vec<String> {
+    match layers {
+        None => vec!["?".into(); 5],
+        Some(l) => vec![
+            onoff(l.rate_limit),
+            onoff(l.dedup),
+            format!("{} ({})", onoff(l.gate), failure_name(l.gate_failure_mode)),
+            onoff(l.queue),
+            db_check_name(l.db_check),
+        ],
+    }
+}
+
+fn time(at: &Option<prost_types::Timestamp>) -> String {
+    at.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+pub fn render_layers(answer: &pb::GetLayersResponse) -> String {
+    let mut out = format!(
+        "replica {} runs revision {} (newest stored: {})\n\n",
+        answer.replica, answer.revision, answer.stored_revision
+    );
+    out.push_str(&render_switches(&answer.layers.unwrap_or_default()));
+    if !answer.replicas.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = answer
+            .replicas
+            .iter()
+            .map(|r| {
+                let mut row = vec![r.replica.clone(), r.revision.to_string(), time(&r.seen_at)];
+                row.extend(short(&r.layers));
+                row
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "replica",
+                "revision",
+                "seen (UTC)",
+                "rate_limit",
+                "dedup",
+                "gate",
+                "queue",
+                "db_check",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+fn render_stock(view: &pb::StockView) -> String {
+    let gate = view
+        .gate_stock
+        .map_or_else(|| "-".into(), |g| g.to_string());
+    table(
+        &[
+            "sku",
+            "db_stock",
+            "gate_stock",
+            "held",
+            "confirmed",
+            "queued",
+            "max_per_user",
+            "version",
+        ],
+        &[vec![
+            view.sku.clone(),
+            view.db_stock.to_string(),
+            gate,
+            view.held_units.to_string(),
+            view.confirmed_units.to_string(),
+            view.queued_units.to_string(),
+            view.max_per_user.to_string(),
+            view.db_version.to_string(),
+        ]],
+    )
+}
+
+fn render_reservations(rows: &[pb::Reservation]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.reservation_id.clone(),
+                r.sku.clone(),
+                r.user_id.clone(),
+                r.quantity.to_string(),
+                r.state()
+                    .as_str_name()
+                    .trim_start_matches("RESERVATION_STATE_")
+                    .to_ascii_lowercase(),
+                time(&r.created_at),
+                r.reject_reason.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "reservation",
+            "sku",
+            "user",
+            "qty",
+            "state",
+            "created (UTC)",
+            "reason",
+        ],
+        &rows,
+    )
+}
+
+fn render_audit(events: &[pb::AuditEvent]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                time(&e.at),
+                e.actor.clone(),
+                e.outcome.clone(),
+                e.reason.clone(),
+                e.after.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["id", "at (UTC)", "actor", "outcome", "reason", "after"],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_become_one_request() {
+        let current = Layers {
+            rate_limits: Some(RateLimitSettings {
+                per_user_period_ms: 1000,
+                per_user_burst: 5,
+                global_per_sec: 100,
+                global_burst: 100,
+            }),
+            ..Default::default()
+        };
+        let request = parse_assignments(
+            &[
+                "gate=off".into(),
+                "db_check=pessimistic".into(),
+                "rate_limit.global_per_sec=7".into(),
+                "gate.failure_mode=bypass".into(),
+            ],
+            &current,
+            true,
+            "drill".into(),
+        )
+        .unwrap();
+        assert_eq!(request.gate, Some(false));
+        assert_eq!(request.db_check, DbCheckMode::Pessimistic as i32);
+        assert_eq!(request.gate_failure_mode, GateFailureMode::Bypass as i32);
+        let rates = request.rate_limits.unwrap();
+        assert_eq!((rates.global_per_sec, rates.per_user_burst), (7, 5));
+        assert!(request.force);
+        assert_eq!(request.dedup, None);
+    }
+
+    #[test]
+    fn bad_assignments_name_the_key() {
+        let current = Layers::default();
+        for (bad, needle) in [
+            ("gate", "key=value"),
+            ("gate=maybe", "gate=maybe"),
+            ("db_check=none", "db_check=none"),
+            ("nope=on", "unknown key `nope`"),
+            ("rate_limit.global_burst=-1", "rate_limit.global_burst"),
+        ] {
+            let err = parse_assignments(&[bad.into()], &current, false, String::new())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+}
