@@ -28,6 +28,36 @@ use crate::{
 /// passed to [`decision`].
 pub const DECISIONS: &str = "stockgate_layer_decisions_total";
 
+/// Every metric this service exports; dashboards and alerts may use only
+/// these (a test checks both against this list and against a scrape).
+pub const NAMES: &[&str] = &[
+    "stockgate_build_info",
+    "stockgate_grpc_requests_total",
+    "stockgate_grpc_request_duration_seconds",
+    DECISIONS,
+    "stockgate_layer_enabled",
+    "stockgate_switches_revision",
+    "stockgate_switch_changes_total",
+    "stockgate_admin_auth_failures_total",
+    "stockgate_in_flight_calls",
+    "stockgate_queue_pending",
+    "stockgate_processor_lag_seconds",
+    "stockgate_processor_batch_size",
+    "stockgate_processor_commit_duration_seconds",
+    "stockgate_gate_drift_units",
+    "stockgate_gate_drift_skus",
+    "stockgate_ready",
+];
+
+/// A series name without its histogram suffix (`_bucket`, `_sum`, `_count`).
+pub fn base_name(series: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| series.strip_suffix(suffix))
+        .filter(|base| NAMES.contains(base))
+        .unwrap_or(series)
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder once and returns its handle.

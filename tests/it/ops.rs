@@ -595,6 +595,15 @@ async fn metrics_add_up_after_a_storm() {
         0.0
     );
     assert!(text.contains("stockgate_build_info{"), "build info");
+    // Everything exported is in the documented list.
+    for line in text.lines().filter(|l| l.starts_with("stockgate_")) {
+        let series = line.split(['{', ' ']).next().unwrap();
+        let base = stockgate::metrics::base_name(series);
+        assert!(
+            stockgate::metrics::NAMES.contains(&base),
+            "undocumented metric {series}"
+        );
+    }
     assert!(sum(&text, "stockgate_processor_batch_size_count", &[]) >= 1.0);
     app.stop().await;
 }
@@ -784,4 +793,85 @@ async fn sighup_applies_the_config_files_switches() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The dashboard, the alert rules and the runbook use only metrics the
+/// service exports.
+#[test]
+fn dashboards_and_alerts_use_exported_metrics() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in [
+        "deploy/grafana/stockgate-dashboard.json",
+        "deploy/prometheus/stockgate-alerts.yaml",
+        "docs/runbook.md",
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        let mut used = 0;
+        for (at, _) in text.match_indices("stockgate_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let base = stockgate::metrics::base_name(&name);
+            assert!(
+                stockgate::metrics::NAMES.contains(&base),
+                "{file} uses {name}, which the service does not export"
+            );
+            used += 1;
+        }
+        assert!(used > 0, "{file} names no metric");
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/grafana/stockgate-dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard["uid"], "stockgate");
+}
+
+/// Switches flipped back and forth while a storm runs: every call is
+/// answered, none fails, and the stock holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipping_switches_mid_storm_drops_nothing() {
+    let app = TestApp::spawn(Profile::Postgres).await;
+    app.set_stock("FLIP", 300, 0).await;
+    let flipping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flipper = {
+        let mut admin = app.admin();
+        let flipping = flipping.clone();
+        tokio::spawn(async move {
+            let mut flips = 0;
+            while flipping.load(std::sync::atomic::Ordering::Relaxed) {
+                let on = flips % 2 == 1;
+                admin
+                    .set_layers(SetLayersRequest {
+                        gate: Some(on),
+                        queue: Some(flips % 3 != 0),
+                        db_check: if flips % 4 < 2 {
+                            DbCheckMode::Optimistic
+                        } else {
+                            DbCheckMode::Pessimistic
+                        } as i32,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let tally = storm(app.addr, "FLIP", 6_000, 8, |i| 1 + (i % 2) as u32).await;
+    flipping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.await.unwrap();
+    eprintln!(
+        "{flips} switch changes during the storm; outcomes {:?}",
+        tally.outcomes
+    );
+    assert!(flips >= 3, "the switches changed during the storm");
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    app.drain("FLIP").await;
+    let ordered = assert_invariants(&app, "FLIP", 300, &tally).await;
+    assert!(ordered <= 300);
+    app.stop().await;
 }
