@@ -41,6 +41,7 @@ pub const NAMES: &[&str] = &[
     "stockgate_admin_auth_failures_total",
     "stockgate_in_flight_calls",
     "stockgate_queue_pending",
+    "stockgate_queue_depth",
     "stockgate_processor_lag_seconds",
     "stockgate_processor_batch_size",
     "stockgate_processor_commit_duration_seconds",
@@ -270,7 +271,8 @@ where
             histogram!(
                 "stockgate_grpc_request_duration_seconds",
                 "service" => service,
-                "method" => method.clone()
+                "method" => method.clone(),
+                "code" => code
             )
             .record(started.elapsed().as_secs_f64());
             counter!(

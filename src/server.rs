@@ -466,13 +466,22 @@ async fn apply_reloads(
 }
 
 /// Gauges that are read rather than counted: calls in flight, reservations
-/// waiting for the processor, readiness; and histogram upkeep.
+/// this replica waits on, the fleet's queue depth, readiness; and
+/// histogram upkeep.
 async fn sample_gauges(
     pipeline: Arc<Pipeline>,
     in_flight: Option<Arc<InFlight>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut tick: u64 = 0;
     loop {
+        // The backlog asks the broker and the database: not every second.
+        if tick % 5 == 0 {
+            if let Some(depth) = pipeline.queue_depth().await {
+                metrics::gauge!("stockgate_queue_depth").set(depth as f64);
+            }
+        }
+        tick += 1;
         if let Some(limit) = &in_flight {
             metrics::gauge!("stockgate_in_flight_calls").set(limit.stats().in_flight as f64);
         }

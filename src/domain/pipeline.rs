@@ -393,6 +393,12 @@ impl Pipeline {
         **self.layers.load()
     }
 
+    /// Orders waiting for the processor across the fleet (`None` when the
+    /// queue cannot tell).
+    pub async fn queue_depth(&self) -> Option<u64> {
+        self.queue.backlog().await
+    }
+
     /// Reservations this replica published and the processor has not
     /// settled yet.
     pub fn pending_count(&self) -> usize {
@@ -1434,7 +1440,7 @@ fn count_outcome(outcome: &CommitOutcome) {
             cause: RejectCause::UserLimit,
             ..
         } => "over_cap",
-        CommitOutcome::Contention { .. } => "conflict",
+        CommitOutcome::Contention { .. } => "aborted",
         CommitOutcome::Rejected { .. } | CommitOutcome::UnknownSku => "rejected",
         // A redelivery or a retried key: the first decision was counted.
         CommitOutcome::AlreadyCommitted(_) | CommitOutcome::DuplicateKey(_) => return,

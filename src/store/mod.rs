@@ -657,6 +657,7 @@ macro_rules! queries {
                     }
                     // Another writer committed since our read: back off a
                     // little so the retries do not march in lock step.
+                    crate::metrics::decision("db", "conflict");
                     let pause = rand::random_range(50..500);
                     tokio::time::sleep(Duration::from_micros(pause)).await;
                 }
