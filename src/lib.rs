@@ -39,6 +39,14 @@ pub use server::run;
 /// The git revision this binary was built from (`unknown` without git).
 pub const GIT_REVISION: &str = env!("BUILT_GIT_REVISION");
 
+/// What `--version` prints: the package version and the git revision.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BUILT_GIT_REVISION"),
+    ")"
+);
+
 /// Code generated from `proto/stockgate/v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use stockgate::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "Flash-sale inventory reservation service")]
+#[command(version = stockgate::VERSION, about = "Flash-sale inventory reservation service")]
 struct Cli {
     /// TOML config file; defaults, then this file, then STOCKGATE_* env vars.
     #[arg(long, short, global = true, env = "STOCKGATE_CONFIG")]

@@ -11,4 +11,5 @@ mod ops;
 mod rabbit_queue;
 mod redis_gate;
 mod relay;
+mod rollout;
 mod storm;
