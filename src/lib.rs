@@ -32,6 +32,7 @@ pub mod ops;
 pub mod queue;
 pub mod server;
 pub mod store;
+pub mod storm;
 pub mod telemetry;
 
 pub use server::run;

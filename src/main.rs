@@ -35,6 +35,9 @@ enum Command {
     CheckConfig,
     /// Operator commands against a running server's AdminService.
     Admin(stockgate::admin_cli::AdminArgs),
+    /// Reproduce a flash sale against a running server and check the
+    /// invariants; exits non-zero when one is broken.
+    Storm(StormArgs),
     /// Measure Reserve against same-run references (raw redis-benchmark on
     /// the gate script, a no-op RPC) on an in-process server.
     Bench {
@@ -89,9 +92,123 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct StormArgs {
+    /// The caller endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// The admin endpoint, when on its own port.
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// The admin token.
+    #[arg(long, env = "STOCKGATE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The SKU to sell (set to `--stock` first); default: a fresh name.
+    #[arg(long)]
+    sku: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    stock: i64,
+    /// Reserve calls.
+    #[arg(long, short = 'n', default_value_t = 50_000)]
+    requests: usize,
+    /// Distinct users (default: one per call).
+    #[arg(long)]
+    users: Option<usize>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 1_000)]
+    concurrency: usize,
+    /// HTTP/2 connections (each carries at most 100 calls at once).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    #[arg(long, default_value_t = 1)]
+    quantity: u32,
+    /// Share of calls sent twice at once with the same idempotency key.
+    #[arg(long, default_value_t = 0.0)]
+    double_click: f64,
+    /// Retries of UNAVAILABLE / ABORTED / RESOURCE_EXHAUSTED with the same key.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// Per-call deadline in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Also check the invariants in this PostgreSQL database directly.
+    #[arg(long)]
+    store: Option<String>,
+    /// The service's metrics endpoint, for database decisions per run.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Run once per layer configuration and compare (switches restored after).
+    #[arg(long)]
+    matrix: bool,
+    /// Write the report(s) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an HTML report with SVG charts into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+async fn storm(args: StormArgs) -> anyhow::Result<bool> {
+    use stockgate::storm;
+    let options = storm::StormOptions {
+        admin_addr: args.admin_addr.unwrap_or_else(|| args.addr.clone()),
+        addr: args.addr,
+        token: args.token,
+        sku: args.sku.unwrap_or_else(|| {
+            format!("STORM-{}", &uuid::Uuid::now_v7().simple().to_string()[..12])
+        }),
+        stock: args.stock,
+        requests: args.requests,
+        users: args.users.unwrap_or(args.requests),
+        concurrency: args.concurrency,
+        connections: args.connections,
+        quantity: args.quantity,
+        double_click: args.double_click,
+        retries: args.retries,
+        timeout_ms: args.timeout_ms,
+        progress: !args.quiet,
+        store: args.store,
+        metrics_url: args.metrics,
+    };
+    let reports = if args.matrix {
+        let reports = storm::run_matrix(&options).await?;
+        print!("{}", storm::render_matrix(&reports));
+        reports
+    } else {
+        let report = storm::run(&options, "storm").await?;
+        print!("{}", storm::render(&report));
+        vec![report]
+    };
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("--json {}", path.display()))?;
+    }
+    if let Some(dir) = args.report {
+        std::fs::create_dir_all(&dir)?;
+        let page = dir.join("index.html");
+        std::fs::write(&page, storm::report::html(&reports))?;
+        eprintln!("report: {}", page.display());
+    }
+    // The naive baseline is there to break; any other broken run fails.
+    Ok(reports
+        .iter()
+        .filter(|r| !r.strategy.starts_with("NAIVE"))
+        .all(|r| r.ok()))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Storm(args)) = cli.command {
+        if !storm(args).await? {
+            eprintln!("an invariant was broken");
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
     if let Some(Command::Admin(args)) = cli.command {
         // A client: the server's config is not needed here.
         match stockgate::admin_cli::run(args).await {
@@ -178,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", stockgate::bench::queue::render(&results, &options));
             Ok(())
         }
-        Command::Admin(_) => unreachable!("handled above"),
+        Command::Admin(_) | Command::Storm(_) => unreachable!("handled above"),
         Command::CheckConfig => {
             print!("{}", toml_of(&config)?);
             Ok(())
@@ -188,7 +305,15 @@ async fn main() -> anyhow::Result<()> {
 
 fn toml_of(config: &Config) -> anyhow::Result<String> {
     let mut config = config.clone();
-    config.backends.store = stockgate::config::redact_url(&config.backends.store);
+    let backends = &mut config.backends;
+    for url in [
+        &mut backends.store,
+        &mut backends.gate,
+        &mut backends.queue,
+        &mut backends.dedup,
+    ] {
+        *url = stockgate::config::redact_url(url);
+    }
     if !config.admin.token.is_empty() {
         config.admin.token = "***".into();
     }
@@ -244,5 +369,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks its own consistency (duplicate flags…) only when asked.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -13,3 +13,4 @@ mod redis_gate;
 mod relay;
 mod rollout;
 mod storm;
+mod storm_tool;

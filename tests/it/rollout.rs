@@ -178,3 +178,101 @@ async fn sigterm_under_load_answers_every_caller_and_keeps_every_accepted_order(
         );
     }
 }
+
+/// kubernetes-validate, installed under the test's scratch directory when
+/// the machine lacks it (nothing outside `target/` is written).
+fn kubernetes_validate() -> String {
+    let target = format!("{}/kubernetes-validate", env!("CARGO_TARGET_TMPDIR"));
+    let present = Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .env("PYTHONPATH", &target)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--target", &target, "kubernetes-validate==1.37.0"])
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "pip install kubernetes-validate");
+    }
+    target
+}
+
+fn render(tree: &str) -> String {
+    let output = Command::new("kubectl")
+        .args([
+            "kustomize",
+            &format!("{}/k8s/{tree}", env!("CARGO_MANIFEST_DIR")),
+        ])
+        .output()
+        .expect("kubectl (with its built-in kustomize) is installed on this machine kind");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {tree}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The base and both overlays render with kustomize and every object passes
+/// strict schema validation offline (unknown fields are errors, and so is a
+/// kind without a schema), for the oldest Kubernetes release with the
+/// native preStop sleep and the newest the validator knows. The rendered
+/// base carries what a rollout relies on, and the shipped config file
+/// names only keys the service knows.
+#[test]
+fn manifests_render_and_pass_strict_validation() {
+    let kv = kubernetes_validate();
+    let status = Command::new(format!("{}/k8s/validate.sh", env!("CARGO_MANIFEST_DIR")))
+        .env("KV_PATH", &kv)
+        .status()
+        .unwrap();
+    assert!(status.success(), "k8s/validate.sh failed (see its output)");
+
+    let base = render("base");
+    for needle in [
+        "kind: Deployment",
+        "kind: Service",
+        "kind: Job",
+        "kind: HorizontalPodAutoscaler",
+        "kind: PodDisruptionBudget",
+        "kind: NetworkPolicy",
+        "appProtocol: grpc",
+        "grpc:",
+        "startupProbe:",
+        "sleep:",
+        "terminationGracePeriodSeconds: 30",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "topologySpreadConstraints:",
+        // Service links would inject STOCKGATE_*_PORT variables, which the
+        // config would refuse as unknown keys.
+        "enableServiceLinks: false",
+    ] {
+        assert!(base.contains(needle), "the base lacks `{needle}`");
+    }
+    let pods = base.matches("\n    spec:\n").count() + base.matches("\n      spec:\n").count();
+    assert!(pods >= 3, "pod templates found: {pods}");
+    assert_eq!(
+        base.matches("enableServiceLinks: false").count(),
+        3,
+        "every stockgate pod (api, processor, migrate) turns service links off"
+    );
+
+    let file = std::fs::read_to_string(format!(
+        "{}/k8s/base/stockgate.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let config: Config = toml::from_str(&file).expect("k8s/base/stockgate.toml uses known keys");
+    assert!(!config.store.migrate_on_start, "a Job migrates");
+    assert_eq!(config.metrics.listen, "0.0.0.0:9464");
+}
