@@ -21,6 +21,7 @@
 
 pub mod admin_cli;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod error;

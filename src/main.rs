@@ -66,6 +66,10 @@ enum Command {
         /// calls it lets through.
         #[arg(long)]
         middleware: bool,
+        /// Measure the flash sale instead: `--requests` buyers for one unit
+        /// with every layer on, next to a no-op RPC, invariants checked.
+        #[arg(long, conflicts_with = "middleware")]
+        storm: bool,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -131,7 +135,8 @@ struct StormArgs {
     /// Per-call deadline in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
-    /// Also check the invariants in this PostgreSQL database directly.
+    /// Also check the invariants in this PostgreSQL database directly
+    /// (every order of the SKU must be this run's: leave `--sku` unset).
     #[arg(long)]
     store: Option<String>,
     /// The service's metrics endpoint, for database decisions per run.
@@ -228,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Bench { .. } | Command::BenchQueue { .. })
     ) {
         // The bench prints a table; keep the in-process server's logs out.
-        config.log.filter = "warn".into();
+        config.log.filter = "error".into();
     }
     stockgate::telemetry::init(&config.log);
     match cli.command.unwrap_or(Command::Serve { listen: None }) {
@@ -255,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
             store,
             queue,
             middleware,
+            storm,
         } => {
             let options = stockgate::bench::BenchOptions {
                 requests,
@@ -265,6 +271,15 @@ async fn main() -> anyhow::Result<()> {
                 store,
                 queue,
             };
+            if storm {
+                let rounds = stockgate::bench::storm::run(options.clone()).await?;
+                print!("{}", stockgate::bench::storm::render(&rounds, &options));
+                if rounds.iter().any(|r| !r.storm.ok()) {
+                    eprintln!("an invariant was broken");
+                    std::process::exit(2);
+                }
+                return Ok(());
+            }
             if middleware {
                 let results = stockgate::bench::middleware::run(options.clone()).await?;
                 print!(

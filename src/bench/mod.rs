@@ -11,6 +11,7 @@
 
 pub mod middleware;
 pub mod queue;
+pub mod storm;
 
 use std::{
     process::Command,
@@ -89,6 +90,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
         channels,
         stop,
         server,
+        ..
     } = BenchServer::start(config, options.connections).await?;
 
     let mut admin = AdminServiceClient::new(channels[0].clone());
@@ -163,6 +165,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
 
 /// A server in this process, with client connections to it.
 pub(crate) struct BenchServer {
+    pub addr: std::net::SocketAddr,
     pub channels: Vec<Channel>,
     pub stop: oneshot::Sender<()>,
     pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -179,6 +182,7 @@ impl BenchServer {
         let channels = connect(addr, connections).await?;
         wait_serving(&channels[0]).await?;
         Ok(Self {
+            addr,
             channels,
             stop,
             server,
@@ -191,7 +195,7 @@ impl BenchServer {
     }
 }
 
-fn noop(
+pub(crate) fn noop(
     channel: Channel,
     _: usize,
 ) -> impl std::future::Future<Output = Result<bool, tonic::Status>> {

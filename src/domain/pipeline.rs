@@ -214,12 +214,22 @@ struct Pending {
 }
 
 /// Queued reservations by id, and by (user, idempotency key) so a retry
-/// finds its queued twin without scanning the queue.
+/// finds its queued twin without scanning the queue; and the keys of
+/// reservations settled recently, so a retry that arrives just after the
+/// processor committed the first call still gets that reservation (not a
+/// new one the database would reject as a duplicate). Older retries are
+/// the dedup layer's job (`layers.dedup`, shared through Redis).
 #[derive(Default)]
 struct PendingBook {
     by_id: HashMap<ReservationId, Pending>,
     by_key: HashMap<(UserId, IdempotencyKey), ReservationId>,
+    recent: HashMap<(UserId, IdempotencyKey), ReservationId>,
+    recent_order: std::collections::VecDeque<((UserId, IdempotencyKey), Instant)>,
 }
+
+/// How many settled keys a replica remembers, and for how long.
+const RECENT_KEYS: usize = 100_000;
+const RECENT_FOR: Duration = Duration::from_secs(600);
 
 impl PendingBook {
     fn get(&self, id: &ReservationId) -> Option<&Pending> {
@@ -251,7 +261,18 @@ impl PendingBook {
         self.by_id.insert(reservation.id.clone(), pending);
     }
 
+    /// The processor settled `id`: forget it, remembering its key.
     fn remove(&mut self, id: &ReservationId) {
+        self.take(id, true);
+    }
+
+    /// `id` was never queued (its publish failed): forget it entirely, so a
+    /// retry with its key runs afresh.
+    fn forget(&mut self, id: &ReservationId) {
+        self.take(id, false);
+    }
+
+    fn take(&mut self, id: &ReservationId, remember: bool) {
         let Some(pending) = self.by_id.remove(id) else {
             return;
         };
@@ -261,8 +282,29 @@ impl PendingBook {
             // A twin's removal must not drop the holder's entry.
             if self.by_key.get(&slot) == Some(id) {
                 self.by_key.remove(&slot);
+                if remember {
+                    self.remember(slot, id.clone());
+                }
             }
         }
+    }
+
+    fn remember(&mut self, slot: (UserId, IdempotencyKey), id: ReservationId) {
+        let now = Instant::now();
+        while let Some((oldest, at)) = self.recent_order.front() {
+            if self.recent_order.len() < RECENT_KEYS && now.duration_since(*at) < RECENT_FOR {
+                break;
+            }
+            self.recent.remove(oldest);
+            self.recent_order.pop_front();
+        }
+        if self.recent.insert(slot.clone(), id).is_none() {
+            self.recent_order.push_back((slot, now));
+        }
+    }
+
+    fn recently_settled(&self, user: &UserId, key: &IdempotencyKey) -> Option<ReservationId> {
+        self.recent.get(&(user.clone(), key.clone())).cloned()
     }
 }
 
@@ -460,6 +502,12 @@ impl Pipeline {
         if let Some(key) = &cmd.idempotency_key {
             if let Some(existing) = self.pending_with_key(&cmd.user, key).await {
                 return Ok(ReserveResult::Existing(existing));
+            }
+            let settled = self.pending().recently_settled(&cmd.user, key);
+            if let Some(id) = settled {
+                if let Some(existing) = self.store.reservation(&id).await.map_err(store_error)? {
+                    return Ok(ReserveResult::Existing(existing));
+                }
             }
         }
         let order = NewOrder {
@@ -762,7 +810,7 @@ impl Pipeline {
             }
             Err(err) => {
                 metrics::decision("queue", "refused");
-                self.pending().remove(&order.id);
+                self.pending().forget(&order.id);
                 if let QueueError::Unconfirmed(why) = &err {
                     return self
                         .fence_unconfirmed(&order, gated, why, err.to_string())
@@ -1552,5 +1600,22 @@ mod tests {
         assert!(book.with_key(&user, &key).is_none());
         assert!(book.with_key(&UserId::parse("u2").unwrap(), &key).is_some());
         assert_eq!(book.values().count(), 1);
+        // A settled holder's key is remembered for retries; the twin's not.
+        assert_eq!(book.recently_settled(&user, &key), Some(holder_id));
+    }
+
+    #[test]
+    fn an_unpublished_reservation_leaves_its_key_free() {
+        let mut book = PendingBook::default();
+        let failed = queued("u1", Some("k"));
+        let id = failed.reservation.id.clone();
+        book.insert(failed);
+        book.forget(&id);
+        let (user, key) = (
+            UserId::parse("u1").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+        );
+        assert!(book.with_key(&user, &key).is_none());
+        assert_eq!(book.recently_settled(&user, &key), None);
     }
 }

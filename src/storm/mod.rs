@@ -202,7 +202,8 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
         bail!("--double-click is a share between 0 and 1");
     }
     let mut admin = Admin::connect(options).await?;
-    admin
+    // A reused SKU keeps its earlier orders: count only this run's.
+    let earlier = admin
         .client
         .set_stock(admin.request(SetStockRequest {
             sku: options.sku.clone(),
@@ -210,7 +211,10 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
             max_per_user: 0,
         }))
         .await
-        .map_err(status("SetStock"))?;
+        .map_err(status("SetStock"))?
+        .into_inner()
+        .stock
+        .map_or(0, |v| v.held_units + v.confirmed_units);
     let writes_before = db_writes(options).await;
 
     let mut channels = Vec::with_capacity(options.connections.max(1));
@@ -286,7 +290,15 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|p| p.into_inner()));
 
     let mut report = tally(options, strategy, &answers, last_answer);
-    settle_and_check(options, &mut admin, &channels[0], &answers, &mut report).await?;
+    settle_and_check(
+        options,
+        &mut admin,
+        &channels[0],
+        &answers,
+        earlier,
+        &mut report,
+    )
+    .await?;
     if let (Some(before), Some(after)) = (writes_before, db_writes(options).await) {
         report.db_writes = Some(after.saturating_sub(before));
     }
@@ -409,6 +421,7 @@ async fn settle_and_check(
     admin: &mut Admin,
     channel: &Channel,
     answers: &[Call],
+    earlier: i64,
     report: &mut StormReport,
 ) -> anyhow::Result<()> {
     // Reservations by idempotency key (call index): a double click must
@@ -501,7 +514,7 @@ async fn settle_and_check(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let ordered = view.held_units + view.confirmed_units;
+    let ordered = view.held_units + view.confirmed_units - earlier;
     report.units_ordered = ordered;
     report.oversold = (ordered - options.stock).max(0);
     let mut checks = vec![

@@ -52,6 +52,13 @@ async fn a_storm_holds_every_invariant() {
     assert!(report.db_writes.is_some_and(|w| w >= 3));
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["units_ordered"], 3);
+    let summed: u64 = json["outcomes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(summed, 5_500, "the JSON's outcomes add up to the calls");
     app.stop().await;
 }
 
@@ -89,12 +96,13 @@ async fn the_checker_finds_a_broken_database() {
     app.stop().await;
 }
 
-/// The matrix on PostgreSQL: every real configuration holds; the naive
-/// baseline is run and labelled; the switches are restored; the HTML report
-/// has both charts.
+/// The matrix against the real backends (PostgreSQL, the Redis gate,
+/// RabbitMQ): every real configuration holds and sells exactly the stock;
+/// the naive baseline oversells, so the detector is proven; the switches
+/// are restored; the HTML report has two well-formed SVG charts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_matrix_compares_every_strategy() {
-    let app = TestApp::spawn_with(Profile::Postgres, |c| {
+    let app = TestApp::spawn_with(Profile::Rabbit, |c| {
         c.metrics.listen = "127.0.0.1:0".into();
         c.admin.switch_poll_ms = 100;
     })
@@ -129,8 +137,35 @@ async fn the_matrix_compares_every_strategy() {
         .into_inner()
         .layers;
     assert_eq!(after, before, "the matrix restores the switches");
+    let naive = reports.last().unwrap();
+    assert!(
+        naive.oversold > 0 && !naive.ok(),
+        "the naive baseline did not oversell, so the detector is not proven: {:?}",
+        naive.checks
+    );
     let page = storm::report::html(&reports);
     assert_eq!(page.matches("<svg").count(), 2);
     assert!(page.contains("NAIVE read-then-write (broken)"));
+    assert_svgs_well_formed(&page);
     app.stop().await;
+}
+
+/// Each inline SVG parses as XML (Python's parser; no XML crate needed).
+fn assert_svgs_well_formed(page: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, (start, _)) in page.match_indices("<svg").enumerate() {
+        let end = page[start..].find("</svg>").unwrap() + start + "</svg>".len();
+        let file = dir.path().join(format!("{n}.svg"));
+        std::fs::write(&file, &page[start..end]).unwrap();
+        let output = std::process::Command::new("python3")
+            .args(["-c", "import sys, xml.etree.ElementTree as t; r = t.parse(sys.argv[1]).getroot(); assert r.tag.endswith('svg'), r.tag"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "SVG {n} is not well-formed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

@@ -1,0 +1,83 @@
+"""Reserve, watch, confirm through the generated Python stubs.
+
+Usage: roundtrip.py HOST:PORT SKU [ADMIN_TOKEN]
+Prints one JSON object; exits non-zero on any unexpected answer.
+"""
+
+import json
+import sys
+import uuid
+
+import grpc
+
+from stockgate.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
+
+
+def main() -> int:
+    target, sku = sys.argv[1], sys.argv[2]
+    token = sys.argv[3] if len(sys.argv) > 3 else None
+    channel = grpc.insecure_channel(target)
+    admin = admin_pb2_grpc.AdminServiceStub(channel)
+    inventory = inventory_pb2_grpc.InventoryServiceStub(channel)
+
+    admin_metadata = [("x-operator", "python-roundtrip")]
+    if token:
+        admin_metadata.append(("authorization", f"Bearer {token}"))
+    admin.SetStock(admin_pb2.SetStockRequest(sku=sku, stock=3), metadata=admin_metadata)
+
+    user = f"py-{uuid.uuid4().hex[:8]}"
+    key = f"{user}-checkout-1"
+    metadata = [("x-user-id", user), ("idempotency-key", key)]
+    first = inventory.Reserve(inventory_pb2.ReserveRequest(sku=sku, quantity=1), metadata=metadata)
+    again = inventory.Reserve(inventory_pb2.ReserveRequest(sku=sku, quantity=1), metadata=metadata)
+    admitted = (inventory_pb2.RESERVE_OUTCOME_RESERVED, inventory_pb2.RESERVE_OUTCOME_QUEUED)
+    if first.outcome not in admitted:
+        raise SystemExit(f"not admitted: {first}")
+    reservation_id = first.reservation.reservation_id
+    if again.reservation.reservation_id != reservation_id:
+        raise SystemExit("the same idempotency key made a second reservation")
+
+    caller = [("x-user-id", user)]
+    state = None
+    for update in inventory.WatchReservation(
+        inventory_pb2.WatchReservationRequest(reservation_id=reservation_id),
+        metadata=caller,
+        timeout=30,
+    ):
+        state = update.reservation.state
+        if state != inventory_pb2.RESERVATION_STATE_QUEUED:
+            break
+    if state != inventory_pb2.RESERVATION_STATE_HELD:
+        raise SystemExit(f"expected HELD, got {inventory_pb2.ReservationState.Name(state)}")
+
+    confirmed = inventory.ConfirmReservation(
+        inventory_pb2.ConfirmReservationRequest(reservation_id=reservation_id), metadata=caller
+    )
+
+    # Bad input comes back as INVALID_ARGUMENT naming the field.
+    try:
+        inventory.Reserve(inventory_pb2.ReserveRequest(sku=sku, quantity=0), metadata=caller)
+        raise SystemExit("quantity 0 was accepted")
+    except grpc.RpcError as err:
+        invalid = {"code": err.code().name, "details": err.details()}
+
+    stock = admin.GetStock(admin_pb2.GetStockRequest(sku=sku), metadata=admin_metadata).stock
+    print(
+        json.dumps(
+            {
+                "reservation_id": reservation_id,
+                "first_outcome": inventory_pb2.ReserveOutcome.Name(first.outcome),
+                "same_key_same_reservation": again.reservation.reservation_id == reservation_id,
+                "watched_state": inventory_pb2.ReservationState.Name(state),
+                "confirmed_state": inventory_pb2.ReservationState.Name(confirmed.reservation.state),
+                "invalid_quantity": invalid,
+                "confirmed_units": stock.confirmed_units,
+                "db_stock": stock.db_stock,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

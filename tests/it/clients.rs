@@ -1,0 +1,112 @@
+//! The contract works for callers: the Rust client helper, and stubs
+//! generated for Python from `proto/` by grpcio-tools, each doing a real
+//! round trip (reserve, the same key again, watch until HELD, confirm).
+
+use std::process::Command;
+
+use stockgate::{client::Client, pb::ReservationState};
+
+use crate::harness::{Profile, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_reserves_watches_and_confirms() {
+    let app = TestApp::spawn(Profile::Embedded).await;
+    app.set_stock("CLIENT-RS", 2, 0).await;
+    let channel = crate::harness::connect(app.addr).await;
+    let mut client = Client::new(channel, "alice").unwrap();
+    let first = client.reserve("CLIENT-RS", 1, "cart-1").await.unwrap();
+    let again = client.reserve("CLIENT-RS", 1, "cart-1").await.unwrap();
+    let id = first.reservation.unwrap().reservation_id;
+    assert_eq!(
+        again.reservation.unwrap().reservation_id,
+        id,
+        "one reservation per key"
+    );
+    let held = client.wait_until_decided(&id).await.unwrap();
+    assert_eq!(held.state(), ReservationState::Held);
+    let confirmed = client.confirm(&id).await.unwrap();
+    assert_eq!(confirmed.state(), ReservationState::Confirmed);
+    let bad = client
+        .reserve("CLIENT-RS", 1, "not ascii: é")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(app.stock("CLIENT-RS").await.confirmed_units, 1);
+    app.stop().await;
+}
+
+/// grpcio and grpcio-tools, installed under the test's scratch directory
+/// when python3 lacks them.
+fn python_grpc() -> String {
+    let target = format!("{}/python-grpc", env!("CARGO_TARGET_TMPDIR"));
+    let present = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .env("PYTHONPATH", &target)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args([
+                "--target",
+                &target,
+                "grpcio==1.85.1",
+                "grpcio-tools==1.85.1",
+            ])
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "pip install grpcio grpcio-tools");
+    }
+    target
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_round_trip() {
+    let deps = python_grpc();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let generated = tempfile::tempdir().unwrap();
+    let out = generated.path().display().to_string();
+    let status = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", &format!("-I{root}/proto")])
+        .args([
+            format!("--python_out={out}"),
+            format!("--grpc_python_out={out}"),
+        ])
+        .arg(format!("{root}/proto/stockgate/v1/inventory.proto"))
+        .arg(format!("{root}/proto/stockgate/v1/admin.proto"))
+        .env("PYTHONPATH", &deps)
+        .status()
+        .unwrap();
+    assert!(status.success(), "grpc_tools.protoc");
+
+    let app = TestApp::spawn_with(Profile::Embedded, |c| c.admin.token = "py-token".into()).await;
+    let output = Command::new("python3")
+        .arg(format!("{root}/clients/python/roundtrip.py"))
+        .args([app.addr.to_string(), "CLIENT-PY".into(), "py-token".into()])
+        .env("PYTHONPATH", format!("{out}:{deps}"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "roundtrip.py: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["same_key_same_reservation"], true);
+    assert_eq!(result["watched_state"], "RESERVATION_STATE_HELD");
+    assert_eq!(result["confirmed_state"], "RESERVATION_STATE_CONFIRMED");
+    assert_eq!(result["invalid_quantity"]["code"], "INVALID_ARGUMENT");
+    assert!(result["invalid_quantity"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("quantity"));
+    assert_eq!(result["confirmed_units"], 1);
+    assert_eq!(result["db_stock"], 2);
+    app.stop().await;
+}
