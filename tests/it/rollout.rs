@@ -276,3 +276,39 @@ fn manifests_render_and_pass_strict_validation() {
     assert!(!config.store.migrate_on_start, "a Job migrates");
     assert_eq!(config.metrics.listen, "0.0.0.0:9464");
 }
+
+/// The image runs the binary in a distroless `cc` base (glibc, libgcc)
+/// plus the SQLite library the Dockerfile copies in: the binary must need
+/// nothing else (no OpenSSL: TLS is rustls).
+#[test]
+fn the_binary_needs_only_what_the_runtime_image_has() {
+    let output = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_stockgate"))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let provided = [
+        "linux-vdso.so",
+        "ld-linux",
+        "libc.so",
+        "libm.so",
+        "libgcc_s.so",
+        "libpthread.so",
+        "libdl.so",
+        "librt.so",
+        "libsqlite3.so.0",
+    ];
+    for line in text.lines() {
+        let library = line.split_whitespace().next().unwrap_or_default();
+        let library = library.rsplit('/').next().unwrap_or_default();
+        assert!(
+            provided.iter().any(|p| library.starts_with(p)),
+            "the image lacks {library}"
+        );
+    }
+    let dockerfile =
+        std::fs::read_to_string(format!("{}/Dockerfile", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    assert!(dockerfile.contains("libsqlite3.so.0"));
+    assert!(dockerfile.contains("distroless/cc"));
+}
