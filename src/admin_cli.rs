@@ -69,6 +69,12 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Check the invariants (every SKU, or one); exits 1 when one is
+    /// broken, printing what disagrees.
+    Check {
+        #[arg(long)]
+        sku: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,6 +281,21 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                 .map_err(status)?
                 .into_inner();
             Ok(render_reservations(&answer.reservations))
+        }
+        AdminCommand::Check { sku } => {
+            let answer = admin
+                .check_invariants(pb::CheckInvariantsRequest {
+                    sku: sku.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let out = render_check(&answer);
+            if answer.ok {
+                Ok(out)
+            } else {
+                Err(anyhow!("{out}invariants broken"))
+            }
         }
         AdminCommand::Audit { limit } => {
             let answer = admin
@@ -542,6 +563,59 @@ fn render_reservations(rows: &[pb::Reservation]) -> String {
         ],
         &rows,
     )
+}
+
+fn render_check(answer: &pb::CheckInvariantsResponse) -> String {
+    let gate = |v: Option<i64>| v.map_or_else(|| "-".into(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = answer
+        .skus
+        .iter()
+        .map(|s| {
+            vec![
+                s.sku.clone(),
+                s.supplied.to_string(),
+                s.db_stock.to_string(),
+                s.held_units.to_string(),
+                s.confirmed_units.to_string(),
+                gate(s.gate_stock),
+                gate(s.gate_in_flight),
+                if s.problems.is_empty() {
+                    "ok".into()
+                } else {
+                    s.problems.join("; ")
+                },
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "sku",
+            "supplied",
+            "db_stock",
+            "held",
+            "confirmed",
+            "gate",
+            "in_flight",
+            "check",
+        ],
+        &rows,
+    );
+    let backlog = answer
+        .queue_backlog
+        .map_or_else(|| "unknown".into(), |b| b.to_string());
+    let _ = writeln!(
+        out,
+        "queue backlog: {backlog}; gate compared: {}",
+        if answer.gate_compared {
+            "yes"
+        } else {
+            "no (gate off or queue not drained)"
+        }
+    );
+    for problem in &answer.problems {
+        let _ = writeln!(out, "problem: {problem}");
+    }
+    out
 }
 
 fn render_audit(events: &[pb::AuditEvent]) -> String {

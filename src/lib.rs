@@ -21,6 +21,7 @@
 
 pub mod admin_cli;
 pub mod bench;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod domain;

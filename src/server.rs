@@ -304,6 +304,9 @@ pub async fn run_with(
             rate_limits.clone(),
             in_flight.clone(),
             board.clone(),
+            // Three sweeps and a second: a hold older than that past its
+            // expiry was missed.
+            Duration::from_millis(config.reservations.sweep_interval_ms * 3 + 1_000),
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max),

@@ -1413,6 +1413,13 @@ impl Pipeline {
         self.reload_wanted.notify_one();
     }
 
+    /// The gate's counter for a SKU and the units it has in flight.
+    pub async fn gate_counters(&self, sku: &Sku) -> Result<(Option<i64>, i64), ReservationError> {
+        let available = self.gate.available(sku).await.map_err(gate_error)?;
+        let in_flight = self.gate.in_flight(sku).await.map_err(gate_error)?;
+        Ok((available, in_flight))
+    }
+
     /// Reservations with a database row, newest first (operators).
     pub async fn list_reservations(
         &self,

@@ -26,6 +26,9 @@ pub struct AdminApi {
     rate_limits: Arc<RateLimits>,
     in_flight: Option<Arc<InFlight>>,
     board: Arc<SwitchBoard>,
+    /// How long past its expiry a hold may wait for the sweeper before the
+    /// checker calls it stuck.
+    hold_grace: std::time::Duration,
 }
 
 impl AdminApi {
@@ -34,12 +37,14 @@ impl AdminApi {
         rate_limits: Arc<RateLimits>,
         in_flight: Option<Arc<InFlight>>,
         board: Arc<SwitchBoard>,
+        hold_grace: std::time::Duration,
     ) -> Self {
         Self {
             pipeline,
             rate_limits,
             in_flight,
             board,
+            hold_grace,
         }
     }
 }
@@ -391,6 +396,39 @@ impl AdminService for AdminApi {
                     reason: e.reason,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn check_invariants(
+        &self,
+        request: Request<pb::CheckInvariantsRequest>,
+    ) -> Result<Response<pb::CheckInvariantsResponse>, Status> {
+        let body = request.into_inner();
+        let sku = if body.sku.is_empty() {
+            None
+        } else {
+            Some(Sku::parse(&body.sku)?)
+        };
+        let report = crate::check::run(&self.pipeline, sku.as_ref(), self.hold_grace).await?;
+        Ok(Response::new(pb::CheckInvariantsResponse {
+            ok: report.ok(),
+            skus: report
+                .skus
+                .into_iter()
+                .map(|s| pb::SkuInvariants {
+                    sku: s.sku,
+                    supplied: s.supplied,
+                    db_stock: s.stock,
+                    held_units: s.held,
+                    confirmed_units: s.confirmed,
+                    gate_stock: s.gate_stock,
+                    gate_in_flight: s.gate_in_flight,
+                    problems: s.problems,
+                })
+                .collect(),
+            problems: report.problems,
+            queue_backlog: report.queue_backlog,
+            gate_compared: report.gate_compared,
         }))
     }
 

@@ -37,7 +37,7 @@ use futures::FutureExt;
 
 pub use models::InventoryRow;
 use models::ReservationRow;
-pub use ops::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, StoredSwitches};
+pub use ops::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, SkuFigures, StoredSwitches};
 use schema::{inventory, reservations};
 
 use crate::{
@@ -904,26 +904,43 @@ macro_rules! queries {
                 max_per_user: i32,
                 now: NaiveDateTime,
             ) -> QueryResult<InventoryRow> {
-                diesel::insert_into(inventory::table)
-                    .values((
-                        inventory::sku.eq(sku),
-                        inventory::stock.eq(stock),
-                        inventory::version.eq(0i64),
-                        inventory::max_per_user.eq(max_per_user),
-                        inventory::created_at.eq(now),
-                        inventory::updated_at.eq(now),
-                    ))
-                    .on_conflict(inventory::sku)
-                    .do_update()
-                    .set((
-                        inventory::stock.eq(stock),
-                        inventory::version.eq(inventory::version + 1),
-                        inventory::max_per_user.eq(max_per_user),
-                        inventory::updated_at.eq(now),
-                    ))
-                    .returning(InventoryRow::as_returning())
-                    .get_result(conn)
-                    .await
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    let row = diesel::insert_into(inventory::table)
+                        .values((
+                            inventory::sku.eq(sku),
+                            inventory::stock.eq(stock),
+                            inventory::version.eq(0i64),
+                            inventory::max_per_user.eq(max_per_user),
+                            inventory::created_at.eq(now),
+                            inventory::updated_at.eq(now),
+                        ))
+                        .on_conflict(inventory::sku)
+                        .do_update()
+                        .set((
+                            inventory::stock.eq(stock),
+                            inventory::version.eq(inventory::version + 1),
+                            inventory::max_per_user.eq(max_per_user),
+                            inventory::updated_at.eq(now),
+                        ))
+                        .returning(InventoryRow::as_returning())
+                        .get_result(conn)
+                        .await?;
+                    // All units made available: the new stock plus what is
+                    // held or sold. The upsert locked the row, so no commit
+                    // moves units in between.
+                    let live: Option<i64> = reservations::table
+                        .filter(reservations::sku.eq(sku))
+                        .filter(reservations::state.eq_any(LIVE_STATES))
+                        .select(diesel::dsl::sum(reservations::quantity))
+                        .first(conn)
+                        .await?;
+                    diesel::update(inventory::table.find(sku))
+                        .set(inventory::supplied.eq(stock + live.unwrap_or(0)))
+                        .execute(conn)
+                        .await?;
+                    Ok(row)
+                })
+                .await
             }
 
             pub(super) async fn adjust_stock(
@@ -939,6 +956,7 @@ macro_rules! queries {
                 )
                 .set((
                     inventory::stock.eq(inventory::stock + delta),
+                    inventory::supplied.eq(inventory::supplied + delta),
                     inventory::version.eq(inventory::version + 1),
                     inventory::updated_at.eq(now),
                 ))

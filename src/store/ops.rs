@@ -7,7 +7,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::{
     models::ReservationRow,
-    schema::{audit_log, layer_switches, replicas, reservations},
+    schema::{audit_log, inventory, layer_switches, replicas, reservations},
     Pool, SqliteConn, StoreError,
 };
 use crate::domain::Reservation;
@@ -57,6 +57,20 @@ pub struct ReplicaRow {
     pub revision: i64,
     pub switches: String,
     pub seen_at: NaiveDateTime,
+}
+
+/// One SKU's figures for the invariant checker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkuFigures {
+    pub sku: String,
+    /// Units available for new reservations.
+    pub stock: i64,
+    /// Units operators made available in all.
+    pub supplied: i64,
+    pub held: i64,
+    pub confirmed: i64,
+    /// HELD reservations past their expiry by more than the grace given.
+    pub overdue_holds: i64,
 }
 
 /// Filters of the operators' reservation listing.
@@ -175,6 +189,81 @@ macro_rules! ops_queries {
                     .await
             }
 
+            pub(super) async fn sku_figures(
+                conn: &mut $Conn,
+                sku: Option<&str>,
+                overdue_before: NaiveDateTime,
+            ) -> QueryResult<Vec<SkuFigures>> {
+                let mut rows = inventory::table
+                    .select((inventory::sku, inventory::stock, inventory::supplied))
+                    .order(inventory::sku.asc())
+                    .into_boxed();
+                if let Some(sku) = sku {
+                    rows = rows.filter(inventory::sku.eq(sku.to_owned()));
+                }
+                let rows: Vec<(String, i64, i64)> = rows.load(conn).await?;
+                let mut live = reservations::table
+                    .filter(reservations::state.eq_any(["held", "confirmed"]))
+                    .group_by((reservations::sku, reservations::state))
+                    .select((
+                        reservations::sku,
+                        reservations::state,
+                        diesel::dsl::sum(reservations::quantity),
+                    ))
+                    .into_boxed();
+                if let Some(sku) = sku {
+                    live = live.filter(reservations::sku.eq(sku.to_owned()));
+                }
+                let live: Vec<(String, String, Option<i64>)> = live.load(conn).await?;
+                let overdue: Vec<(String, i64)> = reservations::table
+                    .filter(reservations::state.eq("held"))
+                    .filter(reservations::expires_at.lt(overdue_before))
+                    .group_by(reservations::sku)
+                    .select((reservations::sku, diesel::dsl::count_star()))
+                    .load(conn)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(sku, stock, supplied)| {
+                        let units = |state: &str| {
+                            live.iter()
+                                .filter(|(s, st, _)| *s == sku && st == state)
+                                .map(|(_, _, n)| n.unwrap_or(0))
+                                .sum()
+                        };
+                        SkuFigures {
+                            held: units("held"),
+                            confirmed: units("confirmed"),
+                            overdue_holds: overdue
+                                .iter()
+                                .find(|(s, _)| *s == sku)
+                                .map_or(0, |(_, n)| *n),
+                            sku,
+                            stock,
+                            supplied,
+                        }
+                    })
+                    .collect())
+            }
+
+            /// (user, idempotency key) pairs held by more than one
+            /// reservation (the unique constraint should make this empty).
+            pub(super) async fn duplicate_keys(
+                conn: &mut $Conn,
+            ) -> QueryResult<Vec<(String, Option<String>, i64)>> {
+                reservations::table
+                    .filter(reservations::idempotency_key.is_not_null())
+                    .group_by((reservations::user_id, reservations::idempotency_key))
+                    .having(diesel::dsl::count_star().gt(1))
+                    .select((
+                        reservations::user_id,
+                        reservations::idempotency_key,
+                        diesel::dsl::count_star(),
+                    ))
+                    .load(conn)
+                    .await
+            }
+
             pub(super) async fn list_reservations(
                 conn: &mut $Conn,
                 filter: &ReservationFilter,
@@ -259,5 +348,17 @@ impl super::Store {
         filter: &ReservationFilter,
     ) -> Result<Vec<Reservation>, StoreError> {
         dispatch_ops!(self.list_reservations(filter))
+    }
+
+    pub async fn sku_figures(
+        &self,
+        sku: Option<&str>,
+        overdue_before: NaiveDateTime,
+    ) -> Result<Vec<SkuFigures>, StoreError> {
+        dispatch_ops!(self.sku_figures(sku, overdue_before))
+    }
+
+    pub async fn duplicate_keys(&self) -> Result<Vec<(String, Option<String>, i64)>, StoreError> {
+        dispatch_ops!(self.duplicate_keys())
     }
 }

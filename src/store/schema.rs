@@ -8,6 +8,7 @@ diesel::table! {
         max_per_user -> Integer,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        supplied -> BigInt,
     }
 }
 

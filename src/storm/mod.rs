@@ -571,6 +571,32 @@ async fn settle_and_check(
             detail: format!("gate {gate}, database {}", view.db_stock),
         });
     }
+    let checked = admin
+        .client
+        .check_invariants(admin.request(crate::pb::CheckInvariantsRequest {
+            sku: options.sku.clone(),
+        }))
+        .await
+        .map_err(status("CheckInvariants"))?
+        .into_inner();
+    let problems: Vec<String> = checked
+        .skus
+        .into_iter()
+        .flat_map(|s| s.problems)
+        .chain(checked.problems)
+        .collect();
+    checks.push(Check {
+        name: "the service's invariant checker",
+        ok: checked.ok,
+        detail: if problems.is_empty() {
+            format!(
+                "nothing disagrees (gate compared: {})",
+                if checked.gate_compared { "yes" } else { "no" }
+            )
+        } else {
+            problems.join("; ")
+        },
+    });
     if let Some(url) = &options.store {
         checks.extend(check_database(url, options, &owners).await?);
     }

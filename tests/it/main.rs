@@ -3,6 +3,7 @@
 //! a real PostgreSQL database of its own.
 
 mod api;
+mod check;
 mod clients;
 mod group_commit;
 mod harness;

@@ -1,0 +1,148 @@
+//! The invariant checker behind `AdminService/CheckInvariants` and
+//! `stockgate admin check`: what must hold whatever the layers did.
+//!
+//! Per SKU, from the database: stock ≥ 0; units ordered (held + confirmed)
+//! ≤ units supplied; stock = supplied − held − confirmed (no order
+//! operation changes that sum, so an oversell or a lost unit breaks it);
+//! no HELD reservation left past its expiry (the sweeper settles them).
+//! Across SKUs: no (user, idempotency key) holding two reservations (a
+//! reservation id is the primary key, so it cannot repeat). From the gate,
+//! once the queue has drained: its counter plus what it has in flight
+//! equals the database's stock. While orders are still queued the gate
+//! comparison is skipped (and said so), as the two legitimately differ.
+
+use std::time::Duration;
+
+use crate::{
+    domain::{now, pipeline::Pipeline, Sku},
+    error::ReservationError,
+};
+
+/// One SKU's figures and what disagrees.
+#[derive(Debug, Clone, Default)]
+pub struct SkuCheck {
+    pub sku: String,
+    pub supplied: i64,
+    pub stock: i64,
+    pub held: i64,
+    pub confirmed: i64,
+    /// The gate's counter, when the gate is on and has one.
+    pub gate_stock: Option<i64>,
+    pub gate_in_flight: Option<i64>,
+    pub problems: Vec<String>,
+}
+
+/// The whole check.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub skus: Vec<SkuCheck>,
+    /// Problems not tied to one SKU.
+    pub problems: Vec<String>,
+    /// Orders waiting for the processor fleet-wide (`None`: unknown).
+    pub queue_backlog: Option<u64>,
+    /// Whether gate counters were compared (gate on and queue drained).
+    pub gate_compared: bool,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.skus.iter().all(|s| s.problems.is_empty())
+    }
+}
+
+/// Checks one SKU or all; `hold_grace` is how long past its expiry a hold
+/// may wait for the sweeper before it counts as stuck.
+pub async fn run(
+    pipeline: &Pipeline,
+    sku: Option<&Sku>,
+    hold_grace: Duration,
+) -> Result<CheckReport, ReservationError> {
+    let store = pipeline.store();
+    let overdue_before =
+        now() - chrono::TimeDelta::from_std(hold_grace).unwrap_or(chrono::TimeDelta::MAX);
+    let figures = store
+        .sku_figures(sku.map(Sku::as_str), overdue_before)
+        .await
+        .map_err(crate::domain::pipeline::store_error)?;
+    if let (Some(sku), true) = (sku, figures.is_empty()) {
+        return Err(ReservationError::UnknownSku(sku.as_str().into()));
+    }
+    let mut report = CheckReport {
+        queue_backlog: pipeline.queue_depth().await,
+        ..CheckReport::default()
+    };
+    let drained = report.queue_backlog == Some(0) && pipeline.pending_count() == 0;
+    report.gate_compared = pipeline.layers().gate && drained;
+    for figure in figures {
+        let mut check = SkuCheck {
+            sku: figure.sku.clone(),
+            supplied: figure.supplied,
+            stock: figure.stock,
+            held: figure.held,
+            confirmed: figure.confirmed,
+            ..SkuCheck::default()
+        };
+        let ordered = figure.held + figure.confirmed;
+        if figure.stock < 0 {
+            check
+                .problems
+                .push(format!("stock is negative ({})", figure.stock));
+        }
+        if ordered > figure.supplied {
+            check.problems.push(format!(
+                "oversold: {ordered} units held or sold of {} supplied",
+                figure.supplied
+            ));
+        }
+        if figure.stock != figure.supplied - ordered {
+            check.problems.push(format!(
+                "stock {} != supplied {} - held {} - confirmed {} = {}",
+                figure.stock,
+                figure.supplied,
+                figure.held,
+                figure.confirmed,
+                figure.supplied - ordered
+            ));
+        }
+        if figure.overdue_holds > 0 {
+            check.problems.push(format!(
+                "{} held reservations past their expiry by more than {hold_grace:?}",
+                figure.overdue_holds
+            ));
+        }
+        if report.gate_compared {
+            let sku = Sku::from_trusted(figure.sku.clone());
+            match pipeline.gate_counters(&sku).await {
+                Ok((available, in_flight)) => {
+                    check.gate_stock = available;
+                    check.gate_in_flight = Some(in_flight);
+                    match available {
+                        Some(available) if available + in_flight != figure.stock => {
+                            check.problems.push(format!(
+                                "gate {available} + in flight {in_flight} != database stock {}",
+                                figure.stock
+                            ));
+                        }
+                        None => check
+                            .problems
+                            .push("the gate has no counter for this SKU".into()),
+                        Some(_) => {}
+                    }
+                }
+                Err(err) => check.problems.push(format!("gate unreadable: {err}")),
+            }
+        }
+        report.skus.push(check);
+    }
+    let duplicates = store
+        .duplicate_keys()
+        .await
+        .map_err(crate::domain::pipeline::store_error)?;
+    for (user, key, count) in duplicates {
+        report.problems.push(format!(
+            "{count} reservations for user {user:?} with idempotency key {:?}",
+            key.unwrap_or_default()
+        ));
+    }
+    Ok(report)
+}
