@@ -582,3 +582,37 @@ by_id_call!(
     reservation
 );
 by_id_call!(get, get_reservation, GetReservationRequest, reservation);
+
+/// The service's invariant checker agrees, once the queue has drained and
+/// the reconciler has had a few passes: polled up to 20 s, then fails with
+/// everything it reported.
+pub async fn assert_checked(app: &TestApp) {
+    let mut last = None;
+    for _ in 0..200 {
+        let report = app
+            .admin()
+            .check_invariants(stockgate::pb::CheckInvariantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if report.ok && (report.gate_compared || !app.gate_enabled().await) {
+            return;
+        }
+        last = Some(report);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the invariant checker disagrees: {last:?}");
+}
+
+impl TestApp {
+    async fn gate_enabled(&self) -> bool {
+        self.admin()
+            .get_layers(stockgate::pb::GetLayersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .layers
+            .unwrap()
+            .gate
+    }
+}

@@ -126,6 +126,7 @@ async fn ten_thousand_reservations_over_five_thousand_units_end_as_five_thousand
     assert_eq!(queue_depth(&app.config.rabbitmq.queue).await, 0);
     let view = app.stock("TENK").await;
     assert_eq!((view.db_stock, view.confirmed_units), (0, 5_000));
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -231,6 +232,7 @@ async fn processor_killed_mid_batch_loses_and_doubles_nothing() {
     child.wait().unwrap();
     assert_eq!(assert_invariants(&app, "KILL", 3_000, &tally).await, 3_000);
     assert_eq!(queue_depth(&app.config.rabbitmq.queue).await, 0);
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -413,6 +415,7 @@ async fn broker_outage_mid_sale_refuses_then_recovers_losing_nothing() {
     assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
     let after = call(1_000_000).await.unwrap();
     assert_eq!(after.outcome(), ReserveOutcome::Queued);
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -544,6 +547,7 @@ async fn broker_restart_mid_sale_keeps_queued_orders_and_resumes() {
     let view = app.stock("RESTART").await;
     assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
     worker.stop().await;
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -588,6 +592,7 @@ async fn unconfirmed_publishes_are_fenced_and_their_late_delivery_creates_nothin
     assert_eq!(ordered as usize, tally.granted.len());
     let view = app.stock("FENCE").await;
     assert_eq!(view.gate_stock, Some(view.db_stock), "{view:?}");
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 

@@ -26,6 +26,7 @@ async fn fifty_thousand_buyers_one_unit_through_redis() {
     assert_eq!(assert_invariants(&app, "FLASH-R", 1, &tally).await, 1);
     let view = app.stock("FLASH-R").await;
     assert_eq!((view.db_stock, view.gate_stock), (0, Some(0)));
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -94,6 +95,7 @@ async fn script_flush_mid_storm_fails_no_request() {
     assert!(tally.errors.is_empty(), "errors: {:?}", tally.errors);
     app.drain("FLUSHED").await;
     assert_eq!(assert_invariants(&app, "FLUSHED", 500, &tally).await, 500);
+    crate::harness::assert_checked(&app).await;
     app.stop().await;
 }
 
@@ -167,6 +169,7 @@ async fn redis_emptied_mid_sale_is_rebuilt_from_the_database() {
         assert_eq!(second.admitted() as i64, expected_left);
         let view = app.stock("LOST").await;
         assert_eq!((view.db_stock, view.gate_stock), (0, Some(0)), "{mode:?}");
+        crate::harness::assert_checked(&app).await;
         app.stop().await;
     }
 }
