@@ -338,4 +338,75 @@ mod tests {
         assert!(!Held.is_final() && !Queued.is_final());
         assert!(Confirmed.is_final() && Rejected.is_final());
     }
+
+    mod hostile_input {
+        //! Property tests: any string or number a caller can send is either
+        //! accepted exactly when the documented grammar says so, or refused
+        //! with an error naming its field; nothing panics.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn grammar(value: &str, max: usize, allowed: impl Fn(char) -> bool) -> bool {
+            !value.is_empty() && value.len() <= max && value.chars().all(allowed)
+        }
+
+        fn any_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                // Anything, non-ASCII and control characters included.
+                ".{0,200}",
+                // Near the grammar: the allowed set plus a few wrong ones.
+                "[A-Za-z0-9._:\\- é/{}\\x00]{0,140}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn skus(value in any_text()) {
+                let ok = grammar(&value, Sku::MAX_LEN, |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                match Sku::parse(&value) {
+                    Ok(sku) => { prop_assert!(ok); prop_assert_eq!(sku.as_str(), value.as_str()); }
+                    Err(err) => { prop_assert!(!ok); prop_assert_eq!(field_of(err), "sku"); }
+                }
+            }
+
+            #[test]
+            fn user_ids(value in any_text()) {
+                let ok = grammar(&value, UserId::MAX_LEN, |c| c.is_ascii_graphic());
+                match UserId::parse(&value) {
+                    Ok(_) => prop_assert!(ok),
+                    Err(err) => { prop_assert!(!ok); prop_assert_eq!(field_of(err), "x-user-id"); }
+                }
+            }
+
+            #[test]
+            fn idempotency_keys(value in any_text()) {
+                let ok = grammar(&value, IdempotencyKey::MAX_LEN, |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+                match IdempotencyKey::parse(&value) {
+                    Ok(_) => prop_assert!(ok),
+                    Err(err) => { prop_assert!(!ok); prop_assert_eq!(field_of(err), "idempotency-key"); }
+                }
+            }
+
+            #[test]
+            fn reservation_ids(value in any_text()) {
+                // Only ids the server hands out: canonical lowercase UUIDs.
+                let ok = uuid::Uuid::try_parse(&value).is_ok_and(|u| u.hyphenated().to_string() == value);
+                match ReservationId::parse(&value) {
+                    Ok(_) => prop_assert!(ok),
+                    Err(err) => { prop_assert!(!ok); prop_assert_eq!(field_of(err), "reservation_id"); }
+                }
+            }
+
+            #[test]
+            fn quantities(value in prop_oneof![Just(0u32), Just(1), Just(u32::MAX), Just(u32::MAX - 1), any::<u32>(), 0u32..20], max in 1u32..10_000) {
+                match Quantity::parse(value, max) {
+                    Ok(q) => { prop_assert!((1..=max).contains(&value)); prop_assert_eq!(q.get(), value); }
+                    Err(err) => { prop_assert!(!(1..=max).contains(&value)); prop_assert_eq!(field_of(err), "quantity"); }
+                }
+            }
+        }
+    }
 }

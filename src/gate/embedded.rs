@@ -265,6 +265,26 @@ mod tests {
         decision_table::run(EmbeddedGate::new).await;
     }
 
+    /// Random sales against a model of the decision table (256 cases).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_sales_follow_the_model() {
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        let handle = tokio::runtime::Handle::current();
+        let mut runner = TestRunner::new(Config {
+            cases: 256,
+            ..Config::default()
+        });
+        let result = runner.run(&decision_table::sales(), |sale| {
+            tokio::task::block_in_place(|| {
+                handle.block_on(decision_table::follows_the_model(EmbeddedGate::new(), sale))
+            })
+            .map_err(TestCaseError::fail)
+        });
+        if let Err(err) = result {
+            panic!("{err}");
+        }
+    }
+
     #[tokio::test]
     async fn release_returns_units_once() {
         let (gate, sku) = loaded(EmbeddedGate::new(), 5, 0).await;

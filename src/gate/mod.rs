@@ -163,6 +163,8 @@ pub const RESTOCK_ALL: &str = "*";
 #[cfg(test)]
 pub(crate) mod decision_table {
     //! The decision table every backend must implement identically.
+    use std::collections::HashMap;
+
     use super::*;
 
     pub struct Case {
@@ -315,5 +317,93 @@ pub(crate) mod decision_table {
             user: UserId::parse(user).unwrap(),
             quantity,
         }
+    }
+
+    /// One step of a random sale.
+    #[derive(Debug, Clone)]
+    pub enum Op {
+        Reserve {
+            user: u8,
+            quantity: u32,
+        },
+        /// Release the `pick`-th reservation made so far (modulo their
+        /// number), whether or not it was released already.
+        Release {
+            pick: usize,
+        },
+    }
+
+    /// Random sales: stock, per-user limit, steps.
+    pub fn sales() -> impl proptest::strategy::Strategy<Value = (i64, u32, Vec<Op>)> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            3 => (0u8..4, 1u32..5).prop_map(|(user, quantity)| Op::Reserve { user, quantity }),
+            1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        ];
+        (0i64..20, 0u32..6, proptest::collection::vec(op, 1..40))
+    }
+
+    /// Plays a random sale on `gate` next to a model of the decision table:
+    /// every decision and the counter after every step must match, the
+    /// counter never goes below zero, and a release gives units back once.
+    pub async fn follows_the_model<G: StockGate>(
+        gate: G,
+        (stock, max_per_user, ops): (i64, u32, Vec<Op>),
+    ) -> Result<(), String> {
+        let (gate, sku) = loaded(gate, stock, max_per_user).await;
+        let mut available = stock;
+        let mut live: HashMap<u8, i64> = HashMap::new();
+        // Reservations made: entry, user, still held.
+        let mut made: Vec<(GateEntry, u8, bool)> = Vec::new();
+        for (step, op) in ops.iter().enumerate() {
+            match op {
+                Op::Reserve { user, quantity } => {
+                    let entry = request(&sku, &format!("u{user}"), *quantity);
+                    let q = i64::from(*quantity);
+                    let held = live.get(user).copied().unwrap_or(0);
+                    let expect = if available < q {
+                        GateDecision::SoldOut {
+                            remaining: available,
+                        }
+                    } else if max_per_user > 0 && held + q > i64::from(max_per_user) {
+                        GateDecision::UserLimit {
+                            live_units: held,
+                            limit: max_per_user,
+                        }
+                    } else {
+                        available -= q;
+                        *live.entry(*user).or_default() += q;
+                        made.push((entry.clone(), *user, true));
+                        GateDecision::Reserved {
+                            remaining: available,
+                        }
+                    };
+                    let got = gate.reserve(&entry).await.map_err(|e| e.to_string())?;
+                    if got != expect {
+                        return Err(format!("step {step} {op:?}: got {got:?}, model {expect:?}"));
+                    }
+                }
+                Op::Release { pick } => {
+                    if made.is_empty() {
+                        continue;
+                    }
+                    let n = pick % made.len();
+                    let (entry, user, held) = &mut made[n];
+                    if *held {
+                        available += i64::from(entry.quantity);
+                        *live.entry(*user).or_default() -= i64::from(entry.quantity);
+                        *held = false;
+                    }
+                    gate.release(entry).await.map_err(|e| e.to_string())?;
+                }
+            }
+            let counter = gate.available(&sku).await.map_err(|e| e.to_string())?;
+            if counter != Some(available) || available < 0 {
+                return Err(format!(
+                    "after step {step} {op:?}: gate {counter:?}, model {available}"
+                ));
+            }
+        }
+        Ok(())
     }
 }

@@ -367,6 +367,26 @@ mod tests {
         decision_table::run(fresh_gate).await;
     }
 
+    /// Random sales against a model of the decision table (48 cases).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_sales_follow_the_model() {
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        let handle = tokio::runtime::Handle::current();
+        let mut runner = TestRunner::new(Config {
+            cases: 48,
+            ..Config::default()
+        });
+        let result = runner.run(&decision_table::sales(), |sale| {
+            tokio::task::block_in_place(|| {
+                handle.block_on(decision_table::follows_the_model(fresh_gate(), sale))
+            })
+            .map_err(TestCaseError::fail)
+        });
+        if let Err(err) = result {
+            panic!("{err}");
+        }
+    }
+
     #[tokio::test]
     async fn release_returns_units_once() {
         let (gate, sku) = loaded(fresh_gate(), 5, 0).await;
