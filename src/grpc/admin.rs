@@ -186,7 +186,7 @@ fn layers(layers: Layers) -> pb::Layers {
 }
 
 /// The change a SetLayers request asks for, validated field by field.
-fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, ReservationError> {
+pub fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, ReservationError> {
     let db_check = match pb::DbCheckMode::try_from(body.db_check) {
         Ok(pb::DbCheckMode::Unspecified) => None,
         Ok(pb::DbCheckMode::Optimistic) => Some(DbCheckMode::Optimistic),

@@ -12,6 +12,7 @@ use crate::{
         pipeline::{Pipeline, ReserveCommand, ReserveResult},
         Quantity, ReservationId, ReservationState, Sku,
     },
+    error::ReservationError,
     pb::{self, inventory_service_server::InventoryService},
 };
 
@@ -23,6 +24,22 @@ impl InventoryApi {
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
         Self { pipeline }
     }
+}
+
+/// A Reserve call's metadata and body as a validated command, or the
+/// error naming the first bad field. Public for the fuzz target, which
+/// feeds it whatever a decoder lets through.
+pub fn validate_reserve(
+    metadata: &tonic::metadata::MetadataMap,
+    body: &pb::ReserveRequest,
+    max_quantity: u32,
+) -> Result<ReserveCommand, ReservationError> {
+    Ok(ReserveCommand {
+        user: user_id(metadata)?,
+        idempotency_key: idempotency_key(metadata)?,
+        sku: Sku::parse(&body.sku)?,
+        quantity: Quantity::parse(body.quantity, max_quantity)?,
+    })
 }
 
 fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
@@ -66,15 +83,11 @@ impl InventoryService for InventoryApi {
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveResponse>, Status> {
-        let user = user_id(request.metadata())?;
-        let key = idempotency_key(request.metadata())?;
-        let body = request.into_inner();
-        let command = ReserveCommand {
-            sku: Sku::parse(&body.sku)?,
-            user,
-            quantity: Quantity::parse(body.quantity, self.pipeline.limits().max_quantity)?,
-            idempotency_key: key,
-        };
+        let command = validate_reserve(
+            request.metadata(),
+            request.get_ref(),
+            self.pipeline.limits().max_quantity,
+        )?;
         let result = self.pipeline.reserve(command).await?;
         Ok(Response::new(reserve_response(result)))
     }

@@ -4,8 +4,8 @@
 mod admin;
 mod inventory;
 
-pub use admin::{token_digest, AdminApi, AdminAuth, AdminToken, OPERATOR_METADATA};
-pub use inventory::InventoryApi;
+pub use admin::{layers_change, token_digest, AdminApi, AdminAuth, AdminToken, OPERATOR_METADATA};
+pub use inventory::{validate_reserve, InventoryApi};
 
 use chrono::NaiveDateTime;
 use tonic::metadata::MetadataMap;
