@@ -5,6 +5,7 @@
 mod api;
 mod check;
 mod clients;
+mod faults;
 mod group_commit;
 mod harness;
 mod health;
