@@ -194,3 +194,99 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
     );
     survivor.stop().await;
 }
+
+/// 40 ms added each way between the service and PostgreSQL, commits in
+/// the request path, callers with a 150 ms deadline: some calls run out of
+/// time. No call outlives its deadline by more than a little; a caller
+/// told RESERVED has its order; an order no caller heard of belongs to a
+/// caller whose deadline passed (its outcome was unknown to it, and a retry
+/// with its key would find it); nothing is oversold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_to_postgres_runs_calls_into_their_deadlines() {
+    let (mut config, db, dir) = config_for(Profile::Postgres).await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    config.backends.store = via(&config.backends.store, relay.addr);
+    config.layers.queue.enabled = false;
+    let app = TestApp::start(config, db, dir).await;
+    app.wait_serving().await;
+    app.set_stock("SLOW", 50, 0).await;
+    relay.set_delay(Duration::from_millis(40));
+
+    let channel = crate::harness::connect(app.addr).await;
+    let deadline = Duration::from_millis(150);
+    let calls = (0..200).map(|i| {
+        let mut client =
+            stockgate::pb::inventory_service_client::InventoryServiceClient::new(channel.clone());
+        tokio::spawn(async move {
+            let mut request = crate::harness::with_user(
+                stockgate::pb::ReserveRequest {
+                    sku: "SLOW".into(),
+                    quantity: 1,
+                },
+                &format!("s{i}"),
+                Some(&format!("key-{i}")),
+            );
+            request.set_timeout(deadline);
+            let started = Instant::now();
+            let answer = client.reserve(request).await.map(|r| r.into_inner());
+            (answer, started.elapsed())
+        })
+    });
+    let mut told = std::collections::HashSet::new();
+    let mut codes: std::collections::HashMap<String, usize> = Default::default();
+    let mut slowest = Duration::ZERO;
+    for call in futures::future::join_all(calls).await {
+        let (answer, took) = call.unwrap();
+        slowest = slowest.max(took);
+        let name = match answer {
+            Ok(response) => {
+                let outcome = response.outcome();
+                if outcome == ReserveOutcome::Reserved {
+                    told.insert(response.reservation.unwrap().reservation_id);
+                }
+                format!("{outcome:?}")
+            }
+            Err(status) => format!("{:?}", status.code()),
+        };
+        *codes.entry(name).or_default() += 1;
+    }
+    relay.set_delay(Duration::ZERO);
+    eprintln!("callers saw {codes:?}; slowest answer {slowest:?}");
+    // The server's deadline answer is CANCELLED ("Timeout expired", from
+    // tonic); a client that gives up first reports DEADLINE_EXCEEDED.
+    let expired = codes.get("DeadlineExceeded").copied().unwrap_or(0)
+        + codes.get("Cancelled").copied().unwrap_or(0);
+    assert_eq!(
+        expired
+            + codes.get("Reserved").copied().unwrap_or(0)
+            + codes.get("SoldOut").copied().unwrap_or(0),
+        200,
+        "only results and deadlines: {codes:?}"
+    );
+    assert!(expired > 0, "the latency pushed no call past its deadline");
+    assert!(
+        slowest < deadline + Duration::from_millis(500),
+        "a call outlived its deadline: {slowest:?}"
+    );
+    let rows = crate::harness::open_store(&app.config)
+        .reservations_of(&stockgate::domain::Sku::parse("SLOW").unwrap())
+        .await
+        .unwrap();
+    for id in &told {
+        assert!(
+            rows.iter().any(|r| r.id.as_str() == id),
+            "told RESERVED, no order: {id}"
+        );
+    }
+    let unheard = rows
+        .iter()
+        .filter(|r| !told.contains(r.id.as_str()))
+        .count();
+    assert!(
+        unheard <= expired,
+        "{unheard} orders nobody heard of, {expired} expired calls"
+    );
+    assert!(rows.len() <= 50);
+    assert_checked(&app).await;
+    app.stop().await;
+}

@@ -9,6 +9,7 @@ mod faults;
 mod group_commit;
 mod harness;
 mod health;
+mod hostile;
 mod middleware;
 mod ops;
 mod rabbit_queue;

@@ -5,12 +5,14 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::broadcast,
     task::JoinHandle,
@@ -19,6 +21,8 @@ use tokio::{
 pub struct Relay {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    /// Milliseconds every chunk waits before it is passed on, each way.
+    delay_ms: Arc<AtomicU64>,
     cut: broadcast::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -28,10 +32,12 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let (cut, _) = broadcast::channel(4);
         let task = tokio::spawn({
             let up = up.clone();
             let cut = cut.clone();
+            let delay_ms = delay_ms.clone();
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if !up.load(Ordering::Acquire) {
@@ -39,12 +45,16 @@ impl Relay {
                         continue;
                     }
                     let mut stop = cut.subscribe();
+                    let delay_ms = delay_ms.clone();
                     tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        let Ok(outbound) = TcpStream::connect(target).await else {
                             return;
                         };
+                        let (in_read, in_write) = inbound.split();
+                        let (out_read, out_write) = outbound.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = pass(in_read, out_write, &delay_ms) => {}
+                            _ = pass(out_read, in_write, &delay_ms) => {}
                             _ = stop.recv() => {}
                         }
                     });
@@ -54,9 +64,17 @@ impl Relay {
         Self {
             addr,
             up,
+            delay_ms,
             cut,
             task,
         }
+    }
+
+    /// Every chunk waits this long before it is passed on, each way (a slow
+    /// network), from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Release);
     }
 
     /// Down: every open connection is cut and new ones are refused.
@@ -64,6 +82,28 @@ impl Relay {
         self.up.store(up, Ordering::Release);
         if !up {
             let _ = self.cut.send(());
+        }
+    }
+}
+
+/// Copies one direction, holding each chunk back by the current delay.
+async fn pass(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    delay_ms: &AtomicU64,
+) {
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let delay = delay_ms.load(Ordering::Acquire);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }
