@@ -580,7 +580,10 @@ fn render_check(answer: &pb::CheckInvariantsResponse) -> String {
                 gate(s.gate_stock),
                 gate(s.gate_in_flight),
                 if s.problems.is_empty() {
-                    "ok".into()
+                    std::iter::once("ok".to_owned())
+                        .chain(s.notes.iter().map(|n| format!("note: {n}")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 } else {
                     s.problems.join("; ")
                 },

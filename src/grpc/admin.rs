@@ -424,6 +424,7 @@ impl AdminService for AdminApi {
                     gate_stock: s.gate_stock,
                     gate_in_flight: s.gate_in_flight,
                     problems: s.problems,
+                    notes: s.notes,
                 })
                 .collect(),
             problems: report.problems,

@@ -290,3 +290,60 @@ async fn latency_to_postgres_runs_calls_into_their_deadlines() {
     assert_checked(&app).await;
     app.stop().await;
 }
+
+/// Redis unreachable for two seconds in the middle of a sale (connections
+/// cut, new ones refused, through a relay), gate fail-closed: callers get
+/// UNAVAILABLE meanwhile, never a wrong answer; once Redis is back the
+/// sale resumes on its own and sells exactly the stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_mid_sale_refuses_then_resumes() {
+    let (mut config, db, dir) = config_for(Profile::Redis).await;
+    let relay = Relay::start("127.0.0.1:6379".parse().unwrap()).await;
+    config.backends.gate = format!("redis://{}", relay.addr);
+    config.redis.response_timeout_ms = 300;
+    config.layers.gate.reconcile_interval_ms = 200;
+    let app = TestApp::start(config, db, dir).await;
+    app.wait_serving().await;
+    app.set_stock("REDISCUT", 800, 0).await;
+
+    let during = tokio::spawn(storm(app.addr, "REDISCUT", 3_000, 8, |_| 1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    relay.set_up(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.set_up(true);
+    let restored = Instant::now();
+    let first = during.await.unwrap();
+    eprintln!(
+        "during the cut callers saw {:?}, errors {:?}",
+        first.outcomes, first.errors
+    );
+    assert!(
+        first.errors.keys().all(|c| *c == Code::Unavailable),
+        "{:?}",
+        first.errors
+    );
+    // Sell the rest once Redis answers again.
+    let mut second = storm(app.addr, "REDISCUT", 2_000, 8, |_| 1).await;
+    for _ in 0..50 {
+        if second.errors.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        second = storm(app.addr, "REDISCUT", 2_000, 8, |_| 1).await;
+    }
+    assert!(second.errors.is_empty(), "{:?}", second.errors);
+    eprintln!(
+        "sales resumed {:?} after Redis came back",
+        restored.elapsed()
+    );
+    app.drain("REDISCUT").await;
+    let mut tally = first;
+    for (outcome, n) in second.outcomes {
+        *tally.outcomes.entry(outcome).or_default() += n;
+    }
+    tally.granted.extend(second.granted);
+    let ordered = assert_invariants(&app, "REDISCUT", 800, &tally).await;
+    assert_eq!(ordered, 800);
+    assert_checked(&app).await;
+    app.stop().await;
+}
