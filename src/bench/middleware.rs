@@ -13,11 +13,8 @@ use anyhow::Context;
 use super::{
     cleanup, load, median_rounds, reserve_call, tempfile_dir, BenchOptions, BenchServer, Measured,
 };
-use crate::{
-    config::Config,
-    pb::{
-        admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
-    },
+use crate::pb::{
+    admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
 };
 
 /// (row, shedding server?, rate limit, dedup)
@@ -34,18 +31,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let dir = tempfile_dir()?;
     let mut servers = Vec::new();
     for shedding in [false, true] {
-        let mut config = Config::default();
-        // In-process servers side by side: no fixed metrics port.
-        config.metrics.listen = String::new();
-        config.server.listen = "127.0.0.1:0".parse()?;
-        config.backends.gate = options.redis_url.clone();
+        let mut config = super::server_config(
+            &options,
+            &format!("{prefix}-{shedding}"),
+            &dir.join(format!("bench-mw-{shedding}.db")),
+        )?;
         config.backends.dedup = options.redis_url.clone();
-        config.backends.store = options.store.clone();
-        config.store.sqlite_path = dir
-            .join(format!("bench-mw-{shedding}.db"))
-            .display()
-            .to_string();
-        config.redis.key_prefix = format!("{prefix}-{shedding}");
+        // The middleware is measured; the queue stays in-process.
+        config.backends.queue = crate::config::EMBEDDED.into();
         config.server.max_in_flight = if shedding { 4_096 } else { 0 };
         // Every call is a new user; the global budget must never bind.
         config.layers.rate_limit.global_per_sec = 100_000_000;

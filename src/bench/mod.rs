@@ -73,16 +73,7 @@ pub struct Measured {
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
     let dir = tempfile_dir()?;
-    let mut config = Config::default();
-    // In-process servers side by side: no fixed metrics port.
-    config.metrics.listen = String::new();
-    config.server.listen = "127.0.0.1:0".parse()?;
-    config.backends.gate = options.redis_url.clone();
-    config.backends.store = options.store.clone();
-    config.backends.queue = options.queue.clone();
-    config.rabbitmq.queue = prefix.clone();
-    config.store.sqlite_path = dir.join("bench.db").display().to_string();
-    config.redis.key_prefix = prefix.clone();
+    let mut config = server_config(&options, &prefix, &dir.join("bench.db"))?;
     config.layers.queue.capacity = options.requests.max(1) * 2;
     config.validate()?;
 
@@ -161,6 +152,26 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
+}
+
+/// An in-process bench server's config: the backends in `options`, Redis
+/// keys and RabbitMQ queues under `prefix`, SQLite at `sqlite`, port 0,
+/// and no metrics listener (bench servers run side by side).
+pub(crate) fn server_config(
+    options: &BenchOptions,
+    prefix: &str,
+    sqlite: &std::path::Path,
+) -> anyhow::Result<Config> {
+    let mut config = Config::default();
+    config.metrics.listen = String::new();
+    config.server.listen = "127.0.0.1:0".parse()?;
+    config.backends.gate = options.redis_url.clone();
+    config.backends.store = options.store.clone();
+    config.backends.queue = options.queue.clone();
+    config.rabbitmq.queue = prefix.to_owned();
+    config.store.sqlite_path = sqlite.display().to_string();
+    config.redis.key_prefix = prefix.to_owned();
+    Ok(config)
 }
 
 /// A server in this process, with client connections to it.

@@ -5,8 +5,8 @@
 //! buyers for one unit through [`crate::storm::run`], with its invariant
 //! checks. The median round is shown.
 
-use super::{load, noop, tempfile_dir, BenchOptions, BenchServer, Measured};
-use crate::{config::Config, storm};
+use super::{load, noop, server_config, tempfile_dir, BenchOptions, BenchServer, Measured};
+use crate::storm;
 
 /// One round's storm, next to its reference.
 #[derive(Debug, Clone)]
@@ -18,16 +18,8 @@ pub struct StormRound {
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
     let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
     let dir = tempfile_dir()?;
-    let mut config = Config::default();
-    config.metrics.listen = String::new();
-    config.server.listen = "127.0.0.1:0".parse()?;
-    config.backends.gate = options.redis_url.clone();
+    let mut config = server_config(&options, &prefix, &dir.join("bench.db"))?;
     config.backends.dedup = options.redis_url.clone();
-    config.backends.store = options.store.clone();
-    config.backends.queue = options.queue.clone();
-    config.rabbitmq.queue = prefix.clone();
-    config.store.sqlite_path = dir.join("bench.db").display().to_string();
-    config.redis.key_prefix = prefix.clone();
     // Every layer on; rates far above the load, so nothing is refused for
     // being fast (the storm's users each call once).
     config.layers.rate_limit.enabled = true;

@@ -198,6 +198,11 @@ impl ReservationState {
         })
     }
 
+    /// The reservation's units are taken from stock (held or sold).
+    pub fn holds_units(self) -> bool {
+        matches!(self, Self::Held | Self::Confirmed)
+    }
+
     /// No transition leaves a final state.
     pub fn is_final(self) -> bool {
         matches!(

@@ -500,14 +500,8 @@ impl Pipeline {
         self.ensure_ready()?;
         let layers = self.layers();
         if let Some(key) = &cmd.idempotency_key {
-            if let Some(existing) = self.pending_with_key(&cmd.user, key).await {
+            if let Some(existing) = self.earlier_with_key(&cmd.user, key).await? {
                 return Ok(ReserveResult::Existing(existing));
-            }
-            let settled = self.pending().recently_settled(&cmd.user, key);
-            if let Some(id) = settled {
-                if let Some(existing) = self.store.reservation(&id).await.map_err(store_error)? {
-                    return Ok(ReserveResult::Existing(existing));
-                }
             }
         }
         let order = NewOrder {
@@ -739,16 +733,31 @@ impl Pipeline {
         Ok(lost)
     }
 
-    async fn pending_with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<Reservation> {
-        let (mut reservation, ticket) = {
+    /// The reservation an earlier call with this key made, if this replica
+    /// knows it: still queued (with its position), or settled recently
+    /// (read back from the database).
+    async fn earlier_with_key(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Reservation>, ReservationError> {
+        let (queued, settled) = {
             let pending = self.pending();
-            let found = pending.with_key(user, key)?;
-            (found.reservation.clone(), found.ticket)
+            match pending.with_key(user, key) {
+                Some(found) => (Some((found.reservation.clone(), found.ticket)), None),
+                None => (None, pending.recently_settled(user, key)),
+            }
         };
-        if let Some(ticket) = ticket {
-            reservation.queue_position = Some(self.queue.position(ticket).await);
+        if let Some((mut reservation, ticket)) = queued {
+            if let Some(ticket) = ticket {
+                reservation.queue_position = Some(self.queue.position(ticket).await);
+            }
+            return Ok(Some(reservation));
         }
-        Some(reservation)
+        match settled {
+            Some(id) => self.store.reservation(&id).await.map_err(store_error),
+            None => Ok(None),
+        }
     }
 
     async fn enqueue(

@@ -343,6 +343,25 @@ pub(crate) mod decision_table {
         (0i64..20, 0u32..6, proptest::collection::vec(op, 1..40))
     }
 
+    /// Plays `cases` random sales, each on a fresh gate from `make`, next
+    /// to the model (see [`follows_the_model`]); shrinks and panics on the
+    /// first disagreement. Needs the multi-threaded runtime.
+    pub fn random_sales<G: StockGate>(make: impl Fn() -> G, cases: u32) {
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        let handle = tokio::runtime::Handle::current();
+        let mut runner = TestRunner::new(Config {
+            cases,
+            ..Config::default()
+        });
+        let result = runner.run(&sales(), |sale| {
+            tokio::task::block_in_place(|| handle.block_on(follows_the_model(make(), sale)))
+                .map_err(TestCaseError::fail)
+        });
+        if let Err(err) = result {
+            panic!("{err}");
+        }
+    }
+
     /// Plays a random sale on `gate` next to a model of the decision table:
     /// every decision and the counter after every step must match, the
     /// counter never goes below zero, and a release gives units back once.

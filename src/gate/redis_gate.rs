@@ -370,21 +370,7 @@ mod tests {
     /// Random sales against a model of the decision table (48 cases).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_sales_follow_the_model() {
-        use proptest::test_runner::{Config, TestCaseError, TestRunner};
-        let handle = tokio::runtime::Handle::current();
-        let mut runner = TestRunner::new(Config {
-            cases: 48,
-            ..Config::default()
-        });
-        let result = runner.run(&decision_table::sales(), |sale| {
-            tokio::task::block_in_place(|| {
-                handle.block_on(decision_table::follows_the_model(fresh_gate(), sale))
-            })
-            .map_err(TestCaseError::fail)
-        });
-        if let Err(err) = result {
-            panic!("{err}");
-        }
+        decision_table::random_sales(fresh_gate, 48);
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use tonic::{
 };
 
 use crate::{
-    domain::{ReservationState, Sku},
+    domain::Sku,
     pb::{
         admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
         ConfirmReservationRequest, DbCheckMode, GetReservationRequest, GetStockRequest,
@@ -340,13 +340,7 @@ async fn reserve(
                     ) =>
             {
                 attempt += 1;
-                let wait = s
-                    .metadata()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map_or(Duration::from_millis(50), Duration::from_secs);
-                tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
+                back_off(&s, Duration::from_millis(50)).await;
             }
             Err(s) => return Answer::Error(s.code(), s.message().to_owned()),
         }
@@ -604,6 +598,18 @@ async fn settle_and_check(
     Ok(())
 }
 
+/// Waits as a refusal's `retry-after` hint says (at most 2 s), or
+/// `otherwise` when it gave none.
+async fn back_off(refusal: &Status, otherwise: Duration) {
+    let wait = refusal
+        .metadata()
+        .get(crate::error::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(otherwise, Duration::from_secs);
+    tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
+}
+
 /// Retries a call refused by the rate limiter or the shedder, after the
 /// hint it came with.
 async fn paced<T, F, Fut>(mut call: F) -> Result<T, Status>
@@ -614,13 +620,7 @@ where
     loop {
         match call().await {
             Err(s) if s.code() == Code::ResourceExhausted => {
-                let wait = s
-                    .metadata()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map_or(Duration::from_millis(100), Duration::from_secs);
-                tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
+                back_off(&s, Duration::from_millis(100)).await;
             }
             other => return other,
         }
@@ -702,12 +702,7 @@ pub async fn check_database(
         .context("the SKU is not in the database")?;
     let ordered: i64 = rows
         .iter()
-        .filter(|r| {
-            matches!(
-                r.state,
-                ReservationState::Held | ReservationState::Confirmed
-            )
-        })
+        .filter(|r| r.state.holds_units())
         .map(|r| i64::from(r.quantity))
         .sum();
     let unknown: Vec<&str> = rows
