@@ -35,35 +35,13 @@ async fn the_rust_client_reserves_watches_and_confirms() {
     app.stop().await;
 }
 
-/// grpcio and grpcio-tools, installed under the test's scratch directory
-/// when python3 lacks them.
+/// grpcio and grpcio-tools, pinned.
 fn python_grpc() -> String {
-    let target = format!("{}/python-grpc", env!("CARGO_TARGET_TMPDIR"));
-    let present = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .env("PYTHONPATH", &target)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !present {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args([
-                "--target",
-                &target,
-                "grpcio==1.85.1",
-                "grpcio-tools==1.85.1",
-            ])
-            .status()
-            .expect("python3 runs");
-        assert!(status.success(), "pip install grpcio grpcio-tools");
-    }
-    target
+    crate::harness::python_packages(
+        "python-grpc",
+        "grpc, grpc_tools",
+        &["grpcio==1.85.1", "grpcio-tools==1.85.1"],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

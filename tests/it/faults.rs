@@ -123,10 +123,7 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
     .await;
     survivor.set_stock("KILLAPI", 2_000, 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = crate::harness::free_port();
     let mut config = survivor.config.clone();
     config.server.role = stockgate::config::Role::Api;
     config.server.listen = format!("127.0.0.1:{port}").parse().unwrap();

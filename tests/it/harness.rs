@@ -498,12 +498,7 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
     let left = store.inventory(&sku_id).await.unwrap().unwrap().stock;
     let ordered: i64 = rows
         .iter()
-        .filter(|r| {
-            matches!(
-                r.state,
-                ReservationState::Held | ReservationState::Confirmed
-            )
-        })
+        .filter(|r| r.state.holds_units())
         .map(|r| i64::from(r.quantity))
         .sum();
     assert!(
@@ -615,4 +610,39 @@ impl TestApp {
             .unwrap()
             .gate
     }
+}
+
+/// A port nothing listens on right now, for a server started as a separate
+/// process (which binds it itself).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// A directory under the test's scratch space (nothing outside `target/`
+/// is written) where `import` works from python3: the machine's own
+/// packages, or `packages` installed there with pip when they lack it.
+pub fn python_packages(dir: &str, import: &str, packages: &[&str]) -> String {
+    let target = format!("{}/{dir}", env!("CARGO_TARGET_TMPDIR"));
+    let present = std::process::Command::new("python3")
+        .args(["-c", &format!("import {import}")])
+        .env("PYTHONPATH", &target)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        let status = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--target", &target])
+            .args(packages)
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "pip install {packages:?}");
+    }
+    target
 }

@@ -717,10 +717,7 @@ async fn the_cli_drives_a_running_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_the_config_files_switches() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = crate::harness::free_port();
     let file = dir.path().join("stockgate.toml");
     let write = |queue: bool| {
         std::fs::write(

@@ -33,10 +33,7 @@ use crate::harness::{is_admitted, open_store, with_user};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_answers_every_caller_and_keeps_every_accepted_order() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = crate::harness::free_port();
     let sqlite = dir.path().join("drain.db").display().to_string();
     let file = dir.path().join("stockgate.toml");
     std::fs::write(
@@ -179,30 +176,13 @@ async fn sigterm_under_load_answers_every_caller_and_keeps_every_accepted_order(
     }
 }
 
-/// kubernetes-validate, installed under the test's scratch directory when
-/// the machine lacks it (nothing outside `target/` is written).
+/// kubernetes-validate, pinned.
 fn kubernetes_validate() -> String {
-    let target = format!("{}/kubernetes-validate", env!("CARGO_TARGET_TMPDIR"));
-    let present = Command::new("python3")
-        .args(["-c", "import kubernetes_validate"])
-        .env("PYTHONPATH", &target)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !present {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["--target", &target, "kubernetes-validate==1.37.0"])
-            .status()
-            .expect("python3 runs");
-        assert!(status.success(), "pip install kubernetes-validate");
-    }
-    target
+    crate::harness::python_packages(
+        "kubernetes-validate",
+        "kubernetes_validate",
+        &["kubernetes-validate==1.37.0"],
+    )
 }
 
 fn render(tree: &str) -> String {
