@@ -872,3 +872,81 @@ async fn flipping_switches_mid_storm_drops_nothing() {
     assert!(ordered <= 300);
     app.stop().await;
 }
+
+/// Every new admin field refuses bad values with INVALID_ARGUMENT naming
+/// it, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_fields_are_named_and_change_nothing() {
+    let app = TestApp::spawn(Profile::Embedded).await;
+    let mut admin = app.admin();
+    let before = layers_of(&mut admin).await;
+    let invalid = |status: tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    };
+    let set = |request: SetLayersRequest| {
+        let mut admin = app.admin();
+        async move { admin.set_layers(request).await.unwrap_err() }
+    };
+    invalid(
+        set(SetLayersRequest {
+            gate_failure_mode: 9,
+            ..Default::default()
+        })
+        .await,
+        "gate_failure_mode",
+    );
+    invalid(
+        set(SetLayersRequest {
+            gate: Some(false),
+            reason: "x".repeat(501),
+            ..Default::default()
+        })
+        .await,
+        "reason",
+    );
+    let after = layers_of(&mut admin).await;
+    assert_eq!(
+        (after.layers, after.revision),
+        (before.layers, before.revision)
+    );
+
+    invalid(
+        admin
+            .list_audit_events(ListAuditEventsRequest { limit: 1_001 })
+            .await
+            .unwrap_err(),
+        "limit",
+    );
+    let list = |sku: &str, state: i32, limit: u32| {
+        let mut admin = app.admin();
+        let request = stockgate::pb::ListReservationsRequest {
+            sku: sku.into(),
+            state,
+            limit,
+        };
+        async move { admin.list_reservations(request).await.unwrap_err() }
+    };
+    invalid(list("bad sku!", 0, 10).await, "sku");
+    invalid(
+        list("", stockgate::pb::ReservationState::Queued as i32, 10).await,
+        "state",
+    );
+    invalid(list("", 99, 10).await, "state");
+    invalid(list("", 0, 5_000).await, "limit");
+    invalid(
+        admin
+            .check_invariants(stockgate::pb::CheckInvariantsRequest { sku: "!".into() })
+            .await
+            .unwrap_err(),
+        "sku",
+    );
+    assert!(admin
+        .list_audit_events(ListAuditEventsRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .is_empty());
+    app.stop().await;
+}
