@@ -659,11 +659,16 @@ impl Pipeline {
                 // Re-read: a commit since the pass began would make the
                 // reset itself drift.
                 if let Some(fresh) = self.store.inventory(&sku).await.map_err(store_error)? {
-                    self.gate
+                    // Refused when a settlement overtook the read: the
+                    // next pass measures again.
+                    if self
+                        .gate
                         .set(&sku_stock(&fresh))
                         .await
-                        .map_err(gate_error)?;
-                    report.repaired.push(sku.clone());
+                        .map_err(gate_error)?
+                    {
+                        report.repaired.push(sku.clone());
+                    }
                 }
             } else {
                 seen.insert(sku, drift);
@@ -706,20 +711,23 @@ impl Pipeline {
             if self.pending().get(&entry.id).is_some() {
                 continue;
             }
-            let action = match self
+            let (action, version) = match self
                 .store
                 .reservation(&entry.id)
                 .await
                 .map_err(store_error)?
             {
-                Some(row) if row.state == ReservationState::Rejected => Settlement::Rejected,
-                Some(_) => Settlement::Committed,
+                Some(row) if row.state == ReservationState::Rejected => {
+                    (Settlement::Rejected, None)
+                }
+                Some(_) => (Settlement::Committed, self.stock_version(sku).await),
                 None if waiting != Some(0) => continue,
                 None => {
                     lost.push(entry.id.clone());
-                    Settlement::Released
+                    (Settlement::Released, None)
                 }
             };
+            let entry = entry.at_version(version);
             self.settle_gate(action, std::slice::from_ref(&entry)).await;
         }
         if !lost.is_empty() {
@@ -909,8 +917,8 @@ impl Pipeline {
         outcome: CommitOutcome,
     ) -> Result<ReserveResult, ReservationError> {
         if gated {
-            self.settle_gate(settlement(&outcome), &[gate_entry(order)])
-                .await;
+            let entry = self.settled_entry(order, &outcome).await;
+            self.settle_gate(settlement(&outcome), &[entry]).await;
         }
         self.answer(order, outcome)
     }
@@ -926,6 +934,7 @@ impl Pipeline {
             CommitOutcome::Committed {
                 reservation,
                 remaining,
+                ..
             } => {
                 self.emit(Event::Changed(reservation.clone()));
                 Ok(ReserveResult::Reserved {
@@ -947,6 +956,33 @@ impl Pipeline {
             CommitOutcome::Rejected { reservation, .. } => {
                 self.emit(Event::Changed(reservation.clone()));
                 Ok(ReserveResult::Existing(reservation))
+            }
+        }
+    }
+
+    /// The gate's view of an order the database decided, with the stock
+    /// version of the commit (see [`GateEntry::version`]). A redelivery's
+    /// row does not say at which version it was committed; the row's
+    /// current version bounds it, which can only leave the gate lower.
+    async fn settled_entry(&self, order: &NewOrder, outcome: &CommitOutcome) -> GateEntry {
+        let version = match outcome {
+            CommitOutcome::Committed { stock_version, .. } => Some(*stock_version),
+            CommitOutcome::AlreadyCommitted(_) if settlement(outcome) == Settlement::Committed => {
+                self.stock_version(&order.sku).await
+            }
+            _ => None,
+        };
+        gate_entry(order).at_version(version)
+    }
+
+    /// The SKU row's version now; `None` if it cannot be read, which
+    /// leaves a settlement unversioned (it then never adds units).
+    async fn stock_version(&self, sku: &Sku) -> Option<i64> {
+        match self.store.inventory(sku).await {
+            Ok(row) => row.map(|row| row.version),
+            Err(err) => {
+                tracing::warn!(sku = sku.as_str(), error = %err, "stock version not read; settling the gate without it");
+                None
             }
         }
     }
@@ -1031,7 +1067,7 @@ impl Pipeline {
                 settlements
                     .entry(settlement(outcome))
                     .or_default()
-                    .push(gate_entry(&queued.order));
+                    .push(self.settled_entry(&queued.order, outcome).await);
             }
             for (action, entries) in settlements {
                 self.settle_gate(action, &entries).await;
@@ -1250,8 +1286,12 @@ impl Pipeline {
             .release(id, user, now())
             .await
             .map_err(store_error)?;
-        if let Settled::Changed(released) = &settled {
-            self.return_to_gate(released).await;
+        if let Settled::Changed {
+            reservation,
+            stock_version,
+        } = &settled
+        {
+            self.return_to_gate(reservation, *stock_version).await;
         }
         self.after_settle(id, settled, "release").await
     }
@@ -1276,7 +1316,7 @@ impl Pipeline {
         action: &str,
     ) -> Result<Reservation, ReservationError> {
         match settled {
-            Settled::Changed(reservation) => {
+            Settled::Changed { reservation, .. } => {
                 self.emit(Event::Changed(reservation.clone()));
                 Ok(reservation)
             }
@@ -1295,13 +1335,16 @@ impl Pipeline {
         }
     }
 
-    async fn return_to_gate(&self, reservation: &Reservation) {
-        let release = GateEntry {
-            id: reservation.id.clone(),
-            sku: reservation.sku.clone(),
-            user: reservation.user.clone(),
-            quantity: reservation.quantity,
-        };
+    /// Gives a released hold's units back to the gate; `stock_version` is
+    /// the version the database's restock wrote.
+    async fn return_to_gate(&self, reservation: &Reservation, stock_version: Option<i64>) {
+        let release = GateEntry::new(
+            reservation.id.clone(),
+            reservation.sku.clone(),
+            reservation.user.clone(),
+            reservation.quantity,
+        )
+        .at_version(stock_version);
         self.restocked(reservation.sku.as_str());
         if let Err(err) = self.gate.release(&release).await {
             tracing::warn!(reservation = reservation.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
@@ -1315,8 +1358,8 @@ impl Pipeline {
             .expire_due(now(), 500)
             .await
             .map_err(store_error)?;
-        for reservation in &expired {
-            self.return_to_gate(reservation).await;
+        for (reservation, stock_version) in &expired {
+            self.return_to_gate(reservation, *stock_version).await;
             self.emit(Event::Changed(reservation.clone()));
         }
         Ok(expired.len())
@@ -1382,9 +1425,7 @@ impl Pipeline {
             .set_stock(sku, stock, max_per_user, now())
             .await
             .map_err(store_error)?;
-        if let Err(err) = self.gate.set(&sku_stock(&row)).await {
-            self.gate_lagging(sku, err);
-        }
+        self.gate_follows(row.clone()).await;
         self.restocked(sku.as_str());
         self.view(row).await
     }
@@ -1398,7 +1439,7 @@ impl Pipeline {
             .map_err(store_error)?
         {
             Adjusted::Applied(row) => {
-                if let Err(err) = self.gate.adjust(sku, delta).await {
+                if let Err(err) = self.gate.adjust(sku, delta, row.version).await {
                     self.gate_lagging(sku, err);
                 }
                 if delta > 0 {
@@ -1412,6 +1453,26 @@ impl Pipeline {
                 sku.as_str()
             ))),
         }
+    }
+
+    /// Sets the gate from `row`, read again while settlements overtake the
+    /// read (a busy processor); after a few tries the reconciler takes over.
+    async fn gate_follows(&self, mut row: InventoryRow) {
+        let sku = Sku::from_trusted(row.sku.clone());
+        for _ in 0..5 {
+            match self.gate.set(&sku_stock(&row)).await {
+                Ok(true) => return,
+                Ok(false) => match self.store.inventory(&sku).await {
+                    Ok(Some(fresh)) => row = fresh,
+                    _ => break,
+                },
+                Err(err) => return self.gate_lagging(&sku, err),
+            }
+        }
+        tracing::warn!(
+            sku = sku.as_str(),
+            "gate kept missing the database's latest stock; the reconciler will set it"
+        );
     }
 
     /// The database changed and the gate could not follow. The database
@@ -1520,6 +1581,7 @@ fn sku_stock(row: &InventoryRow) -> SkuStock {
         sku: Sku::from_trusted(row.sku.clone()),
         db_stock: row.stock,
         max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
+        version: row.version,
     }
 }
 
@@ -1558,12 +1620,12 @@ fn settlement(outcome: &CommitOutcome) -> Settlement {
 }
 
 fn gate_entry(order: &NewOrder) -> GateEntry {
-    GateEntry {
-        id: order.id.clone(),
-        sku: order.sku.clone(),
-        user: order.user.clone(),
-        quantity: order.quantity,
-    }
+    GateEntry::new(
+        order.id.clone(),
+        order.sku.clone(),
+        order.user.clone(),
+        order.quantity,
+    )
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@ use crate::domain::Sku;
 struct Counter {
     available: i64,
     max_per_user: u32,
+    /// Row version of the database read the counter was last set from,
+    /// and the newest version of a change settled since (see
+    /// [`GateEntry::version`]).
+    base: i64,
+    seen: i64,
     /// Live units per user (admitted and not released or refused).
     users: HashMap<String, i64>,
 }
@@ -65,14 +70,38 @@ impl State {
         }
     }
 
-    fn set(&mut self, stock: &SkuStock) {
+    /// False, changing nothing, for a read older than a settled change.
+    fn set(&mut self, stock: &SkuStock) -> bool {
         let in_flight = self.in_flight(stock.sku.as_str());
         let counter = self
             .counters
             .entry(stock.sku.as_str().to_owned())
-            .or_default();
-        counter.available = (stock.db_stock - in_flight).max(0);
+            .or_insert_with(|| Counter {
+                base: -1,
+                seen: -1,
+                ..Counter::default()
+            });
+        if stock.version < counter.seen {
+            return false;
+        }
+        // Not clamped at zero, as in set.lua.
+        counter.available = stock.db_stock - in_flight;
         counter.max_per_user = stock.max_per_user;
+        counter.base = stock.version;
+        counter.seen = stock.version;
+        true
+    }
+
+    /// Notes a settled database change at `version`; whether the counter's
+    /// last read already had it.
+    fn saw(&mut self, sku: &str, version: Option<i64>) -> bool {
+        match (self.counters.get_mut(sku), version) {
+            (Some(counter), Some(version)) => {
+                counter.seen = counter.seen.max(version);
+                version <= counter.base
+            }
+            _ => false,
+        }
     }
 }
 
@@ -122,7 +151,7 @@ impl StockGate for EmbeddedGate {
         let quantity = i64::from(request.quantity);
         if counter.available < quantity {
             return Ok(GateDecision::SoldOut {
-                remaining: counter.available,
+                remaining: counter.available.max(0),
             });
         }
         let live = counter
@@ -154,9 +183,19 @@ impl StockGate for EmbeddedGate {
     }
 
     async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
-        if let Some(admitted) = self.lock().admitted.get_mut(entry.id.as_str()) {
-            if admitted.phase == Phase::InFlight {
-                admitted.phase = Phase::Committed;
+        let mut state = self.lock();
+        let counted_twice = state.saw(entry.sku.as_str(), entry.version);
+        let Some(admitted) = state.admitted.get_mut(entry.id.as_str()) else {
+            return Ok(());
+        };
+        if admitted.phase != Phase::InFlight {
+            return Ok(());
+        }
+        admitted.phase = Phase::Committed;
+        if counted_twice {
+            // The last read had this commit and subtracted it as in flight.
+            if let Some(counter) = state.counters.get_mut(entry.sku.as_str()) {
+                counter.available += i64::from(entry.quantity);
             }
         }
         Ok(())
@@ -182,27 +221,38 @@ impl StockGate for EmbeddedGate {
 
     async fn release(&self, release: &GateEntry) -> Result<(), GateError> {
         let mut state = self.lock();
-        match state.admitted.get_mut(release.id.as_str()) {
+        let sku = release.sku.as_str();
+        let in_read = state.saw(sku, release.version);
+        let known = match state.admitted.get_mut(release.id.as_str()) {
             Some(admitted) if admitted.phase == Phase::Done => return Ok(()),
-            Some(admitted) => admitted.phase = Phase::Done,
-            // Admitted before this process started (the counter was rebuilt
-            // from the database, which did not count the hold as available):
-            // remember it so a second release is a no-op.
+            Some(admitted) => {
+                admitted.phase = Phase::Done;
+                true
+            }
+            // Admitted before this process started: remember it so a second
+            // release is a no-op.
             None => {
                 state.admitted.insert(
                     release.id.as_str().to_owned(),
                     Admitted {
-                        sku: release.sku.as_str().to_owned(),
+                        sku: sku.to_owned(),
                         user: release.user.as_str().to_owned(),
                         quantity: release.quantity,
                         phase: Phase::Done,
                     },
                 );
+                false
             }
-        }
-        let sku = release.sku.as_str();
+        };
         state.free_user_units(sku, release.user.as_str(), release.quantity);
-        if let Some(counter) = state.counters.get_mut(sku) {
+        // The same rule as settle.lua: a database restock comes back unless
+        // the last read had it; units the database never saw come back if
+        // this counter took them.
+        let give = match release.version {
+            Some(_) => !in_read,
+            None => known,
+        };
+        if let (true, Some(counter)) = (give, state.counters.get_mut(sku)) {
             counter.available += i64::from(release.quantity);
             drop(state);
             self.restocked(sku);
@@ -213,22 +263,31 @@ impl StockGate for EmbeddedGate {
     async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
         let mut state = self.lock();
         for sku in stock {
+            // A stale read keeps the counter settlements have kept current.
             state.set(sku);
         }
         state.ready = true;
         Ok(())
     }
 
-    async fn set(&self, stock: &SkuStock) -> Result<(), GateError> {
-        self.lock().set(stock);
-        self.restocked(stock.sku.as_str());
-        Ok(())
+    async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
+        let applied = self.lock().set(stock);
+        if applied {
+            self.restocked(stock.sku.as_str());
+        }
+        Ok(applied)
     }
 
-    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError> {
-        if let Some(counter) = self.lock().counters.get_mut(sku.as_str()) {
-            counter.available = (counter.available + delta).max(0);
+    async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {
+        let mut state = self.lock();
+        if state.saw(sku.as_str(), Some(version)) {
+            return Ok(());
         }
+        if let Some(counter) = state.counters.get_mut(sku.as_str()) {
+            // Not clamped at zero, as in adjust.lua.
+            counter.available += delta;
+        }
+        drop(state);
         if delta > 0 {
             self.restocked(sku.as_str());
         }
@@ -265,6 +324,11 @@ mod tests {
         decision_table::run(EmbeddedGate::new).await;
     }
 
+    #[tokio::test]
+    async fn rebuilds_race_settlements_without_over_counting() {
+        decision_table::rebuilds_race_settlements(EmbeddedGate::new()).await;
+    }
+
     /// Random sales against a model of the decision table (256 cases).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_sales_follow_the_model() {
@@ -285,12 +349,13 @@ mod tests {
     #[tokio::test]
     async fn release_of_a_hold_from_before_a_restart_counts_once() {
         let (gate, sku) = loaded(EmbeddedGate::new(), 2, 0).await;
-        let earlier = GateEntry {
-            id: ReservationId::generate(),
-            sku: sku.clone(),
-            user: UserId::parse("u1").unwrap(),
-            quantity: 3,
-        };
+        let earlier = GateEntry::new(
+            ReservationId::generate(),
+            sku.clone(),
+            UserId::parse("u1").unwrap(),
+            3,
+        )
+        .at_version(Some(1));
         gate.release(&earlier).await.unwrap();
         gate.release(&earlier).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
@@ -324,6 +389,7 @@ mod tests {
         assert_eq!(gate.in_flight(&sku).await.unwrap(), 3);
         // The database took the committed 2 out of its 10.
         gate.set(&SkuStock {
+            version: 1,
             sku: sku.clone(),
             db_stock: 8,
             max_per_user: 0,

@@ -27,6 +27,39 @@ pub struct GateEntry {
     pub sku: Sku,
     pub user: UserId,
     pub quantity: u32,
+    /// For a settlement that mirrors a database change (a commit, a
+    /// release's restock): the SKU row's version that change wrote, or an
+    /// upper bound of it. `None` for admissions and for settlements the
+    /// database never saw (a publish that failed, a refusal).
+    ///
+    /// A counter is rebuilt from a database read at some version `V`
+    /// ([`SkuStock::version`]), while settlements keep arriving, each a
+    /// moment after its database change. Comparing versions tells whether
+    /// that read already saw the change: a commit at or below `V` was
+    /// subtracted twice (in the read and as in flight) and its units come
+    /// back; a release at or below `V` is already in the read and returns
+    /// nothing more. Without this, a rebuild racing the order processor
+    /// counted a just-settled batch as available again.
+    pub version: Option<i64>,
+}
+
+impl GateEntry {
+    /// An admission, or a settlement the database never saw.
+    pub fn new(id: ReservationId, sku: Sku, user: UserId, quantity: u32) -> Self {
+        Self {
+            id,
+            sku,
+            user,
+            quantity,
+            version: None,
+        }
+    }
+
+    /// The same reservation settled by a database change at `version`.
+    pub fn at_version(mut self, version: Option<i64>) -> Self {
+        self.version = version;
+        self
+    }
 }
 
 /// The gate's answer; one row of the decision table.
@@ -75,6 +108,8 @@ pub struct SkuStock {
     /// Units available in the database.
     pub db_stock: i64,
     pub max_per_user: u32,
+    /// The row's version when it was read (see [`GateEntry::version`]).
+    pub version: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,14 +157,20 @@ pub trait StockGate: Send + Sync + 'static {
     }
 
     /// Rebuilds every counter from the database: available = database
-    /// stock minus units in flight. Marks the gate ready.
+    /// stock minus units in flight. Marks the gate ready. A SKU whose read
+    /// is older than a settlement the gate already applied keeps its
+    /// counter (see [`StockGate::set`]).
     async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError>;
 
-    /// Overwrites one SKU's counter (admin set stock), by the same rule.
-    async fn set(&self, stock: &SkuStock) -> Result<(), GateError>;
+    /// Overwrites one SKU's counter by the same rule. `Ok(false)`, changing
+    /// nothing, when the gate has already applied a settlement newer than
+    /// the read (`stock.version`): the read is stale; read again.
+    async fn set(&self, stock: &SkuStock) -> Result<bool, GateError>;
 
-    /// Adds `delta` to a SKU's counter (admin adjust).
-    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError>;
+    /// Adds `delta` to a SKU's counter (admin adjust) unless the counter
+    /// was rebuilt from a read that already saw the adjustment (`version`,
+    /// the row version it wrote).
+    async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError>;
 
     /// The counter, or `None` when the gate has none for the SKU.
     async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError>;
@@ -272,6 +313,7 @@ pub(crate) mod decision_table {
                 .stock
                 .iter()
                 .map(|&(db_stock, max_per_user)| SkuStock {
+                    version: 0,
                     sku: sku.clone(),
                     db_stock,
                     max_per_user,
@@ -304,6 +346,7 @@ pub(crate) mod decision_table {
             sku: sku.clone(),
             db_stock: stock,
             max_per_user,
+            version: 0,
         }])
         .await
         .unwrap();
@@ -311,12 +354,87 @@ pub(crate) mod decision_table {
     }
 
     pub fn request(sku: &Sku, user: &str, quantity: u32) -> GateEntry {
-        GateEntry {
-            id: ReservationId::generate(),
-            sku: sku.clone(),
-            user: UserId::parse(user).unwrap(),
+        GateEntry::new(
+            ReservationId::generate(),
+            sku.clone(),
+            UserId::parse(user).unwrap(),
             quantity,
+        )
+    }
+
+    /// `S` as the database holds it: `stock` units at row `version`.
+    fn read(sku: &Sku, stock: i64, version: i64) -> SkuStock {
+        SkuStock {
+            sku: sku.clone(),
+            db_stock: stock,
+            max_per_user: 0,
+            version,
         }
+    }
+
+    /// Rebuilds from a database read race the settlements that follow each
+    /// database change. Every step is one interleaving the order processor
+    /// and a rebuilding replica produce; the database's stock (`db`) and
+    /// row version move as the store's would. The gate must end where the
+    /// database is, never above it.
+    pub async fn rebuilds_race_settlements<G: StockGate>(gate: G) {
+        let (gate, sku) = loaded(gate, 10, 0).await;
+        let available = async |gate: &G| gate.available(&sku).await.unwrap();
+        // A read taken before a commit that was settled before the rebuild
+        // ran: refused, the counter stays right.
+        let first = request(&sku, "u1", 2);
+        gate.reserve(&first).await.unwrap();
+        let stale = read(&sku, 10, 0);
+        let (db, version) = (8, 1);
+        gate.committed(&first.clone().at_version(Some(version)))
+            .await
+            .unwrap();
+        assert!(!gate.set(&stale).await.unwrap(), "stale read applied");
+        assert_eq!(available(&gate).await, Some(db));
+        assert!(gate.set(&read(&sku, db, version)).await.unwrap());
+        assert_eq!(available(&gate).await, Some(db));
+
+        // A rebuild between a commit and its settlement subtracts the order
+        // twice; its settlement gives the units back.
+        let second = request(&sku, "u2", 3);
+        gate.reserve(&second).await.unwrap();
+        let (db, version) = (5, 2);
+        assert!(gate.set(&read(&sku, db, version)).await.unwrap());
+        assert_eq!(available(&gate).await, Some(2));
+        gate.committed(&second.clone().at_version(Some(version)))
+            .await
+            .unwrap();
+        assert_eq!(available(&gate).await, Some(db));
+
+        // A release the rebuild's read already had gives nothing more; one
+        // after the read gives its units back, once.
+        let (db, version) = (8, 3);
+        assert!(gate.set(&read(&sku, db, version)).await.unwrap());
+        gate.release(&second.clone().at_version(Some(version)))
+            .await
+            .unwrap();
+        assert_eq!(available(&gate).await, Some(db));
+        let (db, version) = (10, 4);
+        for _ in 0..2 {
+            gate.release(&first.clone().at_version(Some(version)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(available(&gate).await, Some(db));
+
+        // The same for an adjustment.
+        let (db, version) = (15, 5);
+        assert!(gate.set(&read(&sku, db, version)).await.unwrap());
+        gate.adjust(&sku, 5, version).await.unwrap();
+        assert_eq!(available(&gate).await, Some(db));
+        let (db, version) = (12, 6);
+        gate.adjust(&sku, -3, version).await.unwrap();
+        assert_eq!(available(&gate).await, Some(db));
+
+        // A release the database never saw, of an admission a rebuild does
+        // not know (its record went with the counters): nothing comes back.
+        gate.release(&request(&sku, "u3", 4)).await.unwrap();
+        assert_eq!(available(&gate).await, Some(db));
     }
 
     /// One step of a random sale.

@@ -7,7 +7,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled) |
+//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled), `ver` (row version of the database read it was last rebuilt from), `seen` (newest row version of a change settled since) |
 //! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
 //! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
@@ -143,7 +143,8 @@ impl RedisGate {
                     .key(self.key(sku, &format!("res:{}", entry.id.as_str())))
                     .arg(entry.user.as_str())
                     .arg(entry.quantity)
-                    .arg(entry.id.as_str());
+                    .arg(entry.id.as_str())
+                    .arg(entry.version.map(|v| v.to_string()).unwrap_or_default());
             }
             self.invoke::<i64>(&mut invocation).await?;
         }
@@ -236,6 +237,7 @@ impl StockGate for RedisGate {
 
     async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
         for sku in stock {
+            // A stale read keeps the counter settlements have kept current.
             self.set(sku).await?;
         }
         self.conn
@@ -245,7 +247,7 @@ impl StockGate for RedisGate {
             .map_err(unavailable)
     }
 
-    async fn set(&self, stock: &SkuStock) -> Result<(), GateError> {
+    async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
         self.invoke::<i64>(
             self.set
                 .prepare_invoke()
@@ -253,20 +255,22 @@ impl StockGate for RedisGate {
                 .arg(stock.db_stock)
                 .arg(stock.max_per_user)
                 .arg(self.channel())
-                .arg(stock.sku.as_str()),
+                .arg(stock.sku.as_str())
+                .arg(stock.version),
         )
         .await
-        .map(|_| ())
+        .map(|applied| applied == 1)
     }
 
-    async fn adjust(&self, sku: &Sku, delta: i64) -> Result<(), GateError> {
+    async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {
         self.invoke::<i64>(
             self.adjust
                 .prepare_invoke()
                 .key(self.key(sku, "inv"))
                 .arg(delta)
                 .arg(self.channel())
-                .arg(sku.as_str()),
+                .arg(sku.as_str())
+                .arg(version),
         )
         .await
         .map(|_| ())
@@ -318,12 +322,12 @@ impl StockGate for RedisGate {
                 .map_err(unavailable)?;
             let parsed = (user, qty, crate::domain::ReservationId::parse(&id));
             if let (Some(user), Some(quantity), Ok(id)) = parsed {
-                stale.push(GateEntry {
+                stale.push(GateEntry::new(
                     id,
-                    sku: sku.clone(),
-                    user: crate::domain::UserId::from_trusted(user),
+                    sku.clone(),
+                    crate::domain::UserId::from_trusted(user),
                     quantity,
-                });
+                ));
             }
         }
         Ok(stale)
@@ -365,6 +369,11 @@ mod tests {
     #[tokio::test]
     async fn follows_the_decision_table() {
         decision_table::run(fresh_gate).await;
+    }
+
+    #[tokio::test]
+    async fn rebuilds_race_settlements_without_over_counting() {
+        decision_table::rebuilds_race_settlements(fresh_gate()).await;
     }
 
     /// Random sales against a model of the decision table (48 cases).
@@ -413,6 +422,7 @@ mod tests {
             sku: sku.clone(),
             db_stock: 10,
             max_per_user: 0,
+            version: 0,
         };
         gate.load(&[stock(&a), stock(&b)]).await.unwrap();
         let entries = [
@@ -443,7 +453,7 @@ mod tests {
         let sku = Sku::parse("GONE").unwrap();
         gate.release(&request(&sku, "u1", 1)).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), None);
-        gate.adjust(&sku, 5).await.unwrap();
+        gate.adjust(&sku, 5, 1).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), None);
     }
 
@@ -459,12 +469,14 @@ mod tests {
         )
         .unwrap();
         let mut heard = other.restocks();
+        let mut version = 0;
         // The subscription comes up in the background: restock until the
         // other gate hears the SKU (a message sent before it subscribed is
         // lost, which is what its catch-all message on subscribing covers).
         let heard_sku = async {
             loop {
-                gate.adjust(&sku, 1).await.unwrap();
+                version += 1;
+                gate.adjust(&sku, 1, version).await.unwrap();
                 let wait = tokio::time::timeout(Duration::from_millis(200), heard.recv());
                 if let Ok(Ok(message)) = wait.await {
                     if message == "S" {

@@ -134,6 +134,9 @@ pub enum CommitOutcome {
     Committed {
         reservation: Reservation,
         remaining: i64,
+        /// The SKU row's version this commit wrote: where it stands in the
+        /// database's order of stock changes (see [`crate::gate::GateEntry`]).
+        stock_version: i64,
     },
     /// This reservation id was committed before (a redelivered message).
     AlreadyCommitted(Reservation),
@@ -170,8 +173,12 @@ pub enum RejectCause {
 /// The result of confirming or releasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
-    /// The state changed now (for a release: units went back to stock).
-    Changed(Reservation),
+    /// The state changed now. For a release, units went back to stock and
+    /// `stock_version` is the SKU row's version that restock wrote.
+    Changed {
+        reservation: Reservation,
+        stock_version: Option<i64>,
+    },
     /// Already in the asked-for (or another final) state; nothing changed.
     Unchanged(Reservation),
     NotFound,
@@ -198,6 +205,12 @@ pub enum Adjusted {
     BelowZero {
         stock: i64,
     },
+}
+
+/// Whether a hold left HELD, and the stock version its restock wrote.
+enum Transition {
+    Moved { stock_version: Option<i64> },
+    Refused,
 }
 
 enum Pool {
@@ -502,6 +515,9 @@ macro_rules! queries {
                     outcomes.push(CommitOutcome::Committed {
                         reservation: row.clone().into_domain(),
                         remaining: available - quantity,
+                        // The one update below writes it, or the batch is
+                        // decided again order by order.
+                        stock_version: current.version + 1,
                     });
                     rows.push(row);
                 }
@@ -653,6 +669,7 @@ macro_rules! queries {
                         return Ok(CommitOutcome::Committed {
                             reservation: row.into_domain(),
                             remaining: current.stock - quantity,
+                            stock_version: current.version + 1,
                         });
                     }
                     // Another writer committed since our read: back off a
@@ -773,16 +790,16 @@ macro_rules! queries {
                 sku: &str,
                 quantity: i32,
                 now: NaiveDateTime,
-            ) -> QueryResult<()> {
+            ) -> QueryResult<i64> {
                 diesel::update(inventory::table.find(sku))
                     .set((
                         inventory::stock.eq(inventory::stock + i64::from(quantity)),
                         inventory::version.eq(inventory::version + 1),
                         inventory::updated_at.eq(now),
                     ))
-                    .execute(conn)
+                    .returning(inventory::version)
+                    .get_result(conn)
                     .await
-                    .map(|_| ())
             }
 
             /// Moves a HELD reservation to `to`, returning its units to stock
@@ -793,7 +810,7 @@ macro_rules! queries {
                 row: &ReservationRow,
                 to: ReservationState,
                 now: NaiveDateTime,
-            ) -> QueryResult<bool> {
+            ) -> QueryResult<Transition> {
                 let target = reservations::table
                     .filter(reservations::reservation_id.eq(&row.reservation_id))
                     .filter(reservations::state.eq(ReservationState::Held.as_db()));
@@ -814,10 +831,15 @@ macro_rules! queries {
                 } else {
                     diesel::update(target).set(changes).execute(conn).await?
                 };
-                if moved == 1 && to != ReservationState::Confirmed {
-                    restock(conn, &row.sku, row.quantity, now).await?;
+                if moved != 1 {
+                    return Ok(Transition::Refused);
                 }
-                Ok(moved == 1)
+                let stock_version = if to == ReservationState::Confirmed {
+                    None
+                } else {
+                    Some(restock(conn, &row.sku, row.quantity, now).await?)
+                };
+                Ok(Transition::Moved { stock_version })
             }
 
             pub(super) async fn settle(
@@ -851,11 +873,16 @@ macro_rules! queries {
                             },
                         );
                     }
-                    if transition(conn, &row, to, now).await? {
+                    if let Transition::Moved { stock_version } =
+                        transition(conn, &row, to, now).await?
+                    {
                         let row = find(conn, id)
                             .await?
                             .expect("row updated in this transaction");
-                        return Ok(Settled::Changed(row.into_domain()));
+                        return Ok(Settled::Changed {
+                            reservation: row.into_domain(),
+                            stock_version,
+                        });
                     }
                     let row = find(conn, id).await?.expect("rows are never deleted");
                     Ok(
@@ -873,7 +900,7 @@ macro_rules! queries {
                 conn: &mut $Conn,
                 now: NaiveDateTime,
                 limit: i64,
-            ) -> QueryResult<Vec<Reservation>> {
+            ) -> QueryResult<Vec<(Reservation, Option<i64>)>> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
                     let due: Vec<ReservationRow> = reservations::table
                         .filter(reservations::state.eq(ReservationState::Held.as_db()))
@@ -885,11 +912,13 @@ macro_rules! queries {
                         .await?;
                     let mut expired = Vec::with_capacity(due.len());
                     for row in due {
-                        if transition(conn, &row, ReservationState::Expired, now).await? {
+                        if let Transition::Moved { stock_version } =
+                            transition(conn, &row, ReservationState::Expired, now).await?
+                        {
                             let mut reservation = row.into_domain();
                             reservation.state = ReservationState::Expired;
                             reservation.updated_at = now;
-                            expired.push(reservation);
+                            expired.push((reservation, stock_version));
                         }
                     }
                     Ok(expired)
@@ -1288,12 +1317,13 @@ impl Store {
         dispatch!(self.settle(id.as_str(), user.as_str(), ReservationState::Released, now))
     }
 
-    /// Expires up to `limit` lapsed holds, returning their units to stock.
+    /// Expires up to `limit` lapsed holds, returning their units to stock;
+    /// each with the SKU row's version its restock wrote.
     pub async fn expire_due(
         &self,
         now: NaiveDateTime,
         limit: i64,
-    ) -> Result<Vec<Reservation>, StoreError> {
+    ) -> Result<Vec<(Reservation, Option<i64>)>, StoreError> {
         dispatch!(self.expire_due(now, limit))
     }
 

@@ -4,10 +4,8 @@
 use std::process::Command;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use stockgate::{
-    domain::Sku,
-    gate::{RedisGate, StockGate},
-    pb::{CheckInvariantsRequest, CheckInvariantsResponse, DbCheckMode, SetLayersRequest},
+use stockgate::pb::{
+    CheckInvariantsRequest, CheckInvariantsResponse, DbCheckMode, SetLayersRequest,
 };
 
 use crate::harness::{storm, Profile, TestApp};
@@ -58,15 +56,26 @@ async fn the_checker_holds_after_a_storm_and_names_what_breaks() {
     let (ok, out) = cli_check(&app);
     assert!(ok, "{out}");
 
-    let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
-    gate.adjust(&Sku::parse("OTHER").unwrap(), 3).await.unwrap();
+    // Tampered with behind the service's back, as a stray script might.
+    let mut redis = redis::Client::open(app.config.backends.gate.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let counter = format!("{}:{{OTHER}}:inv", app.config.redis.key_prefix);
+    let tamper = |delta: i64| {
+        redis::cmd("HINCRBY")
+            .arg(&counter)
+            .arg("stock")
+            .arg(delta)
+            .clone()
+    };
+    let _: i64 = tamper(3).query_async(&mut redis).await.unwrap();
     let report = check(&app, "OTHER").await;
     assert!(!report.ok);
     let problems = &report.skus[0].problems;
     assert!(problems[0].starts_with("gate 8 "), "{problems:?}");
-    gate.adjust(&Sku::parse("OTHER").unwrap(), -3)
-        .await
-        .unwrap();
+    let _: i64 = tamper(-3).query_async(&mut redis).await.unwrap();
     assert!(check(&app, "OTHER").await.ok);
 
     let mut conn = AsyncPgConnection::establish(&app.config.backends.store)

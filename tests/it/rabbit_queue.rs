@@ -267,12 +267,12 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
             .and_hms_opt(0, 0, 0)
             .unwrap(),
     };
-    let entry = GateEntry {
-        id: order.id.clone(),
-        sku: order.sku.clone(),
-        user: order.user.clone(),
-        quantity: order.quantity,
-    };
+    let entry = GateEntry::new(
+        order.id.clone(),
+        order.sku.clone(),
+        order.user.clone(),
+        order.quantity,
+    );
     assert!(matches!(
         gate.reserve(&entry).await.unwrap(),
         GateDecision::Reserved { remaining: 3 }
@@ -605,12 +605,12 @@ async fn unreadable_message_is_rejected_with_its_units_returned() {
     app.set_stock("UNREAD", 5, 0).await;
     let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
     let id = ReservationId::generate();
-    let entry = GateEntry {
-        id: id.clone(),
-        sku: Sku::parse("UNREAD").unwrap(),
-        user: UserId::parse("mallory").unwrap(),
-        quantity: 2,
-    };
+    let entry = GateEntry::new(
+        id.clone(),
+        Sku::parse("UNREAD").unwrap(),
+        UserId::parse("mallory").unwrap(),
+        2,
+    );
     assert!(matches!(
         gate.reserve(&entry).await.unwrap(),
         GateDecision::Reserved { remaining: 3 }

@@ -314,12 +314,12 @@ async fn lost_admissions_are_returned_by_the_reconciler() {
     app.set_stock("CRASH", 5, 0).await;
     // The dead replica's admission, straight into the shared gate.
     let dead = RedisGate::connect(&redis_url(), &app.config.redis).unwrap();
-    let orphan = GateEntry {
-        id: stockgate::domain::ReservationId::generate(),
-        sku: stockgate::domain::Sku::parse("CRASH").unwrap(),
-        user: stockgate::domain::UserId::parse("ghost").unwrap(),
-        quantity: 2,
-    };
+    let orphan = GateEntry::new(
+        stockgate::domain::ReservationId::generate(),
+        stockgate::domain::Sku::parse("CRASH").unwrap(),
+        stockgate::domain::UserId::parse("ghost").unwrap(),
+        2,
+    );
     dead.reserve(&orphan).await.unwrap();
     drop(dead);
     let mut client = app.inventory();

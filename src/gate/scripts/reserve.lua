@@ -12,7 +12,7 @@ end
 stock = tonumber(stock)
 local qty = tonumber(ARGV[2])
 if stock < qty then
-  return {2, stock}
+  return {2, math.max(stock, 0)}
 end
 local cap = tonumber(redis.call('HGET', KEYS[1], 'cap') or '0')
 local live = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')

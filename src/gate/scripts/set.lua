@@ -1,12 +1,21 @@
--- Set one SKU's counter from the database: available = database stock minus
--- units admitted here and not yet settled (they are not in the database).
--- KEYS[1] inv hash.  ARGV: database stock, per-user cap, restock channel, sku
--- Returns the counter.
-local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
-local stock = tonumber(ARGV[1]) - inflight
-if stock < 0 then
-  stock = 0
+-- Set one SKU's counter from a database read: available = database stock
+-- minus units admitted here and not yet settled (they are not in the
+-- database; those that are get their units back when their commit is
+-- settled, see settle.lua). Refused when the gate has already settled a
+-- change newer than the read, whose effect the read would overwrite.
+-- KEYS[1] inv hash.  ARGV: database stock, per-user cap, restock channel,
+-- sku, row version of the read.
+-- Returns 1 when set, 0 when the read is stale.
+local version = tonumber(ARGV[5])
+local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
+if version < seen then
+  return 0
 end
-redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight)
+local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
+-- Not clamped at zero: a commit counted twice comes back later, and a
+-- clamped counter would then over-count.
+local stock = tonumber(ARGV[1]) - inflight
+redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight,
+  'ver', version, 'seen', version)
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return stock
+return 1

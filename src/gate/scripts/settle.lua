@@ -1,19 +1,29 @@
 -- Settle admitted reservations of one SKU after the database decided, or
 -- give their units back. Exactly once per reservation id however often it
 -- runs: a record's phase moves inflight -> committed -> done, never back.
+-- Versions (GateEntry::version in src/gate/mod.rs): the inv hash's `ver` is
+-- the row version of the database read the counter was last rebuilt from,
+-- `seen` the newest version of any database change settled since; an entry
+-- that mirrors a database change carries the version that change wrote.
 -- KEYS[1] inv hash, KEYS[2] users hash, KEYS[3] pending zset,
 -- KEYS[3+i] the record of reservation i (all under the SKU's hash tag).
 -- ARGV: action (committed | rejected | release), record ttl seconds,
--- restock channel, sku, then user, qty, id for each reservation.
--- Returns how many records changed.
+-- restock channel, sku, then user, qty, id, version ('' for none) for each
+-- reservation. Returns how many records changed.
 local action = ARGV[1]
+local base = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
+local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
+local give = 0
 local changed = 0
-local restocked = false
-for i = 1, #KEYS - 3 do
+for i = 1, (#KEYS - 3) do
   local record = KEYS[3 + i]
-  local user = ARGV[2 + 3 * i]
-  local qty = tonumber(ARGV[3 + 3 * i])
-  local id = ARGV[4 + 3 * i]
+  local user = ARGV[1 + 4 * i]
+  local qty = tonumber(ARGV[2 + 4 * i])
+  local id = ARGV[3 + 4 * i]
+  local version = tonumber(ARGV[4 + 4 * i])
+  if version and version > seen then
+    seen = version
+  end
   local phase = redis.call('HGET', record, 'phase')
   if phase ~= 'done' then
     if phase == 'inflight' then
@@ -23,6 +33,11 @@ for i = 1, #KEYS - 3 do
     if action == 'committed' then
       if phase == 'inflight' then
         redis.call('HSET', record, 'phase', 'committed')
+        -- The rebuild's read already had this commit and also subtracted
+        -- it as in flight: once too often.
+        if version and version <= base then
+          give = give + qty
+        end
         changed = changed + 1
       end
     elseif action == 'release' or phase then
@@ -31,12 +46,18 @@ for i = 1, #KEYS - 3 do
       if live <= 0 then
         redis.call('HDEL', KEYS[2], user)
       end
-      if action == 'release' and redis.call('EXISTS', KEYS[1]) == 1 then
-        -- A counter rebuilt from the database did not count this hold as
-        -- available, so the units go back even without a record. A missing
-        -- counter stays missing: "not loaded" must never become "N left".
-        redis.call('HINCRBY', KEYS[1], 'stock', qty)
-        restocked = true
+      if action == 'release' then
+        if version then
+          -- A database restock: back unless the rebuild's read had it
+          -- (even without a record, which a rebuild does not keep).
+          if version > base then
+            give = give + qty
+          end
+        elseif phase then
+          -- Never reached the database: the admission's units come back. No
+          -- record means a rebuild since, which never subtracted them.
+          give = give + qty
+        end
       end
       redis.call('HSET', record, 'user', user, 'qty', qty, 'phase', 'done')
       redis.call('EXPIRE', record, ARGV[2])
@@ -44,7 +65,14 @@ for i = 1, #KEYS - 3 do
     end
   end
 end
-if restocked then
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+-- A missing counter stays missing: "not loaded" must never become "N left".
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if seen >= 0 then
+    redis.call('HSET', KEYS[1], 'seen', seen)
+  end
+  if give > 0 then
+    redis.call('HINCRBY', KEYS[1], 'stock', give)
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
 end
 return changed
