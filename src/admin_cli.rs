@@ -115,6 +115,14 @@ pub enum StockCommand {
         #[arg(allow_hyphen_values = true)]
         delta: i64,
     },
+    /// What the SKU answers once sold out: `instant` or `waitlist`.
+    Policy {
+        sku: String,
+        policy: String,
+        /// Most entries waiting at once (0 = the server's default).
+        #[arg(long, default_value_t = 0)]
+        waitlist_limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,7 +131,7 @@ pub enum ReservationsCommand {
     List {
         #[arg(long)]
         sku: Option<String>,
-        /// held, confirmed, released, expired or rejected.
+        /// waitlisted, held, confirmed, released, expired or rejected.
         #[arg(long)]
         state: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -245,6 +253,28 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                         .into_inner()
                         .stock
                 }
+                StockCommand::Policy {
+                    sku,
+                    policy,
+                    waitlist_limit,
+                } => {
+                    let policy = pb::SoldOutPolicy::from_str_name(&format!(
+                        "SOLD_OUT_POLICY_{}",
+                        policy.to_ascii_uppercase()
+                    ))
+                    .filter(|p| *p != pb::SoldOutPolicy::Unspecified)
+                    .ok_or_else(|| anyhow!("policy {policy}: expected instant or waitlist"))?;
+                    admin
+                        .set_sold_out_policy(pb::SetSoldOutPolicyRequest {
+                            sku,
+                            policy: policy as i32,
+                            waitlist_limit,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .stock
+                }
                 StockCommand::Adjust { sku, delta } => {
                     admin
                         .adjust_stock(pb::AdjustStockRequest { sku, delta })
@@ -267,7 +297,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                 ))
                 .ok_or_else(|| {
                     anyhow!(
-                        "--state {name}: expected held, confirmed, released, expired or rejected"
+                        "--state {name}: expected waitlisted, held, confirmed, released, expired or rejected"
                     )
                 })?,
             };
@@ -518,6 +548,8 @@ fn render_stock(view: &pb::StockView) -> String {
             "confirmed",
             "queued",
             "max_per_user",
+            "sold_out",
+            "waitlisted",
             "version",
         ],
         &[vec![
@@ -528,6 +560,11 @@ fn render_stock(view: &pb::StockView) -> String {
             view.confirmed_units.to_string(),
             view.queued_units.to_string(),
             view.max_per_user.to_string(),
+            match view.sold_out_policy() {
+                pb::SoldOutPolicy::Waitlist => format!("waitlist (limit {})", view.waitlist_limit),
+                _ => "instant".into(),
+            },
+            view.waitlisted_units.to_string(),
             view.db_version.to_string(),
         ]],
     )

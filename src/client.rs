@@ -77,6 +77,7 @@ impl Client {
         let mut request = self.request(ReserveRequest {
             sku: sku.to_owned(),
             quantity,
+            ..Default::default()
         });
         request.metadata_mut().insert(
             "idempotency-key",

@@ -394,6 +394,12 @@ pub struct ReservationsConfig {
     pub hold_ttl_secs: u64,
     /// How often the expiry sweeper looks for lapsed holds, in milliseconds.
     pub sweep_interval_ms: u64,
+    /// Waiting entries a SKU with the `waitlist` sold-out policy takes at
+    /// once, unless the SKU sets its own limit (`SetSoldOutPolicy`).
+    pub waitlist_max: u32,
+    /// How long a waitlist entry waits for units before it expires, in
+    /// seconds.
+    pub waitlist_ttl_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -522,6 +528,8 @@ impl Default for ReservationsConfig {
             max_quantity: 10,
             hold_ttl_secs: 600,
             sweep_interval_ms: 1_000,
+            waitlist_max: 10_000,
+            waitlist_ttl_secs: 900,
         }
     }
 }
@@ -739,6 +747,12 @@ impl Config {
                 "reservations.max_quantity",
                 "must be between 1 and 10000",
             ));
+        }
+        if self.reservations.waitlist_max == 0 {
+            return Err(invalid("reservations.waitlist_max", "must be above 0"));
+        }
+        if self.reservations.waitlist_ttl_secs == 0 {
+            return Err(invalid("reservations.waitlist_ttl_secs", "must be above 0"));
         }
         if self.reservations.sweep_interval_ms == 0 {
             return Err(invalid("reservations.sweep_interval_ms", "must be above 0"));

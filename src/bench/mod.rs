@@ -227,6 +227,7 @@ fn reserve_request(sku: &str, user: String) -> Request<ReserveRequest> {
     let mut request = Request::new(ReserveRequest {
         sku: sku.into(),
         quantity: 1,
+        ..Default::default()
     });
     let value: tonic::metadata::MetadataValue<_> = user.parse().expect("ASCII user id");
     request.metadata_mut().insert("x-user-id", value.clone());

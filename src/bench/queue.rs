@@ -87,7 +87,7 @@ async fn processor_run(
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let sku = Sku::parse(&format!("QB-{batch}-{round}-{}", &tag[20..]))?;
     let total = i64::try_from(options.orders)?;
-    store.set_stock(&sku, total, 0, now()).await?;
+    store.set_stock(&sku, total, 0, now(), None).await?;
     let mut config = base.clone();
     config.rabbitmq.queue = format!("sg-bench-{tag}");
     config.layers.queue.batch_size = batch;
@@ -162,7 +162,7 @@ async fn processor_run(
 /// transaction at a time, one client.
 async fn pgbench(url: &str, orders: usize, store: &Store) -> anyhow::Result<QueueMeasured> {
     let sku = Sku::parse("PGBENCH")?;
-    store.set_stock(&sku, 1_000_000_000, 0, now()).await?;
+    store.set_stock(&sku, 1_000_000_000, 0, now(), None).await?;
     let script = std::env::temp_dir().join(format!("stockgate-pgbench-{}.sql", std::process::id()));
     std::fs::write(
         &script,

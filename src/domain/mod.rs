@@ -165,6 +165,8 @@ impl Quantity {
 /// Where a reservation is in its lifecycle (see the proto for the diagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReservationState {
+    /// In a SKU's waitlist: no units yet.
+    Waitlisted,
     Queued,
     Held,
     Confirmed,
@@ -177,6 +179,7 @@ impl ReservationState {
     /// The spelling stored in the database's `state` column.
     pub fn as_db(self) -> &'static str {
         match self {
+            Self::Waitlisted => "waitlisted",
             Self::Queued => "queued",
             Self::Held => "held",
             Self::Confirmed => "confirmed",
@@ -188,6 +191,7 @@ impl ReservationState {
 
     pub fn from_db(value: &str) -> Option<Self> {
         Some(match value {
+            "waitlisted" => Self::Waitlisted,
             "queued" => Self::Queued,
             "held" => Self::Held,
             "confirmed" => Self::Confirmed,
@@ -212,6 +216,33 @@ impl ReservationState {
     }
 }
 
+/// What a SKU answers once it is sold out (per SKU, set by operators).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SoldOutPolicy {
+    /// Sold out is the answer, at once.
+    #[default]
+    Instant,
+    /// A caller who asks (`join_waitlist`) gets a place in line, and
+    /// returned units go to the oldest entry first.
+    Waitlist,
+}
+
+impl SoldOutPolicy {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            Self::Instant => "instant",
+            Self::Waitlist => "waitlist",
+        }
+    }
+
+    pub fn from_db(value: &str) -> Self {
+        match value {
+            "waitlist" => Self::Waitlist,
+            _ => Self::Instant,
+        }
+    }
+}
+
 /// A reservation as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -223,6 +254,8 @@ pub struct Reservation {
     pub idempotency_key: Option<IdempotencyKey>,
     /// Orders ahead of it while queued.
     pub queue_position: Option<u64>,
+    /// Entries ahead of it in the SKU's waitlist while waitlisted.
+    pub waitlist_position: Option<u64>,
     pub reject_reason: Option<String>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,

@@ -26,7 +26,8 @@ use tokio::{
 };
 
 use super::{
-    now, IdempotencyKey, Quantity, Reservation, ReservationId, ReservationState, Sku, UserId,
+    now, IdempotencyKey, Quantity, Reservation, ReservationId, ReservationState, Sku,
+    SoldOutPolicy, UserId,
 };
 use crate::{
     config::{Config, DbCheckMode, GateFailureMode, RateLimitConfig},
@@ -36,7 +37,7 @@ use crate::{
     queue::{OrderQueue, QueueError, QueuedOrder},
     store::{
         Adjusted, CommitOutcome, CommitParams, InventoryRow, NewOrder, RejectCause,
-        ReservationFilter, Settled, Store, StoreError, SOLD_OUT_REASON,
+        ReservationFilter, Restock, Settled, Store, StoreError, WaitlistJoin, SOLD_OUT_REASON,
     },
 };
 
@@ -168,6 +169,8 @@ pub struct ReserveCommand {
     pub user: UserId,
     pub quantity: Quantity,
     pub idempotency_key: Option<IdempotencyKey>,
+    /// On sold out, join the SKU's waitlist if its policy offers one.
+    pub join_waitlist: bool,
 }
 
 /// How a Reserve call was decided.
@@ -188,6 +191,9 @@ pub enum ReserveResult {
     UserLimit,
     /// An earlier call with the same idempotency key made this one.
     Existing(Reservation),
+    /// Sold out; the caller is in the SKU's waitlist (this reservation,
+    /// WAITLISTED, with its position), or was already.
+    Waitlisted(Reservation),
 }
 
 /// A SKU's stock as every layer sees it.
@@ -198,6 +204,7 @@ pub struct StockView {
     pub held_units: i64,
     pub confirmed_units: i64,
     pub queued_units: i64,
+    pub waitlisted_units: i64,
 }
 
 /// What watchers hear about.
@@ -318,6 +325,8 @@ pub struct Limits {
     pub sold_out_cache: Option<Duration>,
     pub in_flight_timeout: Duration,
     pub max_order_attempts: u32,
+    pub waitlist_max: u32,
+    pub waitlist_ttl: Duration,
 }
 
 impl Limits {
@@ -331,6 +340,8 @@ impl Limits {
                 .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
             in_flight_timeout: Duration::from_millis(config.layers.gate.in_flight_timeout_ms),
             max_order_attempts: config.layers.queue.max_attempts,
+            waitlist_max: config.reservations.waitlist_max,
+            waitlist_ttl: Duration::from_secs(config.reservations.waitlist_ttl_secs),
         }
     }
 }
@@ -494,6 +505,81 @@ impl Pipeline {
     // ---- Reserve -------------------------------------------------------
 
     pub async fn reserve(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+    ) -> Result<ReserveResult, ReservationError> {
+        let join = cmd.join_waitlist.then(|| cmd.clone());
+        match (self.reserve_once(cmd).await?, join) {
+            (ReserveResult::SoldOut { remaining }, Some(cmd)) => {
+                self.join_waitlist(cmd, remaining).await
+            }
+            (result, _) => Ok(result),
+        }
+    }
+
+    /// Sold out and asked to wait: a place in the SKU's waitlist if its
+    /// policy offers one, otherwise the sold-out answer stands. The line
+    /// lives in the database, whose row lock orders joins and hand-offs.
+    async fn join_waitlist(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+        remaining: Option<i64>,
+    ) -> Result<ReserveResult, ReservationError> {
+        let layers = self.layers();
+        // Units may have come back since the answer. The gate knows what
+        // is admissible; the database's stock is the whole truth only when
+        // no admitted order can still be on its way to it (gate and queue
+        // off), since queued orders are not in it yet.
+        if layers.gate {
+            let available = self.gate.available(&cmd.sku).await.ok().flatten();
+            if available.is_some_and(|a| a >= i64::from(cmd.quantity.get())) {
+                self.restocked(cmd.sku.as_str());
+                return self.reserve_once(cmd).await;
+            }
+        }
+        let stock_check = !layers.gate && !layers.queue;
+        let order = NewOrder {
+            id: ReservationId::generate(),
+            sku: cmd.sku.clone(),
+            user: cmd.user.clone(),
+            quantity: cmd.quantity.get(),
+            idempotency_key: cmd.idempotency_key.clone(),
+            created_at: now(),
+        };
+        let joined = self
+            .store
+            .join_waitlist(
+                &order,
+                self.limits.waitlist_max,
+                self.limits.waitlist_ttl,
+                now(),
+                stock_check,
+            )
+            .await
+            .map_err(store_error)?;
+        match joined {
+            WaitlistJoin::Waiting(reservation) => {
+                metrics::decision("waitlist", "joined");
+                Ok(ReserveResult::Waitlisted(reservation))
+            }
+            WaitlistJoin::KeyUsed(reservation) => Ok(ReserveResult::Existing(reservation)),
+            WaitlistJoin::NotOffered => Ok(ReserveResult::SoldOut { remaining }),
+            WaitlistJoin::Full { limit } => {
+                metrics::decision("waitlist", "full");
+                tracing::debug!(sku = cmd.sku.as_str(), limit, "waitlist full");
+                Ok(ReserveResult::SoldOut { remaining })
+            }
+            WaitlistJoin::UserLimit { .. } => Ok(ReserveResult::UserLimit),
+            WaitlistJoin::UnknownSku => Err(ReservationError::UnknownSku(cmd.sku.as_str().into())),
+            // One more ordinary try; sold out again is the answer (no loop).
+            WaitlistJoin::InStock => {
+                self.restocked(cmd.sku.as_str());
+                self.reserve_once(cmd).await
+            }
+        }
+    }
+
+    async fn reserve_once(
         self: &Arc<Self>,
         cmd: ReserveCommand,
     ) -> Result<ReserveResult, ReservationError> {
@@ -800,6 +886,7 @@ impl Pipeline {
             state: ReservationState::Queued,
             idempotency_key: order.idempotency_key.clone(),
             queue_position: None,
+            waitlist_position: None,
             reject_reason: None,
             created_at: order.created_at,
             updated_at: order.created_at,
@@ -1252,11 +1339,35 @@ impl Pipeline {
             }
             return Ok(reservation);
         }
-        self.store
+        let reservation = self
+            .store
             .reservation(id)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| ReservationError::ReservationNotFound(id.as_str().into()))
+            .ok_or_else(|| ReservationError::ReservationNotFound(id.as_str().into()))?;
+        self.store
+            .with_waitlist_position(reservation)
+            .await
+            .map_err(store_error)
+    }
+
+    pub async fn set_sold_out_policy(
+        &self,
+        sku: &Sku,
+        policy: SoldOutPolicy,
+        waitlist_limit: u32,
+    ) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let (row, ended) = self
+            .store
+            .set_sold_out_policy(sku, policy, waitlist_limit, now())
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
+        for reservation in ended {
+            self.emit(Event::Changed(reservation));
+        }
+        self.view(row).await
     }
 
     pub async fn confirm(
@@ -1283,15 +1394,15 @@ impl Pipeline {
         self.refuse_if_queued(id, user)?;
         let settled = self
             .store
-            .release(id, user, now())
+            .release(id, user, now(), self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
         if let Settled::Changed {
             reservation,
-            stock_version,
+            restock: Some(restock),
         } = &settled
         {
-            self.return_to_gate(reservation, *stock_version).await;
+            self.return_to_gate(reservation, restock).await;
         }
         self.after_settle(id, settled, "release").await
     }
@@ -1335,19 +1446,52 @@ impl Pipeline {
         }
     }
 
-    /// Gives a released hold's units back to the gate; `stock_version` is
-    /// the version the database's restock wrote.
-    async fn return_to_gate(&self, reservation: &Reservation, stock_version: Option<i64>) {
-        let release = GateEntry::new(
+    /// Gives a released hold's units back to the gate, as far as they
+    /// reached stock: units handed on to the waitlist never do, so no
+    /// newcomer can be admitted for them. Tells the new holders' watchers.
+    async fn return_to_gate(&self, reservation: &Reservation, restock: &Restock) {
+        let entry = GateEntry::new(
             reservation.id.clone(),
             reservation.sku.clone(),
             reservation.user.clone(),
             reservation.quantity,
         )
-        .at_version(stock_version);
-        self.restocked(reservation.sku.as_str());
-        if let Err(err) = self.gate.release(&release).await {
+        .at_version(Some(restock.stock_version));
+        let result = if restock.handed.is_empty() {
+            self.gate.release(&entry).await
+        } else {
+            // Forget the hold (its user's units) without returning stock,
+            // then add what stayed in stock.
+            match self.gate.rejected(&entry).await {
+                Ok(()) if restock.returned != 0 => {
+                    self.gate
+                        .adjust(&reservation.sku, restock.returned, restock.stock_version)
+                        .await
+                }
+                other => other,
+            }
+        };
+        if let Err(err) = result {
             tracing::warn!(reservation = reservation.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
+        }
+        if restock.returned > 0 {
+            self.restocked(reservation.sku.as_str());
+        }
+        self.handed_on(&restock.handed);
+    }
+
+    /// Waitlist entries the database just served: their watchers hear it.
+    fn handed_on(&self, handed: &[Reservation]) {
+        for reservation in handed {
+            metrics::decision(
+                "waitlist",
+                if reservation.state == ReservationState::Held {
+                    "handed_off"
+                } else {
+                    "skipped_over_cap"
+                },
+            );
+            self.emit(Event::Changed(reservation.clone()));
         }
     }
 
@@ -1355,11 +1499,13 @@ impl Pipeline {
     pub async fn expire_due(&self) -> Result<usize, ReservationError> {
         let expired = self
             .store
-            .expire_due(now(), 500)
+            .expire_due(now(), 500, self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
-        for (reservation, stock_version) in &expired {
-            self.return_to_gate(reservation, *stock_version).await;
+        for (reservation, restock) in &expired {
+            if let Some(restock) = restock {
+                self.return_to_gate(reservation, restock).await;
+            }
             self.emit(Event::Changed(reservation.clone()));
         }
         Ok(expired.len())
@@ -1382,12 +1528,24 @@ impl Pipeline {
             if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
                 return;
             }
+            // A waitlist hand-off may happen on another replica (whose
+            // events this one never hears): read waiting entries again now
+            // and then.
+            let mut poll = tokio::time::interval(WAITLIST_WATCH_POLL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let next = match events.recv().await {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = poll.tick(), if last.state == ReservationState::Waitlisted => {
+                        Err(broadcast::error::RecvError::Lagged(0))
+                    }
+                };
+                let next = match event {
                     Ok(Event::Changed(reservation)) if reservation.id == id => reservation,
                     Ok(Event::Changed(_)) => continue,
                     Ok(Event::QueueAdvanced) if last.state != ReservationState::Queued => continue,
-                    // Missed events or a queue move: read the truth again.
+                    // Missed events, a queue move or a waitlist poll: read
+                    // the truth again.
                     Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         match pipeline.find(&id).await {
                             Ok(current) => current,
@@ -1420,13 +1578,14 @@ impl Pipeline {
         max_per_user: u32,
     ) -> Result<StockView, ReservationError> {
         self.ensure_ready()?;
-        let row = self
+        let (row, handed) = self
             .store
-            .set_stock(sku, stock, max_per_user, now())
+            .set_stock(sku, stock, max_per_user, now(), self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
         self.gate_follows(row.clone()).await;
         self.restocked(sku.as_str());
+        self.handed_on(&handed);
         self.view(row).await
     }
 
@@ -1434,14 +1593,21 @@ impl Pipeline {
         self.ensure_ready()?;
         match self
             .store
-            .adjust_stock(sku, delta, now())
+            .adjust_stock(sku, delta, now(), self.limits.hold_ttl)
             .await
             .map_err(store_error)?
         {
-            Adjusted::Applied(row) => {
-                if let Err(err) = self.gate.adjust(sku, delta, row.version).await {
+            Adjusted::Applied { row, handed } => {
+                // Units handed to the waitlist never reached stock.
+                let served: i64 = handed
+                    .iter()
+                    .filter(|r| r.state == ReservationState::Held)
+                    .map(|r| i64::from(r.quantity))
+                    .sum();
+                if let Err(err) = self.gate.adjust(sku, delta - served, row.version).await {
                     self.gate_lagging(sku, err);
                 }
+                self.handed_on(&handed);
                 if delta > 0 {
                     self.restocked(sku.as_str());
                 }
@@ -1534,6 +1700,7 @@ impl Pipeline {
             held_units: totals.held,
             confirmed_units: totals.confirmed,
             queued_units,
+            waitlisted_units: totals.waitlisted,
         })
     }
 
@@ -1572,6 +1739,9 @@ fn count_outcome(outcome: &CommitOutcome) {
     };
     metrics::decision("db", decision);
 }
+
+/// How often a watcher of a WAITLISTED reservation reads it again.
+const WAITLIST_WATCH_POLL: Duration = Duration::from_secs(1);
 
 /// How a fenced-off order's REJECTED row starts.
 pub const FENCE_REASON: &str = "the order queue did not confirm the order";
@@ -1643,6 +1813,7 @@ mod tests {
                 state: ReservationState::Queued,
                 idempotency_key: key.map(|k| IdempotencyKey::parse(k).unwrap()),
                 queue_position: None,
+                waitlist_position: None,
                 reject_reason: None,
                 created_at: at,
                 updated_at: at,

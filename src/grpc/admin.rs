@@ -10,7 +10,7 @@ use crate::{
     config::{DbCheckMode, GateFailureMode},
     domain::{
         pipeline::{Layers, LayersChange, Pipeline, RateSettings, StockView},
-        ReservationState, Sku,
+        ReservationState, Sku, SoldOutPolicy,
     },
     error::ReservationError,
     middleware::{InFlight, RateLimits},
@@ -148,8 +148,17 @@ fn stock_view(view: StockView) -> pb::StockView {
         confirmed_units: view.confirmed_units,
         queued_units: view.queued_units,
         max_per_user: u32::try_from(view.row.max_per_user).unwrap_or(0),
+        sold_out_policy: match SoldOutPolicy::from_db(&view.row.sold_out_policy) {
+            SoldOutPolicy::Instant => pb::SoldOutPolicy::Instant,
+            SoldOutPolicy::Waitlist => pb::SoldOutPolicy::Waitlist,
+        } as i32,
+        waitlist_limit: u32::try_from(view.row.waitlist_limit).unwrap_or(0),
+        waitlisted_units: view.waitlisted_units,
     }
 }
+
+/// Most entries one SKU's waitlist may be set to hold.
+const MAX_WAITLIST: u32 = 1_000_000;
 
 fn db_check(mode: DbCheckMode) -> pb::DbCheckMode {
     match mode {
@@ -294,6 +303,45 @@ impl AdminService for AdminApi {
         }
         let view = self.pipeline.adjust_stock(&sku, body.delta).await?;
         Ok(Response::new(pb::AdjustStockResponse {
+            stock: Some(stock_view(view)),
+        }))
+    }
+
+    async fn set_sold_out_policy(
+        &self,
+        request: Request<pb::SetSoldOutPolicyRequest>,
+    ) -> Result<Response<pb::SetSoldOutPolicyResponse>, Status> {
+        let body = request.into_inner();
+        let sku = Sku::parse(&body.sku)?;
+        let policy = match pb::SoldOutPolicy::try_from(body.policy) {
+            Ok(pb::SoldOutPolicy::Instant) => SoldOutPolicy::Instant,
+            Ok(pb::SoldOutPolicy::Waitlist) => SoldOutPolicy::Waitlist,
+            _ => {
+                return Err(ReservationError::invalid(
+                    "policy",
+                    format!(
+                        "must be SOLD_OUT_POLICY_INSTANT or SOLD_OUT_POLICY_WAITLIST, got {}",
+                        body.policy
+                    ),
+                )
+                .into())
+            }
+        };
+        if body.waitlist_limit > MAX_WAITLIST {
+            return Err(ReservationError::invalid(
+                "waitlist_limit",
+                format!(
+                    "must be at most {MAX_WAITLIST} (0 = the server's default), got {}",
+                    body.waitlist_limit
+                ),
+            )
+            .into());
+        }
+        let view = self
+            .pipeline
+            .set_sold_out_policy(&sku, policy, body.waitlist_limit)
+            .await?;
+        Ok(Response::new(pb::SetSoldOutPolicyResponse {
             stock: Some(stock_view(view)),
         }))
     }
@@ -453,6 +501,7 @@ impl AdminService for AdminApi {
                 .into())
             }
             Ok(wanted) => [
+                ReservationState::Waitlisted,
                 ReservationState::Held,
                 ReservationState::Confirmed,
                 ReservationState::Released,

@@ -39,11 +39,18 @@ pub fn validate_reserve(
         idempotency_key: idempotency_key(metadata)?,
         sku: Sku::parse(&body.sku)?,
         quantity: Quantity::parse(body.quantity, max_quantity)?,
+        join_waitlist: body.join_waitlist,
     })
 }
 
 fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
     use pb::ReserveOutcome as O;
+    let waitlist_position = match &result {
+        ReserveResult::Waitlisted(reservation) | ReserveResult::Existing(reservation) => {
+            reservation.waitlist_position
+        }
+        _ => None,
+    };
     let (outcome, reservation, remaining, position) = match result {
         ReserveResult::Reserved {
             reservation,
@@ -56,9 +63,11 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
         } => (O::Queued, Some(reservation), remaining, Some(position)),
         ReserveResult::SoldOut { remaining } => (O::SoldOut, None, remaining, None),
         ReserveResult::UserLimit => (O::UserLimitReached, None, None, None),
+        ReserveResult::Waitlisted(reservation) => (O::Waitlisted, Some(reservation), None, None),
         ReserveResult::Existing(reservation) => {
             let outcome = match reservation.state {
                 ReservationState::Queued => O::Queued,
+                ReservationState::Waitlisted => O::Waitlisted,
                 ReservationState::Rejected => O::SoldOut,
                 _ => O::Reserved,
             };
@@ -71,6 +80,7 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
         reservation: reservation.map(Into::into),
         remaining_stock: remaining,
         queue_position: position,
+        waitlist_position,
     }
 }
 

@@ -59,6 +59,7 @@ fn timestamp(at: NaiveDateTime) -> prost_types::Timestamp {
 
 fn state(state: ReservationState) -> pb::ReservationState {
     match state {
+        ReservationState::Waitlisted => pb::ReservationState::Waitlisted,
         ReservationState::Queued => pb::ReservationState::Queued,
         ReservationState::Held => pb::ReservationState::Held,
         ReservationState::Confirmed => pb::ReservationState::Confirmed,
@@ -70,7 +71,11 @@ fn state(state: ReservationState) -> pb::ReservationState {
 
 impl From<Reservation> for pb::Reservation {
     fn from(r: Reservation) -> Self {
-        let held = r.state == ReservationState::Held;
+        // A hold's expiry, or a waitlist entry's.
+        let held = matches!(
+            r.state,
+            ReservationState::Held | ReservationState::Waitlisted
+        );
         pb::Reservation {
             reservation_id: r.id.as_str().to_owned(),
             sku: r.sku.as_str().to_owned(),
@@ -78,6 +83,7 @@ impl From<Reservation> for pb::Reservation {
             quantity: r.quantity,
             state: state(r.state) as i32,
             queue_position: r.queue_position,
+            waitlist_position: r.waitlist_position,
             reject_reason: r.reject_reason.unwrap_or_default(),
             created_at: Some(timestamp(r.created_at)),
             updated_at: Some(timestamp(r.updated_at)),

@@ -42,7 +42,9 @@ use schema::{inventory, reservations};
 
 use crate::{
     config::{DbCheckMode, StoreBackend, StoreConfig},
-    domain::{IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId},
+    domain::{
+        IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, SoldOutPolicy, UserId,
+    },
 };
 
 pub const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -170,14 +172,27 @@ pub enum RejectCause {
     DuplicateKey,
 }
 
+/// Units a release or expiry gave back, and where they went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restock {
+    /// The SKU row's version after the change (restock and hand-off are one
+    /// transaction, so no read sees one without the other).
+    pub stock_version: i64,
+    /// Units that reached stock: the quantity given back minus the units
+    /// handed on to the waitlist.
+    pub returned: i64,
+    /// Waitlisted reservations that received units and are now HELD.
+    pub handed: Vec<Reservation>,
+}
+
 /// The result of confirming or releasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
-    /// The state changed now. For a release, units went back to stock and
-    /// `stock_version` is the SKU row's version that restock wrote.
+    /// The state changed now. A released hold's units went back (`restock`);
+    /// a confirmed hold or a left waitlist entry returns none.
     Changed {
         reservation: Reservation,
-        stock_version: Option<i64>,
+        restock: Option<Restock>,
     },
     /// Already in the asked-for (or another final) state; nothing changed.
     Unchanged(Reservation),
@@ -194,12 +209,44 @@ pub enum Settled {
 pub struct UnitTotals {
     pub held: i64,
     pub confirmed: i64,
+    /// Units waiting in the waitlist (not taken from stock).
+    pub waitlisted: i64,
+}
+
+/// What joining a SKU's waitlist came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitlistJoin {
+    /// A WAITLISTED reservation now exists, or this user's existing entry
+    /// for the SKU (one per user); its `waitlist_position` is set.
+    Waiting(Reservation),
+    /// The user's idempotency key already names this reservation (not a
+    /// waiting one): it is the answer.
+    KeyUsed(Reservation),
+    /// The SKU's policy is `instant`: sold out is the answer.
+    NotOffered,
+    /// The database has the units (asked only where its stock is the
+    /// whole truth): reserve them the usual way.
+    InStock,
+    /// The waitlist holds `limit` entries already.
+    Full {
+        limit: u32,
+    },
+    /// The user could not receive the units under the per-user limit.
+    UserLimit {
+        live_units: i64,
+        limit: u32,
+    },
+    UnknownSku,
 }
 
 /// Whether an adjustment applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Adjusted {
-    Applied(InventoryRow),
+    /// `row` is after the adjustment and any hand-off to the waitlist.
+    Applied {
+        row: InventoryRow,
+        handed: Vec<Reservation>,
+    },
     UnknownSku,
     /// The adjustment would take stock below zero; `stock` is what is there.
     BelowZero {
@@ -207,9 +254,9 @@ pub enum Adjusted {
     },
 }
 
-/// Whether a hold left HELD, and the stock version its restock wrote.
+/// Whether a hold left HELD, and what its units did.
 enum Transition {
-    Moved { stock_version: Option<i64> },
+    Moved { restock: Option<Restock> },
     Refused,
 }
 
@@ -257,6 +304,7 @@ fn lock_inventory_sqlite<'a>(
 }
 
 const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
+const TOTALLED_STATES: [&str; 3] = ["held", "confirmed", "waitlisted"];
 
 /// Records a REJECTED decision of the grouped path: its outcome now, its row
 /// in the batch's insert.
@@ -778,6 +826,18 @@ macro_rules! queries {
                 }
             }
 
+            pub(super) async fn position_of(
+                conn: &mut $Conn,
+                id: &str,
+            ) -> QueryResult<Option<u64>> {
+                match find(conn, id).await? {
+                    Some(row) if row.state == ReservationState::Waitlisted.as_db() => {
+                        Ok(Some(waitlist_position(conn, &row).await?))
+                    }
+                    _ => Ok(None),
+                }
+            }
+
             pub(super) async fn get(
                 conn: &mut $Conn,
                 id: &str,
@@ -810,6 +870,7 @@ macro_rules! queries {
                 row: &ReservationRow,
                 to: ReservationState,
                 now: NaiveDateTime,
+                hold_ttl: Option<Duration>,
             ) -> QueryResult<Transition> {
                 let target = reservations::table
                     .filter(reservations::reservation_id.eq(&row.reservation_id))
@@ -834,12 +895,300 @@ macro_rules! queries {
                 if moved != 1 {
                     return Ok(Transition::Refused);
                 }
-                let stock_version = if to == ReservationState::Confirmed {
-                    None
-                } else {
-                    Some(restock(conn, &row.sku, row.quantity, now).await?)
+                if to == ReservationState::Confirmed {
+                    return Ok(Transition::Moved { restock: None });
+                }
+                let version = restock(conn, &row.sku, row.quantity, now).await?;
+                let (handed, units, filled) = fill_waitlist(conn, &row.sku, now, hold_ttl).await?;
+                Ok(Transition::Moved {
+                    restock: Some(Restock {
+                        stock_version: filled.unwrap_or(version),
+                        returned: i64::from(row.quantity) - units,
+                        handed,
+                    }),
+                })
+            }
+
+            /// Hands available units to the SKU's waitlist, oldest entry
+            /// first, inside the caller's transaction (after the change that
+            /// made them available, which locked the row): each entry that
+            /// fits becomes HELD with a hold of its own. First come, first
+            /// served: an entry that does not fit stops the hand-off rather
+            /// than letting a later, smaller one pass it. An entry whose
+            /// user is at the per-user limit is rejected and skipped.
+            /// Returns the reservations handed units, the units, and the
+            /// row version the stock update wrote (None when none moved).
+            async fn fill_waitlist(
+                conn: &mut $Conn,
+                sku: &str,
+                now: NaiveDateTime,
+                hold_ttl: Option<Duration>,
+            ) -> QueryResult<(Vec<Reservation>, i64, Option<i64>)> {
+                let Some(current) = inventory(conn, sku).await? else {
+                    return Ok((Vec::new(), 0, None));
                 };
-                Ok(Transition::Moved { stock_version })
+                if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
+                    return Ok((Vec::new(), 0, None));
+                }
+                let mut stock = current.stock;
+                let mut handed = Vec::new();
+                let mut units = 0;
+                while stock > 0 {
+                    let waiting: Vec<ReservationRow> = reservations::table
+                        .filter(reservations::sku.eq(sku))
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                        .filter(reservations::expires_at.is_null().or(reservations::expires_at.gt(now)))
+                        .order((reservations::created_at.asc(), reservations::reservation_id.asc()))
+                        .limit(64)
+                        .select(ReservationRow::as_select())
+                        .load(conn)
+                        .await?;
+                    if waiting.is_empty() {
+                        break;
+                    }
+                    let mut blocked = false;
+                    for entry in waiting {
+                        let quantity = i64::from(entry.quantity);
+                        if quantity > stock {
+                            blocked = true;
+                            break;
+                        }
+                        let next_state = if current.max_per_user > 0
+                            && live_units(conn, sku, &entry.user_id).await? + quantity
+                                > i64::from(current.max_per_user)
+                        {
+                            ReservationState::Rejected
+                        } else {
+                            ReservationState::Held
+                        };
+                        let expires_at = match next_state {
+                            ReservationState::Held => hold_ttl.map(|ttl| {
+                                now + chrono::TimeDelta::from_std(ttl)
+                                    .unwrap_or(chrono::TimeDelta::MAX)
+                            }),
+                            _ => None,
+                        };
+                        let reason = (next_state == ReservationState::Rejected).then(|| {
+                            format!(
+                                "user limit: the waitlist's turn came with {} units already held",
+                                current.max_per_user
+                            )
+                        });
+                        diesel::update(
+                            reservations::table
+                                .filter(reservations::reservation_id.eq(&entry.reservation_id))
+                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                        )
+                        .set((
+                            reservations::state.eq(next_state.as_db()),
+                            reservations::expires_at.eq(expires_at),
+                            reservations::reject_reason.eq(reason),
+                            reservations::updated_at.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                        let mut reservation = entry.into_domain();
+                        reservation.state = next_state;
+                        reservation.expires_at = expires_at;
+                        reservation.updated_at = now;
+                        if next_state == ReservationState::Held {
+                            stock -= quantity;
+                            units += quantity;
+                        }
+                        handed.push(reservation);
+                        if stock == 0 {
+                            break;
+                        }
+                    }
+                    if blocked {
+                        break;
+                    }
+                }
+                if units == 0 {
+                    return Ok((handed, 0, None));
+                }
+                let version = diesel::update(inventory::table.find(sku))
+                    .set((
+                        inventory::stock.eq(inventory::stock - units),
+                        inventory::version.eq(inventory::version + 1),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .returning(inventory::version)
+                    .get_result(conn)
+                    .await?;
+                Ok((handed, units, Some(version)))
+            }
+
+            async fn live_units(conn: &mut $Conn, sku: &str, user: &str) -> QueryResult<i64> {
+                let live: Option<i64> = reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .filter(reservations::user_id.eq(user))
+                    .filter(reservations::state.eq_any(LIVE_STATES))
+                    .select(diesel::dsl::sum(reservations::quantity))
+                    .first(conn)
+                    .await?;
+                Ok(live.unwrap_or(0))
+            }
+
+            /// Entries ahead of `row` in its SKU's waitlist.
+            async fn waitlist_position(conn: &mut $Conn, row: &ReservationRow) -> QueryResult<u64> {
+                let ahead: i64 = reservations::table
+                    .filter(reservations::sku.eq(&row.sku))
+                    .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                    .filter(
+                        reservations::created_at.lt(row.created_at).or(reservations::created_at
+                            .eq(row.created_at)
+                            .and(reservations::reservation_id.lt(&row.reservation_id))),
+                    )
+                    .count()
+                    .get_result(conn)
+                    .await?;
+                Ok(u64::try_from(ahead).unwrap_or(0))
+            }
+
+            /// Puts `order` in its SKU's waitlist (see [`WaitlistJoin`]).
+            pub(super) async fn join_waitlist(
+                conn: &mut $Conn,
+                order: &NewOrder,
+                default_limit: u32,
+                ttl: Duration,
+                now: NaiveDateTime,
+                stock_check: bool,
+            ) -> QueryResult<WaitlistJoin> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    // Serialises joins with the hand-off, which runs under
+                    // the same row lock.
+                    let Some(current) = $lock(conn, order.sku.as_str()).await? else {
+                        return Ok(WaitlistJoin::UnknownSku);
+                    };
+                    if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
+                        return Ok(WaitlistJoin::NotOffered);
+                    }
+                    let sku = order.sku.as_str();
+                    let user = order.user.as_str();
+                    let mine: Option<ReservationRow> = reservations::table
+                        .filter(reservations::sku.eq(sku))
+                        .filter(reservations::user_id.eq(user))
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                        .select(ReservationRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if let Some(row) = mine {
+                        let position = waitlist_position(conn, &row).await?;
+                        let mut reservation = row.into_domain();
+                        reservation.waitlist_position = Some(position);
+                        return Ok(WaitlistJoin::Waiting(reservation));
+                    }
+                    if let Some(key) = &order.idempotency_key {
+                        let used: Option<ReservationRow> = reservations::table
+                            .filter(reservations::user_id.eq(user))
+                            .filter(reservations::idempotency_key.eq(key.as_str()))
+                            .select(ReservationRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?;
+                        if let Some(row) = used {
+                            return Ok(WaitlistJoin::KeyUsed(row.into_domain()));
+                        }
+                    }
+                    if stock_check && current.stock >= i64::from(order.quantity) {
+                        return Ok(WaitlistJoin::InStock);
+                    }
+                    let quantity = i64::from(order.quantity);
+                    if current.max_per_user > 0 {
+                        let live = live_units(conn, sku, user).await?;
+                        if live + quantity > i64::from(current.max_per_user) {
+                            return Ok(WaitlistJoin::UserLimit {
+                                live_units: live,
+                                limit: current.max_per_user as u32,
+                            });
+                        }
+                    }
+                    let limit = match current.waitlist_limit {
+                        0 => default_limit,
+                        own => own as u32,
+                    };
+                    let waiting: i64 = reservations::table
+                        .filter(reservations::sku.eq(sku))
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                        .count()
+                        .get_result(conn)
+                        .await?;
+                    if waiting >= i64::from(limit) {
+                        return Ok(WaitlistJoin::Full { limit });
+                    }
+                    let mut row = row_for(order, ReservationState::Waitlisted, now);
+                    row.expires_at = Some(
+                        now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX),
+                    );
+                    insert_row(conn, &row).await?;
+                    let mut reservation = row.into_domain();
+                    reservation.waitlist_position = Some(u64::try_from(waiting).unwrap_or(0));
+                    Ok(WaitlistJoin::Waiting(reservation))
+                })
+                .await
+            }
+
+            /// Sets a SKU's sold-out policy and waitlist limit. Switching to
+            /// `instant` ends every waiting entry (EXPIRED, with the reason),
+            /// since nothing would ever hand them units. Returns the row and
+            /// the entries it ended.
+            pub(super) async fn set_sold_out_policy(
+                conn: &mut $Conn,
+                sku: &str,
+                policy: SoldOutPolicy,
+                waitlist_limit: i32,
+                now: NaiveDateTime,
+            ) -> QueryResult<Option<(InventoryRow, Vec<Reservation>)>> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
+                    let updated = diesel::update(inventory::table.find(sku))
+                        .set((
+                            inventory::sold_out_policy.eq(policy.as_db()),
+                            inventory::waitlist_limit.eq(waitlist_limit),
+                            inventory::updated_at.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                    if updated == 0 {
+                        return Ok(None);
+                    }
+                    let mut ended = Vec::new();
+                    if policy == SoldOutPolicy::Instant {
+                        let waiting: Vec<ReservationRow> = reservations::table
+                            .filter(reservations::sku.eq(sku))
+                            .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                            .select(ReservationRow::as_select())
+                            .load(conn)
+                            .await?;
+                        let reason = "the waitlist was closed";
+                        diesel::update(
+                            reservations::table
+                                .filter(reservations::sku.eq(sku))
+                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                        )
+                        .set((
+                            reservations::state.eq(ReservationState::Expired.as_db()),
+                            reservations::reject_reason.eq(reason),
+                            reservations::updated_at.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                        ended = waiting
+                            .into_iter()
+                            .map(|row| {
+                                let mut reservation = row.into_domain();
+                                reservation.state = ReservationState::Expired;
+                                reservation.reject_reason = Some(reason.into());
+                                reservation.updated_at = now;
+                                reservation
+                            })
+                            .collect();
+                    }
+                    let row = inventory(conn, sku).await?.expect("updated in this transaction");
+                    Ok(Some((row, ended)))
+                })
+                .await
             }
 
             pub(super) async fn settle(
@@ -848,6 +1197,7 @@ macro_rules! queries {
                 user: &str,
                 to: ReservationState,
                 now: NaiveDateTime,
+                hold_ttl: Option<Duration>,
             ) -> QueryResult<Settled> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
                     let Some(row) = find(conn, id).await? else {
@@ -859,6 +1209,31 @@ macro_rules! queries {
                     let state = ReservationState::from_db(&row.state);
                     if state == Some(to) {
                         return Ok(Settled::Unchanged(row.into_domain()));
+                    }
+                    if state == Some(ReservationState::Waitlisted)
+                        && to == ReservationState::Released
+                    {
+                        // Leaving the line: no units to return.
+                        let moved = diesel::update(
+                            reservations::table
+                                .filter(reservations::reservation_id.eq(id))
+                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                        )
+                        .set((
+                            reservations::state.eq(to.as_db()),
+                            reservations::updated_at.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                        let row = find(conn, id).await?.expect("rows are never deleted");
+                        return Ok(if moved == 1 {
+                            Settled::Changed {
+                                reservation: row.into_domain(),
+                                restock: None,
+                            }
+                        } else {
+                            Settled::Unchanged(row.into_domain())
+                        });
                     }
                     if state != Some(ReservationState::Held) {
                         // Releasing something no longer held is a no-op;
@@ -873,15 +1248,15 @@ macro_rules! queries {
                             },
                         );
                     }
-                    if let Transition::Moved { stock_version } =
-                        transition(conn, &row, to, now).await?
+                    if let Transition::Moved { restock } =
+                        transition(conn, &row, to, now, hold_ttl).await?
                     {
                         let row = find(conn, id)
                             .await?
                             .expect("row updated in this transaction");
                         return Ok(Settled::Changed {
                             reservation: row.into_domain(),
-                            stock_version,
+                            restock,
                         });
                     }
                     let row = find(conn, id).await?.expect("rows are never deleted");
@@ -900,8 +1275,39 @@ macro_rules! queries {
                 conn: &mut $Conn,
                 now: NaiveDateTime,
                 limit: i64,
-            ) -> QueryResult<Vec<(Reservation, Option<i64>)>> {
+                hold_ttl: Option<Duration>,
+            ) -> QueryResult<Vec<(Reservation, Option<Restock>)>> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
+                    // Waitlist entries past their time leave the line first,
+                    // so a hold expiring below does not hand them units.
+                    let lapsed: Vec<ReservationRow> = reservations::table
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                        .filter(reservations::expires_at.le(now))
+                        .order(reservations::expires_at.asc())
+                        .limit(limit)
+                        .select(ReservationRow::as_select())
+                        .load(conn)
+                        .await?;
+                    let mut expired = Vec::new();
+                    for row in lapsed {
+                        let moved = diesel::update(
+                            reservations::table
+                                .filter(reservations::reservation_id.eq(&row.reservation_id))
+                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                        )
+                        .set((
+                            reservations::state.eq(ReservationState::Expired.as_db()),
+                            reservations::updated_at.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                        if moved == 1 {
+                            let mut reservation = row.into_domain();
+                            reservation.state = ReservationState::Expired;
+                            reservation.updated_at = now;
+                            expired.push((reservation, None));
+                        }
+                    }
                     let due: Vec<ReservationRow> = reservations::table
                         .filter(reservations::state.eq(ReservationState::Held.as_db()))
                         .filter(reservations::expires_at.le(now))
@@ -910,15 +1316,15 @@ macro_rules! queries {
                         .select(ReservationRow::as_select())
                         .load(conn)
                         .await?;
-                    let mut expired = Vec::with_capacity(due.len());
                     for row in due {
-                        if let Transition::Moved { stock_version } =
-                            transition(conn, &row, ReservationState::Expired, now).await?
+                        if let Transition::Moved { restock } =
+                            transition(conn, &row, ReservationState::Expired, now, hold_ttl)
+                                .await?
                         {
                             let mut reservation = row.into_domain();
                             reservation.state = ReservationState::Expired;
                             reservation.updated_at = now;
-                            expired.push((reservation, stock_version));
+                            expired.push((reservation, restock));
                         }
                     }
                     Ok(expired)
@@ -932,7 +1338,8 @@ macro_rules! queries {
                 stock: i64,
                 max_per_user: i32,
                 now: NaiveDateTime,
-            ) -> QueryResult<InventoryRow> {
+                hold_ttl: Option<Duration>,
+            ) -> QueryResult<(InventoryRow, Vec<Reservation>)> {
                 conn.transaction::<_, DieselError, _>(async |conn| {
                     let row = diesel::insert_into(inventory::table)
                         .values((
@@ -967,7 +1374,12 @@ macro_rules! queries {
                         .set(inventory::supplied.eq(stock + live.unwrap_or(0)))
                         .execute(conn)
                         .await?;
-                    Ok(row)
+                    let (handed, _, filled) = fill_waitlist(conn, sku, now, hold_ttl).await?;
+                    let row = match filled {
+                        Some(_) => inventory(conn, sku).await?.expect("upserted above"),
+                        None => row,
+                    };
+                    Ok((row, handed))
                 })
                 .await
             }
@@ -977,7 +1389,9 @@ macro_rules! queries {
                 sku: &str,
                 delta: i64,
                 now: NaiveDateTime,
+                hold_ttl: Option<Duration>,
             ) -> QueryResult<Adjusted> {
+                conn.transaction::<_, DieselError, _>(async |conn| {
                 let updated = diesel::update(
                     inventory::table
                         .filter(inventory::sku.eq(sku))
@@ -994,12 +1408,19 @@ macro_rules! queries {
                 .await
                 .optional()?;
                 if let Some(row) = updated {
-                    return Ok(Adjusted::Applied(row));
+                    let (handed, _, filled) = fill_waitlist(conn, sku, now, hold_ttl).await?;
+                    let row = match filled {
+                        Some(_) => inventory(conn, sku).await?.expect("updated above"),
+                        None => row,
+                    };
+                    return Ok(Adjusted::Applied { row, handed });
                 }
                 Ok(match inventory(conn, sku).await? {
                     Some(row) => Adjusted::BelowZero { stock: row.stock },
                     None => Adjusted::UnknownSku,
                 })
+                })
+                .await
             }
 
             pub(super) async fn inventory(
@@ -1028,7 +1449,7 @@ macro_rules! queries {
             ) -> QueryResult<UnitTotals> {
                 let rows: Vec<(String, Option<i64>)> = reservations::table
                     .filter(reservations::sku.eq(sku))
-                    .filter(reservations::state.eq_any(LIVE_STATES))
+                    .filter(reservations::state.eq_any(TOTALLED_STATES))
                     .group_by(reservations::state)
                     .select((
                         reservations::state,
@@ -1041,6 +1462,9 @@ macro_rules! queries {
                     match ReservationState::from_db(&state) {
                         Some(ReservationState::Held) => totals.held = units.unwrap_or(0),
                         Some(ReservationState::Confirmed) => totals.confirmed = units.unwrap_or(0),
+                        Some(ReservationState::Waitlisted) => {
+                            totals.waitlisted = units.unwrap_or(0)
+                        }
                         _ => {}
                     }
                 }
@@ -1304,48 +1728,113 @@ impl Store {
         user: &UserId,
         now: NaiveDateTime,
     ) -> Result<Settled, StoreError> {
-        dispatch!(self.settle(id.as_str(), user.as_str(), ReservationState::Confirmed, now))
+        dispatch!(self.settle(
+            id.as_str(),
+            user.as_str(),
+            ReservationState::Confirmed,
+            now,
+            None
+        ))
     }
 
-    /// Releases a hold and returns its units to stock, once.
+    /// Releases a hold and returns its units to stock (or to the oldest
+    /// waitlist entries, which get holds of `hold_ttl`), once. A waitlisted
+    /// reservation leaves the line.
     pub async fn release(
         &self,
         id: &ReservationId,
         user: &UserId,
         now: NaiveDateTime,
+        hold_ttl: Option<Duration>,
     ) -> Result<Settled, StoreError> {
-        dispatch!(self.settle(id.as_str(), user.as_str(), ReservationState::Released, now))
+        dispatch!(self.settle(
+            id.as_str(),
+            user.as_str(),
+            ReservationState::Released,
+            now,
+            hold_ttl
+        ))
     }
 
-    /// Expires up to `limit` lapsed holds, returning their units to stock;
-    /// each with the SKU row's version its restock wrote.
+    /// Expires lapsed waitlist entries, then up to `limit` lapsed holds,
+    /// whose units return as [`Store::release`]'s do.
     pub async fn expire_due(
         &self,
         now: NaiveDateTime,
         limit: i64,
-    ) -> Result<Vec<(Reservation, Option<i64>)>, StoreError> {
-        dispatch!(self.expire_due(now, limit))
+        hold_ttl: Option<Duration>,
+    ) -> Result<Vec<(Reservation, Option<Restock>)>, StoreError> {
+        dispatch!(self.expire_due(now, limit, hold_ttl))
     }
 
-    /// Creates the SKU or overwrites its available stock and per-user limit.
+    /// See [`WaitlistJoin`]; `default_limit` applies where the SKU sets
+    /// none, `ttl` is how long the entry waits. `stock_check`: answer
+    /// `InStock` when the row has the units, which is right only where no
+    /// admitted order is still on its way to the database.
+    pub async fn join_waitlist(
+        &self,
+        order: &NewOrder,
+        default_limit: u32,
+        ttl: Duration,
+        now: NaiveDateTime,
+        stock_check: bool,
+    ) -> Result<WaitlistJoin, StoreError> {
+        dispatch!(self.join_waitlist(order, default_limit, ttl, now, stock_check))
+    }
+
+    /// Sets a SKU's sold-out policy; `None` for an unknown SKU.
+    pub async fn set_sold_out_policy(
+        &self,
+        sku: &Sku,
+        policy: SoldOutPolicy,
+        waitlist_limit: u32,
+        now: NaiveDateTime,
+    ) -> Result<Option<(InventoryRow, Vec<Reservation>)>, StoreError> {
+        let limit = i32::try_from(waitlist_limit).unwrap_or(i32::MAX);
+        dispatch!(self.set_sold_out_policy(sku.as_str(), policy, limit, now))
+    }
+
+    /// A waitlisted reservation with its current position.
+    pub async fn with_waitlist_position(
+        &self,
+        reservation: Reservation,
+    ) -> Result<Reservation, StoreError> {
+        if reservation.state != ReservationState::Waitlisted {
+            return Ok(reservation);
+        }
+        let id = reservation.id.clone();
+        let position = dispatch!(self.position_of(id.as_str()))?;
+        Ok(Reservation {
+            waitlist_position: position,
+            ..reservation
+        })
+    }
+
+    /// Creates the SKU or overwrites its available stock and per-user
+    /// limit; units then available go to its waitlist first (holds of
+    /// `hold_ttl`). Returns the row after that and the entries served.
     pub async fn set_stock(
         &self,
         sku: &Sku,
         stock: i64,
         max_per_user: u32,
         now: NaiveDateTime,
-    ) -> Result<InventoryRow, StoreError> {
+        hold_ttl: Option<Duration>,
+    ) -> Result<(InventoryRow, Vec<Reservation>), StoreError> {
         let limit = i32::try_from(max_per_user).unwrap_or(i32::MAX);
-        dispatch!(self.set_stock(sku.as_str(), stock, limit, now))
+        dispatch!(self.set_stock(sku.as_str(), stock, limit, now, hold_ttl))
     }
 
+    /// Adds `delta` to the stock; units then available go to the waitlist
+    /// first, as with [`Store::set_stock`].
     pub async fn adjust_stock(
         &self,
         sku: &Sku,
         delta: i64,
         now: NaiveDateTime,
+        hold_ttl: Option<Duration>,
     ) -> Result<Adjusted, StoreError> {
-        dispatch!(self.adjust_stock(sku.as_str(), delta, now))
+        dispatch!(self.adjust_stock(sku.as_str(), delta, now, hold_ttl))
     }
 
     pub async fn inventory(&self, sku: &Sku) -> Result<Option<InventoryRow>, StoreError> {

@@ -18,6 +18,10 @@ pub struct InventoryRow {
     pub max_per_user: i32,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// `instant` or `waitlist` (see [`crate::domain::SoldOutPolicy`]).
+    pub sold_out_policy: String,
+    /// Waiting entries allowed at once; 0 = `reservations.waitlist_max`.
+    pub waitlist_limit: i32,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -46,6 +50,7 @@ impl ReservationRow {
             state: ReservationState::from_db(&self.state).unwrap_or(ReservationState::Rejected),
             idempotency_key: self.idempotency_key.map(IdempotencyKey::from_trusted),
             queue_position: None,
+            waitlist_position: None,
             reject_reason: self.reject_reason,
             created_at: self.created_at,
             updated_at: self.updated_at,

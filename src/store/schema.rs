@@ -9,6 +9,8 @@ diesel::table! {
         created_at -> Timestamp,
         updated_at -> Timestamp,
         supplied -> BigInt,
+        sold_out_policy -> Varchar,
+        waitlist_limit -> Integer,
     }
 }
 

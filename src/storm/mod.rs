@@ -317,6 +317,7 @@ async fn reserve(
         let mut request = Request::new(ReserveRequest {
             sku: sku.to_owned(),
             quantity: options.quantity,
+            ..Default::default()
         });
         request.set_timeout(Duration::from_millis(options.timeout_ms));
         let metadata = request.metadata_mut();

@@ -23,6 +23,7 @@ fn reserve_req(sku: &str, quantity: u32) -> ReserveRequest {
     ReserveRequest {
         sku: sku.into(),
         quantity,
+        ..Default::default()
     }
 }
 

@@ -230,6 +230,7 @@ async fn latency_to_postgres_runs_calls_into_their_deadlines() {
                 stockgate::pb::ReserveRequest {
                     sku: "SLOW".into(),
                     quantity: 1,
+                    ..Default::default()
                 },
                 &format!("s{i}"),
                 Some(&format!("key-{i}")),

@@ -71,11 +71,11 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
         let store = open_store(&config);
         store.migrate().await.unwrap();
         store
-            .set_stock(&Sku::parse("A").unwrap(), 3, 0, now())
+            .set_stock(&Sku::parse("A").unwrap(), 3, 0, now(), None)
             .await
             .unwrap();
         store
-            .set_stock(&Sku::parse("CAP").unwrap(), 10, 1, now())
+            .set_stock(&Sku::parse("CAP").unwrap(), 10, 1, now(), None)
             .await
             .unwrap();
         let (_, version_a) = row_of(&store, "A").await;
@@ -121,7 +121,7 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
 
         // A key already held in the database, decided by the grouped path.
         store
-            .set_stock(&Sku::parse("B").unwrap(), 11, 0, now())
+            .set_stock(&Sku::parse("B").unwrap(), 11, 0, now(), None)
             .await
             .unwrap();
         let (_, version_b) = row_of(&store, "B").await;

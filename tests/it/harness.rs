@@ -389,6 +389,7 @@ pub async fn reserve(
             ReserveRequest {
                 sku: sku.into(),
                 quantity,
+                ..Default::default()
             },
             user,
             None,

@@ -21,6 +21,7 @@ async fn not_serving_until_the_store_is_migrated() {
             ReserveRequest {
                 sku: "A".into(),
                 quantity: 1,
+                ..Default::default()
             },
             "u1",
             None,

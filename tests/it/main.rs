@@ -18,3 +18,4 @@ mod relay;
 mod rollout;
 mod storm;
 mod storm_tool;
+mod waitlist;

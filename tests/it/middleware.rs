@@ -126,6 +126,7 @@ async fn switched_at_run_time_and_only_for_callers() {
         .reserve(stockgate::pb::ReserveRequest {
             sku: "S".into(),
             quantity: 1,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -208,6 +209,7 @@ async fn keyed_reserve(
             ReserveRequest {
                 sku: sku.into(),
                 quantity: 1,
+                ..Default::default()
             },
             "dana",
             Some(key),

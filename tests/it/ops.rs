@@ -349,6 +349,7 @@ async fn the_admin_service_needs_the_token_and_has_its_own_port() {
             stockgate::pb::ReserveRequest {
                 sku: "AUTH".into(),
                 quantity: 1,
+                ..Default::default()
             },
             "u2",
             None,
@@ -644,6 +645,24 @@ async fn the_cli_drives_a_running_server() {
     assert!(ok, "{err}");
     let cells: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(cells[..2], ["CLI-1", "5"], "{out}");
+
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "stock",
+            "policy",
+            "CLI-1",
+            "waitlist",
+            "--waitlist-limit",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("waitlist (limit 3)"), "{out}");
+    let (ok, _, err) = cli(&app, &["stock", "policy", "CLI-1", "later"]);
+    assert!(!ok && err.contains("expected instant or waitlist"), "{err}");
+    let (ok, out, err) = cli(&app, &["stock", "policy", "CLI-1", "instant"]);
+    assert!(ok && out.contains("instant"), "{out}{err}");
 
     let mut client = app.inventory();
     reserve(&mut client, "CLI-1", 1, "buyer").await.unwrap();

@@ -94,6 +94,7 @@ async fn sigterm_under_load_answers_every_caller_and_keeps_every_accepted_order(
                         stockgate::pb::ReserveRequest {
                             sku: "DRAIN".into(),
                             quantity: 1,
+                            ..Default::default()
                         },
                         &format!("c{caller}-{call}"),
                         None,
