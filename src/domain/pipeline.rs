@@ -639,6 +639,7 @@ impl Pipeline {
                     metrics::decision("gate", "bypassed");
                 }
                 Err(err) => {
+                    self.forget_admission(gate_entry(&order));
                     if layers.gate_failure == GateFailureMode::FailClosed {
                         metrics::decision("gate", "unavailable");
                         return Err(gate_error(err));
@@ -659,6 +660,16 @@ impl Pipeline {
         } else {
             self.commit_now(order, layers.db_check, gated).await
         }
+    }
+
+    /// A gate call that failed may still have admitted (the script ran,
+    /// its reply was lost with the connection). Returning those units at
+    /// once, rather than after `layers.gate.in_flight_timeout_ms`, keeps a
+    /// short outage from under-selling. Safe if nothing was admitted: a
+    /// release of an admission the gate never recorded changes nothing.
+    /// Retried in the background while the gate is unreachable.
+    fn forget_admission(&self, entry: GateEntry) {
+        self.settle_later(Settlement::Released, vec![entry]);
     }
 
     fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
@@ -1074,16 +1085,41 @@ impl Pipeline {
         }
     }
 
+    /// Settles now, or keeps trying in the background while the gate is
+    /// unreachable: a settlement that never arrives leaves units counted
+    /// in flight, and a rebuild meanwhile counts them twice (see
+    /// [`GateEntry::version`]). Settling is idempotent per reservation, so
+    /// a retry after a lost reply changes nothing.
     async fn settle_gate(&self, action: Settlement, entries: &[GateEntry]) {
         if let Err(err) = self.gate.settle_batch(action, entries).await {
-            tracing::warn!(?action, reservations = entries.len(), error = %err, "could not settle the stock gate; a reload will repair it");
+            tracing::warn!(?action, reservations = entries.len(), error = %err, "could not settle the stock gate; retrying in the background");
+            self.settle_later(action, entries.to_vec());
         }
     }
 
+    fn settle_later(&self, action: Settlement, entries: Vec<GateEntry>) {
+        let gate = Arc::clone(&self.gate);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            // About a minute; after that the reconciler's checks take over.
+            for _ in 0..70 {
+                tokio::time::sleep(pause).await;
+                if gate.settle_batch(action, &entries).await.is_ok() {
+                    return;
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            tracing::warn!(
+                ?action,
+                reservations = entries.len(),
+                "gave up settling the stock gate; the reconciler repairs it"
+            );
+        });
+    }
+
     async fn gate_release(&self, order: &NewOrder) {
-        if let Err(err) = self.gate.release(&gate_entry(order)).await {
-            tracing::warn!(reservation = order.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
-        }
+        self.settle_gate(Settlement::Released, &[gate_entry(order)])
+            .await;
     }
 
     // ---- The order processor's step -------------------------------------
@@ -1458,7 +1494,9 @@ impl Pipeline {
         )
         .at_version(Some(restock.stock_version));
         let result = if restock.handed.is_empty() {
-            self.gate.release(&entry).await
+            self.settle_gate(Settlement::Released, std::slice::from_ref(&entry))
+                .await;
+            Ok(())
         } else {
             // Forget the hold (its user's units) without returning stock,
             // then add what stayed in stock.

@@ -244,7 +244,9 @@ impl StockGate for EmbeddedGate {
                 false
             }
         };
-        state.free_user_units(sku, release.user.as_str(), release.quantity);
+        if known || release.version.is_some() {
+            state.free_user_units(sku, release.user.as_str(), release.quantity);
+        }
         // The same rule as settle.lua: a database restock comes back unless
         // the last read had it; units the database never saw come back if
         // this counter took them.

@@ -40,8 +40,10 @@ for i = 1, (#KEYS - 3) do
         end
         changed = changed + 1
       end
-    elseif action == 'release' or phase then
-      -- A rejection without a record was not admitted here: nothing to free.
+    elseif phase or (action == 'release' and version) then
+      -- Without a record, only a database release has a user's units to
+      -- free (its record went with a flush); a rejection or a gate-only
+      -- release of an admission that never ran has nothing.
       local live = redis.call('HINCRBY', KEYS[2], user, -qty)
       if live <= 0 then
         redis.call('HDEL', KEYS[2], user)
