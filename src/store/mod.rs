@@ -303,6 +303,11 @@ fn lock_inventory_sqlite<'a>(
         .map(|r| r.optional())
 }
 
+/// `ttl` after `now`, saturating (a huge configured TTL means "never").
+fn after(now: NaiveDateTime, ttl: Duration) -> NaiveDateTime {
+    now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
+}
+
 const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
 const TOTALLED_STATES: [&str; 3] = ["held", "confirmed", "waitlisted"];
 
@@ -557,9 +562,7 @@ macro_rules! queries {
                     *taken += quantity;
                     *live.entry(slot).or_default() += quantity;
                     let mut row = row_for(order, ReservationState::Held, params.now);
-                    row.expires_at = params.hold_ttl.map(|ttl| {
-                        params.now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
-                    });
+                    row.expires_at = params.hold_ttl.map(|ttl| after(params.now, ttl));
                     outcomes.push(CommitOutcome::Committed {
                         reservation: row.clone().into_domain(),
                         remaining: available - quantity,
@@ -709,10 +712,7 @@ macro_rules! queries {
                     };
                     if updated == 1 {
                         let mut row = row_for(order, ReservationState::Held, params.now);
-                        row.expires_at = params.hold_ttl.map(|ttl| {
-                            params.now
-                                + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
-                        });
+                        row.expires_at = params.hold_ttl.map(|ttl| after(params.now, ttl));
                         insert_row(conn, &row).await?;
                         return Ok(CommitOutcome::Committed {
                             reservation: row.into_domain(),
@@ -962,10 +962,7 @@ macro_rules! queries {
                             ReservationState::Held
                         };
                         let expires_at = match next_state {
-                            ReservationState::Held => hold_ttl.map(|ttl| {
-                                now + chrono::TimeDelta::from_std(ttl)
-                                    .unwrap_or(chrono::TimeDelta::MAX)
-                            }),
+                            ReservationState::Held => hold_ttl.map(|ttl| after(now, ttl)),
                             _ => None,
                         };
                         let reason = (next_state == ReservationState::Rejected).then(|| {
@@ -1028,6 +1025,46 @@ macro_rules! queries {
                     .first(conn)
                     .await?;
                 Ok(live.unwrap_or(0))
+            }
+
+            /// Up to `limit` reservations in `state` whose `expires_at` has
+            /// passed, the longest lapsed first.
+            async fn lapsed(
+                conn: &mut $Conn,
+                state: ReservationState,
+                now: NaiveDateTime,
+                limit: i64,
+            ) -> QueryResult<Vec<ReservationRow>> {
+                reservations::table
+                    .filter(reservations::state.eq(state.as_db()))
+                    .filter(reservations::expires_at.le(now))
+                    .order(reservations::expires_at.asc())
+                    .limit(limit)
+                    .select(ReservationRow::as_select())
+                    .load(conn)
+                    .await
+            }
+
+            /// Moves a WAITLISTED reservation to `to` (it leaves the line;
+            /// no units involved); false if it was no longer waiting.
+            async fn leave_line(
+                conn: &mut $Conn,
+                id: &str,
+                to: ReservationState,
+                now: NaiveDateTime,
+            ) -> QueryResult<bool> {
+                let moved = diesel::update(
+                    reservations::table
+                        .filter(reservations::reservation_id.eq(id))
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                )
+                .set((
+                    reservations::state.eq(to.as_db()),
+                    reservations::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .await?;
+                Ok(moved == 1)
             }
 
             /// Entries ahead of `row` in its SKU's waitlist.
@@ -1119,9 +1156,7 @@ macro_rules! queries {
                         return Ok(WaitlistJoin::Full { limit });
                     }
                     let mut row = row_for(order, ReservationState::Waitlisted, now);
-                    row.expires_at = Some(
-                        now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX),
-                    );
+                    row.expires_at = Some(after(now, ttl));
                     insert_row(conn, &row).await?;
                     let mut reservation = row.into_domain();
                     reservation.waitlist_position = Some(u64::try_from(waiting).unwrap_or(0));
@@ -1214,19 +1249,9 @@ macro_rules! queries {
                         && to == ReservationState::Released
                     {
                         // Leaving the line: no units to return.
-                        let moved = diesel::update(
-                            reservations::table
-                                .filter(reservations::reservation_id.eq(id))
-                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
-                        )
-                        .set((
-                            reservations::state.eq(to.as_db()),
-                            reservations::updated_at.eq(now),
-                        ))
-                        .execute(conn)
-                        .await?;
+                        let moved = leave_line(conn, id, to, now).await?;
                         let row = find(conn, id).await?.expect("rows are never deleted");
-                        return Ok(if moved == 1 {
+                        return Ok(if moved {
                             Settled::Changed {
                                 reservation: row.into_domain(),
                                 restock: None,
@@ -1280,42 +1305,19 @@ macro_rules! queries {
                 conn.transaction::<_, DieselError, _>(async |conn| {
                     // Waitlist entries past their time leave the line first,
                     // so a hold expiring below does not hand them units.
-                    let lapsed: Vec<ReservationRow> = reservations::table
-                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
-                        .filter(reservations::expires_at.le(now))
-                        .order(reservations::expires_at.asc())
-                        .limit(limit)
-                        .select(ReservationRow::as_select())
-                        .load(conn)
-                        .await?;
+                    let waited_out = lapsed(conn, ReservationState::Waitlisted, now, limit).await?;
                     let mut expired = Vec::new();
-                    for row in lapsed {
-                        let moved = diesel::update(
-                            reservations::table
-                                .filter(reservations::reservation_id.eq(&row.reservation_id))
-                                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
-                        )
-                        .set((
-                            reservations::state.eq(ReservationState::Expired.as_db()),
-                            reservations::updated_at.eq(now),
-                        ))
-                        .execute(conn)
-                        .await?;
-                        if moved == 1 {
+                    for row in waited_out {
+                        if leave_line(conn, &row.reservation_id, ReservationState::Expired, now)
+                            .await?
+                        {
                             let mut reservation = row.into_domain();
                             reservation.state = ReservationState::Expired;
                             reservation.updated_at = now;
                             expired.push((reservation, None));
                         }
                     }
-                    let due: Vec<ReservationRow> = reservations::table
-                        .filter(reservations::state.eq(ReservationState::Held.as_db()))
-                        .filter(reservations::expires_at.le(now))
-                        .order(reservations::expires_at.asc())
-                        .limit(limit)
-                        .select(ReservationRow::as_select())
-                        .load(conn)
-                        .await?;
+                    let due = lapsed(conn, ReservationState::Held, now, limit).await?;
                     for row in due {
                         if let Transition::Moved { restock } =
                             transition(conn, &row, ReservationState::Expired, now, hold_ttl)
