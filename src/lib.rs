@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod ops;
 pub mod queue;
+mod redis_batch;
 pub mod server;
 pub mod store;
 pub mod storm;

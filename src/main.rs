@@ -7,6 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use stockgate::config::Config;
 
+// The service allocates a little for every call on every worker thread;
+// glibc malloc's arena locks showed up as futex wake-ups under a storm.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version = stockgate::VERSION, about = "Flash-sale inventory reservation service")]
 struct Cli {

@@ -25,7 +25,6 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::{sync::Notify, time::Instant};
 use tower::{Layer, Service};
@@ -33,6 +32,7 @@ use tower::{Layer, Service};
 use crate::{
     domain::{pipeline::Switches, IdempotencyKey, UserId},
     error::ReservationError,
+    redis_batch::Batcher,
 };
 
 /// The one deduplicated call.
@@ -41,7 +41,7 @@ pub const DEDUP_PATH: &str = "/stockgate.v1.InventoryService/Reserve";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The first call's whole answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAnswer {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -53,6 +53,57 @@ fn pairs(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     map.iter()
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect()
+}
+
+/// Lengths are u32: a stored answer is a Reserve reply, far below that.
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, Vec<u8>)]) {
+    out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_be_bytes());
+    for (name, value) in pairs {
+        put_bytes(out, name.as_bytes());
+        put_bytes(out, value);
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let (head, rest) = self
+            .0
+            .split_at_checked(n)
+            .ok_or_else(|| "stored answer cut short".to_owned())?;
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn len(&mut self) -> Result<usize, String> {
+        let raw: [u8; 4] = self.take(4)?.try_into().map_err(|_| "short length")?;
+        Ok(u32::from_be_bytes(raw) as usize)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.len()?;
+        self.take(n)
+    }
+
+    fn pairs(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let n = self.len()?;
+        // Each pair takes at least 8 bytes: a corrupt count cannot make
+        // this allocate more than the record's size.
+        let mut pairs = Vec::with_capacity(n.min(self.0.len() / 8));
+        for _ in 0..n {
+            let name = std::str::from_utf8(self.bytes()?)
+                .map_err(|_| "header name is not UTF-8".to_owned())?
+                .to_owned();
+            pairs.push((name, self.bytes()?.to_vec()));
+        }
+        Ok(pairs)
+    }
 }
 
 fn header_map(pairs: &[(String, Vec<u8>)]) -> http::HeaderMap {
@@ -95,6 +146,37 @@ impl StoredAnswer {
             http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
         *response.headers_mut() = header_map(&self.headers);
         response
+    }
+
+    /// Appends the answer in a compact binary form: the status, then each
+    /// header list and the body, every list and field length-prefixed.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.status.to_be_bytes());
+        put_pairs(out, &self.headers);
+        put_bytes(out, &self.body);
+        put_pairs(out, &self.trailers);
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut input = Reader(bytes);
+        let status = u16::from_be_bytes(
+            input
+                .take(2)?
+                .try_into()
+                .map_err(|_| "short status".to_owned())?,
+        );
+        let headers = input.pairs()?;
+        let body = input.bytes()?.to_vec();
+        let trailers = input.pairs()?;
+        if !input.0.is_empty() {
+            return Err("trailing bytes after a stored answer".into());
+        }
+        Ok(Self {
+            status,
+            headers,
+            body,
+            trailers,
+        })
     }
 
     /// The gRPC status code (trailers, or headers for a trailers-only
@@ -150,10 +232,12 @@ pub trait DedupStore: Send + Sync + 'static {
         token: &str,
         in_flight: Duration,
     ) -> Result<Claim, String>;
-    /// Stores the answer (if `token` still holds the claim) for `ttl`.
+    /// Stores the answer of the call that claimed `key` with
+    /// `fingerprint` and `token`, for `ttl`.
     async fn complete(
         &self,
         key: &str,
+        fingerprint: &str,
         token: &str,
         answer: &StoredAnswer,
         ttl: Duration,
@@ -229,6 +313,7 @@ impl DedupStore for MemoryDedup {
     async fn complete(
         &self,
         key: &str,
+        _fingerprint: &str,
         token: &str,
         answer: &StoredAnswer,
         ttl: Duration,
@@ -261,53 +346,76 @@ impl DedupStore for MemoryDedup {
     }
 }
 
-/// The shared store: one hash per key in Redis, changed only by Lua scripts
-/// so a claim, a completion and an abandon are each atomic.
+/// The shared store: one Redis string per key, so the hot path needs no
+/// script. A claim is `c` + fingerprint + token, an answer `a` + fingerprint
+/// + the encoded answer. Claims (`SET NX GET`, Redis 7.0 or later) and
+/// answers go through the [`Batcher`], so under load a whole batch of calls
+/// costs Redis one read and one write.
 pub struct RedisDedup {
-    client: redis::Client,
-    timeout: Duration,
-    /// Connected on first use, so the server starts while Redis is down.
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    conn: redis::aio::ConnectionManager,
+    batch: Batcher,
     prefix: String,
-    claim: redis::Script,
-    complete: redis::Script,
     abandon: redis::Script,
 }
 
+/// Hex SHA-256.
+const FINGERPRINT_LEN: usize = 64;
+
 impl RedisDedup {
+    /// Connects lazily, so the server starts while Redis is down; needs a
+    /// Tokio runtime (the batching task).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout));
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| e.to_string())?;
         Ok(Self {
-            client,
-            timeout,
-            conn: tokio::sync::OnceCell::new(),
+            batch: Batcher::spawn(conn.clone()),
+            conn,
             prefix: prefix.to_owned(),
-            claim: redis::Script::new(include_str!("scripts/dedup_claim.lua")),
-            complete: redis::Script::new(include_str!("scripts/dedup_complete.lua")),
             abandon: redis::Script::new(include_str!("scripts/dedup_abandon.lua")),
         })
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
-        self.conn
-            .get_or_try_init(|| async {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.timeout))
-                    .set_connection_timeout(Some(self.timeout));
-                redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
-            })
-            .await
-            .cloned()
-            .map_err(|e| e.to_string())
-    }
-
+    /// `v2`: the string layout; records of the earlier hash layout are
+    /// never read as these (a retry across a rolling upgrade runs again and
+    /// the pipeline's own idempotency answers it).
     fn record(&self, key: &str) -> String {
-        format!("{}:dedup:{key}", self.prefix)
+        format!("{}:dedup:v2:{key}", self.prefix)
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// What a record found by a claim says to a request with `fingerprint`.
+fn read_record(record: &[u8], fingerprint: &str) -> Result<Claim, String> {
+    let Some((&kind, rest)) = record.split_first() else {
+        return Err("empty dedup record".into());
+    };
+    let Some((found, rest)) = rest.split_at_checked(FINGERPRINT_LEN) else {
+        return Err("dedup record too short".into());
+    };
+    if found != fingerprint.as_bytes() {
+        return Ok(Claim::Mismatch);
+    }
+    match kind {
+        b'c' => Ok(Claim::InFlight),
+        b'a' => StoredAnswer::decode(rest).map(Claim::Done),
+        other => Err(format!("unknown dedup record kind {other}")),
+    }
+}
+
+fn redis_error(err: redis::RedisError) -> String {
+    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+        && err.to_string().contains("syntax error")
+    {
+        return format!("{err} (dedup needs Redis 7.0 or later: SET with NX and GET)");
+    }
+    err.to_string()
 }
 
 #[async_trait]
@@ -319,56 +427,57 @@ impl DedupStore for RedisDedup {
         token: &str,
         in_flight: Duration,
     ) -> Result<Claim, String> {
-        let mut conn = self.conn().await?;
-        let reply: Vec<String> = self
-            .claim
-            .key(self.record(key))
-            .arg(fingerprint)
-            .arg(token)
+        let mut claim = Vec::with_capacity(1 + fingerprint.len() + token.len());
+        claim.push(b'c');
+        claim.extend_from_slice(fingerprint.as_bytes());
+        claim.extend_from_slice(token.as_bytes());
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record(key))
+            .arg(claim)
+            .arg("NX")
+            .arg("PX")
             .arg(millis(in_flight))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(match reply.as_slice() {
-            [kind] if kind == "run" => Claim::Run,
-            [kind] if kind == "mismatch" => Claim::Mismatch,
-            [kind] if kind == "inflight" => Claim::InFlight,
-            [kind, json] if kind == "done" => {
-                Claim::Done(serde_json::from_str(json).map_err(|e| e.to_string())?)
-            }
-            other => return Err(format!("unexpected dedup claim reply {other:?}")),
-        })
+            .arg("GET");
+        match self.batch.query(cmd).await.map_err(redis_error)? {
+            redis::Value::Nil => Ok(Claim::Run),
+            redis::Value::BulkString(record) => read_record(&record, fingerprint),
+            other => Err(format!("unexpected dedup claim reply {other:?}")),
+        }
     }
 
+    /// Overwrites the claim without checking its token: the claim outlives
+    /// the call by a margin (`DedupTimes::in_flight`) and the server's
+    /// timeout ends the call first, so the claim is still this call's.
     async fn complete(
         &self,
         key: &str,
-        token: &str,
+        fingerprint: &str,
+        _token: &str,
         answer: &StoredAnswer,
         ttl: Duration,
     ) -> Result<(), String> {
-        let json = serde_json::to_string(answer).map_err(|e| e.to_string())?;
-        let mut conn = self.conn().await?;
-        self.complete
-            .key(self.record(key))
-            .arg(token)
-            .arg(json)
-            .arg(millis(ttl))
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let mut record = Vec::with_capacity(1 + fingerprint.len() + 64 + answer.body.len());
+        record.push(b'a');
+        record.extend_from_slice(fingerprint.as_bytes());
+        answer.encode(&mut record);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record(key))
+            .arg(record)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.batch.query(cmd).await.map(|_| ()).map_err(redis_error)
     }
 
+    /// Rare (transient answers only), so a script rather than the batch.
     async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn.clone();
         self.abandon
             .key(self.record(key))
             .arg(token)
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(redis_error)
     }
 
     async fn changed(&self) {
@@ -430,11 +539,17 @@ fn record_key(user: &str, key: &str) -> String {
 }
 
 fn fingerprint(path: &str, body: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hash = Sha256::new();
     hash.update(path.as_bytes());
     hash.update([0]);
     hash.update(body);
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(FINGERPRINT_LEN);
+    for byte in hash.finalize() {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    hex
 }
 
 fn refusal(err: ReservationError) -> http::Response<tonic::body::Body> {
@@ -510,7 +625,9 @@ where
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
                         let response = inner.call(rebuilt()).await?;
-                        return Ok(finish(&*store, &key, &token, times, response).await);
+                        return Ok(
+                            finish(&*store, &key, &fingerprint, &token, times, response).await
+                        );
                     }
                     Ok(Claim::Done(answer)) => {
                         let how = if waited { "waited" } else { "replayed" };
@@ -548,6 +665,7 @@ where
 async fn finish(
     store: &dyn DedupStore,
     key: &str,
+    fingerprint: &str,
     token: &str,
     times: DedupTimes,
     response: http::Response<tonic::body::Body>,
@@ -560,7 +678,9 @@ async fn finish(
         }
     };
     let stored = if answer.is_final() {
-        store.complete(key, token, &answer, times.ttl).await
+        store
+            .complete(key, fingerprint, token, &answer, times.ttl)
+            .await
     } else {
         store.abandon(key, token).await
     };
@@ -597,13 +717,16 @@ mod tests {
             Ok(Claim::Mismatch)
         );
         // Only the holder's token completes.
-        store.complete("k", "t2", &answer(0), short).await.unwrap();
+        store
+            .complete("k", "fp", "t2", &answer(0), short)
+            .await
+            .unwrap();
         assert_eq!(
             store.claim("k", "fp", "t3", short).await,
             Ok(Claim::InFlight)
         );
         store
-            .complete("k", "t1", &answer(0), Duration::from_secs(60))
+            .complete("k", "fp", "t1", &answer(0), Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(
@@ -627,6 +750,34 @@ mod tests {
         assert!(!answer(10).is_final(), "ABORTED is retried");
         assert_ne!(record_key("ab", "c"), record_key("a", "bc"));
         assert_ne!(fingerprint("/p", b"x"), fingerprint("/p", b"y"));
+    }
+
+    #[test]
+    fn records_encode_and_decode_exactly() {
+        let mut original = answer(0);
+        original.headers.push(("x-empty".into(), Vec::new()));
+        let fp = fingerprint("/p", b"x");
+        let mut record = vec![b'a'];
+        record.extend_from_slice(fp.as_bytes());
+        original.encode(&mut record);
+        assert_eq!(read_record(&record, &fp), Ok(Claim::Done(original.clone())));
+        assert_eq!(
+            read_record(&record, &fingerprint("/p", b"y")),
+            Ok(Claim::Mismatch)
+        );
+        // Every truncation and any extra byte is an error, never a
+        // different answer.
+        for cut in 1 + FINGERPRINT_LEN..record.len() {
+            assert!(read_record(&record[..cut], &fp).is_err(), "cut at {cut}");
+        }
+        record.push(0);
+        assert!(read_record(&record, &fp).is_err());
+        let mut claim = vec![b'c'];
+        claim.extend_from_slice(fp.as_bytes());
+        claim.extend_from_slice(b"token");
+        assert_eq!(read_record(&claim, &fp), Ok(Claim::InFlight));
+        assert!(read_record(b"", &fp).is_err());
+        assert!(read_record(b"c123", &fp).is_err());
     }
 
     #[tokio::test]

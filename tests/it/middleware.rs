@@ -1,5 +1,7 @@
 //! The tower middleware through the real server.
 
+use std::{sync::Arc, time::Duration};
+
 use futures::future::join_all;
 use prost::Message;
 use stockgate::pb::{
@@ -7,7 +9,9 @@ use stockgate::pb::{
 };
 use tonic::Code;
 
-use crate::harness::{is_admitted, reserve, with_user, Profile, TestApp};
+use crate::harness::{
+    is_admitted, redis_url, reserve, wipe_redis_prefix, with_user, Profile, TestApp,
+};
 
 async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
     app.admin()
@@ -269,4 +273,91 @@ async fn a_flood_above_the_in_flight_limit_is_shed_and_the_rest_succeed() {
     // Health and operators are never shed.
     assert_eq!(app.stock("FLOOD").await.db_stock, 500 - ordered);
     app.stop().await;
+}
+
+/// The Redis dedup store on a real server: claims from many calls at once
+/// share pipelines yet each gets its own verdict, an error reply reaches
+/// only its own caller, answers come back byte for byte, only the claiming
+/// call's token abandons, and an unanswered claim lapses.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_dedup_store_keeps_each_call_apart_in_a_batch() {
+    use stockgate::middleware::{Claim, DedupStore, RedisDedup, StoredAnswer};
+    let prefix = format!("sg-test-dedup-{}", uuid::Uuid::now_v7().simple());
+    let store = Arc::new(RedisDedup::new(&redis_url(), &prefix, Duration::from_secs(2)).unwrap());
+    let long = Duration::from_secs(30);
+    // A key Redis holds as another type: its claim fails, alone.
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{prefix}:dedup:v2:k7"))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let claims = (0..300).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .claim(&format!("k{i}"), &"f".repeat(64), "t", long)
+                .await
+        })
+    });
+    let verdicts: Vec<_> = join_all(claims)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    for (i, verdict) in verdicts.iter().enumerate() {
+        if i == 7 {
+            assert!(verdict.is_err(), "{verdict:?}");
+        } else {
+            assert_eq!(verdict, &Ok(Claim::Run), "k{i}");
+        }
+    }
+    let fp = "a".repeat(64);
+    let answer = StoredAnswer {
+        status: 200,
+        headers: vec![("content-type".into(), b"application/grpc".to_vec())],
+        body: vec![0, 0, 0, 0, 3, 8, 1, 16],
+        trailers: vec![("grpc-status".into(), b"0".to_vec())],
+    };
+    assert_eq!(store.claim("one", &fp, "t1", long).await, Ok(Claim::Run));
+    assert_eq!(
+        store.claim("one", &fp, "t2", long).await,
+        Ok(Claim::InFlight)
+    );
+    assert_eq!(
+        store.claim("one", &"b".repeat(64), "t2", long).await,
+        Ok(Claim::Mismatch)
+    );
+    store.abandon("one", "t2").await.unwrap();
+    assert_eq!(
+        store.claim("one", &fp, "t3", long).await,
+        Ok(Claim::InFlight)
+    );
+    store.abandon("one", "t1").await.unwrap();
+    assert_eq!(store.claim("one", &fp, "t4", long).await, Ok(Claim::Run));
+    store
+        .complete("one", &fp, "t4", &answer, long)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("one", &fp, "t5", long).await,
+        Ok(Claim::Done(answer.clone()))
+    );
+    // An answer is not a claim: abandoning it changes nothing.
+    store.abandon("one", "t4").await.unwrap();
+    assert_eq!(
+        store.claim("one", &fp, "t6", long).await,
+        Ok(Claim::Done(answer))
+    );
+    let short = Duration::from_millis(50);
+    assert_eq!(store.claim("lapse", &fp, "t1", short).await, Ok(Claim::Run));
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(store.claim("lapse", &fp, "t2", short).await, Ok(Claim::Run));
+    wipe_redis_prefix(&prefix).await;
 }

@@ -1,0 +1,126 @@
+//! Auto-pipelining for the per-call Redis commands.
+//!
+//! On a loaded server every Reserve sends Redis a small command or two. Sent
+//! one by one, each costs a socket write and read on both sides and a
+//! wake-up per reply, and on a small machine those syscalls, not Redis's
+//! work, bound throughput. [`Batcher`] queues commands from every caller and
+//! sends whatever has gathered as one pipeline: one write and one read for
+//! the lot, each caller still getting its own reply. With no load a batch
+//! is a single command and costs one channel hop more than a direct call.
+//!
+//! A pipeline is not a transaction: each command (or script) stays atomic on
+//! its own, as if sent alone, so callers need no new reasoning.
+
+use std::sync::Arc;
+
+use redis::{aio::ConnectionManager, Cmd, RedisError, RedisResult, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Most commands in one pipeline: enough to amortise a round trip, small
+/// enough that one batch's reply never holds Redis for long.
+const MAX_BATCH: usize = 256;
+/// Batches on the wire at once. Two keep Redis busy while the previous
+/// batch's replies are handed out; more would only make batches smaller.
+const IN_FLIGHT: usize = 2;
+/// Commands waiting for a batch; a full queue makes callers wait (the load
+/// shedding layer bounds the calls that can be waiting at all).
+const QUEUED: usize = 8_192;
+
+struct Job {
+    cmd: Cmd,
+    reply: oneshot::Sender<RedisResult<Value>>,
+}
+
+/// A handle to the batching task; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the task that owns the batching (it ends when the last handle
+    /// is dropped). `conn` reconnects by itself after a loss.
+    pub fn spawn(conn: ConnectionManager) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUED);
+        tokio::spawn(run(conn, queue));
+        Self { jobs }
+    }
+
+    /// Sends `cmd` with whatever else is waiting and returns its own reply;
+    /// a Redis error reply comes back as `Err`, as for a direct call.
+    pub async fn query(&self, cmd: Cmd) -> RedisResult<Value> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { cmd, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+fn gone() -> RedisError {
+    RedisError::from(std::io::Error::other("the redis batching task has stopped"))
+}
+
+async fn run(conn: ConnectionManager, mut queue: mpsc::Receiver<Job>) {
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // Waiting for a permit first lets commands gather while the
+        // batches already sent are out.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        if queue.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+            return;
+        }
+        let batch: Vec<Job> = std::mem::take(&mut jobs);
+        let mut conn = conn.clone();
+        tokio::spawn(async move {
+            send(&mut conn, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn send(conn: &mut ConnectionManager, batch: Vec<Job>) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        pipe.add_command(job.cmd);
+        replies.push(job.reply);
+    }
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Ok(values) if values.len() == replies.len() => {
+            for (reply, value) in replies.into_iter().zip(values) {
+                let result = match value {
+                    Value::ServerError(err) => Err(RedisError::from(err)),
+                    value => Ok(value),
+                };
+                // A caller that gave up (deadline, cancel) has dropped its
+                // receiver; its reply has nowhere to go.
+                let _ = reply.send(result);
+            }
+        }
+        Ok(values) => {
+            let why = format!(
+                "redis answered {} replies to {} commands",
+                values.len(),
+                replies.len()
+            );
+            for reply in replies {
+                let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.clone()))));
+            }
+        }
+        Err(err) => {
+            // The whole pipeline failed (connection lost, timeout): every
+            // command in it gets the error; which ran is unknown, exactly
+            // as for a direct call whose reply was lost.
+            let why = err.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.clone()))));
+            }
+        }
+    }
+}
