@@ -163,9 +163,9 @@ pub struct BackendsConfig {
     /// `embedded` (in-process counters) or a `redis://` URL (one Lua script
     /// per decision, shared by every replica).
     pub gate: String,
-    /// `embedded` (in-process map) or a `redis://` URL (keys under
-    /// `redis.key_prefix`, shared by every replica) for the dedup layer's
-    /// stored answers.
+    /// `embedded` (in-process map) or a `redis://` URL (Redis 7.0 or later;
+    /// keys under `redis.key_prefix`, shared by every replica) for the
+    /// dedup layer's stored answers.
     pub dedup: String,
     /// `embedded` (in-process channel; lost on a crash) or an `amqp://` URL
     /// (a durable RabbitMQ quorum queue shared by every replica; needs the

@@ -1,7 +1,9 @@
 //! `stockgate bench --middleware`: what each tower layer costs on the path
-//! it lets through. Reserve for a sold-out SKU (decided by the gate's fast
-//! path, so the layers are most of the work) under: no middleware, each
-//! layer alone, and all of them, interleaved in the same run. Two servers
+//! it lets through, under: no middleware, each layer alone, and all of
+//! them, interleaved in the same run. Two paths: Reserve with stock (the
+//! call the layers exist to let through: gate script, queue, commit) and
+//! Reserve for a sold-out SKU (decided by the gate's fast path in memory,
+//! so the layers are most of the work: the worst case for them). Two servers
 //! run in this process over the same backends, one with load shedding off
 //! and one with it on (shedding is start-up config); rate limiting and
 //! dedup are switched per row through AdminService, as SREs do. Limits are
@@ -11,7 +13,8 @@
 use anyhow::Context;
 
 use super::{
-    cleanup, load, median_rounds, reserve_call, tempfile_dir, BenchOptions, BenchServer, Measured,
+    cleanup, load, median_rounds, reserve_call, tempfile_dir, wait_drained, BenchOptions,
+    BenchServer, Measured,
 };
 use crate::pb::{
     admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
@@ -40,6 +43,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
         // The middleware is measured; the queue stays in-process.
         config.backends.queue = crate::config::EMBEDDED.into();
         config.server.max_in_flight = if shedding { 4_096 } else { 0 };
+        config.layers.queue.capacity = options.requests.max(1) * 2;
         // Every call is a new user; the global budget must never bind.
         config.layers.rate_limit.global_per_sec = 100_000_000;
         config.layers.rate_limit.global_burst = 100_000_000;
@@ -53,12 +57,20 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
             })
             .await
             .context("set up the sold-out SKU")?;
+        AdminServiceClient::new(server.channels[0].clone())
+            .set_stock(SetStockRequest {
+                sku: "BENCH-STOCK".into(),
+                stock: i64::try_from(options.requests * (options.rounds.max(1) + 1) * ROWS.len())?,
+                max_per_user: 0,
+            })
+            .await
+            .context("set up the SKU with stock")?;
         servers.push(server);
     }
 
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
-        let mut measured = Vec::new();
+        let (mut sold_out, mut with_stock) = (Vec::new(), Vec::new());
         for (row, (name, shedding, rate_limit, dedup)) in ROWS.iter().enumerate() {
             let server = &servers[usize::from(*shedding)];
             AdminServiceClient::new(server.channels[0].clone())
@@ -68,7 +80,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                     ..Default::default()
                 })
                 .await?;
-            measured.push(
+            sold_out.push(
                 load(
                     &server.channels,
                     &options,
@@ -81,8 +93,28 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                 )
                 .await,
             );
+            with_stock.push(
+                load(
+                    &server.channels,
+                    &options,
+                    name,
+                    reserve_call(
+                        "BENCH-STOCK",
+                        format!("mws-{round}-{row}"),
+                        ReserveOutcome::Queued,
+                    ),
+                )
+                .await,
+            );
+            // The processor's commits would otherwise weigh on the next row.
+            wait_drained(
+                &mut AdminServiceClient::new(server.channels[0].clone()),
+                "BENCH-STOCK",
+            )
+            .await?;
         }
-        rounds.push(measured);
+        sold_out.append(&mut with_stock);
+        rounds.push(sold_out);
     }
     for server in servers {
         server.stop().await?;
@@ -94,23 +126,33 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     Ok(median_rounds(rounds))
 }
 
-/// The table, with each row's throughput relative to "middleware off".
+/// Two tables (sold out, then with stock), each row's throughput relative
+/// to that path's "middleware off".
 pub fn render(results: &[Measured], options: &BenchOptions) -> String {
-    let base = results.first().map(|m| m.rps);
     let mut out = format!(
-        "requests={} concurrency={} connections={} rounds={} (median round shown) store={}\n{:<28} {:>10} {:>9} {:>9} {:>8} {:>10}\n",
+        "requests={} concurrency={} connections={} rounds={} (median round shown) store={} queue=embedded\n",
         options.requests,
         options.concurrency,
         options.connections,
         options.rounds,
         crate::config::redact_url(&options.store),
-        "Reserve (sold out) with",
-        "calls/s",
-        "p50 ms",
-        "p99 ms",
-        "failed",
-        "x off"
     );
+    let (sold_out, with_stock) = results.split_at(results.len().min(ROWS.len()));
+    for (path, rows) in [
+        ("Reserve (sold out) with", sold_out),
+        ("Reserve (stock) with", with_stock),
+    ] {
+        table(&mut out, path, rows);
+    }
+    out
+}
+
+fn table(out: &mut String, path: &str, results: &[Measured]) {
+    let base = results.first().map(|m| m.rps);
+    out.push_str(&format!(
+        "{:<28} {:>10} {:>9} {:>9} {:>8} {:>10}\n",
+        path, "calls/s", "p50 ms", "p99 ms", "failed", "x off"
+    ));
     for m in results {
         let ratio = base.map_or("-".into(), |b| format!("{:.2}", m.rps / b));
         out.push_str(&format!(
@@ -118,5 +160,4 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
             m.name, m.rps, m.p50_ms, m.p99_ms, m.failures, ratio
         ));
     }
-    out
 }

@@ -262,7 +262,10 @@ pub(crate) fn reserve_call(
     }
 }
 
-async fn wait_drained(admin: &mut AdminServiceClient<Channel>, sku: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_drained(
+    admin: &mut AdminServiceClient<Channel>,
+    sku: &str,
+) -> anyhow::Result<()> {
     for _ in 0..1200 {
         let view = admin
             .get_stock(crate::pb::GetStockRequest { sku: sku.into() })
@@ -456,16 +459,32 @@ fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
 }
 
 pub(crate) async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    // A run leaves a few hundred thousand keys (reservation records, dedup
+    // answers): SCAN in slices rather than one KEYS, which blocks Redis and
+    // outlasts the client's response timeout on a big database.
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await?;
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
     }
-    Ok(())
 }
 
 /// The table `stockgate bench` prints.
