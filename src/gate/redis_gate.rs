@@ -28,13 +28,10 @@ use redis::{
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use super::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL};
-use crate::{config::RedisConfig, domain::Sku, redis_batch::Batcher};
+use crate::{config::RedisConfig, domain::Sku};
 
 pub struct RedisGate {
     conn: ConnectionManager,
-    /// Reserve's script runs through here: the one gate call per admitted
-    /// Reserve, so the one worth pipelining across calls.
-    batch: Batcher,
     prefix: String,
     record_ttl_secs: u64,
     reserve: Script,
@@ -71,7 +68,6 @@ impl RedisGate {
         let channel = format!("{}:restock", config.key_prefix);
         let subscriber = tokio::spawn(listen_for_restocks(client, channel, restocks.clone()));
         Ok(Self {
-            batch: Batcher::spawn(conn.clone()),
             conn,
             prefix: config.key_prefix.clone(),
             record_ttl_secs: config.record_ttl_secs,
@@ -180,44 +176,21 @@ async fn listen_for_restocks(client: Client, channel: String, tx: broadcast::Sen
 impl StockGate for RedisGate {
     async fn reserve(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let keys = [
-            self.key(&entry.sku, "inv"),
-            self.key(&entry.sku, "users"),
-            self.key(&entry.sku, &format!("res:{}", entry.id.as_str())),
-            self.key(&entry.sku, "pending"),
-        ];
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha
-            .arg(self.reserve.get_hash())
-            .arg(keys.len())
-            .arg(&keys)
-            .arg(entry.user.as_str())
-            .arg(entry.quantity)
-            .arg(self.record_ttl_secs)
-            .arg(now_ms)
-            .arg(entry.id.as_str());
-        let reply: Vec<i64> = match self.batch.query(evalsha).await {
-            Ok(value) => redis::FromRedisValue::from_redis_value(value)
-                .map_err(|e| GateError::Unavailable(e.to_string()))?,
-            // Not loaded (a restart, `SCRIPT FLUSH`): the direct path loads
-            // it; the batch finds it loaded from then on.
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                let mut invocation = self.reserve.prepare_invoke();
-                for key in &keys {
-                    invocation.key(key);
-                }
-                self.invoke(
-                    invocation
-                        .arg(entry.user.as_str())
-                        .arg(entry.quantity)
-                        .arg(self.record_ttl_secs)
-                        .arg(now_ms)
-                        .arg(entry.id.as_str()),
-                )
-                .await?
-            }
-            Err(err) => return Err(unavailable(err)),
-        };
+        let reply: Vec<i64> = self
+            .invoke(
+                self.reserve
+                    .prepare_invoke()
+                    .key(self.key(&entry.sku, "inv"))
+                    .key(self.key(&entry.sku, "users"))
+                    .key(self.key(&entry.sku, &format!("res:{}", entry.id.as_str())))
+                    .key(self.key(&entry.sku, "pending"))
+                    .arg(entry.user.as_str())
+                    .arg(entry.quantity)
+                    .arg(self.record_ttl_secs)
+                    .arg(now_ms)
+                    .arg(entry.id.as_str()),
+            )
+            .await?;
         Ok(match reply.as_slice() {
             [1, remaining] => GateDecision::Reserved {
                 remaining: *remaining,
