@@ -183,15 +183,27 @@ pub(crate) struct BenchServer {
 }
 
 impl BenchServer {
+    /// A server on `config`, with its switches in force fleet-wide: a
+    /// server adopts the switches stored in its database over its config,
+    /// and a benchmark database outlives runs (an earlier run's rate limits
+    /// once throttled a storm).
     pub async fn start(config: Config, connections: usize) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
+        let switches = crate::grpc::set_every_switch(
+            crate::domain::pipeline::Layers::from_config(&config),
+            "benchmark: the switches of its config",
+        );
         let server = crate::server::spawn(config, listener, async move {
             let _ = stopped.await;
         });
         let channels = connect(addr, connections).await?;
         wait_serving(&channels[0]).await?;
+        AdminServiceClient::new(channels[0].clone())
+            .set_layers(switches)
+            .await
+            .context("set the config's switches")?;
         Ok(Self {
             addr,
             channels,

@@ -113,6 +113,14 @@ pub fn render(rounds: &[StormRound], options: &BenchOptions) -> String {
             s.units_ordered,
             if s.ok() { "hold" } else { "BROKEN" }
         ));
+        // A refusal by the middleware is cheap; a storm with any would
+        // flatter the figures, so they are always shown.
+        let outcomes: Vec<String> = s
+            .outcomes
+            .iter()
+            .map(|(outcome, n)| format!("{outcome} {n}"))
+            .collect();
+        out.push_str(&format!("answers: {}\n", outcomes.join(", ")));
     }
     out
 }

@@ -194,6 +194,24 @@ fn layers(layers: Layers) -> pb::Layers {
     }
 }
 
+/// A SetLayers request that sets every switch to `target`, for tools that
+/// must not inherit the switches stored in the database (the benchmarks).
+pub fn set_every_switch(target: Layers, reason: &str) -> pb::SetLayersRequest {
+    let view = layers(target);
+    pb::SetLayersRequest {
+        rate_limit: Some(view.rate_limit),
+        rate_limit_shadow: Some(view.rate_limit_shadow),
+        rate_limits: view.rate_limits,
+        dedup: Some(view.dedup),
+        gate: Some(view.gate),
+        gate_failure_mode: view.gate_failure_mode,
+        queue: Some(view.queue),
+        db_check: view.db_check,
+        force: false,
+        reason: reason.into(),
+    }
+}
+
 /// The change a SetLayers request asks for, validated field by field.
 pub fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, ReservationError> {
     let db_check = match pb::DbCheckMode::try_from(body.db_check) {

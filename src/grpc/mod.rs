@@ -4,7 +4,10 @@
 mod admin;
 mod inventory;
 
-pub use admin::{layers_change, token_digest, AdminApi, AdminAuth, AdminToken, OPERATOR_METADATA};
+pub use admin::{
+    layers_change, set_every_switch, token_digest, AdminApi, AdminAuth, AdminToken,
+    OPERATOR_METADATA,
+};
 pub use inventory::{validate_reserve, InventoryApi};
 
 use chrono::NaiveDateTime;

@@ -266,7 +266,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                     let Some(&(i, second)) = plan.get(n) else {
                         return;
                     };
-                    let user = format!("storm-u{}", i % options.users);
+                    let user = user_name(&options, i);
                     let key = format!("{run_id}-{i}");
                     let call_started = Instant::now();
                     let answer = reserve(&mut client, &sku, &user, &key, &options).await;
@@ -346,6 +346,13 @@ async fn reserve(
             Err(s) => return Answer::Error(s.code(), s.message().to_owned()),
         }
     }
+}
+
+/// Call `i`'s user. Named after the SKU too: the per-user rate limit
+/// remembers users for a second, and a run right after another (the
+/// benchmark's rounds, each on a fresh SKU) must not inherit its pacing.
+fn user_name(options: &StormOptions, i: usize) -> String {
+    format!("storm-u{}@{}", i % options.users, options.sku)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -474,7 +481,7 @@ async fn settle_and_check(
     let deadline = Instant::now() + Duration::from_secs(120);
     let settled: Vec<anyhow::Result<(String, PbState, u32)>> =
         futures::stream::iter(owners.iter().map(|(id, i)| {
-            let user = format!("storm-u{}", i % options.users);
+            let user = user_name(options, *i);
             settle_one(inventory.clone(), (*id).to_owned(), user, deadline)
         }))
         .buffer_unordered(64)
