@@ -349,11 +349,15 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     let results = stockgate::bench::middleware::run(options.clone())
         .await
         .unwrap();
-    assert_eq!(results.len(), 5);
+    // Five rows on the sold-out path, then the same five with stock.
+    assert_eq!(results.len(), 10);
     assert_eq!(results[0].name, "middleware off");
+    assert_eq!(results[5].name, "middleware off");
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
     }
     let table = stockgate::bench::middleware::render(&results, &options);
-    assert!(table.contains("all middleware on"), "{table}");
+    assert!(table.contains("Reserve (sold out) with"), "{table}");
+    assert!(table.contains("Reserve (stock) with"), "{table}");
+    assert_eq!(table.matches("all middleware on").count(), 2, "{table}");
 }
