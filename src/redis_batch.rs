@@ -8,8 +8,8 @@
 //! the lot, each caller still getting its own reply. With no load a batch
 //! is a single command and costs one channel hop more than a direct call.
 //!
-//! A pipeline is not a transaction: each command (or script) stays atomic on
-//! its own, as if sent alone, so callers need no new reasoning.
+//! A pipeline is not a transaction: each command stays atomic on its own,
+//! as if sent alone, so callers need no new reasoning.
 
 use std::sync::Arc;
 
@@ -64,17 +64,16 @@ fn gone() -> RedisError {
 
 async fn run(conn: ConnectionManager, mut queue: mpsc::Receiver<Job>) {
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut jobs = Vec::with_capacity(MAX_BATCH);
     loop {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         // Waiting for a permit first lets commands gather while the
         // batches already sent are out.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        if queue.recv_many(&mut jobs, MAX_BATCH).await == 0 {
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        let batch: Vec<Job> = std::mem::take(&mut jobs);
         let mut conn = conn.clone();
         tokio::spawn(async move {
             send(&mut conn, batch).await;
@@ -109,18 +108,17 @@ async fn send(conn: &mut ConnectionManager, batch: Vec<Job>) {
                 values.len(),
                 replies.len()
             );
-            for reply in replies {
-                let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.clone()))));
-            }
+            fail_all(replies, &why)
         }
-        Err(err) => {
-            // The whole pipeline failed (connection lost, timeout): every
-            // command in it gets the error; which ran is unknown, exactly
-            // as for a direct call whose reply was lost.
-            let why = err.to_string();
-            for reply in replies {
-                let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.clone()))));
-            }
-        }
+        // The whole pipeline failed (connection lost, timeout): every
+        // command in it gets the error; which ran is unknown, exactly as
+        // for a direct call whose reply was lost.
+        Err(err) => fail_all(replies, &err.to_string()),
+    }
+}
+
+fn fail_all(replies: Vec<oneshot::Sender<RedisResult<Value>>>, why: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.to_owned()))));
     }
 }

@@ -470,7 +470,8 @@ fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
     })
 }
 
-pub(crate) async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+/// Deletes every key under `prefix` (a run's, or a test's).
+pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
     // A run leaves a few hundred thousand keys (reservation records, dedup
     // answers): SCAN in slices rather than one KEYS, which blocks Redis and
     // outlasts the client's response timeout on a big database.

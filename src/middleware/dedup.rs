@@ -391,6 +391,15 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// The start of a record: its kind (`c` claim, `a` answer) and the
+/// request's fingerprint; `rest` more bytes follow.
+fn new_record(kind: u8, fingerprint: &str, rest: usize) -> Vec<u8> {
+    let mut record = Vec::with_capacity(1 + fingerprint.len() + rest);
+    record.push(kind);
+    record.extend_from_slice(fingerprint.as_bytes());
+    record
+}
+
 /// What a record found by a claim says to a request with `fingerprint`.
 fn read_record(record: &[u8], fingerprint: &str) -> Result<Claim, String> {
     let Some((&kind, rest)) = record.split_first() else {
@@ -427,9 +436,7 @@ impl DedupStore for RedisDedup {
         token: &str,
         in_flight: Duration,
     ) -> Result<Claim, String> {
-        let mut claim = Vec::with_capacity(1 + fingerprint.len() + token.len());
-        claim.push(b'c');
-        claim.extend_from_slice(fingerprint.as_bytes());
+        let mut claim = new_record(b'c', fingerprint, token.len());
         claim.extend_from_slice(token.as_bytes());
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.record(key))
@@ -456,9 +463,8 @@ impl DedupStore for RedisDedup {
         answer: &StoredAnswer,
         ttl: Duration,
     ) -> Result<(), String> {
-        let mut record = Vec::with_capacity(1 + fingerprint.len() + 64 + answer.body.len());
-        record.push(b'a');
-        record.extend_from_slice(fingerprint.as_bytes());
+        // The body plus room for the status, lengths and a few headers.
+        let mut record = new_record(b'a', fingerprint, 64 + answer.body.len());
         answer.encode(&mut record);
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.record(key))
@@ -757,8 +763,7 @@ mod tests {
         let mut original = answer(0);
         original.headers.push(("x-empty".into(), Vec::new()));
         let fp = fingerprint("/p", b"x");
-        let mut record = vec![b'a'];
-        record.extend_from_slice(fp.as_bytes());
+        let mut record = new_record(b'a', &fp, 0);
         original.encode(&mut record);
         assert_eq!(read_record(&record, &fp), Ok(Claim::Done(original.clone())));
         assert_eq!(
@@ -772,8 +777,7 @@ mod tests {
         }
         record.push(0);
         assert!(read_record(&record, &fp).is_err());
-        let mut claim = vec![b'c'];
-        claim.extend_from_slice(fp.as_bytes());
+        let mut claim = new_record(b'c', &fp, 5);
         claim.extend_from_slice(b"token");
         assert_eq!(read_record(&claim, &fp), Ok(Claim::InFlight));
         assert!(read_record(b"", &fp).is_err());

@@ -84,20 +84,9 @@ pub fn redis_url() -> String {
 /// Deletes every key under `prefix`: what a Redis restart or FLUSHALL does
 /// to this test, without touching the keys of tests running beside it.
 pub async fn wipe_redis_prefix(prefix: &str) {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
+    stockgate::bench::cleanup(&redis_url(), prefix)
         .await
         .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
 }
 
 /// A database of one test's own, dropped when the test ends.
