@@ -8,6 +8,7 @@
 
 mod embedded;
 mod rabbit;
+mod tickets;
 
 pub use embedded::{EmbeddedQueue, EmbeddedReceiver};
 pub use rabbit::{

@@ -41,7 +41,7 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{OrderQueue, QueueError, QueuedOrder};
+use super::{tickets::Tickets, OrderQueue, QueueError, QueuedOrder};
 use crate::{
     config::RabbitConfig,
     domain::{IdempotencyKey, ReservationId, Sku, UserId},
@@ -252,6 +252,7 @@ pub struct RabbitQueue {
     uri: String,
     names: QueueNames,
     store: Store,
+    tickets: Tickets,
     publish_timeout: Duration,
     reconnect_delay: Duration,
     link: ArcSwapOption<Link>,
@@ -277,6 +278,7 @@ impl RabbitQueue {
         Self {
             uri: uri.to_owned(),
             names: QueueNames::new(&config.queue),
+            tickets: Tickets::new(store.clone()),
             store,
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
             reconnect_delay: Duration::from_millis(config.reconnect_delay_ms),
@@ -457,8 +459,8 @@ impl OrderQueue for RabbitQueue {
         }
         let channel = self.channel().await?;
         let ticket = self
-            .store
-            .next_ticket()
+            .tickets
+            .next()
             .await
             .map_err(|e| QueueError::Unavailable(format!("no queue ticket: {e}")))?;
         let id = order.id.as_str().to_owned();

@@ -1664,11 +1664,30 @@ impl Store {
         dispatch!(self.record_failed(order, reason, now))
     }
 
-    /// The next ticket of the shared queue-position sequence (PostgreSQL
-    /// only: replicas sharing RabbitMQ share the database).
-    pub async fn next_ticket(&self) -> Result<u64, StoreError> {
-        self.ticket_query("SELECT nextval('order_tickets') AS value", None)
-            .await
+    /// `n` fresh tickets of the shared queue-position sequence, in one
+    /// round trip, ascending (PostgreSQL only: replicas sharing RabbitMQ
+    /// share the database).
+    pub async fn next_tickets(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+        #[derive(QueryableByName)]
+        struct Ticket {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            value: i64,
+        }
+        let mut conn = self.pg_conn().await?;
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let rows: Vec<Ticket> = diesel::sql_query(
+            "SELECT nextval('order_tickets') AS value FROM generate_series(1, $1)",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(n)
+        .load(&mut *conn)
+        .await?;
+        // Row order is not promised; callers hand them out in arrival order.
+        let mut tickets: Vec<u64> = rows
+            .into_iter()
+            .map(|t| u64::try_from(t.value).unwrap_or(0))
+            .collect();
+        tickets.sort_unstable();
+        Ok(tickets)
     }
 
     /// The last ticket handed out, 0 before the first.
@@ -1697,15 +1716,7 @@ impl Store {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             value: i64,
         }
-        let Pool::Pg(pool) = &*self.pool else {
-            return Err(StoreError::Unsupported(
-                "queue tickets need PostgreSQL (backends.store)",
-            ));
-        };
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let mut conn = self.pg_conn().await?;
         let query = diesel::sql_query(sql);
         let ticket: Ticket = match bind {
             Some(value) => {
@@ -1718,6 +1729,17 @@ impl Store {
             None => query.get_result(&mut *conn).await?,
         };
         Ok(u64::try_from(ticket.value).unwrap_or(0))
+    }
+
+    async fn pg_conn(&self) -> Result<bb8::PooledConnection<'_, AsyncPgConnection>, StoreError> {
+        let Pool::Pg(pool) = &*self.pool else {
+            return Err(StoreError::Unsupported(
+                "queue tickets need PostgreSQL (backends.store)",
+            ));
+        };
+        pool.get()
+            .await
+            .map_err(|e| StoreError::Connect(e.to_string()))
     }
 
     pub async fn reservation(&self, id: &ReservationId) -> Result<Option<Reservation>, StoreError> {

@@ -293,6 +293,45 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
     app.stop().await;
 }
 
+/// Publishes made at once share ticket statements, yet each order gets a
+/// ticket of its own and none is skipped: the line has no holes for
+/// positions to count.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_publishes_each_get_their_own_ticket() {
+    let app = api_only().await;
+    let producer = std::sync::Arc::new(RabbitQueue::new(
+        &app.config.backends.queue,
+        &app.config.rabbitmq,
+        open_store(&app.config),
+    ));
+    let calls: Vec<_> = (0..600)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                let order = NewOrder {
+                    id: ReservationId::generate(),
+                    sku: Sku::parse("LINE").unwrap(),
+                    user: UserId::parse(&format!("t{i}")).unwrap(),
+                    quantity: 1,
+                    idempotency_key: None,
+                    created_at: stockgate::domain::now(),
+                };
+                producer.publish(order, false).await.unwrap()
+            })
+        })
+        .collect();
+    let mut tickets = Vec::new();
+    for call in calls {
+        tickets.push(call.await.unwrap());
+    }
+    tickets.sort_unstable();
+    tickets.dedup();
+    assert_eq!(tickets.len(), 600, "a ticket was handed out twice");
+    assert_eq!(tickets[599] - tickets[0], 599, "the line has holes");
+    assert_eq!(queue_depth(&producer.names().orders).await, 600);
+    app.stop().await;
+}
+
 /// With a backlog and a slow processor, the position a watcher sees only
 /// falls, and the stream ends in the final state.
 #[tokio::test(flavor = "multi_thread")]
