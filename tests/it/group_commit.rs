@@ -142,6 +142,27 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
             "{profile:?}"
         );
 
+        // Keys belong to users: another user's "k1" and u1's new key are
+        // fresh, though looked up in the same statement as u1's "k1".
+        let shapes = shapes_of(
+            &store,
+            &[
+                order("B", "u8", 1, Some("k1")),
+                order("B", "u1", 1, Some("k8")),
+                NewOrder {
+                    id: ReservationId::generate(),
+                    sku: Sku::parse("B").unwrap(),
+                    ..first.clone()
+                },
+            ],
+        )
+        .await;
+        assert_eq!(
+            shapes,
+            ["held, 9 left", "held, 8 left", "rejected DuplicateKey"],
+            "{profile:?}"
+        );
+
         // The same id twice, and one key twice within the batch, take the
         // per-order path: one order each, one update per order.
         let twice = order("B", "u5", 1, None);
@@ -155,14 +176,39 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
         assert_eq!(
             shapes,
             [
-                "held, 9 left",
+                "held, 7 left",
                 "already Held",
-                "held, 8 left",
+                "held, 6 left",
                 "rejected DuplicateKey"
             ],
             "{profile:?}"
         );
-        assert_eq!(row_of(&store, "B").await, (8, version_b + 3), "{profile:?}");
+        assert_eq!(row_of(&store, "B").await, (6, version_b + 4), "{profile:?}");
+
+        // More keys than one lookup statement takes: every one is found
+        // again when the same keys come back under new ids.
+        store
+            .set_stock(&Sku::parse("MANY").unwrap(), 1_000, 0, now(), None)
+            .await
+            .unwrap();
+        let keyed: Vec<NewOrder> = (0..250)
+            .map(|i| order("MANY", &format!("m{i}"), 1, Some(&format!("mk{i}"))))
+            .collect();
+        let shapes = shapes_of(&store, &keyed).await;
+        assert_eq!(shapes.last().unwrap(), "held, 750 left", "{profile:?}");
+        let again: Vec<NewOrder> = keyed
+            .iter()
+            .map(|o| NewOrder {
+                id: ReservationId::generate(),
+                ..o.clone()
+            })
+            .collect();
+        let shapes = shapes_of(&store, &again).await;
+        assert!(
+            shapes.iter().all(|s| s == "rejected DuplicateKey"),
+            "{profile:?}: {shapes:?}"
+        );
+        assert_eq!(stock_of(&store, "MANY").await, 750, "{profile:?}");
         drop(store);
         if let Some(db) = db {
             db.drop_now().await;
