@@ -517,6 +517,29 @@ impl Pipeline {
         }
     }
 
+    /// What `reserve` would answer when the sold-out fast path decides it
+    /// with no I/O and no change: serving, gate on, no waitlist to join, no
+    /// reservation with this key known to this process. `None`: run
+    /// `reserve`.
+    pub fn sold_out_now(&self, cmd: &ReserveCommand) -> Option<ReserveResult> {
+        if cmd.join_waitlist || self.ensure_ready().is_err() || !self.layers().gate {
+            return None;
+        }
+        if let Some(key) = &cmd.idempotency_key {
+            let pending = self.pending();
+            if pending.with_key(&cmd.user, key).is_some()
+                || pending.recently_settled(&cmd.user, key).is_some()
+            {
+                return None;
+            }
+        }
+        let left = self.known_sold_out(&cmd.sku, cmd.quantity.get())?;
+        metrics::decision("gate", "sold_out_fast_path");
+        Some(ReserveResult::SoldOut {
+            remaining: Some(left),
+        })
+    }
+
     /// Sold out and asked to wait: a place in the SKU's waitlist if its
     /// policy offers one, otherwise the sold-out answer stands. The line
     /// lives in the database, whose row lock orders joins and hand-offs.

@@ -13,6 +13,7 @@ use crate::{
         Quantity, ReservationId, ReservationState, Sku,
     },
     error::ReservationError,
+    middleware::{not_instant, InstantOnly},
     pb::{self, inventory_service_server::InventoryService},
 };
 
@@ -97,8 +98,15 @@ impl InventoryService for InventoryApi {
             request.metadata(),
             request.get_ref(),
             self.pipeline.limits().max_quantity,
-        )?;
-        let result = self.pipeline.reserve(command).await?;
+        );
+        // The dedup layer asking whether this call needs a run at all.
+        if request.extensions().get::<InstantOnly>().is_some() {
+            return match command.ok().and_then(|c| self.pipeline.sold_out_now(&c)) {
+                Some(result) => Ok(Response::new(reserve_response(result))),
+                None => Err(not_instant()),
+            };
+        }
+        let result = self.pipeline.reserve(command?).await?;
         Ok(Response::new(reserve_response(result)))
     }
 

@@ -12,6 +12,15 @@
 //! sees every key) and in-process otherwise. When the store is unreachable
 //! the call runs without dedup: the pipeline's own idempotency (queued keys
 //! in memory, the database's unique (user, key)) still stands behind it.
+//!
+//! A claim and a stored answer are two round trips to the store. A call
+//! the service can answer at once without changing anything (the sold-out
+//! fast path, most of a flash sale) needs neither the claim nor the run
+//! that it guards: the layer first sends the request marked
+//! [`InstantOnly`], and if Reserve answers it (rather than [`NOT_INSTANT`])
+//! stores that answer with `SET NX GET`, one round trip. If the key already
+//! had a record, that record decides as it would for a claim (replay, wait
+//! or mismatch) and the at-once answer is dropped; it changed nothing.
 
 use std::{
     collections::HashMap,
@@ -242,6 +251,16 @@ pub trait DedupStore: Send + Sync + 'static {
         answer: &StoredAnswer,
         ttl: Duration,
     ) -> Result<(), String>;
+    /// Stores `answer` as the first answer for `key` unless the key has a
+    /// record already, in one step: [`Claim::Run`] means it was stored,
+    /// anything else is what the existing record says.
+    async fn settle(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<Claim, String>;
     /// Drops the claim (if `token` still holds it) so a retry runs.
     async fn abandon(&self, key: &str, token: &str) -> Result<(), String>;
     /// Waits a little for any claim to change.
@@ -267,6 +286,43 @@ impl MemoryDedup {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Inserts a record for `key` unless a live one is there, and says
+    /// what the live one means for this request.
+    fn put_new(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: &str,
+        answer: Option<StoredAnswer>,
+        lasts: Duration,
+    ) -> Claim {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        match entries.get(key) {
+            Some(entry) if entry.expires > now => {
+                if entry.fingerprint != fingerprint {
+                    Claim::Mismatch
+                } else if let Some(answer) = &entry.answer {
+                    Claim::Done(answer.clone())
+                } else {
+                    Claim::InFlight
+                }
+            }
+            _ => {
+                entries.insert(
+                    key.to_owned(),
+                    Entry {
+                        fingerprint: fingerprint.to_owned(),
+                        token: token.to_owned(),
+                        answer,
+                        expires: now + lasts,
+                    },
+                );
+                Claim::Run
+            }
+        }
+    }
+
     /// Forgets lapsed claims and expired answers (bounded memory).
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
@@ -285,29 +341,21 @@ impl DedupStore for MemoryDedup {
         token: &str,
         in_flight: Duration,
     ) -> Result<Claim, String> {
-        let now = Instant::now();
-        let mut entries = self.entries();
-        match entries.get(key) {
-            Some(entry) if entry.expires > now => Ok(if entry.fingerprint != fingerprint {
-                Claim::Mismatch
-            } else if let Some(answer) = &entry.answer {
-                Claim::Done(answer.clone())
-            } else {
-                Claim::InFlight
-            }),
-            _ => {
-                entries.insert(
-                    key.to_owned(),
-                    Entry {
-                        fingerprint: fingerprint.to_owned(),
-                        token: token.to_owned(),
-                        answer: None,
-                        expires: now + in_flight,
-                    },
-                );
-                Ok(Claim::Run)
-            }
+        Ok(self.put_new(key, fingerprint, token, None, in_flight))
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<Claim, String> {
+        let found = self.put_new(key, fingerprint, "", Some(answer.clone()), ttl);
+        if found == Claim::Run {
+            self.notify.notify_waiters();
         }
+        Ok(found)
     }
 
     async fn complete(
@@ -385,6 +433,29 @@ impl RedisDedup {
     fn record(&self, key: &str) -> String {
         format!("{}:dedup:v2:{key}", self.prefix)
     }
+
+    /// `SET record NX GET`: one round trip that both writes a new record
+    /// and reads the one that stopped it.
+    async fn put_new(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        record: Vec<u8>,
+        lasts: Duration,
+    ) -> Result<Claim, String> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record(key))
+            .arg(record)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lasts))
+            .arg("GET");
+        match self.batch.query(cmd).await.map_err(redis_error)? {
+            redis::Value::Nil => Ok(Claim::Run),
+            redis::Value::BulkString(found) => read_record(&found, fingerprint),
+            other => Err(format!("unexpected dedup claim reply {other:?}")),
+        }
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -397,6 +468,13 @@ fn new_record(kind: u8, fingerprint: &str, rest: usize) -> Vec<u8> {
     let mut record = Vec::with_capacity(1 + fingerprint.len() + rest);
     record.push(kind);
     record.extend_from_slice(fingerprint.as_bytes());
+    record
+}
+
+fn answer_record(fingerprint: &str, answer: &StoredAnswer) -> Vec<u8> {
+    // The body plus room for the status, lengths and a few headers.
+    let mut record = new_record(b'a', fingerprint, 64 + answer.body.len());
+    answer.encode(&mut record);
     record
 }
 
@@ -438,18 +516,18 @@ impl DedupStore for RedisDedup {
     ) -> Result<Claim, String> {
         let mut claim = new_record(b'c', fingerprint, token.len());
         claim.extend_from_slice(token.as_bytes());
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.record(key))
-            .arg(claim)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(in_flight))
-            .arg("GET");
-        match self.batch.query(cmd).await.map_err(redis_error)? {
-            redis::Value::Nil => Ok(Claim::Run),
-            redis::Value::BulkString(record) => read_record(&record, fingerprint),
-            other => Err(format!("unexpected dedup claim reply {other:?}")),
-        }
+        self.put_new(key, fingerprint, claim, in_flight).await
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<Claim, String> {
+        self.put_new(key, fingerprint, answer_record(fingerprint, answer), ttl)
+            .await
     }
 
     /// Overwrites the claim without checking its token: the claim outlives
@@ -463,12 +541,9 @@ impl DedupStore for RedisDedup {
         answer: &StoredAnswer,
         ttl: Duration,
     ) -> Result<(), String> {
-        // The body plus room for the status, lengths and a few headers.
-        let mut record = new_record(b'a', fingerprint, 64 + answer.body.len());
-        answer.encode(&mut record);
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.record(key))
-            .arg(record)
+            .arg(answer_record(fingerprint, answer))
             .arg("PX")
             .arg(millis(ttl));
         self.batch.query(cmd).await.map(|_| ()).map_err(redis_error)
@@ -612,9 +687,28 @@ where
                 }
             };
             let fingerprint = fingerprint(parts.uri.path(), &body);
-            let token = uuid::Uuid::now_v7().simple().to_string();
             let store = layer.store.clone();
             let times = layer.times;
+            // A call the service can answer at once without changing
+            // anything (sold out on the fast path) is stored and answered
+            // in one round trip; the record it finds instead is answered
+            // like a claim's.
+            let mut found = None;
+            if let Some(answer) = instant_answer(&mut inner, &parts, &body).await? {
+                match store.settle(&key, &fingerprint, &answer, times.ttl).await {
+                    Ok(Claim::Run) => {
+                        crate::metrics::decision("dedup", "first");
+                        return Ok(answer.to_response());
+                    }
+                    Ok(claim) => found = Some(claim),
+                    Err(err) => {
+                        crate::metrics::decision("dedup", "store_unavailable");
+                        tracing::warn!(error = %err, "dedup store unreachable; answering without it");
+                        return Ok(answer.to_response());
+                    }
+                }
+            }
+            let token = uuid::Uuid::now_v7().simple().to_string();
             let rebuilt = move || {
                 http::Request::from_parts(
                     parts,
@@ -624,10 +718,15 @@ where
             let waiting_since = Instant::now();
             let mut waited = false;
             loop {
-                match store
-                    .claim(&key, &fingerprint, &token, times.in_flight)
-                    .await
-                {
+                let claim = match found.take() {
+                    Some(claim) => Ok(claim),
+                    None => {
+                        store
+                            .claim(&key, &fingerprint, &token, times.in_flight)
+                            .await
+                    }
+                };
+                match claim {
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
                         let response = inner.call(rebuilt()).await?;
@@ -664,6 +763,61 @@ where
             }
         })
     }
+}
+
+/// Marks a request the service should answer only if it can do so at
+/// once and without changing anything; otherwise it answers with
+/// [`NOT_INSTANT`] in the headers.
+#[derive(Debug, Clone, Copy)]
+pub struct InstantOnly;
+
+/// The header of the answer to an [`InstantOnly`] request that needs a
+/// real run. It never leaves the server: this layer consumes that answer.
+pub const NOT_INSTANT: &str = "x-stockgate-not-instant";
+
+/// The answer to an [`InstantOnly`] request that needs a real run.
+pub fn not_instant() -> tonic::Status {
+    let mut status = tonic::Status::unavailable("not answerable at once");
+    status.metadata_mut().insert(
+        NOT_INSTANT,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
+}
+
+/// Asks `inner` for an at-once answer to the request (`parts`, `body`);
+/// `None` when it needs a real run or the answer is not one to keep.
+async fn instant_answer<S>(
+    inner: &mut S,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Result<Option<StoredAnswer>, S::Error>
+where
+    S: Service<HttpRequest, Response = http::Response<tonic::body::Body>> + Clone,
+{
+    let mut probe = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
+        body.clone(),
+    )));
+    *probe.method_mut() = parts.method.clone();
+    *probe.uri_mut() = parts.uri.clone();
+    *probe.version_mut() = parts.version;
+    *probe.headers_mut() = parts.headers.clone();
+    *probe.extensions_mut() = parts.extensions.clone();
+    probe.extensions_mut().insert(InstantOnly);
+    // A clone of its own, polled ready: `inner` stays ready for the real
+    // call that may follow.
+    let mut service = inner.clone();
+    let response = tower::ServiceExt::ready(&mut service)
+        .await?
+        .call(probe)
+        .await?;
+    if response.headers().contains_key(NOT_INSTANT) {
+        return Ok(None);
+    }
+    Ok(StoredAnswer::capture(response)
+        .await
+        .ok()
+        .filter(StoredAnswer::is_final))
 }
 
 /// Stores a final answer (and hands back the stored copy, so the first
@@ -746,6 +900,35 @@ mod tests {
         store.abandon("j", "t2").await.unwrap();
         assert_eq!(store.claim("j", "fp", "t3", short).await, Ok(Claim::Run));
         assert_eq!(store.sweep(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_at_once_answer_is_kept_only_for_a_new_key() {
+        let store = MemoryDedup::default();
+        let long = Duration::from_secs(60);
+        assert_eq!(
+            store.settle("k", "fp", &answer(0), long).await,
+            Ok(Claim::Run)
+        );
+        assert_eq!(
+            store.claim("k", "fp", "t1", long).await,
+            Ok(Claim::Done(answer(0)))
+        );
+        // The first answer stays; another request is a mismatch.
+        assert_eq!(
+            store.settle("k", "fp", &answer(5), long).await,
+            Ok(Claim::Done(answer(0)))
+        );
+        assert_eq!(
+            store.settle("k", "other", &answer(5), long).await,
+            Ok(Claim::Mismatch)
+        );
+        // A running call's claim is not overwritten.
+        assert_eq!(store.claim("j", "fp", "t1", long).await, Ok(Claim::Run));
+        assert_eq!(
+            store.settle("j", "fp", &answer(0), long).await,
+            Ok(Claim::InFlight)
+        );
     }
 
     #[test]

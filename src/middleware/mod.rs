@@ -9,7 +9,9 @@
 //!    decoded, so a flood costs a header lookup and a counter per call;
 //! 4. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
 //!    duplicate must not hold a claim on its key) and before the services
-//!    (a duplicate never reaches the stock logic).
+//!    (a duplicate never reaches the stock logic). It first asks Reserve
+//!    for an at-once answer ([`InstantOnly`]: the sold-out fast path) and
+//!    stores that in the same step that checks the key.
 //!
 //! Each layer reads its switch per request, so SREs can flip it at run time;
 //! a switched-off layer costs one atomic load.
@@ -44,7 +46,8 @@ where
 }
 
 pub use dedup::{
-    Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup, RedisDedup, StoredAnswer, DEDUP_PATH,
+    not_instant, Claim, DedupLayer, DedupStore, DedupTimes, InstantOnly, MemoryDedup, RedisDedup,
+    StoredAnswer, DEDUP_PATH, NOT_INSTANT,
 };
 pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
 pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

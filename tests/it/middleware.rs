@@ -5,12 +5,14 @@ use std::{sync::Arc, time::Duration};
 use futures::future::join_all;
 use prost::Message;
 use stockgate::pb::{
-    GetLayersRequest, RateLimitStats, ReserveRequest, ReserveResponse, SetLayersRequest,
+    GetLayersRequest, RateLimitStats, ReserveOutcome, ReserveRequest, ReserveResponse,
+    SetLayersRequest,
 };
 use tonic::Code;
 
-use crate::harness::{
-    is_admitted, redis_url, reserve, wipe_redis_prefix, with_user, Profile, TestApp,
+use crate::{
+    harness::{is_admitted, redis_url, reserve, wipe_redis_prefix, with_user, Profile, TestApp},
+    ops::{scrape, sum},
 };
 
 async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
@@ -201,6 +203,81 @@ async fn one_idempotency_key_gives_one_reservation_and_identical_answers() {
     }
 }
 
+/// Sold-out answers from the fast path are stored in the same step that
+/// checks their key: a retry replays them byte for byte, and a key
+/// answered before the sell-out replays its own first answer, also on a
+/// replica that has never seen the key (Redis profile).
+#[tokio::test(flavor = "multi_thread")]
+async fn sold_out_answers_are_kept_in_one_step_and_earlier_answers_win() {
+    for profile in [Profile::Embedded, Profile::Redis] {
+        let app = TestApp::spawn_with(profile, |c| {
+            c.layers.dedup.enabled = true;
+            // Long enough that the fast path still knows between calls.
+            c.layers.gate.sold_out_cache_ms = 60_000;
+            c.metrics.listen = "127.0.0.1:0".into();
+            if profile == Profile::Redis {
+                c.backends.dedup = c.backends.gate.clone();
+            }
+        })
+        .await;
+        app.set_stock("LAST", 1, 0).await;
+        let mut client = app.inventory();
+        let won = keyed_reserve(&mut client, "LAST", "buy-1").await.unwrap();
+        assert!(is_admitted(won.outcome()), "{profile:?}: {won:?}");
+        // The gate says sold out once; the fast path answers after that.
+        let mut answers = vec![("buy-1", won.clone())];
+        for key in ["buy-2", "buy-3", "buy-4"] {
+            let answer = keyed_reserve(&mut client, "LAST", key).await.unwrap();
+            assert_eq!(answer.outcome(), ReserveOutcome::SoldOut, "{profile:?}");
+            answers.push((key, answer));
+        }
+        let fast_path = |text: &str| {
+            sum(
+                text,
+                "stockgate_layer_decisions_total",
+                &[("layer", "gate"), ("decision", "sold_out_fast_path")],
+            )
+        };
+        let before = fast_path(&scrape(app.metrics_addr.unwrap()).await);
+        assert!(before >= 2.0, "{profile:?}: fast path used {before} times");
+        for (key, first) in &answers {
+            let again = keyed_reserve(&mut client, "LAST", key).await.unwrap();
+            assert_eq!(
+                again.encode_to_vec(),
+                first.encode_to_vec(),
+                "{profile:?}: {key}"
+            );
+        }
+        let status = keyed_reserve(&mut client, "OTHER", "buy-3")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        if profile == Profile::Redis {
+            let twin = TestApp::start(app.config.clone(), None, tempfile::tempdir().unwrap()).await;
+            twin.wait_serving().await;
+            let mut elsewhere = twin.inventory();
+            // The twin learns "sold out" from the gate, then answers from
+            // its fast path; the keys it never saw still replay.
+            let own = keyed_reserve(&mut elsewhere, "LAST", "twin-1")
+                .await
+                .unwrap();
+            assert_eq!(own.outcome(), ReserveOutcome::SoldOut);
+            let used = fast_path(&scrape(app.metrics_addr.unwrap()).await);
+            for (key, first) in &answers {
+                let again = keyed_reserve(&mut elsewhere, "LAST", key).await.unwrap();
+                assert_eq!(again.encode_to_vec(), first.encode_to_vec(), "twin: {key}");
+            }
+            let after = fast_path(&scrape(app.metrics_addr.unwrap()).await);
+            assert!(after > used, "the twin never asked its fast path");
+            twin.stop().await;
+        }
+        app.drain("LAST").await;
+        let view = app.stock("LAST").await;
+        assert_eq!(view.db_stock, 0, "{profile:?}: the one unit, once");
+        app.stop().await;
+    }
+}
+
 async fn keyed_reserve(
     client: &mut stockgate::pb::inventory_service_client::InventoryServiceClient<
         tonic::transport::Channel,
@@ -353,7 +430,33 @@ async fn redis_dedup_store_keeps_each_call_apart_in_a_batch() {
     store.abandon("one", "t4").await.unwrap();
     assert_eq!(
         store.claim("one", &fp, "t6", long).await,
-        Ok(Claim::Done(answer))
+        Ok(Claim::Done(answer.clone()))
+    );
+    // An at-once answer is kept in one step, only for a key with no record.
+    let other = StoredAnswer {
+        body: vec![0, 0, 0, 0, 2, 8, 2],
+        ..answer.clone()
+    };
+    assert_eq!(
+        store.settle("fast", &fp, &answer, long).await,
+        Ok(Claim::Run)
+    );
+    assert_eq!(
+        store.settle("fast", &fp, &other, long).await,
+        Ok(Claim::Done(answer.clone()))
+    );
+    assert_eq!(
+        store.settle("fast", &"b".repeat(64), &other, long).await,
+        Ok(Claim::Mismatch)
+    );
+    assert_eq!(
+        store.settle("one", &fp, &other, long).await,
+        Ok(Claim::Done(answer.clone()))
+    );
+    assert_eq!(store.claim("busy", &fp, "t1", long).await, Ok(Claim::Run));
+    assert_eq!(
+        store.settle("busy", &fp, &answer, long).await,
+        Ok(Claim::InFlight)
     );
     let short = Duration::from_millis(50);
     assert_eq!(store.claim("lapse", &fp, "t1", short).await, Ok(Claim::Run));

@@ -481,7 +481,7 @@ async fn tls_protects_both_listeners() {
 }
 
 /// Plain `GET /metrics` over HTTP/1.0.
-async fn scrape(addr: std::net::SocketAddr) -> String {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
@@ -497,7 +497,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 /// Sum of a metric's samples whose labels include every `want` pair.
-fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+pub(crate) fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
