@@ -4,11 +4,12 @@
 //! call the layers exist to let through: gate script, queue, commit) and
 //! Reserve for a sold-out SKU (decided by the gate's fast path in memory,
 //! so the layers are most of the work: the worst case for them). Two servers
-//! run in this process over the same backends, one with load shedding off
-//! and one with it on (shedding is start-up config); rate limiting and
-//! dedup are switched per row through AdminService, as SREs do. Limits are
-//! set so that nothing is refused, and every call carries its own
-//! idempotency key, so dedup claims and stores every one (in Redis).
+//! run in this process over the same backends: load shedding off, on, and
+//! off with dedup's store in-process rather than in Redis (shedding and the
+//! store are start-up config); rate limiting and dedup are switched per row
+//! through AdminService, as SREs do. Limits are set so that nothing is
+//! refused, and every call carries its own idempotency key, so dedup keeps
+//! an answer for every one.
 
 use anyhow::Context;
 
@@ -20,29 +21,56 @@ use crate::pb::{
     admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
 };
 
-/// (row, shedding server?, rate limit, dedup)
-const ROWS: [(&str, bool, bool, bool); 5] = [
-    ("middleware off", false, false, false),
-    ("load shedding only", true, false, false),
-    ("rate limit only", false, true, false),
-    ("dedup only (Redis)", false, false, true),
-    ("all middleware on", true, true, true),
+/// The servers of the run: shedding and the dedup store are start-up
+/// config, so each combination measured is a server of its own.
+const SERVERS: [Server; 3] = [
+    Server {
+        shedding: false,
+        dedup_in_redis: true,
+    },
+    Server {
+        shedding: true,
+        dedup_in_redis: true,
+    },
+    Server {
+        shedding: false,
+        dedup_in_redis: false,
+    },
+];
+
+#[derive(Debug, Clone, Copy)]
+struct Server {
+    shedding: bool,
+    dedup_in_redis: bool,
+}
+
+/// (row, index into SERVERS, rate limit, dedup)
+const ROWS: [(&str, usize, bool, bool); 6] = [
+    ("middleware off", 0, false, false),
+    ("load shedding only", 1, false, false),
+    ("rate limit only", 0, true, false),
+    ("dedup only (Redis)", 0, false, true),
+    // The layer's own cost, apart from its store's round trips.
+    ("dedup only (in-process)", 2, false, true),
+    ("all middleware on", 1, true, true),
 ];
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let prefix = format!("sg-bench-mw-{}", uuid::Uuid::now_v7().simple());
     let dir = tempfile_dir()?;
     let mut servers = Vec::new();
-    for shedding in [false, true] {
+    for (i, kind) in SERVERS.iter().enumerate() {
         let mut config = super::server_config(
             &options,
-            &format!("{prefix}-{shedding}"),
-            &dir.join(format!("bench-mw-{shedding}.db")),
+            &format!("{prefix}-{i}"),
+            &dir.join(format!("bench-mw-{i}.db")),
         )?;
-        config.backends.dedup = options.redis_url.clone();
+        if kind.dedup_in_redis {
+            config.backends.dedup = options.redis_url.clone();
+        }
         // The middleware is measured; the queue stays in-process.
         config.backends.queue = crate::config::EMBEDDED.into();
-        config.server.max_in_flight = if shedding { 4_096 } else { 0 };
+        config.server.max_in_flight = if kind.shedding { 4_096 } else { 0 };
         config.layers.queue.capacity = options.requests.max(1) * 2;
         // Every call is a new user; the global budget must never bind.
         config.layers.rate_limit.global_per_sec = 100_000_000;
@@ -71,8 +99,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
         let (mut sold_out, mut with_stock) = (Vec::new(), Vec::new());
-        for (row, (name, shedding, rate_limit, dedup)) in ROWS.iter().enumerate() {
-            let server = &servers[usize::from(*shedding)];
+        for (row, (name, server, rate_limit, dedup)) in ROWS.iter().enumerate() {
+            let server = &servers[*server];
             AdminServiceClient::new(server.channels[0].clone())
                 .set_layers(SetLayersRequest {
                     rate_limit: Some(*rate_limit),
@@ -119,8 +147,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     for server in servers {
         server.stop().await?;
     }
-    for shedding in [false, true] {
-        cleanup(&options.redis_url, &format!("{prefix}-{shedding}")).await?;
+    for i in 0..SERVERS.len() {
+        cleanup(&options.redis_url, &format!("{prefix}-{i}")).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(median_rounds(rounds))

@@ -349,10 +349,10 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     let results = stockgate::bench::middleware::run(options.clone())
         .await
         .unwrap();
-    // Five rows on the sold-out path, then the same five with stock.
-    assert_eq!(results.len(), 10);
+    // Six rows on the sold-out path, then the same six with stock.
+    assert_eq!(results.len(), 12);
     assert_eq!(results[0].name, "middleware off");
-    assert_eq!(results[5].name, "middleware off");
+    assert_eq!(results[6].name, "middleware off");
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
     }
@@ -360,4 +360,9 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     assert!(table.contains("Reserve (sold out) with"), "{table}");
     assert!(table.contains("Reserve (stock) with"), "{table}");
     assert_eq!(table.matches("all middleware on").count(), 2, "{table}");
+    assert_eq!(
+        table.matches("dedup only (in-process)").count(),
+        2,
+        "{table}"
+    );
 }
