@@ -153,9 +153,12 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
     assert!(serving, "the API replica did not start");
 
     let sale = tokio::spawn(storm(addr, "KILLAPI", 3_000, 8, |_| 1));
-    // Kill once the sale is under way: some orders already committed.
+    // Kill once the sale is well under way. The first committed order's
+    // caller may not have its answer yet (the processor can commit before
+    // the replica replies), so wait for enough of them that some callers
+    // surely do.
     for _ in 0..200 {
-        if survivor.stock("KILLAPI").await.held_units > 0 {
+        if survivor.stock("KILLAPI").await.held_units >= 50 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
