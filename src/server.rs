@@ -355,8 +355,9 @@ pub async fn run_with(
         // costs a header lookup and a counter per call.
         .layer(RateLimitLayer::new(rate_limits, switches.clone()))
         // Then dedup: after the rate limit, so a refused duplicate holds no
-        // claim on its key; before the services, so a duplicate never
-        // reaches the stock logic.
+        // claim on its key; before the services, so a duplicate never runs
+        // the stock logic (it may be asked for an at-once answer, which
+        // changes nothing).
         .layer(DedupLayer::new(dedup_store, switches, dedup_times))
         .add_service(health_service)
         .add_service(reflection_service()?)

@@ -3,8 +3,8 @@
 //! them, interleaved in the same run. Two paths: Reserve with stock (the
 //! call the layers exist to let through: gate script, queue, commit) and
 //! Reserve for a sold-out SKU (decided by the gate's fast path in memory,
-//! so the layers are most of the work: the worst case for them). Two servers
-//! run in this process over the same backends: load shedding off, on, and
+//! so the layers are most of the work: the worst case for them). Three
+//! servers run in this process over the same backends: load shedding off, on, and
 //! off with dedup's store in-process rather than in Redis (shedding and the
 //! store are start-up config); rate limiting and dedup are switched per row
 //! through AdminService, as SREs do. Limits are set so that nothing is

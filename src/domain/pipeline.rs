@@ -519,8 +519,8 @@ impl Pipeline {
 
     /// What `reserve` would answer when the sold-out fast path decides it
     /// with no I/O and no change: serving, gate on, no waitlist to join, no
-    /// reservation with this key known to this process. `None`: run
-    /// `reserve`.
+    /// reservation with this key pending or recently settled in this
+    /// process. `None`: run `reserve`.
     pub fn sold_out_now(&self, cmd: &ReserveCommand) -> Option<ReserveResult> {
         if cmd.join_waitlist || self.ensure_ready().is_err() || !self.layers().gate {
             return None;
@@ -533,8 +533,9 @@ impl Pipeline {
                 return None;
             }
         }
+        // Not counted here: the caller (the dedup layer) counts the answer
+        // only if it is the one given.
         let left = self.known_sold_out(&cmd.sku, cmd.quantity.get())?;
-        metrics::decision("gate", "sold_out_fast_path");
         Some(ReserveResult::SoldOut {
             remaining: Some(left),
         })

@@ -698,11 +698,13 @@ where
                 match store.settle(&key, &fingerprint, &answer, times.ttl).await {
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
+                        crate::metrics::decision("gate", "sold_out_fast_path");
                         return Ok(answer.to_response());
                     }
                     Ok(claim) => found = Some(claim),
                     Err(err) => {
                         crate::metrics::decision("dedup", "store_unavailable");
+                        crate::metrics::decision("gate", "sold_out_fast_path");
                         tracing::warn!(error = %err, "dedup store unreachable; answering without it");
                         return Ok(answer.to_response());
                     }

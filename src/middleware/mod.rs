@@ -9,7 +9,8 @@
 //!    decoded, so a flood costs a header lookup and a counter per call;
 //! 4. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
 //!    duplicate must not hold a claim on its key) and before the services
-//!    (a duplicate never reaches the stock logic). It first asks Reserve
+//!    (a duplicate never runs the stock logic; it may be asked for an
+//!    at-once answer, which changes nothing). It first asks Reserve
 //!    for an at-once answer ([`InstantOnly`]: the sold-out fast path) and
 //!    stores that in the same step that checks the key.
 //!

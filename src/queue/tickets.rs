@@ -15,7 +15,9 @@ use crate::store::Store;
 
 /// Most tickets one statement takes.
 const MAX_BATCH: usize = 512;
-/// Statements running at once: one gathers callers while one is out.
+/// Statements running at once. With two, a batch can start while the
+/// other is out; their tickets may interleave, so arrival order holds
+/// within a batch only, which positions tolerate (see architecture.md).
 const IN_FLIGHT: usize = 2;
 /// Callers waiting for a batch; a full queue makes callers wait.
 const QUEUED: usize = 8_192;
