@@ -310,6 +310,13 @@ fn after(now: NaiveDateTime, ttl: Duration) -> NaiveDateTime {
 
 const LIVE_STATES: [&str; 2] = ["held", "confirmed"];
 const TOTALLED_STATES: [&str; 3] = ["held", "confirmed", "waitlisted"];
+/// One value of the queue-ticket queries (tickets, progress).
+#[derive(QueryableByName)]
+struct Ticket {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    value: i64,
+}
+
 /// (user, key) pairs looked up in one statement: 200 bind parameters, far
 /// below either database's limit.
 const KEY_PAIRS_PER_QUERY: usize = 100;
@@ -1693,11 +1700,6 @@ impl Store {
     /// round trip, ascending (PostgreSQL only: replicas sharing RabbitMQ
     /// share the database).
     pub async fn next_tickets(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        #[derive(QueryableByName)]
-        struct Ticket {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            value: i64,
-        }
         let mut conn = self.pg_conn().await?;
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         let rows: Vec<Ticket> = diesel::sql_query(
@@ -1736,11 +1738,6 @@ impl Store {
     }
 
     async fn ticket_query(&self, sql: &'static str, bind: Option<u64>) -> Result<u64, StoreError> {
-        #[derive(QueryableByName)]
-        struct Ticket {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            value: i64,
-        }
         let mut conn = self.pg_conn().await?;
         let query = diesel::sql_query(sql);
         let ticket: Ticket = match bind {
