@@ -96,6 +96,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
         servers.push(server);
     }
 
+    let mut meter = super::cpu::CpuMeter::connect(&options.redis_url).await?;
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
         let (mut sold_out, mut with_stock) = (Vec::new(), Vec::new());
@@ -108,38 +109,41 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                     ..Default::default()
                 })
                 .await?;
-            sold_out.push(
-                load(
-                    &server.channels,
-                    &options,
-                    name,
-                    reserve_call(
-                        "BENCH-SOLDOUT",
-                        format!("mw-{round}-{row}"),
-                        ReserveOutcome::SoldOut,
-                    ),
-                )
-                .await,
-            );
-            with_stock.push(
-                load(
-                    &server.channels,
-                    &options,
-                    name,
-                    reserve_call(
-                        "BENCH-STOCK",
-                        format!("mws-{round}-{row}"),
-                        ReserveOutcome::Queued,
-                    ),
-                )
-                .await,
-            );
-            // The processor's commits would otherwise weigh on the next row.
+            let before = meter.snapshot().await?;
+            let mut measured = load(
+                &server.channels,
+                &options,
+                name,
+                reserve_call(
+                    "BENCH-SOLDOUT",
+                    format!("mw-{round}-{row}"),
+                    ReserveOutcome::SoldOut,
+                ),
+            )
+            .await;
+            measured.cpu = Some(meter.per_call(before, options.requests).await?);
+            sold_out.push(measured);
+            let before = meter.snapshot().await?;
+            let mut measured = load(
+                &server.channels,
+                &options,
+                name,
+                reserve_call(
+                    "BENCH-STOCK",
+                    format!("mws-{round}-{row}"),
+                    ReserveOutcome::Queued,
+                ),
+            )
+            .await;
+            // The processor's commits count in this row's CPU, and would
+            // otherwise weigh on the next row.
             wait_drained(
                 &mut AdminServiceClient::new(server.channels[0].clone()),
                 "BENCH-STOCK",
             )
             .await?;
+            measured.cpu = Some(meter.per_call(before, options.requests).await?);
+            with_stock.push(measured);
         }
         sold_out.append(&mut with_stock);
         rounds.push(sold_out);
@@ -172,20 +176,33 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
     ] {
         table(&mut out, path, rows);
     }
+    out.push_str(super::CPU_LEGEND);
     out
 }
 
 fn table(out: &mut String, path: &str, results: &[Measured]) {
     let base = results.first().map(|m| m.rps);
     out.push_str(&format!(
-        "{:<28} {:>10} {:>9} {:>9} {:>8} {:>10}\n",
-        path, "calls/s", "p50 ms", "p99 ms", "failed", "x off"
+        "{:<28} {:>10} {:>9} {:>9} {:>8} {:>10} {}\n",
+        path,
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "x off",
+        super::cpu::headings()
     ));
     for m in results {
         let ratio = base.map_or("-".into(), |b| format!("{:.2}", m.rps / b));
         out.push_str(&format!(
-            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>10}\n",
-            m.name, m.rps, m.p50_ms, m.p99_ms, m.failures, ratio
+            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>10} {}\n",
+            m.name,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            m.failures,
+            ratio,
+            super::cpu::columns(m.cpu)
         ));
     }
 }

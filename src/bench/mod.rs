@@ -9,6 +9,7 @@
 //! with the backends given; the load shares the machine with it, as the
 //! reference loads do.
 
+pub mod cpu;
 pub mod middleware;
 pub mod queue;
 pub mod storm;
@@ -32,6 +33,7 @@ use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
 
+use self::cpu::CpuMeter;
 use crate::{
     config::Config,
     pb::{
@@ -68,6 +70,9 @@ pub struct Measured {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub failures: usize,
+    /// CPU per call, from just before the calls until their work was done
+    /// (for Reserve with stock: until the processor drained the queue).
+    pub cpu: Option<cpu::CpuPerCall>,
 }
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
@@ -110,36 +115,46 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     )
     .await;
 
+    let mut meter = CpuMeter::connect(&options.redis_url).await?;
     let mut rounds: Vec<Vec<Measured>> = Vec::new();
     for round in 0..options.rounds.max(1) {
-        let mut measured = vec![redis_benchmark(&options, &prefix).await?];
-        measured.push(load(&channels, &options, "no-op RPC (health Check)", noop).await);
-        measured.push(
-            load(
-                &channels,
-                &options,
-                "Reserve, sold out",
-                reserve_call(
-                    "BENCH-SOLDOUT",
-                    format!("out-{round}"),
-                    ReserveOutcome::SoldOut,
-                ),
-            )
-            .await,
-        );
-        measured.push(
-            load(
-                &channels,
-                &options,
-                "Reserve, stock available",
-                // A distinct user per call and round: each is queued.
-                reserve_call("BENCH-AVAIL", format!("in-{round}"), ReserveOutcome::Queued),
-            )
-            .await,
-        );
-        // The processor commits what was just queued; let it finish so it
-        // does not weigh on the next round's references.
+        let before = meter.snapshot().await?;
+        let mut raw = redis_benchmark(&options, &prefix).await?;
+        raw.cpu = Some(meter.per_call(before, options.requests).await?);
+        let mut measured = vec![raw];
+        let before = meter.snapshot().await?;
+        let mut noop = load(&channels, &options, "no-op RPC (health Check)", noop).await;
+        noop.cpu = Some(meter.per_call(before, options.requests).await?);
+        measured.push(noop);
+        let before = meter.snapshot().await?;
+        let mut sold_out = load(
+            &channels,
+            &options,
+            "Reserve, sold out",
+            reserve_call(
+                "BENCH-SOLDOUT",
+                format!("out-{round}"),
+                ReserveOutcome::SoldOut,
+            ),
+        )
+        .await;
+        sold_out.cpu = Some(meter.per_call(before, options.requests).await?);
+        measured.push(sold_out);
+        let before = meter.snapshot().await?;
+        let mut with_stock = load(
+            &channels,
+            &options,
+            "Reserve, stock available",
+            // A distinct user per call and round: each is queued.
+            reserve_call("BENCH-AVAIL", format!("in-{round}"), ReserveOutcome::Queued),
+        )
+        .await;
+        // The processor commits what was just queued; let it finish, so its
+        // work counts in this row's CPU and not in the next round's
+        // references.
         wait_drained(&mut admin, "BENCH-AVAIL").await?;
+        with_stock.cpu = Some(meter.per_call(before, options.requests).await?);
+        measured.push(with_stock);
         rounds.push(measured);
     }
     let results = median_rounds(rounds);
@@ -403,6 +418,7 @@ where
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         failures,
+        cpu: None,
     }
 }
 
@@ -467,6 +483,7 @@ fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
         p50_ms: fields[4].parse()?,
         p99_ms: fields[6].parse()?,
         failures: 0,
+        cpu: None,
     })
 }
 
@@ -500,13 +517,16 @@ pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Printed under every table with CPU columns.
+pub(crate) const CPU_LEGEND: &str = "cpu/call: CPU µs per call on the whole machine; in proc: this process (server and load generator); redis: the Redis server\n";
+
 /// The table `stockgate bench` prints.
 pub fn render(results: &[Measured], options: &BenchOptions) -> String {
     let find = |prefix: &str| results.iter().find(|m| m.name.starts_with(prefix));
     let noop = find("no-op").map(|m| m.rps);
     let raw = find("raw").map(|m| m.rps);
     let mut out = format!(
-        "requests={} concurrency={} connections={} rounds={} (median round shown) store={} queue={}\n{:<42} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}\n",
+        "requests={} concurrency={} connections={} rounds={} (median round shown) store={} queue={}\n{:<42} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {}\n",
         options.requests,
         options.concurrency,
         options.connections,
@@ -519,21 +539,24 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
         "p99 ms",
         "failed",
         "x no-op",
-        "x raw"
+        "x raw",
+        cpu::headings()
     );
     for m in results {
         let ratio = |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", m.rps / b));
         out.push_str(&format!(
-            "{:<42} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>8} {:>8}\n",
+            "{:<42} {:>10.0} {:>9.3} {:>9.3} {:>8} {:>8} {:>8} {}\n",
             m.name,
             m.rps,
             m.p50_ms,
             m.p99_ms,
             m.failures,
             ratio(noop),
-            ratio(raw)
+            ratio(raw),
+            cpu::columns(m.cpu)
         ));
     }
+    out.push_str(CPU_LEGEND);
     out
 }
 

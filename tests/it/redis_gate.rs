@@ -294,8 +294,28 @@ async fn bench_runs_and_reports_every_measurement() {
         assert_eq!(m.failures, 0, "{m:?}");
         assert!(m.rps > 0.0 && m.p50_ms <= m.p99_ms, "{m:?}");
     }
+    // CPU per call is read from the machine, this process and Redis: the
+    // calls that ran scripts show Redis time, the gRPC calls this process's.
+    let cpu: Vec<_> = results
+        .iter()
+        .map(|m| m.cpu.expect("cpu per call"))
+        .collect();
+    assert!(
+        cpu[0].redis_us > 0.0,
+        "redis-benchmark ran the script: {cpu:?}"
+    );
+    assert!(
+        cpu[1].process_us > 0.0,
+        "the no-op went through gRPC: {cpu:?}"
+    );
+    assert!(
+        cpu[3].redis_us > 0.0,
+        "admitted calls ran the script: {cpu:?}"
+    );
+    assert!(cpu[3].process_us > cpu[1].process_us, "{cpu:?}");
     let table = stockgate::bench::render(&results, &options);
     assert!(table.contains("x no-op"), "{table}");
+    assert!(table.contains("cpu/call"), "{table}");
 }
 
 /// A replica admitted units and died before queueing them: the reconciler
@@ -356,6 +376,27 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
     }
+    // A row's own process time can round to one 10 ms tick or none at
+    // this size; the twelve rows together cannot.
+    let in_proc: f64 = results
+        .iter()
+        .map(|m| m.cpu.expect("cpu per call").process_us)
+        .sum();
+    assert!(in_proc > 0.0, "{results:?}");
+    // Dedup's store in Redis shows as Redis time on the sold-out path,
+    // where nothing else reaches Redis.
+    let sold_out_redis = |row: &str| {
+        results[..6]
+            .iter()
+            .find(|m| m.name == row)
+            .and_then(|m| m.cpu)
+            .map(|c| c.redis_us)
+            .unwrap()
+    };
+    assert!(
+        sold_out_redis("dedup only (Redis)") > sold_out_redis("middleware off"),
+        "{results:?}"
+    );
     let table = stockgate::bench::middleware::render(&results, &options);
     assert!(table.contains("Reserve (sold out) with"), "{table}");
     assert!(table.contains("Reserve (stock) with"), "{table}");

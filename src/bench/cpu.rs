@@ -1,0 +1,179 @@
+//! CPU time per call, next to each throughput figure.
+//!
+//! Throughput on a shared 2-core machine moves by ±20% from run to run, and
+//! a ratio to a same-run reference only says *that* a path is slower. The
+//! CPU each call costs says *where*: this process (server and load
+//! generator), the Redis server, and the rest of the machine (PostgreSQL,
+//! RabbitMQ, redis-benchmark). When the cores are saturated, throughput is
+//! cores divided by CPU per call, so these columns show what a target asks
+//! of each part.
+
+use anyhow::Context;
+use redis::aio::MultiplexedConnection;
+
+/// CPU time, in microseconds per call, between two snapshots.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuPerCall {
+    /// Every process on the machine.
+    pub machine_us: f64,
+    /// This process: the server under test and the load generator.
+    pub process_us: f64,
+    /// The Redis server (its own `INFO cpu` figures).
+    pub redis_us: f64,
+}
+
+/// Cumulative CPU times, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    machine_us: f64,
+    process_us: f64,
+    redis_us: f64,
+}
+
+/// Takes snapshots; holds a connection to the Redis it reads.
+pub struct CpuMeter {
+    redis: MultiplexedConnection,
+}
+
+impl CpuMeter {
+    pub async fn connect(redis_url: &str) -> anyhow::Result<Self> {
+        let redis = redis::Client::open(redis_url)?
+            .get_multiplexed_async_connection()
+            .await
+            .context("connect to Redis to read its CPU time")?;
+        Ok(Self { redis })
+    }
+
+    pub async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.redis)
+            .await?;
+        Ok(Snapshot {
+            machine_us: machine_busy_us()?,
+            process_us: process_us()?,
+            redis_us: parse_redis_cpu_us(&info)?,
+        })
+    }
+
+    /// CPU per call since `before`, for `calls` calls.
+    pub async fn per_call(&mut self, before: Snapshot, calls: usize) -> anyhow::Result<CpuPerCall> {
+        let after = self.snapshot().await?;
+        let calls = calls.max(1) as f64;
+        Ok(CpuPerCall {
+            machine_us: (after.machine_us - before.machine_us) / calls,
+            process_us: (after.process_us - before.process_us) / calls,
+            redis_us: (after.redis_us - before.redis_us) / calls,
+        })
+    }
+}
+
+/// The kernel's clock ticks in `/proc` CPU times: USER_HZ, fixed at 100 in
+/// Linux's user-space ABI whatever the kernel's own tick rate.
+const TICK_US: f64 = 10_000.0;
+
+/// This process's user and system time, exited threads included, from
+/// `/proc/self/stat`. Ticks are coarse (10 ms), so a measurement should
+/// last long enough to hold many: a second at 1.5 cores holds 150.
+fn process_us() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("read /proc/self/stat")?;
+    parse_pid_stat_ticks(&stat).map(|ticks| ticks * TICK_US)
+}
+
+/// utime + stime: fields 14 and 15, counted after the command name, which
+/// is in parentheses and may itself hold spaces or parentheses.
+fn parse_pid_stat_ticks(stat: &str) -> anyhow::Result<f64> {
+    let after_comm = &stat[stat.rfind(')').context("no command name in stat")? + 1..];
+    // Field 3 (state) is the first after the command name.
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    anyhow::ensure!(fields.len() > 12, "short stat line {stat:?}");
+    let ticks = |i: usize| fields[i].parse::<f64>().context("stat CPU field");
+    Ok(ticks(11)? + ticks(12)?)
+}
+
+/// Busy time of all cores from `/proc/stat` (everything but idle and
+/// iowait; guest time is already in user).
+fn machine_busy_us() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    parse_proc_stat_busy_ticks(&stat).map(|ticks| ticks * TICK_US)
+}
+
+fn parse_proc_stat_busy_ticks(stat: &str) -> anyhow::Result<f64> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .context("/proc/stat cpu line")?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    anyhow::ensure!(fields.len() >= 8, "short /proc/stat cpu line {line:?}");
+    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7])
+}
+
+fn parse_redis_cpu_us(info: &str) -> anyhow::Result<f64> {
+    let field = |name: &str| -> anyhow::Result<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .with_context(|| format!("no {name} in INFO cpu"))?
+            .trim()
+            .parse::<f64>()
+            .with_context(|| format!("INFO cpu {name}"))
+    };
+    Ok((field("used_cpu_sys")? + field("used_cpu_user")?) * 1e6)
+}
+
+/// The three columns, or dashes where nothing was measured.
+pub fn columns(cpu: Option<CpuPerCall>) -> String {
+    match cpu {
+        Some(c) => format!(
+            "{:>8.1} {:>8.1} {:>8.1}",
+            c.machine_us, c.process_us, c.redis_us
+        ),
+        None => format!("{:>8} {:>8} {:>8}", "-", "-", "-"),
+    }
+}
+
+/// Headings for [`columns`].
+pub fn headings() -> String {
+    format!("{:>8} {:>8} {:>8}", "cpu/call", "in proc", "redis")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 2 30 5000 40 6 7 8 0 0\ncpu0 50 1 15 2500 20 3 3 4 0 0\n";
+        assert_eq!(parse_proc_stat_busy_ticks(stat).unwrap(), 153.0);
+    }
+
+    #[test]
+    fn redis_cpu_is_system_plus_user() {
+        let info = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9.000000\r\nused_cpu_user_children:9.000000\r\n";
+        assert_eq!(parse_redis_cpu_us(info).unwrap(), 3_750_000.0);
+    }
+
+    #[test]
+    fn process_ticks_are_user_plus_system_after_the_name() {
+        let stat = "4242 (tokio (rt) w) S 1 2 3 4 5 6 7 8 9 10 250 40 11 12 20 0 9 0 100 200 300\n";
+        assert_eq!(parse_pid_stat_ticks(stat).unwrap(), 290.0);
+    }
+
+    #[test]
+    fn process_time_moves_with_work() {
+        let before = process_us().unwrap();
+        let mut x = 0u64;
+        let started = std::time::Instant::now();
+        // Spins until the process time grows by 50 ms; a reading that never
+        // moves fails on the deadline.
+        while process_us().unwrap() - before < 50_000.0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30));
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+    }
+}
