@@ -91,8 +91,9 @@ fn parse_pid_stat_ticks(stat: &str) -> anyhow::Result<f64> {
     Ok(ticks(11)? + ticks(12)?)
 }
 
-/// Busy time of all cores from `/proc/stat` (everything but idle and
-/// iowait; guest time is already in user).
+/// Busy time of all cores from `/proc/stat`: user, nice, system, irq and
+/// softirq. Not idle or iowait; not steal either, which is the hypervisor
+/// running someone else; guest time is already in user.
 fn machine_busy_us() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     parse_proc_stat_busy_ticks(&stat).map(|ticks| ticks * TICK_US)
@@ -110,8 +111,8 @@ fn parse_proc_stat_busy_ticks(stat: &str) -> anyhow::Result<f64> {
         .collect::<Result<_, _>>()
         .context("/proc/stat cpu line")?;
     // user nice system idle iowait irq softirq steal [guest guest_nice]
-    anyhow::ensure!(fields.len() >= 8, "short /proc/stat cpu line {line:?}");
-    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7])
+    anyhow::ensure!(fields.len() >= 7, "short /proc/stat cpu line {line:?}");
+    Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6])
 }
 
 fn parse_redis_cpu_us(info: &str) -> anyhow::Result<f64> {
@@ -124,6 +125,23 @@ fn parse_redis_cpu_us(info: &str) -> anyhow::Result<f64> {
             .with_context(|| format!("INFO cpu {name}"))
     };
     Ok((field("used_cpu_sys")? + field("used_cpu_user")?) * 1e6)
+}
+
+/// Each figure's own median (None when nothing was measured).
+pub fn median(samples: &[CpuPerCall]) -> Option<CpuPerCall> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mid = |field: fn(&CpuPerCall) -> f64| {
+        let mut values: Vec<f64> = samples.iter().map(field).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Some(CpuPerCall {
+        machine_us: mid(|c| c.machine_us),
+        process_us: mid(|c| c.process_us),
+        redis_us: mid(|c| c.redis_us),
+    })
 }
 
 /// The three columns, or dashes where nothing was measured.
@@ -147,9 +165,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_ticks_leave_out_idle_and_iowait() {
+    fn each_figure_takes_its_own_median() {
+        let cpu = |machine_us, process_us, redis_us| CpuPerCall {
+            machine_us,
+            process_us,
+            redis_us,
+        };
+        let rounds = [
+            cpu(370.0, 150.0, 40.0),
+            cpu(2500.0, 190.0, 39.0),
+            cpu(365.0, 155.0, 44.0),
+        ];
+        assert_eq!(median(&rounds), Some(cpu(370.0, 155.0, 40.0)));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_steal() {
         let stat = "cpu  100 2 30 5000 40 6 7 8 0 0\ncpu0 50 1 15 2500 20 3 3 4 0 0\n";
-        assert_eq!(parse_proc_stat_busy_ticks(stat).unwrap(), 153.0);
+        assert_eq!(parse_proc_stat_busy_ticks(stat).unwrap(), 145.0);
     }
 
     #[test]

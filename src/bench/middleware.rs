@@ -3,11 +3,12 @@
 //! them, interleaved in the same run. Two paths: Reserve with stock (the
 //! call the layers exist to let through: gate script, queue, commit) and
 //! Reserve for a sold-out SKU (decided by the gate's fast path in memory,
-//! so the layers are most of the work: the worst case for them). Three
-//! servers run in this process over the same backends: load shedding off, on, and
-//! off with dedup's store in-process rather than in Redis (shedding and the
-//! store are start-up config); rate limiting and dedup are switched per row
-//! through AdminService, as SREs do. Limits are set so that nothing is
+//! so the layers are most of the work: the worst case for them). Four
+//! servers run in this process over the same backends: load shedding off
+//! and on, each with dedup's store in Redis (the shared profile) and
+//! in-process (the embedded profile's); shedding and the store are
+//! start-up config. Rate limiting and dedup are switched per row through
+//! AdminService, as SREs do. Limits are set so that nothing is
 //! refused, and every call carries its own idempotency key, so dedup keeps
 //! an answer for every one.
 
@@ -23,7 +24,7 @@ use crate::pb::{
 
 /// The servers of the run: shedding and the dedup store are start-up
 /// config, so each combination measured is a server of its own.
-const SERVERS: [Server; 3] = [
+const SERVERS: [Server; 4] = [
     Server {
         shedding: false,
         dedup_in_redis: true,
@@ -36,6 +37,10 @@ const SERVERS: [Server; 3] = [
         shedding: false,
         dedup_in_redis: false,
     },
+    Server {
+        shedding: true,
+        dedup_in_redis: false,
+    },
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +50,7 @@ struct Server {
 }
 
 /// (row, index into SERVERS, rate limit, dedup)
-const ROWS: [(&str, usize, bool, bool); 6] = [
+const ROWS: [(&str, usize, bool, bool); 7] = [
     ("middleware off", 0, false, false),
     ("load shedding only", 1, false, false),
     ("rate limit only", 0, true, false),
@@ -53,6 +58,8 @@ const ROWS: [(&str, usize, bool, bool); 6] = [
     // The layer's own cost, apart from its store's round trips.
     ("dedup only (in-process)", 2, false, true),
     ("all middleware on", 1, true, true),
+    // The whole stack as the embedded profile runs it.
+    ("all on, dedup in-process", 3, true, true),
 ];
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {

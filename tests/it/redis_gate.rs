@@ -369,15 +369,15 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     let results = stockgate::bench::middleware::run(options.clone())
         .await
         .unwrap();
-    // Six rows on the sold-out path, then the same six with stock.
-    assert_eq!(results.len(), 12);
+    // Seven rows on the sold-out path, then the same seven with stock.
+    assert_eq!(results.len(), 14);
     assert_eq!(results[0].name, "middleware off");
-    assert_eq!(results[6].name, "middleware off");
+    assert_eq!(results[7].name, "middleware off");
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
     }
     // A row's own process time can round to one 10 ms tick or none at
-    // this size; the twelve rows together cannot.
+    // this size; the fourteen rows together cannot.
     let in_proc: f64 = results
         .iter()
         .map(|m| m.cpu.expect("cpu per call").process_us)
@@ -386,7 +386,7 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     // Dedup's store in Redis shows as Redis time on the sold-out path,
     // where nothing else reaches Redis.
     let sold_out_redis = |row: &str| {
-        results[..6]
+        results[..7]
             .iter()
             .find(|m| m.name == row)
             .and_then(|m| m.cpu)
@@ -403,6 +403,11 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     assert_eq!(table.matches("all middleware on").count(), 2, "{table}");
     assert_eq!(
         table.matches("dedup only (in-process)").count(),
+        2,
+        "{table}"
+    );
+    assert_eq!(
+        table.matches("all on, dedup in-process").count(),
         2,
         "{table}"
     );
