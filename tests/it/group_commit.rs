@@ -215,3 +215,22 @@ async fn a_batch_decides_in_arrival_order_like_single_commits() {
         }
     }
 }
+
+/// Every pooled PostgreSQL connection plans each statement for the values
+/// it runs with. A generic plan cached while `reservations` was nearly
+/// empty kept the processor's lookups on sequential scans as a sale grew
+/// the table: the bench's drains took PostgreSQL 6, 16, then 25 s at full
+/// core (the store's `PG_SESSION` has the figures).
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_connections_plan_each_statement_for_its_values() {
+    let (config, db, _dir) = config_for(Profile::Postgres).await;
+    let store = open_store(&config);
+    store.migrate().await.unwrap();
+    assert_eq!(
+        store.session_setting("plan_cache_mode").await.unwrap(),
+        "force_custom_plan"
+    );
+    if let Some(db) = db {
+        db.drop_now().await;
+    }
+}
