@@ -116,41 +116,38 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                     ..Default::default()
                 })
                 .await?;
-            let before = meter.snapshot().await?;
-            let mut measured = load(
-                &server.channels,
-                &options,
-                name,
-                reserve_call(
-                    "BENCH-SOLDOUT",
-                    format!("mw-{round}-{row}"),
-                    ReserveOutcome::SoldOut,
-                ),
-            )
-            .await;
-            measured.cpu = Some(meter.per_call(before, options.requests).await?);
-            sold_out.push(measured);
-            let before = meter.snapshot().await?;
-            let mut measured = load(
-                &server.channels,
-                &options,
-                name,
-                reserve_call(
-                    "BENCH-STOCK",
-                    format!("mws-{round}-{row}"),
-                    ReserveOutcome::Queued,
-                ),
-            )
-            .await;
-            // The processor's commits count in this row's CPU, and would
-            // otherwise weigh on the next row.
-            wait_drained(
-                &mut AdminServiceClient::new(server.channels[0].clone()),
-                "BENCH-STOCK",
-            )
-            .await?;
-            measured.cpu = Some(meter.per_call(before, options.requests).await?);
-            with_stock.push(measured);
+            sold_out.push(
+                meter
+                    .measure(options.requests, async {
+                        let call = reserve_call(
+                            "BENCH-SOLDOUT",
+                            format!("mw-{round}-{row}"),
+                            ReserveOutcome::SoldOut,
+                        );
+                        Ok(load(&server.channels, &options, name, call).await)
+                    })
+                    .await?,
+            );
+            with_stock.push(
+                meter
+                    .measure(options.requests, async {
+                        let call = reserve_call(
+                            "BENCH-STOCK",
+                            format!("mws-{round}-{row}"),
+                            ReserveOutcome::Queued,
+                        );
+                        let measured = load(&server.channels, &options, name, call).await;
+                        // The processor's commits count in this row's CPU,
+                        // and would otherwise weigh on the next row.
+                        wait_drained(
+                            &mut AdminServiceClient::new(server.channels[0].clone()),
+                            "BENCH-STOCK",
+                        )
+                        .await?;
+                        Ok(measured)
+                    })
+                    .await?,
+            );
         }
         sold_out.append(&mut with_stock);
         rounds.push(sold_out);

@@ -317,6 +317,8 @@ struct Ticket {
     value: i64,
 }
 
+const TICKETS_NEED_PG: &str = "queue tickets need PostgreSQL (backends.store)";
+
 /// One text value of a settings query.
 #[derive(QueryableByName)]
 struct Setting {
@@ -1684,7 +1686,7 @@ impl Store {
     /// A setting of a pooled connection's session (PostgreSQL only), as
     /// `SHOW` gives it: shows what [`PG_SESSION`] set.
     pub async fn session_setting(&self, name: &str) -> Result<String, StoreError> {
-        let mut conn = self.pg_conn().await?;
+        let mut conn = self.pg_conn("session settings are PostgreSQL's").await?;
         let row: Setting = diesel::sql_query("SELECT current_setting($1) AS value")
             .bind::<diesel::sql_types::Text, _>(name)
             .get_result(&mut *conn)
@@ -1730,7 +1732,7 @@ impl Store {
     /// round trip, ascending (PostgreSQL only: replicas sharing RabbitMQ
     /// share the database).
     pub async fn next_tickets(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        let mut conn = self.pg_conn().await?;
+        let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         let rows: Vec<Ticket> = diesel::sql_query(
             "SELECT nextval('order_tickets') AS value FROM generate_series(1, $1)",
@@ -1768,7 +1770,7 @@ impl Store {
     }
 
     async fn ticket_query(&self, sql: &'static str, bind: Option<u64>) -> Result<u64, StoreError> {
-        let mut conn = self.pg_conn().await?;
+        let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
         let query = diesel::sql_query(sql);
         let ticket: Ticket = match bind {
             Some(value) => {
@@ -1783,11 +1785,14 @@ impl Store {
         Ok(u64::try_from(ticket.value).unwrap_or(0))
     }
 
-    async fn pg_conn(&self) -> Result<bb8::PooledConnection<'_, AsyncPgConnection>, StoreError> {
+    /// A pooled PostgreSQL connection; `needs` is the error's text on
+    /// SQLite.
+    async fn pg_conn(
+        &self,
+        needs: &'static str,
+    ) -> Result<bb8::PooledConnection<'_, AsyncPgConnection>, StoreError> {
         let Pool::Pg(pool) = &*self.pool else {
-            return Err(StoreError::Unsupported(
-                "queue tickets need PostgreSQL (backends.store)",
-            ));
+            return Err(StoreError::Unsupported(needs));
         };
         pool.get()
             .await
@@ -1930,8 +1935,6 @@ impl Store {
     }
 }
 
-/// WAL lets readers run beside the writer; NORMAL sync is durable across
-/// process crashes (not power loss), which fits a laptop profile.
 /// Every pooled PostgreSQL connection plans each statement for the values
 /// it is run with. Our statements are prepared and cached per connection,
 /// and after five runs PostgreSQL may switch one to a generic plan, chosen
@@ -1942,9 +1945,13 @@ impl Store {
 /// is on at all) would replan them. Measured (`stockgate bench` through
 /// RabbitMQ on a new database): each round's drain took 6, 16, then 25 s of
 /// PostgreSQL at full core, 1,554 µs of machine CPU per order; planned
-/// per run, 442 µs. Planning these short statements costs far less.
+/// per run, 380 µs. Planning these short statements costs far less. A
+/// session setting: a pooler in between must run in session mode (which
+/// the prepared statements need as well).
 const PG_SESSION: &str = "SET plan_cache_mode = force_custom_plan;";
 
+/// WAL lets readers run beside the writer; NORMAL sync is durable across
+/// process crashes (not power loss), which fits a laptop profile.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;";
 

@@ -375,28 +375,16 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     assert_eq!(results[7].name, "middleware off");
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
+        assert!(m.cpu.expect("cpu per call").process_us > 0.0, "{m:?}");
     }
-    // A row's own process time can round to one 10 ms tick or none at
-    // this size; the fourteen rows together cannot.
-    let in_proc: f64 = results
+    // Dedup's store in Redis shows as Redis time on the sold-out path.
+    // Only a floor: tests running beside this one share the Redis server.
+    let dedup_in_redis = results[..7]
         .iter()
-        .map(|m| m.cpu.expect("cpu per call").process_us)
-        .sum();
-    assert!(in_proc > 0.0, "{results:?}");
-    // Dedup's store in Redis shows as Redis time on the sold-out path,
-    // where nothing else reaches Redis.
-    let sold_out_redis = |row: &str| {
-        results[..7]
-            .iter()
-            .find(|m| m.name == row)
-            .and_then(|m| m.cpu)
-            .map(|c| c.redis_us)
-            .unwrap()
-    };
-    assert!(
-        sold_out_redis("dedup only (Redis)") > sold_out_redis("middleware off"),
-        "{results:?}"
-    );
+        .find(|m| m.name == "dedup only (Redis)")
+        .and_then(|m| m.cpu)
+        .unwrap();
+    assert!(dedup_in_redis.redis_us > 0.0, "{results:?}");
     let table = stockgate::bench::middleware::render(&results, &options);
     assert!(table.contains("Reserve (sold out) with"), "{table}");
     assert!(table.contains("Reserve (stock) with"), "{table}");
