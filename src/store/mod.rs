@@ -1568,19 +1568,7 @@ impl Store {
         let timeout = Duration::from_millis(config.acquire_timeout_ms);
         let pool = match &target {
             StoreBackend::Postgres(url) => {
-                let mut setup = ManagerConfig::default();
-                setup.custom_setup = Box::new(|url| {
-                    async move {
-                        let mut conn = AsyncPgConnection::establish(url).await?;
-                        conn.batch_execute(PG_SESSION)
-                            .await
-                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-                        Ok(conn)
-                    }
-                    .boxed()
-                });
-                let manager =
-                    AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, setup);
+                let manager = manager_running::<AsyncPgConnection>(url, PG_SESSION);
                 Pool::Pg(
                     bb8::Pool::builder()
                         .max_size(config.max_connections)
@@ -1589,19 +1577,7 @@ impl Store {
                 )
             }
             StoreBackend::Sqlite(path) => {
-                let mut setup = ManagerConfig::default();
-                setup.custom_setup = Box::new(|url| {
-                    async move {
-                        let mut conn = SqliteConn::establish(url).await?;
-                        conn.batch_execute(SQLITE_PRAGMAS)
-                            .await
-                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-                        Ok(conn)
-                    }
-                    .boxed()
-                });
-                let manager =
-                    AsyncDieselConnectionManager::<SqliteConn>::new_with_config(path, setup);
+                let manager = manager_running::<SqliteConn>(path, SQLITE_PRAGMAS);
                 // One connection: SQLite has one writer, and a single
                 // connection serialises transactions without busy errors.
                 Pool::Sqlite(
@@ -1933,6 +1909,27 @@ impl Store {
     pub async fn reservations_of(&self, sku: &Sku) -> Result<Vec<Reservation>, StoreError> {
         dispatch!(self.reservations_of(sku.as_str()))
     }
+}
+
+/// A pool manager whose every new connection runs `session` (settings or
+/// pragmas) before it is handed out; a connection that fails to is never
+/// pooled.
+fn manager_running<C>(url: &str, session: &'static str) -> AsyncDieselConnectionManager<C>
+where
+    C: AsyncConnection + SimpleAsyncConnection + Send + 'static,
+{
+    let mut setup = ManagerConfig::default();
+    setup.custom_setup = Box::new(move |url| {
+        async move {
+            let mut conn = C::establish(url).await?;
+            conn.batch_execute(session)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    AsyncDieselConnectionManager::new_with_config(url, setup)
 }
 
 /// Every pooled PostgreSQL connection plans each statement for the values
