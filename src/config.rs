@@ -232,7 +232,22 @@ pub struct RateLimitConfig {
     /// How often users idle long enough to have a full burst again are
     /// forgotten, in milliseconds (bounds memory with millions of users).
     pub sweep_interval_ms: u64,
+    /// The InventoryService methods the limits count (names as in the
+    /// proto, e.g. `["Reserve", "ConfirmReservation"]`). Only Reserve by
+    /// default: a buyer's reserve → watch → confirm must not spend the
+    /// budget meant for competing for stock. A method not listed is never
+    /// counted nor refused by this layer.
+    pub methods: Vec<String>,
 }
+
+/// InventoryService's methods, as `layers.rate_limit.methods` names them.
+pub const INVENTORY_METHODS: [&str; 5] = [
+    "Reserve",
+    "GetReservation",
+    "ConfirmReservation",
+    "ReleaseReservation",
+    "WatchReservation",
+];
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
@@ -244,6 +259,7 @@ impl Default for RateLimitConfig {
             global_per_sec: 20_000,
             global_burst: 5_000,
             sweep_interval_ms: 10_000,
+            methods: vec!["Reserve".into()],
         }
     }
 }
@@ -592,6 +608,13 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The environment variable that sets a dotted config `key`
+/// (`metrics.listen` → `STOCKGATE_METRICS__LISTEN`), for error messages
+/// that tell an operator what to change.
+pub fn env_name(key: &str) -> String {
+    format!("STOCKGATE_{}", key.to_uppercase().replace('.', "__"))
+}
+
 impl Config {
     /// Defaults, then `file` if given, then `STOCKGATE_*` variables, then
     /// [`Config::validate`].
@@ -724,6 +747,25 @@ impl Config {
             return Err(invalid(
                 "layers.rate_limit.sweep_interval_ms",
                 "must be above 0",
+            ));
+        }
+        if rate.methods.is_empty() {
+            return Err(invalid(
+                "layers.rate_limit.methods",
+                "name at least one method (turn the layer off with layers.rate_limit.enabled = false)",
+            ));
+        }
+        if let Some(unknown) = rate
+            .methods
+            .iter()
+            .find(|m| !INVENTORY_METHODS.contains(&m.as_str()))
+        {
+            return Err(invalid(
+                "layers.rate_limit.methods",
+                format!(
+                    "{unknown:?} is not an InventoryService method (one of {})",
+                    INVENTORY_METHODS.join(", ")
+                ),
             ));
         }
         if self.layers.dedup.ttl_secs == 0 || self.layers.dedup.wait_ms == 0 {
@@ -924,6 +966,57 @@ mod tests {
         assert!(config.validate().is_err());
         config.layers.allow_unsafe = true;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn rate_limit_methods_are_inventory_methods() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let proto: Vec<String> = set
+            .file
+            .iter()
+            .flat_map(|f| &f.service)
+            .filter(|s| s.name() == "InventoryService")
+            .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
+            .collect();
+        assert_eq!(proto, INVENTORY_METHODS);
+
+        let mut config = Config::default();
+        assert_eq!(config.layers.rate_limit.methods, ["Reserve"]);
+        config.layers.rate_limit.methods = vec!["Reserve".into(), "Confirm".into()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("layers.rate_limit.methods") && err.contains("\"Confirm\""),
+            "{err}"
+        );
+        config.layers.rate_limit.methods.clear();
+        assert!(config.validate().is_err());
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                env_name("layers.rate_limit.methods"),
+                "[Reserve,ConfirmReservation]",
+            );
+            let config = Config::load(None).unwrap();
+            assert_eq!(
+                config.layers.rate_limit.methods,
+                ["Reserve", "ConfirmReservation"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_names_follow_the_loader() {
+        assert_eq!(env_name("metrics.listen"), "STOCKGATE_METRICS__LISTEN");
+        assert_eq!(
+            env_name("layers.rate_limit.methods"),
+            "STOCKGATE_LAYERS__RATE_LIMIT__METHODS"
+        );
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(env_name("metrics.listen"), "127.0.0.1:9999");
+            assert_eq!(Config::load(None).unwrap().metrics.listen, "127.0.0.1:9999");
+            Ok(())
+        });
     }
 
     #[test]

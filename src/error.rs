@@ -5,7 +5,10 @@
 //! only place that chooses status codes, so the codes documented in the
 //! proto stay true.
 
-use tonic::{Code, Status};
+use std::collections::HashMap;
+
+use tonic::{metadata::MetadataMap, Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Why a call could not be decided.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,13 @@ pub enum ReservationError {
     /// The reservation's state forbids the call.
     #[error("{0}")]
     WrongState(String),
+    /// The hold's time ran out before the call (it is EXPIRED, or about
+    /// to be swept).
+    #[error("{0}")]
+    HoldExpired(String),
+    /// The reservation is still QUEUED: there is no hold to settle yet.
+    #[error("{0}")]
+    StillQueued(String),
     /// An adjustment would take stock below zero.
     #[error("{0}")]
     InsufficientStock(String),
@@ -89,6 +99,77 @@ impl ReservationError {
 /// Response metadata telling a refused caller how many seconds to wait.
 pub const RETRY_AFTER: &str = "retry-after";
 
+/// `google.rpc.ErrorInfo.domain` of every error the service itself gives.
+pub const ERROR_DOMAIN: &str = "stockgate.v1";
+
+/// How long an UNAVAILABLE caller is asked to wait: start-up retries and
+/// backend reconnects run on about this period.
+const UNAVAILABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ReservationError {
+    /// The stable `ErrorInfo.reason` a caller can branch on; documented in
+    /// inventory.proto ("Error details"), so never renamed.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Self::UnknownSku(_) => "UNKNOWN_SKU",
+            Self::ReservationNotFound(_) => "RESERVATION_NOT_FOUND",
+            Self::NotOwner(_) => "NOT_OWNER",
+            Self::WrongState(_) => "WRONG_STATE",
+            Self::HoldExpired(_) => "HOLD_EXPIRED",
+            Self::StillQueued(_) => "STILL_QUEUED",
+            Self::InsufficientStock(_) => "STOCK_BELOW_ZERO",
+            Self::Contention(_) => "CONTENTION",
+            Self::DuplicateInFlight => "DUPLICATE_IN_FLIGHT",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::Shed { .. } => "OVERLOADED",
+            Self::NotReady(_) => "NOT_READY",
+            Self::Unavailable { .. } => "BACKEND_UNAVAILABLE",
+            Self::UnsafeChange(_) => "UNSAFE_LAYER_CHANGE",
+            Self::ConcurrentChange => "CONCURRENT_CHANGE",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// How long a caller should wait before retrying, where waiting helps.
+    fn retry_delay(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::Shed { retry_after } => {
+                Some(*retry_after)
+            }
+            Self::NotReady(_) | Self::Unavailable { .. } => Some(UNAVAILABLE_RETRY),
+            _ => None,
+        }
+    }
+
+    /// The standard error details (`google.rpc.Status.details`): an
+    /// `ErrorInfo` always, a `BadRequest` naming the field for
+    /// INVALID_ARGUMENT, a `RetryInfo` where waiting helps.
+    fn details(&self) -> ErrorDetails {
+        let mut details = ErrorDetails::new();
+        let mut about = HashMap::new();
+        match self {
+            Self::InvalidArgument { field, reason } => {
+                details.add_bad_request_violation(*field, reason.clone());
+                about.insert("field".to_owned(), (*field).to_owned());
+            }
+            Self::RateLimited { scope, .. } => {
+                about.insert("scope".to_owned(), (*scope).to_owned());
+            }
+            Self::Unavailable { what, .. } => {
+                about.insert("backend".to_owned(), (*what).to_owned());
+            }
+            _ => {}
+        }
+        details.set_error_info(self.reason(), ERROR_DOMAIN, about);
+        if let Some(delay) = self.retry_delay() {
+            details.set_retry_info(Some(delay));
+        }
+        details
+    }
+}
+
 impl From<ReservationError> for Status {
     fn from(err: ReservationError) -> Self {
         // The caller gets a short message; the cause chain stays in our log.
@@ -99,6 +180,8 @@ impl From<ReservationError> for Status {
             }
             ReservationError::NotOwner(_) => Code::PermissionDenied,
             ReservationError::WrongState(_)
+            | ReservationError::HoldExpired(_)
+            | ReservationError::StillQueued(_)
             | ReservationError::InsufficientStock(_)
             | ReservationError::UnsafeChange(_) => Code::FailedPrecondition,
             ReservationError::Contention(_)
@@ -116,27 +199,18 @@ impl From<ReservationError> for Status {
         match code {
             Code::Internal => {
                 tracing::error!(error = ?err, "internal error");
-                Status::internal("internal error")
+                return Status::internal("internal error");
             }
-            Code::Unavailable => {
-                tracing::warn!(error = ?err, "backend unavailable");
-                Status::unavailable(err.to_string())
-            }
-            Code::ResourceExhausted => {
-                let mut status = Status::new(code, err.to_string());
-                if let ReservationError::RateLimited { retry_after, .. }
-                | ReservationError::Shed { retry_after } = err
-                {
-                    // Whole seconds, rounded up, as HTTP's Retry-After.
-                    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                    status
-                        .metadata_mut()
-                        .insert(RETRY_AFTER, secs.max(1).into());
-                }
-                status
-            }
-            _ => Status::new(code, err.to_string()),
+            Code::Unavailable => tracing::warn!(error = ?err, "backend unavailable"),
+            _ => {}
         }
+        let mut metadata = MetadataMap::new();
+        if let Some(delay) = err.retry_delay() {
+            // Whole seconds, rounded up, as HTTP's Retry-After.
+            let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+            metadata.insert(RETRY_AFTER, secs.max(1).into());
+        }
+        Status::with_error_details_and_metadata(code, err.to_string(), err.details(), metadata)
     }
 }
 
@@ -162,6 +236,14 @@ mod tests {
             ),
             (
                 ReservationError::WrongState("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReservationError::HoldExpired("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReservationError::StillQueued("x".into()),
                 Code::FailedPrecondition,
             ),
             (ReservationError::Contention(3), Code::Aborted),
@@ -219,8 +301,64 @@ mod tests {
     }
 
     #[test]
+    fn every_error_carries_a_stable_reason_and_what_helps() {
+        let status = Status::from(ReservationError::invalid("quantity", "must be at least 1"));
+        let details = status.get_error_details();
+        let field = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(
+            (field.field.as_str(), field.description.as_str()),
+            ("quantity", "must be at least 1")
+        );
+        let info = details.error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_ARGUMENT", ERROR_DOMAIN)
+        );
+        assert_eq!(info.metadata["field"], "quantity");
+        assert!(details.retry_info().is_none());
+
+        let status = Status::from(ReservationError::HoldExpired("gone".into()));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "HOLD_EXPIRED");
+
+        for (err, secs) in [
+            (
+                ReservationError::RateLimited {
+                    scope: "user",
+                    retry_after: std::time::Duration::from_millis(2_500),
+                },
+                3,
+            ),
+            (
+                ReservationError::unavailable("stock gate", anyhow::anyhow!("refused")),
+                1,
+            ),
+            (ReservationError::NotReady("starting".into()), 1),
+        ] {
+            let status = Status::from(err);
+            let retry = status.get_details_retry_info().unwrap();
+            assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()));
+            assert_eq!(
+                status.metadata().get(RETRY_AFTER).unwrap(),
+                secs.to_string().as_str()
+            );
+        }
+        let status = Status::from(ReservationError::unavailable(
+            "stock gate",
+            anyhow::anyhow!("x"),
+        ));
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.metadata["backend"].as_str()),
+            ("BACKEND_UNAVAILABLE", "stock gate")
+        );
+    }
+
+    #[test]
     fn internal_details_stay_on_the_server() {
         let status = Status::from(ReservationError::Internal(anyhow::anyhow!("password=x")));
         assert!(!status.message().contains("password"));
+        assert!(status.details().is_empty());
     }
 }

@@ -248,7 +248,13 @@ async fn main() -> anyhow::Result<()> {
             }
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
-                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (server.listen): set --listen or {} to a free address",
+                        config.server.listen,
+                        stockgate::config::env_name("server.listen")
+                    )
+                })?;
             let extras = stockgate::server::Extras {
                 reloads: Some(reload_on_sighup(cli.config.clone())),
                 ..Default::default()

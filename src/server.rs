@@ -22,6 +22,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
     domain::pipeline::{Layers, LayersChange, Limits, Pipeline, Switches},
+    error::ReservationError,
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
     metrics::GrpcMetricsLayer,
@@ -74,18 +75,24 @@ pub async fn run(
     run_with(config, listener, Extras::default(), shutdown).await
 }
 
+/// Binds `key`'s address unless the caller passed a listener. A second
+/// server on one host meets a taken port here first, so the error names the
+/// key (and its environment variable) to change.
 async fn bind_unless_given(
     given: Option<TcpListener>,
     wanted: Option<std::net::SocketAddr>,
-    what: &str,
+    key: &str,
 ) -> anyhow::Result<Option<TcpListener>> {
     match (given, wanted) {
         (_, None) => Ok(None),
         (Some(listener), Some(_)) => Ok(Some(listener)),
-        (None, Some(addr)) => TcpListener::bind(addr)
-            .await
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}")),
+        (None, Some(addr)) => TcpListener::bind(addr).await.map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {addr} ({key}): {e}; set {key} (env {}) to a free \
+                 address, or to \"\" to turn that listener off",
+                crate::config::env_name(key)
+            )
+        }),
     }
 }
 
@@ -114,9 +121,10 @@ pub async fn run_with(
     config.validate()?;
     let metrics_handle = crate::metrics::install();
     let tls = tls_config(&config)?;
-    let admin_listener = bind_unless_given(extras.admin, config.admin_listen()?, "admin").await?;
+    let admin_listener =
+        bind_unless_given(extras.admin, config.admin_listen()?, "admin.listen").await?;
     let metrics_listener =
-        bind_unless_given(extras.metrics, config.metrics_listen()?, "metrics").await?;
+        bind_unless_given(extras.metrics, config.metrics_listen()?, "metrics.listen").await?;
     let admin_addr = match &admin_listener {
         Some(admin) => admin.local_addr()?,
         None => listener.local_addr()?,
@@ -329,13 +337,15 @@ pub async fn run_with(
         Some(admin_listener) => (None, Some((admin, admin_listener))),
         None => (Some(admin), None),
     };
+    let reflection = reflection_services()?;
     let admin_server = match own_admin {
         Some((admin, admin_listener)) if role.serves_api() => {
             let mut stop = stop_rx.clone();
             let serve = builder(&config, tls.clone())?
                 .layer(GrpcMetricsLayer)
                 .add_service(health_service.clone())
-                .add_service(reflection_service()?)
+                .add_service(reflection.v1.clone())
+                .add_service(reflection.v1alpha.clone())
                 .add_service(admin)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async move {
                     let _ = stop.wait_for(|stop| *stop).await;
@@ -353,14 +363,19 @@ pub async fn run_with(
         .layer(tower::util::option_layer(in_flight.map(LoadShedLayer::new)))
         // Rate limiting runs before anything decodes a body, so a flood
         // costs a header lookup and a counter per call.
-        .layer(RateLimitLayer::new(rate_limits, switches.clone()))
+        .layer(RateLimitLayer::new(
+            rate_limits,
+            switches.clone(),
+            &config.layers.rate_limit.methods,
+        ))
         // Then dedup: after the rate limit, so a refused duplicate holds no
         // claim on its key; before the services, so a duplicate never runs
         // the stock logic (it may be asked for an at-once answer, which
         // changes nothing).
         .layer(DedupLayer::new(dedup_store, switches, dedup_times))
         .add_service(health_service)
-        .add_service(reflection_service()?)
+        .add_service(reflection.v1)
+        .add_service(reflection.v1alpha)
         .add_optional_service(role.serves_api().then_some(inventory))
         .add_optional_service(caller_admin.filter(|_| role.serves_api()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -429,15 +444,34 @@ fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Serv
         .max_concurrent_streams(Some(config.server.max_concurrent_streams)))
 }
 
-fn reflection_service() -> anyhow::Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
+/// Server reflection, in both versions: `v1`, and `v1alpha`, which
+/// grpcio-reflection's client and older grpcurl builds still speak. Each
+/// lists both, so a client finds whichever it knows.
+struct Reflection<V1, V1Alpha> {
+    v1: tonic_reflection::server::v1::ServerReflectionServer<V1>,
+    v1alpha: tonic_reflection::server::v1alpha::ServerReflectionServer<V1Alpha>,
+}
+
+fn reflection_services() -> anyhow::Result<
+    Reflection<
         impl tonic_reflection::server::v1::ServerReflection,
+        impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false)
+    };
+    Ok(Reflection {
+        v1: builder().build_v1()?,
+        v1alpha: builder().build_v1alpha()?,
+    })
 }
 
 /// Applies reloaded configs: the file's switches to the whole fleet (as an
@@ -516,7 +550,8 @@ async fn become_ready(
 ) {
     let mut last_reason = String::new();
     loop {
-        let reason = match check_store(&pipeline, migrate).await {
+        // The full cause for the log; a short one for callers.
+        let (reason, told) = match check_store(&pipeline, migrate).await {
             // The fleet's switches first: they decide whether there is a
             // gate to warm up.
             Ok(()) => match async {
@@ -530,10 +565,22 @@ async fn become_ready(
                     tracing::info!("ready: store migrated and reachable, gate loaded");
                     return;
                 }
-                Err(err) => format!("switches or gate warm-up failed: {err:#}"),
+                Err(err) => (
+                    format!("switches or gate warm-up failed: {err:#}"),
+                    match &err {
+                        ReservationError::Unavailable { what, .. } => {
+                            format!("{what} unavailable; start-up retries until it answers")
+                        }
+                        _ => "start-up could not load the switches or the stock gate".into(),
+                    },
+                ),
             },
-            Err(reason) => reason,
+            Err(reason) => (
+                reason,
+                "the store is not migrated or not reachable yet".to_owned(),
+            ),
         };
+        pipeline.set_not_ready_reason(told);
         if reason != last_reason {
             tracing::warn!(%reason, "not ready");
             last_reason = reason;

@@ -61,15 +61,16 @@ impl RateSettings {
     }
 
     /// The first field that is zero, for the error message.
+    /// The first setting that is zero, named as SetLayersRequest's field.
     pub fn zero_field(&self) -> Option<&'static str> {
         if self.per_user_period_ms == 0 {
-            Some("per_user_period_ms")
+            Some("rate_limits.per_user_period_ms")
         } else if self.per_user_burst == 0 {
-            Some("per_user_burst")
+            Some("rate_limits.per_user_burst")
         } else if self.global_per_sec == 0 {
-            Some("global_per_sec")
+            Some("rate_limits.global_per_sec")
         } else if self.global_burst == 0 {
-            Some("global_burst")
+            Some("rate_limits.global_burst")
         } else {
             None
         }
@@ -353,6 +354,8 @@ pub struct Pipeline {
     layers: Switches,
     limits: Limits,
     ready: AtomicBool,
+    /// What callers are told while not ready: the cause start-up last met.
+    not_ready: Mutex<String>,
     /// Reservations published and not yet settled by the processor, the
     /// only place a QUEUED reservation is visible before it has a row.
     pending: Mutex<PendingBook>,
@@ -426,6 +429,7 @@ impl Pipeline {
             layers,
             limits,
             ready: AtomicBool::new(false),
+            not_ready: Mutex::new("the store is not migrated or not reachable yet".into()),
             pending: Mutex::new(PendingBook::default()),
             events,
             sold_out: Mutex::new(HashMap::new()),
@@ -466,10 +470,15 @@ impl Pipeline {
         if self.is_ready() {
             Ok(())
         } else {
-            Err(ReservationError::NotReady(
-                "the store is not migrated or not reachable yet".into(),
-            ))
+            let reason = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+            Err(ReservationError::NotReady(reason.clone()))
         }
+    }
+
+    /// Records why start-up cannot finish yet, in words a caller may see
+    /// (no addresses or credentials: those stay in the log).
+    pub fn set_not_ready_reason(&self, reason: String) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, PendingBook> {
@@ -1476,7 +1485,7 @@ impl Pipeline {
             Some(p) if p.reservation.user != *user => {
                 Err(ReservationError::NotOwner(id.as_str().into()))
             }
-            Some(_) => Err(ReservationError::WrongState(format!(
+            Some(_) => Err(ReservationError::StillQueued(format!(
                 "reservation {} is still queued; watch it until it is held",
                 id.as_str()
             ))),
@@ -1498,12 +1507,21 @@ impl Pipeline {
             Settled::Unchanged(reservation) => Ok(reservation),
             Settled::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
             Settled::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
+            // Swept already: to the caller the same as a hold found expired.
+            Settled::WrongState(reservation)
+                if reservation.state == crate::domain::ReservationState::Expired =>
+            {
+                Err(ReservationError::HoldExpired(format!(
+                    "cannot {action} reservation {}: the hold has expired",
+                    id.as_str()
+                )))
+            }
             Settled::WrongState(reservation) => Err(ReservationError::WrongState(format!(
                 "cannot {action} reservation {} in state {}",
                 id.as_str(),
                 reservation.state.as_db()
             ))),
-            Settled::HoldExpired(_) => Err(ReservationError::WrongState(format!(
+            Settled::HoldExpired(_) => Err(ReservationError::HoldExpired(format!(
                 "cannot {action} reservation {}: the hold has expired",
                 id.as_str()
             ))),

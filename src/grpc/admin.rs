@@ -247,15 +247,12 @@ pub fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, Reserv
                 global_burst: rates.global_burst,
             };
             if let Some(field) = settings.zero_field() {
-                return Err(ReservationError::InvalidArgument {
-                    field: "rate_limits",
-                    reason: format!("{field} must be 1 or more"),
-                });
+                return Err(ReservationError::invalid(field, "must be 1 or more"));
             }
             if settings.per_user_period_ms > 86_400_000 {
                 return Err(ReservationError::invalid(
-                    "rate_limits",
-                    "per_user_period_ms must be at most one day",
+                    "rate_limits.per_user_period_ms",
+                    "must be at most one day",
                 ));
             }
             Some(settings)

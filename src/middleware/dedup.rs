@@ -142,14 +142,24 @@ impl StoredAnswer {
     }
 
     pub fn to_response(&self) -> http::Response<tonic::body::Body> {
-        let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
-        if !self.body.is_empty() {
-            frames.push(Ok(Frame::data(Bytes::from(self.body.clone()))));
-        }
-        if !self.trailers.is_empty() {
-            frames.push(Ok(Frame::trailers(header_map(&self.trailers))));
-        }
-        let body = tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)));
+        let body = if self.body.is_empty() && self.trailers.is_empty() {
+            // A trailers-only answer (every error): the body must say it is
+            // over before it is polled, so that the status goes out in one
+            // HEADERS frame with END_STREAM. A stream body cannot say so and
+            // makes hyper send the headers and then an empty DATA frame with
+            // END_STREAM, which grpc-core clients read as a stream with no
+            // status (UNKNOWN "Stream removed").
+            tonic::body::Body::empty()
+        } else {
+            let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
+            if !self.body.is_empty() {
+                frames.push(Ok(Frame::data(Bytes::from(self.body.clone()))));
+            }
+            if !self.trailers.is_empty() {
+                frames.push(Ok(Frame::trailers(header_map(&self.trailers))));
+            }
+            tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)))
+        };
         let mut response = http::Response::new(body);
         *response.status_mut() =
             http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
@@ -615,11 +625,13 @@ pub struct Dedup<S> {
 
 /// The record key of (user, idempotency key): length-prefixed so no two
 /// pairs spell the same key.
-fn record_key(user: &str, key: &str) -> String {
+pub fn record_key(user: &str, key: &str) -> String {
     format!("{}:{user}:{key}", user.len())
 }
 
-fn fingerprint(path: &str, body: &[u8]) -> String {
+/// What makes two requests "the same request" for a key: the method and
+/// the request's bytes as framed on the wire.
+pub fn fingerprint(path: &str, body: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hash = Sha256::new();
     hash.update(path.as_bytes());
@@ -863,6 +875,25 @@ mod tests {
             body: vec![0, 0, 0, 0, 2, 8, 1],
             trailers: vec![("grpc-status".into(), code.to_string().into_bytes())],
         }
+    }
+
+    /// hyper sends HEADERS with END_STREAM only for a body that is over
+    /// before it is polled; anything else gets an empty DATA frame after
+    /// the status, which grpc-core clients reject.
+    #[test]
+    fn an_error_answer_is_replayed_trailers_only() {
+        use http_body::Body as _;
+        let error = StoredAnswer {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), b"application/grpc".to_vec()),
+                ("grpc-status".into(), b"5".to_vec()),
+            ],
+            body: vec![],
+            trailers: vec![],
+        };
+        assert!(error.to_response().body().is_end_stream());
+        assert!(!answer(0).to_response().body().is_end_stream());
     }
 
     #[tokio::test]

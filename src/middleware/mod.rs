@@ -47,8 +47,8 @@ where
 }
 
 pub use dedup::{
-    not_instant, Claim, DedupLayer, DedupStore, DedupTimes, InstantOnly, MemoryDedup, RedisDedup,
-    StoredAnswer, DEDUP_PATH, NOT_INSTANT,
+    fingerprint, not_instant, record_key, Claim, DedupLayer, DedupStore, DedupTimes, InstantOnly,
+    MemoryDedup, RedisDedup, StoredAnswer, DEDUP_PATH, NOT_INSTANT,
 };
 pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
 pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

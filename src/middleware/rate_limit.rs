@@ -1,8 +1,10 @@
 //! Rate limiting with governor: one GCRA cell budget per user (keyed by the
 //! `x-user-id` metadata) and one for the whole replica. A refused call gets
 //! RESOURCE_EXHAUSTED with `retry-after`; in shadow mode it is let through
-//! and counted. Only InventoryService calls are limited: operators, health
-//! checks and reflection never are.
+//! and counted. Only the InventoryService methods named in
+//! `layers.rate_limit.methods` (Reserve alone by default) are counted:
+//! operators, health checks, reflection and the rest of a buyer's calls
+//! never are.
 
 use std::{
     num::NonZeroU32,
@@ -170,11 +172,22 @@ impl<C: Clock + Clone> RateLimits<C> {
 pub struct RateLimitLayer {
     limits: Arc<RateLimits>,
     switches: Switches,
+    /// The request paths the limits count.
+    paths: Arc<[String]>,
 }
 
 impl RateLimitLayer {
-    pub fn new(limits: Arc<RateLimits>, switches: Switches) -> Self {
-        Self { limits, switches }
+    /// Counts calls of `methods` (InventoryService method names).
+    pub fn new(limits: Arc<RateLimits>, switches: Switches, methods: &[String]) -> Self {
+        let paths = methods
+            .iter()
+            .map(|method| format!("{}{method}", super::CALLER_PREFIX))
+            .collect();
+        Self {
+            limits,
+            switches,
+            paths,
+        }
     }
 }
 
@@ -184,8 +197,7 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            limits: self.limits.clone(),
-            switches: self.switches.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -193,16 +205,18 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    limits: Arc<RateLimits>,
-    switches: Switches,
+    layer: RateLimitLayer,
 }
 
 impl<S> RateLimit<S> {
     /// `None`: let the call through; `Some`: the refusal to answer with.
     fn refusal<B>(&self, request: &http::Request<B>) -> Option<ReservationError> {
-        if !self.switches.load().rate_limit
-            || !request.uri().path().starts_with(super::CALLER_PREFIX)
-        {
+        let layer = &self.layer;
+        if !layer.switches.load().rate_limit {
+            return None;
+        }
+        let path = request.uri().path();
+        if !layer.paths.iter().any(|counted| counted == path) {
             return None;
         }
         let user = request
@@ -216,7 +230,7 @@ impl<S> RateLimit<S> {
                 "request metadata must carry the caller's user id",
             ));
         };
-        match self.limits.check(user) {
+        match layer.limits.check(user) {
             Verdict::Admit => None,
             Verdict::Refuse { scope, retry_after } => {
                 Some(ReservationError::RateLimited { scope, retry_after })
@@ -272,6 +286,7 @@ mod tests {
             global_per_sec: 1_000_000,
             global_burst: 1_000_000,
             sweep_interval_ms: 1_000,
+            methods: vec!["Reserve".into()],
         };
         (RateLimits::new(&config, clock.clone()), clock)
     }

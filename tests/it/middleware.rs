@@ -148,6 +148,50 @@ async fn switched_at_run_time_and_only_for_callers() {
     app.stop().await;
 }
 
+/// With one Reserve per user per minute, a buyer's whole flow (reserve,
+/// read, watch until held, confirm) goes through: by default only Reserve
+/// is counted. A method added to `layers.rate_limit.methods` is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_buyers_flow_spends_only_its_reserve_of_the_limit() {
+    for methods in [vec!["Reserve"], vec!["Reserve", "ConfirmReservation"]] {
+        let counted = methods.len();
+        let app = TestApp::spawn_with(Profile::Embedded, |c| {
+            c.layers.rate_limit.enabled = true;
+            c.layers.rate_limit.per_user_burst = 1;
+            c.layers.rate_limit.per_user_period_ms = 60_000;
+            c.layers.rate_limit.methods = methods.iter().map(|m| (*m).to_owned()).collect();
+        })
+        .await;
+        app.set_stock("FLOW", 10, 0).await;
+        let mut buyer =
+            stockgate::client::Client::new(crate::harness::connect(app.addr).await, "flo").unwrap();
+        let id = buyer
+            .reserve("FLOW", 1, "flow-1")
+            .await
+            .unwrap()
+            .reservation
+            .unwrap()
+            .reservation_id;
+        let held = buyer.wait_until_decided(&id).await.unwrap();
+        assert_eq!(held.state(), stockgate::pb::ReservationState::Held);
+        buyer.get(&id).await.unwrap();
+        let confirmed = buyer.confirm(&id).await;
+        let again = buyer.reserve("FLOW", 1, "flow-2").await.unwrap_err();
+        assert_eq!(again.code(), Code::ResourceExhausted);
+        if counted == 1 {
+            assert_eq!(
+                confirmed.unwrap().state(),
+                stockgate::pb::ReservationState::Confirmed
+            );
+        } else {
+            assert_eq!(confirmed.unwrap_err().code(), Code::ResourceExhausted);
+        }
+        let stats = rate_limit_stats(&app).await;
+        assert_eq!((stats.admitted, stats.refused), (1, counted as u64));
+        app.stop().await;
+    }
+}
+
 /// The same idempotency key sent 100 times at once: one reservation and
 /// 100 identical answers; sent again afterwards: the identical answer; on
 /// another replica sharing Redis: the same; the same key for another SKU:

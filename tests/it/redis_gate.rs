@@ -241,6 +241,12 @@ async fn redis_unreachable_fail_closed_or_bypass() {
                 assert_eq!(app.health().await, ServingStatus::NotServing);
                 let status = reserve(&mut client, "ANY", 1, "u1").await.unwrap_err();
                 assert_eq!(status.code(), Code::Unavailable);
+                // The cause, not a guess: the store is fine here.
+                assert!(
+                    status.message().contains("stock gate unavailable")
+                        && !status.message().contains("store"),
+                    "{status:?}"
+                );
             }
             GateFailureMode::Bypass => {
                 app.wait_serving().await;
