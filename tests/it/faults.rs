@@ -122,35 +122,11 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
     })
     .await;
     survivor.set_stock("KILLAPI", 2_000, 0).await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = crate::harness::free_port();
     let mut config = survivor.config.clone();
     config.server.role = stockgate::config::Role::Api;
-    config.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    let file = dir.path().join("api.toml");
-    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
-        .args(["--config", file.to_str().unwrap(), "serve"])
-        .env_remove("STOCKGATE_CONFIG")
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut health =
-        tonic_health::pb::health_client::HealthClient::new(crate::harness::connect(addr).await);
-    let mut serving = false;
-    for _ in 0..200 {
-        let answer = health
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await;
-        if answer.is_ok_and(|a| a.into_inner().status == 1) {
-            serving = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(serving, "the API replica did not start");
+    let mut api = crate::harness::BinaryServer::start(config).await;
+    api.wait_serving().await;
+    let addr = api.addr;
 
     // Callers answered before the kill, for certain: a storm's answers
     // can still be on the wire (or unread in a socket the kill resets)
@@ -176,9 +152,8 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    child.kill().unwrap();
+    api.kill();
     let killed = Instant::now();
-    let _ = child.wait();
     let tally = sale.await.unwrap();
     eprintln!(
         "callers of the killed replica saw {:?}, errors {:?}",

@@ -614,12 +614,18 @@ pub fn free_port() -> u16 {
 /// packages, or `packages` installed there with pip when they lack it.
 pub fn python_packages(dir: &str, import: &str, packages: &[&str]) -> String {
     let target = format!("{}/{dir}", env!("CARGO_TARGET_TMPDIR"));
-    let present = std::process::Command::new("python3")
-        .args(["-c", &format!("import {import}")])
-        .env("PYTHONPATH", &target)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !present {
+    let importable = |path: &str| {
+        std::process::Command::new("python3")
+            .args(["-c", &format!("import {import}")])
+            .env("PYTHONPATH", path)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !importable(&target) {
+        // Tests run as separate processes side by side: each installs into
+        // a folder of its own and renames it into place, so no test ever
+        // imports from a half-written folder.
+        let staging = format!("{target}.{}", std::process::id());
         let status = std::process::Command::new("python3")
             .args([
                 "-m",
@@ -628,11 +634,98 @@ pub fn python_packages(dir: &str, import: &str, packages: &[&str]) -> String {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(["--target", &target])
+            .args(["--target", &staging])
             .args(packages)
             .status()
             .expect("python3 runs");
         assert!(status.success(), "pip install {packages:?}");
+        if std::fs::rename(&staging, &target).is_err() {
+            if importable(&target) {
+                // Another test put its copy in place first: use that one.
+                let _ = std::fs::remove_dir_all(&staging);
+            } else {
+                // A broken leftover (an interrupted run): replace it.
+                let _ = std::fs::remove_dir_all(&target);
+                std::fs::rename(&staging, &target).unwrap();
+            }
+        }
+        assert!(importable(&target), "{import} after pip install");
     }
     target
+}
+
+/// The real `stockgate` binary as a separate process, as operators run it:
+/// `config` written to a file, `serve`, killed when dropped.
+pub struct BinaryServer {
+    pub addr: std::net::SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl BinaryServer {
+    /// Starts it on a free port and waits until the port answers gRPC
+    /// (health SERVING or not: a server that cannot get ready is a case too).
+    pub async fn start(mut config: Config) -> Self {
+        let port = free_port();
+        config.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config.validate().expect("test config must be valid");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stockgate.toml");
+        std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
+            .args(["--config", file.to_str().unwrap(), "serve"])
+            .env_remove("STOCKGATE_CONFIG")
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            addr: config.server.listen,
+            child,
+            _dir: dir,
+        };
+        assert!(
+            server.health_answers(false).await,
+            "the stockgate binary did not start on {}",
+            server.addr
+        );
+        server
+    }
+
+    /// Waits for health SERVING.
+    pub async fn wait_serving(&self) {
+        assert!(
+            self.health_answers(true).await,
+            "the stockgate binary on {} never became SERVING",
+            self.addr
+        );
+    }
+
+    /// Whether health answers (SERVING, if `serving`) within 20 s.
+    async fn health_answers(&self, serving: bool) -> bool {
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(connect(self.addr).await);
+        for _ in 0..400 {
+            let answer = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await;
+            if answer.is_ok_and(|a| !serving || a.into_inner().status == 1) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// SIGKILL, as a crash: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

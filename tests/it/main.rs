@@ -5,6 +5,7 @@
 mod api;
 mod check;
 mod clients;
+mod conformance;
 mod faults;
 mod group_commit;
 mod harness;

@@ -1,0 +1,190 @@
+//! The contract as clients we did not write see it, against the real
+//! binary: a grpc-core client (Python grpcio, stubs generated from
+//! `proto/` here) walks every documented status code of every method and
+//! reads the standard error details, and a raw HTTP/2 client (Python `h2`)
+//! checks the framing of error answers. Run twice: dedup off, and dedup on
+//! with the Redis store, because the dedup layer rebuilds every answer it
+//! passes on.
+
+use std::{process::Command, time::Duration};
+
+use prost::Message as _;
+use stockgate::{
+    config::Config,
+    middleware::{fingerprint, record_key, DedupStore, RedisDedup, DEDUP_PATH},
+    pb::ReserveRequest,
+};
+
+use crate::harness::{config_for, free_port, redis_url, BinaryServer, Profile};
+
+const TOKEN: &str = "conformance-token";
+const HOLD_TTL_SECS: u64 = 2;
+
+/// grpcio and the packages that read its rich errors, reflection and
+/// health, plus the `h2` state machine for the raw-frame cases; pinned.
+fn python_deps() -> String {
+    crate::harness::python_packages(
+        "python-conformance",
+        "grpc, grpc_tools, grpc_status, grpc_health, grpc_reflection, h2",
+        &[
+            "grpcio==1.85.1",
+            "grpcio-tools==1.85.1",
+            "grpcio-status==1.85.1",
+            "grpcio-health-checking==1.85.1",
+            "grpcio-reflection==1.85.1",
+            "h2==4.4.1",
+        ],
+    )
+}
+
+/// Python stubs generated from our proto into `out`.
+fn generate_stubs(deps: &str, out: &std::path::Path) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let status = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", &format!("-I{root}/proto")])
+        .arg(format!("--python_out={}", out.display()))
+        .arg(format!("--grpc_python_out={}", out.display()))
+        .arg(format!("{root}/proto/stockgate/v1/inventory.proto"))
+        .arg(format!("{root}/proto/stockgate/v1/admin.proto"))
+        .env("PYTHONPATH", deps)
+        .status()
+        .unwrap();
+    assert!(status.success(), "grpc_tools.protoc");
+}
+
+/// Runs one of `clients/python/`'s scripts and fails the test with its
+/// whole output unless every case passed.
+fn run_script(script: &str, pythonpath: &str, args: &[String]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let output = Command::new("python3")
+        .arg(format!("{root}/clients/python/{script}"))
+        .args(args)
+        .env("PYTHONPATH", pythonpath)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The serving config both runs share: a small burst so the rate limit
+/// is reachable, a short hold so expiry is, an admin token.
+fn conformance_config(mut config: Config, dedup: bool) -> Config {
+    config.admin.token = TOKEN.into();
+    config.reservations.hold_ttl_secs = HOLD_TTL_SECS;
+    config.layers.rate_limit.enabled = true;
+    config.layers.rate_limit.per_user_burst = 2;
+    config.layers.rate_limit.per_user_period_ms = 60_000;
+    config.layers.dedup.enabled = dedup;
+    if dedup {
+        config.backends.dedup = redis_url();
+        config.redis.key_prefix = format!("sg-conf-{}", uuid::Uuid::now_v7().simple());
+        config.layers.dedup.wait_ms = 200;
+    }
+    config
+}
+
+/// Leaves an unanswered claim for (`user`, `key`) on the request the
+/// script will send, as a replica that is still running that call would:
+/// the one way to reach ABORTED from outside on demand.
+async fn plant_in_flight_claim(config: &Config, user: &str, key: &str, sku: &str) {
+    let message = ReserveRequest {
+        sku: sku.into(),
+        quantity: 1,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // The gRPC frame as grpcio sends it: uncompressed, 4-byte length.
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    let store = RedisDedup::new(
+        &config.backends.dedup,
+        &config.redis.key_prefix,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let claim = store
+        .claim(
+            &record_key(user, key),
+            &fingerprint(DEDUP_PATH, &framed),
+            "planted",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, stockgate::middleware::Claim::Run);
+}
+
+async fn conformance(dedup: bool) {
+    let deps = python_deps();
+    let stubs = tempfile::tempdir().unwrap();
+    generate_stubs(&deps, stubs.path());
+    let pythonpath = format!("{}:{deps}", stubs.path().display());
+
+    let (config, _db, _data) = config_for(Profile::Embedded).await;
+    let config = conformance_config(config, dedup);
+    // The same server, but its stock gate is a Redis nothing answers for:
+    // it never gets ready, and says why.
+    let (mut stuck, _stuck_db, _stuck_data) = config_for(Profile::Embedded).await;
+    stuck = conformance_config(stuck, dedup);
+    stuck.redis.key_prefix = config.redis.key_prefix.clone();
+    stuck.backends.gate = format!("redis://127.0.0.1:{}", free_port());
+    stuck.redis.connect_timeout_ms = 200;
+    stuck.redis.response_timeout_ms = 200;
+
+    let server = BinaryServer::start(config.clone()).await;
+    server.wait_serving().await;
+    let not_ready = BinaryServer::start(stuck).await;
+
+    let mode = if dedup { "redis" } else { "off" };
+    let mut args = vec![
+        "--target".into(),
+        server.addr.to_string(),
+        "--not-ready".into(),
+        not_ready.addr.to_string(),
+        "--token".into(),
+        TOKEN.into(),
+        "--dedup".into(),
+        mode.into(),
+        "--hold-ttl-secs".into(),
+        HOLD_TTL_SECS.to_string(),
+    ];
+    if dedup {
+        let (user, key, sku) = ("conf-aborted", "planted-key", "CONF-ABORTED");
+        plant_in_flight_claim(&config, user, key, sku).await;
+        args.extend(["--aborted".into(), user.into(), key.into(), sku.into()]);
+    }
+    let report = run_script("conformance.py", &pythonpath, &args);
+    println!("{report}");
+    let frames = run_script(
+        "h2_frames.py",
+        &pythonpath,
+        &[
+            "--target".into(),
+            server.addr.to_string(),
+            "--dedup".into(),
+            mode.into(),
+            "--token".into(),
+            TOKEN.into(),
+        ],
+    );
+    println!("{frames}");
+    if dedup {
+        crate::harness::wipe_redis_prefix(&config.redis.key_prefix).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_sees_the_contract_with_dedup_off() {
+    conformance(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_sees_the_contract_with_dedup_on_redis() {
+    conformance(true).await;
+}
