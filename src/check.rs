@@ -17,8 +17,9 @@
 use std::time::Duration;
 
 use crate::{
-    domain::{now, pipeline::Pipeline, Sku},
+    domain::{now, Sku},
     error::ReservationError,
+    reserve::Pipeline,
 };
 
 /// One SKU's figures and what disagrees.
@@ -68,7 +69,7 @@ pub async fn run(
     let figures = store
         .sku_figures(sku.map(Sku::as_str), overdue_before)
         .await
-        .map_err(crate::domain::pipeline::store_error)?;
+        .map_err(crate::reserve::store_error)?;
     if let (Some(sku), true) = (sku, figures.is_empty()) {
         return Err(ReservationError::UnknownSku(sku.as_str().into()));
     }
@@ -152,7 +153,7 @@ pub async fn run(
     let duplicates = store
         .duplicate_keys()
         .await
-        .map_err(crate::domain::pipeline::store_error)?;
+        .map_err(crate::reserve::store_error)?;
     for (user, key, count) in duplicates {
         report.problems.push(format!(
             "{count} reservations for user {user:?} with idempotency key {:?}",

@@ -11,6 +11,10 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The switch types config values are spelled in.
+pub use crate::domain::switches::{DbCheckMode, GateFailureMode};
+use crate::domain::switches::{Layers, RateSettings};
+
 /// The whole service configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -287,16 +291,6 @@ impl Default for DedupLayerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum GateFailureMode {
-    /// The gate is down: answer UNAVAILABLE, admit nothing.
-    FailClosed,
-    /// The gate is down: skip it and let the queue and the database decide
-    /// (the database check still prevents overselling).
-    Bypass,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GateLayerConfig {
@@ -373,19 +367,6 @@ pub struct RabbitConfig {
     /// Pause between reconnection attempts after the broker was lost, in
     /// milliseconds.
     pub reconnect_delay_ms: u64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DbCheckMode {
-    /// Conditional update on the row version; retried on a lost race.
-    Optimistic,
-    /// Row lock (`SELECT ... FOR UPDATE`) held while committing.
-    Pessimistic,
-    /// The naive approach: read the stock, write what was read minus the
-    /// quantity, no version check. Concurrent commits overwrite each other
-    /// and oversell; for game days and demonstrations, never production.
-    Off,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -812,9 +793,7 @@ impl Config {
             ));
         }
         let layers = &self.layers;
-        if !layers.allow_unsafe
-            && crate::domain::pipeline::Layers::from_config(self).oversell_unguarded()
-        {
+        if !layers.allow_unsafe && Layers::from_config(self).oversell_unguarded() {
             return Err(invalid(
                 "layers.db.check",
                 "`off` with the gate off or bypassing leaves nothing to stop an oversell; set layers.allow_unsafe = true to run it anyway",
@@ -934,6 +913,34 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// The switches a replica starts with, before the fleet's stored ones.
+impl Layers {
+    pub fn from_config(config: &Config) -> Self {
+        let layers = &config.layers;
+        Self {
+            rate_limit: layers.rate_limit.enabled,
+            rate_limit_shadow: layers.rate_limit.shadow,
+            rate_limits: RateSettings::from_config(&layers.rate_limit),
+            dedup: layers.dedup.enabled,
+            gate: layers.gate.enabled,
+            gate_failure: layers.gate.failure_mode,
+            queue: layers.queue.enabled,
+            db_check: layers.db.check,
+        }
+    }
+}
+
+impl RateSettings {
+    pub fn from_config(config: &RateLimitConfig) -> Self {
+        Self {
+            per_user_period_ms: config.per_user_period_ms,
+            per_user_burst: config.per_user_burst,
+            global_per_sec: config.global_per_sec,
+            global_burst: config.global_burst,
+        }
     }
 }
 

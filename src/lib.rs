@@ -13,7 +13,7 @@
 //!   conditional, versioned row update per order, orders unique by
 //!   reservation id and idempotency key.
 //!
-//! [`domain::pipeline`] strings them together, [`grpc`] exposes them, and
+//! [`reserve`] strings them together, [`grpc`] exposes them, and
 //! [`server::run`] assembles everything for `main` and for the tests alike.
 //! [`error`] holds the one mapping from domain errors to gRPC codes.
 
@@ -33,6 +33,7 @@ pub mod middleware;
 pub mod ops;
 pub mod queue;
 mod redis_batch;
+pub mod reserve;
 pub mod server;
 pub mod store;
 pub mod storm;

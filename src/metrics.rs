@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 
 use crate::{
     config::{DbCheckMode, GateFailureMode},
-    domain::pipeline::Layers,
+    domain::switches::Layers,
 };
 
 /// Decisions per layer: `layer` and `decision` values are the constants

@@ -20,10 +20,11 @@ use chrono::NaiveDateTime;
 use crate::{
     domain::{
         now,
-        pipeline::{store_error, Layers, LayersChange, Pipeline},
+        switches::{Layers, LayersChange},
     },
     error::ReservationError,
     middleware::RateLimits,
+    reserve::{store_error, Pipeline},
     store::{AuditRow, NewAudit, ReplicaRow, Store},
 };
 

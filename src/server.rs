@@ -21,7 +21,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
-    domain::pipeline::{Layers, LayersChange, Limits, Pipeline, Switches},
+    domain::switches::{Layers, LayersChange, Switches},
     error::ReservationError,
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
@@ -39,6 +39,7 @@ use crate::{
         decode, encode, salvage, EmbeddedQueue, EmbeddedReceiver, OrderQueue, QueueNames,
         RabbitConsumer, RabbitQueue,
     },
+    reserve::{Limits, Pipeline},
     store::Store,
 };
 

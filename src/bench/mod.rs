@@ -203,7 +203,7 @@ impl BenchServer {
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let switches = crate::grpc::set_every_switch(
-            crate::domain::pipeline::Layers::from_config(&config),
+            crate::domain::switches::Layers::from_config(&config),
             "benchmark: the switches of its config",
         );
         let server = crate::server::spawn(config, listener, async move {

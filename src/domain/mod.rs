@@ -2,7 +2,7 @@
 //! reservation record, and the pipeline that runs a reservation through the
 //! layers ([`pipeline`]).
 
-pub mod pipeline;
+pub mod switches;
 
 use chrono::NaiveDateTime;
 

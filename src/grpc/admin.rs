@@ -9,13 +9,14 @@ use tonic::{Request, Response, Status};
 use crate::{
     config::{DbCheckMode, GateFailureMode},
     domain::{
-        pipeline::{Layers, LayersChange, Pipeline, RateSettings, StockView},
+        switches::{Layers, LayersChange, RateSettings},
         ReservationState, Sku, SoldOutPolicy,
     },
     error::ReservationError,
     middleware::{InFlight, RateLimits},
     ops::{ChangeRequest, SwitchBoard, MAX_REASON},
     pb::{self, admin_service_server::AdminService},
+    reserve::{Pipeline, StockView},
     store::ReservationFilter,
 };
 

@@ -8,13 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::{idempotency_key, user_id};
 use crate::{
-    domain::{
-        pipeline::{Pipeline, ReserveCommand, ReserveResult},
-        Quantity, ReservationId, ReservationState, Sku,
-    },
+    domain::{Quantity, ReservationId, ReservationState, Sku},
     error::ReservationError,
     middleware::{not_instant, InstantOnly},
     pb::{self, inventory_service_server::InventoryService},
+    reserve::{Pipeline, ReserveCommand, ReserveResult},
 };
 
 pub struct InventoryApi {

@@ -39,7 +39,7 @@ use tokio::{sync::Notify, time::Instant};
 use tower::{Layer, Service};
 
 use crate::{
-    domain::{pipeline::Switches, IdempotencyKey, UserId},
+    domain::{switches::Switches, IdempotencyKey, UserId},
     error::ReservationError,
     redis_batch::Batcher,
 };

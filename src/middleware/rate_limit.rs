@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 
 use crate::{
     config::RateLimitConfig,
-    domain::pipeline::{RateSettings, Switches},
+    domain::switches::{RateSettings, Switches},
     domain::UserId,
     error::ReservationError,
 };

@@ -2,7 +2,7 @@
 //!
 //! An admitted reservation is published here and answered QUEUED; one
 //! processor takes orders in arrival order, commits them to the database in
-//! batches ([`crate::domain::pipeline::Pipeline::process_batch`]), and only
+//! batches ([`crate::reserve::Pipeline::process_batch`]), and only
 //! then lets them go. The database sees a steady first-come-first-served
 //! load however large the spike.
 

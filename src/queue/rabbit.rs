@@ -11,7 +11,7 @@
 //!   settled batch, so every API replica drops the reservations it was
 //!   answering from memory and moves queue positions on. Best effort: a
 //!   replica that missed one finds the rows in the database
-//!   ([`crate::domain::pipeline::Pipeline::resync_pending`]).
+//!   ([`crate::reserve::Pipeline::resync_pending`]).
 //!
 //! Every declaration carries identical arguments: the broker refuses a
 //! redeclaration with different ones (406 PRECONDITION_FAILED).

@@ -523,7 +523,7 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
             && row
                 .reject_reason
                 .as_deref()
-                .is_some_and(|r| r.starts_with(stockgate::domain::pipeline::FENCE_REASON));
+                .is_some_and(|r| r.starts_with(stockgate::reserve::FENCE_REASON));
         assert!(
             tally.granted.contains_key(row.id.as_str()) || fence,
             "order {} ({:?}) that no caller was told about",

@@ -1,0 +1,407 @@
+//! The order processor's step: one batch committed in one transaction,
+//! the outcome of each order, and the gate given back what the database
+//! did not take.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use crate::{
+    domain::{now, ReservationId, ReservationState, Sku},
+    error::ReservationError,
+    gate::{GateEntry, Settlement},
+    metrics,
+    queue::QueuedOrder,
+    store::{CommitOutcome, NewOrder, RejectCause, SOLD_OUT_REASON},
+};
+
+use super::{count_outcome, gate_entry, Event, Pipeline, ReserveResult};
+
+/// What became of a batch the processor took.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Orders given up after repeated database errors, with the reason;
+    /// recorded REJECTED with their units returned.
+    pub given_up: Vec<(QueuedOrder, String)>,
+    /// Some order could not even be recorded as given up: do not
+    /// acknowledge the batch, so it is delivered again.
+    pub incomplete: bool,
+}
+
+/// What the database's decision means for the units the gate admitted: the
+/// order is in the database; or the database had less stock than the gate
+/// believed (forget the reservation, return nothing: the gate over-counted);
+/// or no order resulted for another reason (return the units).
+pub(super) fn settlement(outcome: &CommitOutcome) -> Settlement {
+    match outcome {
+        CommitOutcome::Committed { .. } => Settlement::Committed,
+        // A redelivery finds the row the first delivery wrote; settle as
+        // that decision was (the first settlement may never have run).
+        CommitOutcome::AlreadyCommitted(row) => match row.state {
+            ReservationState::Rejected
+                if row
+                    .reject_reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(SOLD_OUT_REASON)) =>
+            {
+                Settlement::Rejected
+            }
+            ReservationState::Rejected => Settlement::Released,
+            _ => Settlement::Committed,
+        },
+        CommitOutcome::SoldOut { .. }
+        | CommitOutcome::UnknownSku
+        | CommitOutcome::Rejected {
+            cause: RejectCause::SoldOut,
+            ..
+        } => Settlement::Rejected,
+        CommitOutcome::DuplicateKey(_)
+        | CommitOutcome::UserLimit { .. }
+        | CommitOutcome::Contention { .. }
+        | CommitOutcome::Rejected { .. } => Settlement::Released,
+    }
+}
+
+impl Pipeline {
+    /// Settles the gate for what the database decided, tells watchers, and
+    /// turns the outcome into the caller's answer.
+    pub(super) async fn settle(
+        &self,
+        order: &NewOrder,
+        gated: bool,
+        outcome: CommitOutcome,
+    ) -> Result<ReserveResult, ReservationError> {
+        if gated {
+            let entry = self.settled_entry(order, &outcome).await;
+            self.settle_gate(settlement(&outcome), &[entry]).await;
+        }
+        self.answer(order, outcome)
+    }
+
+    /// Tells watchers and turns the database's decision into the caller's
+    /// answer.
+    pub(super) fn answer(
+        &self,
+        order: &NewOrder,
+        outcome: CommitOutcome,
+    ) -> Result<ReserveResult, ReservationError> {
+        match outcome {
+            CommitOutcome::Committed {
+                reservation,
+                remaining,
+                ..
+            } => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(ReserveResult::Reserved {
+                    reservation,
+                    remaining: Some(remaining),
+                })
+            }
+            CommitOutcome::AlreadyCommitted(existing) | CommitOutcome::DuplicateKey(existing) => {
+                Ok(ReserveResult::Existing(existing))
+            }
+            CommitOutcome::SoldOut { remaining } => Ok(ReserveResult::SoldOut {
+                remaining: Some(remaining),
+            }),
+            CommitOutcome::UserLimit { .. } => Ok(ReserveResult::UserLimit),
+            CommitOutcome::UnknownSku => {
+                Err(ReservationError::UnknownSku(order.sku.as_str().into()))
+            }
+            CommitOutcome::Contention { attempts } => Err(ReservationError::Contention(attempts)),
+            CommitOutcome::Rejected { reservation, .. } => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(ReserveResult::Existing(reservation))
+            }
+        }
+    }
+
+    /// The gate's view of an order the database decided, with the stock
+    /// version of the commit (see [`GateEntry::version`]). A redelivery's
+    /// row does not say at which version it was committed; the row's
+    /// current version bounds it, which can only leave the gate lower.
+    pub(super) async fn settled_entry(
+        &self,
+        order: &NewOrder,
+        outcome: &CommitOutcome,
+    ) -> GateEntry {
+        let version = match outcome {
+            CommitOutcome::Committed { stock_version, .. } => Some(*stock_version),
+            CommitOutcome::AlreadyCommitted(_) if settlement(outcome) == Settlement::Committed => {
+                self.stock_version(&order.sku).await
+            }
+            _ => None,
+        };
+        gate_entry(order).at_version(version)
+    }
+
+    /// The SKU row's version now; `None` if it cannot be read, which
+    /// leaves a settlement unversioned (it then never adds units).
+    pub(super) async fn stock_version(&self, sku: &Sku) -> Option<i64> {
+        match self.store.inventory(sku).await {
+            Ok(row) => row.map(|row| row.version),
+            Err(err) => {
+                tracing::warn!(sku = sku.as_str(), error = %err, "stock version not read; settling the gate without it");
+                None
+            }
+        }
+    }
+
+    /// Settles now, or keeps trying in the background while the gate is
+    /// unreachable: a settlement that never arrives leaves units counted
+    /// in flight, and a rebuild meanwhile counts them twice (see
+    /// [`GateEntry::version`]). Settling is idempotent per reservation, so
+    /// a retry after a lost reply changes nothing.
+    pub(super) async fn settle_gate(&self, action: Settlement, entries: &[GateEntry]) {
+        if let Err(err) = self.gate.settle_batch(action, entries).await {
+            tracing::warn!(?action, reservations = entries.len(), error = %err, "could not settle the stock gate; retrying in the background");
+            self.settle_later(action, entries.to_vec());
+        }
+    }
+
+    pub(super) fn settle_later(&self, action: Settlement, entries: Vec<GateEntry>) {
+        let gate = Arc::clone(&self.gate);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            // About a minute; after that the reconciler's checks take over.
+            for _ in 0..70 {
+                tokio::time::sleep(pause).await;
+                if gate.settle_batch(action, &entries).await.is_ok() {
+                    return;
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            tracing::warn!(
+                ?action,
+                reservations = entries.len(),
+                "gave up settling the stock gate; the reconciler repairs it"
+            );
+        });
+    }
+
+    pub(super) async fn gate_release(&self, order: &NewOrder) {
+        self.settle_gate(Settlement::Released, &[gate_entry(order)])
+            .await;
+    }
+
+    /// Commits one batch from the queue, in order. Returns only when every
+    /// order in it is settled; a database outage is retried, never dropped.
+    /// An order the database keeps refusing with an error is given up after
+    /// `layers.queue.max_attempts` tries: it is returned with the reason,
+    /// recorded REJECTED and its units given back.
+    pub async fn process_batch(&self, batch: &[QueuedOrder]) -> BatchOutcome {
+        let started = std::time::Instant::now();
+        ::metrics::histogram!("stockgate_processor_batch_size").record(batch.len() as f64);
+        if let Some(oldest) = batch.iter().map(|q| q.order.created_at).min() {
+            let lag = (now() - oldest).to_std().unwrap_or_default();
+            ::metrics::gauge!("stockgate_processor_lag_seconds").set(lag.as_secs_f64());
+        }
+        let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
+        let mut failed = Vec::new();
+        let mut unsettled: Vec<ReservationId> = Vec::new();
+        let mut backoff = Duration::from_millis(10);
+        while !todo.is_empty() {
+            let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
+            let params = self.commit_params(self.layers().db_check, true);
+            let outcomes = match self.store.commit_batch(&orders, params).await {
+                Ok(outcomes) => outcomes,
+                Err(err) if err.is_unavailable() => {
+                    metrics::decision("db", "retry");
+                    tracing::error!(error = %err, orders = orders.len(), "order batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(err) => {
+                    // One order can poison a whole transaction: find it by
+                    // committing one at a time.
+                    tracing::warn!(error = %err, orders = orders.len(), "order batch refused; committing one by one");
+                    let mut outcomes = Vec::with_capacity(todo.len());
+                    for queued in &todo {
+                        match self.commit_alone(queued).await {
+                            Ok(outcome) => outcomes.push(Some(outcome)),
+                            Err(reason) => {
+                                if self.give_up(queued, &reason).await {
+                                    failed.push(((*queued).clone(), reason));
+                                } else {
+                                    unsettled.push(queued.order.id.clone());
+                                }
+                                outcomes.push(None);
+                            }
+                        }
+                    }
+                    let (kept, outcomes): (Vec<_>, Vec<_>) = todo
+                        .into_iter()
+                        .zip(outcomes)
+                        .filter_map(|(queued, outcome)| outcome.map(|o| (queued, o)))
+                        .unzip();
+                    todo = kept;
+                    outcomes
+                }
+            };
+            outcomes.iter().for_each(count_outcome);
+            let (again, done): (Vec<_>, Vec<_>) = todo
+                .into_iter()
+                .zip(outcomes)
+                .partition(|(_, outcome)| matches!(outcome, CommitOutcome::Contention { .. }));
+            // One gate round trip per kind of settlement, not one per order.
+            let mut settlements: HashMap<Settlement, Vec<GateEntry>> = HashMap::new();
+            for (queued, outcome) in done.iter().filter(|(queued, _)| queued.gated) {
+                settlements
+                    .entry(settlement(outcome))
+                    .or_default()
+                    .push(self.settled_entry(&queued.order, outcome).await);
+            }
+            for (action, entries) in settlements {
+                self.settle_gate(action, &entries).await;
+            }
+            for (queued, outcome) in done {
+                self.finish_queued(queued, outcome);
+            }
+            todo = again.into_iter().map(|(queued, _)| queued).collect();
+        }
+        if unsettled.is_empty() {
+            if let Some(last) = batch.iter().map(|q| q.ticket).max() {
+                let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
+                self.queue.settled(last, &ids).await;
+            }
+        }
+        self.emit(Event::QueueAdvanced);
+        ::metrics::histogram!("stockgate_processor_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        BatchOutcome {
+            given_up: failed,
+            incomplete: !unsettled.is_empty(),
+        }
+    }
+
+    /// One order in its own transaction, retried on errors up to
+    /// `layers.queue.max_attempts` times (an outage does not count).
+    pub(super) async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let params = self.commit_params(self.layers().db_check, true);
+            match self
+                .store
+                .commit_batch(std::slice::from_ref(&queued.order), params)
+                .await
+            {
+                Ok(mut outcomes) => return Ok(outcomes.remove(0)),
+                Err(err) if err.is_unavailable() => {}
+                Err(err) => {
+                    attempts += 1;
+                    if attempts >= self.limits.max_order_attempts {
+                        return Err(format!("failed {attempts} times: {err}"));
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Ends an order the database would not take: REJECTED row (with the
+    /// time of failure, since the order's own data may be what fails),
+    /// units back to the gate, watchers told, error logged. Returns false,
+    /// changing nothing, when not even the REJECTED row can be written: the
+    /// caller was told QUEUED, so the order must stay for a redelivery.
+    pub(super) async fn give_up(&self, queued: &QueuedOrder, reason: &str) -> bool {
+        let order = &queued.order;
+        tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
+        let reason = format!("processing failed: {reason}");
+        let mut backoff = Duration::from_millis(100);
+        let recorded = loop {
+            match self.store.record_failed(order, &reason, now()).await {
+                Err(err) if err.is_unavailable() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => break other,
+            }
+        };
+        let reservation = match recorded {
+            Ok(reservation) => reservation,
+            Err(err) => {
+                tracing::error!(reservation = order.id.as_str(), error = %err, "failed order could not be recorded; leaving it queued");
+                return false;
+            }
+        };
+        if queued.gated {
+            let action = settlement(&CommitOutcome::AlreadyCommitted(reservation.clone()));
+            self.settle_gate(action, &[gate_entry(order)]).await;
+            self.restocked(order.sku.as_str());
+        }
+        self.pending().remove(&order.id);
+        self.emit(Event::Changed(reservation));
+        true
+    }
+
+    /// An order the processor cannot read in full (see
+    /// [`crate::queue::salvage`]): recorded REJECTED with `reason`, units
+    /// returned, replicas told. False when not even that could be written.
+    pub async fn reject_unprocessable(&self, queued: &QueuedOrder, reason: &str) -> bool {
+        let recorded = self.give_up(queued, reason).await;
+        if recorded {
+            self.queue
+                .settled(queued.ticket, std::slice::from_ref(&queued.order.id))
+                .await;
+        }
+        recorded
+    }
+
+    /// Another process (the order processor) settled these reservations:
+    /// they have a row now, so stop answering them from memory.
+    pub fn apply_settled(&self, ids: &[ReservationId]) {
+        {
+            let mut pending = self.pending();
+            for id in ids {
+                pending.remove(id);
+            }
+        }
+        self.emit(Event::QueueAdvanced);
+    }
+
+    /// Drops queued reservations older than `older_than` that already have
+    /// a row: the processor's notice about them was missed (a broker
+    /// reconnect). Checks at most `limit` per call; returns how many it
+    /// dropped.
+    pub async fn resync_pending(&self, older_than: Duration, limit: usize) -> usize {
+        let cutoff =
+            now() - chrono::TimeDelta::from_std(older_than).unwrap_or(chrono::TimeDelta::MAX);
+        let old: Vec<ReservationId> = self
+            .pending()
+            .values()
+            .filter(|p| p.ticket.is_some() && p.reservation.created_at < cutoff)
+            .map(|p| p.reservation.id.clone())
+            .take(limit)
+            .collect();
+        let mut settled = Vec::new();
+        for id in old {
+            if let Ok(Some(_)) = self.store.reservation(&id).await {
+                settled.push(id);
+            }
+        }
+        if !settled.is_empty() {
+            self.apply_settled(&settled);
+        }
+        settled.len()
+    }
+
+    pub(super) fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
+        let order = &queued.order;
+        let result = self.answer(order, outcome);
+        // The row exists now (or never will): stop answering from memory.
+        self.pending().remove(&order.id);
+        match result {
+            Ok(ReserveResult::Existing(existing)) if existing.id != order.id => {
+                tracing::info!(
+                    reservation = order.id.as_str(),
+                    holder = existing.id.as_str(),
+                    "duplicate idempotency key in queue"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(reservation = order.id.as_str(), error = %err, "queued order could not be committed");
+            }
+        }
+    }
+}

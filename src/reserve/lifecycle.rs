@@ -1,0 +1,273 @@
+//! A reservation after Reserve: reading and watching it, confirming and
+//! releasing a hold, expiring holds, and handing returned units to the
+//! waitlist.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{broadcast, mpsc};
+
+use crate::{
+    domain::{now, Reservation, ReservationId, ReservationState, UserId},
+    error::ReservationError,
+    gate::{GateEntry, Settlement},
+    metrics,
+    store::{Restock, Settled},
+};
+
+use super::{store_error, Event, Pipeline};
+
+/// How often a watcher of a WAITLISTED reservation reads it again.
+pub(super) const WAITLIST_WATCH_POLL: Duration = Duration::from_secs(1);
+
+impl Pipeline {
+    /// The reservation, from memory while queued, else from the database.
+    pub async fn get(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        let reservation = self.find(id).await?;
+        if reservation.user != *user {
+            return Err(ReservationError::NotOwner(id.as_str().into()));
+        }
+        Ok(reservation)
+    }
+
+    pub(super) async fn find(&self, id: &ReservationId) -> Result<Reservation, ReservationError> {
+        let queued = self
+            .pending()
+            .get(id)
+            .map(|p| (p.reservation.clone(), p.ticket));
+        if let Some((mut reservation, ticket)) = queued {
+            if let Some(ticket) = ticket {
+                reservation.queue_position = Some(self.queue.position(ticket).await);
+            }
+            return Ok(reservation);
+        }
+        let reservation = self
+            .store
+            .reservation(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::ReservationNotFound(id.as_str().into()))?;
+        self.store
+            .with_waitlist_position(reservation)
+            .await
+            .map_err(store_error)
+    }
+
+    pub async fn confirm(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        self.refuse_if_queued(id, user)?;
+        let settled = self
+            .store
+            .confirm(id, user, now())
+            .await
+            .map_err(store_error)?;
+        self.after_settle(id, settled, "confirm").await
+    }
+
+    pub async fn release(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        self.refuse_if_queued(id, user)?;
+        let settled = self
+            .store
+            .release(id, user, now(), self.limits.hold_ttl)
+            .await
+            .map_err(store_error)?;
+        if let Settled::Changed {
+            reservation,
+            restock: Some(restock),
+        } = &settled
+        {
+            self.return_to_gate(reservation, restock).await;
+        }
+        self.after_settle(id, settled, "release").await
+    }
+
+    pub(super) fn refuse_if_queued(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+    ) -> Result<(), ReservationError> {
+        match self.pending().get(id) {
+            Some(p) if p.reservation.user != *user => {
+                Err(ReservationError::NotOwner(id.as_str().into()))
+            }
+            Some(_) => Err(ReservationError::StillQueued(format!(
+                "reservation {} is still queued; watch it until it is held",
+                id.as_str()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn after_settle(
+        &self,
+        id: &ReservationId,
+        settled: Settled,
+        action: &str,
+    ) -> Result<Reservation, ReservationError> {
+        match settled {
+            Settled::Changed { reservation, .. } => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(reservation)
+            }
+            Settled::Unchanged(reservation) => Ok(reservation),
+            Settled::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
+            Settled::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
+            // Swept already: to the caller the same as a hold found expired.
+            Settled::WrongState(reservation)
+                if reservation.state == crate::domain::ReservationState::Expired =>
+            {
+                Err(ReservationError::HoldExpired(format!(
+                    "cannot {action} reservation {}: the hold has expired",
+                    id.as_str()
+                )))
+            }
+            Settled::WrongState(reservation) => Err(ReservationError::WrongState(format!(
+                "cannot {action} reservation {} in state {}",
+                id.as_str(),
+                reservation.state.as_db()
+            ))),
+            Settled::HoldExpired(_) => Err(ReservationError::HoldExpired(format!(
+                "cannot {action} reservation {}: the hold has expired",
+                id.as_str()
+            ))),
+        }
+    }
+
+    /// Gives a released hold's units back to the gate, as far as they
+    /// reached stock: units handed on to the waitlist never do, so no
+    /// newcomer can be admitted for them. Tells the new holders' watchers.
+    pub(super) async fn return_to_gate(&self, reservation: &Reservation, restock: &Restock) {
+        let entry = GateEntry::new(
+            reservation.id.clone(),
+            reservation.sku.clone(),
+            reservation.user.clone(),
+            reservation.quantity,
+        )
+        .at_version(Some(restock.stock_version));
+        let result = if restock.handed.is_empty() {
+            self.settle_gate(Settlement::Released, std::slice::from_ref(&entry))
+                .await;
+            Ok(())
+        } else {
+            // Forget the hold (its user's units) without returning stock,
+            // then add what stayed in stock.
+            match self.gate.rejected(&entry).await {
+                Ok(()) if restock.returned != 0 => {
+                    self.gate
+                        .adjust(&reservation.sku, restock.returned, restock.stock_version)
+                        .await
+                }
+                other => other,
+            }
+        };
+        if let Err(err) = result {
+            tracing::warn!(reservation = reservation.id.as_str(), error = %err, "could not return units to the stock gate; a reload will repair it");
+        }
+        if restock.returned > 0 {
+            self.restocked(reservation.sku.as_str());
+        }
+        self.handed_on(&restock.handed);
+    }
+
+    /// Waitlist entries the database just served: their watchers hear it.
+    pub(super) fn handed_on(&self, handed: &[Reservation]) {
+        for reservation in handed {
+            metrics::decision(
+                "waitlist",
+                if reservation.state == ReservationState::Held {
+                    "handed_off"
+                } else {
+                    "skipped_over_cap"
+                },
+            );
+            self.emit(Event::Changed(reservation.clone()));
+        }
+    }
+
+    /// Expires lapsed holds (the sweeper); returns how many.
+    pub async fn expire_due(&self) -> Result<usize, ReservationError> {
+        let expired = self
+            .store
+            .expire_due(now(), 500, self.limits.hold_ttl)
+            .await
+            .map_err(store_error)?;
+        for (reservation, restock) in &expired {
+            if let Some(restock) = restock {
+                self.return_to_gate(reservation, restock).await;
+            }
+            self.emit(Event::Changed(reservation.clone()));
+        }
+        Ok(expired.len())
+    }
+
+    /// Streams the reservation until it reaches a final state or the
+    /// receiver is dropped.
+    pub async fn watch(
+        self: &Arc<Self>,
+        id: ReservationId,
+        user: UserId,
+    ) -> Result<mpsc::Receiver<Result<Reservation, ReservationError>>, ReservationError> {
+        // Subscribe before the first read so no change falls in between.
+        let mut events = self.events.subscribe();
+        let first = self.get(&id, &user).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let pipeline = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
+                return;
+            }
+            // A waitlist hand-off may happen on another replica (whose
+            // events this one never hears): read waiting entries again now
+            // and then.
+            let mut poll = tokio::time::interval(WAITLIST_WATCH_POLL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = poll.tick(), if last.state == ReservationState::Waitlisted => {
+                        Err(broadcast::error::RecvError::Lagged(0))
+                    }
+                };
+                let next = match event {
+                    Ok(Event::Changed(reservation)) if reservation.id == id => reservation,
+                    Ok(Event::Changed(_)) => continue,
+                    Ok(Event::QueueAdvanced) if last.state != ReservationState::Queued => continue,
+                    // Missed events, a queue move or a waitlist poll: read
+                    // the truth again.
+                    Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match pipeline.find(&id).await {
+                            Ok(current) => current,
+                            Err(err) => {
+                                let _ = tx.send(Err(err)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if next == last {
+                    continue;
+                }
+                last = next;
+                if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

@@ -1,0 +1,311 @@
+//! The reservation pipeline: one Reserve call through the layers that sit
+//! behind the middleware (stock gate → order queue or request-path commit →
+//! database check), plus the order processor's batch step, the lifecycle
+//! (confirm, release, expiry) and the operator actions that must keep the
+//! gate and the database consistent.
+//!
+//! The rule everywhere: the gate and the queue may only filter. Units the
+//! gate took for a reservation go back to it exactly when the database did
+//! not take them ([`Pipeline::settle_gate`]), and every decision the caller
+//! heard as RESERVED or QUEUED ends as a database row.
+
+mod batch;
+mod lifecycle;
+mod operator;
+mod path;
+mod pending;
+mod reconcile;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{broadcast, Notify},
+    time::Instant,
+};
+
+use crate::{
+    config::Config,
+    domain::{
+        switches::{GateFailureMode, Layers, Switches},
+        IdempotencyKey, Quantity, Reservation, Sku, UserId,
+    },
+    error::ReservationError,
+    gate::{GateEntry, GateError, SkuStock, StockGate},
+    metrics,
+    queue::{OrderQueue, QueueError},
+    store::{CommitOutcome, InventoryRow, NewOrder, RejectCause, Store, StoreError},
+};
+
+pub use batch::BatchOutcome;
+pub use path::FENCE_REASON;
+use pending::{Pending, PendingBook};
+pub use reconcile::ReconcileReport;
+
+/// A validated Reserve call.
+#[derive(Debug, Clone)]
+pub struct ReserveCommand {
+    pub sku: Sku,
+    pub user: UserId,
+    pub quantity: Quantity,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// On sold out, join the SKU's waitlist if its policy offers one.
+    pub join_waitlist: bool,
+}
+
+/// How a Reserve call was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveResult {
+    Reserved {
+        reservation: Reservation,
+        remaining: Option<i64>,
+    },
+    Queued {
+        reservation: Reservation,
+        position: u64,
+        remaining: Option<i64>,
+    },
+    SoldOut {
+        remaining: Option<i64>,
+    },
+    UserLimit,
+    /// An earlier call with the same idempotency key made this one.
+    Existing(Reservation),
+    /// Sold out; the caller is in the SKU's waitlist (this reservation,
+    /// WAITLISTED, with its position), or was already.
+    Waitlisted(Reservation),
+}
+
+/// A SKU's stock as every layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockView {
+    pub row: InventoryRow,
+    pub gate_stock: Option<i64>,
+    pub held_units: i64,
+    pub confirmed_units: i64,
+    pub queued_units: i64,
+    pub waitlisted_units: i64,
+}
+
+/// What watchers hear about.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Changed(Reservation),
+    /// The processor finished a batch: queued positions dropped.
+    QueueAdvanced,
+}
+
+/// Fixed per-process limits from config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_quantity: u32,
+    pub hold_ttl: Option<Duration>,
+    pub max_attempts: u32,
+    /// `None`: no sold-out fast path.
+    pub sold_out_cache: Option<Duration>,
+    pub in_flight_timeout: Duration,
+    pub max_order_attempts: u32,
+    pub waitlist_max: u32,
+    pub waitlist_ttl: Duration,
+}
+
+impl Limits {
+    pub fn from_config(config: &Config) -> Self {
+        let ttl = config.reservations.hold_ttl_secs;
+        Self {
+            max_quantity: config.reservations.max_quantity,
+            hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
+            max_attempts: config.layers.db.max_attempts,
+            sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
+                .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),
+            in_flight_timeout: Duration::from_millis(config.layers.gate.in_flight_timeout_ms),
+            max_order_attempts: config.layers.queue.max_attempts,
+            waitlist_max: config.reservations.waitlist_max,
+            waitlist_ttl: Duration::from_secs(config.reservations.waitlist_ttl_secs),
+        }
+    }
+}
+
+pub struct Pipeline {
+    store: Store,
+    gate: Arc<dyn StockGate>,
+    queue: Arc<dyn OrderQueue>,
+    layers: Switches,
+    limits: Limits,
+    ready: AtomicBool,
+    /// What callers are told while not ready: the cause start-up last met.
+    not_ready: Mutex<String>,
+    /// Reservations published and not yet settled by the processor, the
+    /// only place a QUEUED reservation is visible before it has a row.
+    pending: Mutex<PendingBook>,
+    events: broadcast::Sender<Event>,
+    /// The sold-out fast path: SKU → (units the gate last said were left,
+    /// until when to believe it). It may only ever say "no".
+    sold_out: Mutex<HashMap<Sku, (i64, Instant)>>,
+    /// Poked when the gate answered NotReady, so the reconciler reloads it
+    /// now rather than at its next tick.
+    reload_wanted: Notify,
+    /// Drift per SKU seen by the previous reconcile pass.
+    last_drift: Mutex<HashMap<Sku, i64>>,
+}
+
+pub(crate) fn store_error(err: StoreError) -> ReservationError {
+    if err.is_unavailable() {
+        ReservationError::unavailable("database", err)
+    } else {
+        ReservationError::Internal(err.into())
+    }
+}
+
+fn gate_error(err: GateError) -> ReservationError {
+    ReservationError::unavailable("stock gate", err)
+}
+
+fn queue_error(err: QueueError) -> ReservationError {
+    ReservationError::unavailable("order queue", err)
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Store,
+        gate: Arc<dyn StockGate>,
+        queue: Arc<dyn OrderQueue>,
+        layers: Switches,
+        limits: Limits,
+    ) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            store,
+            gate,
+            queue,
+            layers,
+            limits,
+            ready: AtomicBool::new(false),
+            not_ready: Mutex::new("the store is not migrated or not reachable yet".into()),
+            pending: Mutex::new(PendingBook::default()),
+            events,
+            sold_out: Mutex::new(HashMap::new()),
+            reload_wanted: Notify::new(),
+            last_drift: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn layers(&self) -> Layers {
+        **self.layers.load()
+    }
+
+    /// Orders waiting for the processor across the fleet (`None` when the
+    /// queue cannot tell).
+    pub async fn queue_depth(&self) -> Option<u64> {
+        self.queue.backlog().await
+    }
+
+    /// Reservations this replica published and the processor has not
+    /// settled yet.
+    pub fn pending_count(&self) -> usize {
+        self.pending().by_id.len()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn ensure_ready(&self) -> Result<(), ReservationError> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            let reason = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+            Err(ReservationError::NotReady(reason.clone()))
+        }
+    }
+
+    /// Records why start-up cannot finish yet, in words a caller may see
+    /// (no addresses or credentials: those stay in the log).
+    pub fn set_not_ready_reason(&self, reason: String) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingBook> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        // No watcher is not an error.
+        let _ = self.events.send(event);
+    }
+
+    /// Loads the gate from the database and opens for traffic.
+    pub async fn warm_up(&self) -> Result<(), ReservationError> {
+        match self.reload_gate().await {
+            Ok(()) => {}
+            // With `bypass` the service can run on the later layers while the
+            // gate is down; the reconciler loads it when it comes back.
+            Err(err) if self.layers().gate_failure == GateFailureMode::Bypass => {
+                tracing::warn!(error = %err, "stock gate not loaded; bypassing it until it is");
+            }
+            Err(err) => return Err(err),
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn reload_gate(&self) -> Result<(), ReservationError> {
+        let rows = self.store.all_inventory().await.map_err(store_error)?;
+        let stock: Vec<SkuStock> = rows.iter().map(sku_stock).collect();
+        self.gate.load(&stock).await.map_err(gate_error)
+    }
+}
+
+fn sku_stock(row: &InventoryRow) -> SkuStock {
+    SkuStock {
+        sku: Sku::from_trusted(row.sku.clone()),
+        db_stock: row.stock,
+        max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
+        version: row.version,
+    }
+}
+
+fn gate_entry(order: &NewOrder) -> GateEntry {
+    GateEntry::new(
+        order.id.clone(),
+        order.sku.clone(),
+        order.user.clone(),
+        order.quantity,
+    )
+}
+
+/// Counts the database's decision for one order.
+fn count_outcome(outcome: &CommitOutcome) {
+    let decision = match outcome {
+        CommitOutcome::Committed { .. } => "committed",
+        CommitOutcome::SoldOut { .. }
+        | CommitOutcome::Rejected {
+            cause: RejectCause::SoldOut,
+            ..
+        } => "sold_out",
+        CommitOutcome::UserLimit { .. }
+        | CommitOutcome::Rejected {
+            cause: RejectCause::UserLimit,
+            ..
+        } => "over_cap",
+        CommitOutcome::Contention { .. } => "aborted",
+        CommitOutcome::Rejected { .. } | CommitOutcome::UnknownSku => "rejected",
+        // A redelivery or a retried key: the first decision was counted.
+        CommitOutcome::AlreadyCommitted(_) | CommitOutcome::DuplicateKey(_) => return,
+    };
+    metrics::decision("db", decision);
+}

@@ -1,0 +1,180 @@
+//! Operators' actions on stock and switches, keeping the gate in step
+//! with the database.
+
+use std::sync::Arc;
+
+use crate::{
+    domain::{now, switches::Layers, Reservation, ReservationState, Sku, SoldOutPolicy},
+    error::ReservationError,
+    gate::GateError,
+    store::{Adjusted, InventoryRow, ReservationFilter},
+};
+
+use super::{gate_error, sku_stock, store_error, Event, Pipeline, StockView};
+
+impl Pipeline {
+    pub async fn set_sold_out_policy(
+        &self,
+        sku: &Sku,
+        policy: SoldOutPolicy,
+        waitlist_limit: u32,
+    ) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let (row, ended) = self
+            .store
+            .set_sold_out_policy(sku, policy, waitlist_limit, now())
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
+        for reservation in ended {
+            self.emit(Event::Changed(reservation));
+        }
+        self.view(row).await
+    }
+
+    pub async fn set_stock(
+        &self,
+        sku: &Sku,
+        stock: i64,
+        max_per_user: u32,
+    ) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let (row, handed) = self
+            .store
+            .set_stock(sku, stock, max_per_user, now(), self.limits.hold_ttl)
+            .await
+            .map_err(store_error)?;
+        self.gate_follows(row.clone()).await;
+        self.restocked(sku.as_str());
+        self.handed_on(&handed);
+        self.view(row).await
+    }
+
+    pub async fn adjust_stock(&self, sku: &Sku, delta: i64) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        match self
+            .store
+            .adjust_stock(sku, delta, now(), self.limits.hold_ttl)
+            .await
+            .map_err(store_error)?
+        {
+            Adjusted::Applied { row, handed } => {
+                // Units handed to the waitlist never reached stock.
+                let served: i64 = handed
+                    .iter()
+                    .filter(|r| r.state == ReservationState::Held)
+                    .map(|r| i64::from(r.quantity))
+                    .sum();
+                if let Err(err) = self.gate.adjust(sku, delta - served, row.version).await {
+                    self.gate_lagging(sku, err);
+                }
+                self.handed_on(&handed);
+                if delta > 0 {
+                    self.restocked(sku.as_str());
+                }
+                self.view(row).await
+            }
+            Adjusted::UnknownSku => Err(ReservationError::UnknownSku(sku.as_str().into())),
+            Adjusted::BelowZero { stock } => Err(ReservationError::InsufficientStock(format!(
+                "delta {delta} would take stock of {} below zero (it is {stock})",
+                sku.as_str()
+            ))),
+        }
+    }
+
+    /// Sets the gate from `row`, read again while settlements overtake the
+    /// read (a busy processor); after a few tries the reconciler takes over.
+    pub(super) async fn gate_follows(&self, mut row: InventoryRow) {
+        let sku = Sku::from_trusted(row.sku.clone());
+        for _ in 0..5 {
+            match self.gate.set(&sku_stock(&row)).await {
+                Ok(true) => return,
+                Ok(false) => match self.store.inventory(&sku).await {
+                    Ok(Some(fresh)) => row = fresh,
+                    _ => break,
+                },
+                Err(err) => return self.gate_lagging(&sku, err),
+            }
+        }
+        tracing::warn!(
+            sku = sku.as_str(),
+            "gate kept missing the database's latest stock; the reconciler will set it"
+        );
+    }
+
+    /// The database changed and the gate could not follow. The database
+    /// write stands (it is the truth, and the caller must not hear "nothing
+    /// changed"); the reconciler brings the gate in line.
+    pub(super) fn gate_lagging(&self, sku: &Sku, err: GateError) {
+        tracing::warn!(sku = sku.as_str(), error = %err, "stock gate not updated; the reconciler will repair it");
+        self.reload_wanted.notify_one();
+    }
+
+    /// The gate's counter for a SKU and the units it has in flight.
+    pub async fn gate_counters(&self, sku: &Sku) -> Result<(Option<i64>, i64), ReservationError> {
+        let available = self.gate.available(sku).await.map_err(gate_error)?;
+        let in_flight = self.gate.in_flight(sku).await.map_err(gate_error)?;
+        Ok((available, in_flight))
+    }
+
+    /// Reservations with a database row, newest first (operators).
+    pub async fn list_reservations(
+        &self,
+        filter: &ReservationFilter,
+    ) -> Result<Vec<Reservation>, ReservationError> {
+        self.store
+            .list_reservations(filter)
+            .await
+            .map_err(store_error)
+    }
+
+    pub async fn stock(&self, sku: &Sku) -> Result<StockView, ReservationError> {
+        self.ensure_ready()?;
+        let row = self
+            .store
+            .inventory(sku)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
+        self.view(row).await
+    }
+
+    pub(super) async fn view(&self, row: InventoryRow) -> Result<StockView, ReservationError> {
+        let sku = Sku::from_trusted(row.sku.clone());
+        let totals = self.store.unit_totals(&sku).await.map_err(store_error)?;
+        let gate_stock = if self.layers().gate {
+            // An unreachable gate shows as "no counter", not as an error:
+            // operators need the database's view most when the gate is down.
+            self.gate.available(&sku).await.ok().flatten()
+        } else {
+            None
+        };
+        let queued_units = self
+            .pending()
+            .values()
+            .filter(|p| p.reservation.sku == sku)
+            .map(|p| i64::from(p.reservation.quantity))
+            .sum();
+        Ok(StockView {
+            row,
+            gate_stock,
+            held_units: totals.held,
+            confirmed_units: totals.confirmed,
+            queued_units,
+            waitlisted_units: totals.waitlisted,
+        })
+    }
+
+    /// Puts `after` in force on this replica. Switching the gate on rebuilds
+    /// it from the database first, because it missed every change while it
+    /// was off; if that fails nothing changes. Calls already running keep
+    /// the switches they read when they started.
+    pub async fn apply_layers(&self, after: Layers) -> Result<(), ReservationError> {
+        let before = self.layers();
+        if after.gate && !before.gate {
+            self.reload_gate().await?;
+        }
+        self.layers.store(Arc::new(after));
+        Ok(())
+    }
+}

@@ -1,0 +1,434 @@
+//! The Reserve path: the sold-out fast path, the gate's decision, then
+//! the order queue (publish, confirm, fence) or the commit in the request
+//! path; and joining a waitlist when a SKU is sold out.
+
+use std::sync::Arc;
+
+use tokio::{sync::broadcast, time::Instant};
+
+use crate::{
+    domain::{
+        now,
+        switches::{DbCheckMode, GateFailureMode},
+        IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId,
+    },
+    error::ReservationError,
+    gate::{GateDecision, GateEntry, Settlement, RESTOCK_ALL},
+    metrics,
+    queue::QueueError,
+    store::{CommitParams, NewOrder, WaitlistJoin},
+};
+
+use super::{
+    count_outcome, gate_entry, gate_error, queue_error, store_error, Event, Pending, Pipeline,
+    ReserveCommand, ReserveResult,
+};
+
+/// How a fenced-off order's REJECTED row starts.
+pub const FENCE_REASON: &str = "the order queue did not confirm the order";
+
+impl Pipeline {
+    pub async fn reserve(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+    ) -> Result<ReserveResult, ReservationError> {
+        let join = cmd.join_waitlist.then(|| cmd.clone());
+        match (self.reserve_once(cmd).await?, join) {
+            (ReserveResult::SoldOut { remaining }, Some(cmd)) => {
+                self.join_waitlist(cmd, remaining).await
+            }
+            (result, _) => Ok(result),
+        }
+    }
+
+    /// What `reserve` would answer when the sold-out fast path decides it
+    /// with no I/O and no change: serving, gate on, no waitlist to join, no
+    /// reservation with this key pending or recently settled in this
+    /// process. `None`: run `reserve`.
+    pub fn sold_out_now(&self, cmd: &ReserveCommand) -> Option<ReserveResult> {
+        if cmd.join_waitlist || self.ensure_ready().is_err() || !self.layers().gate {
+            return None;
+        }
+        if let Some(key) = &cmd.idempotency_key {
+            let pending = self.pending();
+            if pending.with_key(&cmd.user, key).is_some()
+                || pending.recently_settled(&cmd.user, key).is_some()
+            {
+                return None;
+            }
+        }
+        // Not counted here: the caller (the dedup layer) counts the answer
+        // only if it is the one given.
+        let left = self.known_sold_out(&cmd.sku, cmd.quantity.get())?;
+        Some(ReserveResult::SoldOut {
+            remaining: Some(left),
+        })
+    }
+
+    /// Sold out and asked to wait: a place in the SKU's waitlist if its
+    /// policy offers one, otherwise the sold-out answer stands. The line
+    /// lives in the database, whose row lock orders joins and hand-offs.
+    pub(super) async fn join_waitlist(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+        remaining: Option<i64>,
+    ) -> Result<ReserveResult, ReservationError> {
+        let layers = self.layers();
+        // Units may have come back since the answer. The gate knows what
+        // is admissible; the database's stock is the whole truth only when
+        // no admitted order can still be on its way to it (gate and queue
+        // off), since queued orders are not in it yet.
+        if layers.gate {
+            let available = self.gate.available(&cmd.sku).await.ok().flatten();
+            if available.is_some_and(|a| a >= i64::from(cmd.quantity.get())) {
+                self.restocked(cmd.sku.as_str());
+                return self.reserve_once(cmd).await;
+            }
+        }
+        let stock_check = !layers.gate && !layers.queue;
+        let order = NewOrder {
+            id: ReservationId::generate(),
+            sku: cmd.sku.clone(),
+            user: cmd.user.clone(),
+            quantity: cmd.quantity.get(),
+            idempotency_key: cmd.idempotency_key.clone(),
+            created_at: now(),
+        };
+        let joined = self
+            .store
+            .join_waitlist(
+                &order,
+                self.limits.waitlist_max,
+                self.limits.waitlist_ttl,
+                now(),
+                stock_check,
+            )
+            .await
+            .map_err(store_error)?;
+        match joined {
+            WaitlistJoin::Waiting(reservation) => {
+                metrics::decision("waitlist", "joined");
+                Ok(ReserveResult::Waitlisted(reservation))
+            }
+            WaitlistJoin::KeyUsed(reservation) => Ok(ReserveResult::Existing(reservation)),
+            WaitlistJoin::NotOffered => Ok(ReserveResult::SoldOut { remaining }),
+            WaitlistJoin::Full { limit } => {
+                metrics::decision("waitlist", "full");
+                tracing::debug!(sku = cmd.sku.as_str(), limit, "waitlist full");
+                Ok(ReserveResult::SoldOut { remaining })
+            }
+            WaitlistJoin::UserLimit { .. } => Ok(ReserveResult::UserLimit),
+            WaitlistJoin::UnknownSku => Err(ReservationError::UnknownSku(cmd.sku.as_str().into())),
+            // One more ordinary try; sold out again is the answer (no loop).
+            WaitlistJoin::InStock => {
+                self.restocked(cmd.sku.as_str());
+                self.reserve_once(cmd).await
+            }
+        }
+    }
+
+    pub(super) async fn reserve_once(
+        self: &Arc<Self>,
+        cmd: ReserveCommand,
+    ) -> Result<ReserveResult, ReservationError> {
+        self.ensure_ready()?;
+        let layers = self.layers();
+        if let Some(key) = &cmd.idempotency_key {
+            if let Some(existing) = self.earlier_with_key(&cmd.user, key).await? {
+                return Ok(ReserveResult::Existing(existing));
+            }
+        }
+        // Before the order is built: the fast path answers most of a
+        // storm, and an id, a clock read and three copies per call show.
+        if layers.gate {
+            if let Some(left) = self.known_sold_out(&cmd.sku, cmd.quantity.get()) {
+                metrics::decision("gate", "sold_out_fast_path");
+                return Ok(ReserveResult::SoldOut {
+                    remaining: Some(left),
+                });
+            }
+        }
+        let order = NewOrder {
+            id: ReservationId::generate(),
+            sku: cmd.sku,
+            user: cmd.user,
+            quantity: cmd.quantity.get(),
+            idempotency_key: cmd.idempotency_key,
+            created_at: now(),
+        };
+        let mut remaining = None;
+        let mut gated = false;
+        if layers.gate {
+            match self.gate.reserve(&gate_entry(&order)).await {
+                Ok(GateDecision::Reserved { remaining: left }) => {
+                    metrics::decision("gate", "admitted");
+                    remaining = Some(left);
+                    gated = true;
+                }
+                Ok(GateDecision::SoldOut { remaining }) => {
+                    metrics::decision("gate", "sold_out");
+                    self.remember_sold_out(&order.sku, remaining);
+                    return Ok(ReserveResult::SoldOut {
+                        remaining: Some(remaining),
+                    });
+                }
+                Ok(GateDecision::UserLimit { .. }) => {
+                    metrics::decision("gate", "over_cap");
+                    return Ok(ReserveResult::UserLimit);
+                }
+                Ok(GateDecision::UnknownSku) => {
+                    metrics::decision("gate", "unknown_sku");
+                    return Err(ReservationError::UnknownSku(order.sku.as_str().into()));
+                }
+                Ok(GateDecision::NotReady) => {
+                    self.reload_wanted.notify_one();
+                    if layers.gate_failure == GateFailureMode::FailClosed {
+                        metrics::decision("gate", "unavailable");
+                        return Err(ReservationError::NotReady(
+                            "the stock gate is being rebuilt from the database".into(),
+                        ));
+                    }
+                    metrics::decision("gate", "bypassed");
+                }
+                Err(err) => {
+                    self.forget_admission(gate_entry(&order));
+                    if layers.gate_failure == GateFailureMode::FailClosed {
+                        metrics::decision("gate", "unavailable");
+                        return Err(gate_error(err));
+                    }
+                    metrics::decision("gate", "bypassed");
+                    tracing::warn!(error = %err, "stock gate down; bypassing it");
+                }
+            }
+        }
+        if layers.queue {
+            // On its own task: a caller that gives up (deadline, cancel)
+            // drops this future, and a publish abandoned half way would
+            // leave the reservation pending and its units held forever.
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.enqueue(order, gated, remaining).await })
+                .await
+                .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+        } else {
+            self.commit_now(order, layers.db_check, gated).await
+        }
+    }
+
+    /// A gate call that failed may still have admitted (the script ran,
+    /// its reply was lost with the connection). Returning those units at
+    /// once, rather than after `layers.gate.in_flight_timeout_ms`, keeps a
+    /// short outage from under-selling. Safe if nothing was admitted: a
+    /// release of an admission the gate never recorded changes nothing.
+    /// Retried in the background while the gate is unreachable.
+    pub(super) fn forget_admission(&self, entry: GateEntry) {
+        self.settle_later(Settlement::Released, vec![entry]);
+    }
+
+    pub(super) fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
+        let cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(sku) {
+            Some(&(left, until)) if Instant::now() < until && left < i64::from(quantity) => {
+                Some(left)
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn remember_sold_out(&self, sku: &Sku, left: i64) {
+        if let Some(ttl) = self.limits.sold_out_cache {
+            self.sold_out
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(sku.clone(), (left, Instant::now() + ttl));
+        }
+    }
+
+    /// Forgets the fast path's answer for a SKU that was restocked
+    /// ([`RESTOCK_ALL`]: for every SKU).
+    pub fn restocked(&self, sku: &str) {
+        let mut cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
+        if sku == RESTOCK_ALL {
+            cache.clear();
+        } else {
+            cache.remove(&Sku::from_trusted(sku.to_owned()));
+        }
+    }
+
+    /// Restock messages from the gate, for the listener task.
+    pub fn restocks(&self) -> broadcast::Receiver<String> {
+        self.gate.restocks()
+    }
+
+    /// Resolves when a caller found the gate not loaded.
+    pub async fn reload_wanted(&self) {
+        self.reload_wanted.notified().await
+    }
+
+    pub(super) async fn enqueue(
+        &self,
+        order: NewOrder,
+        gated: bool,
+        mut remaining: Option<i64>,
+    ) -> Result<ReserveResult, ReservationError> {
+        if !gated {
+            // Without the gate, a read of the row still answers sold out and
+            // unknown SKUs before anything is queued.
+            match self
+                .store
+                .inventory(&order.sku)
+                .await
+                .map_err(store_error)?
+            {
+                None => return Err(ReservationError::UnknownSku(order.sku.as_str().into())),
+                Some(row) if row.stock < i64::from(order.quantity) => {
+                    return Ok(ReserveResult::SoldOut {
+                        remaining: Some(row.stock),
+                    })
+                }
+                Some(row) => remaining = Some(row.stock - i64::from(order.quantity)),
+            }
+        }
+        let mut reservation = Reservation {
+            id: order.id.clone(),
+            sku: order.sku.clone(),
+            user: order.user.clone(),
+            quantity: order.quantity,
+            state: ReservationState::Queued,
+            idempotency_key: order.idempotency_key.clone(),
+            queue_position: None,
+            waitlist_position: None,
+            reject_reason: None,
+            created_at: order.created_at,
+            updated_at: order.created_at,
+            expires_at: None,
+        };
+        // Visible before it is published, so the processor can never settle
+        // it before we know about it.
+        self.pending().insert(Pending {
+            reservation: reservation.clone(),
+            ticket: None,
+        });
+        match self.queue.publish(order.clone(), gated).await {
+            Ok(ticket) => {
+                metrics::decision("queue", "queued");
+                if let Some(pending) = self.pending().get_mut(&order.id) {
+                    pending.ticket = Some(ticket);
+                }
+                let position = self.queue.position(ticket).await;
+                reservation.queue_position = Some(position);
+                Ok(ReserveResult::Queued {
+                    reservation,
+                    position,
+                    remaining,
+                })
+            }
+            Err(err) => {
+                metrics::decision("queue", "refused");
+                self.pending().forget(&order.id);
+                if let QueueError::Unconfirmed(why) = &err {
+                    return self
+                        .fence_unconfirmed(&order, gated, why, err.to_string())
+                        .await;
+                }
+                if gated {
+                    self.gate_release(&order).await;
+                }
+                Err(queue_error(err))
+            }
+        }
+    }
+
+    /// The broker may hold an order it never confirmed. A REJECTED row for
+    /// its id makes a late delivery a no-op, so answering UNAVAILABLE and
+    /// returning the units is then true. If the processor got there first,
+    /// its row is the answer (and it settled the gate). If the fence cannot
+    /// be written the outcome is indeterminate: the units stay with the
+    /// admission, which the reconciler settles by what became of it.
+    pub(super) async fn fence_unconfirmed(
+        &self,
+        order: &NewOrder,
+        gated: bool,
+        why: &str,
+        error: String,
+    ) -> Result<ReserveResult, ReservationError> {
+        let reason = format!("{FENCE_REASON}: {why}");
+        match self.store.record_failed(order, &reason, now()).await {
+            Ok(row) if row.reject_reason.as_deref() == Some(reason.as_str()) => {
+                if gated {
+                    self.gate_release(order).await;
+                }
+                self.emit(Event::Changed(row));
+                Err(ReservationError::unavailable(
+                    "order queue",
+                    anyhow::anyhow!(error),
+                ))
+            }
+            Ok(row) => Ok(ReserveResult::Existing(row)),
+            Err(db) => {
+                tracing::error!(reservation = order.id.as_str(), error = %db, "unconfirmed order could not be fenced off; its outcome is left to the reconciler");
+                Err(ReservationError::unavailable(
+                    "order queue",
+                    anyhow::anyhow!(error),
+                ))
+            }
+        }
+    }
+
+    pub(super) fn commit_params(&self, mode: DbCheckMode, record_rejections: bool) -> CommitParams {
+        CommitParams {
+            mode,
+            max_attempts: self.limits.max_attempts,
+            hold_ttl: self.limits.hold_ttl,
+            record_rejections,
+            now: now(),
+        }
+    }
+
+    pub(super) async fn commit_now(
+        &self,
+        order: NewOrder,
+        mode: DbCheckMode,
+        gated: bool,
+    ) -> Result<ReserveResult, ReservationError> {
+        let params = self.commit_params(mode, false);
+        match self.store.commit_order(&order, params).await {
+            Ok(outcome) => {
+                count_outcome(&outcome);
+                self.settle(&order, gated, outcome).await
+            }
+            Err(err) => {
+                if gated {
+                    self.gate_release(&order).await;
+                }
+                Err(store_error(err))
+            }
+        }
+    }
+
+    /// The reservation an earlier call with this key made, if this replica
+    /// knows it: still queued (with its position), or settled recently
+    /// (read back from the database).
+    pub(super) async fn earlier_with_key(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Reservation>, ReservationError> {
+        let (queued, settled) = {
+            let pending = self.pending();
+            match pending.with_key(user, key) {
+                Some(found) => (Some((found.reservation.clone(), found.ticket)), None),
+                None => (None, pending.recently_settled(user, key)),
+            }
+        };
+        if let Some((mut reservation, ticket)) = queued {
+            if let Some(ticket) = ticket {
+                reservation.queue_position = Some(self.queue.position(ticket).await);
+            }
+            return Ok(Some(reservation));
+        }
+        match settled {
+            Some(id) => self.store.reservation(&id).await.map_err(store_error),
+            None => Ok(None),
+        }
+    }
+}

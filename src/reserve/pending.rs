@@ -1,0 +1,186 @@
+//! The reservations this replica published and the processor has not
+//! settled yet: the only place a QUEUED reservation is visible before it
+//! has a row, and the keys of those settled recently.
+
+use std::{collections::HashMap, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::domain::{IdempotencyKey, Reservation, ReservationId, UserId};
+
+pub(super) struct Pending {
+    pub(super) reservation: Reservation,
+    pub(super) ticket: Option<u64>,
+}
+
+/// Queued reservations by id, and by (user, idempotency key) so a retry
+/// finds its queued twin without scanning the queue; and the keys of
+/// reservations settled recently, so a retry that arrives just after the
+/// processor committed the first call still gets that reservation (not a
+/// new one the database would reject as a duplicate). Older retries are
+/// the dedup layer's job (`layers.dedup`, shared through Redis).
+#[derive(Default)]
+pub(super) struct PendingBook {
+    pub(super) by_id: HashMap<ReservationId, Pending>,
+    pub(super) by_key: HashMap<(UserId, IdempotencyKey), ReservationId>,
+    pub(super) recent: HashMap<(UserId, IdempotencyKey), ReservationId>,
+    pub(super) recent_order: std::collections::VecDeque<((UserId, IdempotencyKey), Instant)>,
+}
+
+/// How many settled keys a replica remembers, and for how long.
+pub(super) const RECENT_KEYS: usize = 100_000;
+
+pub(super) const RECENT_FOR: Duration = Duration::from_secs(600);
+
+impl PendingBook {
+    pub(super) fn get(&self, id: &ReservationId) -> Option<&Pending> {
+        self.by_id.get(id)
+    }
+
+    pub(super) fn get_mut(&mut self, id: &ReservationId) -> Option<&mut Pending> {
+        self.by_id.get_mut(id)
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Pending> {
+        self.by_id.values()
+    }
+
+    pub(super) fn with_key(&self, user: &UserId, key: &IdempotencyKey) -> Option<&Pending> {
+        let id = self.by_key.get(&(user.clone(), key.clone()))?;
+        self.by_id.get(id)
+    }
+
+    pub(super) fn insert(&mut self, pending: Pending) {
+        let reservation = &pending.reservation;
+        if let Some(key) = &reservation.idempotency_key {
+            // The first holder keeps the key: it is queued ahead of any twin,
+            // so its order is the one the database will keep.
+            self.by_key
+                .entry((reservation.user.clone(), key.clone()))
+                .or_insert_with(|| reservation.id.clone());
+        }
+        self.by_id.insert(reservation.id.clone(), pending);
+    }
+
+    /// The processor settled `id`: forget it, remembering its key.
+    pub(super) fn remove(&mut self, id: &ReservationId) {
+        self.take(id, true);
+    }
+
+    /// `id` was never queued (its publish failed): forget it entirely, so a
+    /// retry with its key runs afresh.
+    pub(super) fn forget(&mut self, id: &ReservationId) {
+        self.take(id, false);
+    }
+
+    pub(super) fn take(&mut self, id: &ReservationId, remember: bool) {
+        let Some(pending) = self.by_id.remove(id) else {
+            return;
+        };
+        let reservation = pending.reservation;
+        if let Some(key) = reservation.idempotency_key {
+            let slot = (reservation.user, key);
+            // A twin's removal must not drop the holder's entry.
+            if self.by_key.get(&slot) == Some(id) {
+                self.by_key.remove(&slot);
+                if remember {
+                    self.remember(slot, id.clone());
+                }
+            }
+        }
+    }
+
+    pub(super) fn remember(&mut self, slot: (UserId, IdempotencyKey), id: ReservationId) {
+        let now = Instant::now();
+        while let Some((oldest, at)) = self.recent_order.front() {
+            if self.recent_order.len() < RECENT_KEYS && now.duration_since(*at) < RECENT_FOR {
+                break;
+            }
+            self.recent.remove(oldest);
+            self.recent_order.pop_front();
+        }
+        if self.recent.insert(slot.clone(), id).is_none() {
+            self.recent_order.push_back((slot, now));
+        }
+    }
+
+    pub(super) fn recently_settled(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> Option<ReservationId> {
+        self.recent.get(&(user.clone(), key.clone())).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{now, ReservationState, Sku};
+
+    fn queued(user: &str, key: Option<&str>) -> Pending {
+        let at = now();
+        Pending {
+            reservation: Reservation {
+                id: ReservationId::generate(),
+                sku: Sku::parse("S").unwrap(),
+                user: UserId::parse(user).unwrap(),
+                quantity: 1,
+                state: ReservationState::Queued,
+                idempotency_key: key.map(|k| IdempotencyKey::parse(k).unwrap()),
+                queue_position: None,
+                waitlist_position: None,
+                reject_reason: None,
+                created_at: at,
+                updated_at: at,
+                expires_at: None,
+            },
+            ticket: None,
+        }
+    }
+
+    #[test]
+    fn pending_book_finds_the_first_holder_of_a_key() {
+        let mut book = PendingBook::default();
+        let holder = queued("u1", Some("k"));
+        let twin = queued("u1", Some("k"));
+        let other_user = queued("u2", Some("k"));
+        let (holder_id, twin_id) = (holder.reservation.id.clone(), twin.reservation.id.clone());
+        book.insert(holder);
+        book.insert(twin);
+        book.insert(other_user);
+        let user = UserId::parse("u1").unwrap();
+        let key = IdempotencyKey::parse("k").unwrap();
+        assert_eq!(
+            book.with_key(&user, &key).unwrap().reservation.id,
+            holder_id
+        );
+        // Settling the twin leaves the holder findable.
+        book.remove(&twin_id);
+        assert_eq!(
+            book.with_key(&user, &key).unwrap().reservation.id,
+            holder_id
+        );
+        book.remove(&holder_id);
+        assert!(book.with_key(&user, &key).is_none());
+        assert!(book.with_key(&UserId::parse("u2").unwrap(), &key).is_some());
+        assert_eq!(book.values().count(), 1);
+        // A settled holder's key is remembered for retries; the twin's not.
+        assert_eq!(book.recently_settled(&user, &key), Some(holder_id));
+    }
+
+    #[test]
+    fn an_unpublished_reservation_leaves_its_key_free() {
+        let mut book = PendingBook::default();
+        let failed = queued("u1", Some("k"));
+        let id = failed.reservation.id.clone();
+        book.insert(failed);
+        book.forget(&id);
+        let (user, key) = (
+            UserId::parse("u1").unwrap(),
+            IdempotencyKey::parse("k").unwrap(),
+        );
+        assert!(book.with_key(&user, &key).is_none());
+        assert_eq!(book.recently_settled(&user, &key), None);
+    }
+}

@@ -1,0 +1,156 @@
+//! Reconciliation: the gate's counters against the database, and the
+//! units of admissions that never reached either.
+
+use std::collections::HashMap;
+
+use crate::{
+    domain::{ReservationId, ReservationState, Sku},
+    error::ReservationError,
+    gate::{Settlement, RESTOCK_ALL},
+};
+
+use super::{gate_error, sku_stock, store_error, Pipeline};
+
+/// What one reconcile pass found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// The gate had lost its counters and was reloaded from the database.
+    pub reloaded: bool,
+    /// SKUs whose gate view (admissible + in flight) differs from the
+    /// database's available stock, with the difference (gate − database).
+    pub drift: Vec<(Sku, i64)>,
+    /// SKUs whose drift was the same on two passes in a row (so not a commit
+    /// racing the check) and were reset from the database.
+    pub repaired: Vec<Sku>,
+    /// Admitted reservations found neither queued nor in the database after
+    /// `layers.gate.in_flight_timeout_ms`, whose units were returned.
+    pub lost_admissions: Vec<ReservationId>,
+}
+
+impl Pipeline {
+    /// Compares the gate with the database: reloads a gate that lost its
+    /// counters, reports drift, and resets SKUs whose drift held steady
+    /// across two passes.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ReservationError> {
+        let mut report = ReconcileReport::default();
+        if !self.layers().gate {
+            return Ok(report);
+        }
+        if !self.gate.is_loaded().await.map_err(gate_error)? {
+            self.reload_gate().await?;
+            self.restocked(RESTOCK_ALL);
+            report.reloaded = true;
+            tracing::warn!("stock gate had lost its counters; reloaded from the database");
+            return Ok(report);
+        }
+        let rows = self.store.all_inventory().await.map_err(store_error)?;
+        let mut seen = HashMap::new();
+        for row in &rows {
+            let sku = Sku::from_trusted(row.sku.clone());
+            report
+                .lost_admissions
+                .extend(self.settle_stale_in_flight(&sku).await?);
+            let Some(admissible) = self.gate.available(&sku).await.map_err(gate_error)? else {
+                // A SKU created while this gate was off or unreachable.
+                self.gate.set(&sku_stock(row)).await.map_err(gate_error)?;
+                report.repaired.push(sku);
+                continue;
+            };
+            let in_flight = self.gate.in_flight(&sku).await.map_err(gate_error)?;
+            let drift = admissible + in_flight - row.stock;
+            if drift == 0 {
+                continue;
+            }
+            report.drift.push((sku.clone(), drift));
+            let steady = self
+                .last_drift
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&sku)
+                == Some(&drift);
+            if steady {
+                // Re-read: a commit since the pass began would make the
+                // reset itself drift.
+                if let Some(fresh) = self.store.inventory(&sku).await.map_err(store_error)? {
+                    // Refused when a settlement overtook the read: the
+                    // next pass measures again.
+                    if self
+                        .gate
+                        .set(&sku_stock(&fresh))
+                        .await
+                        .map_err(gate_error)?
+                    {
+                        report.repaired.push(sku.clone());
+                    }
+                }
+            } else {
+                seen.insert(sku, drift);
+            }
+        }
+        *self.last_drift.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        let units: i64 = report.drift.iter().map(|(_, d)| d.abs()).sum();
+        ::metrics::gauge!("stockgate_gate_drift_units").set(units as f64);
+        ::metrics::gauge!("stockgate_gate_drift_skus").set(report.drift.len() as f64);
+        if !report.drift.is_empty() {
+            tracing::warn!(drift = ?report.drift, repaired = ?report.repaired, "gate and database disagree");
+        }
+        Ok(report)
+    }
+
+    /// Settles admissions older than the in-flight timeout by what became of
+    /// them: in the database → committed or rejected; still queued here →
+    /// left alone; nowhere → lost before it was queued, units returned.
+    pub(super) async fn settle_stale_in_flight(
+        &self,
+        sku: &Sku,
+    ) -> Result<Vec<ReservationId>, ReservationError> {
+        let timeout = chrono::TimeDelta::from_std(self.limits.in_flight_timeout)
+            .unwrap_or(chrono::TimeDelta::MAX);
+        let cutoff = (chrono::Utc::now() - timeout).timestamp_millis();
+        let stale = self
+            .gate
+            .stale_in_flight(sku, cutoff)
+            .await
+            .map_err(gate_error)?;
+        let mut lost = Vec::new();
+        // With a shared broker, an admission another replica queued is not
+        // in our memory: call nothing lost while messages still wait.
+        let waiting = if stale.is_empty() {
+            Some(0)
+        } else {
+            self.queue.backlog().await
+        };
+        for entry in stale {
+            if self.pending().get(&entry.id).is_some() {
+                continue;
+            }
+            let (action, version) = match self
+                .store
+                .reservation(&entry.id)
+                .await
+                .map_err(store_error)?
+            {
+                Some(row) if row.state == ReservationState::Rejected => {
+                    (Settlement::Rejected, None)
+                }
+                Some(_) => (Settlement::Committed, self.stock_version(sku).await),
+                None if waiting != Some(0) => continue,
+                None => {
+                    lost.push(entry.id.clone());
+                    (Settlement::Released, None)
+                }
+            };
+            let entry = entry.at_version(version);
+            self.settle_gate(action, std::slice::from_ref(&entry)).await;
+        }
+        if !lost.is_empty() {
+            tracing::warn!(
+                sku = sku.as_str(),
+                lost = lost.len(),
+                "returned units of admissions that never reached the queue"
+            );
+            self.restocked(sku.as_str());
+        }
+        Ok(lost)
+    }
+}
