@@ -733,7 +733,7 @@ impl Config {
         if rate.methods.is_empty() {
             return Err(invalid(
                 "layers.rate_limit.methods",
-                "name at least one method (turn the layer off with layers.rate_limit.enabled = false)",
+                "must name at least one InventoryService method; to count none, switch the layer off",
             ));
         }
         if let Some(unknown) = rate

@@ -300,6 +300,60 @@ mod tests {
         assert_eq!(status.metadata().get(RETRY_AFTER).unwrap(), "2");
     }
 
+    /// The reasons are part of the contract (inventory.proto, "Error
+    /// details"): renaming one breaks callers that branch on it.
+    #[test]
+    fn reasons_are_the_documented_ones() {
+        let secs = std::time::Duration::from_secs(1);
+        let cases = [
+            (ReservationError::invalid("sku", "x"), "INVALID_ARGUMENT"),
+            (ReservationError::UnknownSku("x".into()), "UNKNOWN_SKU"),
+            (
+                ReservationError::ReservationNotFound("x".into()),
+                "RESERVATION_NOT_FOUND",
+            ),
+            (ReservationError::NotOwner("x".into()), "NOT_OWNER"),
+            (ReservationError::WrongState("x".into()), "WRONG_STATE"),
+            (ReservationError::HoldExpired("x".into()), "HOLD_EXPIRED"),
+            (ReservationError::StillQueued("x".into()), "STILL_QUEUED"),
+            (
+                ReservationError::InsufficientStock("x".into()),
+                "STOCK_BELOW_ZERO",
+            ),
+            (ReservationError::Contention(3), "CONTENTION"),
+            (ReservationError::DuplicateInFlight, "DUPLICATE_IN_FLIGHT"),
+            (
+                ReservationError::RateLimited {
+                    scope: "global",
+                    retry_after: secs,
+                },
+                "RATE_LIMITED",
+            ),
+            (ReservationError::Shed { retry_after: secs }, "OVERLOADED"),
+            (ReservationError::NotReady("x".into()), "NOT_READY"),
+            (
+                ReservationError::unavailable("database", anyhow::anyhow!("x")),
+                "BACKEND_UNAVAILABLE",
+            ),
+            (
+                ReservationError::UnsafeChange("x".into()),
+                "UNSAFE_LAYER_CHANGE",
+            ),
+            (ReservationError::ConcurrentChange, "CONCURRENT_CHANGE"),
+            (ReservationError::Unauthenticated("x"), "UNAUTHENTICATED"),
+        ];
+        let proto = include_str!("../proto/stockgate/v1/inventory.proto");
+        for (err, reason) in cases {
+            assert!(proto.contains(reason), "{reason} is not documented");
+            let status = Status::from(err);
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!(
+                (info.reason.as_str(), info.domain.as_str()),
+                (reason, ERROR_DOMAIN)
+            );
+        }
+    }
+
     #[test]
     fn every_error_carries_a_stable_reason_and_what_helps() {
         let status = Status::from(ReservationError::invalid("quantity", "must be at least 1"));

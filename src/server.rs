@@ -235,9 +235,14 @@ pub async fn run_with(
         Duration::from_millis(config.admin.switch_poll_ms),
         stop_rx.clone(),
     ));
-    let reloader = extras
-        .reloads
-        .map(|reloads| tokio::spawn(apply_reloads(reloads, board.clone(), admin_token.clone())));
+    let reloader = extras.reloads.map(|reloads| {
+        tokio::spawn(apply_reloads(
+            reloads,
+            board.clone(),
+            admin_token.clone(),
+            config.layers.rate_limit.methods.clone(),
+        ))
+    });
     let metrics_server = metrics_listener.map(|listener| {
         tracing::info!(addr = ?listener.local_addr().ok(), "metrics on /metrics");
         tokio::spawn(crate::metrics::serve(
@@ -481,8 +486,16 @@ async fn apply_reloads(
     mut reloads: mpsc::Receiver<Config>,
     board: Arc<SwitchBoard>,
     admin_token: AdminToken,
+    rate_limited_methods: Vec<String>,
 ) {
     while let Some(config) = reloads.recv().await {
+        if config.layers.rate_limit.methods != rate_limited_methods {
+            tracing::warn!(
+                running = ?rate_limited_methods,
+                file = ?config.layers.rate_limit.methods,
+                "reload: layers.rate_limit.methods changes only at restart; keeping the running list"
+            );
+        }
         match config.admin_token() {
             Ok(token) => admin_token.store(Arc::new(token.as_deref().map(token_digest))),
             Err(err) => {

@@ -848,7 +848,10 @@ async fn finish(
         Ok(answer) => answer,
         Err(err) => {
             let _ = store.abandon(key, token).await;
-            return tonic::Status::internal(format!("response lost: {err}")).into_http();
+            // Logged with the cause; the caller hears "internal error" only.
+            return refusal(ReservationError::Internal(anyhow::anyhow!(
+                "dedup: the response body failed while being read: {err}"
+            )));
         }
     };
     let stored = if answer.is_final() {

@@ -125,12 +125,13 @@ impl Pipeline {
             Settled::Unchanged(reservation) => Ok(reservation),
             Settled::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
             Settled::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
-            // Swept already: to the caller the same as a hold found expired.
+            // Swept already: to the caller the same as a hold found expired
+            // (a waitlist entry that waited out its time reads the same).
             Settled::WrongState(reservation)
                 if reservation.state == crate::domain::ReservationState::Expired =>
             {
                 Err(ReservationError::HoldExpired(format!(
-                    "cannot {action} reservation {}: the hold has expired",
+                    "cannot {action} reservation {}: it has expired",
                     id.as_str()
                 )))
             }

@@ -187,7 +187,7 @@ impl Pipeline {
             layers,
             limits,
             ready: AtomicBool::new(false),
-            not_ready: Mutex::new("the store is not migrated or not reachable yet".into()),
+            not_ready: Mutex::new("starting up: checking the store and the stock gate".into()),
             pending: Mutex::new(PendingBook::default()),
             events,
             sold_out: Mutex::new(HashMap::new()),

@@ -14,14 +14,9 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
 use crate::harness::{
-    confirm, get, is_admitted, open_store, release, reserve, with_user, Profile, TestApp,
+    confirm, error_reason, get, is_admitted, open_store, release, reserve, with_user, Profile,
+    TestApp,
 };
-
-/// The `ErrorInfo.reason` a caller branches on.
-fn reason(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    status.get_details_error_info().unwrap().reason
-}
 
 const PROFILES: [Profile; 2] = [Profile::Embedded, Profile::Postgres];
 
@@ -259,7 +254,7 @@ async fn confirm_and_release_are_idempotent_and_release_restocks() {
         // Released cannot be confirmed.
         let status = confirm(&mut client, &dropped, "bob").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(reason(&status), "WRONG_STATE");
+        assert_eq!(error_reason(&status), "WRONG_STATE");
         // The released units sell again.
         let again = reserve(&mut client, "LIFE", 3, "carol").await.unwrap();
         assert!(is_admitted(again.outcome()));
@@ -381,7 +376,7 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
         assert_eq!(state, ReservationState::Expired, "{profile:?}");
         let status = confirm(&mut client, &id, "frank").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(reason(&status), "HOLD_EXPIRED");
+        assert_eq!(error_reason(&status), "HOLD_EXPIRED");
         let resold = reserve(&mut client, "EXPIRE", 1, "grace").await.unwrap();
         assert!(is_admitted(resold.outcome()));
         app.stop().await;
@@ -421,51 +416,5 @@ async fn graceful_stop_drains_the_queue() {
             .stock,
         700
     );
-    app.stop().await;
-}
-
-/// Confirming or releasing a reservation that is still QUEUED is refused
-/// with a reason of its own (STILL_QUEUED), so a caller knows to watch it
-/// rather than give up on it.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_still_queued_reservation_says_so() {
-    let app = TestApp::spawn_with(Profile::Embedded, |c| {
-        // A slow processor, so the last of a burst waits in line a while.
-        c.layers.queue.batch_size = 1;
-        c.layers.queue.linger_ms = 5;
-    })
-    .await;
-    app.set_stock("LINE", 1_000, 0).await;
-    let calls = (0..200).map(|i| {
-        let mut client = app.inventory();
-        tokio::spawn(async move {
-            let user = format!("q{i}");
-            let answer = reserve(&mut client, "LINE", 1, &user).await.unwrap();
-            (
-                answer.queue_position.unwrap_or(0),
-                user,
-                answer.reservation.unwrap(),
-            )
-        })
-    });
-    let (position, user, last) = futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .max_by_key(|(position, ..)| *position)
-        .unwrap();
-    assert!(position > 50, "a line must have formed: {position}");
-    let mut client = app.inventory();
-    for status in [
-        confirm(&mut client, &last.reservation_id, &user)
-            .await
-            .unwrap_err(),
-        release(&mut client, &last.reservation_id, &user)
-            .await
-            .unwrap_err(),
-    ] {
-        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert_eq!(reason(&status), "STILL_QUEUED");
-    }
     app.stop().await;
 }

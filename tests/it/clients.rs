@@ -35,33 +35,12 @@ async fn the_rust_client_reserves_watches_and_confirms() {
     app.stop().await;
 }
 
-/// grpcio and grpcio-tools, pinned.
-fn python_grpc() -> String {
-    crate::harness::python_packages(
-        "python-grpc",
-        "grpc, grpc_tools",
-        &["grpcio==1.85.1", "grpcio-tools==1.85.1"],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_round_trip() {
-    let deps = python_grpc();
+    let deps = crate::harness::python_grpc();
+    let stubs = crate::harness::python_stubs(&deps);
+    let out = stubs.path().display().to_string();
     let root = env!("CARGO_MANIFEST_DIR");
-    let generated = tempfile::tempdir().unwrap();
-    let out = generated.path().display().to_string();
-    let status = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", &format!("-I{root}/proto")])
-        .args([
-            format!("--python_out={out}"),
-            format!("--grpc_python_out={out}"),
-        ])
-        .arg(format!("{root}/proto/stockgate/v1/inventory.proto"))
-        .arg(format!("{root}/proto/stockgate/v1/admin.proto"))
-        .env("PYTHONPATH", &deps)
-        .status()
-        .unwrap();
-    assert!(status.success(), "grpc_tools.protoc");
 
     let app = TestApp::spawn_with(Profile::Embedded, |c| c.admin.token = "py-token".into()).await;
     let output = Command::new("python3")

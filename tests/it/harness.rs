@@ -255,13 +255,10 @@ impl TestApp {
     }
 
     pub async fn wait_serving(&self) {
-        for _ in 0..200 {
-            if self.health().await == ServingStatus::Serving {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("server did not become SERVING within 10 s");
+        assert!(
+            health_answers(self.channel.clone(), true).await,
+            "server did not become SERVING within 20 s"
+        );
     }
 
     /// Graceful stop; the server must exit cleanly.
@@ -625,7 +622,7 @@ pub fn python_packages(dir: &str, import: &str, packages: &[&str]) -> String {
         // Tests run as separate processes side by side: each installs into
         // a folder of its own and renames it into place, so no test ever
         // imports from a half-written folder.
-        let staging = format!("{target}.{}", std::process::id());
+        let staging = format!("{target}.{}", uuid::Uuid::now_v7().simple());
         let status = std::process::Command::new("python3")
             .args([
                 "-m",
@@ -652,6 +649,83 @@ pub fn python_packages(dir: &str, import: &str, packages: &[&str]) -> String {
         assert!(importable(&target), "{import} after pip install");
     }
     target
+}
+
+/// The `ErrorInfo.reason` of an error answer: what a caller branches on.
+pub fn error_reason(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"))
+        .reason
+}
+
+/// The UNAVAILABLE a not-ready server answers Reserve with, once its
+/// message names `cause` (start-up reports what it met after its first
+/// attempt); fails after 10 s.
+pub async fn refusal_naming(app: &TestApp, cause: &str) -> Status {
+    let mut client = app.inventory();
+    let mut last = None;
+    for _ in 0..100 {
+        let status = reserve(&mut client, "ANY", 1, "u1").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        if status.message().contains(cause) {
+            return status;
+        }
+        last = Some(status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no UNAVAILABLE naming {cause:?}; last {last:?}");
+}
+
+/// Whether the server on `channel` answers health checks (SERVING, if
+/// `serving`) within 20 s.
+pub async fn health_answers(channel: Channel, serving: bool) -> bool {
+    let mut health = HealthClient::new(channel);
+    for _ in 0..400 {
+        let answer = health.check(HealthCheckRequest::default()).await;
+        if answer.is_ok_and(|a| !serving || a.into_inner().status == ServingStatus::Serving as i32)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// grpcio and the packages that read its rich errors, reflection and
+/// health, plus the `h2` state machine for raw frames; pinned.
+pub fn python_grpc() -> String {
+    python_packages(
+        "python-grpc",
+        "grpc, grpc_tools, grpc_status, grpc_health, grpc_reflection, h2",
+        &[
+            "grpcio==1.85.1",
+            "grpcio-tools==1.85.1",
+            "grpcio-status==1.85.1",
+            "grpcio-health-checking==1.85.1",
+            "grpcio-reflection==1.85.1",
+            "h2==4.4.1",
+        ],
+    )
+}
+
+/// Python stubs generated from our proto by grpcio-tools (`deps`), in a
+/// folder that lives as long as the returned handle.
+pub fn python_stubs(deps: &str) -> tempfile::TempDir {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", &format!("-I{root}/proto")])
+        .arg(format!("--python_out={}", out.path().display()))
+        .arg(format!("--grpc_python_out={}", out.path().display()))
+        .arg(format!("{root}/proto/stockgate/v1/inventory.proto"))
+        .arg(format!("{root}/proto/stockgate/v1/admin.proto"))
+        .env("PYTHONPATH", deps)
+        .status()
+        .unwrap();
+    assert!(status.success(), "grpc_tools.protoc");
+    out
 }
 
 /// The real `stockgate` binary as a separate process, as operators run it:
@@ -685,7 +759,7 @@ impl BinaryServer {
             _dir: dir,
         };
         assert!(
-            server.health_answers(false).await,
+            health_answers(connect(server.addr).await, false).await,
             "the stockgate binary did not start on {}",
             server.addr
         );
@@ -695,26 +769,10 @@ impl BinaryServer {
     /// Waits for health SERVING.
     pub async fn wait_serving(&self) {
         assert!(
-            self.health_answers(true).await,
+            health_answers(connect(self.addr).await, true).await,
             "the stockgate binary on {} never became SERVING",
             self.addr
         );
-    }
-
-    /// Whether health answers (SERVING, if `serving`) within 20 s.
-    async fn health_answers(&self, serving: bool) -> bool {
-        let mut health =
-            tonic_health::pb::health_client::HealthClient::new(connect(self.addr).await);
-        for _ in 0..400 {
-            let answer = health
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await;
-            if answer.is_ok_and(|a| !serving || a.into_inner().status == 1) {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        false
     }
 
     /// SIGKILL, as a crash: no drain, no goodbye.

@@ -2,11 +2,10 @@
 
 use std::time::Duration;
 
-use stockgate::{domain::Sku, pb::ReserveRequest};
-use tonic::Code;
+use stockgate::domain::Sku;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::harness::{config_for, open_store, with_user, Profile, TestApp};
+use crate::harness::{config_for, open_store, Profile, TestApp};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn not_serving_until_the_store_is_migrated() {
@@ -15,21 +14,7 @@ async fn not_serving_until_the_store_is_migrated() {
     let app = TestApp::start(config.clone(), db, dir).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(app.health().await, ServingStatus::NotServing);
-    let status = app
-        .inventory()
-        .reserve(with_user(
-            ReserveRequest {
-                sku: "A".into(),
-                quantity: 1,
-                ..Default::default()
-            },
-            "u1",
-            None,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("not migrated"), "{status:?}");
+    crate::harness::refusal_naming(&app, "not migrated").await;
 
     stockgate::server::migrate(&config, false).await.unwrap();
     app.wait_serving().await;

@@ -16,8 +16,8 @@ use stockgate::{
 
 use crate::{
     harness::{
-        assert_invariants, config_for, confirm, open_store, queue_depth, reserve, storm, with_user,
-        Profile, StormTally, TestApp,
+        assert_invariants, config_for, confirm, error_reason, open_store, queue_depth, release,
+        reserve, storm, with_user, Profile, StormTally, TestApp,
     },
     relay::Relay,
 };
@@ -333,7 +333,8 @@ async fn concurrent_publishes_each_get_their_own_ticket() {
 }
 
 /// With a backlog and a slow processor, the position a watcher sees only
-/// falls, and the stream ends in the final state.
+/// falls, and the stream ends in the final state. Before any processor
+/// runs, confirming or releasing is refused as STILL_QUEUED.
 #[tokio::test(flavor = "multi_thread")]
 async fn watched_positions_fall_monotonically_and_end_in_the_final_state() {
     let app = api_only().await;
@@ -348,6 +349,15 @@ async fn watched_positions_fall_monotonically_and_end_in_the_final_state() {
         let reservation = response.reservation.unwrap();
         assert_eq!(reservation.queue_position, Some(i));
         last_id = reservation.reservation_id;
+    }
+    // Nothing consumes yet: settling it is refused with a reason of its
+    // own, so the caller knows to watch it rather than give up on it.
+    for status in [
+        confirm(&mut client, &last_id, "p59").await.unwrap_err(),
+        release(&mut client, &last_id, "p59").await.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert_eq!(error_reason(&status), "STILL_QUEUED");
     }
     let mut watch = client
         .watch_reservation(with_user(
