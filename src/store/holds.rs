@@ -1,0 +1,601 @@
+//! After an order: settling holds (confirm, release, expiry) and the
+//! waitlist that returned units go to first.
+
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+
+use super::{InventoryRow, NewOrder, Restock, Settled, Store, StoreError, WaitlistJoin};
+use crate::domain::{Reservation, ReservationId, ReservationState, Sku, SoldOutPolicy, UserId};
+
+/// Holds queries, written once; `dialect!` in `mod.rs` expands
+/// them into each connection type's module.
+macro_rules! holds_queries {
+    ($Conn:ty, $lock:path, $insert_many:path) => {
+        async fn restock(
+            conn: &mut $Conn,
+            sku: &str,
+            quantity: i32,
+            now: NaiveDateTime,
+        ) -> QueryResult<i64> {
+            diesel::update(inventory::table.find(sku))
+                .set((
+                    inventory::stock.eq(inventory::stock + i64::from(quantity)),
+                    inventory::version.eq(inventory::version + 1),
+                    inventory::updated_at.eq(now),
+                ))
+                .returning(inventory::version)
+                .get_result(conn)
+                .await
+        }
+
+        /// Moves a HELD reservation to `to`, returning its units to stock
+        /// unless it is being confirmed. The `state = 'held'` condition
+        /// makes the move happen once however often it is asked for.
+        async fn transition(
+            conn: &mut $Conn,
+            row: &ReservationRow,
+            to: ReservationState,
+            now: NaiveDateTime,
+            hold_ttl: Option<Duration>,
+        ) -> QueryResult<Transition> {
+            let target = reservations::table
+                .filter(reservations::reservation_id.eq(&row.reservation_id))
+                .filter(reservations::state.eq(ReservationState::Held.as_db()));
+            let changes = (
+                reservations::state.eq(to.as_db()),
+                reservations::updated_at.eq(now),
+            );
+            let moved = if to == ReservationState::Confirmed {
+                // A lapsed hold cannot be confirmed even if the sweeper
+                // has not reached it yet.
+                let unexpired = reservations::expires_at
+                    .is_null()
+                    .or(reservations::expires_at.gt(now));
+                diesel::update(target.filter(unexpired))
+                    .set(changes)
+                    .execute(conn)
+                    .await?
+            } else {
+                diesel::update(target).set(changes).execute(conn).await?
+            };
+            if moved != 1 {
+                return Ok(Transition::Refused);
+            }
+            if to == ReservationState::Confirmed {
+                return Ok(Transition::Moved { restock: None });
+            }
+            let version = restock(conn, &row.sku, row.quantity, now).await?;
+            let (handed, units, filled) = fill_waitlist(conn, &row.sku, now, hold_ttl).await?;
+            Ok(Transition::Moved {
+                restock: Some(Restock {
+                    stock_version: filled.unwrap_or(version),
+                    returned: i64::from(row.quantity) - units,
+                    handed,
+                }),
+            })
+        }
+
+        /// Hands available units to the SKU's waitlist, oldest entry
+        /// first, inside the caller's transaction (after the change that
+        /// made them available, which locked the row): each entry that
+        /// fits becomes HELD with a hold of its own. First come, first
+        /// served: an entry that does not fit stops the hand-off rather
+        /// than letting a later, smaller one pass it. An entry whose
+        /// user is at the per-user limit is rejected and skipped.
+        /// Returns the reservations handed units, the units, and the
+        /// row version the stock update wrote (None when none moved).
+        async fn fill_waitlist(
+            conn: &mut $Conn,
+            sku: &str,
+            now: NaiveDateTime,
+            hold_ttl: Option<Duration>,
+        ) -> QueryResult<(Vec<Reservation>, i64, Option<i64>)> {
+            let Some(current) = inventory(conn, sku).await? else {
+                return Ok((Vec::new(), 0, None));
+            };
+            if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
+                return Ok((Vec::new(), 0, None));
+            }
+            let mut stock = current.stock;
+            let mut handed = Vec::new();
+            let mut units = 0;
+            while stock > 0 {
+                let waiting: Vec<ReservationRow> = reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                    .filter(
+                        reservations::expires_at
+                            .is_null()
+                            .or(reservations::expires_at.gt(now)),
+                    )
+                    .order((
+                        reservations::created_at.asc(),
+                        reservations::reservation_id.asc(),
+                    ))
+                    .limit(64)
+                    .select(ReservationRow::as_select())
+                    .load(conn)
+                    .await?;
+                if waiting.is_empty() {
+                    break;
+                }
+                let mut blocked = false;
+                for entry in waiting {
+                    let quantity = i64::from(entry.quantity);
+                    if quantity > stock {
+                        blocked = true;
+                        break;
+                    }
+                    let next_state = if current.max_per_user > 0
+                        && live_units(conn, sku, &entry.user_id).await? + quantity
+                            > i64::from(current.max_per_user)
+                    {
+                        ReservationState::Rejected
+                    } else {
+                        ReservationState::Held
+                    };
+                    let expires_at = match next_state {
+                        ReservationState::Held => hold_ttl.map(|ttl| after(now, ttl)),
+                        _ => None,
+                    };
+                    let reason = (next_state == ReservationState::Rejected).then(|| {
+                        format!(
+                            "user limit: the waitlist's turn came with {} units already held",
+                            current.max_per_user
+                        )
+                    });
+                    diesel::update(
+                        reservations::table
+                            .filter(reservations::reservation_id.eq(&entry.reservation_id))
+                            .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                    )
+                    .set((
+                        reservations::state.eq(next_state.as_db()),
+                        reservations::expires_at.eq(expires_at),
+                        reservations::reject_reason.eq(reason),
+                        reservations::updated_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                    let mut reservation = entry.into_domain();
+                    reservation.state = next_state;
+                    reservation.expires_at = expires_at;
+                    reservation.updated_at = now;
+                    if next_state == ReservationState::Held {
+                        stock -= quantity;
+                        units += quantity;
+                    }
+                    handed.push(reservation);
+                    if stock == 0 {
+                        break;
+                    }
+                }
+                if blocked {
+                    break;
+                }
+            }
+            if units == 0 {
+                return Ok((handed, 0, None));
+            }
+            let version = diesel::update(inventory::table.find(sku))
+                .set((
+                    inventory::stock.eq(inventory::stock - units),
+                    inventory::version.eq(inventory::version + 1),
+                    inventory::updated_at.eq(now),
+                ))
+                .returning(inventory::version)
+                .get_result(conn)
+                .await?;
+            Ok((handed, units, Some(version)))
+        }
+
+        async fn live_units(conn: &mut $Conn, sku: &str, user: &str) -> QueryResult<i64> {
+            let live: Option<i64> = reservations::table
+                .filter(reservations::sku.eq(sku))
+                .filter(reservations::user_id.eq(user))
+                .filter(reservations::state.eq_any(LIVE_STATES))
+                .select(diesel::dsl::sum(reservations::quantity))
+                .first(conn)
+                .await?;
+            Ok(live.unwrap_or(0))
+        }
+
+        /// Up to `limit` reservations in `state` whose `expires_at` has
+        /// passed, the longest lapsed first.
+        async fn lapsed(
+            conn: &mut $Conn,
+            state: ReservationState,
+            now: NaiveDateTime,
+            limit: i64,
+        ) -> QueryResult<Vec<ReservationRow>> {
+            reservations::table
+                .filter(reservations::state.eq(state.as_db()))
+                .filter(reservations::expires_at.le(now))
+                .order(reservations::expires_at.asc())
+                .limit(limit)
+                .select(ReservationRow::as_select())
+                .load(conn)
+                .await
+        }
+
+        /// Moves a WAITLISTED reservation to `to` (it leaves the line;
+        /// no units involved); false if it was no longer waiting.
+        async fn leave_line(
+            conn: &mut $Conn,
+            id: &str,
+            to: ReservationState,
+            now: NaiveDateTime,
+        ) -> QueryResult<bool> {
+            let moved = diesel::update(
+                reservations::table
+                    .filter(reservations::reservation_id.eq(id))
+                    .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+            )
+            .set((
+                reservations::state.eq(to.as_db()),
+                reservations::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+            Ok(moved == 1)
+        }
+
+        /// Entries ahead of `row` in its SKU's waitlist.
+        async fn waitlist_position(conn: &mut $Conn, row: &ReservationRow) -> QueryResult<u64> {
+            let ahead: i64 = reservations::table
+                .filter(reservations::sku.eq(&row.sku))
+                .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                .filter(
+                    reservations::created_at
+                        .lt(row.created_at)
+                        .or(reservations::created_at
+                            .eq(row.created_at)
+                            .and(reservations::reservation_id.lt(&row.reservation_id))),
+                )
+                .count()
+                .get_result(conn)
+                .await?;
+            Ok(u64::try_from(ahead).unwrap_or(0))
+        }
+
+        /// Puts `order` in its SKU's waitlist (see [`WaitlistJoin`]).
+        pub(super) async fn join_waitlist(
+            conn: &mut $Conn,
+            order: &NewOrder,
+            default_limit: u32,
+            ttl: Duration,
+            now: NaiveDateTime,
+            stock_check: bool,
+        ) -> QueryResult<WaitlistJoin> {
+            conn.transaction::<_, DieselError, _>(async |conn| {
+                // Serialises joins with the hand-off, which runs under
+                // the same row lock.
+                let Some(current) = $lock(conn, order.sku.as_str()).await? else {
+                    return Ok(WaitlistJoin::UnknownSku);
+                };
+                if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
+                    return Ok(WaitlistJoin::NotOffered);
+                }
+                let sku = order.sku.as_str();
+                let user = order.user.as_str();
+                let mine: Option<ReservationRow> = reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .filter(reservations::user_id.eq(user))
+                    .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                    .select(ReservationRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?;
+                if let Some(row) = mine {
+                    let position = waitlist_position(conn, &row).await?;
+                    let mut reservation = row.into_domain();
+                    reservation.waitlist_position = Some(position);
+                    return Ok(WaitlistJoin::Waiting(reservation));
+                }
+                if let Some(key) = &order.idempotency_key {
+                    let used: Option<ReservationRow> = reservations::table
+                        .filter(reservations::user_id.eq(user))
+                        .filter(reservations::idempotency_key.eq(key.as_str()))
+                        .select(ReservationRow::as_select())
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if let Some(row) = used {
+                        return Ok(WaitlistJoin::KeyUsed(row.into_domain()));
+                    }
+                }
+                if stock_check && current.stock >= i64::from(order.quantity) {
+                    return Ok(WaitlistJoin::InStock);
+                }
+                let quantity = i64::from(order.quantity);
+                if current.max_per_user > 0 {
+                    let live = live_units(conn, sku, user).await?;
+                    if live + quantity > i64::from(current.max_per_user) {
+                        return Ok(WaitlistJoin::UserLimit {
+                            live_units: live,
+                            limit: current.max_per_user as u32,
+                        });
+                    }
+                }
+                let limit = match current.waitlist_limit {
+                    0 => default_limit,
+                    own => own as u32,
+                };
+                let waiting: i64 = reservations::table
+                    .filter(reservations::sku.eq(sku))
+                    .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                    .count()
+                    .get_result(conn)
+                    .await?;
+                if waiting >= i64::from(limit) {
+                    return Ok(WaitlistJoin::Full { limit });
+                }
+                let mut row = row_for(order, ReservationState::Waitlisted, now);
+                row.expires_at = Some(after(now, ttl));
+                insert_row(conn, &row).await?;
+                let mut reservation = row.into_domain();
+                reservation.waitlist_position = Some(u64::try_from(waiting).unwrap_or(0));
+                Ok(WaitlistJoin::Waiting(reservation))
+            })
+            .await
+        }
+
+        /// Sets a SKU's sold-out policy and waitlist limit. Switching to
+        /// `instant` ends every waiting entry (EXPIRED, with the reason),
+        /// since nothing would ever hand them units. Returns the row and
+        /// the entries it ended.
+        pub(super) async fn set_sold_out_policy(
+            conn: &mut $Conn,
+            sku: &str,
+            policy: SoldOutPolicy,
+            waitlist_limit: i32,
+            now: NaiveDateTime,
+        ) -> QueryResult<Option<(InventoryRow, Vec<Reservation>)>> {
+            conn.transaction::<_, DieselError, _>(async |conn| {
+                let updated = diesel::update(inventory::table.find(sku))
+                    .set((
+                        inventory::sold_out_policy.eq(policy.as_db()),
+                        inventory::waitlist_limit.eq(waitlist_limit),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                if updated == 0 {
+                    return Ok(None);
+                }
+                let mut ended = Vec::new();
+                if policy == SoldOutPolicy::Instant {
+                    let waiting: Vec<ReservationRow> = reservations::table
+                        .filter(reservations::sku.eq(sku))
+                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
+                        .select(ReservationRow::as_select())
+                        .load(conn)
+                        .await?;
+                    let reason = "the waitlist was closed";
+                    diesel::update(
+                        reservations::table
+                            .filter(reservations::sku.eq(sku))
+                            .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
+                    )
+                    .set((
+                        reservations::state.eq(ReservationState::Expired.as_db()),
+                        reservations::reject_reason.eq(reason),
+                        reservations::updated_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                    ended = waiting
+                        .into_iter()
+                        .map(|row| {
+                            let mut reservation = row.into_domain();
+                            reservation.state = ReservationState::Expired;
+                            reservation.reject_reason = Some(reason.into());
+                            reservation.updated_at = now;
+                            reservation
+                        })
+                        .collect();
+                }
+                let row = inventory(conn, sku)
+                    .await?
+                    .expect("updated in this transaction");
+                Ok(Some((row, ended)))
+            })
+            .await
+        }
+
+        pub(super) async fn settle(
+            conn: &mut $Conn,
+            id: &str,
+            user: &str,
+            to: ReservationState,
+            now: NaiveDateTime,
+            hold_ttl: Option<Duration>,
+        ) -> QueryResult<Settled> {
+            conn.transaction::<_, DieselError, _>(async |conn| {
+                let Some(row) = find(conn, id).await? else {
+                    return Ok(Settled::NotFound);
+                };
+                if row.user_id != user {
+                    return Ok(Settled::NotOwner);
+                }
+                let state = ReservationState::from_db(&row.state);
+                if state == Some(to) {
+                    return Ok(Settled::Unchanged(row.into_domain()));
+                }
+                if state == Some(ReservationState::Waitlisted) && to == ReservationState::Released {
+                    // Leaving the line: no units to return.
+                    let moved = leave_line(conn, id, to, now).await?;
+                    let row = find(conn, id).await?.expect("rows are never deleted");
+                    return Ok(if moved {
+                        Settled::Changed {
+                            reservation: row.into_domain(),
+                            restock: None,
+                        }
+                    } else {
+                        Settled::Unchanged(row.into_domain())
+                    });
+                }
+                if state != Some(ReservationState::Held) {
+                    // Releasing something no longer held is a no-op;
+                    // confirming it is an error.
+                    return Ok(
+                        if to == ReservationState::Released
+                            && state != Some(ReservationState::Confirmed)
+                        {
+                            Settled::Unchanged(row.into_domain())
+                        } else {
+                            Settled::WrongState(row.into_domain())
+                        },
+                    );
+                }
+                if let Transition::Moved { restock } =
+                    transition(conn, &row, to, now, hold_ttl).await?
+                {
+                    let row = find(conn, id)
+                        .await?
+                        .expect("row updated in this transaction");
+                    return Ok(Settled::Changed {
+                        reservation: row.into_domain(),
+                        restock,
+                    });
+                }
+                let row = find(conn, id).await?.expect("rows are never deleted");
+                Ok(
+                    if ReservationState::from_db(&row.state) == Some(ReservationState::Held) {
+                        Settled::HoldExpired(row.into_domain())
+                    } else {
+                        Settled::WrongState(row.into_domain())
+                    },
+                )
+            })
+            .await
+        }
+
+        pub(super) async fn expire_due(
+            conn: &mut $Conn,
+            now: NaiveDateTime,
+            limit: i64,
+            hold_ttl: Option<Duration>,
+        ) -> QueryResult<Vec<(Reservation, Option<Restock>)>> {
+            conn.transaction::<_, DieselError, _>(async |conn| {
+                // Waitlist entries past their time leave the line first,
+                // so a hold expiring below does not hand them units.
+                let waited_out = lapsed(conn, ReservationState::Waitlisted, now, limit).await?;
+                let mut expired = Vec::new();
+                for row in waited_out {
+                    if leave_line(conn, &row.reservation_id, ReservationState::Expired, now).await?
+                    {
+                        let mut reservation = row.into_domain();
+                        reservation.state = ReservationState::Expired;
+                        reservation.updated_at = now;
+                        expired.push((reservation, None));
+                    }
+                }
+                let due = lapsed(conn, ReservationState::Held, now, limit).await?;
+                for row in due {
+                    if let Transition::Moved { restock } =
+                        transition(conn, &row, ReservationState::Expired, now, hold_ttl).await?
+                    {
+                        let mut reservation = row.into_domain();
+                        reservation.state = ReservationState::Expired;
+                        reservation.updated_at = now;
+                        expired.push((reservation, restock));
+                    }
+                }
+                Ok(expired)
+            })
+            .await
+        }
+    };
+}
+
+impl Store {
+    pub async fn confirm(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        now: NaiveDateTime,
+    ) -> Result<Settled, StoreError> {
+        dispatch!(self.settle(
+            id.as_str(),
+            user.as_str(),
+            ReservationState::Confirmed,
+            now,
+            None
+        ))
+    }
+
+    /// Releases a hold and returns its units to stock (or to the oldest
+    /// waitlist entries, which get holds of `hold_ttl`), once. A waitlisted
+    /// reservation leaves the line.
+    pub async fn release(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        now: NaiveDateTime,
+        hold_ttl: Option<Duration>,
+    ) -> Result<Settled, StoreError> {
+        dispatch!(self.settle(
+            id.as_str(),
+            user.as_str(),
+            ReservationState::Released,
+            now,
+            hold_ttl
+        ))
+    }
+
+    /// Expires lapsed waitlist entries, then up to `limit` lapsed holds,
+    /// whose units return as [`Store::release`]'s do.
+    pub async fn expire_due(
+        &self,
+        now: NaiveDateTime,
+        limit: i64,
+        hold_ttl: Option<Duration>,
+    ) -> Result<Vec<(Reservation, Option<Restock>)>, StoreError> {
+        dispatch!(self.expire_due(now, limit, hold_ttl))
+    }
+
+    /// See [`WaitlistJoin`]; `default_limit` applies where the SKU sets
+    /// none, `ttl` is how long the entry waits. `stock_check`: answer
+    /// `InStock` when the row has the units, which is right only where no
+    /// admitted order is still on its way to the database.
+    pub async fn join_waitlist(
+        &self,
+        order: &NewOrder,
+        default_limit: u32,
+        ttl: Duration,
+        now: NaiveDateTime,
+        stock_check: bool,
+    ) -> Result<WaitlistJoin, StoreError> {
+        dispatch!(self.join_waitlist(order, default_limit, ttl, now, stock_check))
+    }
+
+    /// Sets a SKU's sold-out policy; `None` for an unknown SKU.
+    pub async fn set_sold_out_policy(
+        &self,
+        sku: &Sku,
+        policy: SoldOutPolicy,
+        waitlist_limit: u32,
+        now: NaiveDateTime,
+    ) -> Result<Option<(InventoryRow, Vec<Reservation>)>, StoreError> {
+        let limit = i32::try_from(waitlist_limit).unwrap_or(i32::MAX);
+        dispatch!(self.set_sold_out_policy(sku.as_str(), policy, limit, now))
+    }
+
+    /// A waitlisted reservation with its current position.
+    pub async fn with_waitlist_position(
+        &self,
+        reservation: Reservation,
+    ) -> Result<Reservation, StoreError> {
+        if reservation.state != ReservationState::Waitlisted {
+            return Ok(reservation);
+        }
+        let id = reservation.id.clone();
+        let position = dispatch!(self.position_of(id.as_str()))?;
+        Ok(Reservation {
+            waitlist_position: position,
+            ..reservation
+        })
+    }
+}
