@@ -23,8 +23,7 @@
 //! or mismatch) and the at-once answer is dropped; it changed nothing.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -32,199 +31,31 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body::Frame;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, Limited};
 use sha2::{Digest, Sha256};
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::{
     domain::{switches::Switches, IdempotencyKey, UserId},
     error::ReservationError,
-    redis_batch::Batcher,
 };
+
+mod answer;
+mod memory;
+mod redis;
+
+pub use answer::StoredAnswer;
+pub use memory::MemoryDedup;
+pub use redis::RedisDedup;
 
 /// The one deduplicated call.
 pub const DEDUP_PATH: &str = "/stockgate.v1.InventoryService/Reserve";
 /// A Reserve request is tiny; anything larger is refused before hashing.
 const MAX_BODY: usize = 64 * 1024;
 
-/// The first call's whole answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredAnswer {
-    pub status: u16,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
-    pub trailers: Vec<(String, Vec<u8>)>,
-}
-
-fn pairs(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
-    map.iter()
-        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-        .collect()
-}
-
-/// Lengths are u32: a stored answer is a Reserve reply, far below that.
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, Vec<u8>)]) {
-    out.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_be_bytes());
-    for (name, value) in pairs {
-        put_bytes(out, name.as_bytes());
-        put_bytes(out, value);
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let (head, rest) = self
-            .0
-            .split_at_checked(n)
-            .ok_or_else(|| "stored answer cut short".to_owned())?;
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn len(&mut self) -> Result<usize, String> {
-        let raw: [u8; 4] = self.take(4)?.try_into().map_err(|_| "short length")?;
-        Ok(u32::from_be_bytes(raw) as usize)
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
-        let n = self.len()?;
-        self.take(n)
-    }
-
-    fn pairs(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
-        let n = self.len()?;
-        // Each pair takes at least 8 bytes: a corrupt count cannot make
-        // this allocate more than the record's size.
-        let mut pairs = Vec::with_capacity(n.min(self.0.len() / 8));
-        for _ in 0..n {
-            let name = std::str::from_utf8(self.bytes()?)
-                .map_err(|_| "header name is not UTF-8".to_owned())?
-                .to_owned();
-            pairs.push((name, self.bytes()?.to_vec()));
-        }
-        Ok(pairs)
-    }
-}
-
-fn header_map(pairs: &[(String, Vec<u8>)]) -> http::HeaderMap {
-    let mut map = http::HeaderMap::new();
-    for (name, value) in pairs {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            map.append(name, value);
-        }
-    }
-    map
-}
-
-impl StoredAnswer {
-    async fn capture(response: http::Response<tonic::body::Body>) -> Result<Self, String> {
-        let (parts, body) = response.into_parts();
-        let collected = body.collect().await.map_err(|e| e.to_string())?;
-        let trailers = collected.trailers().map(pairs).unwrap_or_default();
-        Ok(Self {
-            status: parts.status.as_u16(),
-            headers: pairs(&parts.headers),
-            trailers,
-            body: collected.to_bytes().to_vec(),
-        })
-    }
-
-    pub fn to_response(&self) -> http::Response<tonic::body::Body> {
-        let body = if self.body.is_empty() && self.trailers.is_empty() {
-            // A trailers-only answer (every error): the body must say it is
-            // over before it is polled, so that the status goes out in one
-            // HEADERS frame with END_STREAM. A stream body cannot say so and
-            // makes hyper send the headers and then an empty DATA frame with
-            // END_STREAM, which grpc-core clients read as a stream with no
-            // status (UNKNOWN "Stream removed").
-            tonic::body::Body::empty()
-        } else {
-            let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
-            if !self.body.is_empty() {
-                frames.push(Ok(Frame::data(Bytes::from(self.body.clone()))));
-            }
-            if !self.trailers.is_empty() {
-                frames.push(Ok(Frame::trailers(header_map(&self.trailers))));
-            }
-            tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)))
-        };
-        let mut response = http::Response::new(body);
-        *response.status_mut() =
-            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
-        *response.headers_mut() = header_map(&self.headers);
-        response
-    }
-
-    /// Appends the answer in a compact binary form: the status, then each
-    /// header list and the body, every list and field length-prefixed.
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.status.to_be_bytes());
-        put_pairs(out, &self.headers);
-        put_bytes(out, &self.body);
-        put_pairs(out, &self.trailers);
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut input = Reader(bytes);
-        let status = u16::from_be_bytes(
-            input
-                .take(2)?
-                .try_into()
-                .map_err(|_| "short status".to_owned())?,
-        );
-        let headers = input.pairs()?;
-        let body = input.bytes()?.to_vec();
-        let trailers = input.pairs()?;
-        if !input.0.is_empty() {
-            return Err("trailing bytes after a stored answer".into());
-        }
-        Ok(Self {
-            status,
-            headers,
-            body,
-            trailers,
-        })
-    }
-
-    /// The gRPC status code (trailers, or headers for a trailers-only
-    /// answer).
-    fn grpc_code(&self) -> Option<tonic::Code> {
-        self.trailers
-            .iter()
-            .chain(&self.headers)
-            .find(|(name, _)| name == "grpc-status")
-            .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<i32>().ok())
-            .map(tonic::Code::from)
-    }
-
-    /// Whether a retry should get this answer: a decision (OK, including
-    /// "sold out" and "over the limit" outcomes) or a verdict on the request
-    /// itself. Anything transient is left for the retry to run again.
-    fn is_final(&self) -> bool {
-        matches!(
-            self.grpc_code(),
-            Some(
-                tonic::Code::Ok
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::OutOfRange
-                    | tonic::Code::NotFound
-                    | tonic::Code::FailedPrecondition
-            )
-        )
-    }
-}
+/// Hex SHA-256.
+const FINGERPRINT_LEN: usize = 64;
 
 /// What a claim on a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,305 +106,6 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn abandon(&self, key: &str, token: &str) -> Result<(), String>;
     /// Waits a little for any claim to change.
     async fn changed(&self);
-}
-
-struct Entry {
-    fingerprint: String,
-    token: String,
-    answer: Option<StoredAnswer>,
-    expires: Instant,
-}
-
-/// The embedded profile's store: one process, so a map and a notifier.
-#[derive(Default)]
-pub struct MemoryDedup {
-    entries: Mutex<HashMap<String, Entry>>,
-    notify: Notify,
-}
-
-impl MemoryDedup {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Inserts a record for `key` unless a live one is there, and says
-    /// what the live one means for this request.
-    fn put_new(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        token: &str,
-        answer: Option<StoredAnswer>,
-        lasts: Duration,
-    ) -> Claim {
-        let now = Instant::now();
-        let mut entries = self.entries();
-        match entries.get(key) {
-            Some(entry) if entry.expires > now => {
-                if entry.fingerprint != fingerprint {
-                    Claim::Mismatch
-                } else if let Some(answer) = &entry.answer {
-                    Claim::Done(answer.clone())
-                } else {
-                    Claim::InFlight
-                }
-            }
-            _ => {
-                entries.insert(
-                    key.to_owned(),
-                    Entry {
-                        fingerprint: fingerprint.to_owned(),
-                        token: token.to_owned(),
-                        answer,
-                        expires: now + lasts,
-                    },
-                );
-                Claim::Run
-            }
-        }
-    }
-
-    /// Forgets lapsed claims and expired answers (bounded memory).
-    pub fn sweep(&self) -> usize {
-        let now = Instant::now();
-        let mut entries = self.entries();
-        entries.retain(|_, entry| entry.expires > now);
-        entries.len()
-    }
-}
-
-#[async_trait]
-impl DedupStore for MemoryDedup {
-    async fn claim(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        token: &str,
-        in_flight: Duration,
-    ) -> Result<Claim, String> {
-        Ok(self.put_new(key, fingerprint, token, None, in_flight))
-    }
-
-    async fn settle(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        answer: &StoredAnswer,
-        ttl: Duration,
-    ) -> Result<Claim, String> {
-        let found = self.put_new(key, fingerprint, "", Some(answer.clone()), ttl);
-        if found == Claim::Run {
-            self.notify.notify_waiters();
-        }
-        Ok(found)
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        _fingerprint: &str,
-        token: &str,
-        answer: &StoredAnswer,
-        ttl: Duration,
-    ) -> Result<(), String> {
-        if let Some(entry) = self.entries().get_mut(key) {
-            if entry.token == token {
-                entry.answer = Some(answer.clone());
-                entry.expires = Instant::now() + ttl;
-            }
-        }
-        self.notify.notify_waiters();
-        Ok(())
-    }
-
-    async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
-        {
-            let mut entries = self.entries();
-            if entries.get(key).is_some_and(|e| e.token == token) {
-                entries.remove(key);
-            }
-        }
-        self.notify.notify_waiters();
-        Ok(())
-    }
-
-    async fn changed(&self) {
-        // Bounded: a notification between the waiter's claim and this
-        // call is missed, so look again soon anyway.
-        let _ = tokio::time::timeout(Duration::from_millis(20), self.notify.notified()).await;
-    }
-}
-
-/// The shared store: one Redis string per key, so the hot path needs no
-/// script. A claim is `c`, the fingerprint and the token; an answer is `a`,
-/// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
-/// or later) and answers go through the [`Batcher`], so under load a whole
-/// batch of calls costs Redis one read and one write.
-pub struct RedisDedup {
-    conn: redis::aio::ConnectionManager,
-    batch: Batcher,
-    prefix: String,
-    abandon: redis::Script,
-}
-
-/// Hex SHA-256.
-const FINGERPRINT_LEN: usize = 64;
-
-impl RedisDedup {
-    /// Connects lazily, so the server starts while Redis is down; needs a
-    /// Tokio runtime (the batching task).
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout));
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            batch: Batcher::spawn(conn.clone()),
-            conn,
-            prefix: prefix.to_owned(),
-            abandon: redis::Script::new(include_str!("scripts/dedup_abandon.lua")),
-        })
-    }
-
-    /// `v2`: the string layout; records of the earlier hash layout are
-    /// never read as these (a retry across a rolling upgrade runs again and
-    /// the pipeline's own idempotency answers it).
-    fn record(&self, key: &str) -> String {
-        format!("{}:dedup:v2:{key}", self.prefix)
-    }
-
-    /// `SET record NX GET`: one round trip that both writes a new record
-    /// and reads the one that stopped it.
-    async fn put_new(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        record: Vec<u8>,
-        lasts: Duration,
-    ) -> Result<Claim, String> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.record(key))
-            .arg(record)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(lasts))
-            .arg("GET");
-        match self.batch.query(cmd).await.map_err(redis_error)? {
-            redis::Value::Nil => Ok(Claim::Run),
-            redis::Value::BulkString(found) => read_record(&found, fingerprint),
-            other => Err(format!("unexpected dedup claim reply {other:?}")),
-        }
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// The start of a record: its kind (`c` claim, `a` answer) and the
-/// request's fingerprint; `rest` more bytes follow.
-fn new_record(kind: u8, fingerprint: &str, rest: usize) -> Vec<u8> {
-    let mut record = Vec::with_capacity(1 + fingerprint.len() + rest);
-    record.push(kind);
-    record.extend_from_slice(fingerprint.as_bytes());
-    record
-}
-
-fn answer_record(fingerprint: &str, answer: &StoredAnswer) -> Vec<u8> {
-    // The body plus room for the status, lengths and a few headers.
-    let mut record = new_record(b'a', fingerprint, 64 + answer.body.len());
-    answer.encode(&mut record);
-    record
-}
-
-/// What a record found by a claim says to a request with `fingerprint`.
-fn read_record(record: &[u8], fingerprint: &str) -> Result<Claim, String> {
-    let Some((&kind, rest)) = record.split_first() else {
-        return Err("empty dedup record".into());
-    };
-    let Some((found, rest)) = rest.split_at_checked(FINGERPRINT_LEN) else {
-        return Err("dedup record too short".into());
-    };
-    if found != fingerprint.as_bytes() {
-        return Ok(Claim::Mismatch);
-    }
-    match kind {
-        b'c' => Ok(Claim::InFlight),
-        b'a' => StoredAnswer::decode(rest).map(Claim::Done),
-        other => Err(format!("unknown dedup record kind {other}")),
-    }
-}
-
-fn redis_error(err: redis::RedisError) -> String {
-    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-        && err.to_string().contains("syntax error")
-    {
-        return format!("{err} (dedup needs Redis 7.0 or later: SET with NX and GET)");
-    }
-    err.to_string()
-}
-
-#[async_trait]
-impl DedupStore for RedisDedup {
-    async fn claim(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        token: &str,
-        in_flight: Duration,
-    ) -> Result<Claim, String> {
-        let mut claim = new_record(b'c', fingerprint, token.len());
-        claim.extend_from_slice(token.as_bytes());
-        self.put_new(key, fingerprint, claim, in_flight).await
-    }
-
-    async fn settle(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        answer: &StoredAnswer,
-        ttl: Duration,
-    ) -> Result<Claim, String> {
-        self.put_new(key, fingerprint, answer_record(fingerprint, answer), ttl)
-            .await
-    }
-
-    /// Overwrites the claim without checking its token: the claim outlives
-    /// the call by a margin (`DedupTimes::in_flight`) and the server's
-    /// timeout ends the call first, so the claim is still this call's.
-    async fn complete(
-        &self,
-        key: &str,
-        fingerprint: &str,
-        _token: &str,
-        answer: &StoredAnswer,
-        ttl: Duration,
-    ) -> Result<(), String> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.record(key))
-            .arg(answer_record(fingerprint, answer))
-            .arg("PX")
-            .arg(millis(ttl));
-        self.batch.query(cmd).await.map(|_| ()).map_err(redis_error)
-    }
-
-    /// Rare (transient answers only), so a script rather than the batch.
-    async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
-        let mut conn = self.conn.clone();
-        self.abandon
-            .key(self.record(key))
-            .arg(token)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(redis_error)
-    }
-
-    async fn changed(&self) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Timing of the layer.
@@ -869,6 +401,7 @@ async fn finish(
 
 #[cfg(test)]
 mod tests {
+    use super::redis::{new_record, read_record};
     use super::*;
 
     fn answer(code: i32) -> StoredAnswer {

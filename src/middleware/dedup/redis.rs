@@ -1,0 +1,178 @@
+//! The dedup store shared by every replica, on Redis.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::redis_batch::Batcher;
+
+use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
+
+/// The shared store: one Redis string per key, so the hot path needs no
+/// script. A claim is `c`, the fingerprint and the token; an answer is `a`,
+/// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
+/// or later) and answers go through the [`Batcher`], so under load a whole
+/// batch of calls costs Redis one read and one write.
+pub struct RedisDedup {
+    conn: redis::aio::ConnectionManager,
+    batch: Batcher,
+    prefix: String,
+    abandon: redis::Script,
+}
+
+impl RedisDedup {
+    /// Connects lazily, so the server starts while Redis is down; needs a
+    /// Tokio runtime (the batching task).
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout));
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            batch: Batcher::spawn(conn.clone()),
+            conn,
+            prefix: prefix.to_owned(),
+            abandon: redis::Script::new(include_str!("abandon.lua")),
+        })
+    }
+
+    /// `v2`: the string layout; records of the earlier hash layout are
+    /// never read as these (a retry across a rolling upgrade runs again and
+    /// the pipeline's own idempotency answers it).
+    fn record(&self, key: &str) -> String {
+        format!("{}:dedup:v2:{key}", self.prefix)
+    }
+
+    /// `SET record NX GET`: one round trip that both writes a new record
+    /// and reads the one that stopped it.
+    async fn put_new(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        record: Vec<u8>,
+        lasts: Duration,
+    ) -> Result<Claim, String> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record(key))
+            .arg(record)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(lasts))
+            .arg("GET");
+        match self.batch.query(cmd).await.map_err(redis_error)? {
+            redis::Value::Nil => Ok(Claim::Run),
+            redis::Value::BulkString(found) => read_record(&found, fingerprint),
+            other => Err(format!("unexpected dedup claim reply {other:?}")),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The start of a record: its kind (`c` claim, `a` answer) and the
+/// request's fingerprint; `rest` more bytes follow.
+pub(super) fn new_record(kind: u8, fingerprint: &str, rest: usize) -> Vec<u8> {
+    let mut record = Vec::with_capacity(1 + fingerprint.len() + rest);
+    record.push(kind);
+    record.extend_from_slice(fingerprint.as_bytes());
+    record
+}
+
+fn answer_record(fingerprint: &str, answer: &StoredAnswer) -> Vec<u8> {
+    // The body plus room for the status, lengths and a few headers.
+    let mut record = new_record(b'a', fingerprint, 64 + answer.body.len());
+    answer.encode(&mut record);
+    record
+}
+
+/// What a record found by a claim says to a request with `fingerprint`.
+pub(super) fn read_record(record: &[u8], fingerprint: &str) -> Result<Claim, String> {
+    let Some((&kind, rest)) = record.split_first() else {
+        return Err("empty dedup record".into());
+    };
+    let Some((found, rest)) = rest.split_at_checked(FINGERPRINT_LEN) else {
+        return Err("dedup record too short".into());
+    };
+    if found != fingerprint.as_bytes() {
+        return Ok(Claim::Mismatch);
+    }
+    match kind {
+        b'c' => Ok(Claim::InFlight),
+        b'a' => StoredAnswer::decode(rest).map(Claim::Done),
+        other => Err(format!("unknown dedup record kind {other}")),
+    }
+}
+
+fn redis_error(err: redis::RedisError) -> String {
+    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+        && err.to_string().contains("syntax error")
+    {
+        return format!("{err} (dedup needs Redis 7.0 or later: SET with NX and GET)");
+    }
+    err.to_string()
+}
+
+#[async_trait]
+impl DedupStore for RedisDedup {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: &str,
+        in_flight: Duration,
+    ) -> Result<Claim, String> {
+        let mut claim = new_record(b'c', fingerprint, token.len());
+        claim.extend_from_slice(token.as_bytes());
+        self.put_new(key, fingerprint, claim, in_flight).await
+    }
+
+    async fn settle(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<Claim, String> {
+        self.put_new(key, fingerprint, answer_record(fingerprint, answer), ttl)
+            .await
+    }
+
+    /// Overwrites the claim without checking its token: the claim outlives
+    /// the call by a margin (`DedupTimes::in_flight`) and the server's
+    /// timeout ends the call first, so the claim is still this call's.
+    async fn complete(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        _token: &str,
+        answer: &StoredAnswer,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record(key))
+            .arg(answer_record(fingerprint, answer))
+            .arg("PX")
+            .arg(millis(ttl));
+        self.batch.query(cmd).await.map(|_| ()).map_err(redis_error)
+    }
+
+    /// Rare (transient answers only), so a script rather than the batch.
+    async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        self.abandon
+            .key(self.record(key))
+            .arg(token)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(redis_error)
+    }
+
+    async fn changed(&self) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
