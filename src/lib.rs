@@ -31,6 +31,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;
+pub mod processor;
 pub mod queue;
 mod redis_batch;
 pub mod reserve;

@@ -2,6 +2,13 @@
 //! gRPC until `shutdown` resolves, then drains. [`run`] is what `main` and the
 //! integration tests both call.
 
+mod tasks;
+
+use tasks::{
+    apply_reloads, become_ready, forward_restocks, run_reconciler, run_sweeper, sample_gauges,
+    set_health, sweep_rate_limits, Background,
+};
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
@@ -17,12 +24,11 @@ use tonic::{
     service::interceptor::InterceptedService,
     transport::{Identity, Server, ServerTlsConfig},
 };
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic_health::ServingStatus;
 
 use crate::{
     config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
-    domain::switches::{Layers, LayersChange, Switches},
-    error::ReservationError,
+    domain::switches::{Layers, Switches},
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
     metrics::GrpcMetricsLayer,
@@ -30,26 +36,15 @@ use crate::{
         DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
         RateLimits,
     },
-    ops::{ChangeRequest, SwitchBoard},
+    ops::SwitchBoard,
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
     },
-    queue::{
-        decode, encode, salvage, EmbeddedQueue, EmbeddedReceiver, OrderQueue, QueueNames,
-        RabbitConsumer, RabbitQueue,
-    },
+    queue::{EmbeddedQueue, OrderQueue, RabbitQueue},
     reserve::{Limits, Pipeline},
     store::Store,
 };
-
-/// Names under which health is reported: the whole server ("") and each
-/// service.
-const HEALTH_NAMES: [&str; 3] = [
-    "",
-    "stockgate.v1.InventoryService",
-    "stockgate.v1.AdminService",
-];
 
 /// What a server runs with beyond its caller listener. Listeners left unset
 /// are bound from the config (`admin.listen`, `metrics.listen`); tests pass
@@ -223,47 +218,56 @@ pub async fn run_with(
     set_health(&health, ServingStatus::NotServing).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let readiness = tokio::spawn(become_ready(
-        pipeline.clone(),
-        board.clone(),
-        health.clone(),
-        config.store.migrate_on_start,
-        stop_rx.clone(),
-    ));
-    let switch_poller = tokio::spawn(crate::ops::run_poller(
-        board.clone(),
-        Duration::from_millis(config.admin.switch_poll_ms),
-        stop_rx.clone(),
-    ));
-    let reloader = extras.reloads.map(|reloads| {
-        tokio::spawn(apply_reloads(
-            reloads,
+    let mut background = Background::default();
+    background.spawn(
+        "readiness",
+        become_ready(
+            pipeline.clone(),
             board.clone(),
-            admin_token.clone(),
-            config.layers.rate_limit.methods.clone(),
-        ))
-    });
-    let metrics_server = metrics_listener.map(|listener| {
-        tracing::info!(addr = ?listener.local_addr().ok(), "metrics on /metrics");
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            metrics_handle,
+            health.clone(),
+            config.store.migrate_on_start,
             stop_rx.clone(),
-        ))
-    });
+        ),
+    );
+    background.spawn(
+        "switch poller",
+        crate::ops::run_poller(
+            board.clone(),
+            Duration::from_millis(config.admin.switch_poll_ms),
+            stop_rx.clone(),
+        ),
+    );
+    if let Some(reloads) = extras.reloads {
+        background.spawn(
+            "config reloads",
+            apply_reloads(
+                reloads,
+                board.clone(),
+                admin_token.clone(),
+                config.layers.rate_limit.methods.clone(),
+            ),
+        );
+    }
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics on /metrics");
+        background.spawn(
+            "metrics endpoint",
+            crate::metrics::serve(listener, metrics_handle, stop_rx.clone()),
+        );
+    }
     let batch_size = config.layers.queue.batch_size;
     let linger = Duration::from_millis(config.layers.queue.linger_ms);
     let processor = match (embedded_receiver, &rabbit) {
-        (Some(receiver), _) => Some(tokio::spawn(run_processor(
+        (Some(receiver), _) => Some(tokio::spawn(crate::processor::run_processor(
             pipeline.clone(),
             receiver,
             batch_size,
             linger,
         ))),
         (None, Some((queue, url))) if role.processes_orders() => {
-            Some(tokio::spawn(run_rabbit_processor(
+            Some(tokio::spawn(crate::processor::run_rabbit_processor(
                 pipeline.clone(),
-                RabbitSource {
+                crate::processor::RabbitSource {
                     url: url.clone(),
                     names: queue.names().clone(),
                     prefetch: config.rabbitmq.prefetch,
@@ -278,33 +282,41 @@ pub async fn run_with(
     };
     // API replicas learn from the processor which queued reservations
     // now have a row.
-    let follower = match &rabbit {
-        Some((queue, _)) if role.serves_api() => {
-            let settled = pipeline.clone();
-            Some(tokio::spawn(queue.clone().follow_settled(
-                move |ids| settled.apply_settled(&ids),
-                stop_rx.clone(),
-            )))
-        }
-        _ => None,
-    };
-    let restocks = tokio::spawn(forward_restocks(pipeline.clone()));
-    let limiter_sweeper = tokio::spawn(sweep_rate_limits(
-        rate_limits.clone(),
-        memory_dedup,
-        Duration::from_millis(config.layers.rate_limit.sweep_interval_ms),
-    ));
-    let reconciler = tokio::spawn(run_reconciler(
-        pipeline.clone(),
-        Duration::from_millis(config.layers.gate.reconcile_interval_ms),
-        rabbit.is_some() && role.serves_api(),
-        stop_rx.clone(),
-    ));
-    let sweeper = tokio::spawn(run_sweeper(
-        pipeline.clone(),
-        Duration::from_millis(config.reservations.sweep_interval_ms),
-        stop_rx.clone(),
-    ));
+    if let Some((queue, _)) = rabbit.as_ref().filter(|_| role.serves_api()) {
+        let settled = pipeline.clone();
+        background.spawn(
+            "settled-notice follower",
+            queue
+                .clone()
+                .follow_settled(move |ids| settled.apply_settled(&ids), stop_rx.clone()),
+        );
+    }
+    background.spawn("restock notices", forward_restocks(pipeline.clone()));
+    background.spawn(
+        "limiter sweeper",
+        sweep_rate_limits(
+            rate_limits.clone(),
+            memory_dedup,
+            Duration::from_millis(config.layers.rate_limit.sweep_interval_ms),
+        ),
+    );
+    background.spawn(
+        "reconciler",
+        run_reconciler(
+            pipeline.clone(),
+            Duration::from_millis(config.layers.gate.reconcile_interval_ms),
+            rabbit.is_some() && role.serves_api(),
+            stop_rx.clone(),
+        ),
+    );
+    background.spawn(
+        "expiry sweeper",
+        run_sweeper(
+            pipeline.clone(),
+            Duration::from_millis(config.reservations.sweep_interval_ms),
+            stop_rx.clone(),
+        ),
+    );
 
     let max = config.server.max_message_bytes;
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
@@ -329,11 +341,10 @@ pub async fn run_with(
             open_without_token: admin_addr.ip().is_loopback(),
         },
     );
-    let sampler = tokio::spawn(sample_gauges(
-        pipeline.clone(),
-        in_flight.clone(),
-        stop_rx.clone(),
-    ));
+    background.spawn(
+        "gauge sampler",
+        sample_gauges(pipeline.clone(), in_flight.clone(), stop_rx.clone()),
+    );
 
     tracing::info!(addr = %listener.local_addr()?, %admin_addr, tls = tls.is_some(), layers = ?pipeline.layers(), "serving");
     let grace = config.shutdown_grace();
@@ -411,22 +422,7 @@ pub async fn run_with(
         }
     }
 
-    switch_poller.abort();
-    sampler.abort();
-    if let Some(reloader) = reloader {
-        reloader.abort();
-    }
-    if let Some(metrics_server) = metrics_server {
-        metrics_server.abort();
-    }
-    readiness.abort();
-    sweeper.abort();
-    reconciler.abort();
-    restocks.abort();
-    limiter_sweeper.abort();
-    if let Some(follower) = follower {
-        follower.abort();
-    }
+    background.stop().await;
     // Queued orders were promised a decision: let the embedded processor
     // drain them (a RabbitMQ processor finishes its batch; the rest stays
     // queued for the next one).
@@ -478,363 +474,6 @@ fn reflection_services() -> anyhow::Result<
         v1: builder().build_v1()?,
         v1alpha: builder().build_v1alpha()?,
     })
-}
-
-/// Applies reloaded configs: the file's switches to the whole fleet (as an
-/// audited change by `sighup`), its admin token to this replica.
-async fn apply_reloads(
-    mut reloads: mpsc::Receiver<Config>,
-    board: Arc<SwitchBoard>,
-    admin_token: AdminToken,
-    rate_limited_methods: Vec<String>,
-) {
-    while let Some(config) = reloads.recv().await {
-        if config.layers.rate_limit.methods != rate_limited_methods {
-            tracing::warn!(
-                running = ?rate_limited_methods,
-                file = ?config.layers.rate_limit.methods,
-                "reload: layers.rate_limit.methods changes only at restart; keeping the running list"
-            );
-        }
-        match config.admin_token() {
-            Ok(token) => admin_token.store(Arc::new(token.as_deref().map(token_digest))),
-            Err(err) => {
-                tracing::error!(error = %err, "reload: admin token unreadable; keeping the old one")
-            }
-        }
-        let request = ChangeRequest {
-            change: LayersChange::to(Layers::from_config(&config)),
-            actor: &format!("sighup via {}", board.replica()),
-            force: config.layers.allow_unsafe,
-            reason: "config file reloaded",
-        };
-        match board.change(request).await {
-            Ok((layers, revision)) => {
-                tracing::info!(revision, ?layers, "reload: layer switches applied")
-            }
-            Err(err) => tracing::error!(error = %err, "reload: layer switches not applied"),
-        }
-    }
-}
-
-/// Gauges that are read rather than counted: calls in flight, reservations
-/// this replica waits on, the fleet's queue depth, readiness; and
-/// histogram upkeep.
-async fn sample_gauges(
-    pipeline: Arc<Pipeline>,
-    in_flight: Option<Arc<InFlight>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick: u64 = 0;
-    loop {
-        // The backlog asks the broker and the database: not every second.
-        if tick % 5 == 0 {
-            if let Some(depth) = pipeline.queue_depth().await {
-                metrics::gauge!("stockgate_queue_depth").set(depth as f64);
-            }
-        }
-        tick += 1;
-        if let Some(limit) = &in_flight {
-            metrics::gauge!("stockgate_in_flight_calls").set(limit.stats().in_flight as f64);
-        }
-        metrics::gauge!("stockgate_queue_pending").set(pipeline.pending_count() as f64);
-        metrics::gauge!("stockgate_ready").set(if pipeline.is_ready() { 1.0 } else { 0.0 });
-        crate::metrics::upkeep();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
-        }
-    }
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for name in HEALTH_NAMES {
-        health.set_service_status(name, status).await;
-    }
-}
-
-/// Retries until the store is reachable and migrated (migrating it when
-/// allowed), loads the gate, then reports SERVING.
-async fn become_ready(
-    pipeline: Arc<Pipeline>,
-    board: Arc<SwitchBoard>,
-    health: HealthReporter,
-    migrate: bool,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut last_reason = String::new();
-    loop {
-        // The full cause for the log; a short one for callers.
-        let (reason, told) = match check_store(&pipeline, migrate).await {
-            // The fleet's switches first: they decide whether there is a
-            // gate to warm up.
-            Ok(()) => match async {
-                board.sync().await?;
-                pipeline.warm_up().await
-            }
-            .await
-            {
-                Ok(()) => {
-                    set_health(&health, ServingStatus::Serving).await;
-                    tracing::info!("ready: store migrated and reachable, gate loaded");
-                    return;
-                }
-                Err(err) => (
-                    format!("switches or gate warm-up failed: {err:#}"),
-                    match &err {
-                        ReservationError::Unavailable { what, .. } => {
-                            format!("{what} unavailable; start-up retries until it answers")
-                        }
-                        _ => "start-up could not load the switches or the stock gate".into(),
-                    },
-                ),
-            },
-            Err(reason) => (
-                reason,
-                "the store is not migrated or not reachable yet".to_owned(),
-            ),
-        };
-        pipeline.set_not_ready_reason(told);
-        if reason != last_reason {
-            tracing::warn!(%reason, "not ready");
-            last_reason = reason;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
-    let store = pipeline.store();
-    if migrate {
-        let applied = store.migrate().await.map_err(|e| e.to_string())?;
-        if applied > 0 {
-            tracing::info!(applied, "migrations applied");
-        }
-    } else {
-        let pending = store
-            .pending_migrations()
-            .await
-            .map_err(|e| e.to_string())?;
-        if pending > 0 {
-            return Err(format!(
-                "{pending} migrations pending; run `stockgate migrate`"
-            ));
-        }
-    }
-    store.ping().await.map_err(|e| e.to_string())
-}
-
-/// The single order processor: batches of up to `batch_size`, waiting at
-/// most `linger` to fill one, until the queue is closed and empty.
-async fn run_processor(
-    pipeline: Arc<Pipeline>,
-    mut receiver: EmbeddedReceiver,
-    batch_size: usize,
-    linger: Duration,
-) {
-    let mut batch = Vec::with_capacity(batch_size);
-    loop {
-        if receiver.recv_many(&mut batch, batch_size).await == 0 {
-            return;
-        }
-        if batch.len() < batch_size && !linger.is_zero() {
-            tokio::time::sleep(linger).await;
-            while batch.len() < batch_size {
-                match receiver.try_recv() {
-                    Ok(order) => batch.push(order),
-                    Err(_) => break,
-                }
-            }
-        }
-        let outcome = pipeline.process_batch(&batch).await;
-        if outcome.incomplete {
-            // In memory there is nothing to redeliver from; the orders stay
-            // visible as QUEUED and the log says which.
-            tracing::error!("an order could be neither committed nor recorded as failed");
-        }
-        batch.clear();
-    }
-}
-
-/// Where the RabbitMQ processor consumes from.
-struct RabbitSource {
-    url: String,
-    names: QueueNames,
-    prefetch: u16,
-    reconnect_delay: Duration,
-}
-
-/// The order processor on RabbitMQ: consumes (as the single active
-/// consumer, or on standby), commits each batch, copies orders it gave up on
-/// to the dead-letter queue, and only then acks, so a crash at any point
-/// redelivers and the database's idempotency absorbs the repeat.
-/// Reconnects after a broker loss; on `stop` it finishes the batch in hand.
-async fn run_rabbit_processor(
-    pipeline: Arc<Pipeline>,
-    source: RabbitSource,
-    batch_size: usize,
-    linger: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let mut consumer =
-            match RabbitConsumer::connect(&source.url, &source.names, source.prefetch).await {
-                Ok(consumer) => consumer,
-                Err(err) => {
-                    tracing::warn!(error = %err, "order processor cannot reach the queue");
-                    tokio::select! {
-                        _ = tokio::time::sleep(source.reconnect_delay) => continue,
-                        _ = stop.changed() => return,
-                    }
-                }
-            };
-        tracing::info!(queue = %source.names.orders, "order processor consuming (or on standby)");
-        loop {
-            let batch = tokio::select! {
-                batch = consumer.next_batch(batch_size, linger) => batch,
-                _ = stop.changed() => {
-                    consumer.close().await;
-                    return;
-                }
-            };
-            let Some(deliveries) = batch else {
-                tracing::warn!("order queue connection lost; reconnecting");
-                break;
-            };
-            let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
-                continue;
-            };
-            let mut orders = Vec::with_capacity(deliveries.len());
-            let mut unsettled = false;
-            for delivery in &deliveries {
-                match decode(&delivery.data) {
-                    Ok(order) => orders.push(order),
-                    Err(reason) => {
-                        tracing::error!(%reason, "undecodable order message; dead-lettering it");
-                        let recorded = match salvage(&delivery.data) {
-                            Some(order) => pipeline.reject_unprocessable(&order, &reason).await,
-                            None => true,
-                        };
-                        unsettled |= !recorded
-                            || consumer.dead_letter(&delivery.data, &reason).await.is_err();
-                    }
-                }
-            }
-            let outcome = pipeline.process_batch(&orders).await;
-            unsettled |= outcome.incomplete;
-            for (order, reason) in outcome.given_up {
-                unsettled |= consumer
-                    .dead_letter(&encode(&order), &reason)
-                    .await
-                    .is_err();
-            }
-            if unsettled {
-                // Not acked: redelivered to whoever consumes next, and the
-                // database's idempotency absorbs what was already done.
-                tracing::warn!("batch not fully settled; leaving it unacked");
-                tokio::time::sleep(source.reconnect_delay).await;
-                break;
-            }
-            if let Err(err) = consumer.ack_through(last_tag).await {
-                // Redelivered and found already committed.
-                tracing::warn!(error = %err, "batch committed but not acked; it will be redelivered");
-                break;
-            }
-        }
-        consumer.close().await;
-    }
-}
-
-async fn run_sweeper(pipeline: Arc<Pipeline>, every: Duration, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if !pipeline.is_ready() {
-            continue;
-        }
-        match pipeline.expire_due().await {
-            Ok(0) => {}
-            Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
-            Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
-        }
-    }
-}
-
-/// Forgets users idle long enough to have a full burst again, and expired
-/// in-process dedup answers, so memory stays bounded however many distinct
-/// users and keys call.
-async fn sweep_rate_limits(
-    limits: Arc<RateLimits>,
-    dedup: Option<Arc<MemoryDedup>>,
-    every: Duration,
-) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        limits.sweep();
-        if let Some(dedup) = &dedup {
-            dedup.sweep();
-        }
-    }
-}
-
-/// Drops the sold-out fast path's answer when any replica restocks a SKU.
-async fn forward_restocks(pipeline: Arc<Pipeline>) {
-    let mut restocks = pipeline.restocks();
-    loop {
-        match restocks.recv().await {
-            Ok(sku) => pipeline.restocked(&sku),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                pipeline.restocked(crate::gate::RESTOCK_ALL)
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Compares the gate with the database every `every`, and at once when a
-/// caller found the gate not loaded.
-async fn run_reconciler(
-    pipeline: Arc<Pipeline>,
-    every: Duration,
-    resync_queued: bool,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = pipeline.reload_wanted() => {}
-            _ = stop.changed() => return,
-        }
-        if !pipeline.is_ready() {
-            continue;
-        }
-        if resync_queued {
-            // Notices from the processor can be missed across a broker
-            // reconnect; the database has the answer.
-            let dropped = pipeline.resync_pending(every, 256).await;
-            if dropped > 0 {
-                tracing::info!(dropped, "queued reservations found settled in the database");
-            }
-        }
-        if let Err(err) = pipeline.reconcile().await {
-            tracing::warn!(error = %err, "reconcile failed");
-            // Don't spin on a down backend.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
 }
 
 /// Runs `stockgate migrate`: applies (or, with `revert`, reverts the latest)

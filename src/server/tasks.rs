@@ -1,0 +1,320 @@
+//! The replica's background tasks: readiness, config reloads, gauges,
+//! the expiry sweeper, the limiter sweeper, restock notices and the
+//! reconciler; and [`Background`], which starts and stops them together.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    config::Config,
+    domain::switches::{Layers, LayersChange},
+    error::ReservationError,
+    grpc::{token_digest, AdminToken},
+    middleware::{InFlight, MemoryDedup, RateLimits},
+    ops::{ChangeRequest, SwitchBoard},
+    reserve::Pipeline,
+};
+
+/// Names under which health is reported: the whole server ("") and each
+/// service.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    "stockgate.v1.InventoryService",
+    "stockgate.v1.AdminService",
+];
+
+/// The replica's background tasks, started with the server and stopped
+/// together on one path. Each holds no promise a caller waits on (the
+/// order processor, which does, is drained on its own); a task that
+/// panicked is reported when they stop.
+#[derive(Default)]
+pub(super) struct Background {
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Background {
+    pub(super) fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.push((name, tokio::spawn(task)));
+    }
+
+    pub(super) async fn stop(self) {
+        for (name, task) in self.tasks {
+            task.abort();
+            if let Err(err) = task.await {
+                if err.is_panic() {
+                    tracing::error!(task = name, "background task panicked");
+                }
+            }
+        }
+    }
+}
+
+/// Applies reloaded configs: the file's switches to the whole fleet (as an
+/// audited change by `sighup`), its admin token to this replica.
+pub(crate) async fn apply_reloads(
+    mut reloads: mpsc::Receiver<Config>,
+    board: Arc<SwitchBoard>,
+    admin_token: AdminToken,
+    rate_limited_methods: Vec<String>,
+) {
+    while let Some(config) = reloads.recv().await {
+        if config.layers.rate_limit.methods != rate_limited_methods {
+            tracing::warn!(
+                running = ?rate_limited_methods,
+                file = ?config.layers.rate_limit.methods,
+                "reload: layers.rate_limit.methods changes only at restart; keeping the running list"
+            );
+        }
+        match config.admin_token() {
+            Ok(token) => admin_token.store(Arc::new(token.as_deref().map(token_digest))),
+            Err(err) => {
+                tracing::error!(error = %err, "reload: admin token unreadable; keeping the old one")
+            }
+        }
+        let request = ChangeRequest {
+            change: LayersChange::to(Layers::from_config(&config)),
+            actor: &format!("sighup via {}", board.replica()),
+            force: config.layers.allow_unsafe,
+            reason: "config file reloaded",
+        };
+        match board.change(request).await {
+            Ok((layers, revision)) => {
+                tracing::info!(revision, ?layers, "reload: layer switches applied")
+            }
+            Err(err) => tracing::error!(error = %err, "reload: layer switches not applied"),
+        }
+    }
+}
+
+/// Gauges that are read rather than counted: calls in flight, reservations
+/// this replica waits on, the fleet's queue depth, readiness; and
+/// histogram upkeep.
+pub(crate) async fn sample_gauges(
+    pipeline: Arc<Pipeline>,
+    in_flight: Option<Arc<InFlight>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick: u64 = 0;
+    loop {
+        // The backlog asks the broker and the database: not every second.
+        if tick % 5 == 0 {
+            if let Some(depth) = pipeline.queue_depth().await {
+                metrics::gauge!("stockgate_queue_depth").set(depth as f64);
+            }
+        }
+        tick += 1;
+        if let Some(limit) = &in_flight {
+            metrics::gauge!("stockgate_in_flight_calls").set(limit.stats().in_flight as f64);
+        }
+        metrics::gauge!("stockgate_queue_pending").set(pipeline.pending_count() as f64);
+        metrics::gauge!("stockgate_ready").set(if pipeline.is_ready() { 1.0 } else { 0.0 });
+        crate::metrics::upkeep();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        }
+    }
+}
+
+pub(crate) async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Retries until the store is reachable and migrated (migrating it when
+/// allowed), loads the gate, then reports SERVING.
+pub(crate) async fn become_ready(
+    pipeline: Arc<Pipeline>,
+    board: Arc<SwitchBoard>,
+    health: HealthReporter,
+    migrate: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_reason = String::new();
+    loop {
+        // The full cause for the log; a short one for callers.
+        let (reason, told) = match check_store(&pipeline, migrate).await {
+            // The fleet's switches first: they decide whether there is a
+            // gate to warm up.
+            Ok(()) => match async {
+                board.sync().await?;
+                pipeline.warm_up().await
+            }
+            .await
+            {
+                Ok(()) => {
+                    set_health(&health, ServingStatus::Serving).await;
+                    tracing::info!("ready: store migrated and reachable, gate loaded");
+                    return;
+                }
+                Err(err) => (
+                    format!("switches or gate warm-up failed: {err:#}"),
+                    match &err {
+                        ReservationError::Unavailable { what, .. } => {
+                            format!("{what} unavailable; start-up retries until it answers")
+                        }
+                        _ => "start-up could not load the switches or the stock gate".into(),
+                    },
+                ),
+            },
+            Err(reason) => (
+                reason,
+                "the store is not migrated or not reachable yet".to_owned(),
+            ),
+        };
+        pipeline.set_not_ready_reason(told);
+        if reason != last_reason {
+            tracing::warn!(%reason, "not ready");
+            last_reason = reason;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+pub(crate) async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
+    let store = pipeline.store();
+    if migrate {
+        let applied = store.migrate().await.map_err(|e| e.to_string())?;
+        if applied > 0 {
+            tracing::info!(applied, "migrations applied");
+        }
+    } else {
+        let pending = store
+            .pending_migrations()
+            .await
+            .map_err(|e| e.to_string())?;
+        if pending > 0 {
+            return Err(format!(
+                "{pending} migrations pending; run `stockgate migrate`"
+            ));
+        }
+    }
+    store.ping().await.map_err(|e| e.to_string())
+}
+
+pub(crate) async fn run_sweeper(
+    pipeline: Arc<Pipeline>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !pipeline.is_ready() {
+            continue;
+        }
+        match pipeline.expire_due().await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "expired lapsed holds"),
+            Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
+        }
+    }
+}
+
+/// Forgets users idle long enough to have a full burst again, and expired
+/// in-process dedup answers, so memory stays bounded however many distinct
+/// users and keys call.
+pub(crate) async fn sweep_rate_limits(
+    limits: Arc<RateLimits>,
+    dedup: Option<Arc<MemoryDedup>>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        limits.sweep();
+        if let Some(dedup) = &dedup {
+            dedup.sweep();
+        }
+    }
+}
+
+/// Drops the sold-out fast path's answer when any replica restocks a SKU.
+pub(crate) async fn forward_restocks(pipeline: Arc<Pipeline>) {
+    let mut restocks = pipeline.restocks();
+    loop {
+        match restocks.recv().await {
+            Ok(sku) => pipeline.restocked(&sku),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                pipeline.restocked(crate::gate::RESTOCK_ALL)
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Compares the gate with the database every `every`, and at once when a
+/// caller found the gate not loaded.
+pub(crate) async fn run_reconciler(
+    pipeline: Arc<Pipeline>,
+    every: Duration,
+    resync_queued: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = pipeline.reload_wanted() => {}
+            _ = stop.changed() => return,
+        }
+        if !pipeline.is_ready() {
+            continue;
+        }
+        if resync_queued {
+            // Notices from the processor can be missed across a broker
+            // reconnect; the database has the answer.
+            let dropped = pipeline.resync_pending(every, 256).await;
+            if dropped > 0 {
+                tracing::info!(dropped, "queued reservations found settled in the database");
+            }
+        }
+        if let Err(err) = pipeline.reconcile().await {
+            tracing::warn!(error = %err, "reconcile failed");
+            // Don't spin on a down backend.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stopping_ends_every_task_even_after_one_panicked() {
+        let alive = Arc::new(());
+        let mut background = Background::default();
+        let held = alive.clone();
+        background.spawn("forever", async move {
+            let _held = held;
+            std::future::pending::<()>().await
+        });
+        background.spawn("panics", async { panic!("a bug in a background task") });
+        tokio::task::yield_now().await;
+        background.stop().await;
+        assert_eq!(
+            Arc::strong_count(&alive),
+            1,
+            "the stopped task let go of its state"
+        );
+    }
+}
