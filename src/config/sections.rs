@@ -1,0 +1,499 @@
+//! The config file's sections, one struct each, with the defaults every
+//! field documents; [`super::Config`] holds them and validates them
+//! together.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{DbCheckMode, GateFailureMode, EMBEDDED};
+
+/// The operator API (AdminService).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token every admin call must carry (`authorization: Bearer
+    /// <token>`); compared in constant time. Prefer `token_file` or the
+    /// `STOCKGATE_ADMIN__TOKEN` variable over writing it in a file. Empty:
+    /// no token, which the server accepts only when the admin listener is
+    /// loopback-only (local development).
+    pub token: String,
+    /// A file holding the token (a mounted Kubernetes Secret); read at
+    /// start-up and on SIGHUP; surrounding whitespace is ignored. Wins over
+    /// `token`.
+    pub token_file: String,
+    /// A separate listener for AdminService (with health and reflection),
+    /// e.g. `0.0.0.0:50052`, so network policy can keep callers off it.
+    /// Empty: AdminService shares `server.listen`.
+    pub listen: String,
+    /// How often each replica reads the stored layer switches and reports
+    /// its own, in milliseconds: a change reaches every replica within
+    /// about this long.
+    pub switch_poll_ms: u64,
+}
+
+/// The Prometheus endpoint (`GET /metrics`, plain HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the metrics listener; empty turns it off.
+    pub listen: String,
+}
+
+/// TLS for the gRPC listeners (rustls). Both paths empty: plaintext.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_path: String,
+    /// PEM private key.
+    pub key_path: String,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.is_empty() || !self.key_path.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request or response message accepted, in bytes. Reserve
+    /// messages are tiny; a low cap turns junk into OUT_OF_RANGE early.
+    pub max_message_bytes: usize,
+    /// Most concurrent calls (HTTP/2 streams) per client connection. It
+    /// bounds the work one connection can queue, and it keeps a burst of
+    /// small gRPC messages under h2's flood guard: h2 answers more than about
+    /// 100 unread small DATA frames on one connection with GOAWAY
+    /// (ENHANCE_YOUR_CALM), dropping every call on it. Keep it at or below 100.
+    pub max_concurrent_streams: u32,
+    /// Server-side cap on a call's duration, in milliseconds, applied even
+    /// when the caller sets no deadline (gRPC has none by default).
+    pub request_timeout_ms: u64,
+    /// Most InventoryService calls one replica runs at once; the next is
+    /// refused at once with RESOURCE_EXHAUSTED and `retry-after` (load
+    /// shedding) rather than queued. 0 turns shedding off.
+    pub max_in_flight: usize,
+    /// How long a graceful shutdown waits for in-flight calls and the order
+    /// processor's current batch, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// What this process runs: `all` (the gRPC API and the order
+    /// processor), `api` (callers and operators only) or `processor` (the
+    /// order processor, with health on the listener). Split roles need the
+    /// RabbitMQ queue, which connects them.
+    pub role: Role,
+    /// TLS on the gRPC listeners (caller and admin).
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    All,
+    Api,
+    Processor,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        self != Role::Processor
+    }
+
+    pub fn processes_orders(self) -> bool {
+        self != Role::Api
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` env-filter directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// `embedded` (SQLite file at `store.sqlite_path`) or a
+    /// `postgres://` URL.
+    pub store: String,
+    /// `embedded` (in-process counters) or a `redis://` URL (one Lua script
+    /// per decision, shared by every replica).
+    pub gate: String,
+    /// `embedded` (in-process map) or a `redis://` URL (Redis 7.0 or later;
+    /// keys under `redis.key_prefix`, shared by every replica) for the
+    /// dedup layer's stored answers.
+    pub dedup: String,
+    /// `embedded` (in-process channel; lost on a crash) or an `amqp://` URL
+    /// (a durable RabbitMQ quorum queue shared by every replica; needs the
+    /// PostgreSQL store).
+    pub queue: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite database file used when `backends.store = "embedded"`.
+    pub sqlite_path: String,
+    /// Most PostgreSQL connections this process opens. Request-path commits
+    /// (queue off) wait for a connection rather than piling onto the
+    /// database, so this also bounds database concurrency.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection, in milliseconds,
+    /// before it is answered UNAVAILABLE.
+    pub acquire_timeout_ms: u64,
+    /// Apply pending migrations at start-up. Deployments that run
+    /// `stockgate migrate` as a separate job set this to false.
+    pub migrate_on_start: bool,
+}
+
+/// The defense layers, outermost first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayersConfig {
+    /// Per-user and global rate limiting.
+    pub rate_limit: RateLimitConfig,
+    /// Idempotency-key deduplication of Reserve calls.
+    pub dedup: DedupLayerConfig,
+    /// The atomic stock gate in front of the database.
+    pub gate: GateLayerConfig,
+    /// The order queue and its single order processor.
+    pub queue: QueueLayerConfig,
+    /// The database check: the last line against overselling.
+    pub db: DbLayerConfig,
+    /// Accept switches that leave nothing able to stop an oversell (the
+    /// database check `off` while the gate is off or bypassing), at start-up
+    /// and on SIGHUP. For demonstrations only; the admin API asks for
+    /// `force` per change instead.
+    pub allow_unsafe: bool,
+}
+
+/// Rate limits apply per replica: with N API replicas behind a balancer,
+/// callers get up to N times these rates, so size them as the wanted total
+/// divided by N (per user, a user's calls usually spread over replicas too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Whether the layer runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+    /// Count what would be refused without refusing (for tuning).
+    pub shadow: bool,
+    /// One Reserve call per user per this many milliseconds (1000 = 1/s).
+    pub per_user_period_ms: u64,
+    /// Calls a user may make at once before the period applies.
+    pub per_user_burst: u32,
+    /// Calls per second across all users, per replica.
+    pub global_per_sec: u32,
+    /// Calls at once across all users before the global rate applies.
+    pub global_burst: u32,
+    /// How often users idle long enough to have a full burst again are
+    /// forgotten, in milliseconds (bounds memory with millions of users).
+    pub sweep_interval_ms: u64,
+    /// The InventoryService methods the limits count (names as in the
+    /// proto, e.g. `["Reserve", "ConfirmReservation"]`). Only Reserve by
+    /// default: a buyer's reserve → watch → confirm must not spend the
+    /// budget meant for competing for stock. A method not listed is never
+    /// counted nor refused by this layer.
+    pub methods: Vec<String>,
+}
+
+/// InventoryService's methods, as `layers.rate_limit.methods` names them.
+pub const INVENTORY_METHODS: [&str; 5] = [
+    "Reserve",
+    "GetReservation",
+    "ConfirmReservation",
+    "ReleaseReservation",
+    "WatchReservation",
+];
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            shadow: false,
+            per_user_period_ms: 1_000,
+            per_user_burst: 1,
+            global_per_sec: 20_000,
+            global_burst: 5_000,
+            sweep_interval_ms: 10_000,
+            methods: vec!["Reserve".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupLayerConfig {
+    /// Whether the layer runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+    /// How long a Reserve's answer is replayed to retries with the same
+    /// idempotency key, in seconds.
+    pub ttl_secs: u64,
+    /// How long a concurrent duplicate waits for the first call's answer,
+    /// in milliseconds, before it is answered ABORTED.
+    pub wait_ms: u64,
+}
+
+impl Default for DedupLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 24 * 3600,
+            wait_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateLayerConfig {
+    /// Whether the gate runs. Can be changed at run time via AdminService.
+    pub enabled: bool,
+    /// What Reserve does while the gate backend is down or not loaded:
+    /// `fail_closed` or `bypass`.
+    pub failure_mode: GateFailureMode,
+    /// How long this replica answers "sold out" for a SKU from memory after
+    /// the gate said so, in milliseconds, unless a restock message clears it
+    /// sooner. It bounds staleness when a restock message is missed. 0
+    /// turns the fast path off.
+    pub sold_out_cache_ms: u64,
+    /// How often the reconciler compares the gate with the database (and
+    /// reloads a gate that lost its counters), in milliseconds.
+    pub reconcile_interval_ms: u64,
+    /// A reservation the gate admitted that is, after this long (ms),
+    /// neither queued in this process nor in the database was lost between
+    /// admission and queueing (a crash); the reconciler returns its units.
+    /// Keep it well above the queue's lag.
+    pub in_flight_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Prefix of every key and channel, so several deployments (or test
+    /// runs) can share one Redis.
+    pub key_prefix: String,
+    /// Most time one Redis call may take, in milliseconds, before Reserve
+    /// treats the gate as down (see `layers.gate.failure_mode`).
+    pub response_timeout_ms: u64,
+    /// Most time one connection attempt may take, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long a reservation's record stays in Redis, in seconds. Releases
+    /// within this time are recognised as repeats; it must outlive holds.
+    pub record_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueLayerConfig {
+    /// Whether admitted reservations go through the queue (true) or are
+    /// committed to the database in the request path (false).
+    pub enabled: bool,
+    /// Most orders the processor commits in one transaction.
+    pub batch_size: usize,
+    /// How long the processor waits to fill a batch, in milliseconds, once
+    /// it has at least one order.
+    pub linger_ms: u64,
+    /// Most reservations waiting in the embedded queue; past it Reserve
+    /// answers UNAVAILABLE instead of growing memory without bound.
+    pub capacity: usize,
+    /// How often the processor tries an order the database keeps refusing
+    /// with an error (not an outage, which is retried until it ends) before
+    /// it gives up: the reservation becomes REJECTED, its units go back,
+    /// and with RabbitMQ the message is moved to the dead-letter queue.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitConfig {
+    /// The durable quorum queue of orders (single active consumer). The
+    /// dead-letter queue is `<queue>.dlq` and the fanout exchange telling
+    /// API replicas which reservations were settled is `<queue>.settled`.
+    pub queue: String,
+    /// Most time Reserve waits for the broker to confirm a message, in
+    /// milliseconds; past it the reservation is rolled back (UNAVAILABLE).
+    pub publish_timeout_ms: u64,
+    /// Most unacknowledged messages the processor holds; at least
+    /// `layers.queue.batch_size` so a batch can fill.
+    pub prefetch: u16,
+    /// Pause between reconnection attempts after the broker was lost, in
+    /// milliseconds.
+    pub reconnect_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbLayerConfig {
+    /// `optimistic`, `pessimistic` or `off` (naive; can oversell, accepted
+    /// only with the gate on and fail-closed, or `layers.allow_unsafe`).
+    pub check: DbCheckMode,
+    /// Most optimistic attempts for one order before the call is answered
+    /// ABORTED. Each lost race means another order was committed, so this
+    /// only binds under extreme contention on one SKU.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReservationsConfig {
+    /// Most units one Reserve call may ask for.
+    pub max_quantity: u32,
+    /// How long a hold lasts before it expires and its units return to
+    /// stock, in seconds. 0 = holds never expire.
+    pub hold_ttl_secs: u64,
+    /// How often the expiry sweeper looks for lapsed holds, in milliseconds.
+    pub sweep_interval_ms: u64,
+    /// Waiting entries a SKU with the `waitlist` sold-out policy takes at
+    /// once, unless the SKU sets its own limit (`SetSoldOutPolicy`).
+    pub waitlist_max: u32,
+    /// How long a waitlist entry waits for units before it expires, in
+    /// seconds.
+    pub waitlist_ttl_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 64 * 1024,
+            max_concurrent_streams: 100,
+            request_timeout_ms: 5_000,
+            max_in_flight: 4_096,
+            shutdown_grace_ms: 10_000,
+            role: Role::All,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token: String::new(),
+            token_file: String::new(),
+            listen: String::new(),
+            switch_poll_ms: 1_000,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        Self {
+            store: EMBEDDED.into(),
+            gate: EMBEDDED.into(),
+            queue: EMBEDDED.into(),
+            dedup: EMBEDDED.into(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_path: "stockgate.db".into(),
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for GateLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_mode: GateFailureMode::FailClosed,
+            sold_out_cache_ms: 1_000,
+            reconcile_interval_ms: 5_000,
+            in_flight_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            key_prefix: "stockgate".into(),
+            response_timeout_ms: 500,
+            connect_timeout_ms: 1_000,
+            record_ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for QueueLayerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_size: 64,
+            linger_ms: 2,
+            capacity: 100_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            queue: "stockgate.orders".into(),
+            publish_timeout_ms: 2_000,
+            prefetch: 512,
+            reconnect_delay_ms: 500,
+        }
+    }
+}
+
+impl Default for DbLayerConfig {
+    fn default() -> Self {
+        Self {
+            check: DbCheckMode::Optimistic,
+            max_attempts: 64,
+        }
+    }
+}
+
+impl Default for ReservationsConfig {
+    fn default() -> Self {
+        Self {
+            max_quantity: 10,
+            hold_ttl_secs: 600,
+            sweep_interval_ms: 1_000,
+            waitlist_max: 10_000,
+            waitlist_ttl_secs: 900,
+        }
+    }
+}
