@@ -1,6 +1,7 @@
 //! Domain types: validated newtypes for everything a caller sends, the
-//! reservation record, and the pipeline that runs a reservation through the
-//! layers ([`pipeline`]).
+//! reservation record, and the layer switches ([`switches`]). They depend
+//! on no layer; the pipeline that runs a reservation through the layers
+//! is [`crate::reserve`].
 
 pub mod switches;
 

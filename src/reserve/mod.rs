@@ -6,7 +6,7 @@
 //!
 //! The rule everywhere: the gate and the queue may only filter. Units the
 //! gate took for a reservation go back to it exactly when the database did
-//! not take them ([`Pipeline::settle_gate`]), and every decision the caller
+//! not take them (`Pipeline::settle_gate`), and every decision the caller
 //! heard as RESERVED or QUEUED ends as a database row.
 
 mod batch;

@@ -462,7 +462,7 @@ impl Store {
     }
 
     /// A setting of a pooled connection's session (PostgreSQL only), as
-    /// `SHOW` gives it: shows what [`PG_SESSION`] set.
+    /// `SHOW` gives it: shows what `PG_SESSION` set.
     pub async fn session_setting(&self, name: &str) -> Result<String, StoreError> {
         let mut conn = self.pg_conn("session settings are PostgreSQL's").await?;
         let row: Setting = diesel::sql_query("SELECT current_setting($1) AS value")

@@ -11,7 +11,7 @@ use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
 /// The shared store: one Redis string per key, so the hot path needs no
 /// script. A claim is `c`, the fingerprint and the token; an answer is `a`,
 /// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
-/// or later) and answers go through the [`Batcher`], so under load a whole
+/// or later) and answers go through the `Batcher`, so under load a whole
 /// batch of calls costs Redis one read and one write.
 pub struct RedisDedup {
     conn: redis::aio::ConnectionManager,
