@@ -31,7 +31,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod middleware;
 pub mod ops;
-pub mod processor;
+mod processor;
 pub mod queue;
 mod redis_batch;
 pub mod reserve;

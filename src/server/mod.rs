@@ -422,7 +422,7 @@ pub async fn run_with(
         }
     }
 
-    background.stop().await;
+    background.stop(grace).await;
     // Queued orders were promised a decision: let the embedded processor
     // drain them (a RabbitMQ processor finishes its batch; the rest stays
     // queued for the next one).

@@ -31,7 +31,8 @@ const HEALTH_NAMES: [&str; 3] = [
 /// The replica's background tasks, started with the server and stopped
 /// together on one path. Each holds no promise a caller waits on (the
 /// order processor, which does, is drained on its own); a task that
-/// panicked is reported when they stop.
+/// panicked is reported when they stop. Dropped without `stop` (start-up
+/// failed after they began), it still aborts them.
 #[derive(Default)]
 pub(super) struct Background {
     tasks: Vec<(&'static str, JoinHandle<()>)>,
@@ -46,21 +47,50 @@ impl Background {
         self.tasks.push((name, tokio::spawn(task)));
     }
 
-    pub(super) async fn stop(self) {
-        for (name, task) in self.tasks {
+    /// Aborts every task at once, then waits up to `within` for them to
+    /// end. An abort lands at a task's next await, so a task inside
+    /// blocking work (a migration under `block_in_place`) may outlive the
+    /// wait; it is named and left behind rather than holding the stop.
+    pub(super) async fn stop(mut self, within: Duration) {
+        for (_, task) in &self.tasks {
             task.abort();
-            if let Err(err) = task.await {
-                if err.is_panic() {
-                    tracing::error!(task = name, "background task panicked");
+        }
+        let ended = tokio::time::timeout(within, async {
+            for (name, task) in self.tasks.iter_mut() {
+                if let Err(err) = task.await {
+                    if err.is_panic() {
+                        tracing::error!(task = *name, "background task panicked");
+                    }
                 }
             }
+        })
+        .await;
+        if ended.is_err() {
+            let running: Vec<_> = self
+                .tasks
+                .iter()
+                .filter(|(_, task)| !task.is_finished())
+                .map(|(name, _)| *name)
+                .collect();
+            tracing::warn!(
+                ?running,
+                "background tasks still running after the grace period"
+            );
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for (_, task) in &self.tasks {
+            task.abort();
         }
     }
 }
 
 /// Applies reloaded configs: the file's switches to the whole fleet (as an
 /// audited change by `sighup`), its admin token to this replica.
-pub(crate) async fn apply_reloads(
+pub(super) async fn apply_reloads(
     mut reloads: mpsc::Receiver<Config>,
     board: Arc<SwitchBoard>,
     admin_token: AdminToken,
@@ -98,7 +128,7 @@ pub(crate) async fn apply_reloads(
 /// Gauges that are read rather than counted: calls in flight, reservations
 /// this replica waits on, the fleet's queue depth, readiness; and
 /// histogram upkeep.
-pub(crate) async fn sample_gauges(
+pub(super) async fn sample_gauges(
     pipeline: Arc<Pipeline>,
     in_flight: Option<Arc<InFlight>>,
     mut stop: watch::Receiver<bool>,
@@ -125,7 +155,7 @@ pub(crate) async fn sample_gauges(
     }
 }
 
-pub(crate) async fn set_health(health: &HealthReporter, status: ServingStatus) {
+pub(super) async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for name in HEALTH_NAMES {
         health.set_service_status(name, status).await;
     }
@@ -133,7 +163,7 @@ pub(crate) async fn set_health(health: &HealthReporter, status: ServingStatus) {
 
 /// Retries until the store is reachable and migrated (migrating it when
 /// allowed), loads the gate, then reports SERVING.
-pub(crate) async fn become_ready(
+pub(super) async fn become_ready(
     pipeline: Arc<Pipeline>,
     board: Arc<SwitchBoard>,
     health: HealthReporter,
@@ -184,7 +214,7 @@ pub(crate) async fn become_ready(
     }
 }
 
-pub(crate) async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
+async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<(), String> {
     let store = pipeline.store();
     if migrate {
         let applied = store.migrate().await.map_err(|e| e.to_string())?;
@@ -205,7 +235,7 @@ pub(crate) async fn check_store(pipeline: &Pipeline, migrate: bool) -> Result<()
     store.ping().await.map_err(|e| e.to_string())
 }
 
-pub(crate) async fn run_sweeper(
+pub(super) async fn run_sweeper(
     pipeline: Arc<Pipeline>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
@@ -231,7 +261,7 @@ pub(crate) async fn run_sweeper(
 /// Forgets users idle long enough to have a full burst again, and expired
 /// in-process dedup answers, so memory stays bounded however many distinct
 /// users and keys call.
-pub(crate) async fn sweep_rate_limits(
+pub(super) async fn sweep_rate_limits(
     limits: Arc<RateLimits>,
     dedup: Option<Arc<MemoryDedup>>,
     every: Duration,
@@ -247,7 +277,7 @@ pub(crate) async fn sweep_rate_limits(
 }
 
 /// Drops the sold-out fast path's answer when any replica restocks a SKU.
-pub(crate) async fn forward_restocks(pipeline: Arc<Pipeline>) {
+pub(super) async fn forward_restocks(pipeline: Arc<Pipeline>) {
     let mut restocks = pipeline.restocks();
     loop {
         match restocks.recv().await {
@@ -262,7 +292,7 @@ pub(crate) async fn forward_restocks(pipeline: Arc<Pipeline>) {
 
 /// Compares the gate with the database every `every`, and at once when a
 /// caller found the gate not loaded.
-pub(crate) async fn run_reconciler(
+pub(super) async fn run_reconciler(
     pipeline: Arc<Pipeline>,
     every: Duration,
     resync_queued: bool,
@@ -299,6 +329,24 @@ pub(crate) async fn run_reconciler(
 mod tests {
     use super::*;
 
+    /// As a migration under `block_in_place` does: an abort cannot land
+    /// until the blocking work returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_stuck_in_blocking_work_does_not_hold_the_stop() {
+        let mut background = Background::default();
+        background.spawn("blocking", async {
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        background.stop(Duration::from_millis(100)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn stopping_ends_every_task_even_after_one_panicked() {
         let alive = Arc::new(());
@@ -310,7 +358,7 @@ mod tests {
         });
         background.spawn("panics", async { panic!("a bug in a background task") });
         tokio::task::yield_now().await;
-        background.stop().await;
+        background.stop(Duration::from_secs(5)).await;
         assert_eq!(
             Arc::strong_count(&alive),
             1,

@@ -11,8 +11,11 @@
 //! The query code is written once per concern (`commit.rs`, `holds.rs`,
 //! `stock.rs`, each a macro) and instantiated per connection type by
 //! `dialect!`, because diesel's query builder is typed by backend; [`Store`]
-//! picks the instance for the pool it holds. `tickets.rs` numbers the queue,
-//! `migrate.rs` runs the embedded migrations.
+//! picks the instance for the pool it holds. All three expand into the same
+//! module per dialect, so they call each other's helpers (committing fills
+//! a waitlist's positions, a stock write hands units to the waitlist).
+//! `tickets.rs` numbers the queue, `migrate.rs` runs the embedded
+//! migrations.
 
 mod models;
 mod ops;
