@@ -19,8 +19,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin_cli;
-pub mod bench;
 pub mod check;
 pub mod client;
 pub mod config;
@@ -37,7 +35,6 @@ mod redis_batch;
 pub mod reserve;
 pub mod server;
 pub mod store;
-pub mod storm;
 pub mod telemetry;
 
 pub use server::run;

@@ -12,7 +12,7 @@ mod embedded;
 mod redis_gate;
 
 pub use embedded::EmbeddedGate;
-pub use redis_gate::RedisGate;
+pub use redis_gate::{RedisGate, RESERVE_SCRIPT};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;

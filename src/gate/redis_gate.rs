@@ -30,6 +30,10 @@ use tokio::{sync::broadcast, task::JoinHandle};
 use super::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL};
 use crate::{config::RedisConfig, domain::Sku};
 
+/// The reserve script's source, for tools that measure it on its own
+/// (`stockgate bench` runs it under redis-benchmark as the raw reference).
+pub const RESERVE_SCRIPT: &str = include_str!("scripts/reserve.lua");
+
 pub struct RedisGate {
     conn: ConnectionManager,
     prefix: String,
@@ -71,7 +75,7 @@ impl RedisGate {
             conn,
             prefix: config.key_prefix.clone(),
             record_ttl_secs: config.record_ttl_secs,
-            reserve: Script::new(include_str!("scripts/reserve.lua")),
+            reserve: Script::new(RESERVE_SCRIPT),
             settle: Script::new(include_str!("scripts/settle.lua")),
             set: Script::new(include_str!("scripts/set.lua")),
             adjust: Script::new(include_str!("scripts/adjust.lua")),

@@ -40,7 +40,7 @@ async fn the_python_client_round_trip() {
     let deps = crate::harness::python_grpc();
     let stubs = crate::harness::python_stubs(&deps);
     let out = stubs.path().display().to_string();
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = crate::harness::ROOT;
 
     let app = TestApp::spawn_with(Profile::Embedded, |c| c.admin.token = "py-token".into()).await;
     let output = Command::new("python3")

@@ -27,7 +27,7 @@ const HOLD_TTL_SECS: u64 = 4;
 /// Runs one of `clients/python/`'s scripts: whether every case passed,
 /// and its whole output.
 fn run_script(script: &str, pythonpath: &str, args: &[String]) -> (bool, String) {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = crate::harness::ROOT;
     let output = Command::new("python3")
         .arg(format!("{root}/clients/python/{script}"))
         .args(args)

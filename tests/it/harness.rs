@@ -77,6 +77,10 @@ pub async fn delete_rabbit(config: &Config) {
     stockgate::queue::delete_topology(&amqp_url(), &config.rabbitmq.queue).await;
 }
 
+/// The workspace root: the tests belong to `tools/` (the package that
+/// builds the binary), the files they read (proto, clients, k8s) live here.
+pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 pub fn redis_url() -> String {
     std::env::var("STOCKGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -84,7 +88,7 @@ pub fn redis_url() -> String {
 /// Deletes every key under `prefix`: what a Redis restart or FLUSHALL does
 /// to this test, without touching the keys of tests running beside it.
 pub async fn wipe_redis_prefix(prefix: &str) {
-    stockgate::bench::cleanup(&redis_url(), prefix)
+    stockgate_tools::bench::cleanup(&redis_url(), prefix)
         .await
         .unwrap();
 }
@@ -713,7 +717,7 @@ pub fn python_grpc() -> String {
 /// Python stubs generated from our proto by grpcio-tools (`deps`), in a
 /// folder that lives as long as the returned handle.
 pub fn python_stubs(deps: &str) -> tempfile::TempDir {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = ROOT;
     let out = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("python3")
         .args(["-m", "grpc_tools.protoc", &format!("-I{root}/proto")])

@@ -815,7 +815,7 @@ async fn sighup_applies_the_config_files_switches() {
 /// service exports.
 #[test]
 fn dashboards_and_alerts_use_exported_metrics() {
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = crate::harness::ROOT;
     for file in [
         "deploy/grafana/stockgate-dashboard.json",
         "deploy/prometheus/stockgate-alerts.yaml",

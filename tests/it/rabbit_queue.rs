@@ -514,14 +514,16 @@ fn record(tally: &mut StormTally, result: Result<stockgate::pb::ReserveResponse,
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_queue_runs_and_reports_every_measurement() {
     let db = crate::harness::TestDb::create().await;
-    let options = stockgate::bench::queue::QueueBenchOptions {
+    let options = stockgate_tools::bench::queue::QueueBenchOptions {
         orders: 300,
         batch_size: 16,
         rounds: 1,
         store: db.url.clone(),
         amqp: crate::harness::amqp_url(),
     };
-    let results = stockgate::bench::queue::run(options.clone()).await.unwrap();
+    let results = stockgate_tools::bench::queue::run(options.clone())
+        .await
+        .unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
@@ -532,7 +534,7 @@ async fn bench_queue_runs_and_reports_every_measurement() {
         ]
     );
     assert!(results.iter().all(|m| m.per_sec > 0.0), "{results:?}");
-    let table = stockgate::bench::queue::render(&results, &options);
+    let table = stockgate_tools::bench::queue::render(&results, &options);
     assert!(table.contains("x batch 1"), "{table}");
     db.drop_now().await;
 }

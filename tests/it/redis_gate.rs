@@ -264,8 +264,8 @@ async fn redis_unreachable_fail_closed_or_bypass() {
 }
 
 /// A one-round bench of `requests` calls on the embedded store and queue.
-fn small_bench(requests: usize) -> stockgate::bench::BenchOptions {
-    stockgate::bench::BenchOptions {
+fn small_bench(requests: usize) -> stockgate_tools::bench::BenchOptions {
+    stockgate_tools::bench::BenchOptions {
         requests,
         concurrency: 8,
         connections: 2,
@@ -281,7 +281,7 @@ fn small_bench(requests: usize) -> stockgate::bench::BenchOptions {
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_runs_and_reports_every_measurement() {
     let options = small_bench(500);
-    let results = stockgate::bench::run(options.clone()).await.unwrap();
+    let results = stockgate_tools::bench::run(options.clone()).await.unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
@@ -315,7 +315,7 @@ async fn bench_runs_and_reports_every_measurement() {
         "admitted calls ran the script: {cpu:?}"
     );
     assert!(cpu[3].process_us > cpu[1].process_us, "{cpu:?}");
-    let table = stockgate::bench::render(&results, &options);
+    let table = stockgate_tools::bench::render(&results, &options);
     assert!(table.contains("x no-op"), "{table}");
     assert!(table.contains("cpu/call"), "{table}");
 }
@@ -368,7 +368,7 @@ async fn lost_admissions_are_returned_by_the_reconciler() {
 #[tokio::test(flavor = "multi_thread")]
 async fn middleware_bench_runs_and_refuses_nothing() {
     let options = small_bench(300);
-    let results = stockgate::bench::middleware::run(options.clone())
+    let results = stockgate_tools::bench::middleware::run(options.clone())
         .await
         .unwrap();
     // Seven rows on the sold-out path, then the same seven with stock.
@@ -387,7 +387,7 @@ async fn middleware_bench_runs_and_refuses_nothing() {
         .and_then(|m| m.cpu)
         .unwrap();
     assert!(dedup_in_redis.redis_us > 0.0, "{results:?}");
-    let table = stockgate::bench::middleware::render(&results, &options);
+    let table = stockgate_tools::bench::middleware::render(&results, &options);
     assert!(table.contains("Reserve (sold out) with"), "{table}");
     assert!(table.contains("Reserve (stock) with"), "{table}");
     assert_eq!(table.matches("all middleware on").count(), 2, "{table}");

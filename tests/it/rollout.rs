@@ -194,10 +194,7 @@ fn kubernetes_validate() -> String {
 
 fn render(tree: &str) -> String {
     let output = Command::new("kubectl")
-        .args([
-            "kustomize",
-            &format!("{}/k8s/{tree}", env!("CARGO_MANIFEST_DIR")),
-        ])
+        .args(["kustomize", &format!("{}/k8s/{tree}", crate::harness::ROOT)])
         .output()
         .expect("kubectl (with its built-in kustomize) is installed on this machine kind");
     assert!(
@@ -217,7 +214,7 @@ fn render(tree: &str) -> String {
 #[test]
 fn manifests_render_and_pass_strict_validation() {
     let kv = kubernetes_validate();
-    let status = Command::new(format!("{}/k8s/validate.sh", env!("CARGO_MANIFEST_DIR")))
+    let status = Command::new(format!("{}/k8s/validate.sh", crate::harness::ROOT))
         .env("KV_PATH", &kv)
         .status()
         .unwrap();
@@ -254,11 +251,8 @@ fn manifests_render_and_pass_strict_validation() {
         "every stockgate pod (api, processor, migrate) turns service links off"
     );
 
-    let file = std::fs::read_to_string(format!(
-        "{}/k8s/base/stockgate.toml",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let file = std::fs::read_to_string(format!("{}/k8s/base/stockgate.toml", crate::harness::ROOT))
+        .unwrap();
     let config: Config = toml::from_str(&file).expect("k8s/base/stockgate.toml uses known keys");
     assert!(!config.store.migrate_on_start, "a Job migrates");
     assert_eq!(config.metrics.listen, "0.0.0.0:9464");
@@ -295,7 +289,7 @@ fn the_binary_needs_only_what_the_runtime_image_has() {
         );
     }
     let dockerfile =
-        std::fs::read_to_string(format!("{}/Dockerfile", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        std::fs::read_to_string(format!("{}/Dockerfile", crate::harness::ROOT)).unwrap();
     assert!(dockerfile.contains("libsqlite3.so.0"));
     assert!(dockerfile.contains("distroless/cc"));
 }

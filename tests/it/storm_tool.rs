@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use stockgate::storm::{self, StormOptions};
+use stockgate_tools::storm::{self, StormOptions};
 
 use crate::harness::{Profile, TestApp};
 

@@ -13,7 +13,7 @@ use tonic::{
     Request, Status,
 };
 
-use crate::pb::{
+use stockgate::pb::{
     self, admin_service_client::AdminServiceClient, DbCheckMode, GateFailureMode, Layers,
     RateLimitSettings, SetLayersRequest,
 };
@@ -174,7 +174,7 @@ async fn client(args: &AdminArgs) -> anyhow::Result<Client> {
         }
         request
             .metadata_mut()
-            .insert(crate::grpc::OPERATOR_METADATA, operator.clone());
+            .insert(stockgate::grpc::OPERATOR_METADATA, operator.clone());
         Ok(request)
     });
     Ok(AdminServiceClient::with_interceptor(channel, add))
@@ -186,7 +186,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
     let status = |s: Status| {
         anyhow!(
             "{}: {}",
-            crate::metrics::code_name(s.code() as i32),
+            stockgate::metrics::code_name(s.code() as i32),
             s.message()
         )
     };

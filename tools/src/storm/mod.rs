@@ -32,7 +32,7 @@ use tonic::{
     Code, Request, Status,
 };
 
-use crate::{
+use stockgate::{
     domain::Sku,
     pb::{
         admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
@@ -364,7 +364,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn code_name(code: Code) -> &'static str {
-    crate::metrics::code_name(code as i32)
+    stockgate::metrics::code_name(code as i32)
 }
 
 fn tally(
@@ -575,7 +575,7 @@ async fn settle_and_check(
     }
     let checked = admin
         .client
-        .check_invariants(admin.request(crate::pb::CheckInvariantsRequest {
+        .check_invariants(admin.request(stockgate::pb::CheckInvariantsRequest {
             sku: options.sku.clone(),
         }))
         .await
@@ -611,7 +611,7 @@ async fn settle_and_check(
 async fn back_off(refusal: &Status, otherwise: Duration) {
     let wait = refusal
         .metadata()
-        .get(crate::error::RETRY_AFTER)
+        .get(stockgate::error::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(otherwise, Duration::from_secs);
@@ -699,8 +699,9 @@ pub async fn check_database(
     owners: &HashMap<&str, usize>,
 ) -> anyhow::Result<Vec<Check>> {
     // `owners` maps reservation id to the call that got it.
-    let target = crate::config::StoreBackend::Postgres(url.to_owned());
-    let store = crate::store::Store::connect(target, &crate::config::StoreConfig::default())?;
+    let target = stockgate::config::StoreBackend::Postgres(url.to_owned());
+    let store =
+        stockgate::store::Store::connect(target, &stockgate::config::StoreConfig::default())?;
     let sku = Sku::parse(&options.sku).map_err(|e| anyhow::anyhow!("--sku: {e}"))?;
     let rows = store.reservations_of(&sku).await?;
     let left = store
@@ -743,7 +744,7 @@ async fn db_writes(options: &StormOptions) -> Option<u64> {
     let text = fetch(url).await.ok()?;
     let total: f64 = text
         .lines()
-        .filter(|l| l.starts_with(crate::metrics::DECISIONS) && l.contains("layer=\"db\""))
+        .filter(|l| l.starts_with(stockgate::metrics::DECISIONS) && l.contains("layer=\"db\""))
         // A write attempted: a commit, or a conditional update that lost
         // its race. Sold out and over cap are decided by the read.
         .filter(|l| l.contains("decision=\"committed\"") || l.contains("decision=\"conflict\""))
@@ -827,7 +828,7 @@ pub async fn run_matrix(options: &StormOptions) -> anyhow::Result<Vec<StormRepor
     let mut admin = Admin::connect(options).await?;
     let before = admin
         .client
-        .get_layers(admin.request(crate::pb::GetLayersRequest {}))
+        .get_layers(admin.request(stockgate::pb::GetLayersRequest {}))
         .await
         .map_err(status("GetLayers"))?
         .into_inner()

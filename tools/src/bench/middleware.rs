@@ -18,7 +18,7 @@ use super::{
     cleanup, load, median_rounds, reserve_call, tempfile_dir, wait_drained, BenchOptions,
     BenchServer, Measured,
 };
-use crate::pb::{
+use stockgate::pb::{
     admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
 };
 
@@ -76,7 +76,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
             config.backends.dedup = options.redis_url.clone();
         }
         // The middleware is measured; the queue stays in-process.
-        config.backends.queue = crate::config::EMBEDDED.into();
+        config.backends.queue = stockgate::config::EMBEDDED.into();
         config.server.max_in_flight = if kind.shedding { 4_096 } else { 0 };
         config.layers.queue.capacity = options.requests.max(1) * 2;
         // Every call is a new user; the global budget must never bind.
@@ -171,7 +171,7 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
         options.concurrency,
         options.connections,
         options.rounds,
-        crate::config::redact_url(&options.store),
+        stockgate::config::redact_url(&options.store),
     );
     let (sold_out, with_stock) = results.split_at(results.len().min(ROWS.len()));
     for (path, rows) in [

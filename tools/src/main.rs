@@ -13,7 +13,7 @@ use stockgate::config::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(version = stockgate::VERSION, about = "Flash-sale inventory reservation service")]
+#[command(name = "stockgate", version = stockgate::VERSION, about = "Flash-sale inventory reservation service")]
 struct Cli {
     /// TOML config file; defaults, then this file, then STOCKGATE_* env vars.
     #[arg(long, short, global = true, env = "STOCKGATE_CONFIG")]
@@ -39,7 +39,7 @@ enum Command {
     /// Validate the configuration, print it as TOML, and exit.
     CheckConfig,
     /// Operator commands against a running server's AdminService.
-    Admin(stockgate::admin_cli::AdminArgs),
+    Admin(stockgate_tools::admin_cli::AdminArgs),
     /// Reproduce a flash sale against a running server and check the
     /// invariants; exits non-zero when one is broken.
     Storm(StormArgs),
@@ -162,7 +162,7 @@ struct StormArgs {
 }
 
 async fn storm(args: StormArgs) -> anyhow::Result<bool> {
-    use stockgate::storm;
+    use stockgate_tools::storm;
     let options = storm::StormOptions {
         admin_addr: args.admin_addr.unwrap_or_else(|| args.addr.clone()),
         addr: args.addr,
@@ -221,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(Command::Admin(args)) = cli.command {
         // A client: the server's config is not needed here.
-        match stockgate::admin_cli::run(args).await {
+        match stockgate_tools::admin_cli::run(args).await {
             Ok(out) => {
                 print!("{out}");
                 return Ok(());
@@ -273,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
             middleware,
             storm,
         } => {
-            let options = stockgate::bench::BenchOptions {
+            let options = stockgate_tools::bench::BenchOptions {
                 requests,
                 concurrency,
                 connections,
@@ -283,8 +283,11 @@ async fn main() -> anyhow::Result<()> {
                 queue,
             };
             if storm {
-                let rounds = stockgate::bench::storm::run(options.clone()).await?;
-                print!("{}", stockgate::bench::storm::render(&rounds, &options));
+                let rounds = stockgate_tools::bench::storm::run(options.clone()).await?;
+                print!(
+                    "{}",
+                    stockgate_tools::bench::storm::render(&rounds, &options)
+                );
                 if rounds.iter().any(|r| !r.storm.ok()) {
                     eprintln!("an invariant was broken");
                     std::process::exit(2);
@@ -292,15 +295,15 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if middleware {
-                let results = stockgate::bench::middleware::run(options.clone()).await?;
+                let results = stockgate_tools::bench::middleware::run(options.clone()).await?;
                 print!(
                     "{}",
-                    stockgate::bench::middleware::render(&results, &options)
+                    stockgate_tools::bench::middleware::render(&results, &options)
                 );
                 return Ok(());
             }
-            let results = stockgate::bench::run(options.clone()).await?;
-            print!("{}", stockgate::bench::render(&results, &options));
+            let results = stockgate_tools::bench::run(options.clone()).await?;
+            print!("{}", stockgate_tools::bench::render(&results, &options));
             Ok(())
         }
         Command::BenchQueue {
@@ -310,15 +313,18 @@ async fn main() -> anyhow::Result<()> {
             store,
             amqp,
         } => {
-            let options = stockgate::bench::queue::QueueBenchOptions {
+            let options = stockgate_tools::bench::queue::QueueBenchOptions {
                 orders,
                 batch_size,
                 rounds,
                 store,
                 amqp,
             };
-            let results = stockgate::bench::queue::run(options.clone()).await?;
-            print!("{}", stockgate::bench::queue::render(&results, &options));
+            let results = stockgate_tools::bench::queue::run(options.clone()).await?;
+            print!(
+                "{}",
+                stockgate_tools::bench::queue::render(&results, &options)
+            );
             Ok(())
         }
         Command::Admin(_) | Command::Storm(_) => unreachable!("handled above"),

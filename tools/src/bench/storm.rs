@@ -66,7 +66,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
     server.stop().await?;
     super::cleanup(&options.redis_url, &prefix).await?;
     if options.queue.starts_with("amqp://") {
-        crate::queue::delete_topology(&options.queue, &prefix).await;
+        stockgate::queue::delete_topology(&options.queue, &prefix).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     // The round whose storm had the median throughput.
@@ -83,8 +83,8 @@ pub fn render(rounds: &[StormRound], options: &BenchOptions) -> String {
         options.concurrency,
         options.connections,
         options.rounds,
-        crate::config::redact_url(&options.store),
-        crate::config::redact_url(&options.queue),
+        stockgate::config::redact_url(&options.store),
+        stockgate::config::redact_url(&options.queue),
     );
     out.push_str(&format!(
         "{:<34} {:>10} {:>9} {:>9} {:>10} {:>8}\n",

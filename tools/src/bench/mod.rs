@@ -34,7 +34,7 @@ use tonic_health::pb::{
 };
 
 use self::cpu::CpuMeter;
-use crate::{
+use stockgate::{
     config::Config,
     pb::{
         admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
@@ -159,7 +159,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     server.await??;
     cleanup(&options.redis_url, &prefix).await?;
     if options.queue.starts_with("amqp://") {
-        crate::queue::delete_topology(&options.queue, &prefix).await;
+        stockgate::queue::delete_topology(&options.queue, &prefix).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
@@ -202,11 +202,11 @@ impl BenchServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let switches = crate::grpc::set_every_switch(
-            crate::domain::switches::Layers::from_config(&config),
+        let switches = stockgate::grpc::set_every_switch(
+            stockgate::domain::switches::Layers::from_config(&config),
             "benchmark: the switches of its config",
         );
-        let server = crate::server::spawn(config, listener, async move {
+        let server = stockgate::server::spawn(config, listener, async move {
             let _ = stopped.await;
         });
         let channels = connect(addr, connections).await?;
@@ -291,7 +291,7 @@ pub(crate) async fn wait_drained(
 ) -> anyhow::Result<()> {
     for _ in 0..1200 {
         let view = admin
-            .get_stock(crate::pb::GetStockRequest { sku: sku.into() })
+            .get_stock(stockgate::pb::GetStockRequest { sku: sku.into() })
             .await?
             .into_inner()
             .stock
@@ -435,7 +435,7 @@ async fn redis_benchmark(options: &BenchOptions, prefix: &str) -> anyhow::Result
     let mut conn = client.get_multiplexed_async_connection().await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(include_str!("../gate/scripts/reserve.lua"))
+        .arg(stockgate::gate::RESERVE_SCRIPT)
         .query_async(&mut conn)
         .await?;
     let key = |part: &str| format!("{prefix}:{{BENCH-RAW}}:{part}");
@@ -534,8 +534,8 @@ pub fn render(results: &[Measured], options: &BenchOptions) -> String {
         options.concurrency,
         options.connections,
         options.rounds,
-        crate::config::redact_url(&options.store),
-        crate::config::redact_url(&options.queue),
+        stockgate::config::redact_url(&options.store),
+        stockgate::config::redact_url(&options.queue),
         "measurement",
         "calls/s",
         "p50 ms",

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use futures::{stream, StreamExt};
 use tokio::{sync::oneshot, time::Instant};
 
-use crate::{
+use stockgate::{
     config::{Config, Role},
     domain::{now, ReservationId, Sku, UserId},
     queue::{OrderQueue, RabbitQueue},
@@ -120,7 +120,7 @@ async fn processor_run(
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = crate::server::spawn(config.clone(), listener, async move {
+    let server = stockgate::server::spawn(config.clone(), listener, async move {
         let _ = stopped.await;
     });
     let left = || async {
@@ -154,7 +154,7 @@ async fn processor_run(
     let elapsed = started.elapsed().as_secs_f64();
     let _ = stop.send(());
     server.await??;
-    crate::queue::delete_topology(&options.amqp, &config.rabbitmq.queue).await;
+    stockgate::queue::delete_topology(&options.amqp, &config.rabbitmq.queue).await;
     Ok(first_left as f64 / elapsed)
 }
 
