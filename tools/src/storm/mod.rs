@@ -11,10 +11,15 @@
 //! reservation per idempotency key. `--matrix` repeats it under each layer
 //! configuration, the article's naive baseline included.
 
+mod check;
+mod matrix;
 pub mod report;
 
+pub use check::check_database;
+pub use matrix::{matrix, render_matrix, run_matrix, Strategy};
+
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::BTreeMap,
     io::IsTerminal,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -24,7 +29,6 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use serde::Serialize;
 use tonic::{
     metadata::MetadataValue,
@@ -32,14 +36,9 @@ use tonic::{
     Code, Request, Status,
 };
 
-use stockgate::{
-    domain::Sku,
-    pb::{
-        admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
-        ConfirmReservationRequest, DbCheckMode, GetReservationRequest, GetStockRequest,
-        ReservationState as PbState, ReserveOutcome, ReserveRequest, SetLayersRequest,
-        SetStockRequest,
-    },
+use stockgate::pb::{
+    admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
+    ReserveOutcome, ReserveRequest, SetStockRequest,
 };
 
 /// What to run.
@@ -215,7 +214,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
         .into_inner()
         .stock
         .map_or(0, |v| v.held_units + v.confirmed_units);
-    let writes_before = db_writes(options).await;
+    let writes_before = check::db_writes(options).await;
 
     let mut channels = Vec::with_capacity(options.connections.max(1));
     for _ in 0..options.connections.max(1) {
@@ -290,7 +289,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|p| p.into_inner()));
 
     let mut report = tally(options, strategy, &answers, last_answer);
-    settle_and_check(
+    check::confirm_and_check(
         options,
         &mut admin,
         &channels[0],
@@ -299,7 +298,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
         &mut report,
     )
     .await?;
-    if let (Some(before), Some(after)) = (writes_before, db_writes(options).await) {
+    if let (Some(before), Some(after)) = (writes_before, check::db_writes(options).await) {
         report.db_writes = Some(after.saturating_sub(before));
     }
     Ok(report)
@@ -353,6 +352,18 @@ async fn reserve(
 /// benchmark's rounds, each on a fresh SKU) must not inherit its pacing.
 fn user_name(options: &StormOptions, i: usize) -> String {
     format!("storm-u{}@{}", i % options.users, options.sku)
+}
+
+/// Waits as a refusal's `retry-after` hint says (at most 2 s), or
+/// `otherwise` when it gave none.
+async fn back_off(refusal: &Status, otherwise: Duration) {
+    let wait = refusal
+        .metadata()
+        .get(stockgate::error::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(otherwise, Duration::from_secs);
+    tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -417,469 +428,6 @@ fn tally(
     }
 }
 
-/// Confirms the holds, waits for the queue, then checks the invariants.
-async fn settle_and_check(
-    options: &StormOptions,
-    admin: &mut Admin,
-    channel: &Channel,
-    answers: &[Call],
-    earlier: i64,
-    report: &mut StormReport,
-) -> anyhow::Result<()> {
-    // Reservations by idempotency key (call index): a double click must
-    // come back with one reservation.
-    let mut by_key: HashMap<usize, HashSet<&str>> = HashMap::new();
-    for (i, _, answer, _) in answers {
-        if let Answer::Outcome {
-            outcome: ReserveOutcome::Reserved | ReserveOutcome::Queued,
-            reservation: Some(id),
-        } = answer
-        {
-            by_key.entry(*i).or_default().insert(id.as_str());
-        }
-    }
-    let doubled_keys: Vec<usize> = by_key
-        .iter()
-        .filter(|(_, ids)| ids.len() > 1)
-        .map(|(i, _)| *i)
-        .collect();
-    let pairs: HashSet<usize> = answers
-        .iter()
-        .filter(|(_, second, _, _)| *second)
-        .map(|(i, _, _, _)| *i)
-        .collect();
-    report.deduplicated = pairs
-        .iter()
-        .filter(|i| by_key.get(i).is_some_and(|ids| ids.len() == 1))
-        .filter(|i| {
-            answers
-                .iter()
-                .filter(|(j, _, a, _)| {
-                    j == *i
-                        && matches!(
-                            a,
-                            Answer::Outcome {
-                                reservation: Some(_),
-                                ..
-                            }
-                        )
-                })
-                .count()
-                == 2
-        })
-        .count();
-    let owners: HashMap<&str, usize> = by_key
-        .iter()
-        .flat_map(|(i, ids)| ids.iter().map(move |id| (*id, *i)))
-        .collect();
-    report.admitted = owners.len();
-
-    // Settle: wait for every admitted reservation to leave QUEUED, confirm
-    // the holds. Anything still QUEUED after the wait was lost. Many at
-    // once: with rate limiting on, each user's calls are paced.
-    let inventory = InventoryServiceClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let settled: Vec<anyhow::Result<(String, PbState, u32)>> =
-        futures::stream::iter(owners.iter().map(|(id, i)| {
-            let user = user_name(options, *i);
-            settle_one(inventory.clone(), (*id).to_owned(), user, deadline)
-        }))
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut lost = Vec::new();
-    let mut units_confirmed: i64 = 0;
-    for result in settled {
-        let (id, state, quantity) = result?;
-        match state {
-            PbState::Confirmed => {
-                report.confirmed += 1;
-                units_confirmed += i64::from(quantity);
-            }
-            PbState::Rejected => report.rejected += 1,
-            other => lost.push(format!("{id}: {other:?}")),
-        }
-    }
-    let view = loop {
-        let view = admin
-            .client
-            .get_stock(admin.request(GetStockRequest {
-                sku: options.sku.clone(),
-            }))
-            .await
-            .map_err(status("GetStock"))?
-            .into_inner()
-            .stock
-            .context("GetStock without stock")?;
-        if view.queued_units == 0 || Instant::now() > deadline {
-            break view;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let ordered = view.held_units + view.confirmed_units - earlier;
-    report.units_ordered = ordered;
-    report.oversold = (ordered - options.stock).max(0);
-    let mut checks = vec![
-        Check {
-            name: "units ordered <= stock",
-            ok: ordered <= options.stock,
-            detail: format!("{ordered} ordered of {}", options.stock),
-        },
-        Check {
-            name: "stock left = stock - units ordered",
-            ok: view.db_stock == options.stock - ordered,
-            detail: format!(
-                "{} left, {} - {ordered} = {}",
-                view.db_stock,
-                options.stock,
-                options.stock - ordered
-            ),
-        },
-        Check {
-            name: "every admitted reservation confirmed or rejected",
-            ok: lost.is_empty() && report.confirmed + report.rejected == report.admitted,
-            detail: if lost.is_empty() {
-                format!(
-                    "{} admitted: {} confirmed, {} rejected",
-                    report.admitted, report.confirmed, report.rejected
-                )
-            } else {
-                format!("not settled: {}", lost.join(", "))
-            },
-        },
-        Check {
-            name: "callers' confirmed units = units ordered",
-            ok: units_confirmed == ordered,
-            detail: format!("{units_confirmed} confirmed by callers, {ordered} in the database"),
-        },
-        Check {
-            name: "one reservation per idempotency key",
-            ok: doubled_keys.is_empty(),
-            detail: if doubled_keys.is_empty() {
-                format!(
-                    "{} double clicks, {} answered with one reservation",
-                    pairs.len(),
-                    report.deduplicated
-                )
-            } else {
-                format!("{} keys got two reservations", doubled_keys.len())
-            },
-        },
-    ];
-    if let Some(gate) = view.gate_stock {
-        checks.push(Check {
-            name: "gate agrees with the database",
-            ok: gate == view.db_stock,
-            detail: format!("gate {gate}, database {}", view.db_stock),
-        });
-    }
-    let checked = admin
-        .client
-        .check_invariants(admin.request(stockgate::pb::CheckInvariantsRequest {
-            sku: options.sku.clone(),
-        }))
-        .await
-        .map_err(status("CheckInvariants"))?
-        .into_inner();
-    let problems: Vec<String> = checked
-        .skus
-        .into_iter()
-        .flat_map(|s| s.problems)
-        .chain(checked.problems)
-        .collect();
-    checks.push(Check {
-        name: "the service's invariant checker",
-        ok: checked.ok,
-        detail: if problems.is_empty() {
-            format!(
-                "nothing disagrees (gate compared: {})",
-                if checked.gate_compared { "yes" } else { "no" }
-            )
-        } else {
-            problems.join("; ")
-        },
-    });
-    if let Some(url) = &options.store {
-        checks.extend(check_database(url, options, &owners).await?);
-    }
-    report.checks = checks;
-    Ok(())
-}
-
-/// Waits as a refusal's `retry-after` hint says (at most 2 s), or
-/// `otherwise` when it gave none.
-async fn back_off(refusal: &Status, otherwise: Duration) {
-    let wait = refusal
-        .metadata()
-        .get(stockgate::error::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(otherwise, Duration::from_secs);
-    tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
-}
-
-/// Retries a call refused by the rate limiter or the shedder, after the
-/// hint it came with.
-async fn paced<T, F, Fut>(mut call: F) -> Result<T, Status>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Status>>,
-{
-    loop {
-        match call().await {
-            Err(s) if s.code() == Code::ResourceExhausted => {
-                back_off(&s, Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Waits for one reservation to leave QUEUED and confirms it if HELD;
-/// returns its final state and units.
-async fn settle_one(
-    client: InventoryServiceClient<Channel>,
-    id: String,
-    user: String,
-    deadline: Instant,
-) -> anyhow::Result<(String, PbState, u32)> {
-    let user = metadata(&user, "user")?;
-    fn as_user<T>(body: T, user: &MetadataValue<tonic::metadata::Ascii>) -> Request<T> {
-        let mut request = Request::new(body);
-        request.metadata_mut().insert("x-user-id", user.clone());
-        request
-    }
-    let reservation = loop {
-        let got = paced(|| {
-            let mut client = client.clone();
-            let request = as_user(
-                GetReservationRequest {
-                    reservation_id: id.clone(),
-                },
-                &user,
-            );
-            async move { client.get_reservation(request).await }
-        })
-        .await
-        .map_err(status("GetReservation"))?
-        .into_inner()
-        .reservation
-        .context("GetReservation without a reservation")?;
-        if got.state() != PbState::Queued || Instant::now() > deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    if reservation.state() != PbState::Held {
-        return Ok((id, reservation.state(), reservation.quantity));
-    }
-    let confirmed = paced(|| {
-        let mut client = client.clone();
-        let request = as_user(
-            ConfirmReservationRequest {
-                reservation_id: id.clone(),
-            },
-            &user,
-        );
-        async move { client.confirm_reservation(request).await }
-    })
-    .await
-    .map_err(status("ConfirmReservation"))?
-    .into_inner()
-    .reservation
-    .context("ConfirmReservation without a reservation")?;
-    Ok((id, confirmed.state(), confirmed.quantity))
-}
-
-/// The same invariants read from the database itself; `owners` are the
-/// reservations callers were told about.
-pub async fn check_database(
-    url: &str,
-    options: &StormOptions,
-    owners: &HashMap<&str, usize>,
-) -> anyhow::Result<Vec<Check>> {
-    // `owners` maps reservation id to the call that got it.
-    let target = stockgate::config::StoreBackend::Postgres(url.to_owned());
-    let store =
-        stockgate::store::Store::connect(target, &stockgate::config::StoreConfig::default())?;
-    let sku = Sku::parse(&options.sku).map_err(|e| anyhow::anyhow!("--sku: {e}"))?;
-    let rows = store.reservations_of(&sku).await?;
-    let left = store
-        .inventory(&sku)
-        .await?
-        .map(|row| row.stock)
-        .context("the SKU is not in the database")?;
-    let ordered: i64 = rows
-        .iter()
-        .filter(|r| r.state.holds_units())
-        .map(|r| i64::from(r.quantity))
-        .sum();
-    let unknown: Vec<&str> = rows
-        .iter()
-        .map(|r| r.id.as_str())
-        .filter(|id| !owners.contains_key(id))
-        .collect();
-    Ok(vec![
-        Check {
-            name: "database: units ordered <= stock",
-            ok: ordered <= options.stock,
-            detail: format!("{ordered} ordered in {} rows", rows.len()),
-        },
-        Check {
-            name: "database: stock left = stock - units ordered",
-            ok: left == options.stock - ordered,
-            detail: format!("{left} left"),
-        },
-        Check {
-            name: "database: no order a caller was not told about",
-            ok: unknown.is_empty(),
-            detail: format!("{} unknown rows", unknown.len()),
-        },
-    ])
-}
-
-/// Database writes the service attempted so far, from `/metrics`.
-async fn db_writes(options: &StormOptions) -> Option<u64> {
-    let url = options.metrics_url.as_deref()?;
-    let text = fetch(url).await.ok()?;
-    let total: f64 = text
-        .lines()
-        .filter(|l| l.starts_with(stockgate::metrics::DECISIONS) && l.contains("layer=\"db\""))
-        // A write attempted: a commit, or a conditional update that lost
-        // its race. Sold out and over cap are decided by the read.
-        .filter(|l| l.contains("decision=\"committed\"") || l.contains("decision=\"conflict\""))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
-    Some(total as u64)
-}
-
-/// A plain HTTP/1.0 GET (the metrics endpoint is plain HTTP).
-async fn fetch(url: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .context("--metrics must be an http:// URL")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    stream
-        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// One configuration of the matrix: its name and the switches it sets.
-pub struct Strategy {
-    pub name: &'static str,
-    pub layers: SetLayersRequest,
-}
-
-/// The matrix: every layer on, each off in turn, the database alone in
-/// both modes, and the naive baseline (which oversells: that is the point).
-pub fn matrix() -> Vec<Strategy> {
-    let all = SetLayersRequest {
-        rate_limit: Some(true),
-        dedup: Some(true),
-        gate: Some(true),
-        queue: Some(true),
-        db_check: DbCheckMode::Optimistic as i32,
-        ..Default::default()
-    };
-    let with = |name: &'static str, change: fn(&mut SetLayersRequest)| {
-        let mut layers = all.clone();
-        change(&mut layers);
-        Strategy { name, layers }
-    };
-    let alone = |mode: DbCheckMode| SetLayersRequest {
-        rate_limit: Some(false),
-        dedup: Some(false),
-        gate: Some(false),
-        queue: Some(false),
-        db_check: mode as i32,
-        force: mode == DbCheckMode::Off,
-        reason: "stockgate storm --matrix".into(),
-        ..Default::default()
-    };
-    vec![
-        with("all layers", |_| {}),
-        with("rate limit off", |l| l.rate_limit = Some(false)),
-        with("dedup off", |l| l.dedup = Some(false)),
-        with("gate off", |l| l.gate = Some(false)),
-        with("queue off", |l| l.queue = Some(false)),
-        Strategy {
-            name: "database alone, optimistic",
-            layers: alone(DbCheckMode::Optimistic),
-        },
-        Strategy {
-            name: "database alone, pessimistic",
-            layers: alone(DbCheckMode::Pessimistic),
-        },
-        Strategy {
-            name: "NAIVE read-then-write (broken)",
-            layers: alone(DbCheckMode::Off),
-        },
-    ]
-}
-
-/// Runs the storm once per strategy (each on a fresh SKU), restoring the
-/// switches found at the start afterwards.
-pub async fn run_matrix(options: &StormOptions) -> anyhow::Result<Vec<StormReport>> {
-    let mut admin = Admin::connect(options).await?;
-    let before = admin
-        .client
-        .get_layers(admin.request(stockgate::pb::GetLayersRequest {}))
-        .await
-        .map_err(status("GetLayers"))?
-        .into_inner()
-        .layers
-        .context("GetLayers without layers")?;
-    let mut reports = Vec::new();
-    let mut result = Ok(());
-    for (n, strategy) in matrix().into_iter().enumerate() {
-        let mut layers = strategy.layers.clone();
-        layers.reason = format!("stockgate storm --matrix: {}", strategy.name);
-        if let Err(err) = admin
-            .client
-            .set_layers(admin.request(layers))
-            .await
-            .map_err(status("SetLayers"))
-        {
-            result = Err(err);
-            break;
-        }
-        // Replicas follow within their poll interval; wait for it.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
-        let mut this_run = options.clone();
-        this_run.sku = format!("{}-{n}", options.sku);
-        match run(&this_run, strategy.name).await {
-            Ok(report) => reports.push(report),
-            Err(err) => {
-                result = Err(err);
-                break;
-            }
-        }
-    }
-    let restore = SetLayersRequest {
-        rate_limit: Some(before.rate_limit),
-        dedup: Some(before.dedup),
-        gate: Some(before.gate),
-        queue: Some(before.queue),
-        db_check: before.db_check,
-        rate_limit_shadow: Some(before.rate_limit_shadow),
-        gate_failure_mode: before.gate_failure_mode,
-        force: true,
-        reason: "stockgate storm --matrix: restore".into(),
-        ..Default::default()
-    };
-    admin
-        .client
-        .set_layers(admin.request(restore))
-        .await
-        .map_err(status("SetLayers (restore)"))?;
-    result.map(|()| reports)
-}
-
 /// The single run's table.
 pub fn render(report: &StormReport) -> String {
     let o = &report.options;
@@ -919,28 +467,6 @@ pub fn render(report: &StormReport) -> String {
             if check.ok { "ok  " } else { "FAIL" },
             check.name,
             check.detail
-        ));
-    }
-    out
-}
-
-/// The matrix's comparison table.
-pub fn render_matrix(reports: &[StormReport]) -> String {
-    let mut out = format!(
-        "{:<32} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10}  {}\n",
-        "strategy", "orders", "oversold", "db writes", "calls/s", "p99 ms", "last ms", "invariants"
-    );
-    for r in reports {
-        out.push_str(&format!(
-            "{:<32} {:>8} {:>9} {:>10} {:>10.0} {:>9.2} {:>10.0}  {}\n",
-            r.strategy,
-            r.units_ordered,
-            r.oversold,
-            r.db_writes.map_or("-".into(), |w| w.to_string()),
-            r.calls_per_sec,
-            r.p99_ms,
-            r.last_answer_ms,
-            if r.ok() { "hold" } else { "BROKEN" }
         ));
     }
     out

@@ -1,0 +1,278 @@
+//! What `stockgate admin` prints: plain tables, one function per answer.
+
+use std::fmt::Write as _;
+
+use stockgate::pb::{self, DbCheckMode, GateFailureMode, Layers};
+
+/// Columns padded to their widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn onoff(b: bool) -> String {
+    if b { "on" } else { "off" }.into()
+}
+
+fn db_check_name(mode: i32) -> String {
+    match DbCheckMode::try_from(mode) {
+        Ok(DbCheckMode::Optimistic) => "optimistic",
+        Ok(DbCheckMode::Pessimistic) => "pessimistic",
+        Ok(DbCheckMode::Off) => "OFF (naive, can oversell)",
+        _ => "?",
+    }
+    .into()
+}
+
+fn failure_name(mode: i32) -> &'static str {
+    match GateFailureMode::try_from(mode) {
+        Ok(GateFailureMode::FailClosed) => "fail_closed",
+        Ok(GateFailureMode::Bypass) => "bypass",
+        _ => "?",
+    }
+}
+
+pub(super) fn render_switches(layers: &Layers) -> String {
+    let rates = layers.rate_limits.unwrap_or_default();
+    let rows = vec![
+        vec![
+            "rate_limit".into(),
+            onoff(layers.rate_limit),
+            format!(
+                "shadow {}; per user 1 per {} ms, burst {}; global {}/s, burst {}",
+                onoff(layers.rate_limit_shadow),
+                rates.per_user_period_ms,
+                rates.per_user_burst,
+                rates.global_per_sec,
+                rates.global_burst
+            ),
+        ],
+        vec!["dedup".into(), onoff(layers.dedup), String::new()],
+        vec![
+            "gate".into(),
+            onoff(layers.gate),
+            format!("on failure: {}", failure_name(layers.gate_failure_mode)),
+        ],
+        vec!["queue".into(), onoff(layers.queue), String::new()],
+        vec![
+            "db_check".into(),
+            db_check_name(layers.db_check),
+            String::new(),
+        ],
+    ];
+    table(&["layer", "state", "detail"], &rows)
+}
+
+fn short(layers: &Option<Layers>) -> Vec<String> {
+    match layers {
+        None => vec!["?".into(); 5],
+        Some(l) => vec![
+            onoff(l.rate_limit),
+            onoff(l.dedup),
+            format!("{} ({})", onoff(l.gate), failure_name(l.gate_failure_mode)),
+            onoff(l.queue),
+            db_check_name(l.db_check),
+        ],
+    }
+}
+
+fn time(at: &Option<prost_types::Timestamp>) -> String {
+    at.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+pub(super) fn render_layers(answer: &pb::GetLayersResponse) -> String {
+    let mut out = format!(
+        "replica {} runs revision {} (newest stored: {})\n\n",
+        answer.replica, answer.revision, answer.stored_revision
+    );
+    out.push_str(&render_switches(&answer.layers.unwrap_or_default()));
+    if !answer.replicas.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = answer
+            .replicas
+            .iter()
+            .map(|r| {
+                let mut row = vec![r.replica.clone(), r.revision.to_string(), time(&r.seen_at)];
+                row.extend(short(&r.layers));
+                row
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "replica",
+                "revision",
+                "seen (UTC)",
+                "rate_limit",
+                "dedup",
+                "gate",
+                "queue",
+                "db_check",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
+pub(super) fn render_stock(view: &pb::StockView) -> String {
+    let gate = view
+        .gate_stock
+        .map_or_else(|| "-".into(), |g| g.to_string());
+    table(
+        &[
+            "sku",
+            "db_stock",
+            "gate_stock",
+            "held",
+            "confirmed",
+            "queued",
+            "max_per_user",
+            "sold_out",
+            "waitlisted",
+            "version",
+        ],
+        &[vec![
+            view.sku.clone(),
+            view.db_stock.to_string(),
+            gate,
+            view.held_units.to_string(),
+            view.confirmed_units.to_string(),
+            view.queued_units.to_string(),
+            view.max_per_user.to_string(),
+            match view.sold_out_policy() {
+                pb::SoldOutPolicy::Waitlist => format!("waitlist (limit {})", view.waitlist_limit),
+                _ => "instant".into(),
+            },
+            view.waitlisted_units.to_string(),
+            view.db_version.to_string(),
+        ]],
+    )
+}
+
+pub(super) fn render_reservations(rows: &[pb::Reservation]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.reservation_id.clone(),
+                r.sku.clone(),
+                r.user_id.clone(),
+                r.quantity.to_string(),
+                r.state()
+                    .as_str_name()
+                    .trim_start_matches("RESERVATION_STATE_")
+                    .to_ascii_lowercase(),
+                time(&r.created_at),
+                r.reject_reason.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "reservation",
+            "sku",
+            "user",
+            "qty",
+            "state",
+            "created (UTC)",
+            "reason",
+        ],
+        &rows,
+    )
+}
+
+pub(super) fn render_check(answer: &pb::CheckInvariantsResponse) -> String {
+    let gate = |v: Option<i64>| v.map_or_else(|| "-".into(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = answer
+        .skus
+        .iter()
+        .map(|s| {
+            vec![
+                s.sku.clone(),
+                s.supplied.to_string(),
+                s.db_stock.to_string(),
+                s.held_units.to_string(),
+                s.confirmed_units.to_string(),
+                gate(s.gate_stock),
+                gate(s.gate_in_flight),
+                if s.problems.is_empty() {
+                    std::iter::once("ok".to_owned())
+                        .chain(s.notes.iter().map(|n| format!("note: {n}")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                } else {
+                    s.problems.join("; ")
+                },
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "sku",
+            "supplied",
+            "db_stock",
+            "held",
+            "confirmed",
+            "gate",
+            "in_flight",
+            "check",
+        ],
+        &rows,
+    );
+    let backlog = answer
+        .queue_backlog
+        .map_or_else(|| "unknown".into(), |b| b.to_string());
+    let _ = writeln!(
+        out,
+        "queue backlog: {backlog}; gate compared: {}",
+        if answer.gate_compared {
+            "yes"
+        } else {
+            "no (gate off or queue not drained)"
+        }
+    );
+    for problem in &answer.problems {
+        let _ = writeln!(out, "problem: {problem}");
+    }
+    out
+}
+
+pub(super) fn render_audit(events: &[pb::AuditEvent]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                time(&e.at),
+                e.actor.clone(),
+                e.outcome.clone(),
+                e.reason.clone(),
+                e.after.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["id", "at (UTC)", "actor", "outcome", "reason", "after"],
+        &rows,
+    )
+}
