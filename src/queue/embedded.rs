@@ -4,15 +4,18 @@
 //! taken from the database, so nothing leaks, but callers told QUEUED will
 //! find the reservation gone. Use RabbitMQ where that matters.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Mutex,
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
 };
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{OrderQueue, QueueError, QueuedOrder};
+use super::{OrderQueue, OrderSource, QueueError, QueuedOrder, TakenBatch};
 use crate::{domain::ReservationId, store::NewOrder};
 
 /// The publishing side.
@@ -26,17 +29,20 @@ pub struct EmbeddedQueue {
 }
 
 /// The consuming side, owned by the processor.
-pub type EmbeddedReceiver = mpsc::Receiver<QueuedOrder>;
+#[derive(Debug)]
+pub struct EmbeddedSource {
+    receiver: mpsc::Receiver<QueuedOrder>,
+}
 
 impl EmbeddedQueue {
-    pub fn new(capacity: usize) -> (Self, EmbeddedReceiver) {
+    pub fn new(capacity: usize) -> (Self, EmbeddedSource) {
         let (tx, rx) = mpsc::channel(capacity);
         let queue = Self {
             sender: Mutex::new(Some((0, tx))),
             capacity,
             done: AtomicU64::new(0),
         };
-        (queue, rx)
+        (queue, EmbeddedSource { receiver: rx })
     }
 }
 
@@ -79,6 +85,61 @@ impl OrderQueue for EmbeddedQueue {
     }
 }
 
+#[async_trait]
+impl OrderSource for EmbeddedSource {
+    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<TakenBatch> {
+        let mut orders = Vec::with_capacity(max);
+        if self.receiver.recv_many(&mut orders, max).await == 0 {
+            return None;
+        }
+        if orders.len() < max && !linger.is_zero() {
+            tokio::time::sleep(linger).await;
+            while orders.len() < max {
+                match self.receiver.try_recv() {
+                    Ok(order) => orders.push(order),
+                    Err(_) => break,
+                }
+            }
+        }
+        Some(TakenBatch {
+            orders,
+            unreadable: Vec::new(),
+            receipt: 0,
+        })
+    }
+
+    async fn set_aside(&mut self, _message: &[u8], reason: &str) -> Result<(), String> {
+        // No dead-letter queue in memory: the order is recorded REJECTED
+        // with this reason, which is where operators find it.
+        tracing::warn!(%reason, "order given up");
+        Ok(())
+    }
+
+    async fn acknowledge(&mut self, _batch: &TakenBatch) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn hand_back(&mut self, batch: TakenBatch) {
+        // Nothing to deliver it again from: the orders stay visible as
+        // QUEUED and the log says which.
+        let ids: Vec<String> = batch
+            .orders
+            .iter()
+            .map(|q| q.order.id.as_str().to_owned())
+            .collect();
+        tracing::error!(
+            ?ids,
+            "an order could be neither committed nor recorded as failed"
+        );
+    }
+
+    fn redelivers(&self) -> bool {
+        false
+    }
+
+    async fn close(&mut self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,7 +158,7 @@ mod tests {
 
     #[tokio::test]
     async fn tickets_positions_capacity_and_close() {
-        let (queue, mut rx) = EmbeddedQueue::new(2);
+        let (queue, mut source) = EmbeddedQueue::new(2);
         assert_eq!(queue.publish(order(), true).await.unwrap(), 1);
         assert_eq!(queue.publish(order(), false).await.unwrap(), 2);
         assert!(matches!(
@@ -105,7 +166,8 @@ mod tests {
             Err(QueueError::Full(2))
         ));
         assert_eq!(queue.position(2).await, 1);
-        assert_eq!(rx.recv().await.unwrap().ticket, 1);
+        let first = source.next_batch(1, Duration::ZERO).await.unwrap();
+        assert_eq!(first.orders[0].ticket, 1);
         queue.settled(1, &[]).await;
         assert_eq!(queue.position(2).await, 0);
         queue.close();
@@ -114,8 +176,9 @@ mod tests {
             Err(QueueError::Closed)
         ));
         // Closing still delivers what was queued, then ends.
-        let last = rx.recv().await.unwrap();
-        assert_eq!((last.ticket, last.gated), (2, false));
-        assert!(rx.recv().await.is_none());
+        let last = source.next_batch(8, Duration::ZERO).await.unwrap();
+        assert_eq!(last.orders.len(), 1);
+        assert_eq!((last.orders[0].ticket, last.orders[0].gated), (2, false));
+        assert!(source.next_batch(8, Duration::ZERO).await.is_none());
     }
 }

@@ -10,10 +10,10 @@ mod embedded;
 mod rabbit;
 mod tickets;
 
-pub use embedded::{EmbeddedQueue, EmbeddedReceiver};
-pub use rabbit::{
-    decode, delete_topology, encode, salvage, QueueNames, RabbitConsumer, RabbitQueue,
-};
+pub use embedded::{EmbeddedQueue, EmbeddedSource};
+pub use rabbit::{decode, delete_topology, encode, salvage, QueueNames, RabbitQueue, RabbitSource};
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -66,4 +66,58 @@ pub trait OrderQueue: Send + Sync + 'static {
 
     /// Stops accepting orders; what is already queued is still delivered.
     fn close(&self);
+}
+
+/// A batch the processor took off the queue.
+#[derive(Debug)]
+pub struct TakenBatch {
+    /// The orders read in full, in arrival order.
+    pub orders: Vec<QueuedOrder>,
+    /// Messages that could not be read.
+    pub unreadable: Vec<Unreadable>,
+    /// What acknowledging the batch takes (RabbitMQ: its last delivery tag).
+    receipt: u64,
+}
+
+/// A message the processor cannot read in full.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The message as the queue carries it.
+    pub message: Vec<u8>,
+    /// Why it cannot be read.
+    pub reason: String,
+    /// What could still be read of the order ([`salvage`]): enough to record
+    /// it REJECTED and return its units.
+    pub salvaged: Option<QueuedOrder>,
+}
+
+/// The processor's half of a queue backend: batches in arrival order, let
+/// go only once settled. One processor loop runs over either backend.
+#[async_trait]
+pub trait OrderSource: Send {
+    /// Waits for orders, then takes up to `max` of them, lingering at most
+    /// `linger` to fill the batch. A backend that can lose its connection
+    /// reconnects inside. `None`: there will be no more (the embedded queue,
+    /// closed and drained).
+    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<TakenBatch>;
+
+    /// Keeps a message the processor gave up on, with the reason, where
+    /// operators can find it (RabbitMQ: the dead-letter queue).
+    async fn set_aside(&mut self, message: &[u8], reason: &str) -> Result<(), String>;
+
+    /// The batch is settled: let it go. An error means it will be delivered
+    /// again, and the database's idempotency absorbs the repeat.
+    async fn acknowledge(&mut self, batch: &TakenBatch) -> Result<(), String>;
+
+    /// The batch could not be fully settled: have it delivered again where
+    /// the backend can.
+    async fn hand_back(&mut self, batch: TakenBatch);
+
+    /// Whether orders not yet acknowledged outlive this process (RabbitMQ).
+    /// Such a source is left at once on stop; one without it (in memory) is
+    /// drained to the end, since its orders exist nowhere else.
+    fn redelivers(&self) -> bool;
+
+    /// Stops consuming; what was not acknowledged stays queued.
+    async fn close(&mut self);
 }

@@ -41,7 +41,9 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{tickets::Tickets, OrderQueue, QueueError, QueuedOrder};
+use super::{
+    tickets::Tickets, OrderQueue, OrderSource, QueueError, QueuedOrder, TakenBatch, Unreadable,
+};
 use crate::{
     config::RabbitConfig,
     domain::{IdempotencyKey, ReservationId, Sku, UserId},
@@ -545,17 +547,131 @@ impl OrderQueue for RabbitQueue {
     }
 }
 
-/// The processor's side: one consumer on the orders queue. With single
-/// active consumer the broker delivers to one processor replica at a time
-/// and hands over to a standby when its connection goes.
-pub struct RabbitConsumer {
+/// The processor's source: the orders queue, consumed as the single active
+/// consumer (or on standby until the active one goes), reconnecting after a
+/// broker loss. Unacknowledged deliveries go back to the queue whenever the
+/// consumer does, so a crash at any point redelivers.
+pub struct RabbitSource {
+    uri: String,
+    names: QueueNames,
+    prefetch: u16,
+    reconnect_delay: Duration,
+    consumer: Option<RabbitConsumer>,
+}
+
+impl RabbitSource {
+    pub fn new(uri: &str, names: &QueueNames, prefetch: u16, reconnect_delay: Duration) -> Self {
+        Self {
+            uri: uri.to_owned(),
+            names: names.clone(),
+            prefetch,
+            reconnect_delay,
+            consumer: None,
+        }
+    }
+
+    /// Leaves the queue, so that what was not acked is delivered again.
+    async fn drop_consumer(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            consumer.close().await;
+        }
+    }
+}
+
+#[async_trait]
+impl OrderSource for RabbitSource {
+    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<TakenBatch> {
+        loop {
+            let consumer = match &mut self.consumer {
+                Some(consumer) => consumer,
+                None => {
+                    match RabbitConsumer::connect(&self.uri, &self.names, self.prefetch).await {
+                        Ok(consumer) => {
+                            tracing::info!(
+                                queue = %self.names.orders,
+                                "order processor consuming (or on standby)"
+                            );
+                            self.consumer.insert(consumer)
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "order processor cannot reach the queue");
+                            tokio::time::sleep(self.reconnect_delay).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(deliveries) = consumer.next_batch(max, linger).await else {
+                tracing::warn!("order queue connection lost; reconnecting");
+                self.drop_consumer().await;
+                continue;
+            };
+            let receipt = deliveries.iter().map(|d| d.delivery_tag).max().unwrap_or(0);
+            let mut orders = Vec::with_capacity(deliveries.len());
+            let mut unreadable = Vec::new();
+            for delivery in deliveries {
+                match decode(&delivery.data) {
+                    Ok(order) => orders.push(order),
+                    Err(reason) => unreadable.push(Unreadable {
+                        salvaged: salvage(&delivery.data),
+                        message: delivery.data,
+                        reason,
+                    }),
+                }
+            }
+            return Some(TakenBatch {
+                orders,
+                unreadable,
+                receipt,
+            });
+        }
+    }
+
+    async fn set_aside(&mut self, message: &[u8], reason: &str) -> Result<(), String> {
+        match &self.consumer {
+            Some(consumer) => consumer.dead_letter(message, reason).await,
+            None => Err("not connected to the queue".into()),
+        }
+    }
+
+    async fn acknowledge(&mut self, batch: &TakenBatch) -> Result<(), String> {
+        let Some(consumer) = &self.consumer else {
+            return Err("not connected to the queue".into());
+        };
+        let acked = consumer.ack_through(batch.receipt).await;
+        if acked.is_err() {
+            self.drop_consumer().await;
+        }
+        acked
+    }
+
+    async fn hand_back(&mut self, _batch: TakenBatch) {
+        // Not acked: redelivered to whoever consumes next.
+        tracing::warn!("batch not fully settled; leaving it unacked");
+        self.drop_consumer().await;
+        tokio::time::sleep(self.reconnect_delay).await;
+    }
+
+    fn redelivers(&self) -> bool {
+        true
+    }
+
+    async fn close(&mut self) {
+        self.drop_consumer().await;
+    }
+}
+
+/// One consumer on the orders queue. With single active consumer the broker
+/// delivers to one processor replica at a time and hands over to a standby
+/// when its connection goes.
+struct RabbitConsumer {
     link: Link,
     consumer: Consumer,
     names: QueueNames,
 }
 
 impl RabbitConsumer {
-    pub async fn connect(uri: &str, names: &QueueNames, prefetch: u16) -> Result<Self, String> {
+    async fn connect(uri: &str, names: &QueueNames, prefetch: u16) -> Result<Self, String> {
         let link = open(uri, names).await?;
         let setup = async {
             link.channel
@@ -580,7 +696,7 @@ impl RabbitConsumer {
 
     /// Waits for a delivery, then takes up to `max` within `linger`.
     /// `None`: the consumer or its connection ended.
-    pub async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<Vec<Delivery>> {
+    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<Vec<Delivery>> {
         let first = self.consumer.next().await?.ok()?;
         let mut batch = vec![first];
         let deadline = Instant::now() + linger;
@@ -598,7 +714,7 @@ impl RabbitConsumer {
 
     /// Copies a message to the dead-letter queue (confirmed), with the
     /// reason in a header.
-    pub async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), String> {
+    async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), String> {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-stockgate-error".into(),
@@ -628,7 +744,7 @@ impl RabbitConsumer {
     }
 
     /// Acknowledges every delivery up to and including `tag`.
-    pub async fn ack_through(&self, tag: u64) -> Result<(), String> {
+    async fn ack_through(&self, tag: u64) -> Result<(), String> {
         self.link
             .channel
             .basic_ack(tag, BasicAckOptions { multiple: true })
@@ -637,7 +753,7 @@ impl RabbitConsumer {
     }
 
     /// Leaves the queue; unacked deliveries go back to it.
-    pub async fn close(self) {
+    async fn close(self) {
         let _ = self
             .link
             .channel

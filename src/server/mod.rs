@@ -41,7 +41,7 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
     },
-    queue::{EmbeddedQueue, OrderQueue, RabbitQueue},
+    queue::{EmbeddedQueue, OrderQueue, OrderSource, RabbitQueue, RabbitSource},
     reserve::{Limits, Pipeline},
     store::Store,
 };
@@ -147,7 +147,7 @@ pub async fn run_with(
     }
     let store = Store::connect(target, &config.store)?;
     let role = config.server.role;
-    let (queue, embedded_receiver, rabbit): (Arc<dyn OrderQueue>, _, _) = match config
+    let (queue, embedded_source, rabbit): (Arc<dyn OrderQueue>, _, _) = match config
         .queue_backend()?
     {
         QueueBackend::Embedded => {
@@ -257,29 +257,25 @@ pub async fn run_with(
     }
     let batch_size = config.layers.queue.batch_size;
     let linger = Duration::from_millis(config.layers.queue.linger_ms);
-    let processor = match (embedded_receiver, &rabbit) {
-        (Some(receiver), _) => Some(tokio::spawn(crate::processor::run_processor(
-            pipeline.clone(),
-            receiver,
-            batch_size,
-            linger,
+    let source: Option<Box<dyn OrderSource>> = match (embedded_source, &rabbit) {
+        (Some(source), _) => Some(Box::new(source)),
+        (None, Some((queue, url))) if role.processes_orders() => Some(Box::new(RabbitSource::new(
+            url,
+            queue.names(),
+            config.rabbitmq.prefetch,
+            Duration::from_millis(config.rabbitmq.reconnect_delay_ms),
         ))),
-        (None, Some((queue, url))) if role.processes_orders() => {
-            Some(tokio::spawn(crate::processor::run_rabbit_processor(
-                pipeline.clone(),
-                crate::processor::RabbitSource {
-                    url: url.clone(),
-                    names: queue.names().clone(),
-                    prefetch: config.rabbitmq.prefetch,
-                    reconnect_delay: Duration::from_millis(config.rabbitmq.reconnect_delay_ms),
-                },
-                batch_size,
-                linger,
-                stop_rx.clone(),
-            )))
-        }
         _ => None,
     };
+    let processor = source.map(|source| {
+        tokio::spawn(crate::processor::run_processor(
+            pipeline.clone(),
+            source,
+            batch_size,
+            linger,
+            stop_rx.clone(),
+        ))
+    });
     // API replicas learn from the processor which queued reservations
     // now have a row.
     if let Some((queue, _)) = rabbit.as_ref().filter(|_| role.serves_api()) {

@@ -849,7 +849,13 @@ fn dashboards_and_alerts_use_exported_metrics() {
 /// answered, none fails, and the stock holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipping_switches_mid_storm_drops_nothing() {
-    let app = TestApp::spawn(Profile::Postgres).await;
+    let app = TestApp::spawn_with(Profile::Postgres, |c| {
+        // With the gate and the queue off, every caller (up to 800 streams)
+        // queues for one of 8 connections, as in storm.rs: let them wait
+        // rather than be shed after the default 5 s.
+        c.store.acquire_timeout_ms = 60_000;
+    })
+    .await;
     app.set_stock("FLIP", 300, 0).await;
     let flipping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flipper = {
