@@ -3,6 +3,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
+use prost::Message;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -10,7 +11,7 @@ use super::{idempotency_key, user_id};
 use crate::{
     domain::{Quantity, ReservationId, ReservationState, Sku},
     error::ReservationError,
-    middleware::{not_instant, InstantOnly},
+    middleware::{AnswerAtOnce, StoredAnswer},
     pb::{self, inventory_service_server::InventoryService},
     reserve::{Pipeline, ReserveCommand, ReserveResult},
 };
@@ -22,6 +23,22 @@ pub struct InventoryApi {
 impl InventoryApi {
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
         Self { pipeline }
+    }
+}
+
+/// The sold-out fast path for the dedup layer: a valid Reserve the pipeline
+/// can answer without I/O gets the answer `reserve` would give, framed as
+/// this server frames it.
+impl AnswerAtOnce for InventoryApi {
+    fn answer_at_once(&self, headers: &http::HeaderMap, body: &[u8]) -> Option<StoredAnswer> {
+        let request = pb::ReserveRequest::decode(StoredAnswer::unframe(body)?).ok()?;
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        let command =
+            validate_reserve(&metadata, &request, self.pipeline.limits().max_quantity).ok()?;
+        let result = self.pipeline.sold_out_now(&command)?;
+        Some(StoredAnswer::grpc_ok(
+            &reserve_response(result).encode_to_vec(),
+        ))
     }
 }
 
@@ -97,13 +114,6 @@ impl InventoryService for InventoryApi {
             request.get_ref(),
             self.pipeline.limits().max_quantity,
         );
-        // The dedup layer asking whether this call needs a run at all.
-        if request.extensions().get::<InstantOnly>().is_some() {
-            return match command.ok().and_then(|c| self.pipeline.sold_out_now(&c)) {
-                Some(result) => Ok(Response::new(reserve_response(result))),
-                None => Err(not_instant()),
-            };
-        }
         let result = self.pipeline.reserve(command?).await?;
         Ok(Response::new(reserve_response(result)))
     }

@@ -11,7 +11,7 @@
 //!    duplicate must not hold a claim on its key) and before the services
 //!    (a duplicate never runs the stock logic; it may be asked for an
 //!    at-once answer, which changes nothing). It first asks Reserve
-//!    for an at-once answer ([`InstantOnly`]: the sold-out fast path) and
+//!    for an at-once answer ([`AnswerAtOnce`]: the sold-out fast path) and
 //!    stores that in the same step that checks the key.
 //!
 //! Each layer reads its switch per request, so SREs can flip it at run time;
@@ -47,8 +47,8 @@ where
 }
 
 pub use dedup::{
-    fingerprint, not_instant, record_key, Claim, DedupLayer, DedupStore, DedupTimes, InstantOnly,
-    MemoryDedup, RedisDedup, StoredAnswer, DEDUP_PATH, NOT_INSTANT,
+    fingerprint, record_key, AnswerAtOnce, Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup,
+    RedisDedup, StoredAnswer, DEDUP_PATH,
 };
 pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
 pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

@@ -385,7 +385,12 @@ pub async fn run_with(
         // claim on its key; before the services, so a duplicate never runs
         // the stock logic (it may be asked for an at-once answer, which
         // changes nothing).
-        .layer(DedupLayer::new(dedup_store, switches, dedup_times))
+        .layer(DedupLayer::new(
+            dedup_store,
+            switches,
+            dedup_times,
+            Arc::new(InventoryApi::new(pipeline.clone())),
+        ))
         .add_service(health_service)
         .add_service(reflection.v1)
         .add_service(reflection.v1alpha)

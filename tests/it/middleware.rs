@@ -292,6 +292,44 @@ async fn sold_out_answers_are_kept_in_one_step_and_earlier_answers_win() {
                 "{profile:?}: {key}"
             );
         }
+        // The answer given at once is the answer a run gives, headers and
+        // trailers too: the same request without a key is not deduplicated
+        // and runs the handler.
+        let sold_out_for = |key: Option<&'static str>| {
+            let mut client = app.inventory();
+            async move {
+                let request = ReserveRequest {
+                    sku: "LAST".into(),
+                    quantity: 1,
+                    ..Default::default()
+                };
+                let answer = client
+                    .reserve(with_user(request, "erin", key))
+                    .await
+                    .unwrap();
+                let mut headers: Vec<(String, String)> = answer
+                    .metadata()
+                    .clone()
+                    .into_headers()
+                    .iter()
+                    .filter(|(name, _)| *name != "date")
+                    .map(|(name, value)| (name.to_string(), format!("{value:?}")))
+                    .collect();
+                headers.sort();
+                (headers, answer.into_inner().encode_to_vec())
+            }
+        };
+        let before_run = fast_path(&scrape(app.metrics_addr.unwrap()).await);
+        let run = sold_out_for(None).await;
+        let at_once = sold_out_for(Some("buy-5")).await;
+        assert_eq!(at_once, run, "{profile:?}");
+        let after_run = fast_path(&scrape(app.metrics_addr.unwrap()).await);
+        assert_eq!(
+            after_run,
+            before_run + 2.0,
+            "{profile:?}: both on the fast path"
+        );
+        let before = after_run;
         // Replays are not gate decisions, though each asked the fast path.
         let after_replays = fast_path(&scrape(app.metrics_addr.unwrap()).await);
         assert_eq!(after_replays, before, "{profile:?}: replays counted");

@@ -99,6 +99,37 @@ impl StoredAnswer {
         })
     }
 
+    /// A successful unary gRPC answer carrying `message` (encoded), framed
+    /// as tonic frames it on this server (no compression is offered): one
+    /// uncompressed length-prefixed message, then `grpc-status: 0`.
+    pub fn grpc_ok(message: &[u8]) -> Self {
+        let mut body = Vec::with_capacity(5 + message.len());
+        body.push(0);
+        body.extend_from_slice(
+            &u32::try_from(message.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        body.extend_from_slice(message);
+        Self {
+            status: 200,
+            headers: vec![("content-type".into(), b"application/grpc".to_vec())],
+            body,
+            trailers: vec![("grpc-status".into(), b"0".to_vec())],
+        }
+    }
+
+    /// The one message of a request or answer framed as [`grpc_ok`] frames
+    /// it; `None` for anything else (compressed, several messages, cut).
+    ///
+    /// [`grpc_ok`]: Self::grpc_ok
+    pub fn unframe(body: &[u8]) -> Option<&[u8]> {
+        let (&[0, a, b, c, d], message) = body.split_first_chunk::<5>()? else {
+            return None;
+        };
+        (u32::from_be_bytes([a, b, c, d]) as usize == message.len()).then_some(message)
+    }
+
     pub fn to_response(&self) -> http::Response<tonic::body::Body> {
         let body = if self.body.is_empty() && self.trailers.is_empty() {
             // A trailers-only answer (every error): the body must say it is
@@ -181,5 +212,25 @@ impl StoredAnswer {
                     | tonic::Code::FailedPrecondition
             )
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_plain_message_unframes_and_nothing_else_does() {
+        let answer = StoredAnswer::grpc_ok(b"hello");
+        assert_eq!(StoredAnswer::unframe(&answer.body), Some(&b"hello"[..]));
+        assert!(answer.is_final());
+        let mut compressed = answer.body.clone();
+        compressed[0] = 1;
+        assert_eq!(StoredAnswer::unframe(&compressed), None);
+        let mut two = answer.body.clone();
+        two.extend_from_slice(&answer.body);
+        assert_eq!(StoredAnswer::unframe(&two), None);
+        assert_eq!(StoredAnswer::unframe(&answer.body[..4]), None);
+        assert_eq!(StoredAnswer::unframe(&answer.body[..7]), None);
     }
 }

@@ -16,11 +16,11 @@
 //! A claim and a stored answer are two round trips to the store. A call
 //! the service can answer at once without changing anything (the sold-out
 //! fast path, most of a flash sale) needs neither the claim nor the run
-//! that it guards: the layer first sends the request marked
-//! [`InstantOnly`], and if Reserve answers it (rather than [`NOT_INSTANT`])
-//! stores that answer with `SET NX GET`, one round trip. If the key already
-//! had a record, that record decides as it would for a claim (replay, wait
-//! or mismatch) and the at-once answer is dropped; it changed nothing.
+//! that it guards: the layer first asks the service behind it
+//! ([`AnswerAtOnce`]), and if it has an answer stores that answer with
+//! `SET NX GET`, one round trip. If the key already had a record, that
+//! record decides as it would for a claim (replay, wait or mismatch) and the
+//! at-once answer is dropped; it changed nothing.
 
 use std::{
     sync::Arc,
@@ -29,7 +29,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Limited};
 use sha2::{Digest, Sha256};
@@ -126,14 +125,21 @@ pub struct DedupLayer {
     store: Arc<dyn DedupStore>,
     switches: Switches,
     times: DedupTimes,
+    at_once: Arc<dyn AnswerAtOnce>,
 }
 
 impl DedupLayer {
-    pub fn new(store: Arc<dyn DedupStore>, switches: Switches, times: DedupTimes) -> Self {
+    pub fn new(
+        store: Arc<dyn DedupStore>,
+        switches: Switches,
+        times: DedupTimes,
+        at_once: Arc<dyn AnswerAtOnce>,
+    ) -> Self {
         Self {
             store,
             switches,
             times,
+            at_once,
         }
     }
 }
@@ -238,7 +244,11 @@ where
             // in one round trip; the record it finds instead is answered
             // like a claim's.
             let mut found = None;
-            if let Some(answer) = instant_answer(&mut inner, &parts, &body).await? {
+            let at_once = layer
+                .at_once
+                .answer_at_once(&parts.headers, &body)
+                .filter(StoredAnswer::is_final);
+            if let Some(answer) = at_once {
                 match store.settle(&key, &fingerprint, &answer, times.ttl).await {
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
@@ -311,59 +321,15 @@ where
     }
 }
 
-/// Marks a request the service should answer only if it can do so at
-/// once and without changing anything; otherwise it answers with
-/// [`NOT_INSTANT`] in the headers.
-#[derive(Debug, Clone, Copy)]
-pub struct InstantOnly;
-
-/// The header of the answer to an [`InstantOnly`] request that needs a
-/// real run. It never leaves the server: this layer consumes that answer.
-pub const NOT_INSTANT: &str = "x-stockgate-not-instant";
-
-/// The answer to an [`InstantOnly`] request that needs a real run.
-pub fn not_instant() -> tonic::Status {
-    let mut status = tonic::Status::unavailable("not answerable at once");
-    status.metadata_mut().insert(
-        NOT_INSTANT,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    status
-}
-
-/// Asks `inner` for an at-once answer to the request (`parts`, `body`);
-/// `None` when it needs a real run or the answer is not one to keep.
-async fn instant_answer<S>(
-    inner: &mut S,
-    parts: &http::request::Parts,
-    body: &Bytes,
-) -> Result<Option<StoredAnswer>, S::Error>
-where
-    S: Service<HttpRequest, Response = http::Response<tonic::body::Body>> + Clone,
-{
-    let mut probe = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
-        body.clone(),
-    )));
-    *probe.method_mut() = parts.method.clone();
-    *probe.uri_mut() = parts.uri.clone();
-    *probe.version_mut() = parts.version;
-    *probe.headers_mut() = parts.headers.clone();
-    *probe.extensions_mut() = parts.extensions.clone();
-    probe.extensions_mut().insert(InstantOnly);
-    // A clone of its own, polled ready: `inner` stays ready for the real
-    // call that may follow.
-    let mut service = inner.clone();
-    let response = tower::ServiceExt::ready(&mut service)
-        .await?
-        .call(probe)
-        .await?;
-    if response.headers().contains_key(NOT_INSTANT) {
-        return Ok(None);
-    }
-    Ok(StoredAnswer::capture(response)
-        .await
-        .ok()
-        .filter(StoredAnswer::is_final))
+/// What the dedup layer needs from the service behind it: the answer to a
+/// deduplicated call when it can be given at once, with no I/O and no change
+/// (the sold-out fast path). Such a call needs no claim on its key: its
+/// answer is stored in the same round trip that checks the key.
+pub trait AnswerAtOnce: Send + Sync + 'static {
+    /// The whole answer to the request with these `headers` and `body` (the
+    /// gRPC message as framed on the wire), exactly as a run would give it;
+    /// `None` when it needs a run.
+    fn answer_at_once(&self, headers: &http::HeaderMap, body: &[u8]) -> Option<StoredAnswer>;
 }
 
 /// Stores a final answer (and hands back the stored copy, so the first
