@@ -4,7 +4,7 @@
 //! Per SKU, from the database: stock ≥ 0; units ordered (held + confirmed)
 //! ≤ units supplied; stock = supplied − held − confirmed (no order
 //! operation changes that sum, so an oversell or a lost unit breaks it);
-//! no HELD reservation left past its expiry (the sweeper settles them).
+//! no HELD reservation left past its expiry (the sweeper expires them).
 //! Across SKUs: no (user, idempotency key) holding two reservations (a
 //! reservation id is the primary key, so it cannot repeat). From the gate,
 //! once the queue has drained: each admission still in flight was either

@@ -1,5 +1,5 @@
 //! The order processor: takes admitted orders off the queue in batches,
-//! has the pipeline commit them, and lets them go only once settled. One
+//! has the pipeline commit them, and lets them go only once done. One
 //! loop for every backend ([`OrderSource`]).
 
 use std::{sync::Arc, time::Duration};
@@ -37,25 +37,25 @@ pub(crate) async fn run_processor(
         let Some(batch) = taken else {
             break;
         };
-        let mut unsettled = false;
+        let mut unfinished = false;
         for message in &batch.unreadable {
             tracing::error!(reason = %message.reason, "undecodable order message; setting it aside");
             let recorded = match &message.salvaged {
                 Some(order) => pipeline.reject_unprocessable(order, &message.reason).await,
                 None => true,
             };
-            unsettled |= !recorded
+            unfinished |= !recorded
                 || source
                     .set_aside(&message.message, &message.reason)
                     .await
                     .is_err();
         }
         let outcome = pipeline.process_batch(&batch.orders).await;
-        unsettled |= outcome.incomplete;
+        unfinished |= outcome.incomplete;
         for (order, reason) in outcome.given_up {
-            unsettled |= source.set_aside(&encode(&order), &reason).await.is_err();
+            unfinished |= source.set_aside(&encode(&order), &reason).await.is_err();
         }
-        if unsettled {
+        if unfinished {
             source.hand_back(batch).await;
             continue;
         }

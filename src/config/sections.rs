@@ -323,7 +323,7 @@ pub struct QueueLayerConfig {
 pub struct RabbitConfig {
     /// The durable quorum queue of orders (single active consumer). The
     /// dead-letter queue is `<queue>.dlq` and the fanout exchange telling
-    /// API replicas which reservations were settled is `<queue>.settled`.
+    /// API replicas which reservations were processed is `<queue>.settled`.
     pub queue: String,
     /// Most time Reserve waits for the broker to confirm a message, in
     /// milliseconds; past it the reservation is rolled back (UNAVAILABLE).

@@ -72,7 +72,7 @@ impl OrderQueue for EmbeddedQueue {
         ticket.saturating_sub(self.done.load(Ordering::Acquire) + 1)
     }
 
-    async fn settled(&self, through: u64, _ids: &[ReservationId]) {
+    async fn processed(&self, through: u64, _ids: &[ReservationId]) {
         self.done.fetch_max(through, Ordering::AcqRel);
     }
 
@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(queue.position(2).await, 1);
         let first = source.next_batch(1, Duration::ZERO).await.unwrap();
         assert_eq!(first.orders[0].ticket, 1);
-        queue.settled(1, &[]).await;
+        queue.processed(1, &[]).await;
         assert_eq!(queue.position(2).await, 0);
         queue.close();
         assert!(matches!(

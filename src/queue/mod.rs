@@ -55,9 +55,9 @@ pub trait OrderQueue: Send + Sync + 'static {
     /// Orders ahead of `ticket` that are not done yet.
     async fn position(&self, ticket: u64) -> u64;
 
-    /// Records that a batch was settled: every order up to `through` is
+    /// Records that a batch was processed: every order up to `through` is
     /// done, and `ids` have their row (or were rejected).
-    async fn settled(&self, through: u64, ids: &[ReservationId]);
+    async fn processed(&self, through: u64, ids: &[ReservationId]);
 
     /// Orders waiting that this process cannot see (`None`: cannot tell
     /// now). The embedded queue answers 0: its orders are all in this
@@ -92,7 +92,7 @@ pub struct Unreadable {
 }
 
 /// The processor's half of a queue backend: batches in arrival order, let
-/// go only once settled. One processor loop runs over either backend.
+/// go only once done. One processor loop runs over either backend.
 #[async_trait]
 pub trait OrderSource: Send {
     /// Waits for orders, then takes up to `max` of them, lingering at most
@@ -105,11 +105,11 @@ pub trait OrderSource: Send {
     /// operators can find it (RabbitMQ: the dead-letter queue).
     async fn set_aside(&mut self, message: &[u8], reason: &str) -> Result<(), String>;
 
-    /// The batch is settled: let it go. An error means it will be delivered
+    /// The batch is done: let it go. An error means it will be delivered
     /// again, and the database's idempotency absorbs the repeat.
     async fn acknowledge(&mut self, batch: &TakenBatch) -> Result<(), String>;
 
-    /// The batch could not be fully settled: have it delivered again where
+    /// The batch could not be fully processed: have it delivered again where
     /// the backend can.
     async fn hand_back(&mut self, batch: TakenBatch);
 

@@ -8,7 +8,7 @@
 //! - `Q.dlq`: quorum queue of orders the processor gave up on, kept for
 //!   operators (`rabbitmqctl list_queues name messages`);
 //! - `Q.settled`: fanout exchange on which the processor announces each
-//!   settled batch, so every API replica drops the reservations it was
+//!   processed batch, so every API replica drops the reservations it was
 //!   answering from memory and moves queue positions on. Best effort: a
 //!   replica that missed one finds the rows in the database
 //!   ([`crate::reserve::Pipeline::resync_pending`]).
@@ -55,12 +55,14 @@ const PERSISTENT: u8 = 2;
 /// Connecting to a broker that does not answer must not hold Reserve up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The queue, dead-letter queue and settled exchange of one deployment.
+/// The queue, dead-letter queue and processed-batch exchange of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNames {
     pub orders: String,
     pub dead_letters: String,
-    pub settled: String,
+    /// The exchange announcing processed batches. Its name on the broker
+    /// stays `<queue>.settled`: running fleets declare and bind it.
+    pub processed: String,
 }
 
 impl QueueNames {
@@ -68,7 +70,7 @@ impl QueueNames {
         Self {
             orders: queue.to_owned(),
             dead_letters: format!("{queue}.dlq"),
-            settled: format!("{queue}.settled"),
+            processed: format!("{queue}.settled"),
         }
     }
 }
@@ -167,7 +169,7 @@ pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
 
 /// What the processor announces after each batch.
 #[derive(Debug, Serialize, Deserialize)]
-struct SettledNotice {
+struct ProcessedNotice {
     through: u64,
     ids: Vec<String>,
 }
@@ -201,7 +203,7 @@ async fn declare(channel: &Channel, names: &QueueNames) -> lapin::Result<()> {
         .await?;
     channel
         .exchange_declare(
-            names.settled.as_str().into(),
+            names.processed.as_str().into(),
             ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 durable: true,
@@ -332,9 +334,9 @@ impl RabbitQueue {
         }
     }
 
-    /// Tells API replicas that these reservations were settled.
+    /// Tells API replicas that these reservations were processed.
     async fn announce(&self, through: u64, ids: &[ReservationId]) {
-        let notice = SettledNotice {
+        let notice = ProcessedNotice {
             through,
             ids: ids.iter().map(|id| id.as_str().to_owned()).collect(),
         };
@@ -346,7 +348,7 @@ impl RabbitQueue {
         // replicas' database resync.
         if let Err(err) = channel
             .basic_publish(
-                self.names.settled.as_str().into(),
+                self.names.processed.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
                 &body,
@@ -354,16 +356,16 @@ impl RabbitQueue {
             )
             .await
         {
-            tracing::debug!(error = %err, "settled notice not sent");
+            tracing::debug!(error = %err, "processed notice not sent");
         }
     }
 
-    /// Follows the settled exchange until `stop`: moves this replica's
-    /// queue positions on and calls `on_settled` with the reservations
+    /// Follows the processed-batch exchange until `stop`: moves this replica's
+    /// queue positions on and calls `on_processed` with the reservations
     /// that now have a row. Reconnects after a broker loss.
-    pub async fn follow_settled(
+    pub async fn follow_processed(
         self: Arc<Self>,
-        on_settled: impl Fn(Vec<ReservationId>) + Send + Sync,
+        on_processed: impl Fn(Vec<ReservationId>) + Send + Sync,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
@@ -376,10 +378,10 @@ impl RabbitQueue {
                             _ = stop.changed() => return,
                         };
                         let Some(Ok(delivery)) = next else { break };
-                        match serde_json::from_slice::<SettledNotice>(&delivery.data) {
+                        match serde_json::from_slice::<ProcessedNotice>(&delivery.data) {
                             Ok(notice) => {
                                 self.done.fetch_max(notice.through, Ordering::AcqRel);
-                                on_settled(
+                                on_processed(
                                     notice
                                         .ids
                                         .iter()
@@ -387,12 +389,12 @@ impl RabbitQueue {
                                         .collect(),
                                 );
                             }
-                            Err(err) => tracing::warn!(error = %err, "bad settled notice"),
+                            Err(err) => tracing::warn!(error = %err, "bad processed notice"),
                         }
                     }
-                    tracing::warn!("settled notices interrupted; reconnecting");
+                    tracing::warn!("processed notices interrupted; reconnecting");
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot follow settled notices"),
+                Err(err) => tracing::warn!(error = %err, "cannot follow processed notices"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.reconnect_delay) => {}
@@ -419,7 +421,7 @@ impl RabbitQueue {
             link.channel
                 .queue_bind(
                     mine.name().clone(),
-                    self.names.settled.as_str().into(),
+                    self.names.processed.as_str().into(),
                     "".into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
@@ -508,7 +510,7 @@ impl OrderQueue for RabbitQueue {
         ticket.saturating_sub(self.done.load(Ordering::Acquire) + 1)
     }
 
-    async fn settled(&self, through: u64, ids: &[ReservationId]) {
+    async fn processed(&self, through: u64, ids: &[ReservationId]) {
         self.done.fetch_max(through, Ordering::AcqRel);
         if let Err(err) = self.store.advance_queue(through).await {
             // Only positions suffer: replicas catch up at the next batch.
@@ -536,10 +538,10 @@ impl OrderQueue for RabbitQueue {
         }
         // Nothing ready, but the processor may hold deliveries unacked (the
         // broker's count leaves them out): empty only once every ticket
-        // handed out is at or below what the processor settled.
+        // handed out is at or below what the processor is done with.
         let issued = self.store.last_ticket().await.ok()?;
-        let settled = self.store.queue_done_through().await.ok()?;
-        Some(issued.saturating_sub(settled))
+        let done = self.store.queue_done_through().await.ok()?;
+        Some(issued.saturating_sub(done))
     }
 
     fn close(&self) {
@@ -647,7 +649,7 @@ impl OrderSource for RabbitSource {
 
     async fn hand_back(&mut self, _batch: TakenBatch) {
         // Not acked: redelivered to whoever consumes next.
-        tracing::warn!("batch not fully settled; leaving it unacked");
+        tracing::warn!("batch not fully processed; leaving it unacked");
         self.drop_consumer().await;
         tokio::time::sleep(self.reconnect_delay).await;
     }
@@ -777,6 +779,6 @@ pub async fn delete_topology(uri: &str, queue: &str) {
     }
     let _ = link
         .channel
-        .exchange_delete(names.settled.as_str().into(), Default::default())
+        .exchange_delete(names.processed.as_str().into(), Default::default())
         .await;
 }

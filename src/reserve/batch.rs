@@ -182,7 +182,7 @@ impl Pipeline {
     }
 
     /// Commits one batch from the queue, in order. Returns only when every
-    /// order in it is settled; a database outage is retried, never dropped.
+    /// order in it is done; a database outage is retried, never dropped.
     /// An order the database keeps refusing with an error is given up after
     /// `layers.queue.max_attempts` tries: it is returned with the reason,
     /// recorded REJECTED and its units given back.
@@ -195,7 +195,7 @@ impl Pipeline {
         }
         let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
         let mut failed = Vec::new();
-        let mut unsettled: Vec<ReservationId> = Vec::new();
+        let mut unfinished: Vec<ReservationId> = Vec::new();
         let mut backoff = Duration::from_millis(10);
         while !todo.is_empty() {
             let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
@@ -221,7 +221,7 @@ impl Pipeline {
                                 if self.give_up(queued, &reason).await {
                                     failed.push(((*queued).clone(), reason));
                                 } else {
-                                    unsettled.push(queued.order.id.clone());
+                                    unfinished.push(queued.order.id.clone());
                                 }
                                 outcomes.push(None);
                             }
@@ -257,10 +257,10 @@ impl Pipeline {
             }
             todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
-        if unsettled.is_empty() {
+        if unfinished.is_empty() {
             if let Some(last) = batch.iter().map(|q| q.ticket).max() {
                 let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
-                self.queue.settled(last, &ids).await;
+                self.queue.processed(last, &ids).await;
             }
         }
         self.emit(Event::QueueAdvanced);
@@ -268,7 +268,7 @@ impl Pipeline {
             .record(started.elapsed().as_secs_f64());
         BatchOutcome {
             given_up: failed,
-            incomplete: !unsettled.is_empty(),
+            incomplete: !unfinished.is_empty(),
         }
     }
 
@@ -341,15 +341,15 @@ impl Pipeline {
         let recorded = self.give_up(queued, reason).await;
         if recorded {
             self.queue
-                .settled(queued.ticket, std::slice::from_ref(&queued.order.id))
+                .processed(queued.ticket, std::slice::from_ref(&queued.order.id))
                 .await;
         }
         recorded
     }
 
-    /// Another process (the order processor) settled these reservations:
+    /// Another process (the order processor) processed these reservations:
     /// they have a row now, so stop answering them from memory.
-    pub fn apply_settled(&self, ids: &[ReservationId]) {
+    pub fn apply_processed(&self, ids: &[ReservationId]) {
         {
             let mut pending = self.pending();
             for id in ids {
@@ -373,16 +373,16 @@ impl Pipeline {
             .map(|p| p.reservation.id.clone())
             .take(limit)
             .collect();
-        let mut settled = Vec::new();
+        let mut processed = Vec::new();
         for id in old {
             if let Ok(Some(_)) = self.store.reservation(&id).await {
-                settled.push(id);
+                processed.push(id);
             }
         }
-        if !settled.is_empty() {
-            self.apply_settled(&settled);
+        if !processed.is_empty() {
+            self.apply_processed(&processed);
         }
-        settled.len()
+        processed.len()
     }
 
     pub(super) fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {

@@ -11,7 +11,7 @@ use crate::{
     error::ReservationError,
     gate::{GateEntry, Settlement},
     metrics,
-    store::{Restock, Settled},
+    store::{HoldEnded, Restock},
 };
 
 use super::{store_error, Event, Pipeline};
@@ -64,12 +64,12 @@ impl Pipeline {
     ) -> Result<Reservation, ReservationError> {
         self.ensure_ready()?;
         self.refuse_if_queued(id, user)?;
-        let settled = self
+        let ended = self
             .store
             .confirm(id, user, now())
             .await
             .map_err(store_error)?;
-        self.after_settle(id, settled, "confirm").await
+        self.after_hold_ended(id, ended, "confirm").await
     }
 
     pub async fn release(
@@ -79,19 +79,19 @@ impl Pipeline {
     ) -> Result<Reservation, ReservationError> {
         self.ensure_ready()?;
         self.refuse_if_queued(id, user)?;
-        let settled = self
+        let ended = self
             .store
             .release(id, user, now(), self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
-        if let Settled::Changed {
+        if let HoldEnded::Changed {
             reservation,
             restock: Some(restock),
-        } = &settled
+        } = &ended
         {
             self.return_to_gate(reservation, restock).await;
         }
-        self.after_settle(id, settled, "release").await
+        self.after_hold_ended(id, ended, "release").await
     }
 
     pub(super) fn refuse_if_queued(
@@ -111,23 +111,23 @@ impl Pipeline {
         }
     }
 
-    pub(super) async fn after_settle(
+    pub(super) async fn after_hold_ended(
         &self,
         id: &ReservationId,
-        settled: Settled,
+        ended: HoldEnded,
         action: &str,
     ) -> Result<Reservation, ReservationError> {
-        match settled {
-            Settled::Changed { reservation, .. } => {
+        match ended {
+            HoldEnded::Changed { reservation, .. } => {
                 self.emit(Event::Changed(reservation.clone()));
                 Ok(reservation)
             }
-            Settled::Unchanged(reservation) => Ok(reservation),
-            Settled::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
-            Settled::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
+            HoldEnded::Unchanged(reservation) => Ok(reservation),
+            HoldEnded::NotFound => Err(ReservationError::ReservationNotFound(id.as_str().into())),
+            HoldEnded::NotOwner => Err(ReservationError::NotOwner(id.as_str().into())),
             // Swept already: to the caller the same as a hold found expired
             // (a waitlist entry that waited out its time reads the same).
-            Settled::WrongState(reservation)
+            HoldEnded::WrongState(reservation)
                 if reservation.state == crate::domain::ReservationState::Expired =>
             {
                 Err(ReservationError::HoldExpired(format!(
@@ -135,12 +135,12 @@ impl Pipeline {
                     id.as_str()
                 )))
             }
-            Settled::WrongState(reservation) => Err(ReservationError::WrongState(format!(
+            HoldEnded::WrongState(reservation) => Err(ReservationError::WrongState(format!(
                 "cannot {action} reservation {} in state {}",
                 id.as_str(),
                 reservation.state.as_db()
             ))),
-            Settled::HoldExpired(_) => Err(ReservationError::HoldExpired(format!(
+            HoldEnded::HoldExpired(_) => Err(ReservationError::HoldExpired(format!(
                 "cannot {action} reservation {}: the hold has expired",
                 id.as_str()
             ))),

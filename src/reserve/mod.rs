@@ -141,7 +141,7 @@ pub struct Pipeline {
     ready: AtomicBool,
     /// What callers are told while not ready: the cause start-up last met.
     not_ready: Mutex<String>,
-    /// Reservations published and not yet settled by the processor, the
+    /// Reservations published and not yet processed by the processor, the
     /// only place a QUEUED reservation is visible before it has a row.
     pending: Mutex<PendingBook>,
     events: broadcast::Sender<Event>,
@@ -215,7 +215,7 @@ impl Pipeline {
     }
 
     /// Reservations this replica published and the processor has not
-    /// settled yet.
+    /// processed yet.
     pub fn pending_count(&self) -> usize {
         self.pending().by_id.len()
     }

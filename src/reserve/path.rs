@@ -43,7 +43,7 @@ impl Pipeline {
 
     /// What `reserve` would answer when the sold-out fast path decides it
     /// with no I/O and no change: serving, gate on, no waitlist to join, no
-    /// reservation with this key pending or recently settled in this
+    /// reservation with this key pending or recently processed in this
     /// process. `None`: run `reserve`.
     pub fn sold_out_now(&self, cmd: &ReserveCommand) -> Option<ReserveResult> {
         if cmd.join_waitlist || self.ensure_ready().is_err() || !self.layers().gate {
@@ -52,7 +52,7 @@ impl Pipeline {
         if let Some(key) = &cmd.idempotency_key {
             let pending = self.pending();
             if pending.with_key(&cmd.user, key).is_some()
-                || pending.recently_settled(&cmd.user, key).is_some()
+                || pending.recently_processed(&cmd.user, key).is_some()
             {
                 return None;
             }
@@ -406,18 +406,18 @@ impl Pipeline {
     }
 
     /// The reservation an earlier call with this key made, if this replica
-    /// knows it: still queued (with its position), or settled recently
+    /// knows it: still queued (with its position), or processed recently
     /// (read back from the database).
     pub(super) async fn earlier_with_key(
         &self,
         user: &UserId,
         key: &IdempotencyKey,
     ) -> Result<Option<Reservation>, ReservationError> {
-        let (queued, settled) = {
+        let (queued, processed) = {
             let pending = self.pending();
             match pending.with_key(user, key) {
                 Some(found) => (Some((found.reservation.clone(), found.ticket)), None),
-                None => (None, pending.recently_settled(user, key)),
+                None => (None, pending.recently_processed(user, key)),
             }
         };
         if let Some((mut reservation, ticket)) = queued {
@@ -426,7 +426,7 @@ impl Pipeline {
             }
             return Ok(Some(reservation));
         }
-        match settled {
+        match processed {
             Some(id) => self.store.reservation(&id).await.map_err(store_error),
             None => Ok(None),
         }

@@ -1,6 +1,6 @@
 //! The reservations this replica published and the processor has not
-//! settled yet: the only place a QUEUED reservation is visible before it
-//! has a row, and the keys of those settled recently.
+//! processed yet: the only place a QUEUED reservation is visible before it
+//! has a row, and the keys of those processed recently.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -15,7 +15,7 @@ pub(super) struct Pending {
 
 /// Queued reservations by id, and by (user, idempotency key) so a retry
 /// finds its queued twin without scanning the queue; and the keys of
-/// reservations settled recently, so a retry that arrives just after the
+/// reservations processed recently, so a retry that arrives just after the
 /// processor committed the first call still gets that reservation (not a
 /// new one the database would reject as a duplicate). Older retries are
 /// the dedup layer's job (`layers.dedup`, shared through Redis).
@@ -27,7 +27,7 @@ pub(super) struct PendingBook {
     pub(super) recent_order: std::collections::VecDeque<((UserId, IdempotencyKey), Instant)>,
 }
 
-/// How many settled keys a replica remembers, and for how long.
+/// How many processed keys a replica remembers, and for how long.
 pub(super) const RECENT_KEYS: usize = 100_000;
 
 pub(super) const RECENT_FOR: Duration = Duration::from_secs(600);
@@ -62,7 +62,7 @@ impl PendingBook {
         self.by_id.insert(reservation.id.clone(), pending);
     }
 
-    /// The processor settled `id`: forget it, remembering its key.
+    /// The processor is done with `id`: forget it, remembering its key.
     pub(super) fn remove(&mut self, id: &ReservationId) {
         self.take(id, true);
     }
@@ -104,7 +104,7 @@ impl PendingBook {
         }
     }
 
-    pub(super) fn recently_settled(
+    pub(super) fn recently_processed(
         &self,
         user: &UserId,
         key: &IdempotencyKey,
@@ -165,8 +165,8 @@ mod tests {
         assert!(book.with_key(&user, &key).is_none());
         assert!(book.with_key(&UserId::parse("u2").unwrap(), &key).is_some());
         assert_eq!(book.values().count(), 1);
-        // A settled holder's key is remembered for retries; the twin's not.
-        assert_eq!(book.recently_settled(&user, &key), Some(holder_id));
+        // A processed holder's key is remembered for retries; the twin's not.
+        assert_eq!(book.recently_processed(&user, &key), Some(holder_id));
     }
 
     #[test]
@@ -181,6 +181,6 @@ mod tests {
             IdempotencyKey::parse("k").unwrap(),
         );
         assert!(book.with_key(&user, &key).is_none());
-        assert_eq!(book.recently_settled(&user, &key), None);
+        assert_eq!(book.recently_processed(&user, &key), None);
     }
 }

@@ -279,12 +279,12 @@ pub async fn run_with(
     // API replicas learn from the processor which queued reservations
     // now have a row.
     if let Some((queue, _)) = rabbit.as_ref().filter(|_| role.serves_api()) {
-        let settled = pipeline.clone();
+        let processed = pipeline.clone();
         background.spawn(
-            "settled-notice follower",
+            "processed-notice follower",
             queue
                 .clone()
-                .follow_settled(move |ids| settled.apply_settled(&ids), stop_rx.clone()),
+                .follow_processed(move |ids| processed.apply_processed(&ids), stop_rx.clone()),
         );
     }
     background.spawn("restock notices", forward_restocks(pipeline.clone()));

@@ -314,7 +314,10 @@ pub(super) async fn run_reconciler(
             // reconnect; the database has the answer.
             let dropped = pipeline.resync_pending(every, 256).await;
             if dropped > 0 {
-                tracing::info!(dropped, "queued reservations found settled in the database");
+                tracing::info!(
+                    dropped,
+                    "queued reservations found processed in the database"
+                );
             }
         }
         if let Err(err) = pipeline.reconcile().await {

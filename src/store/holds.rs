@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 
-use super::{InventoryRow, NewOrder, Restock, Settled, Store, StoreError, WaitlistJoin};
+use super::{HoldEnded, InventoryRow, NewOrder, Restock, Store, StoreError, WaitlistJoin};
 use crate::domain::{Reservation, ReservationId, ReservationState, Sku, SoldOutPolicy, UserId};
 
 /// Holds queries, written once; `dialect!` in `mod.rs` expands
@@ -411,29 +411,29 @@ macro_rules! holds_queries {
             to: ReservationState,
             now: NaiveDateTime,
             hold_ttl: Option<Duration>,
-        ) -> QueryResult<Settled> {
+        ) -> QueryResult<HoldEnded> {
             conn.transaction::<_, DieselError, _>(async |conn| {
                 let Some(row) = find(conn, id).await? else {
-                    return Ok(Settled::NotFound);
+                    return Ok(HoldEnded::NotFound);
                 };
                 if row.user_id != user {
-                    return Ok(Settled::NotOwner);
+                    return Ok(HoldEnded::NotOwner);
                 }
                 let state = ReservationState::from_db(&row.state);
                 if state == Some(to) {
-                    return Ok(Settled::Unchanged(row.into_domain()));
+                    return Ok(HoldEnded::Unchanged(row.into_domain()));
                 }
                 if state == Some(ReservationState::Waitlisted) && to == ReservationState::Released {
                     // Leaving the line: no units to return.
                     let moved = leave_line(conn, id, to, now).await?;
                     let row = find(conn, id).await?.expect("rows are never deleted");
                     return Ok(if moved {
-                        Settled::Changed {
+                        HoldEnded::Changed {
                             reservation: row.into_domain(),
                             restock: None,
                         }
                     } else {
-                        Settled::Unchanged(row.into_domain())
+                        HoldEnded::Unchanged(row.into_domain())
                     });
                 }
                 if state != Some(ReservationState::Held) {
@@ -443,9 +443,9 @@ macro_rules! holds_queries {
                         if to == ReservationState::Released
                             && state != Some(ReservationState::Confirmed)
                         {
-                            Settled::Unchanged(row.into_domain())
+                            HoldEnded::Unchanged(row.into_domain())
                         } else {
-                            Settled::WrongState(row.into_domain())
+                            HoldEnded::WrongState(row.into_domain())
                         },
                     );
                 }
@@ -455,7 +455,7 @@ macro_rules! holds_queries {
                     let row = find(conn, id)
                         .await?
                         .expect("row updated in this transaction");
-                    return Ok(Settled::Changed {
+                    return Ok(HoldEnded::Changed {
                         reservation: row.into_domain(),
                         restock,
                     });
@@ -463,9 +463,9 @@ macro_rules! holds_queries {
                 let row = find(conn, id).await?.expect("rows are never deleted");
                 Ok(
                     if ReservationState::from_db(&row.state) == Some(ReservationState::Held) {
-                        Settled::HoldExpired(row.into_domain())
+                        HoldEnded::HoldExpired(row.into_domain())
                     } else {
-                        Settled::WrongState(row.into_domain())
+                        HoldEnded::WrongState(row.into_domain())
                     },
                 )
             })
@@ -516,7 +516,7 @@ impl Store {
         id: &ReservationId,
         user: &UserId,
         now: NaiveDateTime,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<HoldEnded, StoreError> {
         dispatch!(self.settle(
             id.as_str(),
             user.as_str(),
@@ -535,7 +535,7 @@ impl Store {
         user: &UserId,
         now: NaiveDateTime,
         hold_ttl: Option<Duration>,
-    ) -> Result<Settled, StoreError> {
+    ) -> Result<HoldEnded, StoreError> {
         dispatch!(self.settle(
             id.as_str(),
             user.as_str(),

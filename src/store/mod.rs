@@ -192,7 +192,7 @@ pub struct Restock {
 
 /// The result of confirming or releasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settled {
+pub enum HoldEnded {
     /// The state changed now. A released hold's units went back (`restock`);
     /// a confirmed hold or a left waitlist entry returns none.
     Changed {

@@ -1,6 +1,6 @@
 //! Queue tickets: the sequence that numbers published orders, so a
 //! caller learns its place in line and the reconciler knows what is
-//! settled.
+//! processed.
 
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
@@ -45,13 +45,13 @@ impl Store {
         self.ticket_query(sql, None).await
     }
 
-    /// The highest ticket the processor settled.
+    /// The highest ticket the processor is done with.
     pub async fn queue_done_through(&self) -> Result<u64, StoreError> {
         self.ticket_query("SELECT done_through AS value FROM queue_progress", None)
             .await
     }
 
-    /// Records that the processor settled every ticket up to `through`.
+    /// Records that the processor is done with every ticket up to `through`.
     pub async fn advance_queue(&self, through: u64) -> Result<(), StoreError> {
         let sql = "UPDATE queue_progress SET done_through = GREATEST(done_through, $1) \
                    WHERE id = 1 RETURNING done_through AS value";

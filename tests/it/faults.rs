@@ -165,7 +165,7 @@ async fn an_api_replica_killed_mid_sale_loses_no_accepted_order() {
     );
     // A replica killed between taking a queue ticket and publishing leaves
     // a gap in the tickets, which holds the lost-admission check back until
-    // the processor settles a later ticket: the sale goes on through the
+    // the processor is done with a later ticket: the sale goes on through the
     // survivor, as it would (see the known limits in docs/architecture.md).
     let after = storm(survivor.addr, "KILLAPI", 200, 2, |_| 1).await;
     assert!(after.errors.is_empty(), "{:?}", after.errors);

@@ -532,24 +532,26 @@ async fn redis_dedup_store_keeps_each_call_apart_in_a_batch() {
         ..answer.clone()
     };
     assert_eq!(
-        store.settle("fast", &fp, &answer, long).await,
+        store.store_first("fast", &fp, &answer, long).await,
         Ok(Claim::Run)
     );
     assert_eq!(
-        store.settle("fast", &fp, &other, long).await,
+        store.store_first("fast", &fp, &other, long).await,
         Ok(Claim::Done(answer.clone()))
     );
     assert_eq!(
-        store.settle("fast", &"b".repeat(64), &other, long).await,
+        store
+            .store_first("fast", &"b".repeat(64), &other, long)
+            .await,
         Ok(Claim::Mismatch)
     );
     assert_eq!(
-        store.settle("one", &fp, &other, long).await,
+        store.store_first("one", &fp, &other, long).await,
         Ok(Claim::Done(answer.clone()))
     );
     assert_eq!(store.claim("busy", &fp, "t1", long).await, Ok(Claim::Run));
     assert_eq!(
-        store.settle("busy", &fp, &answer, long).await,
+        store.store_first("busy", &fp, &answer, long).await,
         Ok(Claim::InFlight)
     );
     let short = Duration::from_millis(50);

@@ -85,7 +85,7 @@ impl DedupStore for MemoryDedup {
         Ok(self.put_new(key, fingerprint, token, None, in_flight))
     }
 
-    async fn settle(
+    async fn store_first(
         &self,
         key: &str,
         fingerprint: &str,

@@ -94,7 +94,7 @@ pub trait DedupStore: Send + Sync + 'static {
     /// Stores `answer` as the first answer for `key` unless the key has a
     /// record already, in one step: [`Claim::Run`] means it was stored,
     /// anything else is what the existing record says.
-    async fn settle(
+    async fn store_first(
         &self,
         key: &str,
         fingerprint: &str,
@@ -249,7 +249,10 @@ where
                 .answer_at_once(&parts.headers, &body)
                 .filter(StoredAnswer::is_final);
             if let Some(answer) = at_once {
-                match store.settle(&key, &fingerprint, &answer, times.ttl).await {
+                match store
+                    .store_first(&key, &fingerprint, &answer, times.ttl)
+                    .await
+                {
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
                         crate::metrics::decision("gate", "sold_out_fast_path");
@@ -442,7 +445,7 @@ mod tests {
         let store = MemoryDedup::default();
         let long = Duration::from_secs(60);
         assert_eq!(
-            store.settle("k", "fp", &answer(0), long).await,
+            store.store_first("k", "fp", &answer(0), long).await,
             Ok(Claim::Run)
         );
         assert_eq!(
@@ -451,17 +454,17 @@ mod tests {
         );
         // The first answer stays; another request is a mismatch.
         assert_eq!(
-            store.settle("k", "fp", &answer(5), long).await,
+            store.store_first("k", "fp", &answer(5), long).await,
             Ok(Claim::Done(answer(0)))
         );
         assert_eq!(
-            store.settle("k", "other", &answer(5), long).await,
+            store.store_first("k", "other", &answer(5), long).await,
             Ok(Claim::Mismatch)
         );
         // A running call's claim is not overwritten.
         assert_eq!(store.claim("j", "fp", "t1", long).await, Ok(Claim::Run));
         assert_eq!(
-            store.settle("j", "fp", &answer(0), long).await,
+            store.store_first("j", "fp", &answer(0), long).await,
             Ok(Claim::InFlight)
         );
     }

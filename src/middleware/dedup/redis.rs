@@ -130,7 +130,7 @@ impl DedupStore for RedisDedup {
         self.put_new(key, fingerprint, claim, in_flight).await
     }
 
-    async fn settle(
+    async fn store_first(
         &self,
         key: &str,
         fingerprint: &str,
