@@ -5,7 +5,7 @@
 //! only place that chooses status codes, so the codes documented in the
 //! proto stay true.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use tonic::{metadata::MetadataMap, Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -104,36 +104,42 @@ pub const ERROR_DOMAIN: &str = "stockgate.v1";
 
 /// How long an UNAVAILABLE caller is asked to wait: start-up retries and
 /// backend reconnects run on about this period.
-const UNAVAILABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 
 impl ReservationError {
-    /// The stable `ErrorInfo.reason` a caller can branch on; documented in
-    /// inventory.proto ("Error details"), so never renamed.
-    pub fn reason(&self) -> &'static str {
+    /// The gRPC code and the stable `ErrorInfo.reason` of each error, in
+    /// one table. Reasons are documented in inventory.proto ("Error
+    /// details") and never renamed.
+    fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
-            Self::InvalidArgument { .. } => "INVALID_ARGUMENT",
-            Self::UnknownSku(_) => "UNKNOWN_SKU",
-            Self::ReservationNotFound(_) => "RESERVATION_NOT_FOUND",
-            Self::NotOwner(_) => "NOT_OWNER",
-            Self::WrongState(_) => "WRONG_STATE",
-            Self::HoldExpired(_) => "HOLD_EXPIRED",
-            Self::StillQueued(_) => "STILL_QUEUED",
-            Self::InsufficientStock(_) => "STOCK_BELOW_ZERO",
-            Self::Contention(_) => "CONTENTION",
-            Self::DuplicateInFlight => "DUPLICATE_IN_FLIGHT",
-            Self::RateLimited { .. } => "RATE_LIMITED",
-            Self::Shed { .. } => "OVERLOADED",
-            Self::NotReady(_) => "NOT_READY",
-            Self::Unavailable { .. } => "BACKEND_UNAVAILABLE",
-            Self::UnsafeChange(_) => "UNSAFE_LAYER_CHANGE",
-            Self::ConcurrentChange => "CONCURRENT_CHANGE",
-            Self::Unauthenticated(_) => "UNAUTHENTICATED",
-            Self::Internal(_) => "INTERNAL",
+            Self::InvalidArgument { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            Self::UnknownSku(_) => (Code::NotFound, "UNKNOWN_SKU"),
+            Self::ReservationNotFound(_) => (Code::NotFound, "RESERVATION_NOT_FOUND"),
+            Self::NotOwner(_) => (Code::PermissionDenied, "NOT_OWNER"),
+            Self::WrongState(_) => (Code::FailedPrecondition, "WRONG_STATE"),
+            Self::HoldExpired(_) => (Code::FailedPrecondition, "HOLD_EXPIRED"),
+            Self::StillQueued(_) => (Code::FailedPrecondition, "STILL_QUEUED"),
+            Self::InsufficientStock(_) => (Code::FailedPrecondition, "STOCK_BELOW_ZERO"),
+            Self::Contention(_) => (Code::Aborted, "CONTENTION"),
+            Self::DuplicateInFlight => (Code::Aborted, "DUPLICATE_IN_FLIGHT"),
+            Self::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
+            Self::Shed { .. } => (Code::ResourceExhausted, "OVERLOADED"),
+            Self::NotReady(_) => (Code::Unavailable, "NOT_READY"),
+            Self::Unavailable { .. } => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
+            Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
+            Self::ConcurrentChange => (Code::Aborted, "CONCURRENT_CHANGE"),
+            Self::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            Self::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
 
+    /// The stable `ErrorInfo.reason` a caller can branch on.
+    pub fn reason(&self) -> &'static str {
+        self.code_and_reason().1
+    }
+
     /// How long a caller should wait before retrying, where waiting helps.
-    fn retry_delay(&self) -> Option<std::time::Duration> {
+    fn retry_delay(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after, .. } | Self::Shed { retry_after } => {
                 Some(*retry_after)
@@ -145,8 +151,8 @@ impl ReservationError {
 
     /// The standard error details (`google.rpc.Status.details`): an
     /// `ErrorInfo` always, a `BadRequest` naming the field for
-    /// INVALID_ARGUMENT, a `RetryInfo` where waiting helps.
-    fn details(&self) -> ErrorDetails {
+    /// INVALID_ARGUMENT, a `RetryInfo` when `retry` says waiting helps.
+    fn details(&self, reason: &'static str, retry: Option<Duration>) -> ErrorDetails {
         let mut details = ErrorDetails::new();
         let mut about = HashMap::new();
         match self {
@@ -162,9 +168,9 @@ impl ReservationError {
             }
             _ => {}
         }
-        details.set_error_info(self.reason(), ERROR_DOMAIN, about);
-        if let Some(delay) = self.retry_delay() {
-            details.set_retry_info(Some(delay));
+        details.set_error_info(reason, ERROR_DOMAIN, about);
+        if retry.is_some() {
+            details.set_retry_info(retry);
         }
         details
     }
@@ -173,29 +179,7 @@ impl ReservationError {
 impl From<ReservationError> for Status {
     fn from(err: ReservationError) -> Self {
         // The caller gets a short message; the cause chain stays in our log.
-        let code = match &err {
-            ReservationError::InvalidArgument { .. } => Code::InvalidArgument,
-            ReservationError::UnknownSku(_) | ReservationError::ReservationNotFound(_) => {
-                Code::NotFound
-            }
-            ReservationError::NotOwner(_) => Code::PermissionDenied,
-            ReservationError::WrongState(_)
-            | ReservationError::HoldExpired(_)
-            | ReservationError::StillQueued(_)
-            | ReservationError::InsufficientStock(_)
-            | ReservationError::UnsafeChange(_) => Code::FailedPrecondition,
-            ReservationError::Contention(_)
-            | ReservationError::DuplicateInFlight
-            | ReservationError::ConcurrentChange => Code::Aborted,
-            ReservationError::Unauthenticated(_) => Code::Unauthenticated,
-            ReservationError::RateLimited { .. } | ReservationError::Shed { .. } => {
-                Code::ResourceExhausted
-            }
-            ReservationError::NotReady(_) | ReservationError::Unavailable { .. } => {
-                Code::Unavailable
-            }
-            ReservationError::Internal(_) => Code::Internal,
-        };
+        let (code, reason) = err.code_and_reason();
         match code {
             Code::Internal => {
                 tracing::error!(error = ?err, "internal error");
@@ -204,13 +188,15 @@ impl From<ReservationError> for Status {
             Code::Unavailable => tracing::warn!(error = ?err, "backend unavailable"),
             _ => {}
         }
+        let retry = err.retry_delay();
         let mut metadata = MetadataMap::new();
-        if let Some(delay) = err.retry_delay() {
+        if let Some(delay) = retry {
             // Whole seconds, rounded up, as HTTP's Retry-After.
             let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
             metadata.insert(RETRY_AFTER, secs.max(1).into());
         }
-        Status::with_error_details_and_metadata(code, err.to_string(), err.details(), metadata)
+        let details = err.details(reason, retry);
+        Status::with_error_details_and_metadata(code, err.to_string(), details, metadata)
     }
 }
 

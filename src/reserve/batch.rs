@@ -117,11 +117,7 @@ impl Pipeline {
     /// version of the commit (see [`GateEntry::version`]). A redelivery's
     /// row does not say at which version it was committed; the row's
     /// current version bounds it, which can only leave the gate lower.
-    pub(super) async fn settled_entry(
-        &self,
-        order: &NewOrder,
-        outcome: &CommitOutcome,
-    ) -> GateEntry {
+    async fn settled_entry(&self, order: &NewOrder, outcome: &CommitOutcome) -> GateEntry {
         let version = match outcome {
             CommitOutcome::Committed { stock_version, .. } => Some(*stock_version),
             CommitOutcome::AlreadyCommitted(_) if settlement(outcome) == Settlement::Committed => {
@@ -274,7 +270,7 @@ impl Pipeline {
 
     /// One order in its own transaction, retried on errors up to
     /// `layers.queue.max_attempts` times (an outage does not count).
-    pub(super) async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
+    async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
         let mut attempts = 0;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -303,7 +299,7 @@ impl Pipeline {
     /// units back to the gate, watchers told, error logged. Returns false,
     /// changing nothing, when not even the REJECTED row can be written: the
     /// caller was told QUEUED, so the order must stay for a redelivery.
-    pub(super) async fn give_up(&self, queued: &QueuedOrder, reason: &str) -> bool {
+    async fn give_up(&self, queued: &QueuedOrder, reason: &str) -> bool {
         let order = &queued.order;
         tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
         let reason = format!("processing failed: {reason}");
@@ -385,7 +381,7 @@ impl Pipeline {
         processed.len()
     }
 
-    pub(super) fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
+    fn finish_queued(&self, queued: &QueuedOrder, outcome: CommitOutcome) {
         let order = &queued.order;
         let result = self.answer(order, outcome);
         // The row exists now (or never will): stop answering from memory.

@@ -94,11 +94,7 @@ impl Pipeline {
         self.after_hold_ended(id, ended, "release").await
     }
 
-    pub(super) fn refuse_if_queued(
-        &self,
-        id: &ReservationId,
-        user: &UserId,
-    ) -> Result<(), ReservationError> {
+    fn refuse_if_queued(&self, id: &ReservationId, user: &UserId) -> Result<(), ReservationError> {
         match self.pending().get(id) {
             Some(p) if p.reservation.user != *user => {
                 Err(ReservationError::NotOwner(id.as_str().into()))
@@ -111,7 +107,7 @@ impl Pipeline {
         }
     }
 
-    pub(super) async fn after_hold_ended(
+    async fn after_hold_ended(
         &self,
         id: &ReservationId,
         ended: HoldEnded,
@@ -150,7 +146,7 @@ impl Pipeline {
     /// Gives a released hold's units back to the gate, as far as they
     /// reached stock: units handed on to the waitlist never do, so no
     /// newcomer can be admitted for them. Tells the new holders' watchers.
-    pub(super) async fn return_to_gate(&self, reservation: &Reservation, restock: &Restock) {
+    async fn return_to_gate(&self, reservation: &Reservation, restock: &Restock) {
         let entry = GateEntry::new(
             reservation.id.clone(),
             reservation.sku.clone(),

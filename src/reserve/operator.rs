@@ -84,7 +84,7 @@ impl Pipeline {
 
     /// Sets the gate from `row`, read again while settlements overtake the
     /// read (a busy processor); after a few tries the reconciler takes over.
-    pub(super) async fn gate_follows(&self, mut row: InventoryRow) {
+    async fn gate_follows(&self, mut row: InventoryRow) {
         let sku = Sku::from_trusted(row.sku.clone());
         for _ in 0..5 {
             match self.gate.set(&sku_stock(&row)).await {
@@ -105,7 +105,7 @@ impl Pipeline {
     /// The database changed and the gate could not follow. The database
     /// write stands (it is the truth, and the caller must not hear "nothing
     /// changed"); the reconciler brings the gate in line.
-    pub(super) fn gate_lagging(&self, sku: &Sku, err: GateError) {
+    fn gate_lagging(&self, sku: &Sku, err: GateError) {
         tracing::warn!(sku = sku.as_str(), error = %err, "stock gate not updated; the reconciler will repair it");
         self.reload_wanted.notify_one();
     }

@@ -9,7 +9,7 @@ use tokio::{sync::broadcast, time::Instant};
 use crate::{
     domain::{
         now,
-        switches::{DbCheckMode, GateFailureMode},
+        switches::{DbCheckMode, GateFailureMode, Layers},
         IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId,
     },
     error::ReservationError,
@@ -23,6 +23,18 @@ use super::{
     count_outcome, gate_entry, gate_error, queue_error, store_error, Event, Pending, Pipeline,
     ReserveCommand, ReserveResult,
 };
+
+/// What the gate's step of the Reserve path decided.
+enum GatePass {
+    /// Admitted; units left after this order.
+    Admitted { remaining: i64 },
+    /// Not asked: the gate is down or being rebuilt and fails open.
+    Bypassed,
+    /// Refused: sold out (units left, fewer than asked for).
+    SoldOut { remaining: i64 },
+    /// Refused: over the user's cap.
+    OverCap,
+}
 
 /// How a fenced-off order's REJECTED row starts.
 pub const FENCE_REASON: &str = "the order queue did not confirm the order";
@@ -127,7 +139,10 @@ impl Pipeline {
         }
     }
 
-    pub(super) async fn reserve_once(
+    /// The Reserve path, top to bottom: ready, the key (an earlier
+    /// reservation with it answers), the sold-out fast path, the gate, then
+    /// the queue (publish) or the database (commit now).
+    async fn reserve_once(
         self: &Arc<Self>,
         cmd: ReserveCommand,
     ) -> Result<ReserveResult, ReservationError> {
@@ -156,51 +171,20 @@ impl Pipeline {
             idempotency_key: cmd.idempotency_key,
             created_at: now(),
         };
-        let mut remaining = None;
-        let mut gated = false;
-        if layers.gate {
-            match self.gate.reserve(&gate_entry(&order)).await {
-                Ok(GateDecision::Reserved { remaining: left }) => {
-                    metrics::decision("gate", "admitted");
-                    remaining = Some(left);
-                    gated = true;
-                }
-                Ok(GateDecision::SoldOut { remaining }) => {
-                    metrics::decision("gate", "sold_out");
-                    self.remember_sold_out(&order.sku, remaining);
+        let (gated, remaining) = if layers.gate {
+            match self.pass_gate(&order, &layers).await? {
+                GatePass::Admitted { remaining } => (true, Some(remaining)),
+                GatePass::Bypassed => (false, None),
+                GatePass::SoldOut { remaining } => {
                     return Ok(ReserveResult::SoldOut {
                         remaining: Some(remaining),
-                    });
+                    })
                 }
-                Ok(GateDecision::UserLimit { .. }) => {
-                    metrics::decision("gate", "over_cap");
-                    return Ok(ReserveResult::UserLimit);
-                }
-                Ok(GateDecision::UnknownSku) => {
-                    metrics::decision("gate", "unknown_sku");
-                    return Err(ReservationError::UnknownSku(order.sku.as_str().into()));
-                }
-                Ok(GateDecision::NotReady) => {
-                    self.reload_wanted.notify_one();
-                    if layers.gate_failure == GateFailureMode::FailClosed {
-                        metrics::decision("gate", "unavailable");
-                        return Err(ReservationError::NotReady(
-                            "the stock gate is being rebuilt from the database".into(),
-                        ));
-                    }
-                    metrics::decision("gate", "bypassed");
-                }
-                Err(err) => {
-                    self.forget_admission(gate_entry(&order));
-                    if layers.gate_failure == GateFailureMode::FailClosed {
-                        metrics::decision("gate", "unavailable");
-                        return Err(gate_error(err));
-                    }
-                    metrics::decision("gate", "bypassed");
-                    tracing::warn!(error = %err, "stock gate down; bypassing it");
-                }
+                GatePass::OverCap => return Ok(ReserveResult::UserLimit),
             }
-        }
+        } else {
+            (false, None)
+        };
         if layers.queue {
             // On its own task: a caller that gives up (deadline, cancel)
             // drops this future, and a publish abandoned half way would
@@ -214,17 +198,67 @@ impl Pipeline {
         }
     }
 
+    /// The gate's decision on `order`: admitted, skipped (it is down or
+    /// being rebuilt and `layers.gate.failure_mode` says bypass), refused,
+    /// or an error (unknown SKU, the gate unavailable and failing closed).
+    async fn pass_gate(
+        &self,
+        order: &NewOrder,
+        layers: &Layers,
+    ) -> Result<GatePass, ReservationError> {
+        match self.gate.reserve(&gate_entry(order)).await {
+            Ok(GateDecision::Reserved { remaining }) => {
+                metrics::decision("gate", "admitted");
+                Ok(GatePass::Admitted { remaining })
+            }
+            Ok(GateDecision::SoldOut { remaining }) => {
+                metrics::decision("gate", "sold_out");
+                self.remember_sold_out(&order.sku, remaining);
+                Ok(GatePass::SoldOut { remaining })
+            }
+            Ok(GateDecision::UserLimit { .. }) => {
+                metrics::decision("gate", "over_cap");
+                Ok(GatePass::OverCap)
+            }
+            Ok(GateDecision::UnknownSku) => {
+                metrics::decision("gate", "unknown_sku");
+                Err(ReservationError::UnknownSku(order.sku.as_str().into()))
+            }
+            Ok(GateDecision::NotReady) => {
+                self.reload_wanted.notify_one();
+                if layers.gate_failure == GateFailureMode::FailClosed {
+                    metrics::decision("gate", "unavailable");
+                    return Err(ReservationError::NotReady(
+                        "the stock gate is being rebuilt from the database".into(),
+                    ));
+                }
+                metrics::decision("gate", "bypassed");
+                Ok(GatePass::Bypassed)
+            }
+            Err(err) => {
+                self.forget_admission(gate_entry(order));
+                if layers.gate_failure == GateFailureMode::FailClosed {
+                    metrics::decision("gate", "unavailable");
+                    return Err(gate_error(err));
+                }
+                metrics::decision("gate", "bypassed");
+                tracing::warn!(error = %err, "stock gate down; bypassing it");
+                Ok(GatePass::Bypassed)
+            }
+        }
+    }
+
     /// A gate call that failed may still have admitted (the script ran,
     /// its reply was lost with the connection). Returning those units at
     /// once, rather than after `layers.gate.in_flight_timeout_ms`, keeps a
     /// short outage from under-selling. Safe if nothing was admitted: a
     /// release of an admission the gate never recorded changes nothing.
     /// Retried in the background while the gate is unreachable.
-    pub(super) fn forget_admission(&self, entry: GateEntry) {
+    fn forget_admission(&self, entry: GateEntry) {
         self.settle_later(Settlement::Released, vec![entry]);
     }
 
-    pub(super) fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
+    fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
         let cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(sku) {
             Some(&(left, until)) if Instant::now() < until && left < i64::from(quantity) => {
@@ -234,7 +268,7 @@ impl Pipeline {
         }
     }
 
-    pub(super) fn remember_sold_out(&self, sku: &Sku, left: i64) {
+    fn remember_sold_out(&self, sku: &Sku, left: i64) {
         if let Some(ttl) = self.limits.sold_out_cache {
             self.sold_out
                 .lock()
@@ -264,7 +298,7 @@ impl Pipeline {
         self.reload_wanted.notified().await
     }
 
-    pub(super) async fn enqueue(
+    async fn enqueue(
         &self,
         order: NewOrder,
         gated: bool,
@@ -344,7 +378,7 @@ impl Pipeline {
     /// its row is the answer (and it settled the gate). If the fence cannot
     /// be written the outcome is indeterminate: the units stay with the
     /// admission, which the reconciler settles by what became of it.
-    pub(super) async fn fence_unconfirmed(
+    async fn fence_unconfirmed(
         &self,
         order: &NewOrder,
         gated: bool,
@@ -384,7 +418,7 @@ impl Pipeline {
         }
     }
 
-    pub(super) async fn commit_now(
+    async fn commit_now(
         &self,
         order: NewOrder,
         mode: DbCheckMode,
@@ -408,7 +442,7 @@ impl Pipeline {
     /// The reservation an earlier call with this key made, if this replica
     /// knows it: still queued (with its position), or processed recently
     /// (read back from the database).
-    pub(super) async fn earlier_with_key(
+    async fn earlier_with_key(
         &self,
         user: &UserId,
         key: &IdempotencyKey,

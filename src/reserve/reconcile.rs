@@ -100,7 +100,7 @@ impl Pipeline {
     /// Settles admissions older than the in-flight timeout by what became of
     /// them: in the database → committed or rejected; still queued here →
     /// left alone; nowhere → lost before it was queued, units returned.
-    pub(super) async fn settle_stale_in_flight(
+    async fn settle_stale_in_flight(
         &self,
         sku: &Sku,
     ) -> Result<Vec<ReservationId>, ReservationError> {
