@@ -10,9 +10,11 @@
 
 mod embedded;
 mod redis_gate;
+mod sold_out;
 
 pub use embedded::EmbeddedGate;
 pub use redis_gate::{RedisGate, RESERVE_SCRIPT};
+pub use sold_out::SoldOutCache;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;

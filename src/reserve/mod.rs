@@ -25,10 +25,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{broadcast, Notify},
-    time::Instant,
-};
+use tokio::sync::{broadcast, Notify};
 
 use crate::{
     config::Config,
@@ -37,7 +34,7 @@ use crate::{
         IdempotencyKey, Quantity, Reservation, Sku, UserId,
     },
     error::ReservationError,
-    gate::{GateEntry, GateError, SkuStock, StockGate},
+    gate::{GateEntry, GateError, SkuStock, SoldOutCache, StockGate},
     metrics,
     queue::{OrderQueue, QueueError},
     store::{CommitOutcome, InventoryRow, NewOrder, RejectCause, Store, StoreError},
@@ -145,9 +142,8 @@ pub struct Pipeline {
     /// only place a QUEUED reservation is visible before it has a row.
     pending: Mutex<PendingBook>,
     events: broadcast::Sender<Event>,
-    /// The sold-out fast path: SKU → (units the gate last said were left,
-    /// until when to believe it). It may only ever say "no".
-    sold_out: Mutex<HashMap<Sku, (i64, Instant)>>,
+    /// The sold-out fast path.
+    sold_out: SoldOutCache,
     /// Poked when the gate answered NotReady, so the reconciler reloads it
     /// now rather than at its next tick.
     reload_wanted: Notify,
@@ -190,7 +186,7 @@ impl Pipeline {
             not_ready: Mutex::new("starting up: checking the store and the stock gate".into()),
             pending: Mutex::new(PendingBook::default()),
             events,
-            sold_out: Mutex::new(HashMap::new()),
+            sold_out: SoldOutCache::new(limits.sold_out_cache),
             reload_wanted: Notify::new(),
             last_drift: Mutex::new(HashMap::new()),
         }

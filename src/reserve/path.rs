@@ -4,16 +4,16 @@
 
 use std::sync::Arc;
 
-use tokio::{sync::broadcast, time::Instant};
+use tokio::sync::broadcast;
 
 use crate::{
     domain::{
         now,
         switches::{DbCheckMode, GateFailureMode, Layers},
-        IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, UserId,
+        IdempotencyKey, Reservation, ReservationId, ReservationState, UserId,
     },
     error::ReservationError,
-    gate::{GateDecision, GateEntry, Settlement, RESTOCK_ALL},
+    gate::{GateDecision, GateEntry, Settlement},
     metrics,
     queue::QueueError,
     store::{CommitParams, NewOrder, WaitlistJoin},
@@ -71,7 +71,7 @@ impl Pipeline {
         }
         // Not counted here: the caller (the dedup layer) counts the answer
         // only if it is the one given.
-        let left = self.known_sold_out(&cmd.sku, cmd.quantity.get())?;
+        let left = self.sold_out.known(&cmd.sku, cmd.quantity.get())?;
         Some(ReserveResult::SoldOut {
             remaining: Some(left),
         })
@@ -156,7 +156,7 @@ impl Pipeline {
         // Before the order is built: the fast path answers most of a
         // storm, and an id, a clock read and three copies per call show.
         if layers.gate {
-            if let Some(left) = self.known_sold_out(&cmd.sku, cmd.quantity.get()) {
+            if let Some(left) = self.sold_out.known(&cmd.sku, cmd.quantity.get()) {
                 metrics::decision("gate", "sold_out_fast_path");
                 return Ok(ReserveResult::SoldOut {
                     remaining: Some(left),
@@ -213,7 +213,7 @@ impl Pipeline {
             }
             Ok(GateDecision::SoldOut { remaining }) => {
                 metrics::decision("gate", "sold_out");
-                self.remember_sold_out(&order.sku, remaining);
+                self.sold_out.remember(&order.sku, remaining);
                 Ok(GatePass::SoldOut { remaining })
             }
             Ok(GateDecision::UserLimit { .. }) => {
@@ -258,34 +258,10 @@ impl Pipeline {
         self.settle_later(Settlement::Released, vec![entry]);
     }
 
-    fn known_sold_out(&self, sku: &Sku, quantity: u32) -> Option<i64> {
-        let cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
-        match cache.get(sku) {
-            Some(&(left, until)) if Instant::now() < until && left < i64::from(quantity) => {
-                Some(left)
-            }
-            _ => None,
-        }
-    }
-
-    fn remember_sold_out(&self, sku: &Sku, left: i64) {
-        if let Some(ttl) = self.limits.sold_out_cache {
-            self.sold_out
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(sku.clone(), (left, Instant::now() + ttl));
-        }
-    }
-
     /// Forgets the fast path's answer for a SKU that was restocked
-    /// ([`RESTOCK_ALL`]: for every SKU).
+    /// ([`crate::gate::RESTOCK_ALL`]: for every SKU).
     pub fn restocked(&self, sku: &str) {
-        let mut cache = self.sold_out.lock().unwrap_or_else(|p| p.into_inner());
-        if sku == RESTOCK_ALL {
-            cache.clear();
-        } else {
-            cache.remove(&Sku::from_trusted(sku.to_owned()));
-        }
+        self.sold_out.forget(sku);
     }
 
     /// Restock messages from the gate, for the listener task.
