@@ -29,6 +29,7 @@ use tonic_health::ServingStatus;
 use crate::{
     config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
     domain::switches::{Layers, Switches},
+    fleet::SwitchBoard,
     gate::{EmbeddedGate, RedisGate, StockGate},
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
     metrics::GrpcMetricsLayer,
@@ -36,7 +37,6 @@ use crate::{
         DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
         RateLimits,
     },
-    ops::SwitchBoard,
     pb::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
@@ -231,7 +231,7 @@ pub async fn run_with(
     );
     background.spawn(
         "switch poller",
-        crate::ops::run_poller(
+        crate::fleet::run_poller(
             board.clone(),
             Duration::from_millis(config.admin.switch_poll_ms),
             stop_rx.clone(),

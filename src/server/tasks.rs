@@ -14,9 +14,9 @@ use crate::{
     config::Config,
     domain::switches::{Layers, LayersChange},
     error::ReservationError,
+    fleet::{ChangeRequest, SwitchBoard},
     grpc::{token_digest, AdminToken},
     middleware::{InFlight, MemoryDedup, RateLimits},
-    ops::{ChangeRequest, SwitchBoard},
     reserve::Pipeline,
 };
 

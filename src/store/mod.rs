@@ -17,8 +17,8 @@
 //! `tickets.rs` numbers the queue, `migrate.rs` runs the embedded
 //! migrations.
 
+mod fleet;
 mod models;
-mod ops;
 pub mod schema;
 
 use std::{
@@ -40,9 +40,9 @@ use diesel_async::{
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 use futures::FutureExt;
 
+pub use fleet::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, SkuFigures, StoredSwitches};
 pub use models::InventoryRow;
 use models::ReservationRow;
-pub use ops::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, SkuFigures, StoredSwitches};
 use schema::{inventory, reservations};
 
 use crate::{

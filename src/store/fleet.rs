@@ -1,4 +1,4 @@
-//! Operations data: the fleet's stored layer switches, the audit trail, what
+//! The fleet's data: its stored layer switches, the audit trail, what
 //! each replica reports running, and the operators' reservation listing.
 
 use chrono::NaiveDateTime;
@@ -81,7 +81,7 @@ pub struct ReservationFilter {
     pub limit: i64,
 }
 
-macro_rules! ops_queries {
+macro_rules! fleet_queries {
     ($module:ident, $Conn:ty) => {
         mod $module {
             use super::*;
@@ -290,19 +290,19 @@ macro_rules! ops_queries {
     };
 }
 
-ops_queries!(pg_ops, AsyncPgConnection);
-ops_queries!(sqlite_ops, SqliteConn);
+fleet_queries!(pg_fleet, AsyncPgConnection);
+fleet_queries!(sqlite_fleet, SqliteConn);
 
-macro_rules! dispatch_ops {
+macro_rules! dispatch_fleet {
     ($self:ident . $f:ident ( $($arg:expr),* $(,)? )) => {
         match &*$self.pool {
             Pool::Pg(pool) => {
                 let mut conn = pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))?;
-                pg_ops::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
+                pg_fleet::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
             }
             Pool::Sqlite(pool) => {
                 let mut conn = pool.get().await.map_err(|e| StoreError::Connect(e.to_string()))?;
-                sqlite_ops::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
+                sqlite_fleet::$f(&mut conn, $($arg),*).await.map_err(StoreError::from)
             }
         }
     };
@@ -310,7 +310,7 @@ macro_rules! dispatch_ops {
 
 impl super::Store {
     pub async fn switches(&self) -> Result<Option<StoredSwitches>, StoreError> {
-        dispatch_ops!(self.switches())
+        dispatch_fleet!(self.switches())
     }
 
     /// Compare-and-set of the stored switches; see `swap_switches`.
@@ -321,33 +321,33 @@ impl super::Store {
         by: &str,
         at: NaiveDateTime,
     ) -> Result<bool, StoreError> {
-        dispatch_ops!(self.swap_switches(expected, switches, by, at))
+        dispatch_fleet!(self.swap_switches(expected, switches, by, at))
     }
 
     pub async fn audit(&self, event: &NewAudit<'_>) -> Result<(), StoreError> {
-        dispatch_ops!(self.audit(event))
+        dispatch_fleet!(self.audit(event))
     }
 
     pub async fn audit_events(&self, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
-        dispatch_ops!(self.audit_events(limit))
+        dispatch_fleet!(self.audit_events(limit))
     }
 
     pub async fn report_replica(&self, row: &ReplicaRow) -> Result<(), StoreError> {
-        dispatch_ops!(self.report_replica(row))
+        dispatch_fleet!(self.report_replica(row))
     }
 
     pub async fn replicas_since(
         &self,
         since: NaiveDateTime,
     ) -> Result<Vec<ReplicaRow>, StoreError> {
-        dispatch_ops!(self.replicas_since(since))
+        dispatch_fleet!(self.replicas_since(since))
     }
 
     pub async fn list_reservations(
         &self,
         filter: &ReservationFilter,
     ) -> Result<Vec<Reservation>, StoreError> {
-        dispatch_ops!(self.list_reservations(filter))
+        dispatch_fleet!(self.list_reservations(filter))
     }
 
     pub async fn sku_figures(
@@ -355,10 +355,10 @@ impl super::Store {
         sku: Option<&str>,
         overdue_before: NaiveDateTime,
     ) -> Result<Vec<SkuFigures>, StoreError> {
-        dispatch_ops!(self.sku_figures(sku, overdue_before))
+        dispatch_fleet!(self.sku_figures(sku, overdue_before))
     }
 
     pub async fn duplicate_keys(&self) -> Result<Vec<(String, Option<String>, i64)>, StoreError> {
-        dispatch_ops!(self.duplicate_keys())
+        dispatch_fleet!(self.duplicate_keys())
     }
 }
