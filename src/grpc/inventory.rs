@@ -28,10 +28,26 @@ impl InventoryApi {
 
 /// The sold-out fast path for the dedup layer: a valid Reserve the pipeline
 /// can answer without I/O gets the answer `reserve` would give, framed as
-/// this server frames it.
-impl AnswerAtOnce for InventoryApi {
+/// this server frames it. It keeps the server's message limit, so an
+/// oversized request runs and is refused as tonic refuses it.
+pub struct ReserveAtOnce {
+    pipeline: Arc<Pipeline>,
+    max_message_bytes: usize,
+}
+
+impl ReserveAtOnce {
+    pub fn new(pipeline: Arc<Pipeline>, max_message_bytes: usize) -> Self {
+        Self {
+            pipeline,
+            max_message_bytes,
+        }
+    }
+}
+
+impl AnswerAtOnce for ReserveAtOnce {
     fn answer_at_once(&self, headers: &http::HeaderMap, body: &[u8]) -> Option<StoredAnswer> {
-        let request = pb::ReserveRequest::decode(StoredAnswer::unframe(body)?).ok()?;
+        let message = StoredAnswer::unframe(body).filter(|m| m.len() <= self.max_message_bytes)?;
+        let request = pb::ReserveRequest::decode(message).ok()?;
         let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
         let command =
             validate_reserve(&metadata, &request, self.pipeline.limits().max_quantity).ok()?;

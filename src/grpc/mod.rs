@@ -8,7 +8,7 @@ pub use admin::{
     layers_change, set_every_switch, token_digest, AdminApi, AdminAuth, AdminToken,
     OPERATOR_METADATA,
 };
-pub use inventory::{validate_reserve, InventoryApi};
+pub use inventory::{validate_reserve, InventoryApi, ReserveAtOnce};
 
 use chrono::NaiveDateTime;
 use tonic::metadata::MetadataMap;

@@ -31,7 +31,7 @@ use crate::{
     domain::switches::{Layers, Switches},
     fleet::SwitchBoard,
     gate::{EmbeddedGate, RedisGate, StockGate},
-    grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi},
+    grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi, ReserveAtOnce},
     metrics::GrpcMetricsLayer,
     middleware::{
         DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
@@ -389,7 +389,10 @@ pub async fn run_with(
             dedup_store,
             switches,
             dedup_times,
-            Arc::new(InventoryApi::new(pipeline.clone())),
+            Arc::new(ReserveAtOnce::new(
+                pipeline.clone(),
+                config.server.max_message_bytes,
+            )),
         ))
         .add_service(health_service)
         .add_service(reflection.v1)

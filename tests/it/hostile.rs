@@ -71,6 +71,51 @@ async fn reserve_raw(
     grpc.unary(request, path, Raw).await.map(|r| r.into_inner())
 }
 
+/// An oversized Reserve is refused OUT_OF_RANGE with dedup on too, where
+/// the sold-out fast path could answer it at once: the at-once answer keeps
+/// the server's message limit, and no answer is stored for the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_with_dedup_on_too() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.layers.dedup.enabled = true;
+        c.layers.gate.sold_out_cache_ms = 60_000;
+        c.server.max_message_bytes = 1024;
+    })
+    .await;
+    app.set_stock("TINY", 0, 0).await;
+    let channel = crate::harness::connect(app.addr).await;
+    let keyed = |body: Vec<u8>, key: &'static str| {
+        let channel = channel.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let mut request = Request::new(body);
+            request
+                .metadata_mut()
+                .insert("x-user-id", MetadataValue::from_static("mallory"));
+            request
+                .metadata_mut()
+                .insert("idempotency-key", MetadataValue::from_static(key));
+            let path =
+                http::uri::PathAndQuery::from_static("/stockgate.v1.InventoryService/Reserve");
+            grpc.unary(request, path, Raw).await.map(|r| r.into_inner())
+        }
+    };
+    // The gate says sold out once; the fast path knows it after that.
+    keyed(message(b"TINY", 1, &[]), "small").await.unwrap();
+    // Padded with an unknown field (15, bytes): valid, but over the limit.
+    let mut padding = vec![0x7a];
+    varint(&mut padding, 2_000);
+    padding.extend_from_slice(&[0; 2_000]);
+    for attempt in ["first", "retry"] {
+        let status = keyed(message(b"TINY", 1, &padding), "big")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{attempt}: {status:?}");
+    }
+    app.stop().await;
+}
+
 /// A ReserveRequest's bytes: field 1 (sku, bytes as given), field 2
 /// (quantity, varint), then `extra`.
 fn message(sku: &[u8], quantity: u64, extra: &[u8]) -> Vec<u8> {
