@@ -33,7 +33,7 @@ pub enum ReservationError {
     /// to be swept).
     #[error("{0}")]
     HoldExpired(String),
-    /// The reservation is still QUEUED: there is no hold to settle yet.
+    /// The reservation is still QUEUED: there is no hold to confirm or release yet.
     #[error("{0}")]
     StillQueued(String),
     /// An adjustment would take stock below zero.

@@ -569,8 +569,8 @@ def _(ctx):
     expect(confirm, Expect(SC.FAILED_PRECONDITION, reason="HOLD_EXPIRED"))
 
 
-def settle_twice(first, second):
-    """A hold settled by `first` (Confirm or Release), then by `second`:
+def end_twice(first, second):
+    """A hold ended by `first` (Confirm or Release), then by `second`:
     the second is refused as the wrong state."""
 
     def run(ctx):
@@ -589,8 +589,8 @@ def settle_twice(first, second):
     return run
 
 
-case("failed-precondition/confirm-released")(settle_twice("Release", "Confirm"))
-case("failed-precondition/release-confirmed")(settle_twice("Confirm", "Release"))
+case("failed-precondition/confirm-released")(end_twice("Release", "Confirm"))
+case("failed-precondition/release-confirmed")(end_twice("Confirm", "Release"))
 
 
 @case("failed-precondition/confirm-still-queued")

@@ -155,7 +155,7 @@ mod tests {
             book.with_key(&user, &key).unwrap().reservation.id,
             holder_id
         );
-        // Settling the twin leaves the holder findable.
+        // Processing the twin leaves the holder findable.
         book.remove(&twin_id);
         assert_eq!(
             book.with_key(&user, &key).unwrap().reservation.id,

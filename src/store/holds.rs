@@ -1,4 +1,4 @@
-//! After an order: settling holds (confirm, release, expiry) and the
+//! After an order: ending holds (confirm, release, expiry) and the
 //! waitlist that returned units go to first.
 
 use std::time::Duration;
@@ -404,7 +404,7 @@ macro_rules! holds_queries {
             .await
         }
 
-        pub(super) async fn settle(
+        pub(super) async fn end_hold(
             conn: &mut $Conn,
             id: &str,
             user: &str,
@@ -517,7 +517,7 @@ impl Store {
         user: &UserId,
         now: NaiveDateTime,
     ) -> Result<HoldEnded, StoreError> {
-        dispatch!(self.settle(
+        dispatch!(self.end_hold(
             id.as_str(),
             user.as_str(),
             ReservationState::Confirmed,
@@ -536,7 +536,7 @@ impl Store {
         now: NaiveDateTime,
         hold_ttl: Option<Duration>,
     ) -> Result<HoldEnded, StoreError> {
-        dispatch!(self.settle(
+        dispatch!(self.end_hold(
             id.as_str(),
             user.as_str(),
             ReservationState::Released,

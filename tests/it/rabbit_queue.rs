@@ -350,7 +350,7 @@ async fn watched_positions_fall_monotonically_and_end_in_the_final_state() {
         assert_eq!(reservation.queue_position, Some(i));
         last_id = reservation.reservation_id;
     }
-    // Nothing consumes yet: settling it is refused with a reason of its
+    // Nothing consumes yet: confirming or releasing it is refused with a reason of its
     // own, so the caller knows to watch it rather than give up on it.
     for status in [
         confirm(&mut client, &last_id, "p59").await.unwrap_err(),

@@ -80,12 +80,12 @@ pub(super) async fn confirm_and_check(
         .collect();
     report.admitted = owners.len();
 
-    // Settle: wait for every admitted reservation to leave QUEUED, confirm
+    // Finish: wait for every admitted reservation to leave QUEUED, confirm
     // the holds. Anything still QUEUED after the wait was lost. Many at
     // once: with rate limiting on, each user's calls are paced.
     let inventory = InventoryServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(120);
-    let settled: Vec<anyhow::Result<(String, PbState, u32)>> =
+    let finished: Vec<anyhow::Result<(String, PbState, u32)>> =
         futures::stream::iter(owners.iter().map(|(id, i)| {
             let user = user_name(options, *i);
             confirm_when_held(inventory.clone(), (*id).to_owned(), user, deadline)
@@ -95,7 +95,7 @@ pub(super) async fn confirm_and_check(
         .await;
     let mut lost = Vec::new();
     let mut units_confirmed: i64 = 0;
-    for result in settled {
+    for result in finished {
         let (id, state, quantity) = result?;
         match state {
             PbState::Confirmed => {
@@ -150,7 +150,7 @@ pub(super) async fn confirm_and_check(
                     report.admitted, report.confirmed, report.rejected
                 )
             } else {
-                format!("not settled: {}", lost.join(", "))
+                format!("not finished: {}", lost.join(", "))
             },
         },
         Check {
