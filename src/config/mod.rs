@@ -245,6 +245,12 @@ impl Config {
                 "must be above 0",
             ));
         }
+        if rate.max_tracked_users == 0 {
+            return Err(invalid(
+                "layers.rate_limit.max_tracked_users",
+                "must be above 0",
+            ));
+        }
         if rate.methods.is_empty() {
             return Err(invalid(
                 "layers.rate_limit.methods",
@@ -268,6 +274,12 @@ impl Config {
             return Err(invalid(
                 "layers.dedup.ttl_secs",
                 "ttl_secs and wait_ms must be above 0",
+            ));
+        }
+        if self.layers.dedup.memory_max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "layers.dedup.memory_max_bytes",
+                "must be at least 1048576 (1 MiB)",
             ));
         }
         self.dedup_backend()?;
@@ -412,8 +424,41 @@ fn optional_addr(field: &'static str, value: &str) -> Result<Option<SocketAddr>,
     })
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for logs.
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, and
+/// `redis://host/?password=secret` → `redis://host/?password=***`, for logs.
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = redact_userinfo(url);
+    if let Some(query) = query {
+        redacted.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str()) => {
+                    format!("{name}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted.push_str(&pairs.join("&"));
+    }
+    redacted
+}
+
+/// Query parameters that carry a secret in the URLs our drivers accept.
+const SECRET_PARAMS: [&str; 6] = [
+    "password",
+    "passwd",
+    "pass",
+    "sslpassword",
+    "token",
+    "secret",
+];
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -599,5 +644,13 @@ mod tests {
             "postgres://app:***@db:5432/sg"
         );
         assert_eq!(redact_url("postgres://db/sg"), "postgres://db/sg");
+        assert_eq!(
+            redact_url("redis://r:6379/0?Password=hunter2&protocol=resp3"),
+            "redis://r:6379/0?Password=***&protocol=resp3"
+        );
+        assert_eq!(
+            redact_url("postgres://a:b@db/sg?sslmode=require&password=x"),
+            "postgres://a:***@db/sg?sslmode=require&password=***"
+        );
     }
 }

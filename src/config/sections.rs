@@ -209,6 +209,11 @@ pub struct RateLimitConfig {
     /// budget meant for competing for stock. A method not listed is never
     /// counted nor refused by this layer.
     pub methods: Vec<String>,
+    /// Most users whose budget is kept at once (about 250 bytes each). Past
+    /// it, users whose budget is full again are forgotten at once, and if
+    /// that is not enough every per-user budget starts over (the global
+    /// budget stays): a flood of unique user ids costs bounded memory.
+    pub max_tracked_users: usize,
 }
 
 /// InventoryService's methods, as `layers.rate_limit.methods` names them.
@@ -231,6 +236,7 @@ impl Default for RateLimitConfig {
             global_burst: 5_000,
             sweep_interval_ms: 10_000,
             methods: vec!["Reserve".into()],
+            max_tracked_users: 100_000,
         }
     }
 }
@@ -246,6 +252,12 @@ pub struct DedupLayerConfig {
     /// How long a concurrent duplicate waits for the first call's answer,
     /// in milliseconds, before it is answered ABORTED.
     pub wait_ms: u64,
+    /// Most memory the in-process store (no `backends.dedup`) gives its
+    /// records, in bytes. When full, expired records are dropped; if it is
+    /// still full, a call runs without dedup (the database still keeps one
+    /// order per user and key). A record is at most about 4.5 KiB (answers
+    /// larger than 4 KiB are not kept), a typical one about 0.8 KiB.
+    pub memory_max_bytes: usize,
 }
 
 impl Default for DedupLayerConfig {
@@ -254,6 +266,7 @@ impl Default for DedupLayerConfig {
             enabled: false,
             ttl_secs: 24 * 3600,
             wait_ms: 5_000,
+            memory_max_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -115,7 +115,8 @@ impl tonic::service::Interceptor for AdminAuth {
 }
 
 fn actor<T>(request: &Request<T>, replica: &str) -> Result<String, ReservationError> {
-    let operator = metadata_str(request.metadata(), OPERATOR_METADATA)?.unwrap_or("unknown");
+    let operator =
+        metadata_str(request.metadata().as_ref(), OPERATOR_METADATA)?.unwrap_or("unknown");
     let mut operator = operator.to_owned();
     operator.truncate(100);
     let peer = request

@@ -22,7 +22,7 @@ use crate::{
 /// Reads a metadata value as text; a present but non-ASCII value is an
 /// error naming the key, not "missing".
 fn metadata_str<'a>(
-    metadata: &'a MetadataMap,
+    metadata: &'a http::HeaderMap,
     key: &'static str,
 ) -> Result<Option<&'a str>, ReservationError> {
     match metadata.get(key) {
@@ -35,7 +35,14 @@ fn metadata_str<'a>(
 }
 
 pub(crate) fn user_id(metadata: &MetadataMap) -> Result<UserId, ReservationError> {
-    match metadata_str(metadata, UserId::METADATA)? {
+    user_id_header(metadata.as_ref())
+}
+
+/// The caller's user id from raw request headers, checked as the handlers
+/// check it: the middleware keeps no per-user state for an id a handler
+/// would refuse.
+pub fn user_id_header(headers: &http::HeaderMap) -> Result<UserId, ReservationError> {
+    match metadata_str(headers, UserId::METADATA)? {
         Some(value) => UserId::parse(value),
         None => Err(ReservationError::invalid(
             UserId::METADATA,
@@ -47,7 +54,14 @@ pub(crate) fn user_id(metadata: &MetadataMap) -> Result<UserId, ReservationError
 pub(crate) fn idempotency_key(
     metadata: &MetadataMap,
 ) -> Result<Option<IdempotencyKey>, ReservationError> {
-    metadata_str(metadata, IdempotencyKey::METADATA)?
+    idempotency_key_header(metadata.as_ref())
+}
+
+/// The idempotency key from raw request headers, checked as Reserve checks it.
+pub fn idempotency_key_header(
+    headers: &http::HeaderMap,
+) -> Result<Option<IdempotencyKey>, ReservationError> {
+    metadata_str(headers, IdempotencyKey::METADATA)?
         .map(IdempotencyKey::parse)
         .transpose()
 }

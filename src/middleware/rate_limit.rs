@@ -5,6 +5,15 @@
 //! `layers.rate_limit.methods` (Reserve alone by default) are counted:
 //! operators, health checks, reflection and the rest of a buyer's calls
 //! never are.
+//!
+//! Per-user state is kept only for a user id the handlers would accept (at
+//! most `UserId::MAX_LEN` bytes, checked before the budget is looked up),
+//! and for at most `layers.rate_limit.max_tracked_users` users. Past that
+//! bound the users whose budget is full again are forgotten at once (as
+//! the sweeper does); if the map is still over the bound, every per-user
+//! budget starts over (the global budget stays). A flood of unique ids thus
+//! costs at most the bound's memory, and all it can win is a fresh budget
+//! for everyone, which the global budget still caps.
 
 use std::{
     num::NonZeroU32,
@@ -30,7 +39,6 @@ use arc_swap::ArcSwap;
 use crate::{
     config::RateLimitConfig,
     domain::switches::{RateSettings, Switches},
-    domain::UserId,
     error::ReservationError,
 };
 
@@ -52,8 +60,11 @@ pub struct RateLimitStats {
     pub refused: u64,
     /// Would have been refused, let through by shadow mode.
     pub shadow_refused: u64,
-    /// Users currently tracked (bounded by the sweeper).
+    /// Users currently tracked (bounded by the sweeper and
+    /// `max_tracked_users`).
     pub tracked_users: u64,
+    /// Times the per-user budgets started over because the map was full.
+    pub restarts: u64,
 }
 
 type Keyed<C> =
@@ -63,7 +74,7 @@ type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Cl
 /// The budgets in force; replaced whole when operators change the rates.
 struct Budgets<C: Clock> {
     per_user: Keyed<C>,
-    global: Direct<C>,
+    global: Arc<Direct<C>>,
     settings: RateSettings,
 }
 
@@ -75,7 +86,16 @@ pub struct RateLimits<C: Clock = governor::clock::DefaultClock> {
     admitted: AtomicU64,
     refused: AtomicU64,
     shadow_refused: AtomicU64,
+    max_tracked: usize,
+    /// Calls since the map's size was last compared with `max_tracked`.
+    since_size_check: AtomicU64,
+    restarts: AtomicU64,
 }
+
+/// The map's size is compared with its bound once per this many calls
+/// (counting a sharded map's entries takes every shard's lock), so it may
+/// run over by at most this many users.
+const SIZE_CHECK_EVERY: u64 = 256;
 
 fn nonzero(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
@@ -91,21 +111,27 @@ impl<C: Clock + Clone> RateLimits<C> {
             admitted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             shadow_refused: AtomicU64::new(0),
+            max_tracked: config.max_tracked_users.max(1),
+            since_size_check: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
         }
     }
 
     fn budgets(settings: RateSettings, clock: &C) -> Budgets<C> {
-        let per_user =
-            Quota::with_period(Duration::from_millis(settings.per_user_period_ms.max(1)))
-                .expect("a non-zero period")
-                .allow_burst(nonzero(settings.per_user_burst));
         let global = Quota::per_second(nonzero(settings.global_per_sec))
             .allow_burst(nonzero(settings.global_burst));
         Budgets {
-            per_user: RateLimiter::dashmap_with_clock(per_user, clock.clone()),
-            global: RateLimiter::direct_with_clock(global, clock.clone()),
+            per_user: Self::per_user(settings, clock),
+            global: Arc::new(RateLimiter::direct_with_clock(global, clock.clone())),
             settings,
         }
+    }
+
+    fn per_user(settings: RateSettings, clock: &C) -> Keyed<C> {
+        let quota = Quota::with_period(Duration::from_millis(settings.per_user_period_ms.max(1)))
+            .expect("a non-zero period")
+            .allow_burst(nonzero(settings.per_user_burst));
+        RateLimiter::dashmap_with_clock(quota, clock.clone())
     }
 
     /// Puts new rates and shadow mode in force. New rates start every user
@@ -118,9 +144,11 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
-    /// Decides one call by `user`: the user's own budget first (so one
-    /// hammering user cannot spend the global budget), then the global one.
+    /// Decides one call by `user` (an id `UserId::parse` accepted): the
+    /// user's own budget first (so one hammering user cannot spend the
+    /// global budget), then the global one.
     pub fn check(&self, user: &str) -> Verdict {
+        self.keep_bound();
         let budgets = self.budgets.load();
         // The wait is measured from after the decision, so it never comes
         // out longer than the period itself.
@@ -150,6 +178,32 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
+    /// Holds the per-user map to `max_tracked` users (see the module docs).
+    fn keep_bound(&self) {
+        if self.since_size_check.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY != 0 {
+            return;
+        }
+        let budgets = self.budgets.load();
+        if budgets.per_user.len() < self.max_tracked {
+            return;
+        }
+        self.sweep();
+        if budgets.per_user.len() < self.max_tracked {
+            return;
+        }
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::decision("rate_limit", "budgets_restarted");
+        tracing::warn!(
+            max_tracked_users = self.max_tracked,
+            "rate limit: more users than max_tracked_users within a budget period; per-user budgets start over"
+        );
+        self.budgets.store(Arc::new(Budgets {
+            per_user: Self::per_user(budgets.settings, &self.clock),
+            global: Arc::clone(&budgets.global),
+            settings: budgets.settings,
+        }));
+    }
+
     /// Forgets users whose budget is full again.
     pub fn sweep(&self) {
         let budgets = self.budgets.load();
@@ -163,6 +217,7 @@ impl<C: Clock + Clone> RateLimits<C> {
             refused: self.refused.load(Ordering::Relaxed),
             shadow_refused: self.shadow_refused.load(Ordering::Relaxed),
             tracked_users: self.budgets.load().per_user.len() as u64,
+            restarts: self.restarts.load(Ordering::Relaxed),
         }
     }
 }
@@ -219,18 +274,16 @@ impl<S> RateLimit<S> {
         if !layer.paths.iter().any(|counted| counted == path) {
             return None;
         }
-        let user = request
-            .headers()
-            .get(UserId::METADATA)
-            .and_then(|v| v.to_str().ok());
-        let Some(user) = user else {
-            crate::metrics::decision("rate_limit", "missing_user");
-            return Some(ReservationError::invalid(
-                UserId::METADATA,
-                "request metadata must carry the caller's user id",
-            ));
+        // The handler's own check, so no state is kept for an id it would
+        // refuse, and the refusal is the one the handler gives.
+        let user = match crate::grpc::user_id_header(request.headers()) {
+            Ok(user) => user,
+            Err(refusal) => {
+                crate::metrics::decision("rate_limit", "invalid_user");
+                return Some(refusal);
+            }
         };
-        match layer.limits.check(user) {
+        match layer.limits.check(user.as_str()) {
             Verdict::Admit => None,
             Verdict::Refuse { scope, retry_after } => {
                 Some(ReservationError::RateLimited { scope, retry_after })
@@ -287,6 +340,7 @@ mod tests {
             global_burst: 1_000_000,
             sweep_interval_ms: 1_000,
             methods: vec!["Reserve".into()],
+            max_tracked_users: 100_000,
         };
         (RateLimits::new(&config, clock.clone()), clock)
     }
@@ -368,5 +422,29 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         limits.sweep();
         assert_eq!(limits.stats().tracked_users, 0);
+    }
+
+    /// More unique users within one period than the bound: the map never
+    /// holds more than the bound plus one size-check interval, budgets
+    /// start over rather than grow, and the global budget is untouched.
+    #[test]
+    fn the_per_user_map_stays_bounded() {
+        let clock = FakeRelativeClock::default();
+        let config = RateLimitConfig {
+            enabled: true,
+            max_tracked_users: 1_000,
+            global_per_sec: 1_000_000,
+            global_burst: 1_000_000,
+            ..RateLimitConfig::default()
+        };
+        let limits = RateLimits::new(&config, clock);
+        let mut most = 0;
+        for user in 0..10_000 {
+            assert_eq!(limits.check(&format!("u{user}")), Verdict::Admit);
+            most = most.max(limits.stats().tracked_users);
+        }
+        assert!(most <= 1_000 + SIZE_CHECK_EVERY, "tracked {most}");
+        assert!(limits.stats().restarts >= 8, "{:?}", limits.stats());
+        assert_eq!(limits.stats().admitted, 10_000);
     }
 }

@@ -59,6 +59,30 @@ impl InFlight {
     }
 }
 
+/// One admitted call: counted while it lives, so a call that times out or
+/// whose caller goes away (its future dropped mid-await) is uncounted too.
+struct Running {
+    limit: Arc<InFlight>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Running {
+    fn start(limit: &Arc<InFlight>, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        let running = limit.running.fetch_add(1, Ordering::Relaxed) + 1;
+        limit.peak.fetch_max(running, Ordering::Relaxed);
+        Self {
+            limit: Arc::clone(limit),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.limit.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone)]
 pub struct LoadShedLayer {
     limit: Arc<InFlight>,
@@ -114,14 +138,11 @@ where
         }
         match self.limit.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let limit = self.limit.clone();
                 crate::metrics::decision("shed", "admitted");
-                let running = limit.running.fetch_add(1, Ordering::Relaxed) + 1;
-                limit.peak.fetch_max(running, Ordering::Relaxed);
+                let running = Running::start(&self.limit, permit);
                 Box::pin(async move {
                     let response = inner.call(request).await;
-                    limit.running.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
+                    drop(running);
                     response
                 })
             }
@@ -134,5 +155,36 @@ where
                 Box::pin(async move { Ok(super::refuse_after_reading(request, status).await) })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call whose future is dropped before it ends (a server timeout, a
+    /// caller gone) gives its slot and its count back.
+    #[tokio::test]
+    async fn a_dropped_call_is_uncounted() {
+        let limit = Arc::new(InFlight::new(2));
+        let never = tower::service_fn(|_: http::Request<tonic::body::Body>| {
+            futures::future::pending::<
+                Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            >()
+        });
+        let mut shed = LoadShedLayer::new(limit.clone()).layer(never);
+        let request = || {
+            http::Request::builder()
+                .uri(format!("{}Reserve", super::super::CALLER_PREFIX))
+                .body(tonic::body::Body::empty())
+                .unwrap()
+        };
+        let first = shed.call(request());
+        let second = shed.call(request());
+        assert_eq!(limit.stats().in_flight, 2);
+        drop(first);
+        drop(second);
+        assert_eq!(limit.stats().in_flight, 0);
+        assert_eq!(limit.permits.available_permits(), 2);
     }
 }

@@ -179,7 +179,7 @@ pub async fn run_with(
     ));
     let (dedup_store, memory_dedup): (Arc<dyn DedupStore>, _) = match config.dedup_backend()? {
         None => {
-            let memory = Arc::new(MemoryDedup::default());
+            let memory = Arc::new(MemoryDedup::new(config.layers.dedup.memory_max_bytes));
             (memory.clone(), Some(memory))
         }
         Some(url) => {

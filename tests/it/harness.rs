@@ -779,6 +779,17 @@ impl BinaryServer {
         );
     }
 
+    /// The process's resident memory, in bytes (Linux).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+
     /// SIGKILL, as a crash: no drain, no goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -7,6 +7,7 @@ mod check;
 mod clients;
 mod conformance;
 mod faults;
+mod floods;
 mod group_commit;
 mod harness;
 mod health;

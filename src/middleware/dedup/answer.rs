@@ -201,17 +201,29 @@ impl StoredAnswer {
     /// Whether a retry should get this answer: a decision (OK, including
     /// "sold out" and "over the limit" outcomes) or a verdict on the request
     /// itself. Anything transient is left for the retry to run again.
-    pub(super) fn is_final(&self) -> bool {
-        matches!(
+    /// Whether a retry with the same key should get this answer again: a
+    /// result the request itself decided (OK, NOT_FOUND,
+    /// FAILED_PRECONDITION), small enough to keep. Transient answers are
+    /// retried, and a request refused as malformed (INVALID_ARGUMENT,
+    /// OUT_OF_RANGE) keeps no record: it changed nothing, and a flood of
+    /// junk must not fill the store.
+    pub(super) fn worth_keeping(&self) -> bool {
+        let decided = matches!(
             self.grpc_code(),
-            Some(
-                tonic::Code::Ok
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::OutOfRange
-                    | tonic::Code::NotFound
-                    | tonic::Code::FailedPrecondition
-            )
-        )
+            Some(tonic::Code::Ok | tonic::Code::NotFound | tonic::Code::FailedPrecondition)
+        );
+        decided && self.size() <= super::MAX_KEPT_ANSWER
+    }
+
+    /// Bytes of headers, body and trailers.
+    pub(super) fn size(&self) -> usize {
+        let pairs = |pairs: &[(String, Vec<u8>)]| {
+            pairs
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+        };
+        pairs(&self.headers) + self.body.len() + pairs(&self.trailers)
     }
 }
 
@@ -223,7 +235,7 @@ mod tests {
     fn one_plain_message_unframes_and_nothing_else_does() {
         let answer = StoredAnswer::grpc_ok(b"hello");
         assert_eq!(StoredAnswer::unframe(&answer.body), Some(&b"hello"[..]));
-        assert!(answer.is_final());
+        assert!(answer.worth_keeping());
         let mut compressed = answer.body.clone();
         compressed[0] = 1;
         assert_eq!(StoredAnswer::unframe(&compressed), None);

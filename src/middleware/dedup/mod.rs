@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::{
-    domain::{switches::Switches, IdempotencyKey, UserId},
+    domain::{switches::Switches, IdempotencyKey},
     error::ReservationError,
 };
 
@@ -55,6 +55,15 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Hex SHA-256.
 const FINGERPRINT_LEN: usize = 64;
+
+/// Largest answer kept for replay, in bytes (headers, body and trailers).
+/// A Reserve answer is a few hundred bytes; a larger one is passed on but
+/// not kept, so no record can be made large.
+const MAX_KEPT_ANSWER: usize = 4 * 1024;
+
+/// A store that is down (or full) under a flood would otherwise log once
+/// per call.
+static STORE_DOWN: crate::telemetry::Sampled = crate::telemetry::Sampled::new();
 
 /// What a claim on a key found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,21 +216,17 @@ where
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let header = |name: &str| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let key = match (header(UserId::METADATA), header(IdempotencyKey::METADATA)) {
-            (Some(user), Some(key))
-                if self.layer.switches.load().dedup && request.uri().path() == DEDUP_PATH =>
-            {
-                record_key(&user, &key)
-            }
-            // No key, another call, or switched off: nothing to dedup (the
-            // handler validates missing metadata).
+        if !(self.layer.switches.load().dedup && request.uri().path() == DEDUP_PATH) {
+            return Box::pin(inner.call(request));
+        }
+        let headers = request.headers();
+        let key = match (
+            crate::grpc::user_id_header(headers),
+            crate::grpc::idempotency_key_header(headers),
+        ) {
+            (Ok(user), Ok(Some(key))) => record_key(user.as_str(), key.as_str()),
+            // No key, or metadata the handler refuses: nothing to dedup, and
+            // nothing is claimed or kept for it (the handler answers).
             _ => return Box::pin(inner.call(request)),
         };
         let layer = self.layer.clone();
@@ -247,7 +252,7 @@ where
             let at_once = layer
                 .at_once
                 .answer_at_once(&parts.headers, &body)
-                .filter(StoredAnswer::is_final);
+                .filter(StoredAnswer::worth_keeping);
             if let Some(answer) = at_once {
                 match store
                     .store_first(&key, &fingerprint, &answer, times.ttl)
@@ -262,7 +267,9 @@ where
                     Err(err) => {
                         crate::metrics::decision("dedup", "store_unavailable");
                         crate::metrics::decision("gate", "sold_out_fast_path");
-                        tracing::warn!(error = %err, "dedup store unreachable; answering without it");
+                        if let Some(left_out) = STORE_DOWN.admit() {
+                            tracing::warn!(error = %err, left_out, "dedup store unusable; answering without it");
+                        }
                         return Ok(answer.to_response());
                     }
                 }
@@ -315,7 +322,9 @@ where
                     }
                     Err(err) => {
                         crate::metrics::decision("dedup", "store_unavailable");
-                        tracing::warn!(error = %err, "dedup store unreachable; running the call without it");
+                        if let Some(left_out) = STORE_DOWN.admit() {
+                            tracing::warn!(error = %err, left_out, "dedup store unusable; running the call without it");
+                        }
                         return inner.call(rebuilt()).await;
                     }
                 }
@@ -355,7 +364,7 @@ async fn finish(
             )));
         }
     };
-    let stored = if answer.is_final() {
+    let stored = if answer.worth_keeping() {
         store
             .complete(key, fingerprint, token, &answer, times.ttl)
             .await
@@ -363,7 +372,9 @@ async fn finish(
         store.abandon(key, token).await
     };
     if let Err(err) = stored {
-        tracing::warn!(error = %err, "dedup answer not stored; a retry will run again");
+        if let Some(left_out) = STORE_DOWN.admit() {
+            tracing::warn!(error = %err, left_out, "dedup answer not stored; a retry will run again");
+        }
     }
     answer.to_response()
 }
@@ -471,10 +482,19 @@ mod tests {
 
     #[test]
     fn only_final_answers_are_kept_and_they_replay_identically() {
-        assert!(answer(0).is_final());
-        assert!(answer(3).is_final());
-        assert!(!answer(14).is_final(), "UNAVAILABLE is retried");
-        assert!(!answer(10).is_final(), "ABORTED is retried");
+        assert!(answer(0).worth_keeping());
+        assert!(answer(5).worth_keeping(), "NOT_FOUND stands");
+        assert!(
+            !answer(3).worth_keeping(),
+            "a malformed request keeps nothing"
+        );
+        assert!(!answer(11).worth_keeping(), "so does one out of range");
+        assert!(!answer(14).worth_keeping(), "UNAVAILABLE is retried");
+        assert!(!answer(10).worth_keeping(), "ABORTED is retried");
+        let mut huge = answer(0);
+        huge.headers
+            .push(("x-big".into(), vec![b'x'; MAX_KEPT_ANSWER]));
+        assert!(!huge.worth_keeping(), "no record is made large");
         assert_ne!(record_key("ab", "c"), record_key("a", "bc"));
         assert_ne!(fingerprint("/p", b"x"), fingerprint("/p", b"y"));
     }
