@@ -55,6 +55,10 @@ pub enum ReservationError {
     /// The replica is at `server.max_in_flight`; retry after the given time.
     #[error("server busy: too many calls in flight; retry in {retry_after:?}")]
     Shed { retry_after: std::time::Duration },
+    /// The replica (`scope` "replica") or this user ("user") has `max`
+    /// WatchReservation streams open already.
+    #[error("too many open watches ({scope} limit of {max}); close one first")]
+    TooManyWatches { scope: &'static str, max: usize },
     /// Start-up has not finished (store not migrated or reachable).
     #[error("service not ready: {0}")]
     NotReady(String),
@@ -124,6 +128,7 @@ impl ReservationError {
             Self::DuplicateInFlight => (Code::Aborted, "DUPLICATE_IN_FLIGHT"),
             Self::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             Self::Shed { .. } => (Code::ResourceExhausted, "OVERLOADED"),
+            Self::TooManyWatches { .. } => (Code::ResourceExhausted, "TOO_MANY_WATCHES"),
             Self::NotReady(_) => (Code::Unavailable, "NOT_READY"),
             Self::Unavailable { .. } => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
             Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
@@ -160,7 +165,7 @@ impl ReservationError {
                 details.add_bad_request_violation(*field, reason.clone());
                 about.insert("field".to_owned(), (*field).to_owned());
             }
-            Self::RateLimited { scope, .. } => {
+            Self::RateLimited { scope, .. } | Self::TooManyWatches { scope, .. } => {
                 about.insert("scope".to_owned(), (*scope).to_owned());
             }
             Self::Unavailable { what, .. } => {
@@ -176,16 +181,34 @@ impl ReservationError {
     }
 }
 
+/// Backend outages and bugs can come once per call under load: logged as
+/// samples (metrics count every call).
+static UNAVAILABLE_LOGS: crate::telemetry::Sampled = crate::telemetry::Sampled::new();
+static INTERNAL_LOGS: crate::telemetry::Sampled = crate::telemetry::Sampled::new();
+
 impl From<ReservationError> for Status {
     fn from(err: ReservationError) -> Self {
-        // The caller gets a short message; the cause chain stays in our log.
+        Status::from(&err)
+    }
+}
+
+impl From<&ReservationError> for Status {
+    fn from(err: &ReservationError) -> Self {
+        // The caller gets a short message; the cause chain stays in our log
+        // (its text only: a backtrace an error captured is not logged).
         let (code, reason) = err.code_and_reason();
         match code {
             Code::Internal => {
-                tracing::error!(error = ?err, "internal error");
+                if let Some(left_out) = INTERNAL_LOGS.admit() {
+                    tracing::error!(error = %DisplayChain(err), left_out, "internal error");
+                }
                 return Status::internal("internal error");
             }
-            Code::Unavailable => tracing::warn!(error = ?err, "backend unavailable"),
+            Code::Unavailable => {
+                if let Some(left_out) = UNAVAILABLE_LOGS.admit() {
+                    tracing::warn!(error = %DisplayChain(err), left_out, "backend unavailable");
+                }
+            }
             _ => {}
         }
         let retry = err.retry_delay();
@@ -197,6 +220,21 @@ impl From<ReservationError> for Status {
         }
         let details = err.details(reason, retry);
         Status::with_error_details_and_metadata(code, err.to_string(), details, metadata)
+    }
+}
+
+/// An error and its causes on one line, without any captured backtrace.
+struct DisplayChain<'a>(&'a ReservationError);
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
@@ -316,6 +354,13 @@ mod tests {
                 "RATE_LIMITED",
             ),
             (ReservationError::Shed { retry_after: secs }, "OVERLOADED"),
+            (
+                ReservationError::TooManyWatches {
+                    scope: "user",
+                    max: 8,
+                },
+                "TOO_MANY_WATCHES",
+            ),
             (ReservationError::NotReady("x".into()), "NOT_READY"),
             (
                 ReservationError::unavailable("database", anyhow::anyhow!("x")),

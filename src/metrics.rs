@@ -40,6 +40,8 @@ pub const NAMES: &[&str] = &[
     "stockgate_switch_changes_total",
     "stockgate_admin_auth_failures_total",
     "stockgate_in_flight_calls",
+    "stockgate_open_watches",
+    "stockgate_watch_feeds",
     "stockgate_queue_pending",
     "stockgate_queue_depth",
     "stockgate_processor_lag_seconds",

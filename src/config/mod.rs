@@ -304,6 +304,12 @@ impl Config {
         if self.reservations.waitlist_ttl_secs == 0 {
             return Err(invalid("reservations.waitlist_ttl_secs", "must be above 0"));
         }
+        if self.reservations.max_watches == 0 || self.reservations.max_watches_per_user == 0 {
+            return Err(invalid(
+                "reservations.max_watches",
+                "max_watches and max_watches_per_user must be above 0",
+            ));
+        }
         if self.reservations.sweep_interval_ms == 0 {
             return Err(invalid("reservations.sweep_interval_ms", "must be above 0"));
         }

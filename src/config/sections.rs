@@ -22,6 +22,11 @@ pub struct AdminConfig {
     /// start-up and on SIGHUP; surrounding whitespace is ignored. Wins over
     /// `token`.
     pub token_file: String,
+    /// Refuse every admin call without the token even when the admin
+    /// listener is loopback-only (any process on the host could otherwise
+    /// act as an operator). Off by default for local development; the
+    /// Kubernetes config turns it on.
+    pub require_token: bool,
     /// A separate listener for AdminService (with health and reflection),
     /// e.g. `0.0.0.0:50052`, so network policy can keep callers off it.
     /// Empty: AdminService shares `server.listen`.
@@ -377,6 +382,13 @@ pub struct ReservationsConfig {
     /// How long a waitlist entry waits for units before it expires, in
     /// seconds.
     pub waitlist_ttl_secs: u64,
+    /// Most WatchReservation streams open at once on a replica; beyond,
+    /// RESOURCE_EXHAUSTED (TOO_MANY_WATCHES). Each costs a task-free
+    /// receiver; the reservations they watch cost one reader each.
+    pub max_watches: usize,
+    /// Most WatchReservation streams one user (`x-user-id`) keeps open at
+    /// once on a replica.
+    pub max_watches_per_user: usize,
 }
 
 impl Default for ServerConfig {
@@ -399,6 +411,7 @@ impl Default for AdminConfig {
         Self {
             token: String::new(),
             token_file: String::new(),
+            require_token: false,
             listen: String::new(),
             switch_poll_ms: 1_000,
         }
@@ -507,6 +520,8 @@ impl Default for ReservationsConfig {
             sweep_interval_ms: 1_000,
             waitlist_max: 10_000,
             waitlist_ttl_secs: 900,
+            max_watches: 10_000,
+            max_watches_per_user: 8,
         }
     }
 }

@@ -72,21 +72,42 @@ pub struct AdminAuth {
 /// the peer address.
 pub const OPERATOR_METADATA: &str = "x-operator";
 
+/// How an admin call was let in, for the audit trail: which token (by
+/// the start of its SHA-256, never the token), or none on loopback. Set by
+/// [`AdminAuth`]; `x-operator` is only what the caller says.
+#[derive(Debug, Clone)]
+struct AdminIdentity(String);
+
+/// A caller without the token can send refusals at will: the audit log
+/// keeps samples, the metric counts every one.
+static REFUSAL_LOGS: crate::telemetry::Sampled = crate::telemetry::Sampled::new();
+
 impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let refuse = |why: &'static str, request: &Request<()>| {
             crate::metrics::admin_auth_failure();
-            tracing::warn!(
-                target: "stockgate::audit",
-                peer = ?request.remote_addr(),
-                operator = request.metadata().get(OPERATOR_METADATA).and_then(|v| v.to_str().ok()),
-                why,
-                "admin call refused"
-            );
+            if let Some(left_out) = REFUSAL_LOGS.admit() {
+                let operator = request
+                    .metadata()
+                    .get(OPERATOR_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|op| crate::telemetry::truncated(op, 64).into_owned());
+                tracing::warn!(
+                    target: "stockgate::audit",
+                    peer = ?request.remote_addr(),
+                    operator,
+                    why,
+                    left_out,
+                    "admin call refused"
+                );
+            }
             Err(ReservationError::Unauthenticated(why).into())
         };
         let Some(expected) = **self.token.load() else {
             if self.open_without_token {
+                request
+                    .extensions_mut()
+                    .insert(AdminIdentity("no token (loopback listener)".into()));
                 return Ok(request);
             }
             return refuse(
@@ -110,6 +131,10 @@ impl tonic::service::Interceptor for AdminAuth {
         if difference != 0 {
             return refuse("wrong admin token", &request);
         }
+        let id: String = expected[..4].iter().map(|b| format!("{b:02x}")).collect();
+        request
+            .extensions_mut()
+            .insert(AdminIdentity(format!("token sha256:{id}")));
         Ok(request)
     }
 }
@@ -117,12 +142,15 @@ impl tonic::service::Interceptor for AdminAuth {
 fn actor<T>(request: &Request<T>, replica: &str) -> Result<String, ReservationError> {
     let operator =
         metadata_str(request.metadata().as_ref(), OPERATOR_METADATA)?.unwrap_or("unknown");
-    let mut operator = operator.to_owned();
-    operator.truncate(100);
+    let operator = crate::telemetry::truncated(operator, 100);
     let peer = request
         .remote_addr()
         .map_or_else(|| "unknown peer".to_owned(), |a| a.to_string());
-    Ok(format!("{operator} from {peer} via {replica}"))
+    let identity = request
+        .extensions()
+        .get::<AdminIdentity>()
+        .map_or("no credential checked", |id| id.0.as_str());
+    Ok(format!("{operator} from {peer} via {replica} ({identity})"))
 }
 
 fn limit(value: u32) -> Result<i64, ReservationError> {

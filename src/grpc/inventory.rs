@@ -4,7 +4,7 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use prost::Message;
-use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{idempotency_key, user_id};
@@ -179,12 +179,12 @@ impl InventoryService for InventoryApi {
         let user = user_id(request.metadata())?;
         let id = ReservationId::parse(&request.get_ref().reservation_id)?;
         let updates = self.pipeline.watch(id, user).await?;
-        let stream = ReceiverStream::new(updates).map(|update| {
+        let stream = updates.map(|update| {
             update
                 .map(|reservation| pb::WatchReservationResponse {
                     reservation: Some(reservation.into()),
                 })
-                .map_err(Status::from)
+                .map_err(|err| Status::from(&*err))
         });
         Ok(Response::new(Box::pin(stream)))
     }

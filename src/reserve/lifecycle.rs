@@ -2,10 +2,6 @@
 //! releasing a hold, expiring holds, and handing returned units to the
 //! waitlist.
 
-use std::{sync::Arc, time::Duration};
-
-use tokio::sync::{broadcast, mpsc};
-
 use crate::{
     domain::{now, Reservation, ReservationId, ReservationState, UserId},
     error::ReservationError,
@@ -15,9 +11,6 @@ use crate::{
 };
 
 use super::{store_error, Event, Pipeline};
-
-/// How often a watcher of a WAITLISTED reservation reads it again.
-pub(super) const WAITLIST_WATCH_POLL: Duration = Duration::from_secs(1);
 
 impl Pipeline {
     /// The reservation, from memory while queued, else from the database.
@@ -208,63 +201,5 @@ impl Pipeline {
             self.emit(Event::Changed(reservation.clone()));
         }
         Ok(expired.len())
-    }
-
-    /// Streams the reservation until it reaches a final state or the
-    /// receiver is dropped.
-    pub async fn watch(
-        self: &Arc<Self>,
-        id: ReservationId,
-        user: UserId,
-    ) -> Result<mpsc::Receiver<Result<Reservation, ReservationError>>, ReservationError> {
-        // Subscribe before the first read so no change falls in between.
-        let mut events = self.events.subscribe();
-        let first = self.get(&id, &user).await?;
-        let (tx, rx) = mpsc::channel(16);
-        let pipeline = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
-                return;
-            }
-            // A waitlist hand-off may happen on another replica (whose
-            // events this one never hears): read waiting entries again now
-            // and then.
-            let mut poll = tokio::time::interval(WAITLIST_WATCH_POLL);
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let event = tokio::select! {
-                    event = events.recv() => event,
-                    _ = poll.tick(), if last.state == ReservationState::Waitlisted => {
-                        Err(broadcast::error::RecvError::Lagged(0))
-                    }
-                };
-                let next = match event {
-                    Ok(Event::Changed(reservation)) if reservation.id == id => reservation,
-                    Ok(Event::Changed(_)) => continue,
-                    Ok(Event::QueueAdvanced) if last.state != ReservationState::Queued => continue,
-                    // Missed events, a queue move or a waitlist poll: read
-                    // the truth again.
-                    Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match pipeline.find(&id).await {
-                            Ok(current) => current,
-                            Err(err) => {
-                                let _ = tx.send(Err(err)).await;
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if next == last {
-                    continue;
-                }
-                last = next;
-                if tx.send(Ok(last.clone())).await.is_err() || last.state.is_final() {
-                    return;
-                }
-            }
-        });
-        Ok(rx)
     }
 }

@@ -15,6 +15,10 @@ mod operator;
 mod path;
 mod pending;
 mod reconcile;
+mod watch;
+
+pub use watch::WatchUpdate;
+use watch::Watches;
 
 use std::{
     collections::HashMap,
@@ -110,6 +114,8 @@ pub struct Limits {
     pub max_order_attempts: u32,
     pub waitlist_max: u32,
     pub waitlist_ttl: Duration,
+    pub max_watches: usize,
+    pub max_watches_per_user: usize,
 }
 
 impl Limits {
@@ -125,6 +131,8 @@ impl Limits {
             max_order_attempts: config.layers.queue.max_attempts,
             waitlist_max: config.reservations.waitlist_max,
             waitlist_ttl: Duration::from_secs(config.reservations.waitlist_ttl_secs),
+            max_watches: config.reservations.max_watches,
+            max_watches_per_user: config.reservations.max_watches_per_user,
         }
     }
 }
@@ -149,6 +157,8 @@ pub struct Pipeline {
     reload_wanted: Notify,
     /// Drift per SKU seen by the previous reconcile pass.
     last_drift: Mutex<HashMap<Sku, i64>>,
+    /// Open WatchReservation streams and their shared feeds.
+    watches: Arc<Watches>,
 }
 
 pub(crate) fn store_error(err: StoreError) -> ReservationError {
@@ -189,6 +199,10 @@ impl Pipeline {
             sold_out: SoldOutCache::new(limits.sold_out_cache),
             reload_wanted: Notify::new(),
             last_drift: Mutex::new(HashMap::new()),
+            watches: Arc::new(Watches::new(
+                limits.max_watches,
+                limits.max_watches_per_user,
+            )),
         }
     }
 

@@ -128,11 +128,12 @@ pub async fn run_with(
     let admin_token: AdminToken = Arc::new(ArcSwap::from_pointee(
         config.admin_token()?.as_deref().map(token_digest),
     ));
+    let open_without_token = admin_addr.ip().is_loopback() && !config.admin.require_token;
     if admin_token.load().is_none() {
-        if admin_addr.ip().is_loopback() {
+        if open_without_token {
             tracing::warn!(%admin_addr, "admin.token is not set: AdminService is open to anyone on this host");
         } else {
-            tracing::warn!(%admin_addr, "admin.token is not set: AdminService refuses every call (set admin.token or admin.token_file)");
+            tracing::warn!(%admin_addr, "admin.token is not set: AdminService refuses every call (set admin.token or admin.token_file; admin.require_token or a non-loopback listener needs one)");
         }
     }
     tracing::info!(
@@ -334,7 +335,7 @@ pub async fn run_with(
         .max_encoding_message_size(max),
         AdminAuth {
             token: admin_token,
-            open_without_token: admin_addr.ip().is_loopback(),
+            open_without_token,
         },
     );
     background.spawn(

@@ -126,7 +126,8 @@ pub(super) async fn apply_reloads(
 }
 
 /// Gauges that are read rather than counted: calls in flight, reservations
-/// this replica waits on, the fleet's queue depth, readiness; and
+/// this replica waits on, open watches and their shared feeds, the fleet's
+/// queue depth, readiness; and
 /// histogram upkeep.
 pub(super) async fn sample_gauges(
     pipeline: Arc<Pipeline>,
@@ -146,6 +147,9 @@ pub(super) async fn sample_gauges(
             metrics::gauge!("stockgate_in_flight_calls").set(limit.stats().in_flight as f64);
         }
         metrics::gauge!("stockgate_queue_pending").set(pipeline.pending_count() as f64);
+        let (watches, feeds) = pipeline.watch_counts();
+        metrics::gauge!("stockgate_open_watches").set(watches as f64);
+        metrics::gauge!("stockgate_watch_feeds").set(feeds as f64);
         metrics::gauge!("stockgate_ready").set(if pipeline.is_ready() { 1.0 } else { 0.0 });
         crate::metrics::upkeep();
         tokio::select! {

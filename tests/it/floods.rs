@@ -179,3 +179,176 @@ async fn malformed_calls_leave_nothing_in_the_dedup_redis() {
     assert_eq!(dedup_keys().await, 1);
     crate::harness::wipe_redis_prefix(&prefix).await;
 }
+
+/// The transactions PostgreSQL has finished in `database` (its own
+/// statistics, read from outside the service).
+fn transactions(database: &str) -> i64 {
+    let out = std::process::Command::new("psql")
+        .arg(format!("{}/postgres", crate::harness::pg_admin_url()))
+        .args(["-tAc"])
+        .arg(format!(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{database}'"
+        ))
+        .output()
+        .expect("psql runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("psql said {out:?}"))
+}
+
+/// Transactions per second in `database` over `window`.
+async fn transaction_rate(database: &str, window: std::time::Duration) -> f64 {
+    let before = transactions(database);
+    tokio::time::sleep(window).await;
+    (transactions(database) - before) as f64 / window.as_secs_f64()
+}
+
+/// Opens a WatchReservation stream and waits for its first message.
+async fn open_watch(
+    channel: Channel,
+    id: &str,
+    user: &str,
+) -> Result<tonic::Streaming<stockgate::pb::WatchReservationResponse>, tonic::Status> {
+    let mut client = stockgate::pb::inventory_service_client::InventoryServiceClient::new(channel);
+    let mut stream = client
+        .watch_reservation(crate::harness::with_user(
+            stockgate::pb::WatchReservationRequest {
+                reservation_id: id.into(),
+            },
+            user,
+            None,
+        ))
+        .await?
+        .into_inner();
+    let first = stream.message().await?.expect("a first message");
+    assert_eq!(
+        first.reservation.unwrap().state,
+        stockgate::pb::ReservationState::Waitlisted as i32
+    );
+    Ok(stream)
+}
+
+/// 250 callers watch one WAITLISTED reservation and then hang up. While
+/// they watch, the database sees at most one read per second for all of
+/// them (before: one per watcher per second); two seconds after they leave
+/// it is back to idle (before: the polling went on until the entry
+/// expired). Watches beyond the per-user and per-replica caps are refused
+/// RESOURCE_EXHAUSTED, and the slots come back when callers leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_watches_stop_costing_the_database() {
+    use std::time::Duration;
+    use stockgate::pb::{
+        admin_service_client::AdminServiceClient, ReserveOutcome, SetSoldOutPolicyRequest,
+        SetStockRequest, SoldOutPolicy,
+    };
+
+    let (mut config, db, _dir) = config_for(Profile::Postgres).await;
+    config.reservations.max_watches_per_user = 250;
+    config.reservations.max_watches = 260;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", crate::harness::free_port())
+        .parse()
+        .unwrap();
+    config.metrics.listen = metrics.to_string();
+    let database = db.as_ref().unwrap().name.clone();
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    let channel = connect(server.addr).await;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    admin
+        .set_stock(SetStockRequest {
+            sku: "W".into(),
+            stock: 0,
+            max_per_user: 0,
+        })
+        .await
+        .unwrap();
+    admin
+        .set_sold_out_policy(SetSoldOutPolicyRequest {
+            sku: "W".into(),
+            policy: SoldOutPolicy::Waitlist as i32,
+            waitlist_limit: 10,
+        })
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for user in ["alice", "bob"] {
+        let mut client =
+            stockgate::pb::inventory_service_client::InventoryServiceClient::new(channel.clone());
+        let answer = client
+            .reserve(crate::harness::with_user(
+                ReserveRequest {
+                    sku: "W".into(),
+                    quantity: 1,
+                    join_waitlist: true,
+                },
+                user,
+                None,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.outcome, ReserveOutcome::Waitlisted as i32);
+        waiting.push(answer.reservation.unwrap().reservation_id);
+    }
+    let idle = transaction_rate(&database, Duration::from_secs(3)).await;
+
+    // 100 streams per connection at most: spread the watchers over four.
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(connect(server.addr).await);
+    }
+    let watchers = futures::future::join_all(
+        (0..250).map(|n| open_watch(channels[n % 4].clone(), &waiting[0], "alice")),
+    )
+    .await;
+    let watchers: Vec<_> = watchers.into_iter().map(Result::unwrap).collect();
+    let status = open_watch(channels[0].clone(), &waiting[0], "alice")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("user limit"), "{status:?}");
+    let mut bobs = Vec::new();
+    for _ in 0..10 {
+        bobs.push(
+            open_watch(channels[1].clone(), &waiting[1], "bob")
+                .await
+                .unwrap(),
+        );
+    }
+    let status = open_watch(channels[1].clone(), &waiting[1], "bob")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("replica limit"), "{status:?}");
+
+    // The watches' first reads (one each) reach pg_stat_database up to
+    // about two seconds late; measure the steady state after them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let watching = transaction_rate(&database, Duration::from_secs(3)).await;
+    let text = crate::ops::scrape(metrics).await;
+    assert_eq!(crate::ops::sum(&text, "stockgate_open_watches", &[]), 260.0);
+    assert_eq!(crate::ops::sum(&text, "stockgate_watch_feeds", &[]), 2.0);
+    drop(watchers);
+    drop(bobs);
+    drop(channels);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Gone within those two seconds (the gauges are sampled each second).
+    let text = crate::ops::scrape(metrics).await;
+    assert_eq!(crate::ops::sum(&text, "stockgate_open_watches", &[]), 0.0);
+    assert_eq!(crate::ops::sum(&text, "stockgate_watch_feeds", &[]), 0.0);
+    let after = transaction_rate(&database, Duration::from_secs(3)).await;
+    println!("transactions/s: idle {idle:.1}, 260 watching {watching:.1}, after {after:.1}");
+    assert!(
+        watching <= idle + 10.0,
+        "260 watchers of two reservations cost {watching:.1} transactions/s (idle {idle:.1})"
+    );
+    assert!(
+        after <= idle + 3.0,
+        "after the watchers left: {after:.1} transactions/s (idle {idle:.1})"
+    );
+    // The slots came back.
+    open_watch(channel.clone(), &waiting[0], "alice")
+        .await
+        .unwrap();
+}

@@ -209,8 +209,20 @@ async fn storm(args: StormArgs) -> anyhow::Result<bool> {
         .all(|r| r.ok()))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Images often set RUST_BACKTRACE=1 for panics. Errors the service
+    // expects (a backend down, under load) would then each capture a stack
+    // trace; only panics keep theirs. Set before any thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Storm(args)) = cli.command {
         if !storm(args).await? {
