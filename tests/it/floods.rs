@@ -352,3 +352,104 @@ async fn abandoned_watches_stop_costing_the_database() {
         .await
         .unwrap();
 }
+
+/// A flood of refusals writes a few log lines, not one per call: 2,000
+/// admin calls with a wrong token and a 1,000-character `x-operator`, and
+/// 1,000 Reserves answered UNAVAILABLE because the gate's Redis died, with
+/// `RUST_BACKTRACE=1` as many images set. No backtrace is logged, the
+/// caller's text is cut, and the log stays small (before: a WARN per call,
+/// each with a stack trace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_floods_log_samples_without_backtraces() {
+    use stockgate::pb::{admin_service_client::AdminServiceClient, SetStockRequest};
+
+    let port = crate::harness::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let (mut config, _db, _dir) = config_for(Profile::Redis).await;
+    config.backends.gate = format!("redis://127.0.0.1:{port}");
+    config.redis.response_timeout_ms = 200;
+    config.admin.token = "the-right-token".into();
+    let log_path = dir.path().join("stockgate.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let server = BinaryServer::start_logging(
+        config,
+        &[("RUST_LOG", "info"), ("RUST_BACKTRACE", "1")],
+        log,
+    )
+    .await;
+    server.wait_serving().await;
+    let channel = connect(server.addr).await;
+    let mut request = Request::new(SetStockRequest {
+        sku: "S".into(),
+        stock: 10,
+        max_per_user: 0,
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::from_static("Bearer the-right-token"),
+    );
+    AdminServiceClient::new(channel.clone())
+        .set_stock(request)
+        .await
+        .unwrap();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let lines_before = std::fs::read_to_string(&log_path).unwrap().lines().count();
+
+    let operator = "o".repeat(1_000);
+    let refused: Vec<Code> = futures::stream::iter(0..2_000)
+        .map(|_| {
+            let mut admin = AdminServiceClient::new(channel.clone());
+            let mut request = Request::new(stockgate::pb::GetLayersRequest::default());
+            let metadata = request.metadata_mut();
+            metadata.insert("authorization", MetadataValue::from_static("Bearer wrong"));
+            metadata.insert("x-operator", MetadataValue::try_from(&operator).unwrap());
+            async move {
+                admin
+                    .get_layers(request)
+                    .await
+                    .map_or_else(|s| s.code(), |_| Code::Ok)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(refused.iter().all(|c| *c == Code::Unauthenticated));
+    let unavailable = flood(&channel, 1_000, |n| ("S".into(), format!("u{n}"), None)).await;
+    assert_eq!(
+        unavailable.get(&Code::Unavailable),
+        Some(&1_000),
+        "{unavailable:?}"
+    );
+    drop(server);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let flood_lines: Vec<&str> = text.lines().skip(lines_before).collect();
+    assert!(
+        flood_lines.len() <= 40,
+        "3,000 refusals wrote {} log lines; the first: {:?}",
+        flood_lines.len(),
+        &flood_lines[..3.min(flood_lines.len())]
+    );
+    assert!(
+        flood_lines.iter().any(|l| l.contains("admin call refused"))
+            && flood_lines.iter().any(|l| l.contains("unavailable")),
+        "refusals are still logged, as samples: {flood_lines:?}"
+    );
+    assert!(!text.contains("stack backtrace") && !text.contains("Stack backtrace"));
+    assert!(!text.contains(&"o".repeat(100)), "x-operator logged whole");
+    assert!(text.lines().all(|l| l.len() < 2_000), "a log line is huge");
+}

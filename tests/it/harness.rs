@@ -743,7 +743,17 @@ pub struct BinaryServer {
 impl BinaryServer {
     /// Starts it on a free port and waits until the port answers gRPC
     /// (health SERVING or not: a server that cannot get ready is a case too).
-    pub async fn start(mut config: Config) -> Self {
+    pub async fn start(config: Config) -> Self {
+        Self::start_logging(config, &[], std::process::Stdio::null()).await
+    }
+
+    /// As [`Self::start`], with extra environment (e.g. `RUST_LOG`) and the
+    /// process's stdout (its log) sent to `log`.
+    pub async fn start_logging(
+        mut config: Config,
+        env: &[(&str, &str)],
+        log: impl Into<std::process::Stdio>,
+    ) -> Self {
         let port = free_port();
         config.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
         config.validate().expect("test config must be valid");
@@ -754,7 +764,8 @@ impl BinaryServer {
             .args(["--config", file.to_str().unwrap(), "serve"])
             .env_remove("STOCKGATE_CONFIG")
             .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
+            .envs(env.iter().copied())
+            .stdout(log)
             .spawn()
             .unwrap();
         let server = Self {
