@@ -59,6 +59,10 @@ pub enum ReservationError {
     /// WatchReservation streams open already.
     #[error("too many open watches ({scope} limit of {max}); close one first")]
     TooManyWatches { scope: &'static str, max: usize },
+    /// The request message did not arrive within the server's body
+    /// timeout after its headers.
+    #[error("the request message did not arrive within {0:?} of its headers")]
+    RequestTooSlow(Duration),
     /// Start-up has not finished (store not migrated or reachable).
     #[error("service not ready: {0}")]
     NotReady(String),
@@ -129,6 +133,7 @@ impl ReservationError {
             Self::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             Self::Shed { .. } => (Code::ResourceExhausted, "OVERLOADED"),
             Self::TooManyWatches { .. } => (Code::ResourceExhausted, "TOO_MANY_WATCHES"),
+            Self::RequestTooSlow(_) => (Code::DeadlineExceeded, "REQUEST_TOO_SLOW"),
             Self::NotReady(_) => (Code::Unavailable, "NOT_READY"),
             Self::Unavailable { .. } => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
             Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
@@ -360,6 +365,10 @@ mod tests {
                     max: 8,
                 },
                 "TOO_MANY_WATCHES",
+            ),
+            (
+                ReservationError::RequestTooSlow(Duration::from_secs(1)),
+                "REQUEST_TOO_SLOW",
             ),
             (ReservationError::NotReady("x".into()), "NOT_READY"),
             (

@@ -8,12 +8,13 @@
 
 use std::{
     convert::Infallible,
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use futures::future::BoxFuture;
+
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -132,13 +133,24 @@ pub fn layers(layers: &Layers, revision: u64) {
     gauge!("stockgate_switches_revision").set(revision as f64);
 }
 
+/// Scrapers connected at once; a scrape is one short request.
+const MAX_SCRAPERS: usize = 64;
+/// A scrape connection's whole life: headers within a few seconds, and one
+/// request per connection, so a caller cannot park partial requests here.
+const SCRAPE_HEADERS_WITHIN: Duration = Duration::from_secs(5);
+const SCRAPE_CONNECTION_LIFE: Duration = Duration::from_secs(30);
+
 /// Serves `GET /metrics` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -157,9 +169,13 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(respond(&request, &handle)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(SCRAPE_HEADERS_WITHIN)
+                .keep_alive(false)
+                .serve_connection(io, service);
+            let _ = tokio::time::timeout(SCRAPE_CONNECTION_LIFE, connection).await;
+            drop(slot);
         });
     }
 }

@@ -143,6 +143,18 @@ impl Config {
         if self.server.max_message_bytes < 1024 {
             return Err(invalid("server.max_message_bytes", "must be at least 1024"));
         }
+        for (key, value) in [
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "server.handshake_timeout_ms",
+                self.server.handshake_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be above 0"));
+            }
+        }
         if !(1..=100).contains(&self.server.max_concurrent_streams) {
             return Err(invalid(
                 "server.max_concurrent_streams",

@@ -92,6 +92,34 @@ pub struct ServerConfig {
     pub role: Role,
     /// TLS on the gRPC listeners (caller and admin).
     pub tls: TlsConfig,
+    /// How long an InventoryService call's request message may take to
+    /// arrive after its headers, in milliseconds; then DEADLINE_EXCEEDED
+    /// (REQUEST_TOO_SLOW). A call takes a load-shedding slot only once its
+    /// message is here, so slow senders cannot hold the replica's budget.
+    pub body_timeout_ms: u64,
+    /// Most client connections a listener holds at once; past it, new
+    /// connections wait in the kernel's backlog until one closes. Keep it
+    /// well below the process's open-file limit (the accept loop also backs
+    /// off when the limit is hit anyway, rather than spin).
+    pub max_connections: usize,
+    /// A new connection must send its opening bytes (the HTTP/2 preface, or
+    /// with TLS its handshake) within this many milliseconds, or is closed.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 PING period on idle connections, in milliseconds (0 = off);
+    /// a peer that does not answer within `http2_keepalive_timeout_ms` is
+    /// dropped, so dead clients do not hold connections and streams.
+    pub http2_keepalive_interval_ms: u64,
+    pub http2_keepalive_timeout_ms: u64,
+    /// TCP keepalive on accepted connections, in seconds (0 = off).
+    pub tcp_keepalive_secs: u64,
+    /// A connection older than this (milliseconds, 0 = no limit) is told to
+    /// go away (HTTP/2 GOAWAY) and closed after `max_connection_age_grace_ms`.
+    /// Clients then reconnect, through the load balancer: this is how
+    /// callers holding long-lived connections reach replicas the autoscaler
+    /// added. Set it above the longest WatchReservation you expect, or
+    /// expect watches to be re-opened.
+    pub max_connection_age_ms: u64,
+    pub max_connection_age_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -402,6 +430,14 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             role: Role::All,
             tls: TlsConfig::default(),
+            body_timeout_ms: 2_000,
+            max_connections: 10_000,
+            handshake_timeout_ms: 5_000,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            tcp_keepalive_secs: 60,
+            max_connection_age_ms: 300_000,
+            max_connection_age_grace_ms: 30_000,
         }
     }
 }

@@ -2,12 +2,14 @@
 //! in `server::run`):
 //!
 //! 1. the server's own timeout and per-connection stream limit (tonic);
-//! 2. [`LoadShedLayer`]: at most `server.max_in_flight` caller calls at
+//! 2. [`BodyDeadlineLayer`]: the request message must arrive within
+//!    `server.body_timeout_ms`; read whole before any slot is taken;
+//! 3. [`LoadShedLayer`]: at most `server.max_in_flight` caller calls at
 //!    once, refusing the rest at once, so nothing queues in front of the
 //!    limits below;
-//! 3. [`RateLimitLayer`]: per-user and global limits, before any body is
+//! 4. [`RateLimitLayer`]: per-user and global limits, before any body is
 //!    decoded, so a flood costs a header lookup and a counter per call;
-//! 4. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
+//! 5. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
 //!    duplicate must not hold a claim on its key) and before the services
 //!    (a duplicate never runs the stock logic; it may be asked for an
 //!    at-once answer, which changes nothing). It first asks Reserve
@@ -17,6 +19,7 @@
 //! Each layer reads its switch per request, so SREs can flip it at run time;
 //! a switched-off layer costs one atomic load.
 
+mod body;
 mod dedup;
 mod rate_limit;
 mod shed;
@@ -46,6 +49,7 @@ where
     status.into_http()
 }
 
+pub use body::BodyDeadlineLayer;
 pub use dedup::{
     fingerprint, record_key, AnswerAtOnce, Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup,
     RedisDedup, StoredAnswer, DEDUP_PATH,

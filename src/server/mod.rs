@@ -2,6 +2,7 @@
 //! gRPC until `shutdown` resolves, then drains. [`run`] is what `main` and the
 //! integration tests both call.
 
+mod listener;
 mod tasks;
 
 use tasks::{
@@ -19,7 +20,6 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
     service::interceptor::InterceptedService,
     transport::{Identity, Server, ServerTlsConfig},
@@ -34,8 +34,8 @@ use crate::{
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi, ReserveAtOnce},
     metrics::GrpcMetricsLayer,
     middleware::{
-        DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
-        RateLimits,
+        BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer,
+        MemoryDedup, RateLimitLayer, RateLimits,
     },
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -361,9 +361,12 @@ pub async fn run_with(
                 .add_service(reflection.v1.clone())
                 .add_service(reflection.v1alpha.clone())
                 .add_service(admin)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                });
+                .serve_with_incoming_shutdown(
+                    listener::incoming(admin_listener, listener_limits(&config)),
+                    async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    },
+                );
             Some(tokio::spawn(serve))
         }
         _ => None,
@@ -373,6 +376,12 @@ pub async fn run_with(
         // grpc-timeout when shorter, and its stream limit sit outside).
         // Metrics first, so every answer is counted, refusals included.
         .layer(GrpcMetricsLayer)
+        // The request message must arrive in time, and is read whole
+        // before a shedding slot is taken: a slow sender holds no slot.
+        .layer(BodyDeadlineLayer::new(
+            Duration::from_millis(config.server.body_timeout_ms),
+            config.server.max_message_bytes,
+        ))
         // Shedding next: a spike must not queue in front of anything.
         .layer(tower::util::option_layer(in_flight.map(LoadShedLayer::new)))
         // Rate limiting runs before anything decodes a body, so a flood
@@ -400,13 +409,16 @@ pub async fn run_with(
         .add_service(reflection.v1alpha)
         .add_optional_service(role.serves_api().then_some(inventory))
         .add_optional_service(caller_admin.filter(|_| role.serves_api()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutdown requested; draining");
-            // Readiness goes first so load balancers stop sending.
-            set_health(&health_on_stop, ServingStatus::NotServing).await;
-            let _ = stop_tx.send(true);
-        });
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, listener_limits(&config)),
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested; draining");
+                // Readiness goes first so load balancers stop sending.
+                set_health(&health_on_stop, ServingStatus::NotServing).await;
+                let _ = stop_tx.send(true);
+            },
+        );
     // Long-lived calls (watch streams) would hold a graceful stop open
     // forever; give them the grace period, then stop anyway.
     let result = tokio::select! {
@@ -446,9 +458,29 @@ fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Serv
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    Ok(builder
+    let server = &config.server;
+    let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    let mut builder = builder
         .timeout(config.request_timeout())
-        .max_concurrent_streams(Some(config.server.max_concurrent_streams)))
+        .max_concurrent_streams(Some(server.max_concurrent_streams))
+        .http2_keepalive_interval(millis(server.http2_keepalive_interval_ms))
+        .http2_keepalive_timeout(millis(server.http2_keepalive_timeout_ms));
+    if let Some(age) = millis(server.max_connection_age_ms) {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(Duration::from_millis(server.max_connection_age_grace_ms));
+    }
+    Ok(builder)
+}
+
+fn listener_limits(config: &Config) -> listener::ListenerLimits {
+    let server = &config.server;
+    listener::ListenerLimits {
+        max_connections: server.max_connections,
+        handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
+        tcp_keepalive: (server.tcp_keepalive_secs > 0)
+            .then(|| Duration::from_secs(server.tcp_keepalive_secs)),
+    }
 }
 
 /// Server reflection, in both versions: `v1`, and `v1alpha`, which

@@ -750,9 +750,20 @@ impl BinaryServer {
     /// As [`Self::start`], with extra environment (e.g. `RUST_LOG`) and the
     /// process's stdout (its log) sent to `log`.
     pub async fn start_logging(
+        config: Config,
+        env: &[(&str, &str)],
+        log: impl Into<std::process::Stdio>,
+    ) -> Self {
+        Self::start_wrapped(config, env, log, &[]).await
+    }
+
+    /// As [`Self::start_logging`], run through `wrapper` (a command that
+    /// runs the rest of its arguments, e.g. `prlimit --nofile=256 --`).
+    pub async fn start_wrapped(
         mut config: Config,
         env: &[(&str, &str)],
         log: impl Into<std::process::Stdio>,
+        wrapper: &[&str],
     ) -> Self {
         let port = free_port();
         config.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
@@ -760,7 +771,16 @@ impl BinaryServer {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("stockgate.toml");
         std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
+        let binary = env!("CARGO_BIN_EXE_stockgate");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => std::process::Command::new(binary),
+        };
+        let child = command
             .args(["--config", file.to_str().unwrap(), "serve"])
             .env_remove("STOCKGATE_CONFIG")
             .env("RUST_LOG", "error")
@@ -799,6 +819,21 @@ impl BinaryServer {
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc/<pid>/status");
         kib * 1024
+    }
+
+    /// Descriptors the process has open.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, Iterator::count)
+    }
+
+    /// CPU time the process has used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ is 100 on Linux.
+        Duration::from_millis(ticks * 10)
     }
 
     /// SIGKILL, as a crash: no drain, no goodbye.

@@ -6,6 +6,7 @@ mod api;
 mod check;
 mod clients;
 mod conformance;
+mod connections;
 mod faults;
 mod floods;
 mod group_commit;
