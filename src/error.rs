@@ -83,6 +83,10 @@ pub enum ReservationError {
     /// An admin call without a valid credential.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// The calling service's certificate names no identity in
+    /// `server.tls.allowed_clients` (the first one it names).
+    #[error("calling identity {0:?} is not allowed")]
+    CallerNotAllowed(String),
     /// A bug or an unexpected backend answer.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -139,6 +143,7 @@ impl ReservationError {
             Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
             Self::ConcurrentChange => (Code::Aborted, "CONCURRENT_CHANGE"),
             Self::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            Self::CallerNotAllowed(_) => (Code::PermissionDenied, "CALLER_NOT_ALLOWED"),
             Self::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
@@ -381,6 +386,10 @@ mod tests {
             ),
             (ReservationError::ConcurrentChange, "CONCURRENT_CHANGE"),
             (ReservationError::Unauthenticated("x"), "UNAUTHENTICATED"),
+            (
+                ReservationError::CallerNotAllowed("x".into()),
+                "CALLER_NOT_ALLOWED",
+            ),
         ];
         let proto = include_str!("../proto/stockgate/v1/inventory.proto");
         for (err, reason) in cases {

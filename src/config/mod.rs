@@ -331,6 +331,18 @@ impl Config {
         self.admin_listen()?;
         self.metrics_listen()?;
         let tls = &self.server.tls;
+        if !tls.client_ca_path.is_empty() && tls.cert_path.is_empty() {
+            return Err(invalid(
+                "server.tls.client_ca_path",
+                "mutual TLS needs the server's own cert_path and key_path",
+            ));
+        }
+        if !tls.allowed_clients.is_empty() && tls.client_ca_path.is_empty() {
+            return Err(invalid(
+                "server.tls.allowed_clients",
+                "an allow-list of calling identities needs client_ca_path (mutual TLS)",
+            ));
+        }
         if tls.enabled() && (tls.cert_path.is_empty() || tls.key_path.is_empty()) {
             return Err(invalid(
                 "server.tls.cert_path",

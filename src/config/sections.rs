@@ -53,11 +53,26 @@ pub struct TlsConfig {
     pub cert_path: String,
     /// PEM private key.
     pub key_path: String,
+    /// PEM certificates of the CA(s) that sign calling services'
+    /// certificates. Set: every connection must present a client
+    /// certificate that chains to one (mutual TLS). Kubernetes gRPC probes
+    /// present none: probe an exec command or a listener without it.
+    pub client_ca_path: String,
+    /// Calling identities let in (mutual TLS only): a certificate's URI SAN
+    /// as is (`spiffe://cluster.local/ns/shop/sa/checkout`), a DNS SAN as
+    /// `dns:<name>`, or its subject CN as `cn:<name>`. Empty: any
+    /// certificate the CA signed. Others get PERMISSION_DENIED
+    /// (CALLER_NOT_ALLOWED) on every call but health checks.
+    pub allowed_clients: Vec<String>,
 }
 
 impl TlsConfig {
     pub fn enabled(&self) -> bool {
         !self.cert_path.is_empty() || !self.key_path.is_empty()
+    }
+
+    pub fn mutual(&self) -> bool {
+        !self.client_ca_path.is_empty()
     }
 }
 

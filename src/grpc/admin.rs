@@ -150,7 +150,14 @@ fn actor<T>(request: &Request<T>, replica: &str) -> Result<String, ReservationEr
         .extensions()
         .get::<AdminIdentity>()
         .map_or("no credential checked", |id| id.0.as_str());
-    Ok(format!("{operator} from {peer} via {replica} ({identity})"))
+    let caller = request
+        .extensions()
+        .get::<crate::middleware::CallerIdentity>()
+        .map(|caller| format!(", client {}", caller.0))
+        .unwrap_or_default();
+    Ok(format!(
+        "{operator} from {peer} via {replica} ({identity}{caller})"
+    ))
 }
 
 fn limit(value: u32) -> Result<i64, ReservationError> {

@@ -2,14 +2,16 @@
 //! in `server::run`):
 //!
 //! 1. the server's own timeout and per-connection stream limit (tonic);
-//! 2. [`BodyDeadlineLayer`]: the request message must arrive within
+//! 2. [`IdentityLayer`] (mutual TLS only): the calling service's identity
+//!    from its certificate, checked against `server.tls.allowed_clients`;
+//! 3. [`BodyDeadlineLayer`]: the request message must arrive within
 //!    `server.body_timeout_ms`; read whole before any slot is taken;
-//! 3. [`LoadShedLayer`]: at most `server.max_in_flight` caller calls at
+//! 4. [`LoadShedLayer`]: at most `server.max_in_flight` caller calls at
 //!    once, refusing the rest at once, so nothing queues in front of the
 //!    limits below;
-//! 4. [`RateLimitLayer`]: per-user and global limits, before any body is
+//! 5. [`RateLimitLayer`]: per-user and global limits, before any body is
 //!    decoded, so a flood costs a header lookup and a counter per call;
-//! 5. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
+//! 6. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
 //!    duplicate must not hold a claim on its key) and before the services
 //!    (a duplicate never runs the stock logic; it may be asked for an
 //!    at-once answer, which changes nothing). It first asks Reserve
@@ -21,6 +23,7 @@
 
 mod body;
 mod dedup;
+mod identity;
 mod rate_limit;
 mod shed;
 
@@ -54,5 +57,6 @@ pub use dedup::{
     fingerprint, record_key, AnswerAtOnce, Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup,
     RedisDedup, StoredAnswer, DEDUP_PATH,
 };
+pub use identity::{certificate_identities, CallerIdentity, IdentityLayer};
 pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
 pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

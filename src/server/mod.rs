@@ -34,8 +34,8 @@ use crate::{
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi, ReserveAtOnce},
     metrics::GrpcMetricsLayer,
     middleware::{
-        BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes, InFlight, LoadShedLayer,
-        MemoryDedup, RateLimitLayer, RateLimits,
+        BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes, IdentityLayer, InFlight,
+        LoadShedLayer, MemoryDedup, RateLimitLayer, RateLimits,
     },
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -104,7 +104,14 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         read(&tls.cert_path, "server.tls.cert_path")?,
         read(&tls.key_path, "server.tls.key_path")?,
     );
-    Ok(Some(ServerTlsConfig::new().identity(identity)))
+    let mut server = ServerTlsConfig::new().identity(identity);
+    if tls.mutual() {
+        let ca = read(&tls.client_ca_path, "server.tls.client_ca_path")?;
+        server = server
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+            .client_auth_optional(false);
+    }
+    Ok(Some(server))
 }
 
 /// [`run`] with extra listeners and config reloads (what `main` uses).
@@ -357,6 +364,7 @@ pub async fn run_with(
             let mut stop = stop_rx.clone();
             let serve = builder(&config, tls.clone())?
                 .layer(GrpcMetricsLayer)
+                .layer(tower::util::option_layer(identity_layer(&config)))
                 .add_service(health_service.clone())
                 .add_service(reflection.v1.clone())
                 .add_service(reflection.v1alpha.clone())
@@ -376,6 +384,8 @@ pub async fn run_with(
         // grpc-timeout when shorter, and its stream limit sit outside).
         // Metrics first, so every answer is counted, refusals included.
         .layer(GrpcMetricsLayer)
+        // With mutual TLS, who is calling (and whether they may) first.
+        .layer(tower::util::option_layer(identity_layer(&config)))
         // The request message must arrive in time, and is read whole
         // before a shedding slot is taken: a slow sender holds no slot.
         .layer(BodyDeadlineLayer::new(
@@ -471,6 +481,12 @@ fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Serv
             .max_connection_age_grace(Duration::from_millis(server.max_connection_age_grace_ms));
     }
     Ok(builder)
+}
+
+fn identity_layer(config: &Config) -> Option<IdentityLayer> {
+    let tls = &config.server.tls;
+    tls.mutual()
+        .then(|| IdentityLayer::new(&tls.allowed_clients))
 }
 
 fn listener_limits(config: &Config) -> listener::ListenerLimits {

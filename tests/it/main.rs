@@ -14,6 +14,7 @@ mod harness;
 mod health;
 mod hostile;
 mod middleware;
+mod mtls;
 mod ops;
 mod rabbit_queue;
 mod redis_gate;

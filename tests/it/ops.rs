@@ -360,7 +360,7 @@ async fn the_admin_service_needs_the_token_and_has_its_own_port() {
     app.stop().await;
 }
 
-fn openssl(args: &[&str]) {
+pub(crate) fn openssl(args: &[&str]) {
     let status = Command::new("openssl")
         .args(args)
         .stdout(Stdio::null())
