@@ -155,6 +155,12 @@ impl Config {
                 return Err(invalid(key, "must be above 0"));
             }
         }
+        if self.server.max_reading_bytes < self.server.max_message_bytes.saturating_add(5) {
+            return Err(invalid(
+                "server.max_reading_bytes",
+                "must be at least server.max_message_bytes + 5",
+            ));
+        }
         if !(1..=100).contains(&self.server.max_concurrent_streams) {
             return Err(invalid(
                 "server.max_concurrent_streams",

@@ -112,13 +112,19 @@ pub struct ServerConfig {
     /// (REQUEST_TOO_SLOW). A call takes a load-shedding slot only once its
     /// message is here, so slow senders cannot hold the replica's budget.
     pub body_timeout_ms: u64,
+    /// Request bytes being read at once across the replica (calls whose
+    /// message has not fully arrived); a message that does not fit is
+    /// refused at once with RESOURCE_EXHAUSTED (OVERLOADED). At least
+    /// `max_message_bytes` + 5.
+    pub max_reading_bytes: usize,
     /// Most client connections a listener holds at once; past it, new
     /// connections wait in the kernel's backlog until one closes. Keep it
     /// well below the process's open-file limit (the accept loop also backs
     /// off when the limit is hit anyway, rather than spin).
     pub max_connections: usize,
-    /// A new connection must send its opening bytes (the HTTP/2 preface, or
-    /// with TLS its handshake) within this many milliseconds, or is closed.
+    /// A new connection must send its opening bytes (the HTTP/2 preface)
+    /// within this many milliseconds, or is closed; with TLS the whole
+    /// handshake must end within it too.
     pub handshake_timeout_ms: u64,
     /// HTTP/2 PING period on idle connections, in milliseconds (0 = off);
     /// a peer that does not answer within `http2_keepalive_timeout_ms` is
@@ -446,6 +452,7 @@ impl Default for ServerConfig {
             role: Role::All,
             tls: TlsConfig::default(),
             body_timeout_ms: 2_000,
+            max_reading_bytes: 64 * 1024 * 1024,
             max_connections: 10_000,
             handshake_timeout_ms: 5_000,
             http2_keepalive_interval_ms: 30_000,

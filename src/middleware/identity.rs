@@ -82,8 +82,10 @@ impl IdentityLayer {
         };
         match (chosen, identities.first()) {
             (Some(id), _) => Ok(CallerIdentity(id.as_str().into())),
-            (None, None) => Err(ReservationError::Unauthenticated(
-                "a client certificate naming the calling service is required",
+            // A certificate the CA signed that names nobody (or that does
+            // not parse) cannot be on any list.
+            (None, None) => Err(ReservationError::CallerNotAllowed(
+                "(the certificate names no identity)".into(),
             )),
             (None, Some(first)) => Err(ReservationError::CallerNotAllowed(
                 crate::telemetry::truncated(first, 200).into_owned(),

@@ -10,7 +10,8 @@
 //!    once, refusing the rest at once, so nothing queues in front of the
 //!    limits below;
 //! 5. [`RateLimitLayer`]: per-user and global limits, before any body is
-//!    decoded, so a flood costs a header lookup and a counter per call;
+//!    decoded (the body deadline has only buffered it, within its byte
+//!    budget), so a flood costs a header lookup and a counter per call;
 //! 6. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
 //!    duplicate must not hold a claim on its key) and before the services
 //!    (a duplicate never runs the stock logic; it may be asked for an
@@ -34,6 +35,8 @@ const CALLER_PREFIX: &str = "/stockgate.v1.InventoryService/";
 /// Most of a refused call's body read before answering; anything larger is
 /// not a Reserve and is cut off.
 const REFUSED_BODY_LIMIT: usize = 16 * 1024;
+/// Longest a refusal waits for that body.
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Answers `status` after reading the (tiny) request. Refusing with the
 /// body unread leaves its DATA frames counted against h2's flood guard, and
@@ -48,7 +51,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body = http_body_util::Limited::new(request.into_body(), REFUSED_BODY_LIMIT);
-    let _ = http_body_util::BodyExt::collect(body).await;
+    // A refused caller that never finishes its message is not waited for.
+    let _ = tokio::time::timeout(REFUSED_BODY_WAIT, http_body_util::BodyExt::collect(body)).await;
     status.into_http()
 }
 

@@ -197,11 +197,14 @@ impl<C: Clock + Clone> RateLimits<C> {
             max_tracked_users = self.max_tracked,
             "rate limit: more users than max_tracked_users within a budget period; per-user budgets start over"
         );
-        self.budgets.store(Arc::new(Budgets {
+        // Only over the budgets looked at: rates an operator put in force
+        // meanwhile (with fresh budgets of their own) must not be undone.
+        let fresh = Arc::new(Budgets {
             per_user: Self::per_user(budgets.settings, &self.clock),
             global: Arc::clone(&budgets.global),
             settings: budgets.settings,
-        }));
+        });
+        self.budgets.compare_and_swap(&budgets, fresh);
     }
 
     /// Forgets users whose budget is full again.

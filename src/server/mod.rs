@@ -104,7 +104,11 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<ServerTlsConfig>> {
         read(&tls.cert_path, "server.tls.cert_path")?,
         read(&tls.key_path, "server.tls.key_path")?,
     );
-    let mut server = ServerTlsConfig::new().identity(identity);
+    // A handshake that stalls after the ClientHello would otherwise hold
+    // its connection slot for ever (the connection age starts after it).
+    let mut server = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(Duration::from_millis(config.server.handshake_timeout_ms));
     if tls.mutual() {
         let ca = read(&tls.client_ca_path, "server.tls.client_ca_path")?;
         server = server
@@ -391,6 +395,7 @@ pub async fn run_with(
         .layer(BodyDeadlineLayer::new(
             Duration::from_millis(config.server.body_timeout_ms),
             config.server.max_message_bytes,
+            config.server.max_reading_bytes,
         ))
         // Shedding next: a spike must not queue in front of anything.
         .layer(tower::util::option_layer(in_flight.map(LoadShedLayer::new)))

@@ -225,3 +225,68 @@ async fn old_connections_are_closed_after_their_age_and_grace() {
         "closed only after {lived:?}"
     );
 }
+
+/// The bytes of messages still arriving are bounded across the replica:
+/// with `server.max_reading_bytes` = 100 KiB, a stream holding 60 KiB of an
+/// unfinished message leaves no room for a second one, which is refused
+/// at once RESOURCE_EXHAUSTED; once the first stream goes, there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_being_read_are_bounded_across_the_replica() {
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    config.server.max_reading_bytes = 100 * 1024;
+    config.server.body_timeout_ms = 10_000;
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let partial = |client: h2::client::SendRequest<Bytes>| async move {
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://{}/stockgate.v1.InventoryService/Reserve",
+                server.addr
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-user-id", "big")
+            .body(())
+            .unwrap();
+        let (answer, mut sender) = client.send_request(request, false).unwrap();
+        // A frame header announcing 64,000 bytes, then 60 KiB of them.
+        let mut data = vec![0, 0, 0, 0xfa, 0x00];
+        data.resize(5 + 60 * 1024, 0);
+        sender.send_data(Bytes::from(data), false).unwrap();
+        (answer, sender)
+    };
+    let (mut first, first_sender) = partial(client.clone()).await;
+    // The first is still reading: no answer yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut first)
+            .await
+            .is_err(),
+        "the first stream was answered before its message ended"
+    );
+    let (second, _second_sender) = partial(client.clone()).await;
+    let second = tokio::time::timeout(Duration::from_secs(2), second)
+        .await
+        .expect("the second stream is refused at once")
+        .unwrap();
+    assert_eq!(
+        second.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"8"[..]),
+        "{second:?}"
+    );
+    // The first stream goes; its bytes are given back.
+    drop(first_sender);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut third, _third_sender) = partial(client).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "room came back once the first stream left"
+    );
+}

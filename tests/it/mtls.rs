@@ -125,8 +125,8 @@ async fn reserve(channel: Channel) -> Result<(), tonic::Status> {
 }
 
 /// No certificate, a certificate from another CA, and an identity not on
-/// the list are refused; the allowed service is answered and audited by
-/// its certificate's identity.
+/// the list are refused; a stalled TLS handshake is closed; the allowed
+/// service is answered and audited by its certificate's identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_allowed_calling_services_get_in() {
     let certs = tempfile::tempdir().unwrap();
@@ -157,6 +157,7 @@ async fn only_allowed_calling_services_get_in() {
     config.server.tls.key_path = path("server.key");
     config.server.tls.client_ca_path = path("ca.pem");
     config.server.tls.allowed_clients = vec!["spiffe://test/checkout".into()];
+    config.server.handshake_timeout_ms = 1_000;
     let server = BinaryServer::start(config).await;
 
     // The allowed service, once the binary listens.
@@ -192,6 +193,23 @@ async fn only_allowed_calling_services_get_in() {
     let status = reserve(intruder).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(error_reason(&status), "CALLER_NOT_ALLOWED");
+
+    // A TLS handshake that stalls after a partial ClientHello (more than
+    // the listener's opening bytes) is closed within the handshake timeout.
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(64, 0);
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, &hello)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(4), async {
+        let mut buf = [0u8; 256];
+        while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stalled, &mut buf).await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled TLS handshake was kept open");
 
     // The audit trail names the calling service.
     let mut admin = AdminServiceClient::new(allowed);

@@ -187,7 +187,9 @@ impl DedupStore for MemoryDedup {
                     entry.expires = Instant::now() + ttl;
                     let after = entry.bytes(key);
                     if entries.bytes - before + after > self.max_bytes {
-                        entries.remove(key);
+                        // Counted at its size before the answer.
+                        entries.bytes -= before;
+                        entries.map.remove(key);
                         Err("in-process dedup store full; the answer is not kept".to_owned())
                     } else {
                         entries.bytes = entries.bytes - before + after;
@@ -254,5 +256,23 @@ mod tests {
             "expired records make room"
         );
         assert_eq!(short.sweep(), 1);
+    }
+
+    /// An answer that does not fit drops its claim and gives back exactly
+    /// the bytes the claim took.
+    #[tokio::test]
+    async fn a_refused_answer_gives_back_its_claim_bytes() {
+        let store = MemoryDedup::new(2_000);
+        let long = Duration::from_secs(60);
+        assert_eq!(store.claim("k", "fp", "t", long).await, Ok(Claim::Run));
+        let answer = StoredAnswer {
+            status: 200,
+            headers: vec![],
+            body: vec![0; 3_000],
+            trailers: vec![],
+        };
+        assert!(store.complete("k", "fp", "t", &answer, long).await.is_err());
+        assert_eq!(store.bytes(), 0);
+        assert_eq!(store.sweep(), 0);
     }
 }
