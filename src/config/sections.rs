@@ -134,7 +134,8 @@ pub struct ServerConfig {
     /// TCP keepalive on accepted connections, in seconds (0 = off).
     pub tcp_keepalive_secs: u64,
     /// A connection older than this (milliseconds, 0 = no limit) is told to
-    /// go away (HTTP/2 GOAWAY) and closed after `max_connection_age_grace_ms`.
+    /// go away (HTTP/2 GOAWAY); calls on it finish, and it is cut
+    /// `max_connection_age_grace_ms` later whatever still runs on it.
     /// Clients then reconnect, through the load balancer: this is how
     /// callers holding long-lived connections reach replicas the autoscaler
     /// added. Set it above the longest WatchReservation you expect, or

@@ -35,6 +35,9 @@ pub struct ListenerLimits {
     pub handshake_timeout: Duration,
     /// `None`: TCP keepalive off.
     pub tcp_keepalive: Option<Duration>,
+    /// Connection age plus its grace: past it the connection is cut, calls
+    /// on it or not (`None`: never). The GOAWAY at the age itself is tonic's.
+    pub lifetime: Option<Duration>,
 }
 
 /// Accepted connections, as tonic's `serve_with_incoming` takes them.
@@ -97,6 +100,8 @@ pub struct Connection {
     /// Until the opening bytes are read.
     opening: Option<Pin<Box<Sleep>>>,
     read: u64,
+    /// When the connection is cut.
+    ends: Option<Pin<Box<Sleep>>>,
 }
 
 impl Connection {
@@ -123,6 +128,9 @@ impl Connection {
             _slot: slot,
             opening: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
             read: 0,
+            ends: limits
+                .lifetime
+                .map(|life| Box::pin(tokio::time::sleep(life))),
         }
     }
 }
@@ -142,6 +150,14 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(ends) = &mut this.ends {
+            if ends.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection older than server.max_connection_age_ms plus its grace",
+                )));
+            }
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let Some(deadline) = &mut this.opening {

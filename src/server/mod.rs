@@ -480,10 +480,12 @@ fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Serv
         .max_concurrent_streams(Some(server.max_concurrent_streams))
         .http2_keepalive_interval(millis(server.http2_keepalive_interval_ms))
         .http2_keepalive_timeout(millis(server.http2_keepalive_timeout_ms));
+    // Only the age: tonic sends GOAWAY at it. With its grace option set as
+    // well, tonic sends no GOAWAY at all and cuts the connection at age +
+    // grace, failing calls in flight; the accept loop's connections end
+    // themselves at age + grace instead.
     if let Some(age) = millis(server.max_connection_age_ms) {
-        builder = builder
-            .max_connection_age(age)
-            .max_connection_age_grace(Duration::from_millis(server.max_connection_age_grace_ms));
+        builder = builder.max_connection_age(age);
     }
     Ok(builder)
 }
@@ -501,6 +503,9 @@ fn listener_limits(config: &Config) -> listener::ListenerLimits {
         handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
         tcp_keepalive: (server.tcp_keepalive_secs > 0)
             .then(|| Duration::from_secs(server.tcp_keepalive_secs)),
+        lifetime: (server.max_connection_age_ms > 0).then(|| {
+            Duration::from_millis(server.max_connection_age_ms + server.max_connection_age_grace_ms)
+        }),
     }
 }
 

@@ -204,25 +204,60 @@ async fn the_accept_loop_backs_off_at_the_descriptor_limit() {
 }
 
 /// Connections are recycled: with `server.max_connection_age_ms` = 1 s and
-/// a 1 s grace, an idle HTTP/2 connection is told to go away and closed
-/// within about 2 s, so a client that reconnects through a load balancer
-/// reaches replicas added since. (Before: it stayed open for ever.)
+/// a 1 s grace, an idle connection is sent GOAWAY (so a client reconnects,
+/// through a load balancer, and reaches replicas added since) and closed;
+/// one still holding a call is cut at age + grace. (Before: no limit; and
+/// tonic's own grace option sends no GOAWAY at all.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_connections_are_closed_after_their_age_and_grace() {
     let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
     config.server.max_connection_age_ms = 1_000;
     config.server.max_connection_age_grace_ms = 1_000;
+    config.server.body_timeout_ms = 10_000;
     let server = BinaryServer::start(config).await;
     server.wait_serving().await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (_client, connection) = h2::client::handshake(tcp).await.unwrap();
+
+    // Idle: frames read until the server closes, GOAWAY (type 7) among them.
     let started = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read_all = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read_all.is_ok(), "the idle connection outlived its age");
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= received.len() {
+        let len = usize::from(received[at]) << 16
+            | usize::from(received[at + 1]) << 8
+            | usize::from(received[at + 2]);
+        types.push(received[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        types.contains(&7),
+        "no GOAWAY before the close: frame types {types:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // A call that never ends (its message never comes, the body timeout is
+    // 10 s) does not hold the connection past age + grace.
+    let started = Instant::now();
+    let (_senders, answers) = slow_streams(server.addr, 1).await;
+    let answer = tokio::time::timeout(Duration::from_secs(8), answers.into_iter().next().unwrap())
+        .await
+        .expect("the stream ended");
     let lived = started.elapsed();
-    assert!(ended.is_ok(), "the connection outlived its age and grace");
     assert!(
         lived < Duration::from_millis(4_000),
-        "closed only after {lived:?}"
+        "the connection was cut only after {lived:?}: {answer:?}"
     );
 }
 
