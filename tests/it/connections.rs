@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use stockgate::pb::{
-    admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
-    ReserveOutcome, ReserveRequest, SetStockRequest,
+    inventory_service_client::InventoryServiceClient, ReserveOutcome, ReserveRequest,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -97,14 +96,7 @@ async fn slow_callers_cannot_starve_honest_ones() {
     config.server.handshake_timeout_ms = 1_000;
     let server = BinaryServer::start(config).await;
     server.wait_serving().await;
-    AdminServiceClient::new(connect(server.addr).await)
-        .set_stock(SetStockRequest {
-            sku: "GONE".into(),
-            stock: 0,
-            max_per_user: 0,
-        })
-        .await
-        .unwrap();
+    server.set_stock("GONE", 0, 0).await;
 
     let mut half_open = Vec::new();
     for _ in 0..500 {
@@ -168,14 +160,7 @@ async fn the_accept_loop_backs_off_at_the_descriptor_limit() {
     )
     .await;
     server.wait_serving().await;
-    AdminServiceClient::new(connect(server.addr).await)
-        .set_stock(SetStockRequest {
-            sku: "GONE".into(),
-            stock: 0,
-            max_per_user: 0,
-        })
-        .await
-        .unwrap();
+    server.set_stock("GONE", 0, 0).await;
     let mut flood = Vec::new();
     for _ in 0..300 {
         // The kernel completes these from the backlog; the server cannot

@@ -240,7 +240,7 @@ async fn abandoned_watches_stop_costing_the_database() {
     use std::time::Duration;
     use stockgate::pb::{
         admin_service_client::AdminServiceClient, ReserveOutcome, SetSoldOutPolicyRequest,
-        SetStockRequest, SoldOutPolicy,
+        SoldOutPolicy,
     };
 
     let (mut config, db, _dir) = config_for(Profile::Postgres).await;
@@ -254,15 +254,8 @@ async fn abandoned_watches_stop_costing_the_database() {
     let server = BinaryServer::start(config).await;
     server.wait_serving().await;
     let channel = connect(server.addr).await;
+    server.set_stock("W", 0, 0).await;
     let mut admin = AdminServiceClient::new(channel.clone());
-    admin
-        .set_stock(SetStockRequest {
-            sku: "W".into(),
-            stock: 0,
-            max_per_user: 0,
-        })
-        .await
-        .unwrap();
     admin
         .set_sold_out_policy(SetSoldOutPolicyRequest {
             sku: "W".into(),

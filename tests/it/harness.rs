@@ -812,6 +812,19 @@ impl BinaryServer {
         );
     }
 
+    /// Sets a SKU's stock through AdminService (loopback, no token), as
+    /// [`TestApp::set_stock`] does in process.
+    pub async fn set_stock(&self, sku: &str, stock: i64, max_per_user: u32) {
+        stockgate::pb::admin_service_client::AdminServiceClient::new(connect(self.addr).await)
+            .set_stock(SetStockRequest {
+                sku: sku.into(),
+                stock,
+                max_per_user,
+            })
+            .await
+            .unwrap();
+    }
+
     /// The process's resident memory, in bytes (Linux).
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
