@@ -52,9 +52,15 @@ pub enum ReservationError {
         scope: &'static str,
         retry_after: std::time::Duration,
     },
-    /// The replica is at `server.max_in_flight`; retry after the given time.
-    #[error("server busy: too many calls in flight; retry in {retry_after:?}")]
-    Shed { retry_after: std::time::Duration },
+    /// The replica is at `server.max_in_flight` (`scope` "replica"), the
+    /// calling service holds its share of it ("caller"), or the request
+    /// bytes being read are at `server.max_reading_bytes` ("reading");
+    /// retry after the given time.
+    #[error("server busy: too many calls in flight ({scope} limit); retry in {retry_after:?}")]
+    Shed {
+        scope: &'static str,
+        retry_after: std::time::Duration,
+    },
     /// The replica (`scope` "replica") or this user ("user") has `max`
     /// WatchReservation streams open already.
     #[error("too many open watches ({scope} limit of {max}); close one first")]
@@ -156,7 +162,7 @@ impl ReservationError {
     /// How long a caller should wait before retrying, where waiting helps.
     fn retry_delay(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } | Self::Shed { retry_after } => {
+            Self::RateLimited { retry_after, .. } | Self::Shed { retry_after, .. } => {
                 Some(*retry_after)
             }
             Self::NotReady(_) | Self::Unavailable { .. } => Some(UNAVAILABLE_RETRY),
@@ -175,7 +181,9 @@ impl ReservationError {
                 details.add_bad_request_violation(*field, reason.clone());
                 about.insert("field".to_owned(), (*field).to_owned());
             }
-            Self::RateLimited { scope, .. } | Self::TooManyWatches { scope, .. } => {
+            Self::RateLimited { scope, .. }
+            | Self::Shed { scope, .. }
+            | Self::TooManyWatches { scope, .. } => {
                 about.insert("scope".to_owned(), (*scope).to_owned());
             }
             Self::Unavailable { what, .. } => {
@@ -293,6 +301,7 @@ mod tests {
             ),
             (
                 ReservationError::Shed {
+                    scope: "replica",
                     retry_after: std::time::Duration::from_secs(1),
                 },
                 Code::ResourceExhausted,
@@ -363,7 +372,13 @@ mod tests {
                 },
                 "RATE_LIMITED",
             ),
-            (ReservationError::Shed { retry_after: secs }, "OVERLOADED"),
+            (
+                ReservationError::Shed {
+                    scope: "caller",
+                    retry_after: secs,
+                },
+                "OVERLOADED",
+            ),
             (
                 ReservationError::TooManyWatches {
                     scope: "user",

@@ -1,7 +1,9 @@
 //! Prometheus metrics: the recorder, the `/metrics` endpoint, the per-RPC
 //! tower layer, and the names every layer records under. Names follow
 //! Prometheus conventions; every label has a fixed, small set of values
-//! (no SKU or user ids).
+//! (no SKU or user ids), except `caller`: calling services' certificate
+//! identities, which the operators' CA bounds (and
+//! `middleware::callers::MAX_CALLERS` caps).
 //!
 //! The recorder is process-wide (the `metrics` facade), so two servers in
 //! one process (tests) share one set of figures.
@@ -40,6 +42,7 @@ pub const NAMES: &[&str] = &[
     "stockgate_switches_revision",
     "stockgate_switch_changes_total",
     "stockgate_admin_auth_failures_total",
+    "stockgate_caller_refusals_total",
     "stockgate_in_flight_calls",
     "stockgate_open_watches",
     "stockgate_watch_feeds",
@@ -98,6 +101,13 @@ pub fn install() -> PrometheusHandle {
 /// Counts one decision of one layer.
 pub fn decision(layer: &'static str, decision: &'static str) {
     counter!(DECISIONS, "layer" => layer, "decision" => decision).increment(1);
+}
+
+/// A call refused because its calling service used up its share of
+/// `layer`'s budget ("shed" or "rate_limit").
+pub fn caller_refused(layer: &'static str, caller: &str) {
+    counter!("stockgate_caller_refusals_total", "layer" => layer, "caller" => caller.to_owned())
+        .increment(1);
 }
 
 /// An admin call refused for a missing or wrong credential.

@@ -349,6 +349,33 @@ impl Config {
                 "an allow-list of calling identities needs client_ca_path (mutual TLS)",
             ));
         }
+        let share = |percent: &u32| (1..=100).contains(percent);
+        if !share(&tls.caller_share_percent) {
+            return Err(invalid(
+                "server.tls.caller_share_percent",
+                "must be 1 to 100",
+            ));
+        }
+        for (caller, percent) in &tls.caller_shares {
+            if !share(percent) {
+                return Err(invalid(
+                    "server.tls.caller_shares",
+                    "each share must be 1 to 100",
+                ));
+            }
+            if !tls.allowed_clients.is_empty() && !tls.allowed_clients.contains(caller) {
+                return Err(invalid(
+                    "server.tls.caller_shares",
+                    "names an identity that is not in server.tls.allowed_clients",
+                ));
+            }
+        }
+        if !tls.caller_shares.is_empty() && tls.client_ca_path.is_empty() {
+            return Err(invalid(
+                "server.tls.caller_shares",
+                "calling services are known only with client_ca_path (mutual TLS)",
+            ));
+        }
         if tls.enabled() && (tls.cert_path.is_empty() || tls.key_path.is_empty()) {
             return Err(invalid(
                 "server.tls.cert_path",

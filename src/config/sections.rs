@@ -46,7 +46,7 @@ pub struct MetricsConfig {
 }
 
 /// TLS for the gRPC listeners (rustls). Both paths empty: plaintext.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -64,6 +64,33 @@ pub struct TlsConfig {
     /// certificate the CA signed. Others get PERMISSION_DENIED
     /// (CALLER_NOT_ALLOWED) on every call but health checks.
     pub allowed_clients: Vec<String>,
+    /// Mutual TLS only: while two or more calling services have called
+    /// within the last 10 s, each may hold at most this percentage of
+    /// `server.max_in_flight` and of the global rate limit
+    /// (`layers.rate_limit.global_per_sec` and `global_burst`), so one
+    /// service's flood cannot starve the others; past it, RESOURCE_EXHAUSTED
+    /// with metadata `scope` "caller". A service calling alone may use the
+    /// whole budget. 1 to 100; 100 turns shares off.
+    pub caller_share_percent: u32,
+    /// Shares for named calling identities (as in `allowed_clients`),
+    /// overriding `caller_share_percent`, e.g.
+    /// `{ "spiffe://cluster.local/ns/shop/sa/checkout" = 80 }`. Shares may add
+    /// up to more than 100: each caps one service, and the whole budget
+    /// still caps them all.
+    pub caller_shares: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_path: String::new(),
+            key_path: String::new(),
+            client_ca_path: String::new(),
+            allowed_clients: Vec::new(),
+            caller_share_percent: 50,
+            caller_shares: Default::default(),
+        }
+    }
 }
 
 impl TlsConfig {

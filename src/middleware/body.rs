@@ -144,6 +144,7 @@ where
                 Ok(Err(Unread::Busy)) => {
                     crate::metrics::decision("body", "reading_budget_spent");
                     tonic::Status::from(ReservationError::Shed {
+                        scope: "reading",
                         retry_after: Duration::from_secs(1),
                     })
                 }

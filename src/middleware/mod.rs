@@ -8,8 +8,9 @@
 //!    `server.body_timeout_ms`; read whole before any slot is taken;
 //! 4. [`LoadShedLayer`]: at most `server.max_in_flight` caller calls at
 //!    once, refusing the rest at once, so nothing queues in front of the
-//!    limits below;
-//! 5. [`RateLimitLayer`]: per-user and global limits, before any body is
+//!    limits below; with mutual TLS, each calling service at most its
+//!    share while others call ([`callers`]);
+//! 5. [`RateLimitLayer`]: per-user, per-calling-service and global limits, before any body is
 //!    decoded (the body deadline has only buffered it, within its byte
 //!    budget), so a flood costs a header lookup and a counter per call;
 //! 6. [`DedupLayer`]: idempotency keys, after the rate limit (a refused
@@ -23,6 +24,7 @@
 //! a switched-off layer costs one atomic load.
 
 mod body;
+pub mod callers;
 mod dedup;
 mod identity;
 mod rate_limit;

@@ -36,6 +36,10 @@ use tower::{Layer, Service};
 
 use arc_swap::ArcSwap;
 
+use super::{
+    callers::{CallerShares, PerCaller},
+    CallerIdentity,
+};
 use crate::{
     config::RateLimitConfig,
     domain::switches::{RateSettings, Switches},
@@ -74,6 +78,8 @@ type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Cl
 /// The budgets in force; replaced whole when operators change the rates.
 struct Budgets<C: Clock> {
     per_user: Keyed<C>,
+    /// Each calling service's share of the global budget (mutual TLS).
+    per_caller: Option<Arc<PerCaller<Direct<C>>>>,
     global: Arc<Direct<C>>,
     settings: RateSettings,
 }
@@ -82,6 +88,7 @@ struct Budgets<C: Clock> {
 pub struct RateLimits<C: Clock = governor::clock::DefaultClock> {
     budgets: ArcSwap<Budgets<C>>,
     clock: C,
+    shares: Option<Arc<CallerShares>>,
     shadow: AtomicBool,
     admitted: AtomicU64,
     refused: AtomicU64,
@@ -102,11 +109,14 @@ fn nonzero(n: u32) -> NonZeroU32 {
 }
 
 impl<C: Clock + Clone> RateLimits<C> {
-    pub fn new(config: &RateLimitConfig, clock: C) -> Self {
+    /// `shares`: each calling service's share of the global budget
+    /// (mutual TLS), or `None`.
+    pub fn new(config: &RateLimitConfig, shares: Option<Arc<CallerShares>>, clock: C) -> Self {
         let settings = RateSettings::from_config(config);
         Self {
-            budgets: ArcSwap::from_pointee(Self::budgets(settings, &clock)),
+            budgets: ArcSwap::from_pointee(Self::budgets(settings, shares.as_ref(), &clock)),
             clock,
+            shares,
             shadow: AtomicBool::new(config.shadow),
             admitted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -117,13 +127,31 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
-    fn budgets(settings: RateSettings, clock: &C) -> Budgets<C> {
+    fn budgets(
+        settings: RateSettings,
+        shares: Option<&Arc<CallerShares>>,
+        clock: &C,
+    ) -> Budgets<C> {
         let global = Quota::per_second(nonzero(settings.global_per_sec))
             .allow_burst(nonzero(settings.global_burst));
         Budgets {
             per_user: Self::per_user(settings, clock),
+            per_caller: shares.map(|shares| Arc::new(PerCaller::new(Arc::clone(shares)))),
             global: Arc::new(RateLimiter::direct_with_clock(global, clock.clone())),
             settings,
+        }
+    }
+
+    /// `caller`'s share of the global budget, made on first sight.
+    fn caller_budget(settings: RateSettings, clock: &C) -> impl FnOnce(u32) -> Direct<C> + '_ {
+        move |percent| {
+            let share = |total: u32| {
+                let part = CallerShares::of(percent, u64::from(total));
+                nonzero(u32::try_from(part).unwrap_or(u32::MAX))
+            };
+            let quota = Quota::per_second(share(settings.global_per_sec))
+                .allow_burst(share(settings.global_burst));
+            RateLimiter::direct_with_clock(quota, clock.clone())
         }
     }
 
@@ -139,25 +167,34 @@ impl<C: Clock + Clone> RateLimits<C> {
     pub fn configure(&self, settings: RateSettings, shadow: bool) {
         self.shadow.store(shadow, Ordering::Relaxed);
         if self.budgets.load().settings != settings {
-            self.budgets
-                .store(Arc::new(Self::budgets(settings, &self.clock)));
+            self.budgets.store(Arc::new(Self::budgets(
+                settings,
+                self.shares.as_ref(),
+                &self.clock,
+            )));
         }
     }
 
-    /// Decides one call by `user` (an id `UserId::parse` accepted): the
-    /// user's own budget first (so one hammering user cannot spend the
-    /// global budget), then the global one.
-    pub fn check(&self, user: &str) -> Verdict {
+    /// Decides one call by `user` (an id `UserId::parse` accepted) from
+    /// calling service `caller` (mutual TLS): the user's own budget first
+    /// (so one hammering user cannot spend the global budget), then the
+    /// calling service's share of the global one (so one service cannot),
+    /// then the global one.
+    pub fn check(&self, user: &str, caller: Option<&CallerIdentity>) -> Verdict {
         self.keep_bound();
         let budgets = self.budgets.load();
         // The wait is measured from after the decision, so it never comes
         // out longer than the period itself.
-        let over = match budgets.per_user.check_key(&user.to_owned()) {
-            Err(not_until) => Some(("user", not_until.wait_time_from(self.clock.now()))),
-            Ok(()) => match budgets.global.check() {
-                Err(not_until) => Some(("global", not_until.wait_time_from(self.clock.now()))),
-                Ok(()) => None,
-            },
+        let wait =
+            |not_until: governor::NotUntil<C::Instant>| not_until.wait_time_from(self.clock.now());
+        let over = if let Err(not_until) = budgets.per_user.check_key(&user.to_owned()) {
+            Some(("user", wait(not_until)))
+        } else if let Some(share) = self.over_share(&budgets, caller) {
+            Some(("caller", wait(share)))
+        } else if let Err(not_until) = budgets.global.check() {
+            Some(("global", wait(not_until)))
+        } else {
+            None
         };
         match over {
             None => {
@@ -175,6 +212,28 @@ impl<C: Clock + Clone> RateLimits<C> {
                 crate::metrics::decision("rate_limit", "refused");
                 Verdict::Refuse { scope, retry_after }
             }
+        }
+    }
+
+    /// `Some` when `caller`'s share applies (another service is calling
+    /// too) and is spent.
+    fn over_share(
+        &self,
+        budgets: &Budgets<C>,
+        caller: Option<&CallerIdentity>,
+    ) -> Option<governor::NotUntil<C::Instant>> {
+        let (per_caller, caller) = (budgets.per_caller.as_ref()?, caller?);
+        let (share, applies) =
+            per_caller.get(caller, Self::caller_budget(budgets.settings, &self.clock));
+        // Spent even while the share does not apply, so a service that had
+        // the budget to itself does not start with a full burst on top.
+        let verdict = share.budget.check();
+        match verdict {
+            Err(not_until) if applies => {
+                crate::metrics::caller_refused("rate_limit", &share.caller);
+                Some(not_until)
+            }
+            _ => None,
         }
     }
 
@@ -201,6 +260,7 @@ impl<C: Clock + Clone> RateLimits<C> {
         // meanwhile (with fresh budgets of their own) must not be undone.
         let fresh = Arc::new(Budgets {
             per_user: Self::per_user(budgets.settings, &self.clock),
+            per_caller: budgets.per_caller.clone(),
             global: Arc::clone(&budgets.global),
             settings: budgets.settings,
         });
@@ -286,7 +346,10 @@ impl<S> RateLimit<S> {
                 return Some(refusal);
             }
         };
-        match layer.limits.check(user.as_str()) {
+        match layer
+            .limits
+            .check(user.as_str(), request.extensions().get::<CallerIdentity>())
+        {
             Verdict::Admit => None,
             Verdict::Refuse { scope, retry_after } => {
                 Some(ReservationError::RateLimited { scope, retry_after })
@@ -345,7 +408,7 @@ mod tests {
             methods: vec!["Reserve".into()],
             max_tracked_users: 100_000,
         };
-        (RateLimits::new(&config, clock.clone()), clock)
+        (RateLimits::new(&config, None, clock.clone()), clock)
     }
 
     /// 10,000 users send 5 calls each within one second against 1/s with
@@ -357,7 +420,7 @@ mod tests {
         let mut admitted = vec![0; 10_000];
         for round in 0..5 {
             for (user, count) in admitted.iter_mut().enumerate() {
-                match limits.check(&format!("u{user}")) {
+                match limits.check(&format!("u{user}"), None) {
                     Verdict::Admit => *count += 1,
                     Verdict::Refuse { scope, retry_after } => {
                         assert_eq!(scope, "user");
@@ -371,7 +434,7 @@ mod tests {
         }
         assert!(admitted.iter().all(|&n| n == 1));
         clock.advance(Duration::from_secs(1));
-        assert!((0..10_000).all(|u| limits.check(&format!("u{u}")) == Verdict::Admit));
+        assert!((0..10_000).all(|u| limits.check(&format!("u{u}"), None) == Verdict::Admit));
         let stats = limits.stats();
         assert_eq!((stats.admitted, stats.refused), (20_000, 40_000));
     }
@@ -381,7 +444,7 @@ mod tests {
         let (limits, _clock) = limits(true);
         for _ in 0..5 {
             for user in 0..100 {
-                assert_eq!(limits.check(&format!("u{user}")), Verdict::Admit);
+                assert_eq!(limits.check(&format!("u{user}"), None), Verdict::Admit);
             }
         }
         let stats = limits.stats();
@@ -400,8 +463,10 @@ mod tests {
             global_burst: 10,
             ..RateLimitConfig::default()
         };
-        let limits = RateLimits::new(&config, clock);
-        let verdicts: Vec<_> = (0..20).map(|u| limits.check(&format!("u{u}"))).collect();
+        let limits = RateLimits::new(&config, None, clock);
+        let verdicts: Vec<_> = (0..20)
+            .map(|u| limits.check(&format!("u{u}"), None))
+            .collect();
         assert_eq!(
             verdicts.iter().filter(|v| **v == Verdict::Admit).count(),
             10
@@ -419,7 +484,7 @@ mod tests {
     fn sweeping_forgets_idle_users() {
         let (limits, clock) = limits(false);
         for user in 0..1_000 {
-            limits.check(&format!("u{user}"));
+            limits.check(&format!("u{user}"), None);
         }
         assert_eq!(limits.stats().tracked_users, 1_000);
         clock.advance(Duration::from_secs(2));
@@ -440,14 +505,71 @@ mod tests {
             global_burst: 1_000_000,
             ..RateLimitConfig::default()
         };
-        let limits = RateLimits::new(&config, clock);
+        let limits = RateLimits::new(&config, None, clock);
         let mut most = 0;
         for user in 0..10_000 {
-            assert_eq!(limits.check(&format!("u{user}")), Verdict::Admit);
+            assert_eq!(limits.check(&format!("u{user}"), None), Verdict::Admit);
             most = most.max(limits.stats().tracked_users);
         }
         assert!(most <= 1_000 + SIZE_CHECK_EVERY, "tracked {most}");
         assert!(limits.stats().restarts >= 8, "{:?}", limits.stats());
         assert_eq!(limits.stats().admitted, 10_000);
+    }
+
+    /// Two calling services: the one that floods gets its share of the
+    /// global budget and no more, and the other still finds its own.
+    #[test]
+    fn a_calling_service_gets_its_share_of_the_global_budget() {
+        let clock = FakeRelativeClock::default();
+        let config = RateLimitConfig {
+            enabled: true,
+            global_per_sec: 100,
+            global_burst: 100,
+            ..RateLimitConfig::default()
+        };
+        let shares = Arc::new(CallerShares::new(50, Default::default()));
+        let limits = RateLimits::new(&config, Some(shares), clock);
+        let (greedy, honest) = (
+            CallerIdentity("spiffe://t/greedy".into()),
+            CallerIdentity("spiffe://t/honest".into()),
+        );
+        assert_eq!(limits.check("g0", Some(&greedy)), Verdict::Admit);
+        assert_eq!(limits.check("h0", Some(&honest)), Verdict::Admit);
+        // Both count as calling once the active callers are recounted.
+        std::thread::sleep(Duration::from_millis(250));
+        let greedy_admitted = (1..500)
+            .filter(|u| limits.check(&format!("g{u}"), Some(&greedy)) == Verdict::Admit)
+            .count();
+        assert_eq!(greedy_admitted, 49);
+        assert!(matches!(
+            limits.check("g-late", Some(&greedy)),
+            Verdict::Refuse {
+                scope: "caller",
+                ..
+            }
+        ));
+        let honest_admitted = (1..40)
+            .filter(|u| limits.check(&format!("h{u}"), Some(&honest)) == Verdict::Admit)
+            .count();
+        assert_eq!(honest_admitted, 39);
+    }
+
+    /// A service calling alone is held only by the global budget.
+    #[test]
+    fn a_lone_calling_service_may_use_the_whole_budget() {
+        let clock = FakeRelativeClock::default();
+        let config = RateLimitConfig {
+            enabled: true,
+            global_per_sec: 100,
+            global_burst: 100,
+            ..RateLimitConfig::default()
+        };
+        let shares = Arc::new(CallerShares::new(50, Default::default()));
+        let limits = RateLimits::new(&config, Some(shares), clock);
+        let alone = CallerIdentity("spiffe://t/alone".into());
+        let admitted = (0..500)
+            .filter(|u| limits.check(&format!("a{u}"), Some(&alone)) == Verdict::Admit)
+            .count();
+        assert_eq!(admitted, 100);
     }
 }

@@ -34,8 +34,8 @@ use crate::{
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi, ReserveAtOnce},
     metrics::GrpcMetricsLayer,
     middleware::{
-        BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes, IdentityLayer, InFlight,
-        LoadShedLayer, MemoryDedup, RateLimitLayer, RateLimits,
+        callers::CallerShares, BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes,
+        IdentityLayer, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer, RateLimits,
     },
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -185,8 +185,10 @@ pub async fn run_with(
     };
     let seed = Layers::from_config(&config);
     let switches: Switches = Arc::new(ArcSwap::from_pointee(seed));
+    let caller_shares = CallerShares::from_config(&config.server.tls);
     let rate_limits = Arc::new(RateLimits::new(
         &config.layers.rate_limit,
+        caller_shares.clone(),
         DefaultClock::default(),
     ));
     let (dedup_store, memory_dedup): (Arc<dyn DedupStore>, _) = match config.dedup_backend()? {
@@ -331,7 +333,7 @@ pub async fn run_with(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let in_flight = (config.server.max_in_flight > 0)
-        .then(|| Arc::new(InFlight::new(config.server.max_in_flight)));
+        .then(|| Arc::new(InFlight::new(config.server.max_in_flight, caller_shares)));
     let admin = InterceptedService::new(
         AdminServiceServer::new(AdminApi::new(
             pipeline.clone(),

@@ -84,6 +84,39 @@ fn make_leaf(dir: &std::path::Path, ca: &str, name: &str, ext: &str) {
     ]);
 }
 
+/// A CA, a rogue CA, a server certificate for localhost, and a client
+/// certificate per `(ca, name, URI SAN)`.
+fn pki(clients: &[(&str, &str, &str)]) -> tempfile::TempDir {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    make_ca(dir, "ca");
+    make_ca(dir, "rogue-ca");
+    make_leaf(
+        dir,
+        "ca",
+        "server",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    );
+    for (ca, name, uri) in clients {
+        make_leaf(
+            dir,
+            ca,
+            name,
+            &format!("subjectAltName=URI:{uri}\nextendedKeyUsage=clientAuth"),
+        );
+    }
+    certs
+}
+
+/// Mutual TLS with the certificates [`pki`] made, letting in `allowed`.
+fn mutual_tls(config: &mut stockgate::config::Config, dir: &std::path::Path, allowed: &[&str]) {
+    let path = |file: &str| dir.join(file).display().to_string();
+    config.server.tls.cert_path = path("server.pem");
+    config.server.tls.key_path = path("server.key");
+    config.server.tls.client_ca_path = path("ca.pem");
+    config.server.tls.allowed_clients = allowed.iter().map(|id| (*id).to_owned()).collect();
+}
+
 /// A channel trusting `ca`, presenting client certificate `client` if any.
 async fn channel(
     dir: &std::path::Path,
@@ -129,34 +162,14 @@ async fn reserve(channel: Channel) -> Result<(), tonic::Status> {
 /// service is answered and audited by its certificate's identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_allowed_calling_services_get_in() {
-    let certs = tempfile::tempdir().unwrap();
-    let dir = certs.path();
-    make_ca(dir, "ca");
-    make_ca(dir, "rogue-ca");
-    make_leaf(
-        dir,
-        "ca",
-        "server",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-    );
-    for (ca, name, uri) in [
+    let certs = pki(&[
         ("ca", "checkout", "spiffe://test/checkout"),
         ("ca", "intruder", "spiffe://test/intruder"),
         ("rogue-ca", "rogue", "spiffe://test/checkout"),
-    ] {
-        make_leaf(
-            dir,
-            ca,
-            name,
-            &format!("subjectAltName=URI:{uri}\nextendedKeyUsage=clientAuth"),
-        );
-    }
+    ]);
+    let dir = certs.path();
     let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
-    let path = |file: &str| dir.join(file).display().to_string();
-    config.server.tls.cert_path = path("server.pem");
-    config.server.tls.key_path = path("server.key");
-    config.server.tls.client_ca_path = path("ca.pem");
-    config.server.tls.allowed_clients = vec!["spiffe://test/checkout".into()];
+    mutual_tls(&mut config, dir, &["spiffe://test/checkout"]);
     config.server.handshake_timeout_ms = 1_000;
     let server = BinaryServer::start(config).await;
 
@@ -232,4 +245,168 @@ async fn only_allowed_calling_services_get_in() {
         "{}",
         events[0].actor
     );
+}
+
+/// The `scope` an OVERLOADED or RATE_LIMITED answer names.
+fn error_scope(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("scope").cloned())
+        .unwrap_or_default()
+}
+
+/// A channel for calling service `client`, once the binary answers it.
+async fn answered(dir: &std::path::Path, addr: std::net::SocketAddr, client: &str) -> Channel {
+    for _ in 0..200 {
+        if let Ok(channel) = channel(dir, addr, Some(client)).await {
+            match reserve(channel.clone()).await {
+                Ok(()) => return channel,
+                Err(status) if status.code() == Code::NotFound => return channel,
+                Err(status) => assert_ne!(status.code(), Code::PermissionDenied, "{status:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{client} is never answered");
+}
+
+/// Reserves one unit of `sku` for a new user per call from `tasks` tasks
+/// until `until`, pausing `pause` between a task's calls; counts answers
+/// as "ok" or "<code>/<reason>/<scope>".
+async fn keep_reserving(
+    channel: Channel,
+    who: &str,
+    tasks: usize,
+    sku: &str,
+    until: std::time::Instant,
+    pause: Duration,
+) -> std::collections::BTreeMap<String, usize> {
+    let runs = (0..tasks).map(|task| {
+        let mut client = InventoryServiceClient::new(channel.clone());
+        let (who, sku) = (who.to_owned(), sku.to_owned());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                n += 1;
+                let request = ReserveRequest {
+                    sku: sku.clone(),
+                    quantity: 1,
+                    ..Default::default()
+                };
+                let user = format!("{who}-{task}-{n}");
+                seen.push(
+                    match client.reserve(with_user(request, &user, None)).await {
+                        Ok(_) => "ok".to_owned(),
+                        Err(status) => format!(
+                            "{:?}/{}/{}",
+                            status.code(),
+                            crate::harness::error_reason(&status),
+                            error_scope(&status)
+                        ),
+                    },
+                );
+                tokio::time::sleep(pause).await;
+            }
+            seen
+        })
+    });
+    let mut tally = std::collections::BTreeMap::new();
+    for seen in futures::future::join_all(runs).await {
+        for answer in seen.unwrap() {
+            *tally.entry(answer).or_default() += 1;
+        }
+    }
+    tally
+}
+
+/// With mutual TLS, a calling service that floods the replica holds at most
+/// its share of the in-flight slots and of the global rate limit while
+/// another service calls: the other one's calls all go through, and the
+/// flooder is told it is over its own share (scope "caller").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_calling_service_cannot_starve_another() {
+    let (greedy_id, checkout_id) = ("spiffe://test/greedy", "spiffe://test/checkout");
+    let certs = pki(&[("ca", "greedy", greedy_id), ("ca", "checkout", checkout_id)]);
+    let dir = certs.path();
+    let over_share = "ResourceExhausted/OVERLOADED/caller";
+    let over_rate = "ResourceExhausted/RATE_LIMITED/caller";
+
+    // In-flight slots: 8, so 4 each; request-path commits on one SQLite
+    // connection keep them full.
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    mutual_tls(&mut config, dir, &[greedy_id, checkout_id]);
+    config.server.max_in_flight = 8;
+    config.layers.queue.enabled = false;
+    config.layers.gate.enabled = false;
+    config.layers.rate_limit.enabled = false;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", crate::harness::free_port())
+        .parse()
+        .unwrap();
+    config.metrics.listen = metrics.to_string();
+    let server = BinaryServer::start(config).await;
+    let greedy = answered(dir, server.addr, "greedy").await;
+    let checkout = answered(dir, server.addr, "checkout").await;
+    AdminServiceClient::new(checkout.clone())
+        .set_stock(stockgate::pb::SetStockRequest {
+            sku: "FAIR".into(),
+            stock: 1_000_000,
+            max_per_user: 0,
+        })
+        .await
+        .unwrap();
+    // Both have called: the count of calling services catches up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let (flood, honest) = tokio::join!(
+        keep_reserving(greedy, "g", 32, "FAIR", until, Duration::ZERO),
+        keep_reserving(checkout, "c", 3, "FAIR", until, Duration::ZERO),
+    );
+    eprintln!("slots: flood {flood:?}, honest {honest:?}");
+    assert!(flood.get(over_share).copied().unwrap_or(0) > 0, "{flood:?}");
+    assert_eq!(honest.keys().collect::<Vec<_>>(), ["ok"], "{honest:?}");
+    assert!(honest["ok"] >= 30, "{honest:?}");
+    let text = crate::ops::scrape(metrics).await;
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("stockgate_caller_refusals_total{")
+                && line.contains(&format!("caller=\"{greedy_id}\""))
+                && line.contains("layer=\"shed\"")),
+        "{text}"
+    );
+    drop(server);
+
+    // The global rate: 40/s with a burst of 40, so 20 each.
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    mutual_tls(&mut config, dir, &[greedy_id, checkout_id]);
+    config.layers.rate_limit.enabled = true;
+    config.layers.rate_limit.global_per_sec = 40;
+    config.layers.rate_limit.global_burst = 40;
+    let server = BinaryServer::start(config).await;
+    let greedy = answered(dir, server.addr, "greedy").await;
+    let checkout = answered(dir, server.addr, "checkout").await;
+    AdminServiceClient::new(checkout.clone())
+        .set_stock(stockgate::pb::SetStockRequest {
+            sku: "FAIR".into(),
+            stock: 1_000_000,
+            max_per_user: 0,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let window = Duration::from_secs(2);
+    let until = std::time::Instant::now() + window;
+    let (flood, honest) = tokio::join!(
+        keep_reserving(greedy, "g", 16, "FAIR", until, Duration::ZERO),
+        keep_reserving(checkout, "c", 1, "FAIR", until, Duration::from_millis(100)),
+    );
+    eprintln!("rate: flood {flood:?}, honest {honest:?}");
+    assert!(flood.get(over_rate).copied().unwrap_or(0) > 0, "{flood:?}");
+    // Its share: a burst of 20 and 20/s over the window (and a call or
+    // two of slack at its edges).
+    let greedy_ok = flood.get("ok").copied().unwrap_or(0);
+    assert!(greedy_ok <= 20 + 20 * 2 + 5, "{flood:?}");
+    assert_eq!(honest.keys().collect::<Vec<_>>(), ["ok"], "{honest:?}");
+    assert!(honest["ok"] >= 15, "{honest:?}");
 }
