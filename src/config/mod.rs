@@ -363,6 +363,14 @@ impl Config {
                     "each share must be 1 to 100",
                 ));
             }
+            let named =
+                caller.contains("://") || caller.starts_with("dns:") || caller.starts_with("cn:");
+            if !named {
+                return Err(invalid(
+                    "server.tls.caller_shares",
+                    "identities are a URI SAN (spiffe://…), dns:<name> or cn:<name>",
+                ));
+            }
             if !tls.allowed_clients.is_empty() && !tls.allowed_clients.contains(caller) {
                 return Err(invalid(
                     "server.tls.caller_shares",

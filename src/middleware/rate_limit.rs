@@ -1,5 +1,7 @@
 //! Rate limiting with governor: one GCRA cell budget per user (keyed by the
-//! `x-user-id` metadata) and one for the whole replica. A refused call gets
+//! `x-user-id` metadata), with mutual TLS one per calling service (its
+//! share of the global budget while another service calls, see
+//! [`super::callers`]), and one for the whole replica. A refused call gets
 //! RESOURCE_EXHAUSTED with `retry-after`; in shadow mode it is let through
 //! and counted. Only the InventoryService methods named in
 //! `layers.rate_limit.methods` (Reserve alone by default) are counted:
@@ -37,7 +39,7 @@ use tower::{Layer, Service};
 use arc_swap::ArcSwap;
 
 use super::{
-    callers::{CallerShares, PerCaller},
+    callers::{CallerShares, Forgettable, PerCaller},
     CallerIdentity,
 };
 use crate::{
@@ -50,7 +52,7 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Admit,
-    /// Over the `scope` ("user" or "global") limit.
+    /// Over the `scope` ("user", "caller" or "global") limit.
     Refuse {
         scope: &'static str,
         retry_after: Duration,
@@ -74,6 +76,8 @@ pub struct RateLimitStats {
 type Keyed<C> =
     RateLimiter<String, DashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+impl<C: Clock> Forgettable for Direct<C> {}
 
 /// The budgets in force; replaced whole when operators change the rates.
 struct Budgets<C: Clock> {
@@ -187,10 +191,12 @@ impl<C: Clock + Clone> RateLimits<C> {
         // out longer than the period itself.
         let wait =
             |not_until: governor::NotUntil<C::Instant>| not_until.wait_time_from(self.clock.now());
+        let mut over_share = None;
         let over = if let Err(not_until) = budgets.per_user.check_key(&user.to_owned()) {
             Some(("user", wait(not_until)))
-        } else if let Some(share) = self.over_share(&budgets, caller) {
-            Some(("caller", wait(share)))
+        } else if let Some((not_until, caller)) = self.over_share(&budgets, caller) {
+            over_share = Some(caller);
+            Some(("caller", wait(not_until)))
         } else if let Err(not_until) = budgets.global.check() {
             Some(("global", wait(not_until)))
         } else {
@@ -210,29 +216,31 @@ impl<C: Clock + Clone> RateLimits<C> {
             Some((scope, retry_after)) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::decision("rate_limit", "refused");
+                if let Some(caller) = over_share {
+                    crate::metrics::caller_refused("rate_limit", &caller);
+                }
                 Verdict::Refuse { scope, retry_after }
             }
         }
     }
 
-    /// `Some` when `caller`'s share applies (another service is calling
-    /// too) and is spent.
+    /// `Some` (with the service's name) when `caller`'s share applies
+    /// (another service is calling too) and is spent.
     fn over_share(
         &self,
         budgets: &Budgets<C>,
         caller: Option<&CallerIdentity>,
-    ) -> Option<governor::NotUntil<C::Instant>> {
+    ) -> Option<(governor::NotUntil<C::Instant>, Arc<str>)> {
         let (per_caller, caller) = (budgets.per_caller.as_ref()?, caller?);
         let (share, applies) =
             per_caller.get(caller, Self::caller_budget(budgets.settings, &self.clock));
         // Spent even while the share does not apply, so a service that had
-        // the budget to itself does not start with a full burst on top.
-        let verdict = share.budget.check();
-        match verdict {
-            Err(not_until) if applies => {
-                crate::metrics::caller_refused("rate_limit", &share.caller);
-                Some(not_until)
-            }
+        // the budget to itself does not start with a full burst on top. It
+        // is checked before the global budget, so calls the global budget
+        // then refuses spend it too: it caps what a service asks for, not
+        // only what it gets.
+        match share.budget.as_ref()?.check() {
+            Err(not_until) if applies => Some((not_until, Arc::clone(&share.caller))),
             _ => None,
         }
     }

@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
 use super::{
-    callers::{CallerShares, PerCaller, Share},
+    callers::{CallerShares, Forgettable, PerCaller, Share},
     CallerIdentity,
 };
 use crate::error::ReservationError;
@@ -45,12 +45,27 @@ struct CallerSlots {
     held: AtomicU64,
 }
 
+impl Forgettable for CallerSlots {
+    fn forgettable(&self) -> bool {
+        self.held.load(Ordering::Relaxed) == 0
+    }
+}
+
 /// One slot a calling service holds, given back when dropped.
 struct CallerSlot(Arc<Share<CallerSlots>>);
 
+impl CallerSlot {
+    fn slots(&self) -> &CallerSlots {
+        self.0
+            .budget
+            .as_ref()
+            .expect("only capped services hold slots")
+    }
+}
+
 impl Drop for CallerSlot {
     fn drop(&mut self) {
-        self.0.budget.held.fetch_sub(1, Ordering::Relaxed);
+        self.slots().held.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -86,15 +101,18 @@ impl InFlight {
             cap: CallerShares::of(percent, self.max as u64),
             held: AtomicU64::new(0),
         });
+        let Some(slots) = &share.budget else {
+            return Ok(None);
+        };
         // Counted even while the share does not apply, so the count is
         // right when another service starts calling.
-        let held = share.budget.held.fetch_add(1, Ordering::Relaxed) + 1;
-        if applies && held > share.budget.cap {
-            share.budget.held.fetch_sub(1, Ordering::Relaxed);
+        let held = slots.held.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = CallerSlot(Arc::clone(&share));
+        if applies && held > slots.cap {
             crate::metrics::caller_refused("shed", &share.caller);
             return Err(());
         }
-        Ok(Some(CallerSlot(share)))
+        Ok(Some(slot))
     }
 
     pub fn stats(&self) -> LoadShedStats {
