@@ -56,7 +56,7 @@ pub enum ReservationError {
     /// calling service holds its share of it ("caller"), or the request
     /// bytes being read are at `server.max_reading_bytes` ("reading");
     /// retry after the given time.
-    #[error("server busy: too many calls in flight ({scope} limit); retry in {retry_after:?}")]
+    #[error("server busy ({scope} limit); retry in {retry_after:?}")]
     Shed {
         scope: &'static str,
         retry_after: std::time::Duration,
@@ -69,6 +69,12 @@ pub enum ReservationError {
     /// timeout after its headers.
     #[error("the request message did not arrive within {0:?} of its headers")]
     RequestTooSlow(Duration),
+    /// The call's deadline (the caller's `grpc-timeout`, capped by
+    /// `server.request_timeout_ms`) passed before it was decided; whether
+    /// an order was taken is unknown until the caller asks again with the
+    /// same idempotency key.
+    #[error("the call's deadline of {0:?} passed before it was decided; retry with the same idempotency key to learn the outcome")]
+    DeadlineExceeded(Duration),
     /// Start-up has not finished (store not migrated or reachable).
     #[error("service not ready: {0}")]
     NotReady(String),
@@ -144,6 +150,7 @@ impl ReservationError {
             Self::Shed { .. } => (Code::ResourceExhausted, "OVERLOADED"),
             Self::TooManyWatches { .. } => (Code::ResourceExhausted, "TOO_MANY_WATCHES"),
             Self::RequestTooSlow(_) => (Code::DeadlineExceeded, "REQUEST_TOO_SLOW"),
+            Self::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Self::NotReady(_) => (Code::Unavailable, "NOT_READY"),
             Self::Unavailable { .. } => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
             Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
@@ -389,6 +396,10 @@ mod tests {
             (
                 ReservationError::RequestTooSlow(Duration::from_secs(1)),
                 "REQUEST_TOO_SLOW",
+            ),
+            (
+                ReservationError::DeadlineExceeded(Duration::from_millis(150)),
+                "DEADLINE_EXCEEDED",
             ),
             (ReservationError::NotReady("x".into()), "NOT_READY"),
             (

@@ -2,6 +2,7 @@
 
 Usage:
   h2_frames.py --target HOST:PORT --dedup {off,redis} [--token TOKEN]
+  h2_frames.py --target HOST:PORT --slow-sku SKU
 
 Speaks gRPC by hand over a plain TCP socket and looks at the frames, which
 grpc libraries hide:
@@ -17,6 +18,13 @@ grpc libraries hide:
    `control-char-in-x-user-id-closes-connection` pins today's behaviour: it
    passes when a GOAWAY arrives and a new connection works.
 
+3. With `--slow-sku` (a SKU whose Reserve takes longer than 300 ms, e.g.
+   behind a slowed database), only the deadline case runs: a Reserve sent
+   with `grpc-timeout: 300m` must be answered by the server itself with
+   DEADLINE_EXCEEDED (grpc-status 4, trailers-only, ErrorInfo reason
+   DEADLINE_EXCEEDED) before that deadline has long passed. Client
+   libraries enforce deadlines themselves and hide what the server sent.
+
 `--token` (or STOCKGATE_ADMIN_TOKEN) lets it create a SKU through
 AdminService for the success and watch cases; without a usable one those
 parts are skipped. Prints `PASS name`, `FAIL name: why` or `SKIP name: why`,
@@ -24,6 +32,7 @@ then `h2_frames: N passed, N failed`; exit status 1 if any failed.
 """
 
 import argparse
+import base64
 import os
 import secrets
 import socket
@@ -38,6 +47,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from stockgate.v1 import admin_pb2, inventory_pb2
 
@@ -331,6 +341,32 @@ class Suite:
         if problems:
             raise Fail("; ".join(problems) + f" [frames: {stream.describe()}]")
 
+    def deadline(self):
+        """The server's own answer to a call whose deadline passes."""
+        metadata = [("x-user-id", self.user()), ("idempotency-key", self.key()),
+                    ("grpc-timeout", "300m")]
+        request = inventory_pb2.ReserveRequest(sku=self.args.slow_sku, quantity=1)
+        started = time.monotonic()
+        stream = self.call(RESERVE, metadata, request)
+        took = time.monotonic() - started
+        self.check_trailers_only(stream, "4")
+        headers = stream.headers()
+        details = headers.get("grpc-status-details-bin")
+        if details is None:
+            raise Fail(f"no grpc-status-details-bin: {stream.describe()}")
+        status = status_pb2.Status.FromString(base64.b64decode(details + "=" * (-len(details) % 4)))
+        reasons = []
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reasons.append(info.reason)
+        if reasons != ["DEADLINE_EXCEEDED"]:
+            raise Fail(f"ErrorInfo reasons {reasons}, want DEADLINE_EXCEEDED: {stream.describe()}")
+        if not 0.25 <= took < 2.0:
+            raise Fail(f"answered after {took:.3f} s for a 0.3 s deadline")
+        print(f"# deadline answered after {took * 1000:.0f} ms: {headers.get('grpc-message', '')!r}")
+
     def unknown_sku(self, with_key, replay=False):
         def run():
             md = [("x-user-id", self.user())]
@@ -456,10 +492,17 @@ class Suite:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True)
-    parser.add_argument("--dedup", choices=("off", "redis"), required=True)
+    parser.add_argument("--dedup", choices=("off", "redis"))
     parser.add_argument("--token", default=os.environ.get("STOCKGATE_ADMIN_TOKEN", ""))
+    parser.add_argument("--slow-sku")
     args = parser.parse_args()
     suite = Suite(args)
+    if args.slow_sku:
+        suite.report("deadline-exceeded-is-the-servers-answer", suite.deadline)
+        print(f"h2_frames: {suite.passed} passed, {suite.failed} failed")
+        return 1 if suite.failed else 0
+    if args.dedup is None:
+        parser.error("--dedup is required")
     print(f"# run {suite.run}: target {args.target}, dedup {args.dedup}")
     for tag, with_key in (("no-key", False), ("key", True)):
         suite.report(f"error-is-trailers-only/reserve-unknown-sku[{tag}]", suite.unknown_sku(with_key))

@@ -1,7 +1,9 @@
 //! Tower middleware on the gRPC server, outermost first (the stack is built
 //! in `server::run`):
 //!
-//! 1. the server's own timeout and per-connection stream limit (tonic);
+//! 1. the per-connection stream limit (tonic), then [`DeadlineLayer`]: the
+//!    caller's `grpc-timeout` capped by `server.request_timeout_ms`,
+//!    answered DEADLINE_EXCEEDED;
 //! 2. [`IdentityLayer`] (mutual TLS only): the calling service's identity
 //!    from its certificate, checked against `server.tls.allowed_clients`;
 //! 3. [`BodyDeadlineLayer`]: the request message must arrive within
@@ -25,6 +27,7 @@
 
 mod body;
 pub mod callers;
+mod deadline;
 mod dedup;
 mod identity;
 mod rate_limit;
@@ -59,6 +62,7 @@ where
 }
 
 pub use body::BodyDeadlineLayer;
+pub use deadline::{grpc_timeout, DeadlineLayer};
 pub use dedup::{
     fingerprint, record_key, AnswerAtOnce, Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup,
     RedisDedup, StoredAnswer, DEDUP_PATH,

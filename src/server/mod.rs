@@ -34,8 +34,9 @@ use crate::{
     grpc::{token_digest, AdminApi, AdminAuth, AdminToken, InventoryApi, ReserveAtOnce},
     metrics::GrpcMetricsLayer,
     middleware::{
-        callers::CallerShares, BodyDeadlineLayer, DedupLayer, DedupStore, DedupTimes,
-        IdentityLayer, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer, RateLimits,
+        callers::CallerShares, BodyDeadlineLayer, DeadlineLayer, DedupLayer, DedupStore,
+        DedupTimes, IdentityLayer, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
+        RateLimits,
     },
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -370,6 +371,7 @@ pub async fn run_with(
             let mut stop = stop_rx.clone();
             let serve = builder(&config, tls.clone())?
                 .layer(GrpcMetricsLayer)
+                .layer(DeadlineLayer::new(config.request_timeout()))
                 .layer(tower::util::option_layer(identity_layer(&config)))
                 .add_service(health_service.clone())
                 .add_service(reflection.v1.clone())
@@ -386,10 +388,11 @@ pub async fn run_with(
         _ => None,
     };
     let serve = builder(&config, tls)?
-        // Outermost first (tonic's own timeout, honouring the caller's
-        // grpc-timeout when shorter, and its stream limit sit outside).
-        // Metrics first, so every answer is counted, refusals included.
+        // Outermost first (tonic's stream limit sits outside). Metrics
+        // first, so every answer is counted, refusals included.
         .layer(GrpcMetricsLayer)
+        // The call's deadline covers everything below, body included.
+        .layer(DeadlineLayer::new(config.request_timeout()))
         // With mutual TLS, who is calling (and whether they may) first.
         .layer(tower::util::option_layer(identity_layer(&config)))
         // The request message must arrive in time, and is read whole
@@ -477,8 +480,9 @@ fn builder(config: &Config, tls: Option<ServerTlsConfig>) -> anyhow::Result<Serv
     }
     let server = &config.server;
     let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    // No tonic timeout: the DeadlineLayer answers DEADLINE_EXCEEDED where
+    // tonic would answer CANCELLED.
     let mut builder = builder
-        .timeout(config.request_timeout())
         .max_concurrent_streams(Some(server.max_concurrent_streams))
         .http2_keepalive_interval(millis(server.http2_keepalive_interval_ms))
         .http2_keepalive_timeout(millis(server.http2_keepalive_timeout_ms));
