@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod middleware;
 mod processor;
 pub mod queue;
+mod redis_auth;
 mod redis_batch;
 pub mod reserve;
 pub mod server;

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 /// The switch types config values are spelled in.
 pub use crate::domain::switches::{DbCheckMode, GateFailureMode};
 use crate::domain::switches::{Layers, RateSettings};
+use secrets::Backend;
 
+pub mod secrets;
 mod sections;
 
 /// Every section's type, at `config::` as before the split.
@@ -429,7 +431,7 @@ impl Config {
     pub fn dedup_backend(&self) -> Result<Option<String>, ConfigError> {
         server_url(
             "backends.dedup",
-            &self.backends.dedup,
+            &Backend::Dedup.url(&self.backends)?,
             REDIS_SCHEMES,
             "a redis://",
         )
@@ -439,7 +441,7 @@ impl Config {
         // amqps:// would need lapin's TLS stack, which is not built in.
         let url = server_url(
             "backends.queue",
-            &self.backends.queue,
+            &Backend::Queue.url(&self.backends)?,
             &["amqp://"],
             "an amqp://",
         )?;
@@ -449,7 +451,7 @@ impl Config {
     pub fn gate_backend(&self) -> Result<GateBackend, ConfigError> {
         let url = server_url(
             "backends.gate",
-            &self.backends.gate,
+            &Backend::Gate.url(&self.backends)?,
             REDIS_SCHEMES,
             "a redis://",
         )?;
@@ -458,7 +460,8 @@ impl Config {
 
     /// Which store `backends.store` selects.
     pub fn store_backend(&self) -> Result<StoreBackend, ConfigError> {
-        let url = self.backends.store.as_str();
+        let url = Backend::Store.url(&self.backends)?;
+        let url = url.as_str();
         if url == EMBEDDED {
             if self.store.sqlite_path.is_empty() {
                 return Err(invalid("store.sqlite_path", "must not be empty"));

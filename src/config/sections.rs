@@ -224,6 +224,22 @@ pub struct BackendsConfig {
     /// (a durable RabbitMQ quorum queue shared by every replica; needs the
     /// PostgreSQL store).
     pub queue: String,
+    /// Files holding a backend's whole URL (a mounted Secret), read at
+    /// start-up; each wins over the URL key of the same name. Restart to
+    /// change.
+    pub store_file: String,
+    pub gate_file: String,
+    pub dedup_file: String,
+    pub queue_file: String,
+    /// Files holding a backend's password (a mounted Secret), put into its
+    /// URL in place of any password there; surrounding whitespace is
+    /// ignored. Re-read on SIGHUP: new connections use the new password,
+    /// and Redis re-authenticates its open ones, so a rotation needs no
+    /// restart (keep the old password valid until every replica reloaded).
+    pub store_password_file: String,
+    pub gate_password_file: String,
+    pub dedup_password_file: String,
+    pub queue_password_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -528,6 +544,14 @@ impl Default for BackendsConfig {
             gate: EMBEDDED.into(),
             queue: EMBEDDED.into(),
             dedup: EMBEDDED.into(),
+            store_file: String::new(),
+            gate_file: String::new(),
+            dedup_file: String::new(),
+            queue_file: String::new(),
+            store_password_file: String::new(),
+            gate_password_file: String::new(),
+            dedup_password_file: String::new(),
+            queue_password_file: String::new(),
         }
     }
 }

@@ -59,18 +59,23 @@ fn unavailable(err: redis::RedisError) -> GateError {
 impl RedisGate {
     /// Connects lazily: the server may start before Redis answers, and the
     /// connection manager reconnects by itself after a loss.
-    pub fn connect(url: &str, config: &RedisConfig) -> Result<Self, GateError> {
-        let client = Client::open(url).map_err(unavailable)?;
+    pub fn connect(
+        url: impl Into<crate::config::secrets::LiveUrl>,
+        config: &RedisConfig,
+    ) -> Result<Self, GateError> {
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
             .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(config.response_timeout_ms));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(unavailable)?;
+        let url = url.into();
+        // Checked here, so a bad URL fails start-up rather than every
+        // subscription attempt.
+        Client::open(url.current()).map_err(unavailable)?;
+        let conn = crate::redis_auth::connect(&url, manager_config).map_err(unavailable)?;
         let (restocks, _) = broadcast::channel(1024);
         let channel = format!("{}:restock", config.key_prefix);
-        let subscriber = tokio::spawn(listen_for_restocks(client, channel, restocks.clone()));
+        let subscriber = tokio::spawn(listen_for_restocks(url, channel, restocks.clone()));
         Ok(Self {
             conn,
             prefix: config.key_prefix.clone(),
@@ -158,8 +163,16 @@ impl RedisGate {
 
 /// Forwards restock messages; after every (re)subscription it sends
 /// [`RESTOCK_ALL`], since messages published while disconnected are lost.
-async fn listen_for_restocks(client: Client, channel: String, tx: broadcast::Sender<String>) {
+async fn listen_for_restocks(
+    url: crate::config::secrets::LiveUrl,
+    channel: String,
+    tx: broadcast::Sender<String>,
+) {
     loop {
+        // A client per attempt: the password may have been rotated.
+        let Ok(client) = Client::open(url.current()) else {
+            return;
+        };
         if let Ok(mut pubsub) = client.get_async_pubsub().await {
             if pubsub.subscribe(&channel).await.is_ok() {
                 let _ = tx.send(RESTOCK_ALL.to_owned());

@@ -27,7 +27,11 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    config::{redact_url, Config, GateBackend, QueueBackend, StoreBackend},
+    config::{
+        redact_url,
+        secrets::{Backend, LiveUrl, Passwords},
+        Config, GateBackend, QueueBackend, StoreBackend,
+    },
     domain::switches::{Layers, Switches},
     fleet::SwitchBoard,
     gate::{EmbeddedGate, RedisGate, StockGate},
@@ -158,7 +162,9 @@ pub async fn run_with(
         StoreBackend::Postgres(url) => tracing::info!(store = %redact_url(url), "store: postgres"),
         StoreBackend::Sqlite(path) => tracing::info!(store = %path, "store: embedded sqlite"),
     }
-    let store = Store::connect(target, &config.store)?;
+    let passwords = Arc::new(Passwords::from_config(&config.backends)?);
+    let store =
+        Store::connect_with_password(target, &config.store, passwords.watch(Backend::Store))?;
     let role = config.server.role;
     let (queue, embedded_source, rabbit): (Arc<dyn OrderQueue>, _, _) = match config
         .queue_backend()?
@@ -169,7 +175,12 @@ pub async fn run_with(
         }
         QueueBackend::Rabbit(url) => {
             tracing::info!(queue = %redact_url(&url), name = %config.rabbitmq.queue, ?role, "queue: rabbitmq");
-            let queue = Arc::new(RabbitQueue::new(&url, &config.rabbitmq, store.clone()));
+            let url = LiveUrl::new(&url, passwords.watch(Backend::Queue));
+            let queue = Arc::new(RabbitQueue::new(
+                url.clone(),
+                &config.rabbitmq,
+                store.clone(),
+            ));
             (
                 queue.clone() as Arc<dyn OrderQueue>,
                 None,
@@ -181,7 +192,8 @@ pub async fn run_with(
         GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
         GateBackend::Redis(url) => {
             tracing::info!(gate = %redact_url(&url), prefix = %config.redis.key_prefix, "gate: redis");
-            Arc::new(RedisGate::connect(&url, &config.redis)?)
+            let url = LiveUrl::new(&url, passwords.watch(Backend::Gate));
+            Arc::new(RedisGate::connect(url, &config.redis)?)
         }
     };
     let seed = Layers::from_config(&config);
@@ -200,7 +212,7 @@ pub async fn run_with(
         Some(url) => {
             tracing::info!(dedup = %redact_url(&url), "dedup store: redis");
             let store = crate::middleware::RedisDedup::new(
-                &url,
+                LiveUrl::new(&url, passwords.watch(Backend::Dedup)),
                 &config.redis.key_prefix,
                 Duration::from_millis(config.redis.response_timeout_ms),
             )
@@ -259,6 +271,7 @@ pub async fn run_with(
                 reloads,
                 board.clone(),
                 admin_token.clone(),
+                passwords.clone(),
                 config.layers.rate_limit.methods.clone(),
             ),
         );
@@ -275,7 +288,7 @@ pub async fn run_with(
     let source: Option<Box<dyn OrderSource>> = match (embedded_source, &rabbit) {
         (Some(source), _) => Some(Box::new(source)),
         (None, Some((queue, url))) if role.processes_orders() => Some(Box::new(RabbitSource::new(
-            url,
+            url.clone(),
             queue.names(),
             config.rabbitmq.prefetch,
             Duration::from_millis(config.rabbitmq.reconnect_delay_ms),

@@ -89,14 +89,17 @@ impl Drop for Background {
 }
 
 /// Applies reloaded configs: the file's switches to the whole fleet (as an
-/// audited change by `sighup`), its admin token to this replica.
+/// audited change by `sighup`), its admin token and backend password files
+/// to this replica.
 pub(super) async fn apply_reloads(
     mut reloads: mpsc::Receiver<Config>,
     board: Arc<SwitchBoard>,
     admin_token: AdminToken,
+    passwords: Arc<crate::config::secrets::Passwords>,
     rate_limited_methods: Vec<String>,
 ) {
     while let Some(config) = reloads.recv().await {
+        passwords.reload(&config.backends);
         if config.layers.rate_limit.methods != rate_limited_methods {
             tracing::warn!(
                 running = ?rate_limited_methods,

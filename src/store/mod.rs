@@ -427,10 +427,20 @@ impl Store {
     /// Builds the pool without connecting, so the server can start (and
     /// report NOT_SERVING) while the database is still coming up.
     pub fn connect(target: StoreBackend, config: &StoreConfig) -> Result<Self, StoreError> {
+        Self::connect_with_password(target, config, None)
+    }
+
+    /// As [`Self::connect`], each new PostgreSQL connection logging in with
+    /// the password `password` holds then (a rotated password file).
+    pub fn connect_with_password(
+        target: StoreBackend,
+        config: &StoreConfig,
+        password: Option<tokio::sync::watch::Receiver<String>>,
+    ) -> Result<Self, StoreError> {
         let timeout = Duration::from_millis(config.acquire_timeout_ms);
         let pool = match &target {
             StoreBackend::Postgres(url) => {
-                let manager = manager_running::<AsyncPgConnection>(url, PG_SESSION);
+                let manager = manager_running::<AsyncPgConnection>(url, PG_SESSION, password);
                 Pool::Pg(
                     bb8::Pool::builder()
                         .max_size(config.max_connections)
@@ -439,7 +449,7 @@ impl Store {
                 )
             }
             StoreBackend::Sqlite(path) => {
-                let manager = manager_running::<SqliteConn>(path, SQLITE_PRAGMAS);
+                let manager = manager_running::<SqliteConn>(path, SQLITE_PRAGMAS, None);
                 // One connection: SQLite has one writer, and a single
                 // connection serialises transactions without busy errors.
                 Pool::Sqlite(
@@ -498,14 +508,23 @@ impl Store {
 /// A pool manager whose every new connection runs `session` (settings or
 /// pragmas) before it is handed out; a connection that fails to is never
 /// pooled.
-fn manager_running<C>(url: &str, session: &'static str) -> AsyncDieselConnectionManager<C>
+fn manager_running<C>(
+    url: &str,
+    session: &'static str,
+    password: Option<tokio::sync::watch::Receiver<String>>,
+) -> AsyncDieselConnectionManager<C>
 where
     C: AsyncConnection + SimpleAsyncConnection + Send + 'static,
 {
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
+        let url = match &password {
+            Some(password) => crate::config::secrets::with_password(url, &password.borrow())
+                .unwrap_or_else(|| url.to_owned()),
+            None => url.to_owned(),
+        };
         async move {
-            let mut conn = C::establish(url).await?;
+            let mut conn = C::establish(&url).await?;
             conn.batch_execute(session)
                 .await
                 .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;

@@ -856,6 +856,15 @@ impl BinaryServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGHUP: the binary reloads its config file.
+    pub fn reload(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
 }
 
 impl Drop for BinaryServer {

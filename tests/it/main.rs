@@ -20,6 +20,7 @@ mod rabbit_queue;
 mod redis_gate;
 mod relay;
 mod rollout;
+mod secrets;
 mod storm;
 mod storm_tool;
 mod waitlist;

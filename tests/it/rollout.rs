@@ -240,9 +240,16 @@ fn manifests_render_and_pass_strict_validation() {
         // Service links would inject STOCKGATE_*_PORT variables, which the
         // config would refuse as unknown keys.
         "enableServiceLinks: false",
+        // Backend URLs carry passwords: files from the Secret, not env.
+        "STOCKGATE_BACKENDS__STORE_FILE",
+        "secretName: stockgate-backends",
     ] {
         assert!(base.contains(needle), "the base lacks `{needle}`");
     }
+    assert!(
+        !base.contains("secretKeyRef"),
+        "a secret reaches a stockgate pod through its environment"
+    );
     let pods = base.matches("\n    spec:\n").count() + base.matches("\n      spec:\n").count();
     assert!(pods >= 3, "pod templates found: {pods}");
     assert_eq!(

@@ -23,13 +23,15 @@ pub struct RedisDedup {
 impl RedisDedup {
     /// Connects lazily, so the server starts while Redis is down; needs a
     /// Tokio runtime (the batching task).
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    pub fn new(
+        url: impl Into<crate::config::secrets::LiveUrl>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout));
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| e.to_string())?;
+        let conn = crate::redis_auth::connect(&url.into(), config).map_err(|e| e.to_string())?;
         Ok(Self {
             batch: Batcher::spawn(conn.clone()),
             conn,

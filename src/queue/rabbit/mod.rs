@@ -42,6 +42,7 @@ use tokio::{sync::Mutex, time::Instant};
 
 use super::{tickets::Tickets, OrderQueue, QueueError, QueuedOrder};
 use crate::{
+    config::secrets::LiveUrl,
     config::RabbitConfig,
     domain::{IdempotencyKey, ReservationId, Sku, UserId},
     store::{NewOrder, Store},
@@ -254,7 +255,7 @@ fn persistent_json(id: Option<&str>) -> BasicProperties {
 
 /// The publishing side, shared by every Reserve call of one replica.
 pub struct RabbitQueue {
-    uri: String,
+    uri: LiveUrl,
     names: QueueNames,
     store: Store,
     tickets: Tickets,
@@ -279,9 +280,9 @@ impl std::fmt::Debug for RabbitQueue {
 impl RabbitQueue {
     /// Connects lazily: the server starts (and refuses Reserve with
     /// UNAVAILABLE) while the broker is still coming up.
-    pub fn new(uri: &str, config: &RabbitConfig, store: Store) -> Self {
+    pub fn new(uri: impl Into<LiveUrl>, config: &RabbitConfig, store: Store) -> Self {
         Self {
-            uri: uri.to_owned(),
+            uri: uri.into(),
             names: QueueNames::new(&config.queue),
             tickets: Tickets::new(store.clone()),
             store,
@@ -318,7 +319,7 @@ impl RabbitQueue {
                 ));
             }
         }
-        match open(&self.uri, &self.names).await {
+        match open(&self.uri.current(), &self.names).await {
             Ok(link) => {
                 let channel = link.channel.clone();
                 self.link.store(Some(Arc::new(link)));
@@ -405,7 +406,7 @@ impl RabbitQueue {
     }
 
     async fn open_follower(&self) -> Result<(Link, Consumer), String> {
-        let link = open(&self.uri, &self.names).await?;
+        let link = open(&self.uri.current(), &self.names).await?;
         let setup = async {
             let mine = link
                 .channel

@@ -15,14 +15,17 @@ use lapin::{
 use tokio::time::Instant;
 
 use super::{decode, open, persistent_json, salvage, Link, QueueNames, CONNECT_TIMEOUT};
-use crate::queue::{OrderSource, TakenBatch, Unreadable};
+use crate::{
+    config::secrets::LiveUrl,
+    queue::{OrderSource, TakenBatch, Unreadable},
+};
 
 /// The processor's source: the orders queue, consumed as the single active
 /// consumer (or on standby until the active one goes), reconnecting after a
 /// broker loss. Unacknowledged deliveries go back to the queue whenever the
 /// consumer does, so a crash at any point redelivers.
 pub struct RabbitSource {
-    uri: String,
+    uri: LiveUrl,
     names: QueueNames,
     prefetch: u16,
     reconnect_delay: Duration,
@@ -30,9 +33,14 @@ pub struct RabbitSource {
 }
 
 impl RabbitSource {
-    pub fn new(uri: &str, names: &QueueNames, prefetch: u16, reconnect_delay: Duration) -> Self {
+    pub fn new(
+        uri: impl Into<LiveUrl>,
+        names: &QueueNames,
+        prefetch: u16,
+        reconnect_delay: Duration,
+    ) -> Self {
         Self {
-            uri: uri.to_owned(),
+            uri: uri.into(),
             names: names.clone(),
             prefetch,
             reconnect_delay,
@@ -55,7 +63,9 @@ impl OrderSource for RabbitSource {
             let consumer = match &mut self.consumer {
                 Some(consumer) => consumer,
                 None => {
-                    match RabbitConsumer::connect(&self.uri, &self.names, self.prefetch).await {
+                    match RabbitConsumer::connect(&self.uri.current(), &self.names, self.prefetch)
+                        .await
+                    {
                         Ok(consumer) => {
                             tracing::info!(
                                 queue = %self.names.orders,

@@ -1,0 +1,344 @@
+//! Backend credentials from files (mounted Kubernetes Secrets) rather than
+//! URLs in the environment: `backends.<name>_file` holds a backend's whole
+//! URL (read at start-up), `backends.<name>_password_file` its password,
+//! put into the URL in place of any there. Password files are re-read on
+//! SIGHUP ([`Passwords::reload`]): each backend's new connections use the
+//! new password, and Redis re-authenticates its open ones, so a rotation
+//! needs no restart. Neither ever reaches a log or `check-config`.
+
+use std::fmt::Write as _;
+
+use tokio::sync::watch;
+
+use super::{invalid, BackendsConfig, ConfigError};
+
+/// A backend whose URL may come from files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Store,
+    Gate,
+    Dedup,
+    Queue,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 4] = [
+        Backend::Store,
+        Backend::Gate,
+        Backend::Dedup,
+        Backend::Queue,
+    ];
+
+    /// The config keys: the URL, the URL's file, the password's file.
+    fn keys(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Backend::Store => (
+                "backends.store",
+                "backends.store_file",
+                "backends.store_password_file",
+            ),
+            Backend::Gate => (
+                "backends.gate",
+                "backends.gate_file",
+                "backends.gate_password_file",
+            ),
+            Backend::Dedup => (
+                "backends.dedup",
+                "backends.dedup_file",
+                "backends.dedup_password_file",
+            ),
+            Backend::Queue => (
+                "backends.queue",
+                "backends.queue_file",
+                "backends.queue_password_file",
+            ),
+        }
+    }
+
+    fn fields(self, backends: &BackendsConfig) -> (&str, &str, &str) {
+        match self {
+            Backend::Store => (
+                &backends.store,
+                &backends.store_file,
+                &backends.store_password_file,
+            ),
+            Backend::Gate => (
+                &backends.gate,
+                &backends.gate_file,
+                &backends.gate_password_file,
+            ),
+            Backend::Dedup => (
+                &backends.dedup,
+                &backends.dedup_file,
+                &backends.dedup_password_file,
+            ),
+            Backend::Queue => (
+                &backends.queue,
+                &backends.queue_file,
+                &backends.queue_password_file,
+            ),
+        }
+    }
+
+    /// The key naming this backend's URL, for errors.
+    pub fn key(self) -> &'static str {
+        self.keys().0
+    }
+
+    /// The URL in force: `<name>_file`'s content if set, else `<name>`,
+    /// with `<name>_password_file`'s password put in if set.
+    pub fn url(self, backends: &BackendsConfig) -> Result<String, ConfigError> {
+        let (_, url_file_key, password_key) = self.keys();
+        let (url, url_file, password_file) = self.fields(backends);
+        let url = if url_file.is_empty() {
+            url.to_owned()
+        } else {
+            read_secret(url_file_key, url_file)?
+        };
+        if password_file.is_empty() {
+            return Ok(url);
+        }
+        if url == super::EMBEDDED {
+            return Err(invalid(
+                password_key,
+                "the backend is embedded: there is no server to log in to",
+            ));
+        }
+        let password = read_secret(password_key, password_file)?;
+        with_password(&url, &password).ok_or_else(|| {
+            invalid(
+                password_key,
+                "the backend's URL has no host to put a password before",
+            )
+        })
+    }
+}
+
+/// A secret file's content without surrounding whitespace (editors and
+/// `kubectl create secret --from-file` add a newline).
+fn read_secret(key: &'static str, path: &str) -> Result<String, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot be read: {e}")))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(invalid(key, "the file is empty"));
+    }
+    Ok(text.to_owned())
+}
+
+/// `url` (`scheme://[user[:old]@]host…`) with `password` as its password,
+/// percent-encoded; `None` if it is not of that shape.
+pub fn with_password(url: &str, password: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), host),
+        None => ("", authority),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let mut out = format!("{scheme}://{user}:");
+    for byte in password.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    let _ = write!(out, "@{host}{tail}");
+    Some(out)
+}
+
+/// The user name in `url`'s userinfo, if any.
+pub fn user_of(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    (!user.is_empty()).then_some(user)
+}
+
+/// A backend's URL whose password may be rotated at run time: each
+/// connection attempt asks for [`LiveUrl::current`].
+#[derive(Debug, Clone)]
+pub struct LiveUrl {
+    url: String,
+    password: Option<watch::Receiver<String>>,
+}
+
+impl LiveUrl {
+    /// `url` as is, or with the password from `password` as it changes.
+    pub fn new(url: &str, password: Option<watch::Receiver<String>>) -> Self {
+        Self {
+            url: url.to_owned(),
+            password,
+        }
+    }
+
+    /// The URL to connect with now.
+    pub fn current(&self) -> String {
+        match &self.password {
+            Some(password) => {
+                with_password(&self.url, &password.borrow()).unwrap_or_else(|| self.url.clone())
+            }
+            None => self.url.clone(),
+        }
+    }
+
+    /// The password as it changes, if it comes from a file.
+    pub fn password(&self) -> Option<watch::Receiver<String>> {
+        self.password.clone()
+    }
+}
+
+impl From<&str> for LiveUrl {
+    fn from(url: &str) -> Self {
+        Self::new(url, None)
+    }
+}
+
+impl From<&String> for LiveUrl {
+    fn from(url: &String) -> Self {
+        Self::new(url, None)
+    }
+}
+
+/// The password files in force, one watch per backend that has one: its
+/// users read the current password when they connect (or, for Redis,
+/// re-authenticate when it changes).
+#[derive(Debug, Default)]
+pub struct Passwords {
+    files: Vec<(Backend, String, watch::Sender<String>)>,
+}
+
+impl Passwords {
+    /// Reads every `<name>_password_file` (already validated by
+    /// [`Backend::url`]).
+    pub fn from_config(backends: &BackendsConfig) -> Result<Self, ConfigError> {
+        let mut files = Vec::new();
+        for backend in Backend::ALL {
+            let (_, _, path) = backend.fields(backends);
+            if path.is_empty() {
+                continue;
+            }
+            let password = read_secret(backend.keys().2, path)?;
+            files.push((backend, path.to_owned(), watch::Sender::new(password)));
+        }
+        Ok(Self { files })
+    }
+
+    /// The password of `backend` as it changes, if it comes from a file.
+    pub fn watch(&self, backend: Backend) -> Option<watch::Receiver<String>> {
+        self.files
+            .iter()
+            .find(|(b, ..)| *b == backend)
+            .map(|(_, _, tx)| tx.subscribe())
+    }
+
+    /// Re-reads the files (SIGHUP). A file that cannot be read keeps the
+    /// old password; a backend whose file moved, or that gained or lost
+    /// one, changes only at restart.
+    pub fn reload(&self, backends: &BackendsConfig) {
+        for backend in Backend::ALL {
+            let key = backend.keys().2;
+            let (_, _, path) = backend.fields(backends);
+            let running = self.files.iter().find(|(b, ..)| *b == backend);
+            match running {
+                Some((_, running_path, tx)) if running_path == path => {
+                    match read_secret(key, path) {
+                        Ok(password) => {
+                            let changed = tx.send_if_modified(|old| {
+                                let changed = *old != password;
+                                *old = password;
+                                changed
+                            });
+                            if changed {
+                                tracing::info!(
+                                    key,
+                                    "reload: password file changed; new connections use it"
+                                );
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "reload: keeping the old password")
+                        }
+                    }
+                }
+                None if path.is_empty() => {}
+                _ => tracing::warn!(
+                    key,
+                    "reload: a password file added, moved or removed takes effect at restart"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_goes_into_the_url_encoded() {
+        assert_eq!(
+            with_password(
+                "postgres://app:old@db:5432/sale?sslmode=require",
+                "n3w/p@ss:wd"
+            )
+            .unwrap(),
+            "postgres://app:n3w%2Fp%40ss%3Awd@db:5432/sale?sslmode=require"
+        );
+        assert_eq!(
+            with_password("redis://127.0.0.1:6379/0", "s").unwrap(),
+            "redis://:s@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            with_password("amqp://guest@rabbit:5672/%2f", "x y").unwrap(),
+            "amqp://guest:x%20y@rabbit:5672/%2f"
+        );
+        assert_eq!(with_password("embedded", "x"), None);
+        assert_eq!(user_of("redis://ops:pw@h:1"), Some("ops"));
+        assert_eq!(user_of("redis://:pw@h:1"), None);
+        assert_eq!(user_of("redis://h:1"), None);
+    }
+
+    #[test]
+    fn urls_and_passwords_come_from_files_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("url");
+        let password_file = dir.path().join("password");
+        std::fs::write(&url_file, "postgres://app:inline@db/sale\n").unwrap();
+        std::fs::write(&password_file, "  s3cret\n").unwrap();
+        let mut backends = BackendsConfig {
+            store_file: url_file.display().to_string(),
+            store_password_file: password_file.display().to_string(),
+            ..BackendsConfig::default()
+        };
+        assert_eq!(
+            Backend::Store.url(&backends).unwrap(),
+            "postgres://app:s3cret@db/sale"
+        );
+        let passwords = Passwords::from_config(&backends).unwrap();
+        let mut watch = passwords.watch(Backend::Store).unwrap();
+        assert!(passwords.watch(Backend::Gate).is_none());
+        std::fs::write(&password_file, "rotated").unwrap();
+        passwords.reload(&backends);
+        assert!(watch.has_changed().unwrap());
+        assert_eq!(*watch.borrow_and_update(), "rotated");
+        // An unreadable file keeps the old password.
+        std::fs::remove_file(&password_file).unwrap();
+        passwords.reload(&backends);
+        assert!(!watch.has_changed().unwrap());
+
+        backends.gate_password_file = dir.path().join("missing").display().to_string();
+        backends.gate = "redis://127.0.0.1:6379".into();
+        let err = Backend::Gate.url(&backends).unwrap_err().to_string();
+        assert!(err.contains("backends.gate_password_file"), "{err}");
+        backends.gate = "embedded".into();
+        std::fs::write(dir.path().join("missing"), "x").unwrap();
+        let err = Backend::Gate.url(&backends).unwrap_err().to_string();
+        assert!(err.contains("embedded"), "{err}");
+    }
+}

@@ -1,0 +1,397 @@
+//! Backend credentials from files (#27): a password file rotated and
+//! picked up on SIGHUP, against servers of the test's own that check the
+//! password (the machine's shared ones trust loopback).
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use stockgate::pb::{inventory_service_client::InventoryServiceClient, ReserveRequest};
+
+use crate::harness::{config_for, free_port, with_user, BinaryServer, Profile};
+
+/// A `redis-server` on `port` with `requirepass`, stopped when dropped.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start(password: &str) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--requirepass",
+                password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is on the machine");
+        let redis = Self { port, child };
+        for _ in 0..100 {
+            if redis.cli(password, &["PING"]).contains("PONG") {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on {port} did not start");
+    }
+
+    fn cli(&self, password: &str, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "--no-auth-warning",
+                "-a",
+                password,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn reserve(
+    client: &mut InventoryServiceClient<tonic::transport::Channel>,
+    user: &str,
+) -> Result<(), tonic::Status> {
+    let request = ReserveRequest {
+        sku: "ROTATE".into(),
+        quantity: 1,
+        ..Default::default()
+    };
+    let mut request = with_user(request, user, Some(&format!("key-{user}")));
+    request.set_timeout(Duration::from_secs(2));
+    client.reserve(request).await.map(|_| ())
+}
+
+/// Retries Reserve (a new user and key each time, named after `tag`) until one succeeds; fails after
+/// 10 s.
+async fn reserve_within_10s(
+    client: &mut InventoryServiceClient<tonic::transport::Channel>,
+    tag: &str,
+) {
+    let started = std::time::Instant::now();
+    let mut last = None;
+    for attempt in 0.. {
+        match reserve(client, &format!("{tag}-{attempt}")).await {
+            Ok(()) => return,
+            Err(status) => last = Some(status),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no call succeeded within 10 s of the cut: {last:?}");
+}
+
+/// The gate's and the dedup store's Redis password comes from a file. The
+/// password is changed in Redis and in the file, and the binary gets
+/// SIGHUP: its open connections re-authenticate, and once every connection
+/// is cut, the new ones (the restock subscription too) log in with the new
+/// password and calls succeed. Without the reload they would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_redis_password_is_picked_up_on_sighup() {
+    let redis = OwnRedis::start("old-pass");
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("redis-password");
+    std::fs::write(&password_file, "old-pass\n").unwrap();
+
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let path = password_file.display().to_string();
+    config.backends.gate = url.clone();
+    config.backends.gate_password_file = path.clone();
+    config.backends.dedup = url;
+    config.backends.dedup_password_file = path;
+    let prefix = config.redis.key_prefix.clone();
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    server.set_stock("ROTATE", 100, 0).await;
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    reserve(&mut client, "before").await.unwrap();
+    let channel = format!("{prefix}:restock");
+    assert!(redis
+        .cli("old-pass", &["PUBSUB", "NUMSUB", &channel])
+        .ends_with("1\n"));
+
+    // Rotate: Redis takes only the new password from now on.
+    redis.cli("old-pass", &["CONFIG", "SET", "requirepass", "new-pass"]);
+    std::fs::write(&password_file, "new-pass\n").unwrap();
+    server.reload();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reserve(&mut client, "reloaded").await.unwrap();
+
+    // Every connection cut: the new ones must log in with the new password.
+    for kind in ["normal", "pubsub"] {
+        redis.cli("new-pass", &["CLIENT", "KILL", "TYPE", kind]);
+    }
+    reserve_within_10s(&mut client, "after").await;
+    let mut subscribed = false;
+    for _ in 0..50 {
+        if redis
+            .cli("new-pass", &["PUBSUB", "NUMSUB", &channel])
+            .ends_with("1\n")
+        {
+            subscribed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(subscribed, "the restock subscription did not come back");
+}
+
+/// A PostgreSQL server of the test's own (`initdb` as user postgres), with
+/// password (SCRAM) logins on loopback; stopped and removed when dropped.
+struct OwnPostgres {
+    port: u16,
+    pgdata: String,
+    _data: tempfile::TempDir,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PG_SUPERUSER_PASSWORD: &str = "super-secret";
+
+impl OwnPostgres {
+    fn start() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().display().to_string();
+        let pwfile = data.path().join("pwfile");
+        std::fs::write(&pwfile, PG_SUPERUSER_PASSWORD).unwrap();
+        let chown = Command::new("chown")
+            .args(["-R", "postgres:postgres", &dir])
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let pgdata = format!("{dir}/pgdata");
+        let initdb = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/initdb")])
+            .args(["-D", &pgdata, "--auth=scram-sha-256", "-U", "postgres"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(initdb.success(), "initdb failed");
+        let port = free_port();
+        let options = format!("-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off");
+        let started = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
+            .args([
+                "-D",
+                &pgdata,
+                "-o",
+                &options,
+                "-l",
+                &format!("{dir}/log"),
+                "-w",
+                "start",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(started.success(), "pg_ctl start failed");
+        let postgres = Self {
+            port,
+            pgdata,
+            _data: data,
+        };
+        for _ in 0..100 {
+            if postgres.sql("SELECT 1").is_ok() {
+                return postgres;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("postgres on {port} did not start");
+    }
+
+    /// Runs `sql` as the superuser, over TCP with its password.
+    fn sql(&self, sql: &str) -> Result<String, String> {
+        let output = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-tAc", sql])
+            .env("PGPASSWORD", PG_SUPERUSER_PASSWORD)
+            .output()
+            .unwrap();
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
+            .args(["-D", &self.pgdata, "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// The store's password comes from a file. The role's password is changed
+/// in PostgreSQL and in the file, and the binary gets SIGHUP; then every
+/// session of the role is terminated: the pool's new connections log in
+/// with the new password and calls succeed. Without the reload they fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_postgres_password_is_picked_up_on_sighup() {
+    let postgres = OwnPostgres::start();
+    postgres
+        .sql("CREATE ROLE sale LOGIN PASSWORD 'old-pass'")
+        .unwrap();
+    postgres.sql("CREATE DATABASE sale OWNER sale").unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("pg-password");
+    std::fs::write(&password_file, "old-pass\n").unwrap();
+
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    config.backends.store = format!("postgres://sale@127.0.0.1:{}/sale", postgres.port);
+    config.backends.store_password_file = password_file.display().to_string();
+    // Commits in the request path: every Reserve needs the database.
+    config.layers.queue.enabled = false;
+    // check-config shows the file's path, never the password.
+    let file = secrets.path().join("stockgate.toml");
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let shown = Command::new(env!("CARGO_BIN_EXE_stockgate"))
+        .args(["--config", file.to_str().unwrap(), "check-config"])
+        .env_remove("STOCKGATE_CONFIG")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains("store_password_file"), "{shown}");
+    assert!(!shown.contains("old-pass"), "{shown}");
+    let log_path = secrets.path().join("log");
+    let server = BinaryServer::start_logging(
+        config,
+        &[("RUST_LOG", "info")],
+        std::fs::File::create(&log_path).unwrap(),
+    )
+    .await;
+    server.wait_serving().await;
+    server.set_stock("ROTATE", 100, 0).await;
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    reserve(&mut client, "before").await.unwrap();
+
+    postgres.sql("ALTER ROLE sale PASSWORD 'new-pass'").unwrap();
+    std::fs::write(&password_file, "new-pass\n").unwrap();
+    server.reload();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut = postgres
+        .sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'sale'")
+        .unwrap();
+    assert_ne!(cut, "0", "the pool held no session to cut");
+    reserve_within_10s(&mut client, "after").await;
+    let sessions = postgres
+        .sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'sale'")
+        .unwrap();
+    assert_ne!(sessions, "0");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("password file changed"), "{log}");
+    assert!(
+        !log.contains("old-pass") && !log.contains("new-pass"),
+        "{log}"
+    );
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(["-q"])
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is on the machine");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A RabbitMQ user of the test's own, deleted when dropped.
+struct RabbitUser(String);
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_user", &self.0])
+            .output();
+    }
+}
+
+/// The queue's password comes from a file. The user's password is changed
+/// in RabbitMQ and in the file, and the binary gets SIGHUP; then the
+/// user's connections are closed: the publisher and the processor
+/// reconnect with the new password and calls succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_rabbitmq_password_is_picked_up_on_sighup() {
+    let user = RabbitUser(format!("sg-rotate-{}", uuid::Uuid::now_v7().simple()));
+    rabbitmqctl(&["add_user", &user.0, "old-pass"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("amqp-password");
+    std::fs::write(&password_file, "old-pass\n").unwrap();
+
+    let (mut config, _db, _dir) = config_for(Profile::Rabbit).await;
+    config.backends.queue = format!("amqp://{}@127.0.0.1:5672/%2f", user.0);
+    config.backends.queue_password_file = password_file.display().to_string();
+    let queue_config = config.clone();
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    server.set_stock("ROTATE", 100, 0).await;
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    reserve_within_10s(&mut client, "before").await;
+
+    rabbitmqctl(&["change_password", &user.0, "new-pass"]);
+    std::fs::write(&password_file, "new-pass\n").unwrap();
+    server.reload();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connections_of = |user: &str| -> Vec<String> {
+        rabbitmqctl(&["list_connections", "user", "pid"])
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter(|(who, _)| *who == user)
+            .map(|(_, pid)| pid.to_owned())
+            .collect()
+    };
+    let old = connections_of(&user.0);
+    assert!(!old.is_empty(), "no connection of {} to close", user.0);
+    for pid in &old {
+        rabbitmqctl(&["close_connection", pid, "password rotated"]);
+    }
+    // Closing is asynchronous: a call racing it could still publish on
+    // an old connection.
+    for _ in 0..50 {
+        if connections_of(&user.0).iter().all(|pid| !old.contains(pid)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reserve_within_10s(&mut client, "after").await;
+    let new = connections_of(&user.0);
+    assert!(
+        new.iter().any(|pid| !old.contains(pid)),
+        "no new connection: {new:?}"
+    );
+    drop(server);
+    crate::harness::delete_rabbit(&queue_config).await;
+}
