@@ -162,7 +162,7 @@ pub fn user_of(url: &str) -> Option<&str> {
 
 /// A backend's URL whose password may be rotated at run time: each
 /// connection attempt asks for [`LiveUrl::current`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LiveUrl {
     url: String,
     password: Option<watch::Receiver<String>>,
@@ -193,6 +193,15 @@ impl LiveUrl {
     }
 }
 
+impl std::fmt::Debug for LiveUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveUrl")
+            .field("url", &super::redact_url(&self.url))
+            .field("password_file", &self.password.is_some())
+            .finish()
+    }
+}
+
 impl From<&str> for LiveUrl {
     fn from(url: &str) -> Self {
         Self::new(url, None)
@@ -208,9 +217,16 @@ impl From<&String> for LiveUrl {
 /// The password files in force, one watch per backend that has one: its
 /// users read the current password when they connect (or, for Redis,
 /// re-authenticate when it changes).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Passwords {
     files: Vec<(Backend, String, watch::Sender<String>)>,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files: Vec<_> = self.files.iter().map(|(_, path, _)| path).collect();
+        f.debug_struct("Passwords").field("files", &files).finish()
+    }
 }
 
 impl Passwords {
@@ -302,6 +318,22 @@ mod tests {
         assert_eq!(user_of("redis://ops:pw@h:1"), Some("ops"));
         assert_eq!(user_of("redis://:pw@h:1"), None);
         assert_eq!(user_of("redis://h:1"), None);
+    }
+
+    #[test]
+    fn debug_output_shows_no_password() {
+        let (tx, rx) = watch::channel("rotated-secret".to_owned());
+        let url = LiveUrl::new("redis://:inline-secret@h:6379", Some(rx));
+        let shown = format!("{url:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let passwords = Passwords {
+            files: vec![(Backend::Gate, "/run/pw".into(), tx)],
+        };
+        let shown = format!("{passwords:?}");
+        assert!(
+            !shown.contains("secret") && shown.contains("/run/pw"),
+            "{shown}"
+        );
     }
 
     #[test]

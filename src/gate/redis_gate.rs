@@ -170,8 +170,13 @@ async fn listen_for_restocks(
 ) {
     loop {
         // A client per attempt: the password may have been rotated.
-        let Ok(client) = Client::open(url.current()) else {
-            return;
+        let client = match Client::open(url.current()) {
+            Ok(client) => client,
+            Err(err) => {
+                tracing::warn!(error = %err, "restock subscription: bad gate URL");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
         };
         if let Ok(mut pubsub) = client.get_async_pubsub().await {
             if pubsub.subscribe(&channel).await.is_ok() {

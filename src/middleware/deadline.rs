@@ -40,7 +40,10 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // tonic's own parser takes a leading '+' too; a value it honours must
+    // not be one this layer ignores.
+    let digits = digits.strip_prefix('+').unwrap_or(digits);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
@@ -105,9 +108,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let budget = grpc_timeout(request.headers()).map_or(self.cap, |asked| asked.min(self.cap));
+        // Fixed now, as tonic fixes its own, not when the task first runs.
+        let answer_by = tokio::time::Instant::now() + budget.saturating_sub(AHEAD);
         let call = inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout(budget.saturating_sub(AHEAD), call).await {
+            match tokio::time::timeout_at(answer_by, call).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     crate::metrics::decision("deadline", "exceeded");
@@ -136,7 +141,8 @@ mod tests {
         assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
         assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
         assert_eq!(parse("5n"), Some(Duration::from_nanos(5)));
-        for bad in ["", "m", "123456789m", "10x", "-1m", "1.5S", "+5m"] {
+        assert_eq!(parse("+5m"), Some(Duration::from_millis(5)));
+        for bad in ["", "m", "+m", "123456789m", "10x", "-1m", "1.5S"] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
     }

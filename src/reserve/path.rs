@@ -194,7 +194,13 @@ impl Pipeline {
                 .await
                 .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         } else {
-            self.commit_now(order, layers.db_check, gated).await
+            // On its own task too: a commit dropped half way would leave
+            // the gate's admission unsettled (its units held, the user's
+            // count up) until the reconciler comes by.
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.commit_now(order, layers.db_check, gated).await })
+                .await
+                .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         }
     }
 

@@ -368,7 +368,8 @@ async fn redis_unreachable_mid_sale_refuses_then_resumes() {
 /// server itself with DEADLINE_EXCEEDED, as a raw HTTP/2 client (Python
 /// `h2`, no gRPC library to hide the frames) sees it; and a caller who
 /// asks again with the same idempotency key once the database is fast
-/// again gets one order, never two.
+/// again gets one order, never two, at once (the dedup layer gave the
+/// expired call's claim up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passed_deadline_is_deadline_exceeded_and_a_retry_orders_once() {
     use stockgate::pb::{inventory_service_client::InventoryServiceClient, ReserveRequest};
@@ -376,6 +377,9 @@ async fn a_passed_deadline_is_deadline_exceeded_and_a_retry_orders_once() {
     let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
     config.backends.store = via(&config.backends.store, relay.addr);
     config.layers.queue.enabled = false;
+    // With dedup on, the expired call's claim on its key must not hold up
+    // the retry.
+    config.layers.dedup.enabled = true;
     let store_config = config.clone();
     let server = crate::harness::BinaryServer::start(config).await;
     server.wait_serving().await;

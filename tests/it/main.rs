@@ -3,6 +3,7 @@
 //! a real PostgreSQL database of its own.
 
 mod api;
+mod backends;
 mod check;
 mod clients;
 mod conformance;
@@ -20,7 +21,6 @@ mod rabbit_queue;
 mod redis_gate;
 mod relay;
 mod rollout;
-mod secrets;
 mod storm;
 mod storm_tool;
 mod waitlist;

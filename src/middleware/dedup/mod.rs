@@ -116,6 +116,35 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn changed(&self);
 }
 
+/// A claim held by a running call; dropped with the call's future (its
+/// deadline passed, its caller left), it is given up in the background.
+/// `abandon` checks the token, so it never undoes a stored answer.
+struct ClaimHeld {
+    store: Arc<dyn DedupStore>,
+    key: String,
+    token: String,
+    /// Cleared once the call's answer has been handled.
+    held: bool,
+}
+
+impl Drop for ClaimHeld {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = store.abandon(&key, &token).await;
+            });
+        }
+    }
+}
+
 /// Timing of the layer.
 #[derive(Debug, Clone, Copy)]
 pub struct DedupTimes {
@@ -295,10 +324,20 @@ where
                 match claim {
                     Ok(Claim::Run) => {
                         crate::metrics::decision("dedup", "first");
+                        // A call dropped at its deadline gives its claim up,
+                        // so a retry with the key runs (and finds the order
+                        // if one was taken) rather than wait it out.
+                        let mut claimed = ClaimHeld {
+                            store: Arc::clone(&store),
+                            key: key.clone(),
+                            token: token.clone(),
+                            held: true,
+                        };
                         let response = inner.call(rebuilt()).await?;
-                        return Ok(
-                            finish(&*store, &key, &fingerprint, &token, times, response).await
-                        );
+                        let answer =
+                            finish(&*store, &key, &fingerprint, &token, times, response).await;
+                        claimed.held = false;
+                        return Ok(answer);
                     }
                     Ok(Claim::Done(answer)) => {
                         let how = if waited { "waited" } else { "replayed" };
