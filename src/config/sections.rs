@@ -257,6 +257,16 @@ pub struct StoreConfig {
     /// Apply pending migrations at start-up. Deployments that run
     /// `stockgate migrate` as a separate job set this to false.
     pub migrate_on_start: bool,
+    /// PEM certificates of the CA(s) that sign the PostgreSQL server's
+    /// certificate; empty: the system's roots. Used when the store URL asks
+    /// for TLS (`sslmode=require`, `verify-ca` or `verify-full`): the
+    /// server's certificate and host name are always verified (as
+    /// `verify-full`). Without `sslmode` the connection is plaintext.
+    pub tls_ca_file: String,
+    /// A client certificate chain and its key (PEM) to present, for servers
+    /// that require one; both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 /// The defense layers, outermost first.
@@ -563,6 +573,9 @@ impl Default for StoreConfig {
             max_connections: 16,
             acquire_timeout_ms: 5_000,
             migrate_on_start: true,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }

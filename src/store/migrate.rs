@@ -44,8 +44,14 @@ impl Store {
     {
         let error = |e: &dyn std::fmt::Display| StoreError::Migration(e.to_string());
         match &*self.target {
-            StoreBackend::Postgres(url) => {
-                let conn = AsyncPgConnection::establish(url)
+            StoreBackend::Postgres(_) => {
+                // Made as the pool makes its own (TLS, a rotated password),
+                // but not taken from it.
+                let super::Pool::Pg(pool) = &*self.pool else {
+                    unreachable!("a PostgreSQL target has a PostgreSQL pool");
+                };
+                let conn = pool
+                    .dedicated_connection()
                     .await
                     .map_err(|e| StoreError::Connect(e.to_string()))?;
                 let mut harness = AsyncMigrationHarness::new(conn);

@@ -399,6 +399,7 @@ mod holds;
 mod stock;
 mod migrate;
 mod tickets;
+pub mod tls;
 
 pub use migrate::MigrationHarnessAny;
 
@@ -440,7 +441,11 @@ impl Store {
         let timeout = Duration::from_millis(config.acquire_timeout_ms);
         let pool = match &target {
             StoreBackend::Postgres(url) => {
-                let manager = manager_running::<AsyncPgConnection>(url, PG_SESSION, password);
+                let tls = match tls::wanted(url) {
+                    Some(_) => Some(tls::client_config(config).map_err(StoreError::Connect)?),
+                    None => None,
+                };
+                let manager = pg_manager(url, password, tls);
                 Pool::Pg(
                     bb8::Pool::builder()
                         .max_size(config.max_connections)
@@ -508,6 +513,52 @@ impl Store {
 /// A pool manager whose every new connection runs `session` (settings or
 /// pragmas) before it is handed out; a connection that fails to is never
 /// pooled.
+/// PostgreSQL connections as [`manager_running`] makes them, over TLS
+/// (`tls`) when the URL asks for it.
+fn pg_manager(
+    url: &str,
+    password: Option<tokio::sync::watch::Receiver<String>>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> AsyncDieselConnectionManager<AsyncPgConnection> {
+    let Some(tls) = tls else {
+        return manager_running::<AsyncPgConnection>(url, PG_SESSION, password);
+    };
+    let mut setup = ManagerConfig::default();
+    setup.custom_setup = Box::new(move |url| {
+        let url = match &password {
+            Some(password) => crate::config::secrets::with_password(url, &password.borrow())
+                .unwrap_or_else(|| url.to_owned()),
+            None => url.to_owned(),
+        };
+        let tls = tls.clone();
+        async move {
+            let url = tls::wanted(&url).unwrap_or(url);
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            let (client, connection) = tokio_postgres::connect(&url, connector)
+                .await
+                .map_err(|e| {
+                    let mut text = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(cause) = source {
+                        text.push_str(&format!(": {cause}"));
+                        source = cause.source();
+                    }
+                    diesel::ConnectionError::BadConnection(format!(
+                        "{text} (TLS per backends.store's sslmode, CA from store.tls_ca_file or the system roots)"
+                    ))
+                })?;
+            let mut conn =
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+            conn.batch_execute(PG_SESSION)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    AsyncDieselConnectionManager::new_with_config(url, setup)
+}
+
 fn manager_running<C>(
     url: &str,
     session: &'static str,

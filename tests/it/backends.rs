@@ -1,6 +1,7 @@
-//! Backend credentials from files (#27): a password file rotated and
-//! picked up on SIGHUP, against servers of the test's own that check the
-//! password (the machine's shared ones trust loopback).
+//! Production connections to the backends (#27), against servers of the
+//! test's own (the machine's shared ones trust loopback and speak
+//! plaintext): a password file rotated and picked up on SIGHUP; TLS to
+//! PostgreSQL, verified, and refused with the key to fix named.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -170,6 +171,12 @@ const PG_SUPERUSER_PASSWORD: &str = "super-secret";
 
 impl OwnPostgres {
     fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// With `tls` (a directory holding `server.pem` and `server.key`):
+    /// `ssl = on`, and loopback logins only over TLS.
+    fn start_with_tls(tls: Option<&std::path::Path>) -> Self {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().display().to_string();
         let pwfile = data.path().join("pwfile");
@@ -189,7 +196,27 @@ impl OwnPostgres {
             .unwrap();
         assert!(initdb.success(), "initdb failed");
         let port = free_port();
-        let options = format!("-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off");
+        let mut options = format!("-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off");
+        if let Some(tls) = tls {
+            for file in ["server.pem", "server.key"] {
+                std::fs::copy(tls.join(file), format!("{pgdata}/{file}")).unwrap();
+            }
+            let hba = "local all all scram-sha-256\n\
+                       hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                       hostnossl all all 127.0.0.1/32 reject\n";
+            std::fs::write(format!("{pgdata}/pg_hba.conf"), hba).unwrap();
+            let owned = Command::new("chown")
+                .args(["-R", "postgres:postgres", &pgdata])
+                .status()
+                .unwrap();
+            assert!(owned.success());
+            let private = Command::new("chmod")
+                .args(["0600", &format!("{pgdata}/server.key")])
+                .status()
+                .unwrap();
+            assert!(private.success());
+            options.push_str(" -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key");
+        }
         let started = Command::new("runuser")
             .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
             .args([
@@ -394,4 +421,105 @@ async fn a_rotated_rabbitmq_password_is_picked_up_on_sighup() {
     );
     drop(server);
     crate::harness::delete_rabbit(&queue_config).await;
+}
+
+/// TLS to PostgreSQL (`ssl = on`, loopback logins only over TLS): with
+/// `sslmode=verify-full` and the CA from `store.tls_ca_file` a sale runs
+/// over TLS; an unknown CA, a host name the certificate does not name and a
+/// plaintext URL are refused, and the service says which key to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    crate::mtls::make_ca(dir, "ca");
+    crate::mtls::make_ca(dir, "rogue-ca");
+    // Names 127.0.0.1 only: `localhost` is the wrong host.
+    crate::mtls::make_leaf(
+        dir,
+        "ca",
+        "server",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    );
+    let postgres = OwnPostgres::start_with_tls(Some(dir));
+    postgres
+        .sql("CREATE ROLE sale LOGIN PASSWORD 'sale-pass'")
+        .unwrap();
+    postgres.sql("CREATE DATABASE sale OWNER sale").unwrap();
+    let url = |host: &str, mode: &str| {
+        format!(
+            "postgres://sale:sale-pass@{host}:{}/sale{mode}",
+            postgres.port
+        )
+    };
+    let ca = |name: &str| dir.join(format!("{name}.pem")).display().to_string();
+
+    // Verified TLS: serving, a sale commits, the sessions are encrypted.
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    config.backends.store = url("127.0.0.1", "?sslmode=verify-full");
+    config.store.tls_ca_file = ca("ca");
+    config.layers.queue.enabled = false;
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    server.set_stock("ROTATE", 10, 0).await;
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    reserve(&mut client, "over-tls").await.unwrap();
+    let plaintext_sessions = postgres
+        .sql("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = 'sale' AND NOT ssl")
+        .unwrap();
+    let tls_sessions = postgres
+        .sql("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = 'sale' AND ssl")
+        .unwrap();
+    assert_eq!(plaintext_sessions, "0");
+    assert_ne!(tls_sessions, "0");
+    drop(server);
+
+    // Each wrong setting: callers are refused UNAVAILABLE, and the log
+    // (the full cause, which callers are not shown) says what to fix.
+    for (what, store, ca_file, named) in [
+        (
+            "unknown CA",
+            url("127.0.0.1", "?sslmode=verify-full"),
+            ca("rogue-ca"),
+            "store.tls_ca_file",
+        ),
+        (
+            "wrong host",
+            url("localhost", "?sslmode=verify-full"),
+            ca("ca"),
+            "store.tls_ca_file",
+        ),
+        ("plaintext", url("127.0.0.1", ""), ca("ca"), "no encryption"),
+    ] {
+        let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+        config.backends.store = store;
+        config.store.tls_ca_file = ca_file;
+        let log_path = certs.path().join(format!("{}.log", what.replace(' ', "-")));
+        let server = BinaryServer::start_logging(
+            config,
+            &[("RUST_LOG", "warn")],
+            std::fs::File::create(&log_path).unwrap(),
+        )
+        .await;
+        let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+        let refusal = reserve(&mut client, "refused").await.unwrap_err();
+        assert_eq!(
+            refusal.code(),
+            tonic::Code::Unavailable,
+            "{what}: {refusal:?}"
+        );
+        let mut log = String::new();
+        for _ in 0..100 {
+            log = std::fs::read_to_string(&log_path).unwrap();
+            if log.contains(named) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let line = log.lines().find(|line| line.contains(named));
+        assert!(
+            line.is_some(),
+            "{what}: the log never names {named}:\n{log}"
+        );
+        eprintln!("{what}: {}", line.unwrap());
+    }
 }

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// A CA (key and certificate) under `dir`.
-fn make_ca(dir: &std::path::Path, name: &str) {
+pub(crate) fn make_ca(dir: &std::path::Path, name: &str) {
     let key = dir.join(format!("{name}.key")).display().to_string();
     let cert = dir.join(format!("{name}.pem")).display().to_string();
     openssl(&[
@@ -42,7 +42,7 @@ fn make_ca(dir: &std::path::Path, name: &str) {
 }
 
 /// A leaf `name` signed by CA `ca`, with the extensions `ext` (SANs, usage).
-fn make_leaf(dir: &std::path::Path, ca: &str, name: &str, ext: &str) {
+pub(crate) fn make_leaf(dir: &std::path::Path, ca: &str, name: &str, ext: &str) {
     let path = |file: String| dir.join(file).display().to_string();
     let (key, csr, cert, ext_file) = (
         path(format!("{name}.key")),
