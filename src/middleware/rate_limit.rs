@@ -524,11 +524,8 @@ mod tests {
         assert_eq!(limits.stats().admitted, 10_000);
     }
 
-    /// Two calling services: the one that floods gets its share of the
-    /// global budget and no more, and the other still finds its own.
-    #[test]
-    fn a_calling_service_gets_its_share_of_the_global_budget() {
-        let clock = FakeRelativeClock::default();
+    /// A global budget of 100/s (burst 100), 50% of it per calling service.
+    fn shared_by_callers() -> RateLimits<FakeRelativeClock> {
         let config = RateLimitConfig {
             enabled: true,
             global_per_sec: 100,
@@ -536,7 +533,14 @@ mod tests {
             ..RateLimitConfig::default()
         };
         let shares = Arc::new(CallerShares::new(50, Default::default()));
-        let limits = RateLimits::new(&config, Some(shares), clock);
+        RateLimits::new(&config, Some(shares), FakeRelativeClock::default())
+    }
+
+    /// Two calling services: the one that floods gets its share of the
+    /// global budget and no more, and the other still finds its own.
+    #[test]
+    fn a_calling_service_gets_its_share_of_the_global_budget() {
+        let limits = shared_by_callers();
         let (greedy, honest) = (
             CallerIdentity("spiffe://t/greedy".into()),
             CallerIdentity("spiffe://t/honest".into()),
@@ -565,15 +569,7 @@ mod tests {
     /// A service calling alone is held only by the global budget.
     #[test]
     fn a_lone_calling_service_may_use_the_whole_budget() {
-        let clock = FakeRelativeClock::default();
-        let config = RateLimitConfig {
-            enabled: true,
-            global_per_sec: 100,
-            global_burst: 100,
-            ..RateLimitConfig::default()
-        };
-        let shares = Arc::new(CallerShares::new(50, Default::default()));
-        let limits = RateLimits::new(&config, Some(shares), clock);
+        let limits = shared_by_callers();
         let alone = CallerIdentity("spiffe://t/alone".into());
         let admitted = (0..500)
             .filter(|u| limits.check(&format!("a{u}"), Some(&alone)) == Verdict::Admit)

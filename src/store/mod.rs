@@ -513,6 +513,16 @@ impl Store {
 /// A pool manager whose every new connection runs `session` (settings or
 /// pragmas) before it is handed out; a connection that fails to is never
 /// pooled.
+/// `url` with the password `password` holds now, if it comes from a file.
+fn with_current_password(
+    url: &str,
+    password: Option<&tokio::sync::watch::Receiver<String>>,
+) -> String {
+    password
+        .and_then(|password| crate::config::secrets::with_password(url, &password.borrow()))
+        .unwrap_or_else(|| url.to_owned())
+}
+
 /// PostgreSQL connections as [`manager_running`] makes them, over TLS
 /// (`tls`) when the URL asks for it.
 fn pg_manager(
@@ -525,11 +535,7 @@ fn pg_manager(
     };
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
-        let url = match &password {
-            Some(password) => crate::config::secrets::with_password(url, &password.borrow())
-                .unwrap_or_else(|| url.to_owned()),
-            None => url.to_owned(),
-        };
+        let url = with_current_password(url, password.as_ref());
         let tls = tls.clone();
         async move {
             let url = tls::wanted(&url).unwrap_or(url);
@@ -569,11 +575,7 @@ where
 {
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
-        let url = match &password {
-            Some(password) => crate::config::secrets::with_password(url, &password.borrow())
-                .unwrap_or_else(|| url.to_owned()),
-            None => url.to_owned(),
-        };
+        let url = with_current_password(url, password.as_ref());
         async move {
             let mut conn = C::establish(&url).await?;
             conn.batch_execute(session)

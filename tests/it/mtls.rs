@@ -321,6 +321,22 @@ async fn keep_reserving(
     tally
 }
 
+/// Channels for the two calling services, once the binary answers them,
+/// and SKU "FAIR" with plenty of stock.
+async fn greedy_and_checkout(dir: &std::path::Path, server: &BinaryServer) -> (Channel, Channel) {
+    let greedy = answered(dir, server.addr, "greedy").await;
+    let checkout = answered(dir, server.addr, "checkout").await;
+    AdminServiceClient::new(checkout.clone())
+        .set_stock(stockgate::pb::SetStockRequest {
+            sku: "FAIR".into(),
+            stock: 1_000_000,
+            max_per_user: 0,
+        })
+        .await
+        .unwrap();
+    (greedy, checkout)
+}
+
 /// With mutual TLS, a calling service that floods the replica holds at most
 /// its share of the in-flight slots and of the global rate limit while
 /// another service calls: the other one's calls all go through, and the
@@ -346,16 +362,7 @@ async fn a_flooding_calling_service_cannot_starve_another() {
         .unwrap();
     config.metrics.listen = metrics.to_string();
     let server = BinaryServer::start(config).await;
-    let greedy = answered(dir, server.addr, "greedy").await;
-    let checkout = answered(dir, server.addr, "checkout").await;
-    AdminServiceClient::new(checkout.clone())
-        .set_stock(stockgate::pb::SetStockRequest {
-            sku: "FAIR".into(),
-            stock: 1_000_000,
-            max_per_user: 0,
-        })
-        .await
-        .unwrap();
+    let (greedy, checkout) = greedy_and_checkout(dir, &server).await;
     // Both have called: the count of calling services catches up.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let until = std::time::Instant::now() + Duration::from_secs(3);
@@ -384,16 +391,7 @@ async fn a_flooding_calling_service_cannot_starve_another() {
     config.layers.rate_limit.global_per_sec = 40;
     config.layers.rate_limit.global_burst = 40;
     let server = BinaryServer::start(config).await;
-    let greedy = answered(dir, server.addr, "greedy").await;
-    let checkout = answered(dir, server.addr, "checkout").await;
-    AdminServiceClient::new(checkout.clone())
-        .set_stock(stockgate::pb::SetStockRequest {
-            sku: "FAIR".into(),
-            stock: 1_000_000,
-            max_per_user: 0,
-        })
-        .await
-        .unwrap();
+    let (greedy, checkout) = greedy_and_checkout(dir, &server).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let window = Duration::from_secs(2);
     let until = std::time::Instant::now() + window;
