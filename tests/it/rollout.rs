@@ -250,6 +250,15 @@ fn manifests_render_and_pass_strict_validation() {
         !base.contains("secretKeyRef"),
         "a secret reaches a stockgate pod through its environment"
     );
+    // Egress for default-deny clusters: every stockgate pod's policy
+    // allows DNS and the backends' ports, nothing else.
+    assert_eq!(
+        base.matches("  - Egress\n").count(),
+        3,
+        "an egress policy per pod kind"
+    );
+    assert_eq!(base.matches("- port: 53\n      protocol: UDP").count(), 3);
+    assert_eq!(base.matches("- port: 5432\n").count(), 3);
     let pods = base.matches("\n    spec:\n").count() + base.matches("\n      spec:\n").count();
     assert!(pods >= 3, "pod templates found: {pods}");
     assert_eq!(
