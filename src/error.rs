@@ -249,12 +249,12 @@ impl From<&ReservationError> for Status {
 }
 
 /// An error and its causes on one line, without any captured backtrace.
-struct DisplayChain<'a>(&'a ReservationError);
+pub(crate) struct DisplayChain<'a>(pub &'a dyn std::error::Error);
 
 impl std::fmt::Display for DisplayChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
+        let mut source = self.0.source();
         while let Some(cause) = source {
             write!(f, ": {cause}")?;
             source = cause.source();

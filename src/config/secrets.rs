@@ -29,67 +29,47 @@ impl Backend {
         Backend::Queue,
     ];
 
-    /// The config keys: the URL, the URL's file, the password's file.
-    fn keys(self) -> (&'static str, &'static str, &'static str) {
+    /// The URL key, the URL's file key and the password's file key, each
+    /// with its value in `backends`.
+    fn settings(self, backends: &BackendsConfig) -> [(&'static str, &str); 3] {
         match self {
-            Backend::Store => (
-                "backends.store",
-                "backends.store_file",
-                "backends.store_password_file",
-            ),
-            Backend::Gate => (
-                "backends.gate",
-                "backends.gate_file",
-                "backends.gate_password_file",
-            ),
-            Backend::Dedup => (
-                "backends.dedup",
-                "backends.dedup_file",
-                "backends.dedup_password_file",
-            ),
-            Backend::Queue => (
-                "backends.queue",
-                "backends.queue_file",
-                "backends.queue_password_file",
-            ),
+            Backend::Store => [
+                ("backends.store", &backends.store),
+                ("backends.store_file", &backends.store_file),
+                (
+                    "backends.store_password_file",
+                    &backends.store_password_file,
+                ),
+            ],
+            Backend::Gate => [
+                ("backends.gate", &backends.gate),
+                ("backends.gate_file", &backends.gate_file),
+                ("backends.gate_password_file", &backends.gate_password_file),
+            ],
+            Backend::Dedup => [
+                ("backends.dedup", &backends.dedup),
+                ("backends.dedup_file", &backends.dedup_file),
+                (
+                    "backends.dedup_password_file",
+                    &backends.dedup_password_file,
+                ),
+            ],
+            Backend::Queue => [
+                ("backends.queue", &backends.queue),
+                ("backends.queue_file", &backends.queue_file),
+                (
+                    "backends.queue_password_file",
+                    &backends.queue_password_file,
+                ),
+            ],
         }
-    }
-
-    fn fields(self, backends: &BackendsConfig) -> (&str, &str, &str) {
-        match self {
-            Backend::Store => (
-                &backends.store,
-                &backends.store_file,
-                &backends.store_password_file,
-            ),
-            Backend::Gate => (
-                &backends.gate,
-                &backends.gate_file,
-                &backends.gate_password_file,
-            ),
-            Backend::Dedup => (
-                &backends.dedup,
-                &backends.dedup_file,
-                &backends.dedup_password_file,
-            ),
-            Backend::Queue => (
-                &backends.queue,
-                &backends.queue_file,
-                &backends.queue_password_file,
-            ),
-        }
-    }
-
-    /// The key naming this backend's URL, for errors.
-    pub fn key(self) -> &'static str {
-        self.keys().0
     }
 
     /// The URL in force: `<name>_file`'s content if set, else `<name>`,
     /// with `<name>_password_file`'s password put in if set.
     pub fn url(self, backends: &BackendsConfig) -> Result<String, ConfigError> {
-        let (_, url_file_key, password_key) = self.keys();
-        let (url, url_file, password_file) = self.fields(backends);
+        let [(_, url), (url_file_key, url_file), (password_key, password_file)] =
+            self.settings(backends);
         let url = if url_file.is_empty() {
             url.to_owned()
         } else {
@@ -129,13 +109,7 @@ fn read_secret(key: &'static str, path: &str) -> Result<String, ConfigError> {
 /// `url` (`scheme://[user[:old]@]host…`) with `password` as its password,
 /// percent-encoded; `None` if it is not of that shape.
 pub fn with_password(url: &str, password: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let (user, host) = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), host),
-        None => ("", authority),
-    };
+    let (scheme, user, host, tail) = split_url(url)?;
     if host.is_empty() {
         return None;
     }
@@ -153,11 +127,21 @@ pub fn with_password(url: &str, password: &str) -> Option<String> {
 
 /// The user name in `url`'s userinfo, if any.
 pub fn user_of(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let (_, user, ..) = split_url(url)?;
     (!user.is_empty()).then_some(user)
+}
+
+/// `scheme://[user[:password]@]host[tail]` as (scheme, user or "", host,
+/// tail from the first `/`, `?` or `#`).
+fn split_url(url: &str) -> Option<(&str, &str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (userinfo.split_once(':').map_or(userinfo, |(u, _)| u), host),
+        None => ("", authority),
+    };
+    Some((scheme, user, host, tail))
 }
 
 /// A backend's URL whose password may be rotated at run time: each
@@ -235,11 +219,11 @@ impl Passwords {
     pub fn from_config(backends: &BackendsConfig) -> Result<Self, ConfigError> {
         let mut files = Vec::new();
         for backend in Backend::ALL {
-            let (_, _, path) = backend.fields(backends);
+            let [.., (key, path)] = backend.settings(backends);
             if path.is_empty() {
                 continue;
             }
-            let password = read_secret(backend.keys().2, path)?;
+            let password = read_secret(key, path)?;
             files.push((backend, path.to_owned(), watch::Sender::new(password)));
         }
         Ok(Self { files })
@@ -258,8 +242,7 @@ impl Passwords {
     /// one, changes only at restart.
     pub fn reload(&self, backends: &BackendsConfig) {
         for backend in Backend::ALL {
-            let key = backend.keys().2;
-            let (_, _, path) = backend.fields(backends);
+            let [.., (key, path)] = backend.settings(backends);
             let running = self.files.iter().find(|(b, ..)| *b == backend);
             match running {
                 Some((_, running_path, tx)) if running_path == path => {

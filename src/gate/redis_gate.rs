@@ -69,9 +69,8 @@ impl RedisGate {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(config.response_timeout_ms));
         let url = url.into();
-        // Checked here, so a bad URL fails start-up rather than every
+        // Fails on a bad URL, so start-up does rather than every
         // subscription attempt.
-        Client::open(url.current()).map_err(unavailable)?;
         let conn = crate::redis_auth::connect(&url, manager_config).map_err(unavailable)?;
         let (restocks, _) = broadcast::channel(1024);
         let channel = format!("{}:restock", config.key_prefix);

@@ -510,9 +510,6 @@ impl Store {
     }
 }
 
-/// A pool manager whose every new connection runs `session` (settings or
-/// pragmas) before it is handed out; a connection that fails to is never
-/// pooled.
 /// `url` with the password `password` holds now, if it comes from a file.
 fn with_current_password(
     url: &str,
@@ -543,14 +540,9 @@ fn pg_manager(
             let (client, connection) = tokio_postgres::connect(&url, connector)
                 .await
                 .map_err(|e| {
-                    let mut text = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(cause) = source {
-                        text.push_str(&format!(": {cause}"));
-                        source = cause.source();
-                    }
                     diesel::ConnectionError::BadConnection(format!(
-                        "{text} (TLS per backends.store's sslmode, CA from store.tls_ca_file or the system roots)"
+                        "{} (TLS per backends.store's sslmode, CA from store.tls_ca_file or the system roots)",
+                        crate::error::DisplayChain(&e)
                     ))
                 })?;
             let mut conn =
@@ -565,6 +557,9 @@ fn pg_manager(
     AsyncDieselConnectionManager::new_with_config(url, setup)
 }
 
+/// A pool manager whose every new connection runs `session` (settings or
+/// pragmas) before it is handed out; a connection that fails to is never
+/// pooled.
 fn manager_running<C>(
     url: &str,
     session: &'static str,

@@ -328,14 +328,17 @@ where
                         // so a retry with the key runs (and finds the order
                         // if one was taken) rather than wait it out.
                         let mut claimed = ClaimHeld {
-                            store: Arc::clone(&store),
-                            key: key.clone(),
-                            token: token.clone(),
+                            store,
+                            key,
+                            token,
                             held: true,
                         };
                         let response = inner.call(rebuilt()).await?;
+                        let ClaimHeld {
+                            store, key, token, ..
+                        } = &claimed;
                         let answer =
-                            finish(&*store, &key, &fingerprint, &token, times, response).await;
+                            finish(&**store, key, &fingerprint, token, times, response).await;
                         claimed.held = false;
                         return Ok(answer);
                     }
