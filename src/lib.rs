@@ -31,12 +31,13 @@ pub mod metrics;
 pub mod middleware;
 mod processor;
 pub mod queue;
-mod redis_auth;
 mod redis_batch;
+mod redis_client;
 pub mod reserve;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use server::run;
 

@@ -433,17 +433,16 @@ impl Config {
             "backends.dedup",
             &Backend::Dedup.url(&self.backends)?,
             REDIS_SCHEMES,
-            "a redis://",
+            "a redis:// or rediss://",
         )
     }
 
     pub fn queue_backend(&self) -> Result<QueueBackend, ConfigError> {
-        // amqps:// would need lapin's TLS stack, which is not built in.
         let url = server_url(
             "backends.queue",
             &Backend::Queue.url(&self.backends)?,
-            &["amqp://"],
-            "an amqp://",
+            &["amqp://", "amqps://"],
+            "an amqp:// or amqps://",
         )?;
         Ok(url.map_or(QueueBackend::Embedded, QueueBackend::Rabbit))
     }
@@ -453,7 +452,7 @@ impl Config {
             "backends.gate",
             &Backend::Gate.url(&self.backends)?,
             REDIS_SCHEMES,
-            "a redis://",
+            "a redis:// or rediss://",
         )?;
         Ok(url.map_or(GateBackend::Embedded, GateBackend::Redis))
     }

@@ -144,12 +144,14 @@ fn split_url(url: &str) -> Option<(&str, &str, &str, &str)> {
     Some((scheme, user, host, tail))
 }
 
-/// A backend's URL whose password may be rotated at run time: each
-/// connection attempt asks for [`LiveUrl::current`].
+/// How to reach one backend: its URL, whose password may be rotated at run
+/// time (each connection attempt asks for [`LiveUrl::current`]), and the
+/// TLS material its section names, used when the URL asks for TLS.
 #[derive(Clone)]
 pub struct LiveUrl {
     url: String,
     password: Option<watch::Receiver<String>>,
+    tls: Option<crate::tls::TlsPem>,
 }
 
 impl LiveUrl {
@@ -158,6 +160,33 @@ impl LiveUrl {
         Self {
             url: url.to_owned(),
             password,
+            tls: None,
+        }
+    }
+
+    /// With the CA and client certificate of `tls` for TLS connections.
+    pub fn with_tls(mut self, tls: crate::tls::TlsPem) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The TLS material configured for this backend, if any.
+    pub fn tls(&self) -> Option<&crate::tls::TlsPem> {
+        self.tls.as_ref()
+    }
+
+    /// Whether the URL asks for TLS (`rediss://`, `amqps://`).
+    pub fn is_tls(&self) -> bool {
+        self.url.starts_with("rediss://") || self.url.starts_with("amqps://")
+    }
+
+    /// Which keys decide how this connection is made, for errors: a failed
+    /// handshake or a plaintext client at a TLS port is fixed there.
+    pub fn describe(&self, url_key: &str) -> String {
+        match (&self.tls, self.is_tls()) {
+            (_, false) => format!("{url_key}, plaintext"),
+            (Some(tls), true) => tls.hint(url_key),
+            (None, true) => format!("TLS per {url_key}, verified with the system roots"),
         }
     }
 
@@ -182,6 +211,7 @@ impl std::fmt::Debug for LiveUrl {
         f.debug_struct("LiveUrl")
             .field("url", &super::redact_url(&self.url))
             .field("password_file", &self.password.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }

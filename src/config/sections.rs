@@ -416,6 +416,15 @@ pub struct RedisConfig {
     /// How long a reservation's record stays in Redis, in seconds. Releases
     /// within this time are recognised as repeats; it must outlive holds.
     pub record_ttl_secs: u64,
+    /// PEM certificates of the CA(s) that sign the Redis servers'
+    /// certificates (gate and dedup); empty: the system's roots. Used for
+    /// `rediss://` URLs, whose server certificate and host name are always
+    /// verified; `redis://` is plaintext.
+    pub tls_ca_file: String,
+    /// A client certificate chain and its key (PEM), for servers started
+    /// with `tls-auth-clients yes`; both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -455,6 +464,15 @@ pub struct RabbitConfig {
     /// Pause between reconnection attempts after the broker was lost, in
     /// milliseconds.
     pub reconnect_delay_ms: u64,
+    /// PEM certificates of the CA(s) that sign the broker's certificate,
+    /// trusted besides the system's roots. Used for `amqps://` URLs, whose
+    /// server certificate and host name are always verified; `amqp://` is
+    /// plaintext.
+    pub tls_ca_file: String,
+    /// A client certificate chain and its key (PEM), for brokers that
+    /// require one (`ssl_options.fail_if_no_peer_cert`); both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -599,6 +617,9 @@ impl Default for RedisConfig {
             response_timeout_ms: 500,
             connect_timeout_ms: 1_000,
             record_ttl_secs: 7 * 24 * 3600,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -622,6 +643,9 @@ impl Default for RabbitConfig {
             publish_timeout_ms: 2_000,
             prefetch: 512,
             reconnect_delay_ms: 500,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -648,3 +672,21 @@ impl Default for ReservationsConfig {
         }
     }
 }
+
+macro_rules! tls_files {
+    ($($section:ty => $name:literal),*) => {$(
+        impl $section {
+            /// This section's `tls_*` keys.
+            pub fn tls_files(&self) -> crate::tls::TlsFiles<'_> {
+                crate::tls::TlsFiles {
+                    section: $name,
+                    ca_file: &self.tls_ca_file,
+                    cert_file: &self.tls_cert_file,
+                    key_file: &self.tls_key_file,
+                }
+            }
+        }
+    )*};
+}
+
+tls_files!(StoreConfig => "store", RedisConfig => "redis", RabbitConfig => "rabbitmq");

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    AsyncCommands, Client, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
+    AsyncCommands, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
 };
 use tokio::{sync::broadcast, task::JoinHandle};
 
@@ -37,6 +37,8 @@ pub const RESERVE_SCRIPT: &str = include_str!("scripts/reserve.lua");
 pub struct RedisGate {
     conn: ConnectionManager,
     prefix: String,
+    /// Which keys decide how connections are made, for errors.
+    origin: String,
     record_ttl_secs: u64,
     reserve: Script,
     settle: Script,
@@ -52,8 +54,14 @@ impl Drop for RedisGate {
     }
 }
 
-fn unavailable(err: redis::RedisError) -> GateError {
-    GateError::Unavailable(err.to_string())
+/// Errors of the connection (not of a command) name the keys that decide
+/// how it is made: a TLS refusal is fixed there.
+fn unavailable(err: redis::RedisError, origin: &str) -> GateError {
+    if matches!(err.kind(), ErrorKind::Server(_)) {
+        GateError::Unavailable(err.to_string())
+    } else {
+        GateError::Unavailable(format!("{err} (Redis at {origin})"))
+    }
 }
 
 impl RedisGate {
@@ -71,12 +79,15 @@ impl RedisGate {
         let url = url.into();
         // Fails on a bad URL, so start-up does rather than every
         // subscription attempt.
-        let conn = crate::redis_auth::connect(&url, manager_config).map_err(unavailable)?;
+        let origin = url.describe("backends.gate");
+        let conn = crate::redis_client::connect(&url, manager_config)
+            .map_err(|e| unavailable(e, &origin))?;
         let (restocks, _) = broadcast::channel(1024);
         let channel = format!("{}:restock", config.key_prefix);
         let subscriber = tokio::spawn(listen_for_restocks(url, channel, restocks.clone()));
         Ok(Self {
             conn,
+            origin,
             prefix: config.key_prefix.clone(),
             record_ttl_secs: config.record_ttl_secs,
             reserve: Script::new(RESERVE_SCRIPT),
@@ -105,7 +116,7 @@ impl RedisGate {
                 {
                     reloads += 1;
                 }
-                other => return other.map_err(unavailable),
+                other => return other.map_err(|e| unavailable(e, &self.origin)),
             }
         }
     }
@@ -169,7 +180,7 @@ async fn listen_for_restocks(
 ) {
     loop {
         // A client per attempt: the password may have been rotated.
-        let client = match Client::open(url.current()) {
+        let client = match crate::redis_client::client(&url) {
             Ok(client) => client,
             Err(err) => {
                 tracing::warn!(error = %err, "restock subscription: bad gate URL");
@@ -265,7 +276,7 @@ impl StockGate for RedisGate {
             .clone()
             .set::<_, _, ()>(self.loaded_key(), 1)
             .await
-            .map_err(unavailable)
+            .map_err(|e| unavailable(e, &self.origin))
     }
 
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
@@ -302,7 +313,7 @@ impl StockGate for RedisGate {
             .clone()
             .hget(self.key(sku, "inv"), "stock")
             .await
-            .map_err(unavailable)
+            .map_err(|e| unavailable(e, &self.origin))
     }
 
     async fn in_flight(&self, sku: &Sku) -> Result<i64, GateError> {
@@ -311,7 +322,7 @@ impl StockGate for RedisGate {
             .clone()
             .hget(self.key(sku, "inv"), "inflight")
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable(e, &self.origin))?;
         Ok(inflight.unwrap_or(0))
     }
 
@@ -330,7 +341,7 @@ impl StockGate for RedisGate {
             .arg(500)
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable(e, &self.origin))?;
         let mut stale = Vec::with_capacity(ids.len());
         for id in ids {
             let record = self.key(sku, &format!("res:{id}"));
@@ -340,7 +351,7 @@ impl StockGate for RedisGate {
                 .arg("qty")
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| unavailable(e, &self.origin))?;
             let parsed = (user, qty, crate::domain::ReservationId::parse(&id));
             if let (Some(user), Some(quantity), Ok(id)) = parsed {
                 stale.push(GateEntry::new(
@@ -359,7 +370,7 @@ impl StockGate for RedisGate {
             .clone()
             .exists(self.loaded_key())
             .await
-            .map_err(unavailable)
+            .map_err(|e| unavailable(e, &self.origin))
     }
 
     fn restocks(&self) -> broadcast::Receiver<String> {

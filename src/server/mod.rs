@@ -175,7 +175,12 @@ pub async fn run_with(
         }
         QueueBackend::Rabbit(url) => {
             tracing::info!(queue = %redact_url(&url), name = %config.rabbitmq.queue, ?role, "queue: rabbitmq");
-            let url = LiveUrl::new(&url, passwords.watch(Backend::Queue));
+            let tls = config
+                .rabbitmq
+                .tls_files()
+                .read()
+                .map_err(anyhow::Error::msg)?;
+            let url = LiveUrl::new(&url, passwords.watch(Backend::Queue)).with_tls(tls);
             let queue = Arc::new(RabbitQueue::new(
                 url.clone(),
                 &config.rabbitmq,
@@ -188,11 +193,12 @@ pub async fn run_with(
             )
         }
     };
+    let redis_tls = || config.redis.tls_files().read().map_err(anyhow::Error::msg);
     let gate: Arc<dyn StockGate> = match config.gate_backend()? {
         GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
         GateBackend::Redis(url) => {
             tracing::info!(gate = %redact_url(&url), prefix = %config.redis.key_prefix, "gate: redis");
-            let url = LiveUrl::new(&url, passwords.watch(Backend::Gate));
+            let url = LiveUrl::new(&url, passwords.watch(Backend::Gate)).with_tls(redis_tls()?);
             Arc::new(RedisGate::connect(url, &config.redis)?)
         }
     };
@@ -212,7 +218,7 @@ pub async fn run_with(
         Some(url) => {
             tracing::info!(dedup = %redact_url(&url), "dedup store: redis");
             let store = crate::middleware::RedisDedup::new(
-                LiveUrl::new(&url, passwords.watch(Backend::Dedup)),
+                LiveUrl::new(&url, passwords.watch(Backend::Dedup)).with_tls(redis_tls()?),
                 &config.redis.key_prefix,
                 Duration::from_millis(config.redis.response_timeout_ms),
             )

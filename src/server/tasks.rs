@@ -195,7 +195,10 @@ pub(super) async fn become_ready(
                     return;
                 }
                 Err(err) => (
-                    format!("switches or gate warm-up failed: {err:#}"),
+                    format!(
+                        "switches or gate warm-up failed: {}",
+                        crate::error::DisplayChain(&err)
+                    ),
                     match &err {
                         ReservationError::Unavailable { what, .. } => {
                             format!("{what} unavailable; start-up retries until it answers")

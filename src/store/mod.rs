@@ -572,7 +572,17 @@ where
     setup.custom_setup = Box::new(move |url| {
         let url = with_current_password(url, password.as_ref());
         async move {
-            let mut conn = C::establish(&url).await?;
+            let mut conn = C::establish(&url).await.map_err(|e| {
+                let message = e.to_string();
+                // PostgreSQL's pg_hba refusal of a plaintext connection.
+                if message.contains("no encryption") {
+                    diesel::ConnectionError::BadConnection(format!(
+                        "{message} (backends.store, plaintext: the server takes only TLS; add sslmode=verify-full)"
+                    ))
+                } else {
+                    e
+                }
+            })?;
             conn.batch_execute(session)
                 .await
                 .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;

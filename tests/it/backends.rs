@@ -12,29 +12,71 @@ use stockgate::pb::{inventory_service_client::InventoryServiceClient, ReserveReq
 
 use crate::harness::{config_for, free_port, with_user, BinaryServer, Profile};
 
-/// A `redis-server` on `port` with `requirepass`, stopped when dropped.
-struct OwnRedis {
-    port: u16,
+/// A `redis-server` of the test's own, stopped when dropped.
+pub(crate) struct OwnRedis {
+    pub(crate) port: u16,
     child: Child,
+    /// What `redis-cli` needs to reach it over TLS, if it speaks only TLS.
+    tls_cli: Vec<String>,
 }
 
 impl OwnRedis {
+    /// Plaintext, with `requirepass`.
     fn start(password: &str) -> Self {
-        let port = free_port();
+        let port = free_port().to_string();
+        let args = ["--port", &port, "--requirepass", password];
+        Self::spawn(&args, Vec::new(), password)
+    }
+
+    /// TLS only (no plaintext port) with the certificates in `dir`
+    /// (`server.pem` and `.key`, signed by `ca.pem`), and clients must
+    /// present a certificate signed by `ca.pem` (`client.pem` for the CLI).
+    pub(crate) fn start_tls(dir: &std::path::Path) -> Self {
+        let file = |name: &str| dir.join(name).display().to_string();
+        let port = free_port().to_string();
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-ca-cert-file",
+            &file("ca.pem"),
+            "--tls-auth-clients",
+            "yes",
+        ];
+        let cli = vec![
+            "--tls".into(),
+            "--cacert".into(),
+            file("ca.pem"),
+            "--cert".into(),
+            file("client.pem"),
+            "--key".into(),
+            file("client.key"),
+        ];
+        Self::spawn(&args, cli, "")
+    }
+
+    fn spawn(args: &[&str], tls_cli: Vec<String>, password: &str) -> Self {
+        let port: u16 = args
+            .windows(2)
+            .find(|pair| pair[0] == "--tls-port" || (pair[0] == "--port" && pair[1] != "0"))
+            .map(|pair| pair[1].parse().unwrap())
+            .unwrap();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--requirepass",
-                password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is on the machine");
-        let redis = Self { port, child };
+        let redis = Self {
+            port,
+            child,
+            tls_cli,
+        };
         for _ in 0..100 {
             if redis.cli(password, &["PING"]).contains("PONG") {
                 return redis;
@@ -44,18 +86,14 @@ impl OwnRedis {
         panic!("redis-server on {port} did not start");
     }
 
-    fn cli(&self, password: &str, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "--no-auth-warning",
-                "-a",
-                password,
-            ])
-            .args(args)
-            .output()
-            .unwrap();
+    /// Runs `redis-cli` with `args`, logging in with `password` if set.
+    pub(crate) fn cli(&self, password: &str, args: &[&str]) -> String {
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if !password.is_empty() {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
+        let output = command.args(&self.tls_cli).args(args).output().unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
@@ -160,8 +198,8 @@ async fn a_rotated_redis_password_is_picked_up_on_sighup() {
 
 /// A PostgreSQL server of the test's own (`initdb` as user postgres), with
 /// password (SCRAM) logins on loopback; stopped and removed when dropped.
-struct OwnPostgres {
-    port: u16,
+pub(crate) struct OwnPostgres {
+    pub(crate) port: u16,
     pgdata: String,
     _data: tempfile::TempDir,
 }
@@ -176,7 +214,7 @@ impl OwnPostgres {
 
     /// With `tls` (a directory holding `server.pem` and `server.key`):
     /// `ssl = on`, and loopback logins only over TLS.
-    fn start_with_tls(tls: Option<&std::path::Path>) -> Self {
+    pub(crate) fn start_with_tls(tls: Option<&std::path::Path>) -> Self {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().display().to_string();
         let pwfile = data.path().join("pwfile");
@@ -248,7 +286,7 @@ impl OwnPostgres {
     }
 
     /// Runs `sql` as the superuser, over TCP with its password.
-    fn sql(&self, sql: &str) -> Result<String, String> {
+    pub(crate) fn sql(&self, sql: &str) -> Result<String, String> {
         let output = Command::new("psql")
             .args([
                 "-h",
@@ -344,7 +382,7 @@ async fn a_rotated_postgres_password_is_picked_up_on_sighup() {
     );
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
+pub(crate) fn rabbitmqctl(args: &[&str]) -> String {
     let output = Command::new("rabbitmqctl")
         .args(["-q"])
         .args(args)
@@ -488,7 +526,12 @@ async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
             ca("ca"),
             "store.tls_ca_file",
         ),
-        ("plaintext", url("127.0.0.1", ""), ca("ca"), "no encryption"),
+        (
+            "plaintext",
+            url("127.0.0.1", ""),
+            ca("ca"),
+            "backends.store, plaintext",
+        ),
     ] {
         let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
         config.backends.store = store;

@@ -3,6 +3,7 @@
 //! a real PostgreSQL database of its own.
 
 mod api;
+mod backend_tls;
 mod backends;
 mod check;
 mod clients;

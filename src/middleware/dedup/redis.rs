@@ -16,6 +16,8 @@ use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
 pub struct RedisDedup {
     conn: redis::aio::ConnectionManager,
     batch: Batcher,
+    /// Which keys decide how connections are made, for errors.
+    origin: String,
     prefix: String,
     abandon: redis::Script,
 }
@@ -31,8 +33,12 @@ impl RedisDedup {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout));
-        let conn = crate::redis_auth::connect(&url.into(), config).map_err(|e| e.to_string())?;
+        let url = url.into();
+        let origin = url.describe("backends.dedup");
+        let conn =
+            crate::redis_client::connect(&url, config).map_err(|e| redis_error(e, &origin))?;
         Ok(Self {
+            origin,
             batch: Batcher::spawn(conn.clone()),
             conn,
             prefix: prefix.to_owned(),
@@ -63,7 +69,12 @@ impl RedisDedup {
             .arg("PX")
             .arg(millis(lasts))
             .arg("GET");
-        match self.batch.query(cmd).await.map_err(redis_error)? {
+        match self
+            .batch
+            .query(cmd)
+            .await
+            .map_err(|e| redis_error(e, &self.origin))?
+        {
             redis::Value::Nil => Ok(Claim::Run),
             redis::Value::BulkString(found) => read_record(&found, fingerprint),
             other => Err(format!("unexpected dedup claim reply {other:?}")),
@@ -109,13 +120,18 @@ pub(super) fn read_record(record: &[u8], fingerprint: &str) -> Result<Claim, Str
     }
 }
 
-fn redis_error(err: redis::RedisError) -> String {
-    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-        && err.to_string().contains("syntax error")
-    {
-        return format!("{err} (dedup needs Redis 7.0 or later: SET with NX and GET)");
+/// Errors of the connection (not of a command) name the keys that decide
+/// how it is made.
+fn redis_error(err: redis::RedisError, origin: &str) -> String {
+    match err.kind() {
+        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+            if err.to_string().contains("syntax error") =>
+        {
+            format!("{err} (dedup needs Redis 7.0 or later: SET with NX and GET)")
+        }
+        redis::ErrorKind::Server(_) => err.to_string(),
+        _ => format!("{err} (Redis at {origin})"),
     }
-    err.to_string()
 }
 
 #[async_trait]
@@ -159,7 +175,11 @@ impl DedupStore for RedisDedup {
             .arg(answer_record(fingerprint, answer))
             .arg("PX")
             .arg(millis(ttl));
-        self.batch.query(cmd).await.map(|_| ()).map_err(redis_error)
+        self.batch
+            .query(cmd)
+            .await
+            .map(|_| ())
+            .map_err(|e| redis_error(e, &self.origin))
     }
 
     /// Rare (transient answers only), so a script rather than the batch.
@@ -171,7 +191,7 @@ impl DedupStore for RedisDedup {
             .invoke_async::<i64>(&mut conn)
             .await
             .map(|_| ())
-            .map_err(redis_error)
+            .map_err(|e| redis_error(e, &self.origin))
     }
 
     async fn changed(&self) {

@@ -223,9 +223,38 @@ struct Link {
     channel: Channel,
 }
 
-async fn open(uri: &str, names: &QueueNames) -> Result<Link, String> {
+/// The TLS material for an `amqps://` connection: the CA trusted besides
+/// the system roots, and the client certificate if any.
+fn tls_config(url: &LiveUrl) -> lapin::tcp::OwnedTLSConfig {
+    let Some(tls) = url.tls() else {
+        return Default::default();
+    };
+    lapin::tcp::OwnedTLSConfig {
+        identity: tls
+            .identity
+            .as_ref()
+            .map(|identity| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: identity.0.clone(),
+                key: identity.1.clone(),
+            }),
+        // Checked as PEM at start-up, so it is text.
+        cert_chain: tls
+            .ca
+            .as_ref()
+            .map(|ca| String::from_utf8_lossy(ca).into_owned()),
+    }
+}
+
+async fn open(url: &LiveUrl, names: &QueueNames) -> Result<Link, String> {
     let connect = async {
-        let connection = Connection::connect(uri, ConnectionProperties::default()).await?;
+        let uri = url.current();
+        let properties = ConnectionProperties::default();
+        let connection = if url.is_tls() {
+            let runtime = lapin::runtime::default_runtime()?;
+            Connection::connect_with_config(&uri, properties, tls_config(url), runtime).await?
+        } else {
+            Connection::connect(&uri, properties).await?
+        };
         let channel = connection.create_channel().await?;
         declare(&channel, names).await?;
         channel
@@ -236,11 +265,15 @@ async fn open(uri: &str, names: &QueueNames) -> Result<Link, String> {
             channel,
         })
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(link)) => Ok(link),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-    }
+    let failure = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(link)) => return Ok(link),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
+    };
+    Err(format!(
+        "{failure} (RabbitMQ at {})",
+        url.describe("backends.queue")
+    ))
 }
 
 fn persistent_json(id: Option<&str>) -> BasicProperties {
@@ -319,7 +352,7 @@ impl RabbitQueue {
                 ));
             }
         }
-        match open(&self.uri.current(), &self.names).await {
+        match open(&self.uri, &self.names).await {
             Ok(link) => {
                 let channel = link.channel.clone();
                 self.link.store(Some(Arc::new(link)));
@@ -406,7 +439,7 @@ impl RabbitQueue {
     }
 
     async fn open_follower(&self) -> Result<(Link, Consumer), String> {
-        let link = open(&self.uri.current(), &self.names).await?;
+        let link = open(&self.uri, &self.names).await?;
         let setup = async {
             let mine = link
                 .channel
@@ -555,7 +588,7 @@ impl OrderQueue for RabbitQueue {
 /// made their own; operators retire a queue name the same way).
 pub async fn delete_topology(uri: &str, queue: &str) {
     let names = QueueNames::new(queue);
-    let Ok(link) = open(uri, &names).await else {
+    let Ok(link) = open(&uri.into(), &names).await else {
         return;
     };
     for queue in [&names.orders, &names.dead_letters] {

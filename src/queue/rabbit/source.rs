@@ -63,9 +63,7 @@ impl OrderSource for RabbitSource {
             let consumer = match &mut self.consumer {
                 Some(consumer) => consumer,
                 None => {
-                    match RabbitConsumer::connect(&self.uri.current(), &self.names, self.prefetch)
-                        .await
-                    {
+                    match RabbitConsumer::connect(&self.uri, &self.names, self.prefetch).await {
                         Ok(consumer) => {
                             tracing::info!(
                                 queue = %self.names.orders,
@@ -151,7 +149,7 @@ struct RabbitConsumer {
 }
 
 impl RabbitConsumer {
-    async fn connect(uri: &str, names: &QueueNames, prefetch: u16) -> Result<Self, String> {
+    async fn connect(uri: &LiveUrl, names: &QueueNames, prefetch: u16) -> Result<Self, String> {
         let link = open(uri, names).await?;
         let setup = async {
             link.channel
