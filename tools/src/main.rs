@@ -75,6 +75,22 @@ enum Command {
         /// with every layer on, next to a no-op RPC, invariants checked.
         #[arg(long, conflicts_with = "middleware")]
         storm: bool,
+        /// Measure TLS to the backends instead: Reserve through a server
+        /// with these TLS URLs (to the same servers as `--store`, `--redis`
+        /// and `--queue`) next to one with those plaintext URLs.
+        #[arg(long, requires_all = ["tls_redis", "tls_queue", "tls_ca"], conflicts_with_all = ["middleware", "storm"])]
+        tls_store: Option<String>,
+        #[arg(long, requires = "tls_store")]
+        tls_redis: Option<String>,
+        #[arg(long, requires = "tls_store")]
+        tls_queue: Option<String>,
+        /// The CA, client certificate and key for all three TLS backends.
+        #[arg(long, requires = "tls_store")]
+        tls_ca: Option<String>,
+        #[arg(long, requires = "tls_store", default_value = "")]
+        tls_cert: String,
+        #[arg(long, requires = "tls_store", default_value = "")]
+        tls_key: String,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -284,6 +300,12 @@ async fn run() -> anyhow::Result<()> {
             queue,
             middleware,
             storm,
+            tls_store,
+            tls_redis,
+            tls_queue,
+            tls_ca,
+            tls_cert,
+            tls_key,
         } => {
             let options = stockgate_tools::bench::BenchOptions {
                 requests,
@@ -294,6 +316,25 @@ async fn run() -> anyhow::Result<()> {
                 store,
                 queue,
             };
+            if let (Some(store), Some(redis_url), Some(queue), Some(ca_file)) =
+                (tls_store, tls_redis, tls_queue, tls_ca)
+            {
+                let tls = stockgate_tools::bench::tls::TlsBackends {
+                    store,
+                    redis_url,
+                    queue,
+                    ca_file,
+                    cert_file: tls_cert,
+                    key_file: tls_key,
+                };
+                let results =
+                    stockgate_tools::bench::tls::run(options.clone(), tls.clone()).await?;
+                print!(
+                    "{}",
+                    stockgate_tools::bench::tls::render(&results, &options, &tls)
+                );
+                return Ok(());
+            }
             if storm {
                 let rounds = stockgate_tools::bench::storm::run(options.clone()).await?;
                 print!(

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod middleware;
 pub mod queue;
 pub mod storm;
+pub mod tls;
 
 use std::{
     process::Command,
