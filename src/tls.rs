@@ -106,7 +106,7 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 
 impl TlsPem {
     /// Where a failed handshake's fix lies, for errors and logs.
-    pub(crate) fn hint(&self, url_key: &str) -> String {
+    pub fn hint(&self, url_key: &str) -> String {
         let section = self.section;
         let ca = match self.ca {
             Some(_) => format!("CA from {section}.tls_ca_file"),

@@ -525,26 +525,28 @@ fn with_current_password(
 fn pg_manager(
     url: &str,
     password: Option<tokio::sync::watch::Receiver<String>>,
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)>,
 ) -> AsyncDieselConnectionManager<AsyncPgConnection> {
-    let Some(tls) = tls else {
+    let Some((tls, hint)) = tls else {
         return manager_running::<AsyncPgConnection>(url, PG_SESSION, password);
     };
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
         let url = with_current_password(url, password.as_ref());
         let tls = tls.clone();
+        let hint = hint.clone();
         async move {
             let url = tls::wanted(&url).unwrap_or(url);
             let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-            let (client, connection) = tokio_postgres::connect(&url, connector)
-                .await
-                .map_err(|e| {
-                    diesel::ConnectionError::BadConnection(format!(
-                        "{} (TLS per backends.store's sslmode, CA from store.tls_ca_file or the system roots)",
-                        crate::error::DisplayChain(&e)
-                    ))
-                })?;
+            let (client, connection) =
+                tokio_postgres::connect(&url, connector)
+                    .await
+                    .map_err(|e| {
+                        diesel::ConnectionError::BadConnection(format!(
+                            "{} ({hint})",
+                            crate::error::DisplayChain(&e)
+                        ))
+                    })?;
             let mut conn =
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
             conn.batch_execute(PG_SESSION)

@@ -26,9 +26,11 @@ pub fn wanted(url: &str) -> Option<String> {
     }
 }
 
-/// The rustls client config from `store.tls_*`; errors name the key.
-pub fn client_config(store: &StoreConfig) -> Result<Arc<ClientConfig>, String> {
-    store.tls_files().read()?.rustls()
+/// The rustls client config from `store.tls_*`, and what a refused
+/// handshake should name; errors name the key.
+pub fn client_config(store: &StoreConfig) -> Result<(Arc<ClientConfig>, String), String> {
+    let pem = store.tls_files().read()?;
+    Ok((pem.rustls()?, pem.hint("backends.store's sslmode")))
 }
 
 #[cfg(test)]

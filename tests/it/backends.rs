@@ -209,12 +209,13 @@ const PG_SUPERUSER_PASSWORD: &str = "super-secret";
 
 impl OwnPostgres {
     fn start() -> Self {
-        Self::start_with_tls(None)
+        Self::start_with_tls(None, false)
     }
 
     /// With `tls` (a directory holding `server.pem` and `server.key`):
-    /// `ssl = on`, and loopback logins only over TLS.
-    pub(crate) fn start_with_tls(tls: Option<&std::path::Path>) -> Self {
+    /// `ssl = on`, and loopback logins only over TLS; with `client_certs`,
+    /// only with a client certificate signed by the directory's `ca.pem`.
+    pub(crate) fn start_with_tls(tls: Option<&std::path::Path>, client_certs: bool) -> Self {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().display().to_string();
         let pwfile = data.path().join("pwfile");
@@ -236,12 +237,19 @@ impl OwnPostgres {
         let port = free_port();
         let mut options = format!("-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off");
         if let Some(tls) = tls {
-            for file in ["server.pem", "server.key"] {
+            for file in ["server.pem", "server.key", "ca.pem"] {
                 std::fs::copy(tls.join(file), format!("{pgdata}/{file}")).unwrap();
             }
-            let hba = "local all all scram-sha-256\n\
-                       hostssl all all 127.0.0.1/32 scram-sha-256\n\
-                       hostnossl all all 127.0.0.1/32 reject\n";
+            let clientcert = if client_certs {
+                " clientcert=verify-ca"
+            } else {
+                ""
+            };
+            let hba = format!(
+                "local all all scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256{clientcert}\n\
+                 hostnossl all all 127.0.0.1/32 reject\n"
+            );
             std::fs::write(format!("{pgdata}/pg_hba.conf"), hba).unwrap();
             let owned = Command::new("chown")
                 .args(["-R", "postgres:postgres", &pgdata])
@@ -253,7 +261,9 @@ impl OwnPostgres {
                 .status()
                 .unwrap();
             assert!(private.success());
-            options.push_str(" -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key");
+            options.push_str(
+                " -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key -c ssl_ca_file=ca.pem",
+            );
         }
         let started = Command::new("runuser")
             .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl")])
@@ -285,12 +295,14 @@ impl OwnPostgres {
         panic!("postgres on {port} did not start");
     }
 
-    /// Runs `sql` as the superuser, over TCP with its password.
+    /// Runs `sql` as the superuser, over the Unix socket with its password
+    /// (TCP logins may need a client certificate).
     pub(crate) fn sql(&self, sql: &str) -> Result<String, String> {
+        let socket_dir = self._data.path().display().to_string();
         let output = Command::new("psql")
             .args([
                 "-h",
-                "127.0.0.1",
+                &socket_dir,
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -478,7 +490,7 @@ async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
         "server",
         "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
     );
-    let postgres = OwnPostgres::start_with_tls(Some(dir));
+    let postgres = OwnPostgres::start_with_tls(Some(dir), false);
     postgres
         .sql("CREATE ROLE sale LOGIN PASSWORD 'sale-pass'")
         .unwrap();
