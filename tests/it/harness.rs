@@ -610,6 +610,52 @@ pub fn free_port() -> u16 {
     probe.local_addr().unwrap().port()
 }
 
+/// `binary` from Debian's `package`: the machine's own if on the PATH, or
+/// the package downloaded (`apt-get download`) and unpacked (`dpkg -x`)
+/// under the test's scratch space, nothing installed.
+pub fn debian_binary(package: &str, binary: &str) -> String {
+    if std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return binary.to_owned();
+    }
+    let target = format!("{}/deb-{package}", env!("CARGO_TARGET_TMPDIR"));
+    let path = format!("{target}/usr/bin/{binary}");
+    if std::path::Path::new(&path).exists() {
+        return path;
+    }
+    // As python_packages: unpacked aside, then renamed into place.
+    let staging = format!("{target}.{}", uuid::Uuid::now_v7().simple());
+    std::fs::create_dir_all(&staging).unwrap();
+    let download = std::process::Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(&staging)
+        .status()
+        .expect("apt-get runs");
+    assert!(download.success(), "apt-get download {package}");
+    let deb = std::fs::read_dir(&staging)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb downloaded");
+    let unpack = std::process::Command::new("dpkg")
+        .args(["-x", deb.to_str().unwrap(), &staging])
+        .status()
+        .unwrap();
+    assert!(unpack.success(), "dpkg -x {}", deb.display());
+    if std::fs::rename(&staging, &target).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} not in {package}"
+    );
+    path
+}
+
 /// A directory under the test's scratch space (nothing outside `target/`
 /// is written) where `import` works from python3: the machine's own
 /// packages, or `packages` installed there with pip when they lack it.

@@ -274,6 +274,75 @@ fn manifests_render_and_pass_strict_validation() {
     assert_eq!(config.metrics.listen, "0.0.0.0:9464");
 }
 
+/// checkov (pinned) finds nothing in the overlays: prod with no check
+/// skipped, dev skipping only what its `.checkov.yaml` lists and justifies.
+/// The base is not checked on its own: it is never applied without an
+/// overlay (no namespace, no image).
+#[test]
+fn overlays_pass_checkov() {
+    let checkov = crate::harness::python_packages("checkov", "checkov", &["checkov==3.2.500"]);
+    let scratch = tempfile::tempdir().unwrap();
+    for overlay in ["dev", "prod"] {
+        let rendered = scratch.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&rendered, render(&format!("overlays/{overlay}"))).unwrap();
+        let mut command = Command::new("python3");
+        command
+            .args([
+                "-c",
+                "import sys; from checkov.main import Checkov; sys.exit(Checkov().run())",
+            ])
+            .args(["--framework", "kubernetes", "--quiet", "--compact"])
+            .args(["-f", rendered.to_str().unwrap()])
+            .env("PYTHONPATH", &checkov);
+        let config = format!(
+            "{}/k8s/overlays/{overlay}/.checkov.yaml",
+            crate::harness::ROOT
+        );
+        if std::path::Path::new(&config).exists() {
+            command.args(["--config-file", &config]);
+        }
+        let output = command.output().unwrap();
+        let report = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "checkov on overlays/{overlay}:\n{report}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!(
+            "{}/k8s/overlays/prod/.checkov.yaml",
+            crate::harness::ROOT
+        ))
+        .exists(),
+        "prod skips no check"
+    );
+}
+
+/// The alert rules load in Prometheus's own checker, and their unit tests
+/// (`stockgate-alerts.test.yaml`: a target down, no metrics at all) pass.
+#[test]
+fn alert_rules_pass_promtool() {
+    let promtool = crate::harness::debian_binary("prometheus", "promtool");
+    let dir = format!("{}/deploy/prometheus", crate::harness::ROOT);
+    for args in [
+        ["check", "rules", "stockgate-alerts.yaml"],
+        ["test", "rules", "stockgate-alerts.test.yaml"],
+    ] {
+        let output = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// The image runs the binary in a distroless `cc` base (glibc, libgcc)
 /// plus the SQLite library the Dockerfile copies in: the binary must need
 /// nothing else (no OpenSSL: TLS is rustls).
