@@ -274,6 +274,74 @@ fn manifests_render_and_pass_strict_validation() {
     assert_eq!(config.metrics.listen, "0.0.0.0:9464");
 }
 
+/// A release replaces the migration Job rather than updating it (its
+/// template is immutable): the manifests carry Argo CD's and Flux's
+/// annotations for that and no TTL (GitOps tools would rerun a Job the TTL
+/// deleted), and `k8s/deploy.sh`, run against a kubectl stand-in that
+/// records its calls, deletes the old Job, applies, waits for the
+/// migration, then for the rollout; a failed migration stops it there.
+#[test]
+fn a_release_replaces_the_migration_job() {
+    let base = render("base");
+    let job = &base[base.find("kind: Job").unwrap()..];
+    let job = &job[..job.find("\n---").unwrap_or(job.len())];
+    for needle in [
+        "argocd.argoproj.io/hook: PreSync",
+        "argocd.argoproj.io/hook-delete-policy: BeforeHookCreation",
+        "kustomize.toolkit.fluxcd.io/force: enabled",
+    ] {
+        assert!(job.contains(needle), "the Job lacks `{needle}`");
+    }
+    assert!(!job.contains("ttlSecondsAfterFinished"), "{job}");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let calls = scratch.path().join("calls");
+    let fake = scratch.path().join("kubectl");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/usr/bin/env bash\n\
+             if [ \"$1\" = kustomize ]; then exec kubectl \"$@\"; fi\n\
+             echo \"$*\" >> {calls}\n\
+             if [ \"$1\" = apply ]; then grep -c '^kind: Job$' >> {calls}; fi\n\
+             if [ \"$1 $2 $3\" = \"-n stockgate wait\" ] && [ -n \"$FAIL_MIGRATION\" ]; then exit 1; fi\n",
+            calls = calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let deploy = |fail: bool| {
+        let _ = std::fs::remove_file(&calls);
+        let mut command = Command::new(format!("{}/k8s/deploy.sh", crate::harness::ROOT));
+        command.arg("overlays/prod").env("KUBECTL", &fake);
+        if fail {
+            command.env("FAIL_MIGRATION", "1");
+        }
+        let status = command.status().unwrap();
+        (status.success(), std::fs::read_to_string(&calls).unwrap())
+    };
+    let (ok, log) = deploy(false);
+    assert!(ok, "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "-n stockgate delete job -l app.kubernetes.io/component=migrate --ignore-not-found --wait=true --cascade=foreground",
+            "apply -f -",
+            "1",
+            "-n stockgate wait --for=condition=complete job/stockgate-migrate --timeout=15m",
+            "-n stockgate rollout status deployment/stockgate-api --timeout=15m",
+            "-n stockgate rollout status deployment/stockgate-processor --timeout=15m",
+        ]
+    );
+    let (ok, log) = deploy(true);
+    assert!(!ok);
+    assert!(
+        !log.contains("rollout"),
+        "rolled out past a failed migration: {log}"
+    );
+}
+
 /// checkov (pinned) finds nothing in the overlays: prod with no check
 /// skipped, dev skipping only what its `.checkov.yaml` lists and justifies.
 /// The base is not checked on its own: it is never applied without an
