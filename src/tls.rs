@@ -28,7 +28,8 @@ pub struct TlsFiles<'a> {
 pub struct TlsPem {
     /// The section the files came from, for errors.
     pub section: &'static str,
-    /// The CA certificates to trust instead of the system's roots.
+    /// The CA certificates to trust: instead of the system's roots for
+    /// PostgreSQL and Redis, besides them for RabbitMQ (lapin's rustls).
     pub ca: Option<Arc<Vec<u8>>>,
     /// A client certificate chain and its key.
     pub identity: Option<Arc<(Vec<u8>, Vec<u8>)>>,
@@ -47,6 +48,11 @@ impl std::fmt::Debug for TlsPem {
 impl TlsFiles<'_> {
     fn key(&self, name: &str) -> String {
         format!("{}.{name}", self.section)
+    }
+
+    /// Whether any of the keys is set.
+    pub fn any(&self) -> bool {
+        !(self.ca_file.is_empty() && self.cert_file.is_empty() && self.key_file.is_empty())
     }
 
     /// Reads and checks the files; errors name the key.
@@ -109,6 +115,10 @@ impl TlsPem {
     pub fn hint(&self, url_key: &str) -> String {
         let section = self.section;
         let ca = match self.ca {
+            // lapin's rustls adds a configured CA to the system roots.
+            Some(_) if section == "rabbitmq" => {
+                format!("CA from {section}.tls_ca_file and the system roots")
+            }
             Some(_) => format!("CA from {section}.tls_ca_file"),
             None => format!("the system roots ({section}.tls_ca_file unset)"),
         };

@@ -194,6 +194,7 @@ pub async fn run_with(
         }
     };
     let redis_tls = || config.redis.tls_files().read().map_err(anyhow::Error::msg);
+    warn_unused_tls(&config);
     let gate: Arc<dyn StockGate> = match config.gate_backend()? {
         GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
         GateBackend::Redis(url) => {
@@ -585,4 +586,45 @@ pub fn spawn(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(run(config, listener, shutdown))
+}
+
+/// TLS files configured for a backend whose URL is plaintext: the operator
+/// meant TLS, and the connection (with its password) is not encrypted.
+fn warn_unused_tls(config: &Config) {
+    let plaintext = |url: Result<String, _>, scheme: &str| {
+        url.is_ok_and(|url: String| url != crate::config::EMBEDDED && !url.starts_with(scheme))
+    };
+    let store = Backend::Store.url(&config.backends);
+    let store_plain = store
+        .is_ok_and(|url| url.starts_with("postgres") && crate::store::tls::wanted(&url).is_none());
+    for (files, plain, url_key) in [
+        (
+            config.store.tls_files(),
+            store_plain,
+            "backends.store (no sslmode)",
+        ),
+        (
+            config.redis.tls_files(),
+            plaintext(Backend::Gate.url(&config.backends), "rediss://"),
+            "backends.gate (redis://)",
+        ),
+        (
+            config.redis.tls_files(),
+            plaintext(Backend::Dedup.url(&config.backends), "rediss://"),
+            "backends.dedup (redis://)",
+        ),
+        (
+            config.rabbitmq.tls_files(),
+            plaintext(Backend::Queue.url(&config.backends), "amqps://"),
+            "backends.queue (amqp://)",
+        ),
+    ] {
+        if files.any() && plain {
+            tracing::warn!(
+                section = files.section,
+                url = url_key,
+                "TLS files are set but the URL is plaintext: this connection is not encrypted"
+            );
+        }
+    }
 }

@@ -479,17 +479,9 @@ async fn a_rotated_rabbitmq_password_is_picked_up_on_sighup() {
 /// plaintext URL are refused, and the service says which key to fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
-    let certs = tempfile::tempdir().unwrap();
+    // The server's names 127.0.0.1 only: `localhost` is the wrong host.
+    let certs = crate::backend_tls::certificates();
     let dir = certs.path();
-    crate::mtls::make_ca(dir, "ca");
-    crate::mtls::make_ca(dir, "rogue-ca");
-    // Names 127.0.0.1 only: `localhost` is the wrong host.
-    crate::mtls::make_leaf(
-        dir,
-        "ca",
-        "server",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-    );
     let postgres = OwnPostgres::start_with_tls(Some(dir), false);
     postgres
         .sql("CREATE ROLE sale LOGIN PASSWORD 'sale-pass'")
@@ -562,19 +554,7 @@ async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
             tonic::Code::Unavailable,
             "{what}: {refusal:?}"
         );
-        let mut log = String::new();
-        for _ in 0..100 {
-            log = std::fs::read_to_string(&log_path).unwrap();
-            if log.contains(named) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let line = log.lines().find(|line| line.contains(named));
-        assert!(
-            line.is_some(),
-            "{what}: the log never names {named}:\n{log}"
-        );
-        eprintln!("{what}: {}", line.unwrap());
+        let line = crate::harness::log_line_naming(&log_path, named, what).await;
+        eprintln!("{what}: {line}");
     }
 }

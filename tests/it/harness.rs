@@ -610,6 +610,20 @@ pub fn free_port() -> u16 {
     probe.local_addr().unwrap().port()
 }
 
+/// The first line of the log at `path` that names `named`, waiting up to
+/// 10 s for the server to write it; fails with the whole log.
+pub async fn log_line_naming(path: &std::path::Path, named: &str, what: &str) -> String {
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(path).unwrap();
+        if let Some(line) = log.lines().find(|line| line.contains(named)) {
+            return line.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: the log never names {named}:\n{log}");
+}
+
 /// `binary` from Debian's `package`: the machine's own if on the PATH, or
 /// the package downloaded (`apt-get download`) and unpacked (`dpkg -x`)
 /// under the test's scratch space, nothing installed.

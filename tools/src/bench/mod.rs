@@ -91,22 +91,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     } = BenchServer::start(config, options.connections).await?;
 
     let mut admin = AdminServiceClient::new(channels[0].clone());
-    let stock = i64::try_from(options.requests * (options.rounds + 1) * 2)?;
-    for (sku, units) in [("BENCH-AVAIL", stock), ("BENCH-SOLDOUT", 0)] {
-        admin
-            .set_stock(SetStockRequest {
-                sku: sku.into(),
-                stock: units,
-                max_per_user: 0,
-            })
-            .await?;
-    }
+    stock_both(&mut admin, &options).await?;
 
     // Warm connections, caches and the script before anything counts.
-    let warm = BenchOptions {
-        requests: options.requests / 10,
-        ..options.clone()
-    };
+    let warm = warm_up_options(&options);
     load(&channels, &warm, "warm-up", noop).await;
     load(
         &channels,
@@ -164,6 +152,32 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
+}
+
+/// `BENCH-AVAIL` with stock for every round and `BENCH-SOLDOUT` with none.
+pub(crate) async fn stock_both(
+    admin: &mut AdminServiceClient<Channel>,
+    options: &BenchOptions,
+) -> anyhow::Result<()> {
+    let stock = i64::try_from(options.requests * (options.rounds + 1) * 2)?;
+    for (sku, units) in [("BENCH-AVAIL", stock), ("BENCH-SOLDOUT", 0)] {
+        admin
+            .set_stock(SetStockRequest {
+                sku: sku.into(),
+                stock: units,
+                max_per_user: 0,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// A tenth of the calls, to warm connections, caches and scripts.
+pub(crate) fn warm_up_options(options: &BenchOptions) -> BenchOptions {
+    BenchOptions {
+        requests: options.requests / 10,
+        ..options.clone()
+    }
 }
 
 /// An in-process bench server's config: the backends in `options`, Redis

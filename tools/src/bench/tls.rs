@@ -2,16 +2,16 @@
 //! this process, one with plaintext URLs and one with TLS URLs to the same
 //! PostgreSQL, Redis and RabbitMQ servers (each listening both ways), are
 //! measured in alternating order every round: Reserve with stock (gate,
-//! dedup, queue and commit all cross TLS) and sold out (which touches no
-//! backend, so it should not move).
+//! dedup, queue and commit all cross TLS) and sold out (answered from the
+//! sold-out cache, so only dedup's claim and answer cross TLS, to Redis).
 
 use std::time::Duration;
 
-use stockgate::pb::{admin_service_client::AdminServiceClient, ReserveOutcome, SetStockRequest};
+use stockgate::pb::{admin_service_client::AdminServiceClient, ReserveOutcome};
 
 use super::{
-    cleanup, load, median_rounds, reserve_call, server_config, tempfile_dir, wait_drained,
-    BenchOptions, BenchServer, Measured,
+    cleanup, load, median_rounds, reserve_call, server_config, stock_both, tempfile_dir,
+    wait_drained, warm_up_options, BenchOptions, BenchServer, Measured,
 };
 
 /// The TLS side: URLs to the same servers as the plaintext ones in
@@ -26,13 +26,13 @@ pub struct TlsBackends {
     pub key_file: String,
 }
 
+// As stock_both names them.
 const STOCK: &str = "BENCH-AVAIL";
 const SOLD_OUT: &str = "BENCH-SOLDOUT";
 
 pub async fn run(options: BenchOptions, tls: TlsBackends) -> anyhow::Result<Vec<Measured>> {
     let dir = tempfile_dir()?;
     let base = format!("sg-bench-tls-{}", uuid::Uuid::now_v7().simple());
-    let stock = i64::try_from(options.requests * (options.rounds + 1) * 2)?;
     let mut servers = Vec::new();
     for (side, secure) in [("plain", false), ("tls", true)] {
         let prefix = format!("{base}-{side}");
@@ -70,19 +70,8 @@ pub async fn run(options: BenchOptions, tls: TlsBackends) -> anyhow::Result<Vec<
         config.validate()?;
         let server = BenchServer::start(config, options.connections).await?;
         let mut admin = AdminServiceClient::new(server.channels[0].clone());
-        for (sku, units) in [(STOCK, stock), (SOLD_OUT, 0)] {
-            admin
-                .set_stock(SetStockRequest {
-                    sku: sku.into(),
-                    stock: units,
-                    max_per_user: 0,
-                })
-                .await?;
-        }
-        let warm = BenchOptions {
-            requests: options.requests / 10,
-            ..options.clone()
-        };
+        stock_both(&mut admin, &options).await?;
+        let warm = warm_up_options(&options);
         let call = reserve_call(STOCK, format!("warm-{side}"), ReserveOutcome::Queued);
         load(&server.channels, &warm, "warm-up", call).await;
         wait_drained(&mut admin, STOCK).await?;
