@@ -9,7 +9,8 @@
 set -euo pipefail
 overlay=${1:?an overlay, e.g. overlays/prod}
 kubectl=${KUBECTL:-kubectl}
-cd "$(dirname "$0")"
+# Relative to the caller, or to k8s/ as in the examples.
+[ -d "$overlay" ] || overlay="$(dirname "$0")/$overlay"
 
 rendered=$($kubectl kustomize "$overlay")
 namespace=$(printf '%s\n' "$rendered" | awk '/^kind: Job$/ { job = 1 } job && /^  namespace: / { print $2; exit }')
@@ -21,6 +22,7 @@ $kubectl -n "$namespace" delete job -l app.kubernetes.io/component=migrate \
   --ignore-not-found --wait=true --cascade=foreground
 printf '%s\n' "$rendered" | $kubectl apply -f -
 # New pods stay NOT_SERVING until the migration has run; old ones serve.
+# (A Job that exhausts its retries fails this wait only at the timeout.)
 $kubectl -n "$namespace" wait --for=condition=complete job/stockgate-migrate --timeout=15m
 $kubectl -n "$namespace" rollout status deployment/stockgate-api --timeout=15m
 $kubectl -n "$namespace" rollout status deployment/stockgate-processor --timeout=15m

@@ -286,13 +286,19 @@ fn a_release_replaces_the_migration_job() {
     let job = &base[base.find("kind: Job").unwrap()..];
     let job = &job[..job.find("\n---").unwrap_or(job.len())];
     for needle in [
-        "argocd.argoproj.io/hook: PreSync",
+        "argocd.argoproj.io/hook: Sync",
+        "argocd.argoproj.io/sync-wave: \"1\"",
         "argocd.argoproj.io/hook-delete-policy: BeforeHookCreation",
         "kustomize.toolkit.fluxcd.io/force: enabled",
     ] {
         assert!(job.contains(needle), "the Job lacks `{needle}`");
     }
     assert!(!job.contains("ttlSecondsAfterFinished"), "{job}");
+    // Argo CD syncs the Deployments after the Job's wave.
+    assert_eq!(
+        base.matches("argocd.argoproj.io/sync-wave: \"2\"").count(),
+        2
+    );
 
     let scratch = tempfile::tempdir().unwrap();
     let calls = scratch.path().join("calls");
