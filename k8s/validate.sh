@@ -13,7 +13,7 @@ kv_path=${KV_PATH:-/tmp/kv}
 # 1.37: the newest schema kubernetes-validate 1.37.0 ships.
 versions=${K8S_VERSIONS:-"1.30.0 1.37.0"}
 status=0
-for tree in base overlays/dev overlays/prod; do
+for tree in base overlays/dev overlays/prod overlays/prod-tls; do
   rendered=$(kubectl kustomize "$tree")
   for version in $versions; do
     out=$(printf '%s\n' "$rendered" |

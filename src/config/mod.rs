@@ -407,6 +407,11 @@ impl Config {
         optional_addr("admin.listen", &self.admin.listen)
     }
 
+    /// `server.health_listen` parsed; `None` when there is none.
+    pub fn health_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        optional_addr("server.health_listen", &self.server.health_listen)
+    }
+
     /// `metrics.listen` parsed; `None` when metrics are off.
     pub fn metrics_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
         optional_addr("metrics.listen", &self.metrics.listen)

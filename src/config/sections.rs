@@ -56,7 +56,7 @@ pub struct TlsConfig {
     /// PEM certificates of the CA(s) that sign calling services'
     /// certificates. Set: every connection must present a client
     /// certificate that chains to one (mutual TLS). Kubernetes gRPC probes
-    /// present none: probe an exec command or a listener without it.
+    /// present none: point them at `server.health_listen`.
     pub client_ca_path: String,
     /// Calling identities let in (mutual TLS only): a certificate's URI SAN
     /// as is (`spiffe://cluster.local/ns/shop/sa/checkout`), a DNS SAN as
@@ -108,6 +108,10 @@ impl TlsConfig {
 pub struct ServerConfig {
     /// Address the gRPC server listens on. Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// A plaintext listener serving only `grpc.health.v1` (the serving
+    /// status, nothing else), for probes that cannot speak TLS, such as the
+    /// kubelet's gRPC probes when `server.tls` is on. Empty: none.
+    pub health_listen: String,
     /// Largest request or response message accepted, in bytes. Reserve
     /// messages are tiny; a low cap turns junk into OUT_OF_RANGE early.
     pub max_message_bytes: usize,
@@ -516,6 +520,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            health_listen: String::new(),
             max_message_bytes: 64 * 1024,
             max_concurrent_streams: 100,
             request_timeout_ms: 5_000,

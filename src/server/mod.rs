@@ -137,6 +137,8 @@ pub async fn run_with(
         bind_unless_given(extras.admin, config.admin_listen()?, "admin.listen").await?;
     let metrics_listener =
         bind_unless_given(extras.metrics, config.metrics_listen()?, "metrics.listen").await?;
+    let health_listener =
+        bind_unless_given(None, config.health_listen()?, "server.health_listen").await?;
     let admin_addr = match &admin_listener {
         Some(admin) => admin.local_addr()?,
         None => listener.local_addr()?,
@@ -282,6 +284,25 @@ pub async fn run_with(
                 config.layers.rate_limit.methods.clone(),
             ),
         );
+    }
+    if let Some(listener) = health_listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "plaintext health checks (grpc.health.v1 only)");
+        let mut stop = stop_rx.clone();
+        // No TLS and no other service: it tells probes the serving status
+        // and nothing else, so it needs no caller's certificate.
+        let serve = Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(
+                listener::incoming(listener, listener_limits(&config)),
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            );
+        background.spawn("health listener", async move {
+            if let Err(err) = serve.await {
+                tracing::warn!(error = %err, "health listener failed");
+            }
+        });
     }
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = ?listener.local_addr().ok(), "metrics on /metrics");

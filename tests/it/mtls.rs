@@ -408,3 +408,81 @@ async fn a_flooding_calling_service_cannot_starve_another() {
     assert_eq!(honest.keys().collect::<Vec<_>>(), ["ok"], "{honest:?}");
     assert!(honest["ok"] >= 15, "{honest:?}");
 }
+
+/// Probes that cannot speak TLS (the kubelet's gRPC probes): with mutual TLS
+/// on the main port, `server.health_listen` answers `grpc.health.v1` in
+/// plaintext, to grpcio as to tonic, and nothing else; the main port still
+/// refuses a client without a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_health_listener_answers_probes_and_nothing_else() {
+    let certs = pki(&[("ca", "checkout", "spiffe://test/checkout")]);
+    let dir = certs.path();
+    let (mut config, _db, _dir) = config_for(Profile::Embedded).await;
+    mutual_tls(&mut config, dir, &["spiffe://test/checkout"]);
+    let health_port = crate::harness::free_port();
+    config.server.health_listen = format!("127.0.0.1:{health_port}");
+    let server = BinaryServer::start(config).await;
+
+    let plain = format!("http://127.0.0.1:{health_port}");
+    let mut status = None;
+    for _ in 0..200 {
+        if let Ok(channel) = Endpoint::from_shared(plain.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await;
+            if let Ok(answer) = answer {
+                status = Some(answer.into_inner().status());
+                if status == Some(tonic_health::pb::health_check_response::ServingStatus::Serving) {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
+
+    // A client we did not write: grpcio's own health stub, insecure channel.
+    let script = format!(
+        "import grpc\n\
+         from grpc_health.v1 import health_pb2, health_pb2_grpc\n\
+         channel = grpc.insecure_channel('127.0.0.1:{health_port}')\n\
+         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)\n\
+         print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))\n"
+    );
+    let output = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .env("PYTHONPATH", crate::harness::python_grpc())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+
+    // Nothing but health: InventoryService is not there.
+    let health_only = Endpoint::from_shared(plain)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        reserve(health_only).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
+    // And the main port still wants a certificate.
+    let refused = match channel(dir, server.addr, None).await {
+        Err(_) => true,
+        Ok(channel) => reserve(channel)
+            .await
+            .is_err_and(|s| s.code() != Code::NotFound),
+    };
+    assert!(
+        refused,
+        "the main port answered a client without a certificate"
+    );
+}

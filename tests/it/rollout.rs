@@ -267,6 +267,23 @@ fn manifests_render_and_pass_strict_validation() {
         "every stockgate pod (api, processor, migrate) turns service links off"
     );
 
+    // The TLS overlay: mutual TLS on the listeners, and every probe on the
+    // plaintext health-only port (the kubelet's gRPC probes speak no TLS).
+    let tls = render("overlays/prod-tls");
+    assert_eq!(
+        tls.matches("STOCKGATE_SERVER__TLS__CLIENT_CA_PATH").count(),
+        2
+    );
+    assert_eq!(tls.matches("value: 0.0.0.0:50053").count(), 2);
+    let probes_on = |rendered: &str, port: u16| {
+        rendered
+            .matches(&format!("grpc:\n            port: {port}\n"))
+            .count()
+    };
+    assert_eq!(probes_on(&render("overlays/prod"), 50051), 6);
+    assert_eq!(probes_on(&tls, 50053), 6, "3 probes x 2 Deployments");
+    assert_eq!(probes_on(&tls, 50051), 0, "a probe left on the TLS port");
+
     let file = std::fs::read_to_string(format!("{}/k8s/base/stockgate.toml", crate::harness::ROOT))
         .unwrap();
     let config: Config = toml::from_str(&file).expect("k8s/base/stockgate.toml uses known keys");
@@ -356,7 +373,7 @@ fn a_release_replaces_the_migration_job() {
 fn overlays_pass_checkov() {
     let checkov = crate::harness::python_packages("checkov", "checkov", &["checkov==3.2.500"]);
     let scratch = tempfile::tempdir().unwrap();
-    for overlay in ["dev", "prod"] {
+    for overlay in ["dev", "prod", "prod-tls"] {
         let rendered = scratch.path().join(format!("{overlay}.yaml"));
         std::fs::write(&rendered, render(&format!("overlays/{overlay}"))).unwrap();
         let mut command = Command::new("python3");
