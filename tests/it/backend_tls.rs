@@ -139,7 +139,8 @@ fn file(dir: &Path, name: &str) -> String {
 /// orders once; every connection the service holds is encrypted. Then
 /// each wrong setting for Redis and RabbitMQ (unknown CA, wrong host,
 /// plaintext URL, no client certificate) is refused, and the log names
-/// the keys to fix.
+/// the keys to fix (and, for a plaintext URL, warns that the TLS files set
+/// go unused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_runs_over_tls_to_all_three_backends_and_wrong_settings_are_named() {
     let certs = certificates();
@@ -364,5 +365,20 @@ async fn a_sale_runs_over_tls_to_all_three_backends_and_wrong_settings_are_named
             cause.split('|').any(|cause| line.contains(cause)),
             "{what}: not the cause {cause:?}: {line}"
         );
+        if what.ends_with("plaintext") {
+            // The TLS files are still set: start-up warned that they go unused.
+            let warned = crate::harness::log_line_naming(
+                &log_path,
+                "TLS files are set but the URL is plaintext",
+                what,
+            )
+            .await;
+            let url_key = if what.starts_with("Redis") {
+                "backends.gate"
+            } else {
+                "backends.queue"
+            };
+            assert!(warned.contains(url_key), "{what}: {warned}");
+        }
     }
 }
