@@ -40,18 +40,16 @@ impl StreamingCredentialsProvider for FilePassword {
 pub(crate) fn client(url: &LiveUrl) -> RedisResult<Client> {
     let current = url.current();
     match url.tls() {
-        Some(tls) if url.is_tls() && (tls.ca.is_some() || tls.identity.is_some()) => {
-            Client::build_with_tls(
-                current.as_str(),
-                TlsCertificates {
-                    client_tls: tls.identity.as_ref().map(|identity| ClientTlsConfig {
-                        client_cert: identity.0.clone(),
-                        client_key: identity.1.clone(),
-                    }),
-                    root_cert: tls.ca.as_ref().map(|ca| ca.to_vec()),
-                },
-            )
-        }
+        Some(tls) if url.is_tls() && tls.is_set() => Client::build_with_tls(
+            current.as_str(),
+            TlsCertificates {
+                client_tls: tls.identity.as_ref().map(|identity| ClientTlsConfig {
+                    client_cert: identity.0.clone(),
+                    client_key: identity.1.clone(),
+                }),
+                root_cert: tls.ca.as_ref().map(|ca| ca.to_vec()),
+            },
+        ),
         _ => Client::open(current.as_str()),
     }
 }

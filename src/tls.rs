@@ -111,6 +111,11 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 impl TlsPem {
+    /// Whether the section set a CA or a client certificate.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.identity.is_some()
+    }
+
     /// Where a failed handshake's fix lies, for errors and logs.
     pub fn hint(&self, url_key: &str) -> String {
         let section = self.section;

@@ -161,7 +161,12 @@ pub async fn run_with(
     );
     let target = config.store_backend()?;
     match &target {
-        StoreBackend::Postgres(url) => tracing::info!(store = %redact_url(url), "store: postgres"),
+        StoreBackend::Postgres(url) => {
+            tracing::info!(store = %redact_url(url), "store: postgres");
+            if config.store.tls_files().any() && crate::store::tls::wanted(url).is_none() {
+                warn_tls_unused("store", "backends.store (no sslmode)");
+            }
+        }
         StoreBackend::Sqlite(path) => tracing::info!(store = %path, "store: embedded sqlite"),
     }
     let passwords = Arc::new(Passwords::from_config(&config.backends)?);
@@ -183,6 +188,7 @@ pub async fn run_with(
                 .read()
                 .map_err(anyhow::Error::msg)?;
             let url = LiveUrl::new(&url, passwords.watch(Backend::Queue)).with_tls(tls);
+            warn_if_plaintext_with_tls(&url, "backends.queue");
             let queue = Arc::new(RabbitQueue::new(
                 url.clone(),
                 &config.rabbitmq,
@@ -195,13 +201,25 @@ pub async fn run_with(
             )
         }
     };
-    let redis_tls = || config.redis.tls_files().read().map_err(anyhow::Error::msg);
-    warn_unused_tls(&config);
+    // Gate and dedup share redis.tls_*: read once, and only if Redis is used.
+    let redis_tls_read = std::sync::OnceLock::<crate::tls::TlsPem>::new();
+    let redis_tls = || -> anyhow::Result<crate::tls::TlsPem> {
+        if let Some(tls) = redis_tls_read.get() {
+            return Ok(tls.clone());
+        }
+        let tls = config
+            .redis
+            .tls_files()
+            .read()
+            .map_err(anyhow::Error::msg)?;
+        Ok(redis_tls_read.get_or_init(|| tls).clone())
+    };
     let gate: Arc<dyn StockGate> = match config.gate_backend()? {
         GateBackend::Embedded => Arc::new(EmbeddedGate::new()),
         GateBackend::Redis(url) => {
             tracing::info!(gate = %redact_url(&url), prefix = %config.redis.key_prefix, "gate: redis");
             let url = LiveUrl::new(&url, passwords.watch(Backend::Gate)).with_tls(redis_tls()?);
+            warn_if_plaintext_with_tls(&url, "backends.gate");
             Arc::new(RedisGate::connect(url, &config.redis)?)
         }
     };
@@ -220,8 +238,10 @@ pub async fn run_with(
         }
         Some(url) => {
             tracing::info!(dedup = %redact_url(&url), "dedup store: redis");
+            let url = LiveUrl::new(&url, passwords.watch(Backend::Dedup)).with_tls(redis_tls()?);
+            warn_if_plaintext_with_tls(&url, "backends.dedup");
             let store = crate::middleware::RedisDedup::new(
-                LiveUrl::new(&url, passwords.watch(Backend::Dedup)).with_tls(redis_tls()?),
+                url,
                 &config.redis.key_prefix,
                 Duration::from_millis(config.redis.response_timeout_ms),
             )
@@ -611,41 +631,16 @@ pub fn spawn(
 
 /// TLS files configured for a backend whose URL is plaintext: the operator
 /// meant TLS, and the connection (with its password) is not encrypted.
-fn warn_unused_tls(config: &Config) {
-    let plaintext = |url: Result<String, _>, scheme: &str| {
-        url.is_ok_and(|url: String| url != crate::config::EMBEDDED && !url.starts_with(scheme))
-    };
-    let store = Backend::Store.url(&config.backends);
-    let store_plain = store
-        .is_ok_and(|url| url.starts_with("postgres") && crate::store::tls::wanted(&url).is_none());
-    for (files, plain, url_key) in [
-        (
-            config.store.tls_files(),
-            store_plain,
-            "backends.store (no sslmode)",
-        ),
-        (
-            config.redis.tls_files(),
-            plaintext(Backend::Gate.url(&config.backends), "rediss://"),
-            "backends.gate (redis://)",
-        ),
-        (
-            config.redis.tls_files(),
-            plaintext(Backend::Dedup.url(&config.backends), "rediss://"),
-            "backends.dedup (redis://)",
-        ),
-        (
-            config.rabbitmq.tls_files(),
-            plaintext(Backend::Queue.url(&config.backends), "amqps://"),
-            "backends.queue (amqp://)",
-        ),
-    ] {
-        if files.any() && plain {
-            tracing::warn!(
-                section = files.section,
-                url = url_key,
-                "TLS files are set but the URL is plaintext: this connection is not encrypted"
-            );
-        }
+fn warn_if_plaintext_with_tls(url: &LiveUrl, url_key: &str) {
+    if let Some(tls) = url.tls().filter(|tls| tls.is_set() && !url.is_tls()) {
+        warn_tls_unused(tls.section, url_key);
     }
+}
+
+fn warn_tls_unused(section: &str, url_key: &str) {
+    tracing::warn!(
+        section,
+        url = url_key,
+        "TLS files are set but the URL is plaintext: this connection is not encrypted"
+    );
 }
