@@ -12,12 +12,11 @@ use std::{
 use stockgate::pb::{inventory_service_client::InventoryServiceClient, ReserveRequest};
 
 use crate::{
-    backends::{rabbitmqctl, OwnPostgres, OwnRedis},
+    backends::{rabbitmqctl, refused_and_logged, OwnPostgres, OwnRedis},
     harness::{
         assert_checked, assert_invariants, config_for, free_port, storm, with_user, BinaryServer,
         Profile, TestApp,
     },
-    mtls::{make_ca, make_leaf},
 };
 
 /// A RabbitMQ node of the test's own beside the machine's (own node name,
@@ -114,18 +113,10 @@ impl Drop for OwnRabbit {
 /// 127.0.0.1 only (so `localhost` is the wrong host), and a client
 /// certificate.
 pub(crate) fn certificates() -> tempfile::TempDir {
-    let certs = tempfile::tempdir().unwrap();
-    let dir = certs.path();
-    make_ca(dir, "ca");
-    make_ca(dir, "rogue-ca");
-    make_leaf(
-        dir,
-        "ca",
-        "server",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-    );
-    make_leaf(dir, "ca", "client", "extendedKeyUsage=clientAuth");
-    certs
+    crate::mtls::pki_naming_server(
+        "IP:127.0.0.1",
+        &[("ca", "client", "spiffe://test/stockgate")],
+    )
 }
 
 fn file(dir: &Path, name: &str) -> String {
@@ -343,24 +334,9 @@ async fn a_sale_runs_over_tls_to_all_three_backends_and_wrong_settings_are_named
         if what.starts_with("RabbitMQ") {
             // Ready without the queue: the refusal comes from publishing.
             server.wait_serving().await;
-            server.set_stock("TLSBAD", 5, 0).await;
+            server.set_stock("ROTATE", 5, 0).await;
         }
-        let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
-        let request = ReserveRequest {
-            sku: "TLSBAD".into(),
-            quantity: 1,
-            ..Default::default()
-        };
-        let mut request = with_user(request, "refused", Some("refused-key"));
-        request.set_timeout(Duration::from_secs(5));
-        let refusal = client.reserve(request).await.unwrap_err();
-        assert_eq!(
-            refusal.code(),
-            tonic::Code::Unavailable,
-            "{what}: {refusal:?}"
-        );
-        let line = crate::harness::log_line_naming(&log_path, named, what).await;
-        eprintln!("{what}: {line}");
+        let line = refused_and_logged(&server, &log_path, named, what).await;
         assert!(
             cause.split('|').any(|cause| line.contains(cause)),
             "{what}: not the cause {cause:?}: {line}"

@@ -547,14 +547,26 @@ async fn postgres_over_tls_is_verified_and_refusals_name_the_key() {
             std::fs::File::create(&log_path).unwrap(),
         )
         .await;
-        let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
-        let refusal = reserve(&mut client, "refused").await.unwrap_err();
-        assert_eq!(
-            refusal.code(),
-            tonic::Code::Unavailable,
-            "{what}: {refusal:?}"
-        );
-        let line = crate::harness::log_line_naming(&log_path, named, what).await;
-        eprintln!("{what}: {line}");
+        refused_and_logged(&server, &log_path, named, what).await;
     }
+}
+
+/// A Reserve (SKU `ROTATE`) to `server` is refused UNAVAILABLE, and its log
+/// (the full cause, which callers are not shown) names `named`: that line.
+pub(crate) async fn refused_and_logged(
+    server: &BinaryServer,
+    log_path: &std::path::Path,
+    named: &str,
+    what: &str,
+) -> String {
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    let refusal = reserve(&mut client, "refused").await.unwrap_err();
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::Unavailable,
+        "{what}: {refusal:?}"
+    );
+    let line = crate::harness::log_line_naming(log_path, named, what).await;
+    eprintln!("{what}: {line}");
+    line
 }

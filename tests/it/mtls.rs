@@ -87,6 +87,14 @@ pub(crate) fn make_leaf(dir: &std::path::Path, ca: &str, name: &str, ext: &str) 
 /// A CA, a rogue CA, a server certificate for localhost, and a client
 /// certificate per `(ca, name, URI SAN)`.
 fn pki(clients: &[(&str, &str, &str)]) -> tempfile::TempDir {
+    pki_naming_server("DNS:localhost,IP:127.0.0.1", clients)
+}
+
+/// As [`pki`], the server certificate naming `server_names` (SANs).
+pub(crate) fn pki_naming_server(
+    server_names: &str,
+    clients: &[(&str, &str, &str)],
+) -> tempfile::TempDir {
     let certs = tempfile::tempdir().unwrap();
     let dir = certs.path();
     make_ca(dir, "ca");
@@ -95,7 +103,7 @@ fn pki(clients: &[(&str, &str, &str)]) -> tempfile::TempDir {
         dir,
         "ca",
         "server",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        &format!("subjectAltName={server_names}\nextendedKeyUsage=serverAuth"),
     );
     for (ca, name, uri) in clients {
         make_leaf(
