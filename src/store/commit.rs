@@ -10,7 +10,7 @@ use crate::domain::{Reservation, ReservationId};
 /// Commit queries, written once; `dialect!` in `mod.rs` expands
 /// them into each connection type's module.
 macro_rules! commit_queries {
-    ($Conn:ty, $lock:path, $insert_many:path) => {
+    ($Conn:ty) => {
         type KeyPairMatch = Box<
             dyn BoxableExpression<
                 reservations::table,
@@ -100,11 +100,11 @@ macro_rules! commit_queries {
         }
 
         /// The queue path's group commit: the whole batch decided in
-        /// FIFO order from a few set-based reads, then one optimistic
-        /// update per SKU (`WHERE version = $v AND stock >= $taken`,
-        /// covering every order of that SKU in the batch) and one
-        /// multi-row insert, so a batch costs a handful of round trips
-        /// instead of several per order. `None`: a version moved or the
+        /// FIFO order from a few set-based reads, then one statement
+        /// taking every SKU's units (per row `WHERE version = $v AND
+        /// stock >= $taken`, covering every order of that SKU in the
+        /// batch) and one multi-row insert, so a batch costs the same
+        /// handful of statements however many orders and SKUs it holds. `None`: a version moved or the
         /// batch holds a case this path leaves to `decide` (the same id
         /// or idempotency key twice); the caller rolls back and decides
         /// order by order.
@@ -253,25 +253,21 @@ macro_rules! commit_queries {
                 });
                 rows.push(row);
             }
-            for (current, taken) in stock.values().filter(|(_, taken)| *taken > 0) {
-                let updated = diesel::update(
-                    inventory::table
-                        .filter(inventory::sku.eq(&current.sku))
-                        .filter(inventory::version.eq(current.version))
-                        .filter(inventory::stock.ge(*taken)),
-                )
-                .set((
-                    inventory::stock.eq(inventory::stock - *taken),
-                    inventory::version.eq(inventory::version + 1),
-                    inventory::updated_at.eq(params.now),
-                ))
-                .execute(conn)
-                .await?;
-                if updated != 1 {
-                    return Ok(None);
-                }
+            let mut takes: Vec<dialect::Take<'_>> = stock
+                .values()
+                .filter(|(_, taken)| *taken > 0)
+                .map(|(current, taken)| dialect::Take {
+                    sku: &current.sku,
+                    version: current.version,
+                    units: *taken,
+                })
+                .collect();
+            takes.sort_unstable_by(|a, b| a.sku.cmp(b.sku));
+            if !takes.is_empty() && own::take_stock(conn, &takes, params.now).await? != takes.len()
+            {
+                return Ok(None);
             }
-            $insert_many(conn, &rows).await?;
+            own::insert_rows(conn, &rows).await?;
             Ok(Some(outcomes))
         }
 
@@ -312,7 +308,9 @@ macro_rules! commit_queries {
                         .first(conn)
                         .await
                         .optional()?,
-                    DbCheckMode::Pessimistic => $lock(conn, order.sku.as_str()).await?,
+                    DbCheckMode::Pessimistic => {
+                        own::lock_inventory(conn, order.sku.as_str()).await?
+                    }
                 };
                 let Some(current) = current else {
                     return Ok(CommitOutcome::UnknownSku);
@@ -449,6 +447,18 @@ macro_rules! commit_queries {
                 }
             }
             conn.transaction::<_, DieselError, _>(async |conn| {
+                if params.mode != DbCheckMode::Off {
+                    // The orders below lock their rows one by one in
+                    // arrival order; taking them all first, sorted, keeps
+                    // this from deadlocking with another multi-SKU writer.
+                    // Off keeps the article's naive write, races and all.
+                    let mut skus: Vec<&str> = orders.iter().map(|o| o.sku.as_str()).collect();
+                    skus.sort_unstable();
+                    skus.dedup();
+                    if skus.len() > 1 {
+                        own::lock_skus(conn, &skus).await?;
+                    }
+                }
                 let mut outcomes = Vec::with_capacity(orders.len());
                 for order in orders {
                     // Nested: each order is a savepoint, so one

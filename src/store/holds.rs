@@ -11,7 +11,7 @@ use crate::domain::{Reservation, ReservationId, ReservationState, Sku, SoldOutPo
 /// Holds queries, written once; `dialect!` in `mod.rs` expands
 /// them into each connection type's module.
 macro_rules! holds_queries {
-    ($Conn:ty, $lock:path, $insert_many:path) => {
+    ($Conn:ty) => {
         async fn restock(
             conn: &mut $Conn,
             sku: &str,
@@ -39,6 +39,25 @@ macro_rules! holds_queries {
             now: NaiveDateTime,
             hold_ttl: Option<Duration>,
         ) -> QueryResult<Transition> {
+            if !leave_held(conn, row, to, now).await? {
+                return Ok(Transition::Refused);
+            }
+            if to == ReservationState::Confirmed {
+                return Ok(Transition::Moved { restock: None });
+            }
+            Ok(Transition::Moved {
+                restock: Some(give_back(conn, row, now, hold_ttl).await?),
+            })
+        }
+
+        /// Moves a HELD reservation to `to`; false if it was no longer
+        /// HELD (or, to be confirmed, had lapsed).
+        async fn leave_held(
+            conn: &mut $Conn,
+            row: &ReservationRow,
+            to: ReservationState,
+            now: NaiveDateTime,
+        ) -> QueryResult<bool> {
             let target = reservations::table
                 .filter(reservations::reservation_id.eq(&row.reservation_id))
                 .filter(reservations::state.eq(ReservationState::Held.as_db()));
@@ -59,20 +78,23 @@ macro_rules! holds_queries {
             } else {
                 diesel::update(target).set(changes).execute(conn).await?
             };
-            if moved != 1 {
-                return Ok(Transition::Refused);
-            }
-            if to == ReservationState::Confirmed {
-                return Ok(Transition::Moved { restock: None });
-            }
+            Ok(moved == 1)
+        }
+
+        /// Returns the units of a hold that has left HELD (not confirmed)
+        /// to stock, and on to the SKU's waitlist.
+        async fn give_back(
+            conn: &mut $Conn,
+            row: &ReservationRow,
+            now: NaiveDateTime,
+            hold_ttl: Option<Duration>,
+        ) -> QueryResult<Restock> {
             let version = restock(conn, &row.sku, row.quantity, now).await?;
             let (handed, units, filled) = fill_waitlist(conn, &row.sku, now, hold_ttl).await?;
-            Ok(Transition::Moved {
-                restock: Some(Restock {
-                    stock_version: filled.unwrap_or(version),
-                    returned: i64::from(row.quantity) - units,
-                    handed,
-                }),
+            Ok(Restock {
+                stock_version: filled.unwrap_or(version),
+                returned: i64::from(row.quantity) - units,
+                handed,
             })
         }
 
@@ -271,7 +293,7 @@ macro_rules! holds_queries {
             conn.transaction::<_, DieselError, _>(async |conn| {
                 // Serialises joins with the hand-off, which runs under
                 // the same row lock.
-                let Some(current) = $lock(conn, order.sku.as_str()).await? else {
+                let Some(current) = own::lock_inventory(conn, order.sku.as_str()).await? else {
                     return Ok(WaitlistJoin::UnknownSku);
                 };
                 if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
@@ -492,16 +514,31 @@ macro_rules! holds_queries {
                         expired.push((reservation, None));
                     }
                 }
-                let due = lapsed(conn, ReservationState::Held, now, limit).await?;
+                // Every hold leaves HELD before any units go back, and the
+                // units go back in SKU order: locks come reservation rows
+                // first, then inventory rows sorted, as a release and the
+                // group commit take them, so this sweep deadlocks with
+                // neither (nor with another sweep: one total order).
+                let mut due = lapsed(conn, ReservationState::Held, now, limit).await?;
+                due.sort_by(|a, b| {
+                    (&a.sku, a.expires_at, &a.reservation_id).cmp(&(
+                        &b.sku,
+                        b.expires_at,
+                        &b.reservation_id,
+                    ))
+                });
+                let mut moved = Vec::with_capacity(due.len());
                 for row in due {
-                    if let Transition::Moved { restock } =
-                        transition(conn, &row, ReservationState::Expired, now, hold_ttl).await?
-                    {
-                        let mut reservation = row.into_domain();
-                        reservation.state = ReservationState::Expired;
-                        reservation.updated_at = now;
-                        expired.push((reservation, restock));
+                    if leave_held(conn, &row, ReservationState::Expired, now).await? {
+                        moved.push(row);
                     }
+                }
+                for row in moved {
+                    let restock = give_back(conn, &row, now, hold_ttl).await?;
+                    let mut reservation = row.into_domain();
+                    reservation.state = ReservationState::Expired;
+                    reservation.updated_at = now;
+                    expired.push((reservation, Some(restock)));
                 }
                 Ok(expired)
             })

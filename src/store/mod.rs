@@ -275,37 +275,27 @@ enum Pool {
 pub struct Store {
     pool: std::sync::Arc<Pool>,
     target: std::sync::Arc<StoreBackend>,
+    statements: Statements,
+}
+
+/// Counts the statements a store's connections run, transaction control
+/// included (diesel's instrumentation sees each one finish), so a test or
+/// the bench can show what a batch costs the database.
+#[derive(Clone, Default)]
+struct Statements(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl diesel::connection::Instrumentation for Statements {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        if let diesel::connection::InstrumentationEvent::FinishQuery { .. } = event {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
     }
-}
-
-fn lock_inventory_pg<'a>(
-    conn: &'a mut AsyncPgConnection,
-    sku: &'a str,
-) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
-    inventory::table
-        .find(sku)
-        .select(InventoryRow::as_select())
-        .for_update()
-        .first(conn)
-        .map(|r| r.optional())
-}
-
-/// SQLite has no row locks; the embedded pool has a single connection, so
-/// every transaction is already serialised.
-fn lock_inventory_sqlite<'a>(
-    conn: &'a mut SqliteConn,
-    sku: &'a str,
-) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
-    inventory::table
-        .find(sku)
-        .select(InventoryRow::as_select())
-        .first(conn)
-        .map(|r| r.optional())
 }
 
 /// `ttl` after `now`, saturating (a huge configured TTL means "never").
@@ -341,30 +331,6 @@ fn push_rejected(
     rows.push(row);
 }
 
-/// One multi-row INSERT per chunk (bounded so a huge batch stays under the
-/// protocol's parameter limit).
-async fn insert_rows_pg(conn: &mut AsyncPgConnection, rows: &[ReservationRow]) -> QueryResult<()> {
-    for chunk in rows.chunks(1_000) {
-        diesel::insert_into(reservations::table)
-            .values(chunk)
-            .execute(conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Row by row: diesel cannot batch rows with optional columns on SQLite,
-/// and an in-process database has no round trips to save.
-async fn insert_rows_sqlite(conn: &mut SqliteConn, rows: &[ReservationRow]) -> QueryResult<()> {
-    for row in rows {
-        diesel::insert_into(reservations::table)
-            .values(row)
-            .execute(conn)
-            .await?;
-    }
-    Ok(())
-}
-
 /// Runs `$f` from the query module matching the pool, on a pooled connection.
 macro_rules! dispatch {
     ($self:ident . $f:ident ( $($arg:expr),* $(,)? )) => {
@@ -397,32 +363,30 @@ mod commit;
 mod holds;
 #[macro_use]
 mod stock;
+mod dialect;
 mod migrate;
 mod tickets;
 pub mod tls;
 
 pub use migrate::MigrationHarnessAny;
 
-/// One module of queries per connection type.
+/// One module of queries per connection type; `own` is that type's
+/// statements the dialects write differently (`dialect.rs`).
 macro_rules! dialect {
-    ($name:ident, $Conn:ty, $lock:path, $insert_many:path) => {
+    ($name:ident, $Conn:ty) => {
         mod $name {
+            use super::dialect::$name as own;
             use super::*;
 
-            commit_queries!($Conn, $lock, $insert_many);
-            holds_queries!($Conn, $lock, $insert_many);
-            stock_queries!($Conn, $lock, $insert_many);
+            commit_queries!($Conn);
+            holds_queries!($Conn);
+            stock_queries!($Conn);
         }
     };
 }
 
-dialect!(pg, AsyncPgConnection, lock_inventory_pg, insert_rows_pg);
-dialect!(
-    sqlite,
-    SqliteConn,
-    lock_inventory_sqlite,
-    insert_rows_sqlite
-);
+dialect!(pg, AsyncPgConnection);
+dialect!(sqlite, SqliteConn);
 
 impl Store {
     /// Builds the pool without connecting, so the server can start (and
@@ -439,13 +403,14 @@ impl Store {
         password: Option<tokio::sync::watch::Receiver<String>>,
     ) -> Result<Self, StoreError> {
         let timeout = Duration::from_millis(config.acquire_timeout_ms);
+        let statements = Statements::default();
         let pool = match &target {
             StoreBackend::Postgres(url) => {
                 let tls = match tls::wanted(url) {
                     Some(_) => Some(tls::client_config(config).map_err(StoreError::Connect)?),
                     None => None,
                 };
-                let manager = pg_manager(url, password, tls);
+                let manager = pg_manager(url, password, tls, statements.clone());
                 Pool::Pg(
                     bb8::Pool::builder()
                         .max_size(config.max_connections)
@@ -454,7 +419,8 @@ impl Store {
                 )
             }
             StoreBackend::Sqlite(path) => {
-                let manager = manager_running::<SqliteConn>(path, SQLITE_PRAGMAS, None);
+                let manager =
+                    manager_running::<SqliteConn>(path, SQLITE_PRAGMAS, None, statements.clone());
                 // One connection: SQLite has one writer, and a single
                 // connection serialises transactions without busy errors.
                 Pool::Sqlite(
@@ -468,7 +434,15 @@ impl Store {
         Ok(Self {
             pool: std::sync::Arc::new(pool),
             target: std::sync::Arc::new(target),
+            statements,
         })
+    }
+
+    /// Statements this store's connections have run so far, `BEGIN`,
+    /// `COMMIT` and savepoints included.
+    pub fn statements(&self) -> u64 {
+        // `load` alone would be diesel's RunQueryDsl::load.
+        std::sync::atomic::AtomicU64::load(&self.statements.0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// "postgres" or "sqlite", for logs and metrics.
@@ -526,15 +500,17 @@ fn pg_manager(
     url: &str,
     password: Option<tokio::sync::watch::Receiver<String>>,
     tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)>,
+    statements: Statements,
 ) -> AsyncDieselConnectionManager<AsyncPgConnection> {
     let Some((tls, hint)) = tls else {
-        return manager_running::<AsyncPgConnection>(url, PG_SESSION, password);
+        return manager_running::<AsyncPgConnection>(url, PG_SESSION, password, statements);
     };
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
         let url = with_current_password(url, password.as_ref());
         let tls = tls.clone();
         let hint = hint.clone();
+        let statements = statements.clone();
         async move {
             let url = tls::wanted(&url).unwrap_or(url);
             let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
@@ -552,6 +528,7 @@ fn pg_manager(
             conn.batch_execute(PG_SESSION)
                 .await
                 .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            conn.set_instrumentation(statements);
             Ok(conn)
         }
         .boxed()
@@ -566,6 +543,7 @@ fn manager_running<C>(
     url: &str,
     session: &'static str,
     password: Option<tokio::sync::watch::Receiver<String>>,
+    statements: Statements,
 ) -> AsyncDieselConnectionManager<C>
 where
     C: AsyncConnection + SimpleAsyncConnection + Send + 'static,
@@ -573,6 +551,7 @@ where
     let mut setup = ManagerConfig::default();
     setup.custom_setup = Box::new(move |url| {
         let url = with_current_password(url, password.as_ref());
+        let statements = statements.clone();
         async move {
             let mut conn = C::establish(&url).await.map_err(|e| {
                 let message = e.to_string();
@@ -588,6 +567,7 @@ where
             conn.batch_execute(session)
                 .await
                 .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            conn.set_instrumentation(statements);
             Ok(conn)
         }
         .boxed()

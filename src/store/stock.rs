@@ -10,7 +10,7 @@ use crate::domain::{Reservation, Sku};
 /// Stock queries, written once; `dialect!` in `mod.rs` expands
 /// them into each connection type's module.
 macro_rules! stock_queries {
-    ($Conn:ty, $lock:path, $insert_many:path) => {
+    ($Conn:ty) => {
         pub(super) async fn set_stock(
             conn: &mut $Conn,
             sku: &str,

@@ -180,21 +180,9 @@ async fn malformed_calls_leave_nothing_in_the_dedup_redis() {
     crate::harness::wipe_redis_prefix(&prefix).await;
 }
 
-/// The transactions PostgreSQL has finished in `database` (its own
-/// statistics, read from outside the service).
+/// The transactions PostgreSQL has finished in `database`.
 fn transactions(database: &str) -> i64 {
-    let out = std::process::Command::new("psql")
-        .arg(format!("{}/postgres", crate::harness::pg_admin_url()))
-        .args(["-tAc"])
-        .arg(format!(
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{database}'"
-        ))
-        .output()
-        .expect("psql runs");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("psql said {out:?}"))
+    crate::harness::database_stat(database, "xact_commit + xact_rollback")
 }
 
 /// Transactions per second in `database` over `window`.

@@ -234,3 +234,216 @@ async fn postgres_connections_plan_each_statement_for_its_values() {
         db.drop_now().await;
     }
 }
+
+/// The statements `batch` costs the store, and its outcomes.
+async fn statements_of(store: &Store, batch: &[NewOrder]) -> (u64, Vec<String>) {
+    let before = store.statements();
+    let shapes = shapes_of(store, batch).await;
+    (store.statements() - before, shapes)
+}
+
+/// A batch spread over 64 SKUs costs PostgreSQL the same statements as one
+/// of the same size on one SKU: the units of every SKU are taken in one
+/// conditional update, not one update per SKU.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_costs_the_same_statements_however_many_skus_it_spans() {
+    let (config, db, _dir) = config_for(Profile::Postgres).await;
+    let store = open_store(&config);
+    store.migrate().await.unwrap();
+    let skus: Vec<String> = (0..64).map(|i| format!("MANY-{i:02}")).collect();
+    for sku in skus.iter().chain(["ONE".to_owned()].iter()) {
+        // ONE: 64 and the warm-up's unit.
+        store
+            .set_stock(&Sku::parse(sku).unwrap(), 65, 0, now(), None)
+            .await
+            .unwrap();
+    }
+    let keyed =
+        |sku: &str, i: usize| order(sku, &format!("u{i}"), 1, Some(&format!("k-{sku}-{i}")));
+    let one: Vec<NewOrder> = (0..64).map(|i| keyed("ONE", i)).collect();
+    let spread: Vec<NewOrder> = (0..64).map(|i| keyed(&skus[i], i)).collect();
+    // Warm the pool so a connection's set-up is not counted.
+    shapes_of(&store, &[keyed("ONE", 999)]).await;
+
+    let (on_one, shapes) = statements_of(&store, &one).await;
+    assert!(shapes.iter().all(|s| s.starts_with("held")), "{shapes:?}");
+    let (on_many, shapes) = statements_of(&store, &spread).await;
+    assert!(shapes.iter().all(|s| s.starts_with("held")), "{shapes:?}");
+    println!("statements per batch of 64 orders: {on_one} on one SKU, {on_many} on 64 SKUs");
+    assert_eq!(on_many, on_one, "statements grew with the SKUs in a batch");
+    assert!(on_one <= 8, "{on_one} statements for one batch");
+    assert_eq!(stock_of(&store, "ONE").await, 0);
+    for sku in &skus {
+        assert_eq!(stock_of(&store, sku).await, 64, "{sku}");
+    }
+    if let Some(db) = db {
+        db.drop_now().await;
+    }
+}
+
+/// Two processors (partitions to come) committing batches over the same
+/// SKUs in shuffled order, two expiry sweepers (two replicas) returning
+/// lapsed holds, and buyers releasing and confirming, all at once on
+/// PostgreSQL: every multi-row writer locks inventory rows in SKU order,
+/// so none of them ever waits on a cycle. PostgreSQL counts deadlocks it
+/// broke; it must count none, no call may fail, and every unit is where
+/// the rows say it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processors_sweepers_and_buyers_never_deadlock_on_shared_skus() {
+    use std::hash::BuildHasher;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use stockgate::domain::ReservationState;
+
+    let (config, db, _dir) = config_for(Profile::Postgres).await;
+    let db = db.expect("a database of the test's own");
+    let store = open_store(&config);
+    store.migrate().await.unwrap();
+    let skus: Vec<String> = (0..8).map(|i| format!("RACE-{i}")).collect();
+    const STOCK: i64 = 1_000_000;
+    for sku in &skus {
+        store
+            .set_stock(&Sku::parse(sku).unwrap(), STOCK, 0, now(), None)
+            .await
+            .unwrap();
+    }
+    let ttl = Some(Duration::from_millis(30));
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let held = Arc::new(Mutex::new(Vec::<(ReservationId, UserId)>::new()));
+    let committed = Arc::new(Mutex::new(0usize));
+    let mut tasks = Vec::new();
+    for p in 0..2 {
+        let (store, skus, errors, held, committed) = (
+            store.clone(),
+            skus.clone(),
+            errors.clone(),
+            held.clone(),
+            committed.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while tokio::time::Instant::now() < until {
+                // Each batch in an order of its own (a fresh hasher's).
+                let order_of = std::collections::hash_map::RandomState::new();
+                let mut picks: Vec<&String> = skus.iter().cycle().take(24).collect();
+                picks.sort_by_key(|sku| order_of.hash_one(sku));
+                let batch: Vec<NewOrder> = picks
+                    .iter()
+                    .map(|sku| {
+                        n += 1;
+                        order(sku, &format!("p{p}-{n}"), 1, Some(&format!("k{n}")))
+                    })
+                    .collect();
+                let params = CommitParams {
+                    hold_ttl: ttl,
+                    now: now(),
+                    ..params()
+                };
+                match store.commit_batch(&batch, params).await {
+                    Ok(outcomes) => {
+                        for outcome in outcomes {
+                            match outcome {
+                                CommitOutcome::Committed { reservation, .. } => {
+                                    *committed.lock().unwrap() += 1;
+                                    held.lock()
+                                        .unwrap()
+                                        .push((reservation.id, reservation.user));
+                                }
+                                other => errors.lock().unwrap().push(format!("{other:?}")),
+                            }
+                        }
+                    }
+                    Err(err) => errors.lock().unwrap().push(format!("commit: {err}")),
+                }
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (store, errors) = (store.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < until {
+                if let Err(err) = store.expire_due(now(), 64, ttl).await {
+                    errors.lock().unwrap().push(format!("sweep: {err}"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for b in 0..2 {
+        let (store, errors, held) = (store.clone(), errors.clone(), held.clone());
+        tasks.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < until {
+                let next = held.lock().unwrap().pop();
+                let Some((id, user)) = next else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let ended = if b == 0 {
+                    store.release(&id, &user, now(), ttl).await
+                } else {
+                    store.confirm(&id, &user, now()).await
+                };
+                if let Err(err) = ended {
+                    errors.lock().unwrap().push(format!("end hold: {err}"));
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Whatever is still held lapses and is swept.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    while !store
+        .expire_due(now(), 1_000, ttl)
+        .await
+        .unwrap()
+        .is_empty()
+    {}
+
+    let errors = errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "{} failures, e.g. {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    let committed = *committed.lock().unwrap();
+    assert!(
+        committed > 500,
+        "only {committed} orders committed: no race to speak of"
+    );
+    let mut rows = 0;
+    for sku in &skus {
+        let reservations = store
+            .reservations_of(&Sku::parse(sku).unwrap())
+            .await
+            .unwrap();
+        let confirmed: i64 = reservations
+            .iter()
+            .filter(|r| r.state == ReservationState::Confirmed)
+            .map(|r| i64::from(r.quantity))
+            .sum();
+        assert!(
+            reservations.iter().all(|r| matches!(
+                r.state,
+                ReservationState::Confirmed
+                    | ReservationState::Released
+                    | ReservationState::Expired
+            )),
+            "{sku}: a hold survived the final sweep"
+        );
+        assert_eq!(stock_of(&store, sku).await, STOCK - confirmed, "{sku}");
+        rows += reservations.len();
+    }
+    assert_eq!(rows, committed, "every committed order has its row, once");
+    drop(store);
+    // A backend reports its figures when it ends (the pool's connections,
+    // dropped above) or within a second.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let deadlocks = crate::harness::database_stat(&db.name, "deadlocks");
+    println!("{committed} orders committed; PostgreSQL broke {deadlocks} deadlocks");
+    assert_eq!(deadlocks, 0, "PostgreSQL broke {deadlocks} deadlocks");
+    db.drop_now().await;
+}

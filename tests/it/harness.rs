@@ -127,6 +127,23 @@ impl TestDb {
     }
 }
 
+/// `figure` of `database`'s row in `pg_stat_database`: PostgreSQL's own
+/// statistics, read from outside the service.
+pub fn database_stat(database: &str, figure: &str) -> i64 {
+    let out = std::process::Command::new("psql")
+        .arg(format!("{}/postgres", pg_admin_url()))
+        .args(["-tAc"])
+        .arg(format!(
+            "SELECT {figure} FROM pg_stat_database WHERE datname = '{database}'"
+        ))
+        .output()
+        .expect("psql runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("psql said {out:?}"))
+}
+
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
     /// AdminService's own listener, when the config asked for one

@@ -1,0 +1,160 @@
+//! The statements PostgreSQL and SQLite write differently: row locks,
+//! multi-row inserts, and taking stock from many SKUs at once. Each
+//! dialect's query module (`dialect!` in `mod.rs`) calls its own as `own`.
+//!
+//! Every transaction that locks more than one `inventory` row locks them in
+//! SKU order, so two of them wait for each other instead of deadlocking:
+//! the group commit (`take_stock`), the per-order fallback (`lock_skus`
+//! first) and the expiry sweeper (units returned SKU by SKU, sorted).
+
+/// Units a batch takes from one SKU row, valid only at the version the
+/// batch decided from.
+pub(super) struct Take<'a> {
+    pub sku: &'a str,
+    pub version: i64,
+    pub units: i64,
+}
+
+pub(super) mod pg {
+    use super::super::*;
+    use super::Take;
+    use diesel::sql_types::{Array, BigInt, Text, Timestamp};
+
+    /// Locks the batch's rows in SKU order (the CTE's `ORDER BY … FOR
+    /// UPDATE`; every plan for the update meets them in that order), then
+    /// takes each row's units where its version is still the one read and
+    /// its stock covers them.
+    const TAKE_STOCK: &str = "\
+        WITH locked AS MATERIALIZED ( \
+            SELECT sku FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE) \
+        UPDATE inventory AS i \
+        SET stock = i.stock - t.units, version = i.version + 1, updated_at = $4 \
+        FROM unnest($1::varchar[], $2::int8[], $3::int8[]) AS t(sku, version, units) \
+        WHERE i.sku = t.sku AND i.sku IN (SELECT sku FROM locked) \
+          AND i.version = t.version AND i.stock >= t.units";
+
+    pub(in crate::store) fn lock_inventory<'a>(
+        conn: &'a mut AsyncPgConnection,
+        sku: &'a str,
+    ) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
+        inventory::table
+            .find(sku)
+            .select(InventoryRow::as_select())
+            .for_update()
+            .first(conn)
+            .map(|r| r.optional())
+    }
+
+    /// Locks these SKUs' rows in SKU order.
+    pub(in crate::store) async fn lock_skus(
+        conn: &mut AsyncPgConnection,
+        skus: &[&str],
+    ) -> QueryResult<()> {
+        inventory::table
+            .filter(inventory::sku.eq_any(skus))
+            .order(inventory::sku.asc())
+            .select(inventory::sku)
+            .for_update()
+            .load::<String>(conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// All of `takes` in one statement; the rows it changed (fewer than
+    /// `takes` when a version moved or stock fell short).
+    pub(in crate::store) async fn take_stock(
+        conn: &mut AsyncPgConnection,
+        takes: &[Take<'_>],
+        now: NaiveDateTime,
+    ) -> QueryResult<usize> {
+        let skus: Vec<String> = takes.iter().map(|t| t.sku.to_owned()).collect();
+        let versions: Vec<i64> = takes.iter().map(|t| t.version).collect();
+        let units: Vec<i64> = takes.iter().map(|t| t.units).collect();
+        diesel::sql_query(TAKE_STOCK)
+            .bind::<Array<Text>, _>(skus)
+            .bind::<Array<BigInt>, _>(versions)
+            .bind::<Array<BigInt>, _>(units)
+            .bind::<Timestamp, _>(now)
+            .execute(conn)
+            .await
+    }
+
+    /// One multi-row INSERT per chunk (bounded so a huge batch stays under
+    /// the protocol's parameter limit).
+    pub(in crate::store) async fn insert_rows(
+        conn: &mut AsyncPgConnection,
+        rows: &[ReservationRow],
+    ) -> QueryResult<()> {
+        for chunk in rows.chunks(1_000) {
+            diesel::insert_into(reservations::table)
+                .values(chunk)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// SQLite has no row locks; the embedded pool has a single connection, so
+/// every transaction is already serialised, and an in-process database has
+/// no round trips to save.
+pub(super) mod sqlite {
+    use super::super::*;
+    use super::Take;
+
+    pub(in crate::store) fn lock_inventory<'a>(
+        conn: &'a mut SqliteConn,
+        sku: &'a str,
+    ) -> impl std::future::Future<Output = QueryResult<Option<InventoryRow>>> + Send + 'a {
+        inventory::table
+            .find(sku)
+            .select(InventoryRow::as_select())
+            .first(conn)
+            .map(|r| r.optional())
+    }
+
+    pub(in crate::store) async fn lock_skus(
+        _conn: &mut SqliteConn,
+        _skus: &[&str],
+    ) -> QueryResult<()> {
+        Ok(())
+    }
+
+    pub(in crate::store) async fn take_stock(
+        conn: &mut SqliteConn,
+        takes: &[Take<'_>],
+        now: NaiveDateTime,
+    ) -> QueryResult<usize> {
+        let mut changed = 0;
+        for take in takes {
+            changed += diesel::update(
+                inventory::table
+                    .filter(inventory::sku.eq(take.sku))
+                    .filter(inventory::version.eq(take.version))
+                    .filter(inventory::stock.ge(take.units)),
+            )
+            .set((
+                inventory::stock.eq(inventory::stock - take.units),
+                inventory::version.eq(inventory::version + 1),
+                inventory::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await?;
+        }
+        Ok(changed)
+    }
+
+    /// Row by row: diesel cannot batch rows with optional columns on SQLite.
+    pub(in crate::store) async fn insert_rows(
+        conn: &mut SqliteConn,
+        rows: &[ReservationRow],
+    ) -> QueryResult<()> {
+        for row in rows {
+            diesel::insert_into(reservations::table)
+                .values(row)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
