@@ -140,15 +140,11 @@ pub trait StockGate: Send + Sync + 'static {
     /// however often it is called.
     async fn release(&self, release: &GateEntry) -> Result<(), GateError>;
 
-    /// Applies one settlement to many reservations (the processor's batch):
-    /// the same as calling the single method for each, in fewer round trips
-    /// where the backend can.
-    async fn settle_batch(
-        &self,
-        action: Settlement,
-        entries: &[GateEntry],
-    ) -> Result<(), GateError> {
-        for entry in entries {
+    /// Applies each reservation's settlement (the processor's batch): the
+    /// same as calling the single method for each, in fewer round trips
+    /// where the backend can (Redis: one).
+    async fn settle_batch(&self, entries: &[(Settlement, GateEntry)]) -> Result<(), GateError> {
+        for (action, entry) in entries {
             match action {
                 Settlement::Committed => self.committed(entry).await?,
                 Settlement::Rejected => self.rejected(entry).await?,

@@ -133,21 +133,23 @@ impl RedisGate {
         format!("{}:restock", self.prefix)
     }
 
-    /// One settle-script run per SKU, covering all of that SKU's entries
-    /// (a script may only touch keys of one hash slot).
-    async fn settle_entries(
-        &self,
-        action: Settlement,
-        entries: &[GateEntry],
-    ) -> Result<(), GateError> {
-        let mut by_sku: Vec<(&Sku, Vec<&GateEntry>)> = Vec::new();
-        for entry in entries {
-            match by_sku.iter_mut().find(|(sku, _)| *sku == &entry.sku) {
-                Some((_, group)) => group.push(entry),
-                None => by_sku.push((&entry.sku, vec![entry])),
+    /// One settle-script run per SKU and action, covering all of that
+    /// SKU's entries (a script may only touch keys of one hash slot), every
+    /// run sent in one pipeline: one round trip per batch however many
+    /// SKUs it holds.
+    async fn settle_entries(&self, entries: &[(Settlement, GateEntry)]) -> Result<(), GateError> {
+        let mut groups: Vec<(Settlement, &Sku, Vec<&GateEntry>)> = Vec::new();
+        for (action, entry) in entries {
+            match groups
+                .iter_mut()
+                .find(|(a, sku, _)| a == action && *sku == &entry.sku)
+            {
+                Some((_, _, group)) => group.push(entry),
+                None => groups.push((*action, &entry.sku, vec![entry])),
             }
         }
-        for (sku, group) in by_sku {
+        let mut invocations = Vec::with_capacity(groups.len());
+        for (action, sku, group) in groups {
             let mut invocation = self.settle.prepare_invoke();
             invocation
                 .key(self.key(sku, "inv"))
@@ -165,9 +167,32 @@ impl RedisGate {
                     .arg(entry.id.as_str())
                     .arg(entry.version.map(|v| v.to_string()).unwrap_or_default());
             }
-            self.invoke::<i64>(&mut invocation).await?;
+            invocations.push(invocation);
         }
-        Ok(())
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let mut conn = self.conn.clone();
+        // A pipeline's EVALSHA does not load the script itself. Settling is
+        // idempotent per reservation, so resending the whole pipeline after
+        // a load changes nothing that had already applied.
+        let mut reloads = 0;
+        loop {
+            match pipe.query_async::<redis::Value>(&mut conn).await {
+                Err(err)
+                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && reloads < 5 =>
+                {
+                    reloads += 1;
+                    self.settle
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(|e| unavailable(e, &self.origin))?;
+                }
+                other => return other.map(|_| ()).map_err(|e| unavailable(e, &self.origin)),
+            }
+        }
     }
 }
 
@@ -245,26 +270,22 @@ impl StockGate for RedisGate {
     }
 
     async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle_entries(Settlement::Committed, std::slice::from_ref(entry))
+        self.settle_entries(&[(Settlement::Committed, entry.clone())])
             .await
     }
 
     async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle_entries(Settlement::Rejected, std::slice::from_ref(entry))
+        self.settle_entries(&[(Settlement::Rejected, entry.clone())])
             .await
     }
 
     async fn release(&self, entry: &GateEntry) -> Result<(), GateError> {
-        self.settle_entries(Settlement::Released, std::slice::from_ref(entry))
+        self.settle_entries(&[(Settlement::Released, entry.clone())])
             .await
     }
 
-    async fn settle_batch(
-        &self,
-        action: Settlement,
-        entries: &[GateEntry],
-    ) -> Result<(), GateError> {
-        self.settle_entries(action, entries).await
+    async fn settle_batch(&self, entries: &[(Settlement, GateEntry)]) -> Result<(), GateError> {
+        self.settle_entries(entries).await
     }
 
     async fn load(&self, stock: &[SkuStock]) -> Result<(), GateError> {
@@ -465,18 +486,40 @@ mod tests {
         for entry in &entries {
             gate.reserve(entry).await.unwrap();
         }
-        gate.settle_batch(Settlement::Committed, &entries[..2])
+        let settle = |action: Settlement, entries: &[GateEntry]| {
+            entries
+                .iter()
+                .map(|entry| (action, entry.clone()))
+                .collect::<Vec<_>>()
+        };
+        gate.settle_batch(&settle(Settlement::Committed, &entries[..2]))
             .await
             .unwrap();
         assert_eq!(gate.in_flight(&a).await.unwrap(), 0);
         for _ in 0..2 {
-            gate.settle_batch(Settlement::Released, &entries)
+            gate.settle_batch(&settle(Settlement::Released, &entries))
                 .await
                 .unwrap();
         }
         assert_eq!(gate.available(&a).await.unwrap(), Some(10));
         assert_eq!(gate.available(&b).await.unwrap(), Some(10));
         assert_eq!(gate.in_flight(&b).await.unwrap(), 0);
+        // Mixed actions in one call, with the script flushed first: the
+        // pipeline reloads it and still settles each entry once.
+        let c = request(&b, "u3", 5);
+        let d = request(&b, "u4", 1);
+        gate.reserve(&c).await.unwrap();
+        gate.reserve(&d).await.unwrap();
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .exec_async(&mut gate.conn.clone())
+            .await
+            .unwrap();
+        let mixed = [(Settlement::Committed, c), (Settlement::Released, d)];
+        gate.settle_batch(&mixed).await.unwrap();
+        gate.settle_batch(&mixed).await.unwrap();
+        assert_eq!(gate.in_flight(&b).await.unwrap(), 0);
+        assert_eq!(gate.available(&b).await.unwrap(), Some(5));
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! the outcome of each order, and the gate given back what the database
 //! did not take.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     domain::{now, ReservationId, ReservationState, Sku},
@@ -71,7 +71,7 @@ impl Pipeline {
     ) -> Result<ReserveResult, ReservationError> {
         if gated {
             let entry = self.settled_entry(order, &outcome).await;
-            self.settle_gate(settlement(&outcome), &[entry]).await;
+            self.settle_gate(&[(settlement(&outcome), entry)]).await;
         }
         self.answer(order, outcome)
     }
@@ -145,27 +145,26 @@ impl Pipeline {
     /// in flight, and a rebuild meanwhile counts them twice (see
     /// [`GateEntry::version`]). Settling is idempotent per reservation, so
     /// a retry after a lost reply changes nothing.
-    pub(super) async fn settle_gate(&self, action: Settlement, entries: &[GateEntry]) {
-        if let Err(err) = self.gate.settle_batch(action, entries).await {
-            tracing::warn!(?action, reservations = entries.len(), error = %err, "could not settle the stock gate; retrying in the background");
-            self.settle_later(action, entries.to_vec());
+    pub(super) async fn settle_gate(&self, entries: &[(Settlement, GateEntry)]) {
+        if let Err(err) = self.gate.settle_batch(entries).await {
+            tracing::warn!(reservations = entries.len(), error = %err, "could not settle the stock gate; retrying in the background");
+            self.settle_later(entries.to_vec());
         }
     }
 
-    pub(super) fn settle_later(&self, action: Settlement, entries: Vec<GateEntry>) {
+    pub(super) fn settle_later(&self, entries: Vec<(Settlement, GateEntry)>) {
         let gate = Arc::clone(&self.gate);
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             // About a minute; after that the reconciler's checks take over.
             for _ in 0..70 {
                 tokio::time::sleep(pause).await;
-                if gate.settle_batch(action, &entries).await.is_ok() {
+                if gate.settle_batch(&entries).await.is_ok() {
                     return;
                 }
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
             tracing::warn!(
-                ?action,
                 reservations = entries.len(),
                 "gave up settling the stock gate; the reconciler repairs it"
             );
@@ -173,7 +172,7 @@ impl Pipeline {
     }
 
     pub(super) async fn gate_release(&self, order: &NewOrder) {
-        self.settle_gate(Settlement::Released, &[gate_entry(order)])
+        self.settle_gate(&[(Settlement::Released, gate_entry(order))])
             .await;
     }
 
@@ -237,16 +236,14 @@ impl Pipeline {
                 .into_iter()
                 .zip(outcomes)
                 .partition(|(_, outcome)| matches!(outcome, CommitOutcome::Contention { .. }));
-            // One gate round trip per kind of settlement, not one per order.
-            let mut settlements: HashMap<Settlement, Vec<GateEntry>> = HashMap::new();
+            // One gate round trip for the batch, not one per order.
+            let mut settlements = Vec::with_capacity(done.len());
             for (queued, outcome) in done.iter().filter(|(queued, _)| queued.gated) {
-                settlements
-                    .entry(settlement(outcome))
-                    .or_default()
-                    .push(self.settled_entry(&queued.order, outcome).await);
+                let entry = self.settled_entry(&queued.order, outcome).await;
+                settlements.push((settlement(outcome), entry));
             }
-            for (action, entries) in settlements {
-                self.settle_gate(action, &entries).await;
+            if !settlements.is_empty() {
+                self.settle_gate(&settlements).await;
             }
             for (queued, outcome) in done {
                 self.finish_queued(queued, outcome);
@@ -322,7 +319,7 @@ impl Pipeline {
         };
         if queued.gated {
             let action = settlement(&CommitOutcome::AlreadyCommitted(reservation.clone()));
-            self.settle_gate(action, &[gate_entry(order)]).await;
+            self.settle_gate(&[(action, gate_entry(order))]).await;
             self.restocked(order.sku.as_str());
         }
         self.pending().remove(&order.id);

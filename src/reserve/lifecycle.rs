@@ -148,8 +148,7 @@ impl Pipeline {
         )
         .at_version(Some(restock.stock_version));
         let result = if restock.handed.is_empty() {
-            self.settle_gate(Settlement::Released, std::slice::from_ref(&entry))
-                .await;
+            self.settle_gate(&[(Settlement::Released, entry)]).await;
             Ok(())
         } else {
             // Forget the hold (its user's units) without returning stock,

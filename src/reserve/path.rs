@@ -261,7 +261,7 @@ impl Pipeline {
     /// release of an admission the gate never recorded changes nothing.
     /// Retried in the background while the gate is unreachable.
     fn forget_admission(&self, entry: GateEntry) {
-        self.settle_later(Settlement::Released, vec![entry]);
+        self.settle_later(vec![(Settlement::Released, entry)]);
     }
 
     /// Forgets the fast path's answer for a SKU that was restocked

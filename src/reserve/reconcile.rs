@@ -141,7 +141,7 @@ impl Pipeline {
                 }
             };
             let entry = entry.at_version(version);
-            self.settle_gate(action, std::slice::from_ref(&entry)).await;
+            self.settle_gate(&[(action, entry)]).await;
         }
         if !lost.is_empty() {
             tracing::warn!(
