@@ -16,6 +16,8 @@ fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> StormOption
         token: None,
         sku: sku.into(),
         stock,
+        skus: 1,
+        zipf: 0.0,
         requests,
         users: requests,
         concurrency: 200,
@@ -82,7 +84,7 @@ async fn the_checker_finds_a_broken_database() {
         .await
         .unwrap();
     let told_nobody = HashMap::new();
-    let checks = storm::check_database(&url, &opts, &told_nobody)
+    let checks = storm::check_database(&url, "CHECKED", 5, &told_nobody)
         .await
         .unwrap();
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
@@ -97,9 +99,12 @@ async fn the_checker_finds_a_broken_database() {
 }
 
 /// The matrix against the real backends (PostgreSQL, the Redis gate,
-/// RabbitMQ): every real configuration holds and sells exactly the stock;
-/// the naive baseline oversells, so the detector is proven; the switches
-/// are restored; the HTML report has two well-formed SVG charts.
+/// RabbitMQ), each run a sale of ten SKUs of five units with Zipf
+/// popularity: every real configuration, every layer on and each off,
+/// holds every invariant per SKU (the database's included) and sells
+/// exactly the stock; the naive baseline oversells, so the per-SKU
+/// detector is proven; the switches are restored; the HTML report has two
+/// well-formed SVG charts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_matrix_compares_every_strategy() {
     let app = TestApp::spawn_with(Profile::Rabbit, |c| {
@@ -114,8 +119,11 @@ async fn the_matrix_compares_every_strategy() {
         .unwrap()
         .into_inner()
         .layers;
-    let mut opts = options(&app, "MATRIX", 50, 1_000);
+    let mut opts = options(&app, "MATRIX", 5, 1_000);
     opts.double_click = 0.0;
+    opts.skus = 10;
+    opts.zipf = 1.0;
+    opts.store = Some(app.config.backends.store.clone());
     let reports = storm::run_matrix(&opts).await.unwrap();
     let table = storm::render_matrix(&reports);
     print!("{table}");
@@ -126,6 +134,22 @@ async fn the_matrix_compares_every_strategy() {
         if !report.strategy.starts_with("NAIVE") {
             assert!(report.ok(), "{}: {:?}", report.strategy, report.checks);
             assert_eq!(report.units_ordered, 50, "{}", report.strategy);
+            assert!(
+                report.checks.iter().any(|c| c.name.starts_with("database:")
+                    && c.detail.contains("holds for each of 10 SKUs")),
+                "{:?}",
+                report.checks
+            );
+            let hottest = &report.hottest;
+            assert_eq!(hottest.len(), 5);
+            assert!(hottest[0].sku.ends_with("-0000"), "{hottest:?}");
+            assert!(hottest[0].calls > 2 * hottest[4].calls, "{hottest:?}");
+            assert!(
+                hottest
+                    .iter()
+                    .all(|t| t.units_ordered == 5 && t.stock_left == 0),
+                "{hottest:?}"
+            );
         }
         assert_eq!(report.calls, 1_000);
     }

@@ -128,11 +128,20 @@ struct StormArgs {
     /// The admin token.
     #[arg(long, env = "STOCKGATE_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The SKU to sell (set to `--stock` first); default: a fresh name.
+    /// The SKU to sell (set to `--stock` first), or with `--skus` the stem
+    /// of their names (SKU-0000, …); default: a fresh name.
     #[arg(long)]
     sku: Option<String>,
+    /// Units of each SKU.
     #[arg(long, default_value_t = 1)]
     stock: i64,
+    /// SKUs on sale, each with `--stock` units; invariants checked per SKU.
+    #[arg(long, default_value_t = 1)]
+    skus: usize,
+    /// Zipf exponent of SKU popularity: rank k draws calls in proportion to
+    /// 1/k^zipf (0: evenly; about 1 in real sales).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
     /// Reserve calls.
     #[arg(long, short = 'n', default_value_t = 50_000)]
     requests: usize,
@@ -187,6 +196,8 @@ async fn storm(args: StormArgs) -> anyhow::Result<bool> {
             format!("STORM-{}", &uuid::Uuid::now_v7().simple().to_string()[..12])
         }),
         stock: args.stock,
+        skus: args.skus,
+        zipf: args.zipf,
         requests: args.requests,
         users: args.users.unwrap_or(args.requests),
         concurrency: args.concurrency,

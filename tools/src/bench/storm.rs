@@ -45,6 +45,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
             // Fresh per run: a benchmark database outlives runs.
             sku: format!("STORM-{}-{round}", &prefix["sg-bench-".len()..][..12]),
             stock: 1,
+            skus: 1,
+            zipf: 0.0,
             requests: options.requests,
             users: options.requests,
             concurrency: options.concurrency,

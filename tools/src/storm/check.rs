@@ -16,20 +16,25 @@ use stockgate::{
     pb::{
         inventory_service_client::InventoryServiceClient, ConfirmReservationRequest,
         GetReservationRequest, GetStockRequest, ReservationState as PbState, ReserveOutcome,
+        StockView,
     },
 };
 
 use super::{
-    back_off, metadata, status, user_name, Admin, Answer, Call, Check, StormOptions, StormReport,
+    back_off, metadata, sale::Sale, status, user_name, Admin, Answer, Call, Check, SkuTally,
+    StormOptions, StormReport, HOTTEST,
 };
 
-/// Confirms the holds, waits for the queue, then checks the invariants.
+/// Confirms the holds, waits for the queue, then checks the invariants,
+/// each for every SKU of the sale (`earlier`: each SKU's units ordered
+/// before this run).
 pub(super) async fn confirm_and_check(
     options: &StormOptions,
+    sale: &Sale,
     admin: &mut Admin,
     channel: &Channel,
     answers: &[Call],
-    earlier: i64,
+    earlier: &[i64],
     report: &mut StormReport,
 ) -> anyhow::Result<()> {
     // Reservations by idempotency key (call index): a double click must
@@ -93,54 +98,66 @@ pub(super) async fn confirm_and_check(
         .buffer_unordered(64)
         .collect()
         .await;
+    let skus = sale.names.len();
     let mut lost = Vec::new();
-    let mut units_confirmed: i64 = 0;
+    let mut units_confirmed = vec![0i64; skus];
     for result in finished {
         let (id, state, quantity) = result?;
         match state {
             PbState::Confirmed => {
                 report.confirmed += 1;
-                units_confirmed += i64::from(quantity);
+                units_confirmed[sale.of_call[owners[id.as_str()]]] += i64::from(quantity);
             }
             PbState::Rejected => report.rejected += 1,
             other => lost.push(format!("{id}: {other:?}")),
         }
     }
-    let view = loop {
-        let view = admin
-            .client
-            .get_stock(admin.request(GetStockRequest {
-                sku: options.sku.clone(),
-            }))
-            .await
-            .map_err(status("GetStock"))?
-            .into_inner()
-            .stock
-            .context("GetStock without stock")?;
-        if view.queued_units == 0 || Instant::now() > deadline {
-            break view;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let ordered = view.held_units + view.confirmed_units - earlier;
-    report.units_ordered = ordered;
-    report.oversold = (ordered - options.stock).max(0);
+    let views: Vec<StockView> = futures::stream::iter(&sale.names)
+        .map(|sku| drained(admin, sku, deadline))
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let ordered: Vec<i64> = views
+        .iter()
+        .zip(earlier)
+        .map(|(view, earlier)| view.held_units + view.confirmed_units - earlier)
+        .collect();
+    let stock = options.stock;
+    let total: i64 = ordered.iter().sum();
+    report.units_ordered = total;
+    report.oversold = ordered.iter().map(|o| (o - stock).max(0)).sum();
+    report.hottest = hottest(sale, answers, &owners, &ordered, &views);
+    let each = |f: &dyn Fn(usize) -> (bool, String)| (0..skus).map(f).collect::<Vec<_>>();
     let mut checks = vec![
-        Check {
-            name: "units ordered <= stock",
-            ok: ordered <= options.stock,
-            detail: format!("{ordered} ordered of {}", options.stock),
-        },
-        Check {
-            name: "stock left = stock - units ordered",
-            ok: view.db_stock == options.stock - ordered,
-            detail: format!(
-                "{} left, {} - {ordered} = {}",
-                view.db_stock,
-                options.stock,
-                options.stock - ordered
-            ),
-        },
+        over_skus(
+            "units ordered <= stock",
+            sale,
+            each(&|k| {
+                (
+                    ordered[k] <= stock,
+                    format!("{} ordered of {stock}", ordered[k]),
+                )
+            }),
+            format!("{total} ordered of {}", stock * skus as i64),
+        ),
+        over_skus(
+            "stock left = stock - units ordered",
+            sale,
+            each(&|k| {
+                let left = views[k].db_stock;
+                (
+                    left == stock - ordered[k],
+                    format!(
+                        "{left} left, {stock} - {} = {}",
+                        ordered[k],
+                        stock - ordered[k]
+                    ),
+                )
+            }),
+            format!("{} left", views.iter().map(|v| v.db_stock).sum::<i64>()),
+        ),
         Check {
             name: "every admitted reservation confirmed or rejected",
             ok: lost.is_empty() && report.confirmed + report.rejected == report.admitted,
@@ -153,11 +170,23 @@ pub(super) async fn confirm_and_check(
                 format!("not finished: {}", lost.join(", "))
             },
         },
-        Check {
-            name: "callers' confirmed units = units ordered",
-            ok: units_confirmed == ordered,
-            detail: format!("{units_confirmed} confirmed by callers, {ordered} in the database"),
-        },
+        over_skus(
+            "callers' confirmed units = units ordered",
+            sale,
+            each(&|k| {
+                (
+                    units_confirmed[k] == ordered[k],
+                    format!(
+                        "{} confirmed by callers, {} in the database",
+                        units_confirmed[k], ordered[k]
+                    ),
+                )
+            }),
+            format!(
+                "{} confirmed by callers, {total} in the database",
+                units_confirmed.iter().sum::<i64>()
+            ),
+        ),
         Check {
             name: "one reservation per idempotency key",
             ok: doubled_keys.is_empty(),
@@ -172,44 +201,165 @@ pub(super) async fn confirm_and_check(
             },
         },
     ];
-    if let Some(gate) = view.gate_stock {
-        checks.push(Check {
-            name: "gate agrees with the database",
-            ok: gate == view.db_stock,
-            detail: format!("gate {gate}, database {}", view.db_stock),
-        });
+    let gated: Vec<usize> = (0..skus)
+        .filter(|k| views[*k].gate_stock.is_some())
+        .collect();
+    if !gated.is_empty() {
+        checks.push(over_skus(
+            "gate agrees with the database",
+            sale,
+            each(&|k| match views[k].gate_stock {
+                Some(gate) => (
+                    gate == views[k].db_stock,
+                    format!("gate {gate}, database {}", views[k].db_stock),
+                ),
+                None => (true, "no gate counter".into()),
+            }),
+            format!("{} SKUs with a gate counter", gated.len()),
+        ));
     }
-    let checked = admin
-        .client
-        .check_invariants(admin.request(stockgate::pb::CheckInvariantsRequest {
-            sku: options.sku.clone(),
-        }))
+    let checked: Vec<stockgate::pb::CheckInvariantsResponse> = futures::stream::iter(&sale.names)
+        .map(|sku| {
+            let (mut client, admin) = (admin.client.clone(), &*admin);
+            async move {
+                client
+                    .check_invariants(
+                        admin.request(stockgate::pb::CheckInvariantsRequest { sku: sku.clone() }),
+                    )
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(status("CheckInvariants"))
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
         .await
-        .map_err(status("CheckInvariants"))?
-        .into_inner();
-    let problems: Vec<String> = checked
-        .skus
         .into_iter()
-        .flat_map(|s| s.problems)
-        .chain(checked.problems)
+        .collect::<anyhow::Result<_>>()?;
+    let gate_compared = checked.iter().any(|c| c.gate_compared);
+    let problems: Vec<String> = checked
+        .iter()
+        .flat_map(|c| c.skus.iter().flat_map(|s| s.problems.clone()))
+        .chain(checked.iter().flat_map(|c| c.problems.clone()))
         .collect();
     checks.push(Check {
         name: "the service's invariant checker",
-        ok: checked.ok,
+        ok: checked.iter().all(|c| c.ok),
         detail: if problems.is_empty() {
             format!(
                 "nothing disagrees (gate compared: {})",
-                if checked.gate_compared { "yes" } else { "no" }
+                if gate_compared { "yes" } else { "no" }
             )
         } else {
             problems.join("; ")
         },
     });
     if let Some(url) = &options.store {
-        checks.extend(check_database(url, options, &owners).await?);
+        let mut each = Vec::with_capacity(skus);
+        for sku in &sale.names {
+            each.push(check_database(url, sku, stock, &owners).await?);
+        }
+        for (i, name) in DATABASE_CHECKS.iter().enumerate() {
+            let results = each
+                .iter()
+                .map(|checks| (checks[i].ok, checks[i].detail.clone()))
+                .collect();
+            checks.push(over_skus(name, sale, results, String::new()));
+        }
     }
     report.checks = checks;
     Ok(())
+}
+
+/// One SKU's stock view once its queue has drained (or the deadline passed).
+async fn drained(admin: &Admin, sku: &str, deadline: Instant) -> anyhow::Result<StockView> {
+    let mut client = admin.client.clone();
+    loop {
+        let view = client
+            .get_stock(admin.request(GetStockRequest {
+                sku: sku.to_owned(),
+            }))
+            .await
+            .map_err(status("GetStock"))?
+            .into_inner()
+            .stock
+            .context("GetStock without stock")?;
+        if view.queued_units == 0 || Instant::now() > deadline {
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One check over every SKU: it holds if it holds for each. A one-SKU
+/// sale's detail is that SKU's; otherwise the totals, and the first SKU it
+/// fails for.
+fn over_skus(name: &'static str, sale: &Sale, each: Vec<(bool, String)>, totals: String) -> Check {
+    let failing: Vec<usize> = (0..each.len()).filter(|k| !each[*k].0).collect();
+    let detail = if each.len() == 1 {
+        each[0].1.clone()
+    } else {
+        let totals = if totals.is_empty() {
+            String::new()
+        } else {
+            format!("{totals}; ")
+        };
+        match failing.first() {
+            Some(k) => format!(
+                "{totals}fails for {} of {} SKUs, first {}: {}",
+                failing.len(),
+                each.len(),
+                sale.names[*k],
+                each[*k].1
+            ),
+            None => format!("{totals}holds for each of {} SKUs", each.len()),
+        }
+    };
+    Check {
+        name,
+        ok: failing.is_empty(),
+        detail,
+    }
+}
+
+/// The SKUs that drew the most calls, with what became of them.
+fn hottest(
+    sale: &Sale,
+    answers: &[Call],
+    owners: &HashMap<&str, usize>,
+    ordered: &[i64],
+    views: &[StockView],
+) -> Vec<SkuTally> {
+    let mut tallies: Vec<SkuTally> = sale
+        .names
+        .iter()
+        .enumerate()
+        .map(|(k, sku)| SkuTally {
+            sku: sku.clone(),
+            calls: 0,
+            admitted: 0,
+            sold_out: 0,
+            units_ordered: ordered[k],
+            stock_left: views[k].db_stock,
+        })
+        .collect();
+    for (i, _, answer, _) in answers {
+        let tally = &mut tallies[sale.of_call[*i]];
+        tally.calls += 1;
+        if let Answer::Outcome {
+            outcome: ReserveOutcome::SoldOut,
+            ..
+        } = answer
+        {
+            tally.sold_out += 1;
+        }
+    }
+    for i in owners.values() {
+        tallies[sale.of_call[*i]].admitted += 1;
+    }
+    tallies.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.sku.cmp(&b.sku)));
+    tallies.truncate(HOTTEST);
+    tallies
 }
 
 /// Retries a call refused by the rate limiter or the shedder, after the
@@ -285,18 +435,26 @@ async fn confirm_when_held(
     Ok((id, confirmed.state(), confirmed.quantity))
 }
 
-/// The same invariants read from the database itself; `owners` are the
-/// reservations callers were told about.
+/// The names of [`check_database`]'s checks, in its order.
+const DATABASE_CHECKS: [&str; 3] = [
+    "database: units ordered <= stock",
+    "database: stock left = stock - units ordered",
+    "database: no order a caller was not told about",
+];
+
+/// The same invariants read from the database itself for one SKU of
+/// `stock` units; `owners` are the reservations callers were told about
+/// (reservation id to the call that got it).
 pub async fn check_database(
     url: &str,
-    options: &StormOptions,
+    sku: &str,
+    stock: i64,
     owners: &HashMap<&str, usize>,
 ) -> anyhow::Result<Vec<Check>> {
-    // `owners` maps reservation id to the call that got it.
     let target = stockgate::config::StoreBackend::Postgres(url.to_owned());
     let store =
         stockgate::store::Store::connect(target, &stockgate::config::StoreConfig::default())?;
-    let sku = Sku::parse(&options.sku).map_err(|e| anyhow::anyhow!("--sku: {e}"))?;
+    let sku = Sku::parse(sku).map_err(|e| anyhow::anyhow!("--sku: {e}"))?;
     let rows = store.reservations_of(&sku).await?;
     let left = store
         .inventory(&sku)
@@ -315,17 +473,17 @@ pub async fn check_database(
         .collect();
     Ok(vec![
         Check {
-            name: "database: units ordered <= stock",
-            ok: ordered <= options.stock,
+            name: DATABASE_CHECKS[0],
+            ok: ordered <= stock,
             detail: format!("{ordered} ordered in {} rows", rows.len()),
         },
         Check {
-            name: "database: stock left = stock - units ordered",
-            ok: left == options.stock - ordered,
+            name: DATABASE_CHECKS[1],
+            ok: left == stock - ordered,
             detail: format!("{left} left"),
         },
         Check {
-            name: "database: no order a caller was not told about",
+            name: DATABASE_CHECKS[2],
             ok: unknown.is_empty(),
             detail: format!("{} unknown rows", unknown.len()),
         },
@@ -361,4 +519,39 @@ async fn fetch(url: &str) -> anyhow::Result<String> {
     let mut body = String::new();
     stream.read_to_string(&mut body).await?;
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sale(skus: usize) -> Sale {
+        let options = StormOptions {
+            sku: "S".into(),
+            skus,
+            requests: 1,
+            ..StormOptions::default()
+        };
+        Sale::new(&options, 1).unwrap()
+    }
+
+    #[test]
+    fn a_check_over_skus_fails_for_any_one_and_names_it() {
+        let each = |bad: Option<usize>| {
+            (0..4)
+                .map(|k| (Some(k) != bad, format!("detail {k}")))
+                .collect::<Vec<_>>()
+        };
+        let held = over_skus("c", &sale(4), each(None), "4 in all".into());
+        assert!(held.ok);
+        assert_eq!(held.detail, "4 in all; holds for each of 4 SKUs");
+        let failed = over_skus("c", &sale(4), each(Some(3)), "4 in all".into());
+        assert!(!failed.ok);
+        assert_eq!(
+            failed.detail,
+            "4 in all; fails for 1 of 4 SKUs, first S-0003: detail 3"
+        );
+        let one = over_skus("c", &sale(1), vec![(false, "its own".into())], "x".into());
+        assert_eq!((one.ok, one.detail.as_str()), (false, "its own"));
+    }
 }

@@ -8,12 +8,16 @@
 //! against the service (and, given `--store`, the database itself): units
 //! ordered ≤ stock; stock left = stock − units ordered; every admitted
 //! reservation ended CONFIRMED or visibly REJECTED (nothing lost); one
-//! reservation per idempotency key. `--matrix` repeats it under each layer
-//! configuration, the article's naive baseline included.
+//! reservation per idempotency key. With `--skus N` the sale spans N SKUs
+//! of `--stock` units each, calls spread over them by a Zipf law
+//! (`--zipf`), and every invariant is checked per SKU. `--matrix` repeats
+//! it under each layer configuration, the article's naive baseline
+//! included.
 
 mod check;
 mod matrix;
 pub mod report;
+mod sale;
 
 pub use check::check_database;
 pub use matrix::{matrix, render_matrix, run_matrix, Strategy};
@@ -29,6 +33,7 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use futures::StreamExt;
 use serde::Serialize;
 use tonic::{
     metadata::MetadataValue,
@@ -42,7 +47,7 @@ use stockgate::pb::{
 };
 
 /// What to run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StormOptions {
     /// The caller endpoint.
     pub addr: String,
@@ -50,9 +55,17 @@ pub struct StormOptions {
     pub admin_addr: String,
     #[serde(skip)]
     pub token: Option<String>,
-    /// The SKU to sell; a fresh name per run keeps runs apart.
+    /// The SKU to sell, or with `skus` above 1 the stem of their names
+    /// (`SKU-0000`, …, most popular first); a fresh name per run keeps
+    /// runs apart.
     pub sku: String,
+    /// Units of each SKU.
     pub stock: i64,
+    /// SKUs on sale.
+    pub skus: usize,
+    /// Zipf exponent of SKU popularity: rank `k` draws calls in proportion
+    /// to `1 / k^zipf` (0: evenly; about 1 in real sales).
+    pub zipf: f64,
     /// Reserve calls (double clicks add their second call on top).
     pub requests: usize,
     /// Distinct users the calls come from (call `i` is user `i % users`).
@@ -92,6 +105,20 @@ enum Answer {
 /// it is the second half of a double click, the answer, milliseconds taken.
 type Call = (usize, bool, Answer, f64);
 
+/// SKUs listed in a report's hottest table.
+pub const HOTTEST: usize = 5;
+
+/// One SKU's part of a storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct SkuTally {
+    pub sku: String,
+    pub calls: usize,
+    pub admitted: usize,
+    pub sold_out: usize,
+    pub units_ordered: i64,
+    pub stock_left: i64,
+}
+
 /// An invariant and whether it held.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -120,6 +147,8 @@ pub struct StormReport {
     /// gate said yes, or with the gate off).
     pub rejected: usize,
     pub units_ordered: i64,
+    /// The SKUs that drew the most calls (at most [`HOTTEST`]).
+    pub hottest: Vec<SkuTally>,
     /// Units sold beyond the stock (0 unless broken).
     pub oversold: i64,
     pub calls_per_sec: f64,
@@ -200,27 +229,39 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     if !(0.0..=1.0).contains(&options.double_click) {
         bail!("--double-click is a share between 0 and 1");
     }
+    let run_uuid = uuid::Uuid::now_v7();
+    let sale = Arc::new(sale::Sale::new(options, run_uuid.as_u64_pair().1)?);
     let mut admin = Admin::connect(options).await?;
     // A reused SKU keeps its earlier orders: count only this run's.
-    let earlier = admin
-        .client
-        .set_stock(admin.request(SetStockRequest {
-            sku: options.sku.clone(),
-            stock: options.stock,
-            max_per_user: 0,
-        }))
+    let earlier: Vec<i64> = futures::stream::iter(&sale.names)
+        .map(|sku| {
+            let (mut client, admin) = (admin.client.clone(), &admin);
+            async move {
+                let view = client
+                    .set_stock(admin.request(SetStockRequest {
+                        sku: sku.clone(),
+                        stock: options.stock,
+                        max_per_user: 0,
+                    }))
+                    .await
+                    .map_err(status("SetStock"))?
+                    .into_inner()
+                    .stock;
+                anyhow::Ok(view.map_or(0, |v| v.held_units + v.confirmed_units))
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
         .await
-        .map_err(status("SetStock"))?
-        .into_inner()
-        .stock
-        .map_or(0, |v| v.held_units + v.confirmed_units);
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
     let writes_before = check::db_writes(options).await;
 
     let mut channels = Vec::with_capacity(options.connections.max(1));
     for _ in 0..options.connections.max(1) {
         channels.push(channel(&options.addr).await?);
     }
-    let run_id = uuid::Uuid::now_v7().simple().to_string();
+    let run_id = run_uuid.simple().to_string();
     // Each entry: (key, user); a double click is the same entry twice.
     let doubles = (options.requests as f64 * options.double_click).round() as usize;
     let mut plan: Vec<(usize, bool)> = (0..options.requests).map(|i| (i, false)).collect();
@@ -258,7 +299,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                 answered.clone(),
                 answers.clone(),
             );
-            let (sku, run_id, options) = (options.sku.clone(), run_id.clone(), options.clone());
+            let (sale, run_id, options) = (sale.clone(), run_id.clone(), options.clone());
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -268,7 +309,8 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                     let user = user_name(&options, i);
                     let key = format!("{run_id}-{i}");
                     let call_started = Instant::now();
-                    let answer = reserve(&mut client, &sku, &user, &key, &options).await;
+                    let sku = sale.sku_of(i);
+                    let answer = reserve(&mut client, sku, &user, &key, &options).await;
                     let ms = call_started.elapsed().as_secs_f64() * 1e3;
                     answered.fetch_add(1, Ordering::Relaxed);
                     answers
@@ -291,10 +333,11 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let mut report = tally(options, strategy, &answers, last_answer);
     check::confirm_and_check(
         options,
+        &sale,
         &mut admin,
         &channels[0],
         &answers,
-        earlier,
+        &earlier,
         &mut report,
     )
     .await?;
@@ -415,6 +458,7 @@ fn tally(
         confirmed: 0,
         rejected: 0,
         units_ordered: 0,
+        hottest: Vec::new(),
         oversold: 0,
         calls_per_sec: answers.len() as f64 / secs,
         p50_ms: percentile(&latencies, 50.0),
@@ -431,13 +475,19 @@ fn tally(
 /// The single run's table.
 pub fn render(report: &StormReport) -> String {
     let o = &report.options;
+    let what = if o.skus > 1 {
+        format!(
+            "{} units each of {} SKUs {}-0000… (Zipf s = {})",
+            o.stock, o.skus, o.sku, o.zipf
+        )
+    } else {
+        format!("{} units of {}", o.stock, o.sku)
+    };
     let mut out = format!(
-        "storm: {} calls ({} double clicks) from {} users for {} units of {} at concurrency {} over {} connections\n\n",
+        "storm: {} calls ({} double clicks) from {} users for {what} at concurrency {} over {} connections\n\n",
         report.calls,
         report.calls - o.requests,
         o.users,
-        o.stock,
-        o.sku,
         o.concurrency,
         o.connections
     );
@@ -461,6 +511,25 @@ pub fn render(report: &StormReport) -> String {
             .db_writes
             .map_or(String::new(), |w| format!("  database writes {w}"))
     ));
+    if o.skus > 1 {
+        let w = report
+            .hottest
+            .iter()
+            .map(|t| t.sku.len())
+            .max()
+            .unwrap_or(0);
+        out.push_str(&format!(
+            "{:<w$} {:>8} {:>9} {:>9} {:>8} {:>6}\n",
+            "hottest SKUs", "calls", "admitted", "sold out", "ordered", "left"
+        ));
+        for t in &report.hottest {
+            out.push_str(&format!(
+                "{:<w$} {:>8} {:>9} {:>9} {:>8} {:>6}\n",
+                t.sku, t.calls, t.admitted, t.sold_out, t.units_ordered, t.stock_left
+            ));
+        }
+        out.push('\n');
+    }
     for check in &report.checks {
         out.push_str(&format!(
             "{} {:<50} {}\n",
