@@ -521,7 +521,7 @@ async fn bench_queue_runs_and_reports_every_measurement() {
         store: db.url.clone(),
         amqp: crate::harness::amqp_url(),
     };
-    let results = stockgate_tools::bench::queue::run(options.clone())
+    let (results, statements) = stockgate_tools::bench::queue::run(options.clone())
         .await
         .unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
@@ -530,12 +530,20 @@ async fn bench_queue_runs_and_reports_every_measurement() {
         [
             "pgbench, update + insert, 1 client",
             "queue + processor, batch size 16",
+            "queue + processor, batch size 16, 16 SKUs",
             "queue + processor, batch size 1"
         ]
     );
     assert!(results.iter().all(|m| m.per_sec > 0.0), "{results:?}");
-    let table = stockgate_tools::bench::queue::render(&results, &options);
+    // Measured, so only its shape is certain: one batch, a few statements.
+    assert_eq!(statements.orders, 16);
+    assert!((3..20).contains(&statements.on_one_sku), "{statements:?}");
+    let table = stockgate_tools::bench::queue::render(&results, &statements, &options);
     assert!(table.contains("x batch 1"), "{table}");
+    assert!(
+        table.contains("statements per batch of 16 orders"),
+        "{table}"
+    );
     db.drop_now().await;
 }
 

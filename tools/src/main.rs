@@ -384,10 +384,10 @@ async fn run() -> anyhow::Result<()> {
                 store,
                 amqp,
             };
-            let results = stockgate_tools::bench::queue::run(options.clone()).await?;
+            let (results, statements) = stockgate_tools::bench::queue::run(options.clone()).await?;
             print!(
                 "{}",
-                stockgate_tools::bench::queue::render(&results, &options)
+                stockgate_tools::bench::queue::render(&results, &statements, &options)
             );
             Ok(())
         }

@@ -1,7 +1,9 @@
 //! `stockgate bench-queue`: committed orders per second through RabbitMQ,
-//! the order processor and PostgreSQL, with group commit and with batches
-//! of one, next to `pgbench` running the same single-row update and insert
-//! one transaction at a time against the same database, in the same run.
+//! the order processor and PostgreSQL, with group commit (orders of one SKU,
+//! and spread over as many SKUs as a batch holds) and with batches of one,
+//! next to `pgbench` running the same single-row update and insert one
+//! transaction at a time against the same database, in the same run; and
+//! the statements one batch costs the database on one SKU and on many.
 //!
 //! Each measurement fills a fresh queue with `orders` messages first (not
 //! timed), then starts a real processor (`server::run` with role
@@ -40,7 +42,17 @@ pub struct QueueMeasured {
     pub per_sec: f64,
 }
 
-pub async fn run(options: QueueBenchOptions) -> anyhow::Result<Vec<QueueMeasured>> {
+/// Statements one group-commit batch of `orders` cost the database.
+#[derive(Debug, Clone)]
+pub struct BatchStatements {
+    pub orders: usize,
+    pub on_one_sku: u64,
+    pub on_many_skus: u64,
+}
+
+pub async fn run(
+    options: QueueBenchOptions,
+) -> anyhow::Result<(Vec<QueueMeasured>, BatchStatements)> {
     let mut config = Config::default();
     // In-process servers side by side: no fixed metrics port.
     config.metrics.listen = String::new();
@@ -55,39 +67,105 @@ pub async fn run(options: QueueBenchOptions) -> anyhow::Result<Vec<QueueMeasured
     config.validate()?;
     let store = Store::connect(config.store_backend()?, &config.store)?;
     store.migrate().await?;
+    let statements = batch_statements(&store, options.batch_size).await?;
 
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
         let mut measured = vec![pgbench(&options.store, options.orders, &store).await?];
-        for batch in [options.batch_size, 1] {
-            let per_sec = processor_run(&config, &store, &options, batch, round).await?;
+        let spread = options.batch_size;
+        for (batch, skus) in [
+            (options.batch_size, 1),
+            (options.batch_size, spread),
+            (1, 1),
+        ] {
+            let per_sec = processor_run(&config, &store, &options, batch, skus, round).await?;
+            let over = if skus > 1 {
+                format!(", {skus} SKUs")
+            } else {
+                String::new()
+            };
             measured.push(QueueMeasured {
-                name: format!("queue + processor, batch size {batch}"),
+                name: format!("queue + processor, batch size {batch}{over}"),
                 per_sec,
             });
         }
         rounds.push(measured);
     }
-    Ok((0..rounds[0].len())
+    let medians = (0..rounds[0].len())
         .map(|i| {
             let mut column: Vec<_> = rounds.iter().map(|r| r[i].clone()).collect();
             column.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
             column[column.len() / 2].clone()
         })
-        .collect())
+        .collect();
+    Ok((medians, statements))
 }
 
+/// One batch of `orders` committed straight through the store, on one SKU
+/// and spread over `orders` SKUs, counting the statements each costs.
+async fn batch_statements(store: &Store, orders: usize) -> anyhow::Result<BatchStatements> {
+    let tag = &uuid::Uuid::now_v7().simple().to_string()[20..];
+    let mut costs = Vec::new();
+    for skus in [1, orders] {
+        let names: Vec<Sku> = (0..skus)
+            .map(|k| Sku::parse(&format!("QS-{tag}-{skus}-{k}")))
+            .collect::<Result<_, _>>()?;
+        for sku in &names {
+            store
+                .set_stock(sku, i64::try_from(orders)?, 0, now(), None)
+                .await?;
+        }
+        let batch: Vec<NewOrder> = (0..orders)
+            .map(|i| bench_order(&names[i % skus], i))
+            .collect();
+        let params = stockgate::store::CommitParams {
+            mode: stockgate::config::DbCheckMode::Optimistic,
+            max_attempts: 8,
+            hold_ttl: None,
+            record_rejections: true,
+            now: now(),
+        };
+        let before = store.statements();
+        store.commit_batch(&batch, params).await?;
+        costs.push(store.statements() - before);
+    }
+    Ok(BatchStatements {
+        orders,
+        on_one_sku: costs[0],
+        on_many_skus: costs[1],
+    })
+}
+
+fn bench_order(sku: &Sku, i: usize) -> NewOrder {
+    NewOrder {
+        id: ReservationId::generate(),
+        sku: sku.clone(),
+        user: UserId::parse(&format!("qb-{i}")).expect("valid user"),
+        quantity: 1,
+        idempotency_key: None,
+        created_at: now(),
+    }
+}
+
+/// Fills a queue with `orders` spread round-robin over `skus` SKUs, then
+/// times a processor committing them, from its first commit to its last.
 async fn processor_run(
     base: &Config,
     store: &Store,
     options: &QueueBenchOptions,
     batch: usize,
+    skus: usize,
     round: usize,
 ) -> anyhow::Result<f64> {
     let tag = uuid::Uuid::now_v7().simple().to_string();
-    let sku = Sku::parse(&format!("QB-{batch}-{round}-{}", &tag[20..]))?;
-    let total = i64::try_from(options.orders)?;
-    store.set_stock(&sku, total, 0, now(), None).await?;
+    let names: Vec<Sku> = (0..skus)
+        .map(|k| Sku::parse(&format!("QB-{batch}-{skus}-{round}-{}-{k}", &tag[20..])))
+        .collect::<Result<_, _>>()?;
+    let orders = options.orders - options.orders % skus;
+    let per_sku = i64::try_from(orders / skus)?;
+    for sku in &names {
+        store.set_stock(sku, per_sku, 0, now(), None).await?;
+    }
     let mut config = base.clone();
     config.rabbitmq.queue = format!("sg-bench-{tag}");
     config.layers.queue.batch_size = batch;
@@ -98,17 +176,10 @@ async fn processor_run(
         &config.rabbitmq,
         store.clone(),
     ));
-    let results: Vec<_> = stream::iter(0..options.orders)
+    let results: Vec<_> = stream::iter(0..orders)
         .map(|i| {
             let producer = producer.clone();
-            let order = NewOrder {
-                id: ReservationId::generate(),
-                sku: sku.clone(),
-                user: UserId::parse(&format!("qb-{i}")).expect("valid user"),
-                quantity: 1,
-                idempotency_key: None,
-                created_at: now(),
-            };
+            let order = bench_order(&names[i % skus], i);
             async move { producer.publish(order, false).await }
         })
         .buffer_unordered(128)
@@ -123,28 +194,40 @@ async fn processor_run(
     let server = stockgate::server::spawn(config.clone(), listener, async move {
         let _ = stopped.await;
     });
-    let left = || async {
-        store
-            .inventory(&sku)
-            .await
-            .ok()
-            .flatten()
-            .map_or(total, |row| row.stock)
+    // Orders are published round-robin and committed in queue order, so
+    // the first SKU shows the first commit and the last SKU the last one;
+    // polling one SKU keeps the clock's reads off the database's back.
+    let left = |sku: &Sku| {
+        let sku = sku.clone();
+        async move {
+            store
+                .inventory(&sku)
+                .await
+                .ok()
+                .flatten()
+                .map_or(per_sku, |row| row.stock)
+        }
     };
     let deadline = Instant::now() + Duration::from_secs(600);
     let (started, first_left) = loop {
-        let stock = left().await;
-        if stock < total {
-            break (Instant::now(), stock);
+        let stock = left(&names[0]).await;
+        if stock < per_sku {
+            // Every SKU had as many orders in the batches committed so far.
+            break (Instant::now(), stock * i64::try_from(skus)?);
         }
         if Instant::now() > deadline {
             bail!("the processor committed nothing");
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
+    let mut waiting = names.len() - 1;
     loop {
-        if left().await == 0 {
-            break;
+        if left(&names[waiting]).await == 0 {
+            if waiting == 0 {
+                break;
+            }
+            waiting -= 1;
+            continue;
         }
         if Instant::now() > deadline {
             bail!("the processor did not finish");
@@ -205,7 +288,11 @@ fn parse_pgbench_tps(text: &str) -> anyhow::Result<f64> {
     Ok(value.parse()?)
 }
 
-pub fn render(results: &[QueueMeasured], options: &QueueBenchOptions) -> String {
+pub fn render(
+    results: &[QueueMeasured],
+    statements: &BatchStatements,
+    options: &QueueBenchOptions,
+) -> String {
     let find = |prefix: &str| results.iter().find(|m| m.name.starts_with(prefix));
     let pgbench = find("pgbench").map(|m| m.per_sec);
     let single = results
@@ -227,6 +314,10 @@ pub fn render(results: &[QueueMeasured], options: &QueueBenchOptions) -> String 
             ratio(single)
         ));
     }
+    out.push_str(&format!(
+        "statements per batch of {} orders (BEGIN and COMMIT included): {} on one SKU, {} on {} SKUs\n",
+        statements.orders, statements.on_one_sku, statements.on_many_skus, statements.orders
+    ));
     out
 }
 
