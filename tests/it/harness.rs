@@ -210,6 +210,18 @@ impl TestApp {
 
     /// Starts without waiting for readiness.
     pub async fn start(config: Config, db: Option<TestDb>, dir: tempfile::TempDir) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, config, db, dir).await
+    }
+
+    /// Starts on `listener` (an address of the test's choosing), without
+    /// waiting for readiness.
+    pub async fn start_on(
+        listener: TcpListener,
+        config: Config,
+        db: Option<TestDb>,
+        dir: tempfile::TempDir,
+    ) -> Self {
         // A config the server would refuse shows here, not as "connection
         // refused" later.
         config.validate().expect("test config must be valid");
@@ -217,7 +229,6 @@ impl TestApp {
         if std::env::var_os("RUST_LOG").is_some() {
             stockgate::telemetry::init(&config.log);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let bind = |wanted: Option<std::net::SocketAddr>| async move {
             match wanted {

@@ -5,6 +5,7 @@
 mod api;
 mod backend_tls;
 mod backends;
+mod balancing;
 mod check;
 mod clients;
 mod conformance;
