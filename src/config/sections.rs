@@ -43,6 +43,10 @@ pub struct AdminConfig {
 pub struct MetricsConfig {
     /// Address of the metrics listener; empty turns it off.
     pub listen: String,
+    /// SKUs named in `stockgate_hot_sku_calls` (Reserve calls over the
+    /// last 30-60 s), the hottest first; the rest are summed under
+    /// `sku="(other)"`. 0 counts nothing.
+    pub hot_skus: usize,
 }
 
 /// TLS for the gRPC listeners (rustls). Both paths empty: plaintext.
@@ -557,6 +561,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            hot_skus: 10,
         }
     }
 }

@@ -130,7 +130,9 @@ impl InventoryService for InventoryApi {
             request.get_ref(),
             self.pipeline.limits().max_quantity,
         );
-        let result = self.pipeline.reserve(command?).await?;
+        let command = command?;
+        crate::metrics::hot_skus::record(command.sku.as_str());
+        let result = self.pipeline.reserve(command).await?;
         Ok(Response::new(reserve_response(result)))
     }
 

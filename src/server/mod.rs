@@ -137,6 +137,7 @@ pub async fn run_with(
         bind_unless_given(extras.admin, config.admin_listen()?, "admin.listen").await?;
     let metrics_listener =
         bind_unless_given(extras.metrics, config.metrics_listen()?, "metrics.listen").await?;
+    crate::metrics::hot_skus::configure(config.metrics.hot_skus);
     let health_listener =
         bind_unless_given(None, config.health_listen()?, "server.health_listen").await?;
     let admin_addr = match &admin_listener {

@@ -519,6 +519,52 @@ pub(crate) fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
 /// After a storm, the counters add up to what was sent: every Reserve is
 /// counted once per RPC and once at the gate; the gate admitted exactly
 /// the stock and the database committed it.
+/// `stockgate_hot_sku_calls` names the `metrics.hot_skus` SKUs with the
+/// most Reserve calls and sums every other under `(other)`: a sale over
+/// many SKUs adds a bounded number of series, which add up to the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hottest_skus_are_named_and_the_rest_summed() {
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+        c.metrics.hot_skus = 3;
+    })
+    .await;
+    let mut calls = Vec::new();
+    for (sku, n) in [("HOT-A", 40), ("HOT-B", 25), ("HOT-C", 12)] {
+        app.set_stock(sku, 5, 0).await;
+        calls.extend(std::iter::repeat_n(sku.to_owned(), n));
+    }
+    for k in 0..30 {
+        let sku = format!("TAIL-{k:02}");
+        app.set_stock(&sku, 5, 0).await;
+        calls.push(sku);
+    }
+    let mut client = app.inventory();
+    for (i, sku) in calls.iter().enumerate() {
+        let user = format!("hot-{i}");
+        reserve(&mut client, sku, 1, &user).await.unwrap();
+    }
+    let text = scrape(app.metrics_addr.unwrap()).await;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("stockgate_hot_sku_calls{"))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            "stockgate_hot_sku_calls{sku=\"HOT-A\"} 40",
+            "stockgate_hot_sku_calls{sku=\"HOT-B\"} 25",
+            "stockgate_hot_sku_calls{sku=\"HOT-C\"} 12",
+            "stockgate_hot_sku_calls{sku=\"(other)\"} 30",
+        ]
+    );
+    assert_eq!(
+        sum(&text, "stockgate_hot_sku_calls", &[]),
+        calls.len() as f64
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_after_a_storm() {
     let app = TestApp::spawn_with(Profile::Embedded, |c| {

@@ -3,10 +3,13 @@
 //! Prometheus conventions; every label has a fixed, small set of values
 //! (no SKU or user ids), except `caller`: calling services' certificate
 //! identities, which the operators' CA bounds (and
-//! `middleware::callers::MAX_CALLERS` caps).
+//! `middleware::callers::MAX_CALLERS` caps), and `sku` on
+//! [`hot_skus::NAME`] alone, which names only the hottest few.
 //!
 //! The recorder is process-wide (the `metrics` facade), so two servers in
 //! one process (tests) share one set of figures.
+
+pub mod hot_skus;
 
 use std::{
     convert::Infallible,
@@ -54,6 +57,7 @@ pub const NAMES: &[&str] = &[
     "stockgate_gate_drift_units",
     "stockgate_gate_drift_skus",
     "stockgate_ready",
+    hot_skus::NAME,
 ];
 
 /// A series name without its histogram suffix (`_bucket`, `_sum`, `_count`).
@@ -198,7 +202,7 @@ fn respond<B>(
         (&http::Method::GET, "/metrics") => (
             http::StatusCode::OK,
             "text/plain; version=0.0.4",
-            handle.render(),
+            handle.render() + &hot_skus::render(),
         ),
         (_, "/metrics") => (
             http::StatusCode::METHOD_NOT_ALLOWED,
