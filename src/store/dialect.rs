@@ -5,7 +5,15 @@
 //! Every transaction that locks more than one `inventory` row locks them in
 //! SKU order, so two of them wait for each other instead of deadlocking:
 //! the group commit (`take_stock`), the per-order fallback (`lock_skus`
-//! first) and the expiry sweeper (units returned SKU by SKU, sorted).
+//! first) and the expiry sweeper (units returned SKU by SKU, sorted). SKU
+//! order is byte order everywhere: Rust's `str` order, and `COLLATE "C"`
+//! in SQL, whatever collation the database was created with.
+//!
+//! The row locks are `FOR NO KEY UPDATE`, the lock an UPDATE of non-key
+//! columns takes anyway: it leaves `FOR KEY SHARE` free, which inserting a
+//! reservation takes on its SKU's row (the foreign key). A batch inserting a
+//! REJECTED row for a SKU it took nothing from then never waits on a row
+//! another batch has locked.
 
 /// Units a batch takes from one SKU row, valid only at the version the
 /// batch decided from.
@@ -20,13 +28,16 @@ pub(super) mod pg {
     use super::Take;
     use diesel::sql_types::{Array, BigInt, Text, Timestamp};
 
-    /// Locks the batch's rows in SKU order (the CTE's `ORDER BY … FOR
-    /// UPDATE`; every plan for the update meets them in that order), then
-    /// takes each row's units where its version is still the one read and
-    /// its stock covers them.
+    /// Takes each row's units where its version is still the one read and
+    /// its stock covers them. A row reaches the update only through the
+    /// semi-join on `locked`, whose rows are locked one by one in the
+    /// sorted order it produces them (`ORDER BY` below the lock), so
+    /// whatever plan the update gets, it never holds a row while waiting
+    /// for one sorted before it.
     const TAKE_STOCK: &str = "\
         WITH locked AS MATERIALIZED ( \
-            SELECT sku FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE) \
+            SELECT sku FROM inventory WHERE sku = ANY($1) \
+            ORDER BY sku COLLATE \"C\" FOR NO KEY UPDATE) \
         UPDATE inventory AS i \
         SET stock = i.stock - t.units, version = i.version + 1, updated_at = $4 \
         FROM unnest($1::varchar[], $2::int8[], $3::int8[]) AS t(sku, version, units) \
@@ -40,7 +51,7 @@ pub(super) mod pg {
         inventory::table
             .find(sku)
             .select(InventoryRow::as_select())
-            .for_update()
+            .for_no_key_update()
             .first(conn)
             .map(|r| r.optional())
     }
@@ -52,9 +63,9 @@ pub(super) mod pg {
     ) -> QueryResult<()> {
         inventory::table
             .filter(inventory::sku.eq_any(skus))
-            .order(inventory::sku.asc())
+            .order(diesel::dsl::sql::<Text>("sku COLLATE \"C\""))
             .select(inventory::sku)
-            .for_update()
+            .for_no_key_update()
             .load::<String>(conn)
             .await
             .map(|_| ())

@@ -515,10 +515,14 @@ macro_rules! holds_queries {
                     }
                 }
                 // Every hold leaves HELD before any units go back, and the
-                // units go back in SKU order: locks come reservation rows
-                // first, then inventory rows sorted, as a release and the
-                // group commit take them, so this sweep deadlocks with
-                // neither (nor with another sweep: one total order).
+                // units go back in SKU order (byte order, as the group
+                // commit locks): held rows first, then inventory rows
+                // sorted, as a release and the group commit take them, so
+                // this sweep deadlocks with neither. Waitlist entries are
+                // the exception: a hand-off locks live ones after its SKU
+                // row, and a sweep on another replica whose clock has them
+                // lapsed locks them first; PostgreSQL breaks that cycle,
+                // and the losing sweep runs again at its next tick.
                 let mut due = lapsed(conn, ReservationState::Held, now, limit).await?;
                 due.sort_by(|a, b| {
                     (&a.sku, a.expires_at, &a.reservation_id).cmp(&(

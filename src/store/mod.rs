@@ -439,7 +439,8 @@ impl Store {
     }
 
     /// Statements this store's connections have run so far, `BEGIN`,
-    /// `COMMIT` and savepoints included.
+    /// `COMMIT`, savepoints and the pool's check-out ping (`SELECT 1`)
+    /// included.
     pub fn statements(&self) -> u64 {
         // `load` alone would be diesel's RunQueryDsl::load.
         std::sync::atomic::AtomicU64::load(&self.statements.0, std::sync::atomic::Ordering::Relaxed)

@@ -101,12 +101,17 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> Self {
+        Self::create_with("").await
+    }
+
+    /// With `options` after `CREATE DATABASE name` (a collation, say).
+    pub async fn create_with(options: &str) -> Self {
         let name = format!("sg_it_{}", uuid::Uuid::now_v7().simple());
         let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", pg_admin_url()))
             .await
             .expect("PostgreSQL on 127.0.0.1:5432 (start it with .ci/run's service step)");
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .unwrap();
         let url = format!("{}/{name}", pg_admin_url());
