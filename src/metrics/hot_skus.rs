@@ -1,4 +1,7 @@
-//! The hottest SKUs by Reserve calls, as a bounded set of series: a SKU
+//! The hottest SKUs by Reserve calls that reach the stock decision (after
+//! load shedding, rate limits and dedup, which answer without reading the
+//! SKU; any valid SKU name counts, stocked or not), as a bounded set of
+//! series: a SKU
 //! label on every call's metric would grow with every SKU ever sold (the
 //! reason no other metric carries one). Calls are counted per SKU in two
 //! half-windows of [`HALF`]; a scrape shows the top `metrics.hot_skus` over

@@ -9,7 +9,7 @@
 use std::{
     net::Ipv4Addr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
@@ -87,8 +87,9 @@ struct Seen {
 
 /// Three replicas on 127.0.0.`first`…`first + 2`, one port: A without the
 /// SKU (NOT_FOUND), B with none of it (SOLD_OUT), C with plenty; the name
-/// lists A and B, and C from 1.5 s into the run.
-async fn scenario(first: u8, age_ms: u64, watch_for: f64) -> Seen {
+/// lists A and B, and C once the caller has had answers from both. The
+/// caller runs `run_for` seconds in all.
+async fn scenario(first: u8, age_ms: u64, run_for: f64) -> Seen {
     let deps = python_grpc();
     let stubs = python_stubs(&deps);
     let addrs: Vec<Ipv4Addr> = (0..3)
@@ -114,7 +115,6 @@ async fn scenario(first: u8, age_ms: u64, watch_for: f64) -> Seen {
 
     let listed = Arc::new(Mutex::new(addrs[..2].to_vec()));
     let (dns_port, dns) = dns_server(listed.clone()).await;
-    let run_for = 1.5 + watch_for;
     let mut caller = tokio::process::Command::new("python3")
         .arg(format!("{ROOT}/clients/python/balanced.py"))
         .arg(format!("dns://127.0.0.1:{dns_port}/{NAME}:{port}"))
@@ -128,20 +128,25 @@ async fn scenario(first: u8, age_ms: u64, watch_for: f64) -> Seen {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(caller.stdout.take().unwrap()).lines();
-    let joins = async {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        listed.lock().unwrap().push(addrs[2]);
-        epoch_secs()
-    };
-    let mut answers = Vec::new();
-    let read = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let (at, said) = line.split_once(' ').unwrap();
-            answers.push((at.parse::<f64>().unwrap(), said.to_owned()));
+    let mut answers: Vec<(f64, String)> = Vec::new();
+    // C joins the name once the caller is on both A and B, however long
+    // grpcio took to start.
+    let mut joined = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let (at, said) = line.split_once(' ').unwrap();
+        answers.push((at.parse::<f64>().unwrap(), said.to_owned()));
+        let on_both = ["NOT_FOUND", "OK:RESERVE_OUTCOME_SOLD_OUT"]
+            .iter()
+            .all(|want| answers.iter().any(|(_, said)| said == want));
+        if joined.is_none() && on_both {
+            listed.lock().unwrap().push(addrs[2]);
+            joined = Some((answers.len(), epoch_secs()));
         }
-    };
-    let (joined, ()) = tokio::join!(joins, read);
+    }
     assert!(caller.wait().await.unwrap().success(), "balanced.py failed");
+    // Answers before C joined are told by their place in the output: their
+    // printed times are rounded to the millisecond.
+    let (answered_before, joined) = joined.expect("the caller never had answers from both A and B");
     dns.abort();
     for app in replicas {
         app.stop().await;
@@ -151,15 +156,14 @@ async fn scenario(first: u8, age_ms: u64, watch_for: f64) -> Seen {
     let known =
         |said: &str| said == "NOT_FOUND" || said == "OK:RESERVE_OUTCOME_SOLD_OUT" || from_c(said);
     Seen {
-        before: answers
+        before: answers[..answered_before]
             .iter()
-            .filter(|(at, _)| *at < joined)
             .map(|(_, said)| said.clone())
             .collect(),
-        reached_after: answers
+        reached_after: answers[answered_before..]
             .iter()
-            .find(|(at, said)| *at >= joined && from_c(said))
-            .map(|(at, _)| at - joined),
+            .find(|(_, said)| from_c(said))
+            .map(|(at, _)| (at - joined).max(0.0)),
         strange: answers
             .iter()
             .filter(|(_, said)| !known(said))
@@ -172,7 +176,8 @@ async fn scenario(first: u8, age_ms: u64, watch_for: f64) -> Seen {
 async fn a_caller_holding_two_replicas_reaches_a_third_within_connection_age_and_grace() {
     // Age + grace, and a second for the resolution and the new connection.
     let bound = (AGE_MS + GRACE_MS) as f64 / 1e3 + 1.0;
-    let aged = scenario(2, AGE_MS, bound + 1.0).await;
+    // The caller needs a second or two to start and reach A and B first.
+    let aged = scenario(2, AGE_MS, bound + 3.0).await;
     assert_eq!(
         aged.before.iter().map(String::as_str).collect::<Vec<_>>(),
         ["NOT_FOUND", "OK:RESERVE_OUTCOME_SOLD_OUT"],
@@ -191,8 +196,9 @@ async fn a_caller_holding_two_replicas_reaches_a_third_within_connection_age_and
 
     // The same with connections that never age: the caller stays on the
     // two replicas it found, so the bound above is the servers' doing.
-    let forever = scenario(5, 0, bound + 1.0).await;
+    let forever = scenario(5, 0, bound + 3.0).await;
     assert!(forever.strange.is_empty(), "{:?}", forever.strange);
+    assert_eq!(forever.before.len(), 2, "{:?}", forever.before);
     assert_eq!(
         forever.reached_after, None,
         "with no connection age the new replica was reached anyway"

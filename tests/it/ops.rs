@@ -516,9 +516,6 @@ pub(crate) fn sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// After a storm, the counters add up to what was sent: every Reserve is
-/// counted once per RPC and once at the gate; the gate admitted exactly
-/// the stock and the database committed it.
 /// `stockgate_hot_sku_calls` names the `metrics.hot_skus` SKUs with the
 /// most Reserve calls and sums every other under `(other)`: a sale over
 /// many SKUs adds a bounded number of series, which add up to the calls.
@@ -565,6 +562,9 @@ async fn the_hottest_skus_are_named_and_the_rest_summed() {
     app.stop().await;
 }
 
+/// After a storm, the counters add up to what was sent: every Reserve is
+/// counted once per RPC and once at the gate; the gate admitted exactly
+/// the stock and the database committed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_add_up_after_a_storm() {
     let app = TestApp::spawn_with(Profile::Embedded, |c| {

@@ -18,6 +18,7 @@ fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> StormOption
         stock,
         skus: 1,
         zipf: 0.0,
+        seed: None,
         requests,
         users: requests,
         concurrency: 200,

@@ -142,6 +142,10 @@ struct StormArgs {
     /// 1/k^zipf (0: evenly; about 1 in real sales).
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
+    /// Seed of which SKU each call asks for (default: a fresh one, shown
+    /// in the report).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Reserve calls.
     #[arg(long, short = 'n', default_value_t = 50_000)]
     requests: usize,
@@ -198,6 +202,7 @@ async fn storm(args: StormArgs) -> anyhow::Result<bool> {
         stock: args.stock,
         skus: args.skus,
         zipf: args.zipf,
+        seed: args.seed,
         requests: args.requests,
         users: args.users.unwrap_or(args.requests),
         concurrency: args.concurrency,

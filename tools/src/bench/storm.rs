@@ -47,6 +47,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
             stock: 1,
             skus: 1,
             zipf: 0.0,
+            seed: None,
             requests: options.requests,
             users: options.requests,
             concurrency: options.concurrency,

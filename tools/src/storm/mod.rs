@@ -66,6 +66,9 @@ pub struct StormOptions {
     /// Zipf exponent of SKU popularity: rank `k` draws calls in proportion
     /// to `1 / k^zipf` (0: evenly; about 1 in real sales).
     pub zipf: f64,
+    /// Seeds which SKU each call asks for; `None`: a fresh one per run
+    /// (the report says which, so a run can be repeated).
+    pub seed: Option<u64>,
     /// Reserve calls (double clicks add their second call on top).
     pub requests: usize,
     /// Distinct users the calls come from (call `i` is user `i % users`).
@@ -147,6 +150,8 @@ pub struct StormReport {
     /// gate said yes, or with the gate off).
     pub rejected: usize,
     pub units_ordered: i64,
+    /// The seed the calls' SKUs were drawn with (`--seed` repeats it).
+    pub seed: u64,
     /// The SKUs that drew the most calls (at most [`HOTTEST`]).
     pub hottest: Vec<SkuTally>,
     /// Units sold beyond the stock (0 unless broken).
@@ -230,7 +235,8 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
         bail!("--double-click is a share between 0 and 1");
     }
     let run_uuid = uuid::Uuid::now_v7();
-    let sale = Arc::new(sale::Sale::new(options, run_uuid.as_u64_pair().1)?);
+    let seed = options.seed.unwrap_or(run_uuid.as_u64_pair().1);
+    let sale = Arc::new(sale::Sale::new(options, seed)?);
     let mut admin = Admin::connect(options).await?;
     // A reused SKU keeps its earlier orders: count only this run's.
     let earlier: Vec<i64> = futures::stream::iter(&sale.names)
@@ -331,6 +337,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|p| p.into_inner()));
 
     let mut report = tally(options, strategy, &answers, last_answer);
+    report.seed = seed;
     check::confirm_and_check(
         options,
         &sale,
@@ -458,6 +465,7 @@ fn tally(
         confirmed: 0,
         rejected: 0,
         units_ordered: 0,
+        seed: 0,
         hottest: Vec::new(),
         oversold: 0,
         calls_per_sec: answers.len() as f64 / secs,
@@ -477,8 +485,8 @@ pub fn render(report: &StormReport) -> String {
     let o = &report.options;
     let what = if o.skus > 1 {
         format!(
-            "{} units each of {} SKUs {}-0000… (Zipf s = {})",
-            o.stock, o.skus, o.sku, o.zipf
+            "{} units each of {} SKUs {}-0000… (Zipf s = {}, seed {})",
+            o.stock, o.skus, o.sku, o.zipf, report.seed
         )
     } else {
         format!("{} units of {}", o.stock, o.sku)

@@ -51,7 +51,7 @@ impl Sale {
 }
 
 /// A number in [0, 1) from `x` (splitmix64's finaliser: calls' draws are
-/// independent of their order, and a run is reproducible from its seed).
+/// independent of their order, and `--seed` repeats a run's draws).
 fn unit_interval(x: u64) -> f64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
