@@ -140,13 +140,7 @@ impl Pipeline {
     /// reached stock: units handed on to the waitlist never do, so no
     /// newcomer can be admitted for them. Tells the new holders' watchers.
     async fn return_to_gate(&self, reservation: &Reservation, restock: &Restock) {
-        let entry = GateEntry::new(
-            reservation.id.clone(),
-            reservation.sku.clone(),
-            reservation.user.clone(),
-            reservation.quantity,
-        )
-        .at_version(Some(restock.stock_version));
+        let entry = released_entry(reservation, restock);
         let result = if restock.handed.is_empty() {
             self.settle_gate(&[(Settlement::Released, entry)]).await;
             Ok(())
@@ -193,12 +187,42 @@ impl Pipeline {
             .expire_due(now(), 500, self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
+        // Plain releases settle together, in one gate round trip; a hold
+        // whose units went on to the waitlist needs two steps of its own.
+        let mut released = Vec::new();
         for (reservation, restock) in &expired {
-            if let Some(restock) = restock {
-                self.return_to_gate(reservation, restock).await;
+            match restock {
+                Some(restock) if restock.handed.is_empty() => {
+                    released.push((Settlement::Released, released_entry(reservation, restock)));
+                }
+                Some(restock) => self.return_to_gate(reservation, restock).await,
+                None => {}
+            }
+        }
+        if !released.is_empty() {
+            self.settle_gate(&released).await;
+        }
+        for (reservation, restock) in &expired {
+            if restock
+                .as_ref()
+                .is_some_and(|r| r.handed.is_empty() && r.returned > 0)
+            {
+                self.restocked(reservation.sku.as_str());
             }
             self.emit(Event::Changed(reservation.clone()));
         }
         Ok(expired.len())
     }
+}
+
+/// The gate's view of a hold whose units went back to stock, at the row
+/// version that change wrote.
+fn released_entry(reservation: &Reservation, restock: &Restock) -> GateEntry {
+    GateEntry::new(
+        reservation.id.clone(),
+        reservation.sku.clone(),
+        reservation.user.clone(),
+        reservation.quantity,
+    )
+    .at_version(Some(restock.stock_version))
 }

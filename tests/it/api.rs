@@ -361,8 +361,12 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
     for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
         let app = TestApp::spawn_with(profile, |c| c.reservations.hold_ttl_secs = 1).await;
         app.set_stock("EXPIRE", 1, 0).await;
+        // A second SKU's hold lapses in the same sweep: the sweep settles
+        // both with the gate at once.
+        app.set_stock("EXPIRE-2", 1, 0).await;
         let mut client = app.inventory();
         let id = reserve_held(&app, "EXPIRE", 1, "frank").await;
+        reserve_held(&app, "EXPIRE-2", 1, "frank").await;
         let sold_out = reserve(&mut client, "EXPIRE", 1, "grace").await.unwrap();
         assert_eq!(sold_out.outcome(), ReserveOutcome::SoldOut);
         let mut state = ReservationState::Held;
@@ -379,6 +383,16 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
         assert_eq!(error_reason(&status), "HOLD_EXPIRED");
         let resold = reserve(&mut client, "EXPIRE", 1, "grace").await.unwrap();
         assert!(is_admitted(resold.outcome()));
+        let mut resold = reserve(&mut client, "EXPIRE-2", 1, "grace").await.unwrap();
+        // The second hold may lapse a sweep later than the first.
+        for _ in 0..40 {
+            if is_admitted(resold.outcome()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            resold = reserve(&mut client, "EXPIRE-2", 1, "grace").await.unwrap();
+        }
+        assert!(is_admitted(resold.outcome()), "{profile:?}");
         app.stop().await;
     }
 }
