@@ -85,7 +85,8 @@ async fn the_checker_finds_a_broken_database() {
         .await
         .unwrap();
     let told_nobody = HashMap::new();
-    let checks = storm::check_database(&url, "CHECKED", 5, &told_nobody)
+    let store = storm::open_database(&url).unwrap();
+    let checks = storm::check_database(&store, "CHECKED", 5, &told_nobody)
         .await
         .unwrap();
     let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();

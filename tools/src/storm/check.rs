@@ -112,13 +112,7 @@ pub(super) async fn confirm_and_check(
             other => lost.push(format!("{id}: {other:?}")),
         }
     }
-    let views: Vec<StockView> = futures::stream::iter(&sale.names)
-        .map(|sku| drained(admin, sku, deadline))
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+    let views: Vec<StockView> = sale.each_sku(|sku| drained(admin, sku, deadline)).await?;
     let ordered: Vec<i64> = views
         .iter()
         .zip(earlier)
@@ -218,8 +212,8 @@ pub(super) async fn confirm_and_check(
             format!("{} SKUs with a gate counter", gated.len()),
         ));
     }
-    let checked: Vec<stockgate::pb::CheckInvariantsResponse> = futures::stream::iter(&sale.names)
-        .map(|sku| {
+    let checked: Vec<stockgate::pb::CheckInvariantsResponse> = sale
+        .each_sku(|sku| {
             let (mut client, admin) = (admin.client.clone(), &*admin);
             async move {
                 client
@@ -231,11 +225,7 @@ pub(super) async fn confirm_and_check(
                     .map_err(status("CheckInvariants"))
             }
         })
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+        .await?;
     let gate_compared = checked.iter().any(|c| c.gate_compared);
     let problems: Vec<String> = checked
         .iter()
@@ -255,9 +245,10 @@ pub(super) async fn confirm_and_check(
         },
     });
     if let Some(url) = &options.store {
+        let store = open_database(url)?;
         let mut each = Vec::with_capacity(skus);
         for sku in &sale.names {
-            each.push(check_database(url, sku, stock, &owners).await?);
+            each.push(check_database(&store, sku, stock, &owners).await?);
         }
         for (i, name) in DATABASE_CHECKS.iter().enumerate() {
             let results = each
@@ -442,18 +433,25 @@ const DATABASE_CHECKS: [&str; 3] = [
     "database: no order a caller was not told about",
 ];
 
+/// The PostgreSQL database at `url`, for [`check_database`]: one pool
+/// serves every SKU of the sale.
+pub fn open_database(url: &str) -> anyhow::Result<stockgate::store::Store> {
+    let target = stockgate::config::StoreBackend::Postgres(url.to_owned());
+    Ok(stockgate::store::Store::connect(
+        target,
+        &stockgate::config::StoreConfig::default(),
+    )?)
+}
+
 /// The same invariants read from the database itself for one SKU of
 /// `stock` units; `owners` are the reservations callers were told about
 /// (reservation id to the call that got it).
 pub async fn check_database(
-    url: &str,
+    store: &stockgate::store::Store,
     sku: &str,
     stock: i64,
     owners: &HashMap<&str, usize>,
 ) -> anyhow::Result<Vec<Check>> {
-    let target = stockgate::config::StoreBackend::Postgres(url.to_owned());
-    let store =
-        stockgate::store::Store::connect(target, &stockgate::config::StoreConfig::default())?;
     let sku = Sku::parse(sku).map_err(|e| anyhow::anyhow!("--sku: {e}"))?;
     let rows = store.reservations_of(&sku).await?;
     let left = store

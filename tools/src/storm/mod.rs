@@ -19,7 +19,7 @@ mod matrix;
 pub mod report;
 mod sale;
 
-pub use check::check_database;
+pub use check::{check_database, open_database};
 pub use matrix::{matrix, render_matrix, run_matrix, Strategy};
 
 use std::{
@@ -33,7 +33,6 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use serde::Serialize;
 use tonic::{
     metadata::MetadataValue,
@@ -239,8 +238,8 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let sale = Arc::new(sale::Sale::new(options, seed)?);
     let mut admin = Admin::connect(options).await?;
     // A reused SKU keeps its earlier orders: count only this run's.
-    let earlier: Vec<i64> = futures::stream::iter(&sale.names)
-        .map(|sku| {
+    let earlier: Vec<i64> = sale
+        .each_sku(|sku| {
             let (mut client, admin) = (admin.client.clone(), &admin);
             async move {
                 let view = client
@@ -256,11 +255,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                 anyhow::Ok(view.map_or(0, |v| v.held_units + v.confirmed_units))
             }
         })
-        .buffered(16)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+        .await?;
     let writes_before = check::db_writes(options).await;
 
     let mut channels = Vec::with_capacity(options.connections.max(1));
@@ -520,15 +515,15 @@ pub fn render(report: &StormReport) -> String {
             .map_or(String::new(), |w| format!("  database writes {w}"))
     ));
     if o.skus > 1 {
+        let title = "hottest SKUs";
         let w = report
             .hottest
             .iter()
             .map(|t| t.sku.len())
-            .max()
-            .unwrap_or(0);
+            .fold(title.len(), usize::max);
         out.push_str(&format!(
             "{:<w$} {:>8} {:>9} {:>9} {:>8} {:>6}\n",
-            "hottest SKUs", "calls", "admitted", "sold out", "ordered", "left"
+            title, "calls", "admitted", "sold out", "ordered", "left"
         ));
         for t in &report.hottest {
             out.push_str(&format!(

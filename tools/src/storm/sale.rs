@@ -3,6 +3,8 @@
 //! draws a few each, which a Zipf law describes (rank `k` drawn in
 //! proportion to `1 / k^s`; `s` = 0 spreads calls evenly).
 
+use futures::StreamExt;
+
 use super::StormOptions;
 
 pub(super) struct Sale {
@@ -47,6 +49,22 @@ impl Sale {
 
     pub fn sku_of(&self, call: usize) -> &str {
         &self.names[self.of_call[call]]
+    }
+
+    /// `call` for every SKU, 16 at once, the answers in SKU order; the
+    /// first error ends it.
+    pub async fn each_sku<'a, T, F, Fut>(&'a self, call: F) -> anyhow::Result<Vec<T>>
+    where
+        F: FnMut(&'a String) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        futures::stream::iter(&self.names)
+            .map(call)
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 }
 
