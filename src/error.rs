@@ -89,6 +89,10 @@ pub enum ReservationError {
     /// the operator did not force it.
     #[error("refused: {0}; set force to apply it anyway")]
     UnsafeChange(String),
+    /// Dead-letter operations with a queue that keeps no dead letters
+    /// (embedded).
+    #[error("the {0} order queue keeps no dead-letter queue; given-up orders are the REJECTED reservations whose reason starts \"processing failed\"")]
+    NoDeadLetterQueue(&'static str),
     /// Another operator changed the switches at the same moment.
     #[error("the layer switches were changed concurrently; read them again and retry")]
     ConcurrentChange,
@@ -154,6 +158,7 @@ impl ReservationError {
             Self::NotReady(_) => (Code::Unavailable, "NOT_READY"),
             Self::Unavailable { .. } => (Code::Unavailable, "BACKEND_UNAVAILABLE"),
             Self::UnsafeChange(_) => (Code::FailedPrecondition, "UNSAFE_LAYER_CHANGE"),
+            Self::NoDeadLetterQueue(_) => (Code::FailedPrecondition, "NO_DEAD_LETTER_QUEUE"),
             Self::ConcurrentChange => (Code::Aborted, "CONCURRENT_CHANGE"),
             Self::Unauthenticated(_) => (Code::Unauthenticated, "UNAUTHENTICATED"),
             Self::CallerNotAllowed(_) => (Code::PermissionDenied, "CALLER_NOT_ALLOWED"),
@@ -409,6 +414,10 @@ mod tests {
             (
                 ReservationError::UnsafeChange("x".into()),
                 "UNSAFE_LAYER_CHANGE",
+            ),
+            (
+                ReservationError::NoDeadLetterQueue("embedded"),
+                "NO_DEAD_LETTER_QUEUE",
             ),
             (ReservationError::ConcurrentChange, "CONCURRENT_CHANGE"),
             (ReservationError::Unauthenticated("x"), "UNAUTHENTICATED"),

@@ -239,28 +239,32 @@ impl SwitchBoard {
         before: &Layers,
         after: &Layers,
     ) {
-        let (before_json, after_json) = (to_json(before), to_json(after));
-        // The log line is the audit record that survives a database outage.
-        tracing::warn!(
-            target: "stockgate::audit",
-            actor = request.actor,
-            action = "set_layers",
-            outcome,
-            before = %before_json,
-            after = %after_json,
-            reason = request.reason,
-            "layer switches change"
-        );
-        let event = NewAudit {
+        self.record(&NewAudit {
             at: now(),
             actor: request.actor,
             action: "set_layers",
             outcome,
-            before: &before_json,
-            after: &after_json,
+            before: &to_json(before),
+            after: &to_json(after),
             reason: request.reason,
-        };
-        if let Err(err) = self.store.audit(&event).await {
+        })
+        .await;
+    }
+
+    /// Appends an operator action to the audit trail, and logs it first:
+    /// the log line is the record that survives a database outage.
+    pub async fn record(&self, event: &NewAudit<'_>) {
+        tracing::warn!(
+            target: "stockgate::audit",
+            actor = event.actor,
+            action = event.action,
+            outcome = event.outcome,
+            before = event.before,
+            after = event.after,
+            reason = event.reason,
+            "operator action"
+        );
+        if let Err(err) = self.store.audit(event).await {
             tracing::error!(error = %err, "audit event not stored (it is in this log)");
         }
     }

@@ -45,15 +45,18 @@ pub(crate) async fn run_processor(
                 None => true,
             };
             unfinished |= !recorded
-                || source
-                    .set_aside(&message.message, &message.reason)
-                    .await
-                    .is_err();
+                || !set_aside(
+                    source.as_mut(),
+                    &message.message,
+                    &message.reason,
+                    "unreadable",
+                )
+                .await;
         }
         let outcome = pipeline.process_batch(&batch.orders).await;
         unfinished |= outcome.incomplete;
         for (order, reason) in outcome.given_up {
-            unfinished |= source.set_aside(&encode(&order), &reason).await.is_err();
+            unfinished |= !set_aside(source.as_mut(), &encode(&order), &reason, "given_up").await;
         }
         if unfinished {
             source.hand_back(batch).await;
@@ -64,4 +67,23 @@ pub(crate) async fn run_processor(
         }
     }
     source.close().await;
+}
+
+/// Sets a message aside, counted by `cause`; false if it was not.
+async fn set_aside(
+    source: &mut dyn OrderSource,
+    message: &[u8],
+    reason: &str,
+    cause: &'static str,
+) -> bool {
+    match source.set_aside(message, reason).await {
+        Ok(()) => {
+            crate::metrics::set_aside(cause);
+            true
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "message not set aside; the batch will be delivered again");
+            false
+        }
+    }
 }

@@ -798,6 +798,27 @@ ADMIN_INVALID = [
      lambda c: adm.SetSoldOutPolicyRequest(sku=c.sku, policy=adm.SOLD_OUT_POLICY_WAITLIST, waitlist_limit=1_000_001), "waitlist_limit"),
 ]
 
+ADMIN_INVALID += [
+    ("ListDeadLetters-limit-1001", "ListDeadLetters", lambda c: adm.ListDeadLettersRequest(limit=1001), "limit"),
+    ("RedriveDeadLetters-no-selection", "RedriveDeadLetters", lambda c: adm.RedriveDeadLettersRequest(), "selection"),
+    ("RedriveDeadLetters-keys-and-all", "RedriveDeadLetters",
+     lambda c: adm.RedriveDeadLettersRequest(selection=adm.DeadLetterSelection(keys=["k"], all=True)), "selection"),
+    ("RedriveDeadLetters-limit-1001", "RedriveDeadLetters",
+     lambda c: adm.RedriveDeadLettersRequest(selection=adm.DeadLetterSelection(all=True, limit=1001)), "selection.limit"),
+    ("RedriveDeadLetters-key-too-long", "RedriveDeadLetters",
+     lambda c: adm.RedriveDeadLettersRequest(selection=adm.DeadLetterSelection(keys=["k" * 101])), "selection.keys"),
+    ("PurgeDeadLetters-no-reason", "PurgeDeadLetters",
+     lambda c: adm.PurgeDeadLettersRequest(selection=adm.DeadLetterSelection(all=True)), "reason"),
+]
+
+# The dead-letter calls on a queue that keeps none (this server's embedded
+# queue): refused without the token, and FAILED_PRECONDITION with it.
+ADMIN_DEAD_LETTERS = {
+    "ListDeadLetters": lambda c: adm.ListDeadLettersRequest(limit=1),
+    "RedriveDeadLetters": lambda c: adm.RedriveDeadLettersRequest(selection=adm.DeadLetterSelection(all=True)),
+    "PurgeDeadLetters": lambda c: adm.PurgeDeadLettersRequest(selection=adm.DeadLetterSelection(all=True), reason="conformance"),
+}
+
 ADMIN_NOT_FOUND = {
     "AdjustStock": lambda c: adm.AdjustStockRequest(sku=c.unknown_sku, delta=1),
     "GetStock": lambda c: adm.GetStockRequest(sku=c.unknown_sku),
@@ -832,6 +853,17 @@ def _admin_cases():
                 found += [f"{label}: {p}" for p in problems(result, Expect(SC.UNAUTHENTICATED, reason="UNAUTHENTICATED"))]
             if found:
                 raise Fail("; ".join(found))
+
+    for method, build in ADMIN_DEAD_LETTERS.items():
+
+        @case(f"failed-precondition/admin-{method}-no-dead-letter-queue")
+        def _(ctx, method=method, build=build):
+            expect(admin_call(ctx, method, build(ctx)), Expect(SC.FAILED_PRECONDITION, reason="NO_DEAD_LETTER_QUEUE"))
+
+        @case(f"unauthenticated/admin-{method}")
+        def _(ctx, method=method, build=build):
+            result = admin_call(ctx, method, build(ctx), [("authorization", f"Bearer {ctx.args.token}x")])
+            expect(result, Expect(SC.UNAUTHENTICATED, reason="UNAUTHENTICATED"))
 
     for suffix, method, build, field in ADMIN_INVALID:
 

@@ -16,14 +16,20 @@ use crate::{
     fleet::{ChangeRequest, SwitchBoard, MAX_REASON},
     middleware::{InFlight, RateLimits},
     pb::{self, admin_service_server::AdminService},
-    reserve::{Pipeline, StockView},
-    store::ReservationFilter,
+    queue::{
+        dead_letters::{DeadLetter, Moved, Selection, MAX_MOVE},
+        DeadLetters,
+    },
+    reserve::{queue_error, Pipeline, StockView},
+    store::{NewAudit, ReservationFilter},
 };
 
 use super::{metadata_str, state, timestamp};
 
 pub struct AdminApi {
     pipeline: Arc<Pipeline>,
+    /// `None` for the embedded queue, which keeps none.
+    dead_letters: Option<Arc<dyn DeadLetters>>,
     rate_limits: Arc<RateLimits>,
     in_flight: Option<Arc<InFlight>>,
     board: Arc<SwitchBoard>,
@@ -39,9 +45,11 @@ impl AdminApi {
         in_flight: Option<Arc<InFlight>>,
         board: Arc<SwitchBoard>,
         hold_grace: std::time::Duration,
+        dead_letters: Option<Arc<dyn DeadLetters>>,
     ) -> Self {
         Self {
             pipeline,
+            dead_letters,
             rate_limits,
             in_flight,
             board,
@@ -168,6 +176,212 @@ fn limit(value: u32) -> Result<i64, ReservationError> {
             "limit",
             format!("must be between 0 and 1000, got {value}"),
         )),
+    }
+}
+
+/// Longest key a dead-letter selection may name (reservation ids and body
+/// digests are far shorter).
+const MAX_KEY: usize = 100;
+
+/// Which dead letters a redrive or purge takes, validated field by field.
+fn selection(body: Option<&pb::DeadLetterSelection>) -> Result<Selection, ReservationError> {
+    let none = || ReservationError::invalid("selection", "name `keys` or set `all`");
+    let body = body.ok_or_else(none)?;
+    match (body.keys.is_empty(), body.all) {
+        (true, false) => Err(none()),
+        (false, true) => Err(ReservationError::invalid(
+            "selection",
+            "`keys` or `all`, not both",
+        )),
+        (true, true) => match body.limit {
+            0 => Ok(Selection::First(100)),
+            n if n as usize <= MAX_MOVE => Ok(Selection::First(n as usize)),
+            n => Err(ReservationError::invalid(
+                "selection.limit",
+                format!("must be between 0 and {MAX_MOVE}, got {n}"),
+            )),
+        },
+        (false, false) => {
+            if body.limit != 0 {
+                return Err(ReservationError::invalid(
+                    "selection.limit",
+                    "applies only with `all`",
+                ));
+            }
+            if body.keys.len() > MAX_MOVE {
+                return Err(ReservationError::invalid(
+                    "selection.keys",
+                    format!("at most {MAX_MOVE} keys, got {}", body.keys.len()),
+                ));
+            }
+            if let Some(bad) = body
+                .keys
+                .iter()
+                .find(|k| k.is_empty() || k.chars().count() > MAX_KEY)
+            {
+                return Err(ReservationError::invalid(
+                    "selection.keys",
+                    format!(
+                        "each key 1-{MAX_KEY} characters, got one of {}",
+                        bad.chars().count()
+                    ),
+                ));
+            }
+            let mut keys = body.keys.clone();
+            keys.sort_unstable();
+            keys.dedup();
+            Ok(Selection::Keys(keys))
+        }
+    }
+}
+
+fn reason(text: &str, required: bool) -> Result<&str, ReservationError> {
+    if required && text.trim().is_empty() {
+        return Err(ReservationError::invalid(
+            "reason",
+            "required: say why, for the audit trail",
+        ));
+    }
+    if text.chars().count() > MAX_REASON {
+        return Err(ReservationError::invalid(
+            "reason",
+            format!("at most {MAX_REASON} characters"),
+        ));
+    }
+    Ok(text)
+}
+
+fn dead_letter(letter: DeadLetter) -> pb::DeadLetter {
+    let order = letter.order.map(|queued| queued.order);
+    pb::DeadLetter {
+        key: letter.key,
+        reservation_id: order
+            .as_ref()
+            .map(|o| o.id.as_str().to_owned())
+            .unwrap_or_default(),
+        sku: order
+            .as_ref()
+            .map(|o| o.sku.as_str().to_owned())
+            .unwrap_or_default(),
+        user_id: order
+            .as_ref()
+            .map(|o| o.user.as_str().to_owned())
+            .unwrap_or_default(),
+        quantity: order.as_ref().map_or(0, |o| o.quantity),
+        error: letter.error,
+        dead_lettered_at: letter.dead_lettered_at.map(timestamp),
+        message_bytes: letter.body_bytes as u64,
+        preview: letter.preview,
+    }
+}
+
+fn moved(moved: &Moved) -> pb::DeadLettersMoved {
+    pb::DeadLettersMoved {
+        keys: moved.keys.clone(),
+        not_found: moved.not_found.clone(),
+        remaining: moved.remaining,
+    }
+}
+
+/// What an audit event keeps of a selection and of what it moved: the
+/// keys, cut short past this many.
+const AUDITED_KEYS: usize = 100;
+
+fn keys_json(keys: &[String]) -> serde_json::Value {
+    let shown: Vec<&String> = keys.iter().take(AUDITED_KEYS).collect();
+    serde_json::json!({ "count": keys.len(), "keys": shown })
+}
+
+/// The two ways out of the dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Redrive,
+    Purge,
+}
+
+impl Way {
+    /// The audit event's action.
+    fn action(self) -> &'static str {
+        match self {
+            Self::Redrive => "dlq_redrive",
+            Self::Purge => "dlq_purge",
+        }
+    }
+
+    /// The metric's `action` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Redrive => "redrive",
+            Self::Purge => "purge",
+        }
+    }
+}
+
+impl AdminApi {
+    fn dead_letters(&self) -> Result<&Arc<dyn DeadLetters>, ReservationError> {
+        self.dead_letters
+            .as_ref()
+            .ok_or(ReservationError::NoDeadLetterQueue("embedded"))
+    }
+
+    /// Runs a redrive or purge and audits it, whatever came of it.
+    async fn move_dead_letters<T>(
+        &self,
+        request: Request<T>,
+        way: Way,
+        parts: impl FnOnce(&T) -> (Option<&pb::DeadLetterSelection>, &str),
+    ) -> Result<Moved, ReservationError> {
+        let actor = actor(&request, self.board.replica())?;
+        let body = request.into_inner();
+        let (asked, why) = parts(&body);
+        let which = selection(asked)?;
+        // Purged messages are gone: the trail must say why.
+        let why = reason(why, way == Way::Purge)?;
+        let dead_letters = self.dead_letters()?;
+        let before = match &which {
+            Selection::Keys(keys) => keys_json(keys),
+            Selection::First(n) => serde_json::json!({ "first": n }),
+        };
+        let result = match way {
+            Way::Redrive => dead_letters.redrive(&which).await,
+            Way::Purge => dead_letters.purge(&which).await,
+        };
+        let (outcome, after) = match &result {
+            Ok(moved) => {
+                let mut after = keys_json(&moved.keys);
+                after["not_found"] = keys_json(&moved.not_found);
+                after["remaining"] = moved.remaining.into();
+                let outcome = match &moved.interrupted {
+                    None => "applied".to_owned(),
+                    Some(why) => format!("interrupted: {why}"),
+                };
+                (outcome, after)
+            }
+            Err(err) => (format!("failed: {err}"), serde_json::json!({})),
+        };
+        self.board
+            .record(&NewAudit {
+                at: crate::domain::now(),
+                actor: &actor,
+                action: way.action(),
+                outcome: &outcome,
+                before: &before.to_string(),
+                after: &after.to_string(),
+                reason: why,
+            })
+            .await;
+        let moved = result.map_err(queue_error)?;
+        crate::metrics::dead_letters_moved(way.label(), moved.keys.len());
+        if let Some(why) = &moved.interrupted {
+            return Err(ReservationError::unavailable(
+                "order queue",
+                anyhow::anyhow!(
+                    "interrupted after moving {} messages ({why}); running it again is safe",
+                    moved.keys.len()
+                ),
+            ));
+        }
+        Ok(moved)
     }
 }
 
@@ -530,6 +744,51 @@ impl AdminService for AdminApi {
             problems: report.problems,
             queue_backlog: report.queue_backlog,
             gate_compared: report.gate_compared,
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let limit = limit(request.get_ref().limit)?;
+        let (letters, depth) = self
+            .dead_letters()?
+            .list(limit as usize)
+            .await
+            .map_err(queue_error)?;
+        ::metrics::gauge!("stockgate_dlq_messages").set(depth as f64);
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: letters.into_iter().map(dead_letter).collect(),
+            depth,
+        }))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<pb::RedriveDeadLettersRequest>,
+    ) -> Result<Response<pb::RedriveDeadLettersResponse>, Status> {
+        let done = self
+            .move_dead_letters(request, Way::Redrive, |body| {
+                (body.selection.as_ref(), body.reason.as_str())
+            })
+            .await?;
+        Ok(Response::new(pb::RedriveDeadLettersResponse {
+            moved: Some(moved(&done)),
+        }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<pb::PurgeDeadLettersRequest>,
+    ) -> Result<Response<pb::PurgeDeadLettersResponse>, Status> {
+        let done = self
+            .move_dead_letters(request, Way::Purge, |body| {
+                (body.selection.as_ref(), body.reason.as_str())
+            })
+            .await?;
+        Ok(Response::new(pb::PurgeDeadLettersResponse {
+            moved: Some(moved(&done)),
         }))
     }
 

@@ -57,6 +57,9 @@ pub const NAMES: &[&str] = &[
     "stockgate_gate_drift_units",
     "stockgate_gate_drift_skus",
     "stockgate_ready",
+    "stockgate_dlq_messages",
+    "stockgate_dlq_set_aside_total",
+    "stockgate_dlq_operator_messages_total",
     hot_skus::NAME,
 ];
 
@@ -117,6 +120,19 @@ pub fn caller_refused(layer: &'static str, caller: &str) {
 /// An admin call refused for a missing or wrong credential.
 pub fn admin_auth_failure() {
     counter!("stockgate_admin_auth_failures_total").increment(1);
+}
+
+/// The processor set a message aside in the dead-letter queue: `cause`
+/// is `given_up` (the database kept refusing the order) or `unreadable`.
+pub fn set_aside(cause: &'static str) {
+    counter!("stockgate_dlq_set_aside_total", "cause" => cause).increment(1);
+}
+
+/// Messages an operator moved out of the dead-letter queue: `action` is
+/// `redrive` or `purge`.
+pub fn dead_letters_moved(action: &'static str, messages: usize) {
+    counter!("stockgate_dlq_operator_messages_total", "action" => action)
+        .increment(messages as u64);
 }
 
 /// A switch change: `applied`, `forced` or `refused`.

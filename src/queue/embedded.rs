@@ -58,6 +58,7 @@ impl OrderQueue for EmbeddedQueue {
             ticket,
             order,
             gated,
+            redriven: false,
         }) {
             Ok(()) => {
                 *last = ticket;

@@ -6,12 +6,17 @@
 //! then lets them go. The database sees a steady first-come-first-served
 //! load however large the spike.
 
+pub mod dead_letters;
 mod embedded;
 mod rabbit;
 mod tickets;
 
+pub use dead_letters::DeadLetters;
 pub use embedded::{EmbeddedQueue, EmbeddedSource};
-pub use rabbit::{decode, delete_topology, encode, salvage, QueueNames, RabbitQueue, RabbitSource};
+pub use rabbit::{
+    decode, delete_topology, encode, salvage, QueueNames, RabbitDeadLetters, RabbitQueue,
+    RabbitSource,
+};
 
 use std::time::Duration;
 
@@ -28,6 +33,11 @@ pub struct QueuedOrder {
     /// Whether the stock gate admitted it (and so holds units for it that
     /// must be settled with the gate).
     pub gated: bool,
+    /// Sent back from the dead-letter queue by an operator: a reservation
+    /// the processor gave up on is decided again (see
+    /// [`crate::store::GIVEN_UP_REASON`]). Never gated: giving up returned
+    /// its gate units.
+    pub redriven: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

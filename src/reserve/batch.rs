@@ -10,7 +10,7 @@ use crate::{
     gate::{GateEntry, Settlement},
     metrics,
     queue::QueuedOrder,
-    store::{CommitOutcome, NewOrder, RejectCause, SOLD_OUT_REASON},
+    store::{CommitOutcome, NewOrder, RejectCause, GIVEN_UP_REASON, SOLD_OUT_REASON},
 };
 
 use super::{count_outcome, gate_entry, Event, Pipeline, ReserveResult};
@@ -194,8 +194,17 @@ impl Pipeline {
         let mut backoff = Duration::from_millis(10);
         while !todo.is_empty() {
             let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
+            let reopen: Vec<ReservationId> = todo
+                .iter()
+                .filter(|q| q.redriven)
+                .map(|q| q.order.id.clone())
+                .collect();
             let params = self.commit_params(self.layers().db_check, true);
-            let outcomes = match self.store.commit_batch(&orders, params).await {
+            let outcomes = match self
+                .store
+                .commit_batch_reopening(&orders, params, &reopen)
+                .await
+            {
                 Ok(outcomes) => outcomes,
                 Err(err) if err.is_unavailable() => {
                     metrics::decision("db", "retry");
@@ -245,6 +254,9 @@ impl Pipeline {
             if !settlements.is_empty() {
                 self.settle_gate(&settlements).await;
             }
+            for (queued, outcome) in done.iter().filter(|(queued, _)| queued.redriven) {
+                self.redriven_took(&queued.order, outcome).await;
+            }
             for (queued, outcome) in done {
                 self.finish_queued(queued, outcome);
             }
@@ -272,9 +284,14 @@ impl Pipeline {
         let mut backoff = Duration::from_millis(100);
         loop {
             let params = self.commit_params(self.layers().db_check, true);
+            let reopen = if queued.redriven {
+                std::slice::from_ref(&queued.order.id)
+            } else {
+                &[]
+            };
             match self
                 .store
-                .commit_batch(std::slice::from_ref(&queued.order), params)
+                .commit_batch_reopening(std::slice::from_ref(&queued.order), params, reopen)
                 .await
             {
                 Ok(mut outcomes) => return Ok(outcomes.remove(0)),
@@ -291,6 +308,30 @@ impl Pipeline {
         }
     }
 
+    /// A redriven order holds no gate units (giving up returned them), so
+    /// the stock its commit took comes off the gate's counter here, as an
+    /// operator's adjustment at the commit's version would; missed (gate
+    /// unreachable or off), the reconciler repairs the drift, and until
+    /// then the gate admits too much, which the database check refuses.
+    async fn redriven_took(&self, order: &NewOrder, outcome: &CommitOutcome) {
+        let CommitOutcome::Committed { stock_version, .. } = outcome else {
+            return;
+        };
+        tracing::info!(
+            reservation = order.id.as_str(),
+            sku = order.sku.as_str(),
+            "redriven order committed"
+        );
+        if !self.layers().gate {
+            return;
+        }
+        let taken = -i64::from(order.quantity);
+        if let Err(err) = self.gate.adjust(&order.sku, taken, *stock_version).await {
+            tracing::warn!(sku = order.sku.as_str(), error = %err, "gate not charged for a redriven order; the reconciler repairs it");
+            self.reload_wanted.notify_one();
+        }
+    }
+
     /// Ends an order the database would not take: REJECTED row (with the
     /// time of failure, since the order's own data may be what fails),
     /// units back to the gate, watchers told, error logged. Returns false,
@@ -299,7 +340,7 @@ impl Pipeline {
     async fn give_up(&self, queued: &QueuedOrder, reason: &str) -> bool {
         let order = &queued.order;
         tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
-        let reason = format!("processing failed: {reason}");
+        let reason = format!("{GIVEN_UP_REASON}: {reason}");
         let mut backoff = Duration::from_millis(100);
         let recorded = loop {
             match self.store.record_failed(order, &reason, now()).await {

@@ -173,7 +173,7 @@ fn gate_error(err: GateError) -> ReservationError {
     ReservationError::unavailable("stock gate", err)
 }
 
-fn queue_error(err: QueueError) -> ReservationError {
+pub(crate) fn queue_error(err: QueueError) -> ReservationError {
     ReservationError::unavailable("order queue", err)
 }
 

@@ -46,7 +46,10 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         inventory_service_server::InventoryServiceServer,
     },
-    queue::{EmbeddedQueue, OrderQueue, OrderSource, RabbitQueue, RabbitSource},
+    queue::{
+        DeadLetters, EmbeddedQueue, OrderQueue, OrderSource, RabbitDeadLetters, RabbitQueue,
+        RabbitSource,
+    },
     reserve::{Limits, Pipeline},
     store::Store,
 };
@@ -391,6 +394,9 @@ pub async fn run_with(
         ),
     );
 
+    let dead_letters = rabbit
+        .as_ref()
+        .map(|(queue, _)| Arc::new(RabbitDeadLetters::new(queue.clone())) as Arc<dyn DeadLetters>);
     let max = config.server.max_message_bytes;
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
         .max_decoding_message_size(max)
@@ -406,6 +412,7 @@ pub async fn run_with(
             // Three sweeps and a second: a hold older than that past its
             // expiry was missed.
             Duration::from_millis(config.reservations.sweep_interval_ms * 3 + 1_000),
+            dead_letters.clone(),
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max),
@@ -416,7 +423,12 @@ pub async fn run_with(
     );
     background.spawn(
         "gauge sampler",
-        sample_gauges(pipeline.clone(), in_flight.clone(), stop_rx.clone()),
+        sample_gauges(
+            pipeline.clone(),
+            in_flight.clone(),
+            dead_letters,
+            stop_rx.clone(),
+        ),
     );
 
     tracing::info!(addr = %listener.local_addr()?, %admin_addr, tls = tls.is_some(), layers = ?pipeline.layers(), "serving");

@@ -17,6 +17,7 @@ use crate::{
     fleet::{ChangeRequest, SwitchBoard},
     grpc::{token_digest, AdminToken},
     middleware::{InFlight, MemoryDedup, RateLimits},
+    queue::DeadLetters,
     reserve::Pipeline,
 };
 
@@ -130,11 +131,12 @@ pub(super) async fn apply_reloads(
 
 /// Gauges that are read rather than counted: calls in flight, reservations
 /// this replica waits on, open watches and their shared feeds, the fleet's
-/// queue depth, readiness; and
+/// queue depth and dead letters, readiness; and
 /// histogram upkeep.
 pub(super) async fn sample_gauges(
     pipeline: Arc<Pipeline>,
     in_flight: Option<Arc<InFlight>>,
+    dead_letters: Option<Arc<dyn DeadLetters>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick: u64 = 0;
@@ -143,6 +145,12 @@ pub(super) async fn sample_gauges(
         if tick % 5 == 0 {
             if let Some(depth) = pipeline.queue_depth().await {
                 metrics::gauge!("stockgate_queue_depth").set(depth as f64);
+            }
+            if let Some(dead_letters) = &dead_letters {
+                match dead_letters.depth().await {
+                    Ok(depth) => metrics::gauge!("stockgate_dlq_messages").set(depth as f64),
+                    Err(err) => tracing::debug!(error = %err, "dead-letter depth unknown"),
+                }
             }
         }
         tick += 1;

@@ -422,10 +422,30 @@ macro_rules! commit_queries {
             }
         }
 
+        /// Deletes the rows of `ids` that record an order the processor
+        /// gave up on, so that the commit after it, in the same
+        /// transaction, decides those orders again (an operator's redrive
+        /// from the dead-letter queue). Any other row stands.
+        async fn reopen_given_up(conn: &mut $Conn, ids: &[&str]) -> QueryResult<()> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            diesel::delete(
+                reservations::table
+                    .filter(reservations::reservation_id.eq_any(ids))
+                    .filter(reservations::state.eq(ReservationState::Rejected.as_db()))
+                    .filter(reservations::reject_reason.like(format!("{GIVEN_UP_REASON}:%"))),
+            )
+            .execute(conn)
+            .await
+            .map(|_| ())
+        }
+
         pub(super) async fn commit_batch(
             conn: &mut $Conn,
             orders: &[NewOrder],
             params: CommitParams,
+            reopen: &[&str],
         ) -> QueryResult<Vec<CommitOutcome>> {
             if orders.len() > 1
                 && params.record_rejections
@@ -433,6 +453,7 @@ macro_rules! commit_queries {
             {
                 let grouped = conn
                     .transaction::<_, DieselError, _>(async |conn| {
+                        reopen_given_up(conn, reopen).await?;
                         decide_grouped(conn, orders, params)
                             .await?
                             .ok_or(DieselError::RollbackTransaction)
@@ -448,6 +469,7 @@ macro_rules! commit_queries {
                 }
             }
             conn.transaction::<_, DieselError, _>(async |conn| {
+                reopen_given_up(conn, reopen).await?;
                 if params.mode != DbCheckMode::Off {
                     // The orders below lock their rows one by one in
                     // arrival order; taking them all first, sorted, keeps
@@ -535,7 +557,20 @@ impl Store {
         orders: &[NewOrder],
         params: CommitParams,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        dispatch!(self.commit_batch(orders, params))
+        self.commit_batch_reopening(orders, params, &[]).await
+    }
+
+    /// As [`Self::commit_batch`], first deleting, in the same transaction,
+    /// the given-up rows ([`super::GIVEN_UP_REASON`]) of `reopen`: those
+    /// orders are decided again, and a failed commit leaves their rows.
+    pub async fn commit_batch_reopening(
+        &self,
+        orders: &[NewOrder],
+        params: CommitParams,
+        reopen: &[ReservationId],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let reopen: Vec<&str> = reopen.iter().map(ReservationId::as_str).collect();
+        dispatch!(self.commit_batch(orders, params, &reopen))
     }
 
     /// See `record_failed` in the query module.

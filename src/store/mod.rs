@@ -120,6 +120,12 @@ pub struct NewOrder {
 /// redelivery can tell it from rejections that must return gate units.
 pub const SOLD_OUT_REASON: &str = "sold out";
 
+/// How the reason of a REJECTED row starts when the processor gave the
+/// order up (the database kept refusing it with an error, or its message
+/// could not be read). Only such a row is decided again when an operator
+/// redrives the order from the dead-letter queue.
+pub const GIVEN_UP_REASON: &str = "processing failed";
+
 /// How to commit orders.
 #[derive(Debug, Clone, Copy)]
 pub struct CommitParams {

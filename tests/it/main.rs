@@ -10,6 +10,7 @@ mod check;
 mod clients;
 mod conformance;
 mod connections;
+mod dead_letters;
 mod faults;
 mod floods;
 mod group_commit;

@@ -48,8 +48,10 @@ use crate::{
     store::{NewOrder, Store},
 };
 
+mod dead_letters;
 mod source;
 
+pub use dead_letters::RabbitDeadLetters;
 pub use source::RabbitSource;
 
 /// Persistent delivery mode (survives a broker restart).
@@ -128,6 +130,7 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
     Ok(QueuedOrder {
         ticket: wire.ticket,
         gated: wire.gated,
+        redriven: false,
         order: NewOrder {
             id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
             sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
@@ -158,6 +161,7 @@ pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
             .get("gated")
             .and_then(|g| g.as_bool())
             .unwrap_or(false),
+        redriven: false,
         order: NewOrder {
             id: ReservationId::parse(text("id")?).ok()?,
             sku: Sku::parse(text("sku")?).ok()?,
@@ -219,8 +223,17 @@ async fn declare(channel: &Channel, names: &QueueNames) -> lapin::Result<()> {
 /// A connection with one confirming channel and the topology declared.
 struct Link {
     // Held so the connection lives as long as the channel is used.
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
+}
+
+impl Link {
+    /// Closes the connection: whatever its channel holds unacknowledged
+    /// goes back to its queue.
+    async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
 }
 
 /// The TLS material for an `amqps://` connection: the CA trusted besides
@@ -261,7 +274,7 @@ async fn open(url: &LiveUrl, names: &QueueNames) -> Result<Link, String> {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         lapin::Result::Ok(Link {
-            _connection: connection,
+            connection,
             channel,
         })
     };
@@ -367,6 +380,24 @@ impl RabbitQueue {
                 Err(QueueError::Unavailable(err))
             }
         }
+    }
+
+    /// Ready messages in one of this deployment's queues, as the broker
+    /// counts them, on the publishing connection.
+    async fn count(&self, queue: &str) -> Option<u64> {
+        let channel = self.channel().await.ok()?;
+        let queue = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        Some(u64::from(queue.message_count()))
     }
 
     /// Tells API replicas that these reservations were processed.
@@ -507,6 +538,7 @@ impl OrderQueue for RabbitQueue {
             ticket,
             order,
             gated,
+            redriven: false,
         });
         // lapin checks the channel before writing, so an error here means
         // nothing reached the broker.
@@ -555,19 +587,7 @@ impl OrderQueue for RabbitQueue {
     }
 
     async fn backlog(&self) -> Option<u64> {
-        let channel = self.channel().await.ok()?;
-        let queue = channel
-            .queue_declare(
-                self.names.orders.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let ready = u64::from(queue.message_count());
+        let ready = self.count(&self.names.orders).await?;
         if ready > 0 {
             return Some(ready);
         }

@@ -9,12 +9,15 @@ use futures::StreamExt;
 use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions},
-    types::{AMQPValue, FieldTable},
+    types::FieldTable,
     Confirmation, Consumer,
 };
 use tokio::time::Instant;
 
-use super::{decode, open, persistent_json, salvage, Link, QueueNames, CONNECT_TIMEOUT};
+use super::{
+    dead_letters::{dead_letter_properties, is_redriven},
+    decode, open, salvage, Link, QueueNames, CONNECT_TIMEOUT,
+};
 use crate::{
     config::secrets::LiveUrl,
     queue::{OrderSource, TakenBatch, Unreadable},
@@ -89,7 +92,13 @@ impl OrderSource for RabbitSource {
             let mut unreadable = Vec::new();
             for delivery in deliveries {
                 match decode(&delivery.data) {
-                    Ok(order) => orders.push(order),
+                    Ok(mut order) => {
+                        if is_redriven(&delivery.properties) {
+                            order.redriven = true;
+                            order.gated = false;
+                        }
+                        orders.push(order)
+                    }
                     Err(reason) => unreadable.push(Unreadable {
                         salvaged: salvage(&delivery.data),
                         message: delivery.data,
@@ -193,11 +202,6 @@ impl RabbitConsumer {
     /// Copies a message to the dead-letter queue (confirmed), with the
     /// reason in a header.
     async fn dead_letter(&self, body: &[u8], reason: &str) -> Result<(), String> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "x-stockgate-error".into(),
-            AMQPValue::LongString(reason.into()),
-        );
         let confirm = self
             .link
             .channel
@@ -209,7 +213,7 @@ impl RabbitConsumer {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                persistent_json(None).with_headers(headers),
+                dead_letter_properties(body, reason),
             )
             .await
             .map_err(|e| e.to_string())?;

@@ -17,7 +17,8 @@ mod render;
 
 pub use render::table;
 use render::{
-    render_audit, render_check, render_layers, render_reservations, render_stock, render_switches,
+    render_audit, render_check, render_dead_letters, render_layers, render_moved,
+    render_reservations, render_stock, render_switches,
 };
 use stockgate::pb::{
     self, admin_service_client::AdminServiceClient, DbCheckMode, GateFailureMode, Layers,
@@ -81,6 +82,61 @@ pub enum AdminCommand {
         #[arg(long)]
         sku: Option<String>,
     },
+    /// The orders the processor gave up on (RabbitMQ's dead-letter queue).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The first messages, with why each was given up.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Send messages back to the order queue (after fixing the cause).
+    Redrive {
+        #[command(flatten)]
+        which: DlqSelection,
+        /// With `--all`: most messages to take (0 = the server's 100).
+        #[arg(long, default_value_t = 0, requires = "all")]
+        limit: u32,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Delete messages for good.
+    Purge {
+        #[command(flatten)]
+        which: DlqSelection,
+        /// With `--all`: most messages to take (0 = the server's 100).
+        #[arg(long, default_value_t = 0, requires = "all")]
+        limit: u32,
+        /// Why, for the audit trail (required).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct DlqSelection {
+    /// Keys as `dlq list` shows them (repeat for several).
+    #[arg(long = "key")]
+    keys: Vec<String>,
+    /// The first `--limit` messages instead.
+    #[arg(long)]
+    all: bool,
+}
+
+fn selection(which: DlqSelection, limit: u32) -> pb::DeadLetterSelection {
+    pb::DeadLetterSelection {
+        keys: which.keys,
+        all: which.all,
+        limit,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +389,46 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                 Err(anyhow!("{out}invariants broken"))
             }
         }
+        AdminCommand::Dlq { command } => match command {
+            DlqCommand::List { limit } => {
+                let answer = admin
+                    .list_dead_letters(pb::ListDeadLettersRequest { limit })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(render_dead_letters(&answer))
+            }
+            DlqCommand::Redrive {
+                which,
+                limit,
+                reason,
+            } => {
+                let answer = admin
+                    .redrive_dead_letters(pb::RedriveDeadLettersRequest {
+                        selection: Some(selection(which, limit)),
+                        reason,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(render_moved("redrove", &answer.moved.unwrap_or_default()))
+            }
+            DlqCommand::Purge {
+                which,
+                limit,
+                reason,
+            } => {
+                let answer = admin
+                    .purge_dead_letters(pb::PurgeDeadLettersRequest {
+                        selection: Some(selection(which, limit)),
+                        reason,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(render_moved("purged", &answer.moved.unwrap_or_default()))
+            }
+        },
         AdminCommand::Audit { limit } => {
             let answer = admin
                 .list_audit_events(pb::ListAuditEventsRequest { limit })

@@ -265,6 +265,7 @@ pub(super) fn render_audit(events: &[pb::AuditEvent]) -> String {
                 e.id.to_string(),
                 time(&e.at),
                 e.actor.clone(),
+                e.action.clone(),
                 e.outcome.clone(),
                 e.reason.clone(),
                 e.after.clone(),
@@ -272,7 +273,51 @@ pub(super) fn render_audit(events: &[pb::AuditEvent]) -> String {
         })
         .collect();
     table(
-        &["id", "at (UTC)", "actor", "outcome", "reason", "after"],
+        &[
+            "id", "at (UTC)", "actor", "action", "outcome", "reason", "after",
+        ],
         &rows,
     )
+}
+
+pub(super) fn render_dead_letters(answer: &pb::ListDeadLettersResponse) -> String {
+    let rows: Vec<Vec<String>> = answer
+        .dead_letters
+        .iter()
+        .map(|d| {
+            vec![
+                d.key.clone(),
+                d.sku.clone(),
+                d.user_id.clone(),
+                d.quantity.to_string(),
+                time(&d.dead_lettered_at),
+                d.error.clone(),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "{} in the dead-letter queue; the first {}:\n",
+        answer.depth,
+        answer.dead_letters.len()
+    );
+    out.push_str(&table(
+        &["key", "sku", "user", "qty", "set aside (UTC)", "error"],
+        &rows,
+    ));
+    out
+}
+
+pub(super) fn render_moved(verb: &str, moved: &pb::DeadLettersMoved) -> String {
+    let mut out = format!("{verb} {} messages", moved.keys.len());
+    for key in &moved.keys {
+        out.push_str(&format!("\n  {key}"));
+    }
+    if !moved.not_found.is_empty() {
+        out.push_str(&format!("\nnot found: {}", moved.not_found.join(", ")));
+    }
+    out.push_str(&format!(
+        "\n{} left in the dead-letter queue\n",
+        moved.remaining
+    ));
+    out
 }

@@ -1,0 +1,347 @@
+//! `Q.dlq` for operators: read with `basic.get` on a connection of its own
+//! per call. A message looked at stays unacknowledged on that connection
+//! and goes back to the queue when it closes, so a listing changes nothing
+//! and a call that dies midway loses nothing.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Confirmation,
+};
+use sha2::{Digest, Sha256};
+
+use super::{open, persistent_json, salvage, Link, RabbitQueue};
+use crate::queue::{
+    dead_letters::{DeadLetter, DeadLetters, Moved, Selection, MAX_MOVE, MAX_SCAN, PREVIEW_BYTES},
+    QueueError, QueuedOrder,
+};
+
+/// Why the processor gave up, on each dead-lettered message.
+const ERROR_HEADER: &str = "x-stockgate-error";
+/// Marks a message an operator sent back to the order queue.
+const REDRIVEN_HEADER: &str = "x-stockgate-redriven";
+
+/// Longest one operator call may hold messages: the broker's answers for
+/// [`MAX_SCAN`] messages and the confirms of [`MAX_MOVE`] publishes.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The properties of a dead-lettered copy: persistent, the reason, the
+/// time set aside (seconds), and the reservation id as message id where
+/// the body still names one.
+pub(super) fn dead_letter_properties(body: &[u8], reason: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
+    let id = salvage(body).map(|queued| queued.order.id.as_str().to_owned());
+    persistent_json(id.as_deref())
+        .with_headers(headers)
+        .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0))
+}
+
+/// Whether an operator sent this delivery back from the dead-letter queue.
+pub(super) fn is_redriven(properties: &BasicProperties) -> bool {
+    properties
+        .headers()
+        .as_ref()
+        .is_some_and(|headers| headers.contains_key(REDRIVEN_HEADER))
+}
+
+fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// What redrive and purge select a message by.
+fn key_of(body: &[u8], order: Option<&QueuedOrder>) -> String {
+    match order {
+        Some(queued) => queued.order.id.as_str().to_owned(),
+        None => {
+            let digest = Sha256::digest(body);
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}")
+        }
+    }
+}
+
+fn describe(delivery: &Delivery) -> DeadLetter {
+    let body = &delivery.data;
+    let order = salvage(body);
+    DeadLetter {
+        key: key_of(body, order.as_ref()),
+        order,
+        error: header_text(&delivery.properties, ERROR_HEADER).unwrap_or_default(),
+        dead_lettered_at: delivery
+            .properties
+            .timestamp()
+            .and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
+            .map(|at| at.naive_utc()),
+        body_bytes: body.len(),
+        preview: String::from_utf8_lossy(&body[..body.len().min(PREVIEW_BYTES)]).into_owned(),
+    }
+}
+
+/// A selected message, held unacknowledged by the call's channel.
+struct Taken {
+    letter: DeadLetter,
+    tag: u64,
+    /// Kept only when the call sends it on.
+    body: Option<Vec<u8>>,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(err.to_string())
+}
+
+/// The dead-letter queue of one deployment's order queue.
+pub struct RabbitDeadLetters {
+    queue: Arc<RabbitQueue>,
+}
+
+impl RabbitDeadLetters {
+    pub fn new(queue: Arc<RabbitQueue>) -> Self {
+        Self { queue }
+    }
+
+    fn dlq(&self) -> &str {
+        &self.queue.names.dead_letters
+    }
+
+    /// Runs `work` on a connection of its own, then closes it, which puts
+    /// back whatever `work` looked at and did not acknowledge, whether it
+    /// finished, failed or ran out of time.
+    async fn session<T>(
+        &self,
+        work: impl AsyncFnOnce(&Link, u64) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let link = open(&self.queue.uri, &self.queue.names)
+            .await
+            .map_err(QueueError::Unavailable)?;
+        let result = async {
+            let depth = count(&link, self.dlq()).await?;
+            match tokio::time::timeout(CALL_TIMEOUT, work(&link, depth)).await {
+                Ok(result) => result,
+                Err(_) => Err(QueueError::Unavailable(format!(
+                    "the dead-letter queue did not answer within {CALL_TIMEOUT:?}"
+                ))),
+            }
+        }
+        .await;
+        link.close().await;
+        result
+    }
+
+    /// Takes the selected messages off the dead-letter queue, unacknowledged,
+    /// looking at no more than [`MAX_SCAN`]. Returns them and the keys asked
+    /// for that were not found.
+    async fn take(
+        &self,
+        link: &Link,
+        which: &Selection,
+        keep_bodies: bool,
+    ) -> Result<(Vec<Taken>, Vec<String>), QueueError> {
+        let (wanted, most) = match which {
+            Selection::Keys(keys) => (
+                Some(keys.iter().map(String::as_str).collect::<HashSet<_>>()),
+                MAX_MOVE,
+            ),
+            Selection::First(n) => (None, (*n).min(MAX_MOVE)),
+        };
+        let mut taken = Vec::new();
+        let mut found = HashSet::new();
+        for _ in 0..MAX_SCAN {
+            if taken.len() >= most {
+                break;
+            }
+            let got = link
+                .channel
+                .basic_get(self.dlq().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(unavailable)?;
+            let Some(message) = got else { break };
+            let delivery = message.delivery;
+            let letter = describe(&delivery);
+            if let Some(wanted) = &wanted {
+                if !wanted.contains(letter.key.as_str()) {
+                    continue;
+                }
+                found.insert(letter.key.clone());
+            }
+            taken.push(Taken {
+                letter,
+                tag: delivery.delivery_tag,
+                body: keep_bodies.then_some(delivery.data),
+            });
+        }
+        let not_found = match which {
+            Selection::Keys(keys) => keys
+                .iter()
+                .filter(|key| !found.contains(key.as_str()))
+                .cloned()
+                .collect(),
+            Selection::First(_) => Vec::new(),
+        };
+        Ok((taken, not_found))
+    }
+}
+
+/// Ready messages in `queue`, as the broker counts them.
+async fn count(link: &Link, queue: &str) -> Result<u64, QueueError> {
+    let queue = link
+        .channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(u64::from(queue.message_count()))
+}
+
+#[async_trait]
+impl DeadLetters for RabbitDeadLetters {
+    async fn depth(&self) -> Result<u64, QueueError> {
+        self.queue
+            .count(self.dlq())
+            .await
+            .ok_or_else(|| QueueError::Unavailable("the broker did not count the queue".into()))
+    }
+
+    async fn list(&self, limit: usize) -> Result<(Vec<DeadLetter>, u64), QueueError> {
+        self.session(async |link, depth| {
+            let (taken, _) = self.take(link, &Selection::First(limit), false).await?;
+            Ok((taken.into_iter().map(|t| t.letter).collect(), depth))
+        })
+        .await
+    }
+
+    async fn redrive(&self, which: &Selection) -> Result<Moved, QueueError> {
+        self.session(async |link, depth| {
+            let (taken, not_found) = self.take(link, which, true).await?;
+            // Every publish first, then the confirms: the broker confirms
+            // a run of publishes at once.
+            let mut confirms = Vec::with_capacity(taken.len());
+            for message in &taken {
+                let mut headers = FieldTable::default();
+                headers.insert(REDRIVEN_HEADER.into(), AMQPValue::Boolean(true));
+                let properties = persistent_json(Some(&message.letter.key)).with_headers(headers);
+                let confirm = link
+                    .channel
+                    .basic_publish(
+                        "".into(),
+                        self.queue.names.orders.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        message.body.as_deref().unwrap_or_default(),
+                        properties,
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                confirms.push(confirm);
+            }
+            let mut moved = Moved {
+                not_found,
+                ..Moved::default()
+            };
+            for (message, confirm) in taken.iter().zip(confirms) {
+                match confirm.await {
+                    Ok(Confirmation::Ack(None)) => {}
+                    other => {
+                        moved.interrupted = Some(format!(
+                            "the order queue did not take {}: {other:?}",
+                            message.letter.key
+                        ));
+                        break;
+                    }
+                }
+                // Only once the order queue holds it.
+                if let Err(err) = link
+                    .channel
+                    .basic_ack(message.tag, BasicAckOptions::default())
+                    .await
+                {
+                    moved.interrupted = Some(err.to_string());
+                    break;
+                }
+                moved.keys.push(message.letter.key.clone());
+            }
+            moved.remaining = depth.saturating_sub(moved.keys.len() as u64);
+            Ok(moved)
+        })
+        .await
+    }
+
+    async fn purge(&self, which: &Selection) -> Result<Moved, QueueError> {
+        self.session(async |link, depth| {
+            let (taken, not_found) = self.take(link, which, false).await?;
+            let mut moved = Moved {
+                not_found,
+                ..Moved::default()
+            };
+            for message in &taken {
+                if let Err(err) = link
+                    .channel
+                    .basic_ack(message.tag, BasicAckOptions::default())
+                    .await
+                {
+                    moved.interrupted = Some(err.to_string());
+                    break;
+                }
+                moved.keys.push(message.letter.key.clone());
+            }
+            moved.remaining = depth.saturating_sub(moved.keys.len() as u64);
+            Ok(moved)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_keyed_by_its_reservation_or_by_its_body() {
+        let id = crate::domain::ReservationId::generate();
+        let body = serde_json::json!({
+            "v": 99, "id": id.as_str(), "sku": "S", "user": "u", "quantity": 1
+        })
+        .to_string();
+        let order = salvage(body.as_bytes());
+        assert_eq!(key_of(body.as_bytes(), order.as_ref()), id.as_str());
+        let unreadable = b"\xff not json";
+        let key = key_of(unreadable, salvage(unreadable).as_ref());
+        assert!(key.starts_with("sha256:") && key.len() == 7 + 16, "{key}");
+        assert_ne!(key, key_of(b"other", None));
+    }
+
+    #[test]
+    fn a_dead_lettered_copy_carries_its_reason_time_and_id() {
+        let id = crate::domain::ReservationId::generate();
+        let body = serde_json::json!({"id": id.as_str(), "sku": "S", "user": "u", "quantity": 2})
+            .to_string();
+        let properties = dead_letter_properties(body.as_bytes(), "it broke");
+        assert_eq!(
+            header_text(&properties, ERROR_HEADER).as_deref(),
+            Some("it broke")
+        );
+        assert_eq!(
+            properties.message_id().as_ref().map(|m| m.as_str()),
+            Some(id.as_str())
+        );
+        assert!(properties.timestamp().is_some());
+        assert!(!is_redriven(&properties));
+    }
+}

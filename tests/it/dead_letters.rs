@@ -1,0 +1,473 @@
+//! The dead-letter queue as an operator meets it, against the real broker,
+//! PostgreSQL and Redis: a poison order shows in the metrics and in
+//! `dlq list`, is sent back once its cause is fixed and commits exactly
+//! once; purge needs a reason; both are audited and refused without the
+//! admin token.
+
+use std::{process::Command, time::Duration};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use lapin::{
+    options::{BasicGetOptions, BasicNackOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties,
+};
+use stockgate::{
+    domain::{ReservationId, ReservationState},
+    pb::{
+        CheckInvariantsRequest, DeadLetterSelection, GetStockRequest, ListAuditEventsRequest,
+        ListDeadLettersRequest, PurgeDeadLettersRequest, RedriveDeadLettersRequest, ReserveOutcome,
+        SetStockRequest, StockView,
+    },
+    queue::QueueNames,
+};
+use tonic::{Code, Request};
+
+use crate::{
+    harness::{amqp_channel, open_store, queue_depth, reserve, Profile, TestApp},
+    ops::{scrape, sum},
+};
+
+const TOKEN: &str = "dlq-token";
+
+fn authed<T>(body: T) -> Request<T> {
+    let mut request = Request::new(body);
+    let metadata = request.metadata_mut();
+    metadata.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    metadata.insert("x-operator", "carol".parse().unwrap());
+    request
+}
+
+async fn spawn() -> TestApp {
+    TestApp::spawn_with(Profile::Rabbit, |c| {
+        c.layers.queue.max_attempts = 2;
+        c.admin.token = TOKEN.into();
+        c.metrics.listen = "127.0.0.1:0".into();
+    })
+    .await
+}
+
+async fn set_stock(app: &TestApp, sku: &str, stock: i64) {
+    app.admin()
+        .set_stock(authed(SetStockRequest {
+            sku: sku.into(),
+            stock,
+            max_per_user: 0,
+        }))
+        .await
+        .unwrap();
+}
+
+async fn stock(app: &TestApp, sku: &str) -> StockView {
+    app.admin()
+        .get_stock(authed(GetStockRequest { sku: sku.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stock
+        .unwrap()
+}
+
+async fn db(app: &TestApp) -> AsyncPgConnection {
+    AsyncPgConnection::establish(&app.config.backends.store)
+        .await
+        .unwrap()
+}
+
+/// Waits until the dead-letter queue holds `messages` ready ones.
+async fn wait_depth(names: &QueueNames, messages: u32) {
+    let mut depth = 0;
+    for _ in 0..200 {
+        depth = queue_depth(&names.dead_letters).await;
+        if depth == messages {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("dead-letter queue at {depth}, expected {messages}");
+}
+
+/// Waits until a scrape shows `value` for the series.
+async fn wait_metric(app: &TestApp, name: &str, labels: &[(&str, &str)], value: f64) {
+    let mut seen = 0.0;
+    // The depth gauge is sampled every 5 s.
+    for _ in 0..120 {
+        seen = sum(&scrape(app.metrics_addr.unwrap()).await, name, labels);
+        if seen == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name}{labels:?} at {seen}, expected {value}");
+}
+
+async fn wait_state(app: &TestApp, id: &ReservationId, state: ReservationState) -> String {
+    let store = open_store(&app.config);
+    let mut seen = None;
+    for _ in 0..400 {
+        seen = store.reservation(id).await.unwrap();
+        if let Some(row) = seen.as_ref().filter(|r| r.state == state) {
+            return row.reject_reason.clone().unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("reservation {id:?} at {seen:?}, expected {state:?}");
+}
+
+fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_stockgate"))
+        .args(["admin", "--addr", &format!("http://{}", app.addr)])
+        .args(["--token", TOKEN, "--operator", "dave"])
+        .args(args)
+        .env_remove("STOCKGATE_ADMIN_TOKEN")
+        .env_remove("STOCKGATE_CONFIG")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// The first dead letter's body and properties, put back at once.
+async fn peek(names: &QueueNames) -> (Vec<u8>, BasicProperties) {
+    let (_conn, channel) = amqp_channel().await;
+    let message = channel
+        .basic_get(
+            names.dead_letters.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    let delivery = message.delivery;
+    channel
+        .basic_nack(
+            delivery.delivery_tag,
+            BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    (delivery.data, delivery.properties)
+}
+
+async fn publish(queue: &str, body: &[u8], properties: BasicProperties) {
+    let (_conn, channel) = amqp_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+async fn audit_of(app: &TestApp, action: &str) -> Vec<stockgate::pb::AuditEvent> {
+    app.admin()
+        .list_audit_events(authed(ListAuditEventsRequest { limit: 50 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .filter(|e| e.action == action)
+        .collect()
+}
+
+/// An order the database refuses (a trigger standing in for a bug fixed
+/// later) is given up: REJECTED, units back, one message in the
+/// dead-letter queue, counted in the metrics and listed with its error.
+/// Once the trigger is gone, `dlq redrive` sends it back and it commits as
+/// a new order would: HELD, the stock and the gate charged once. A copy
+/// redriven again (as a crash between publish and removal would leave)
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
+    let app = spawn().await;
+    let names = QueueNames::new(&app.config.rabbitmq.queue);
+    set_stock(&app, "DLQ-FIX", 5).await;
+    db(&app)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_holds() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'the warehouse feed refuses %', NEW.sku; END $$;
+             CREATE TRIGGER refuse_holds BEFORE INSERT ON reservations FOR EACH ROW
+             WHEN (NEW.state = 'held') EXECUTE FUNCTION refuse_holds();",
+        )
+        .await
+        .unwrap();
+    let mut client = app.inventory();
+    let answer = reserve(&mut client, "DLQ-FIX", 2, "dana").await.unwrap();
+    assert_eq!(answer.outcome(), ReserveOutcome::Queued);
+    let id = ReservationId::parse(&answer.reservation.unwrap().reservation_id).unwrap();
+    let reason = wait_state(&app, &id, ReservationState::Rejected).await;
+    assert!(
+        reason.starts_with("processing failed") && reason.contains("warehouse feed"),
+        "{reason}"
+    );
+    wait_depth(&names, 1).await;
+    wait_metric(
+        &app,
+        "stockgate_dlq_set_aside_total",
+        &[("cause", "given_up")],
+        1.0,
+    )
+    .await;
+    wait_metric(&app, "stockgate_dlq_messages", &[], 1.0).await;
+    assert_eq!(stock(&app, "DLQ-FIX").await.db_stock, 5);
+
+    // Listed, and listing takes nothing away.
+    let mut admin = app.admin();
+    let refused = admin
+        .list_dead_letters(ListDeadLettersRequest { limit: 10 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let listed = admin
+        .list_dead_letters(authed(ListDeadLettersRequest { limit: 10 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.depth, 1);
+    let letter = &listed.dead_letters[0];
+    assert_eq!(
+        (
+            letter.key.as_str(),
+            letter.reservation_id.as_str(),
+            letter.sku.as_str(),
+            letter.user_id.as_str(),
+            letter.quantity
+        ),
+        (id.as_str(), id.as_str(), "DLQ-FIX", "dana", 2)
+    );
+    assert!(letter.error.contains("warehouse feed"), "{letter:?}");
+    assert!(letter.dead_lettered_at.is_some() && letter.message_bytes > 0);
+    let (ok, out, err) = cli(&app, &["dlq", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("1 in the dead-letter queue") && out.contains(id.as_str()),
+        "{out}"
+    );
+    wait_depth(&names, 1).await;
+    let (body, properties) = peek(&names).await;
+    wait_depth(&names, 1).await;
+
+    // No token, no redrive.
+    let refused = admin
+        .redrive_dead_letters(RedriveDeadLettersRequest {
+            selection: Some(DeadLetterSelection {
+                keys: vec![id.as_str().into()],
+                ..Default::default()
+            }),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    wait_depth(&names, 1).await;
+
+    // The cause fixed, the order goes back and commits.
+    db(&app)
+        .await
+        .batch_execute("DROP TRIGGER refuse_holds ON reservations")
+        .await
+        .unwrap();
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "dlq",
+            "redrive",
+            "--key",
+            id.as_str(),
+            "--reason",
+            "feed fixed",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("redrove 1 messages"), "{out}");
+    wait_state(&app, &id, ReservationState::Held).await;
+    wait_depth(&names, 0).await;
+    let view = stock(&app, "DLQ-FIX").await;
+    assert_eq!((view.db_stock, view.held_units), (3, 2), "{view:?}");
+
+    // A second copy, redriven as a crash mid-redrive would leave it, and
+    // an order behind it so we know the copy was processed.
+    let headers = properties.headers().clone().unwrap_or_default();
+    let mut headers: FieldTable = headers;
+    headers.insert("x-stockgate-redriven".into(), AMQPValue::Boolean(true));
+    publish(&names.orders, &body, properties.with_headers(headers)).await;
+    let behind = reserve(&mut client, "DLQ-FIX", 1, "erin").await.unwrap();
+    let behind = ReservationId::parse(&behind.reservation.unwrap().reservation_id).unwrap();
+    wait_state(&app, &behind, ReservationState::Held).await;
+    let rows = open_store(&app.config)
+        .reservations_of(&stockgate::domain::Sku::parse("DLQ-FIX").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let view = stock(&app, "DLQ-FIX").await;
+    assert_eq!((view.db_stock, view.held_units), (2, 3), "{view:?}");
+    // The gate was charged for the redriven order, once.
+    let mut gate = None;
+    for _ in 0..100 {
+        gate = stock(&app, "DLQ-FIX").await.gate_stock;
+        if gate == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gate, Some(2));
+    let report = app
+        .admin()
+        .check_invariants(authed(CheckInvariantsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok && report.gate_compared, "{report:?}");
+
+    // Nothing left to send back; both calls are in the audit trail.
+    let again = admin
+        .redrive_dead_letters(authed(RedriveDeadLettersRequest {
+            selection: Some(DeadLetterSelection {
+                keys: vec![id.as_str().into()],
+                ..Default::default()
+            }),
+            reason: "twice".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .moved
+        .unwrap();
+    assert!(again.keys.is_empty());
+    assert_eq!(again.not_found, [id.as_str()]);
+    let events = audit_of(&app, "dlq_redrive").await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    let first = events.iter().find(|e| e.reason == "feed fixed").unwrap();
+    assert_eq!(first.outcome, "applied");
+    assert!(first.actor.starts_with("dave from"), "{first:?}");
+    assert!(first.after.contains(id.as_str()), "{first:?}");
+    wait_metric(
+        &app,
+        "stockgate_dlq_operator_messages_total",
+        &[("action", "redrive")],
+        1.0,
+    )
+    .await;
+    wait_metric(&app, "stockgate_dlq_messages", &[], 0.0).await;
+    app.stop().await;
+}
+
+/// Messages no processor can read (no reservation to name) are keyed by
+/// their digest; a purge needs a reason, takes what it is asked for (by
+/// key, or the first N) and nothing else, and is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_needs_a_reason_takes_what_it_is_asked_and_is_audited() {
+    let app = spawn().await;
+    let names = QueueNames::new(&app.config.rabbitmq.queue);
+    for n in 0..3 {
+        let body = format!("not an order {n}");
+        publish(&names.orders, body.as_bytes(), BasicProperties::default()).await;
+    }
+    wait_depth(&names, 3).await;
+    wait_metric(
+        &app,
+        "stockgate_dlq_set_aside_total",
+        &[("cause", "unreadable")],
+        3.0,
+    )
+    .await;
+    let mut admin = app.admin();
+    let listed = admin
+        .list_dead_letters(authed(ListDeadLettersRequest { limit: 2 }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((listed.depth, listed.dead_letters.len()), (3, 2));
+    let letter = &listed.dead_letters[0];
+    assert!(letter.key.starts_with("sha256:"), "{letter:?}");
+    assert!(letter.reservation_id.is_empty());
+    assert!(letter.error.contains("undecodable"), "{letter:?}");
+    assert!(letter.preview.starts_with("not an order"), "{letter:?}");
+    let key = letter.key.clone();
+
+    let by_key = |reason: &str| PurgeDeadLettersRequest {
+        selection: Some(DeadLetterSelection {
+            keys: vec![key.clone(), "sha256:0000000000000000".into()],
+            ..Default::default()
+        }),
+        reason: reason.into(),
+    };
+    let refused = admin.purge_dead_letters(by_key("")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let refused = admin
+        .purge_dead_letters(authed(by_key(" ")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(crate::harness::error_reason(&refused), "INVALID_ARGUMENT");
+    assert!(refused.message().contains("reason"), "{refused:?}");
+    wait_depth(&names, 3).await;
+
+    let purged = admin
+        .purge_dead_letters(authed(by_key("test junk")))
+        .await
+        .unwrap()
+        .into_inner()
+        .moved
+        .unwrap();
+    assert_eq!(purged.keys, [key]);
+    assert_eq!(purged.not_found, ["sha256:0000000000000000"]);
+    assert_eq!(purged.remaining, 2);
+    wait_depth(&names, 2).await;
+    let first = |limit| PurgeDeadLettersRequest {
+        selection: Some(DeadLetterSelection {
+            all: true,
+            limit,
+            ..Default::default()
+        }),
+        reason: "test junk".into(),
+    };
+    let purged = admin
+        .purge_dead_letters(authed(first(1)))
+        .await
+        .unwrap()
+        .into_inner()
+        .moved
+        .unwrap();
+    assert_eq!((purged.keys.len(), purged.remaining), (1, 1));
+    wait_depth(&names, 1).await;
+    let (ok, out, err) = cli(&app, &["dlq", "purge", "--all", "--reason", "last"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("purged 1 messages"), "{out}");
+    wait_depth(&names, 0).await;
+    let (ok, _, err) = cli(&app, &["dlq", "purge", "--all"]);
+    assert!(!ok, "purge without --reason ran");
+    assert!(err.contains("--reason"), "{err}");
+
+    let events = audit_of(&app, "dlq_purge").await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.outcome == "applied" && !e.reason.is_empty()),
+        "{events:?}"
+    );
+    wait_metric(
+        &app,
+        "stockgate_dlq_operator_messages_total",
+        &[("action", "purge")],
+        3.0,
+    )
+    .await;
+    app.stop().await;
+}
