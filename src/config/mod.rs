@@ -46,6 +46,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The Prometheus scrape endpoint.
     pub metrics: MetricsConfig,
+    /// Distributed tracing.
+    pub telemetry: TelemetryConfig,
 }
 
 /// The word that selects an in-process backend.
@@ -191,6 +193,23 @@ impl Config {
                 "redis.record_ttl_secs",
                 "must be longer than reservations.hold_ttl_secs",
             ));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            return Err(invalid(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        let plain_or_tls = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !(endpoint.is_empty() || plain_or_tls) {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP over gRPC), or empty for off",
+            ));
+        }
+        if self.telemetry.service_name.is_empty() {
+            return Err(invalid("telemetry.service_name", "must not be empty"));
         }
         if self.layers.gate.in_flight_timeout_ms <= self.server.request_timeout_ms {
             return Err(invalid(
@@ -703,6 +722,22 @@ mod tests {
         config.backends.store = "mysql://x".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("backends.store"), "{err}");
+
+        for (ratio, endpoint, key) in [
+            (1.5, "", "telemetry.sampling_ratio"),
+            (-0.1, "", "telemetry.sampling_ratio"),
+            (0.5, "otel:4317", "telemetry.otlp_endpoint"),
+        ] {
+            let mut config = Config::default();
+            config.telemetry.sampling_ratio = ratio;
+            config.telemetry.otlp_endpoint = endpoint.into();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let mut config = Config::default();
+        config.telemetry.otlp_endpoint = "http://otel:4317".into();
+        config.telemetry.sampling_ratio = 0.0;
+        config.validate().unwrap();
     }
 
     #[test]

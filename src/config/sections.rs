@@ -49,6 +49,21 @@ pub struct MetricsConfig {
     pub hot_skus: usize,
 }
 
+/// Distributed tracing (OpenTelemetry, OTLP over gRPC). Off unless an
+/// endpoint is set; off, no span is made and nothing is sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector, e.g. `http://otel-collector:4317`; empty
+    /// turns tracing off.
+    pub otlp_endpoint: String,
+    /// Share of new traces kept, 0.0 to 1.0. A call that arrives with a
+    /// `traceparent` follows its caller's sampling decision instead.
+    pub sampling_ratio: f64,
+    /// `service.name` on every span.
+    pub service_name: String,
+}
+
 /// TLS for the gRPC listeners (rustls). Both paths empty: plaintext.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -562,6 +577,16 @@ impl Default for MetricsConfig {
         Self {
             listen: "127.0.0.1:9464".into(),
             hot_skus: 10,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sampling_ratio: 1.0,
+            service_name: "stockgate".into(),
         }
     }
 }

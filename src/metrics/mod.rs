@@ -108,6 +108,7 @@ pub fn install() -> PrometheusHandle {
 /// Counts one decision of one layer.
 pub fn decision(layer: &'static str, decision: &'static str) {
     counter!(DECISIONS, "layer" => layer, "decision" => decision).increment(1);
+    crate::telemetry::trace::decided(layer, decision);
 }
 
 /// A call refused because its calling service used up its share of
@@ -273,7 +274,7 @@ const SERVICES: [&str; 5] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
-fn labels(path: &str) -> (&'static str, String) {
+pub(crate) fn labels(path: &str) -> (&'static str, String) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     match SERVICES.iter().find(|known| **known == service) {

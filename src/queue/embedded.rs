@@ -59,6 +59,7 @@ impl OrderQueue for EmbeddedQueue {
             order,
             gated,
             redriven: false,
+            traceparent: crate::telemetry::trace::current_traceparent(),
         }) {
             Ok(()) => {
                 *last = ticket;

@@ -38,6 +38,9 @@ pub struct QueuedOrder {
     /// [`crate::store::GIVEN_UP_REASON`]). Never gated: giving up returned
     /// its gate units.
     pub redriven: bool,
+    /// The W3C `traceparent` of the publish, when the call was traced: the
+    /// processor's span for this order joins the buyer's trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use tracing::Instrument;
+
 use crate::{
     domain::{now, ReservationId, ReservationState, Sku},
     error::ReservationError,
@@ -11,6 +13,7 @@ use crate::{
     metrics,
     queue::QueuedOrder,
     store::{CommitOutcome, NewOrder, RejectCause, GIVEN_UP_REASON, SOLD_OUT_REASON},
+    telemetry::trace,
 };
 
 use super::{count_outcome, gate_entry, Event, Pipeline, ReserveResult};
@@ -182,6 +185,18 @@ impl Pipeline {
     /// `layers.queue.max_attempts` tries: it is returned with the reason,
     /// recorded REJECTED and its units given back.
     pub async fn process_batch(&self, batch: &[QueuedOrder]) -> BatchOutcome {
+        let traced = batch.iter().map(|queued| trace::Traced {
+            traceparent: queued.traceparent.as_deref(),
+            created_at: queued.order.created_at,
+        });
+        match trace::batch_spans(traced) {
+            // The order spans end with the batch: they cover its commit.
+            Some((span, _orders)) => self.commit_in_order(batch).instrument(span).await,
+            None => self.commit_in_order(batch).await,
+        }
+    }
+
+    async fn commit_in_order(&self, batch: &[QueuedOrder]) -> BatchOutcome {
         let started = std::time::Instant::now();
         ::metrics::histogram!("stockgate_processor_batch_size").record(batch.len() as f64);
         if let Some(oldest) = batch.iter().map(|q| q.order.created_at).min() {
@@ -203,6 +218,7 @@ impl Pipeline {
             let outcomes = match self
                 .store
                 .commit_batch_reopening(&orders, params, &reopen)
+                .instrument(trace::span("db.commit"))
                 .await
             {
                 Ok(outcomes) => outcomes,
@@ -271,6 +287,11 @@ impl Pipeline {
         self.emit(Event::QueueAdvanced);
         ::metrics::histogram!("stockgate_processor_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            orders = batch.len(),
+            given_up = failed.len(),
+            "batch committed"
+        );
         BatchOutcome {
             given_up: failed,
             incomplete: !unfinished.is_empty(),

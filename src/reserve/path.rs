@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use crate::{
     domain::{
@@ -17,6 +18,7 @@ use crate::{
     metrics,
     queue::QueueError,
     store::{CommitParams, NewOrder, WaitlistJoin},
+    telemetry::trace,
 };
 
 use super::{
@@ -190,17 +192,22 @@ impl Pipeline {
             // drops this future, and a publish abandoned half way would
             // leave the reservation pending and its units held forever.
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.enqueue(order, gated, remaining).await })
-                .await
-                .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+            tokio::spawn(
+                async move { this.enqueue(order, gated, remaining).await }.in_current_span(),
+            )
+            .await
+            .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         } else {
             // On its own task too: a commit dropped half way would leave
             // the gate's admission unsettled (its units held, the user's
             // count up) until the reconciler comes by.
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.commit_now(order, layers.db_check, gated).await })
-                .await
-                .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+            tokio::spawn(
+                async move { this.commit_now(order, layers.db_check, gated).await }
+                    .in_current_span(),
+            )
+            .await
+            .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         }
     }
 
@@ -212,7 +219,12 @@ impl Pipeline {
         order: &NewOrder,
         layers: &Layers,
     ) -> Result<GatePass, ReservationError> {
-        match self.gate.reserve(&gate_entry(order)).await {
+        let decision = self
+            .gate
+            .reserve(&gate_entry(order))
+            .instrument(trace::span("gate.reserve"))
+            .await;
+        match decision {
             Ok(GateDecision::Reserved { remaining }) => {
                 metrics::decision("gate", "admitted");
                 Ok(GatePass::Admitted { remaining })
@@ -324,8 +336,14 @@ impl Pipeline {
             reservation: reservation.clone(),
             ticket: None,
         });
-        match self.queue.publish(order.clone(), gated).await {
+        let published = self
+            .queue
+            .publish(order.clone(), gated)
+            .instrument(trace::span("queue.publish"))
+            .await;
+        match published {
             Ok(ticket) => {
+                tracing::debug!(reservation = order.id.as_str(), ticket, "order queued");
                 metrics::decision("queue", "queued");
                 if let Some(pending) = self.pending().get_mut(&order.id) {
                     pending.ticket = Some(ticket);
@@ -407,7 +425,12 @@ impl Pipeline {
         gated: bool,
     ) -> Result<ReserveResult, ReservationError> {
         let params = self.commit_params(mode, false);
-        match self.store.commit_order(&order, params).await {
+        let committed = self
+            .store
+            .commit_order(&order, params)
+            .instrument(trace::span("db.commit"))
+            .await;
+        match committed {
             Ok(outcome) => {
                 count_outcome(&outcome);
                 self.settle(&order, gated, outcome).await

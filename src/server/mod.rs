@@ -52,6 +52,7 @@ use crate::{
     },
     reserve::{Limits, Pipeline},
     store::Store,
+    telemetry::layer::RpcSpanLayer,
 };
 
 /// What a server runs with beyond its caller listener. Listeners left unset
@@ -444,6 +445,7 @@ pub async fn run_with(
         Some((admin, admin_listener)) if role.serves_api() => {
             let mut stop = stop_rx.clone();
             let serve = builder(&config, tls.clone())?
+                .layer(RpcSpanLayer)
                 .layer(GrpcMetricsLayer)
                 .layer(DeadlineLayer::new(config.request_timeout()))
                 .layer(tower::util::option_layer(identity_layer(&config)))
@@ -464,6 +466,7 @@ pub async fn run_with(
     let serve = builder(&config, tls)?
         // Outermost first (tonic's stream limit sits outside). Metrics
         // first, so every answer is counted, refusals included.
+        .layer(RpcSpanLayer)
         .layer(GrpcMetricsLayer)
         // The call's deadline covers everything below, body included.
         .layer(DeadlineLayer::new(config.request_timeout()))

@@ -232,7 +232,7 @@ impl TestApp {
         config.validate().expect("test config must be valid");
         // Server logs only when asked for (RUST_LOG=...), to keep runs quiet.
         if std::env::var_os("RUST_LOG").is_some() {
-            stockgate::telemetry::init(&config.log);
+            let _ = stockgate::telemetry::init(&config.log, &Default::default());
         }
         let addr = listener.local_addr().unwrap();
         let bind = |wanted: Option<std::net::SocketAddr>| async move {
@@ -948,6 +948,16 @@ impl BinaryServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; waits for the process to end.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
     }
 
     /// SIGHUP: the binary reloads its config file.

@@ -26,4 +26,5 @@ mod relay;
 mod rollout;
 mod storm;
 mod storm_tool;
+mod traces;
 mod waitlist;

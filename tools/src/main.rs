@@ -284,8 +284,8 @@ async fn run() -> anyhow::Result<()> {
         // The bench prints a table; keep the in-process server's logs out.
         config.log.filter = "error".into();
     }
-    stockgate::telemetry::init(&config.log);
-    match cli.command.unwrap_or(Command::Serve { listen: None }) {
+    let tracing = stockgate::telemetry::init(&config.log, &config.telemetry)?;
+    let result = match cli.command.unwrap_or(Command::Serve { listen: None }) {
         Command::Serve { listen } => {
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -397,11 +397,12 @@ async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(_) | Command::Storm(_) => unreachable!("handled above"),
-        Command::CheckConfig => {
-            print!("{}", toml_of(&config)?);
-            Ok(())
-        }
+        Command::CheckConfig => toml_of(&config).map(|toml| print!("{toml}")),
+    };
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
     }
+    result
 }
 
 fn toml_of(config: &Config) -> anyhow::Result<String> {

@@ -50,6 +50,11 @@ pub(super) fn is_redriven(properties: &BasicProperties) -> bool {
         .is_some_and(|headers| headers.contains_key(REDRIVEN_HEADER))
 }
 
+/// The publish's trace context, when the call was traced.
+pub(super) fn traceparent(properties: &BasicProperties) -> Option<String> {
+    header_text(properties, crate::telemetry::trace::TRACEPARENT)
+}
+
 fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
     match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),

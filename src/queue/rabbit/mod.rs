@@ -131,6 +131,7 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
         ticket: wire.ticket,
         gated: wire.gated,
         redriven: false,
+        traceparent: None,
         order: NewOrder {
             id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
             sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
@@ -162,6 +163,7 @@ pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
             .and_then(|g| g.as_bool())
             .unwrap_or(false),
         redriven: false,
+        traceparent: None,
         order: NewOrder {
             id: ReservationId::parse(text("id")?).ok()?,
             sku: Sku::parse(text("sku")?).ok()?,
@@ -296,6 +298,21 @@ fn persistent_json(id: Option<&str>) -> BasicProperties {
     match id {
         Some(id) => props.with_message_id(id.into()),
         None => props,
+    }
+}
+
+/// Adds the current trace's `traceparent` header, when there is one.
+fn traced(properties: BasicProperties) -> BasicProperties {
+    match crate::telemetry::trace::current_traceparent() {
+        Some(traceparent) => {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                crate::telemetry::trace::TRACEPARENT.into(),
+                AMQPValue::LongString(traceparent.into()),
+            );
+            properties.with_headers(headers)
+        }
+        None => properties,
     }
 }
 
@@ -539,6 +556,7 @@ impl OrderQueue for RabbitQueue {
             order,
             gated,
             redriven: false,
+            traceparent: None,
         });
         // lapin checks the channel before writing, so an error here means
         // nothing reached the broker.
@@ -551,7 +569,7 @@ impl OrderQueue for RabbitQueue {
                     ..BasicPublishOptions::default()
                 },
                 &body,
-                persistent_json(Some(&id)),
+                traced(persistent_json(Some(&id))),
             )
             .await
             .map_err(|e| QueueError::Unavailable(e.to_string()))?;

@@ -15,7 +15,7 @@ use lapin::{
 use tokio::time::Instant;
 
 use super::{
-    dead_letters::{dead_letter_properties, is_redriven},
+    dead_letters::{dead_letter_properties, is_redriven, traceparent},
     decode, open, salvage, Link, QueueNames, CONNECT_TIMEOUT,
 };
 use crate::{
@@ -97,6 +97,7 @@ impl OrderSource for RabbitSource {
                             order.redriven = true;
                             order.gated = false;
                         }
+                        order.traceparent = traceparent(&delivery.properties);
                         orders.push(order)
                     }
                     Err(reason) => unreadable.push(Unreadable {

@@ -1,19 +1,37 @@
-//! Structured logs through `tracing`: text for people, JSON for shippers.
+//! Structured logs through `tracing` (text for people, JSON for shippers),
+//! and distributed tracing ([`trace`]) when an OTLP endpoint is set.
 
-use tracing_subscriber::{fmt, EnvFilter};
+pub mod layer;
+pub mod trace;
 
-use crate::config::{LogConfig, LogFormat};
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
-/// Installs the global subscriber. `RUST_LOG` overrides `log.filter`.
-pub fn init(config: &LogConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.filter));
-    let builder = fmt().with_env_filter(filter).with_target(false);
-    // A second init (tests) keeps the first subscriber.
-    let _ = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+pub use trace::Tracing;
+
+use crate::config::{LogConfig, LogFormat, TelemetryConfig};
+
+/// Installs the global subscriber: logs (`RUST_LOG` overrides
+/// `log.filter`) and, with `telemetry.otlp_endpoint` set, the span
+/// exporter, returned so that the caller flushes it on the way out.
+pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow::Result<Option<Tracing>> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let logs = match log.format {
+        LogFormat::Text => fmt::layer().with_target(false).boxed(),
+        // Inside a traced call, the span list carries its trace_id and span_id.
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .boxed(),
     };
+    let provider = trace::provider(telemetry)?;
+    let spans = provider.as_ref().map(trace::layer);
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .try_init();
+    Ok(provider.map(|provider| Tracing { provider }))
 }
 
 /// Log sampling for events a caller can cause at will (refusals, a store
