@@ -201,6 +201,46 @@ impl StockGate for EmbeddedGate {
         Ok(())
     }
 
+    async fn charged(&self, entry: &GateEntry) -> Result<(), GateError> {
+        let mut state = self.lock();
+        let sku = entry.sku.as_str();
+        let in_read = state.saw(sku, entry.version);
+        let quantity = i64::from(entry.quantity);
+        match state.admitted.get_mut(entry.id.as_str()) {
+            Some(admitted) if admitted.phase == Phase::Committed => return Ok(()),
+            Some(admitted) if admitted.phase == Phase::InFlight => {
+                // Admitted after all: the admission took its units.
+                admitted.phase = Phase::Committed;
+                if in_read {
+                    if let Some(counter) = state.counters.get_mut(sku) {
+                        counter.available += quantity;
+                    }
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        state.admitted.insert(
+            entry.id.as_str().to_owned(),
+            Admitted {
+                sku: sku.to_owned(),
+                user: entry.user.as_str().to_owned(),
+                quantity: entry.quantity,
+                phase: Phase::Committed,
+            },
+        );
+        if let Some(counter) = state.counters.get_mut(sku) {
+            *counter
+                .users
+                .entry(entry.user.as_str().to_owned())
+                .or_insert(0) += quantity;
+            if !in_read {
+                counter.available -= quantity;
+            }
+        }
+        Ok(())
+    }
+
     async fn rejected(&self, entry: &GateEntry) -> Result<(), GateError> {
         let mut state = self.lock();
         let Some(admitted) = state.admitted.get_mut(entry.id.as_str()) else {
@@ -335,6 +375,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_sales_follow_the_model() {
         decision_table::random_sales(EmbeddedGate::new, 256);
+    }
+
+    #[tokio::test]
+    async fn a_redriven_order_is_charged_once_and_given_back() {
+        decision_table::charge_after_give_up(EmbeddedGate::new()).await;
     }
 
     #[tokio::test]

@@ -90,6 +90,12 @@ pub enum Settlement {
     Rejected,
     /// No order resulted (or it ended): give the units back.
     Released,
+    /// The database took stock for a reservation the gate did not admit
+    /// (an order redriven from the dead-letter queue): take its units off
+    /// the counter unless the last rebuild's read had them, count them
+    /// against the user, and keep it as committed, so that its later
+    /// release gives them back.
+    Charged,
 }
 
 impl Settlement {
@@ -99,6 +105,7 @@ impl Settlement {
             Self::Committed => "committed",
             Self::Rejected => "rejected",
             Self::Released => "release",
+            Self::Charged => "charged",
         }
     }
 }
@@ -140,6 +147,9 @@ pub trait StockGate: Send + Sync + 'static {
     /// however often it is called.
     async fn release(&self, release: &GateEntry) -> Result<(), GateError>;
 
+    /// See [`Settlement::Charged`]; once per reservation id.
+    async fn charged(&self, entry: &GateEntry) -> Result<(), GateError>;
+
     /// Applies each reservation's settlement (the processor's batch): the
     /// same as calling the single method for each, in fewer round trips
     /// where the backend can (Redis: one).
@@ -149,6 +159,7 @@ pub trait StockGate: Send + Sync + 'static {
                 Settlement::Committed => self.committed(entry).await?,
                 Settlement::Rejected => self.rejected(entry).await?,
                 Settlement::Released => self.release(entry).await?,
+                Settlement::Charged => self.charged(entry).await?,
             }
         }
         Ok(())
@@ -358,6 +369,41 @@ pub(crate) mod decision_table {
             UserId::parse(user).unwrap(),
             quantity,
         )
+    }
+
+    /// An order given up (its admission released), then redriven and
+    /// committed: charged once (stock and the user's units), and its
+    /// release gives both back. A charge the last rebuild already read
+    /// takes no stock.
+    pub async fn charge_after_give_up<G: StockGate>(gate: G) {
+        let (gate, sku) = loaded(gate, 5, 3).await;
+        let order = request(&sku, "u1", 2);
+        gate.reserve(&order).await.unwrap();
+        gate.release(&order).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+        let charged = order.clone().at_version(Some(10));
+        gate.charged(&charged).await.unwrap();
+        gate.charged(&charged).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(3));
+        assert!(matches!(
+            gate.reserve(&request(&sku, "u1", 2)).await.unwrap(),
+            GateDecision::UserLimit { live_units: 2, .. }
+        ));
+        gate.release(&order.clone().at_version(Some(11)))
+            .await
+            .unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+        let after = request(&sku, "u1", 3);
+        assert!(matches!(
+            gate.reserve(&after).await.unwrap(),
+            GateDecision::Reserved { remaining: 2 }
+        ));
+        gate.committed(&after.at_version(Some(12))).await.unwrap();
+        // Rebuilt from a read at version 20, which had the commit.
+        gate.set(&read(&sku, 1, 20)).await.unwrap();
+        let late = request(&sku, "u2", 1).at_version(Some(20));
+        gate.charged(&late).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(1));
     }
 
     /// `S` as the database holds it: `stock` units at row `version`.

@@ -279,6 +279,11 @@ impl StockGate for RedisGate {
             .await
     }
 
+    async fn charged(&self, entry: &GateEntry) -> Result<(), GateError> {
+        self.settle_entries(&[(Settlement::Charged, entry.clone())])
+            .await
+    }
+
     async fn release(&self, entry: &GateEntry) -> Result<(), GateError> {
         self.settle_entries(&[(Settlement::Released, entry.clone())])
             .await
@@ -427,6 +432,11 @@ mod tests {
     #[tokio::test]
     async fn rebuilds_race_settlements_without_over_counting() {
         decision_table::rebuilds_race_settlements(fresh_gate()).await;
+    }
+
+    #[tokio::test]
+    async fn a_redriven_order_is_charged_once_and_given_back() {
+        decision_table::charge_after_give_up(fresh_gate()).await;
     }
 
     /// Random sales against a model of the decision table (48 cases).

@@ -10,14 +10,14 @@ use crate::{
     config::{DbCheckMode, GateFailureMode},
     domain::{
         switches::{Layers, LayersChange, RateSettings},
-        ReservationState, Sku, SoldOutPolicy,
+        ReservationId, ReservationState, Sku, SoldOutPolicy,
     },
     error::ReservationError,
     fleet::{ChangeRequest, SwitchBoard, MAX_REASON},
     middleware::{InFlight, RateLimits},
     pb::{self, admin_service_server::AdminService},
     queue::{
-        dead_letters::{DeadLetter, Moved, Selection, MAX_MOVE},
+        dead_letters::{DeadLetter, Moved, Selection, MAX_LIST, MAX_MOVE},
         DeadLetters,
     },
     reserve::{queue_error, Pipeline, StockView},
@@ -180,8 +180,8 @@ fn limit(value: u32) -> Result<i64, ReservationError> {
 }
 
 /// Longest key a dead-letter selection may name (reservation ids and body
-/// digests are far shorter).
-const MAX_KEY: usize = 100;
+/// digests are shorter).
+const MAX_KEY: usize = 64;
 
 /// Which dead letters a redrive or purge takes, validated field by field.
 fn selection(body: Option<&pb::DeadLetterSelection>) -> Result<Selection, ReservationError> {
@@ -324,7 +324,9 @@ impl AdminApi {
             .ok_or(ReservationError::NoDeadLetterQueue("embedded"))
     }
 
-    /// Runs a redrive or purge and audits it, whatever came of it.
+    /// Runs a redrive or purge and audits it, whatever came of it. The work
+    /// runs on a task of its own: a caller that gives up (its deadline)
+    /// does not stop it half way, and it is audited all the same.
     async fn move_dead_letters<T>(
         &self,
         request: Request<T>,
@@ -336,49 +338,68 @@ impl AdminApi {
         let (asked, why) = parts(&body);
         let which = selection(asked)?;
         // Purged messages are gone: the trail must say why.
-        let why = reason(why, way == Way::Purge)?;
-        let dead_letters = self.dead_letters()?;
-        let before = match &which {
-            Selection::Keys(keys) => keys_json(keys),
-            Selection::First(n) => serde_json::json!({ "first": n }),
-        };
-        let result = match way {
-            Way::Redrive => dead_letters.redrive(&which).await,
-            Way::Purge => dead_letters.purge(&which).await,
-        };
-        let (outcome, after) = match &result {
-            Ok(moved) => {
-                let mut after = keys_json(&moved.keys);
-                after["not_found"] = keys_json(&moved.not_found);
-                after["remaining"] = moved.remaining.into();
-                let outcome = match &moved.interrupted {
-                    None => "applied".to_owned(),
-                    Some(why) => format!("interrupted: {why}"),
-                };
-                (outcome, after)
+        let why = reason(why, way == Way::Purge)?.to_owned();
+        let dead_letters = Arc::clone(self.dead_letters()?);
+        let board = Arc::clone(&self.board);
+        let store = self.pipeline.store().clone();
+        let work = async move {
+            let before = match &which {
+                Selection::Keys(keys) => keys_json(keys),
+                Selection::First(n) => serde_json::json!({ "first": n }),
+            };
+            let result = match way {
+                Way::Redrive => dead_letters.redrive(&which).await,
+                Way::Purge => dead_letters.purge(&which).await,
+            };
+            if let (Way::Purge, Ok(moved)) = (way, &result) {
+                // A copy of a purged order still in the order queue (a
+                // redrive interrupted earlier) must not bring it back.
+                let ids: Vec<ReservationId> = moved
+                    .keys
+                    .iter()
+                    .filter_map(|key| ReservationId::parse(key).ok())
+                    .collect();
+                if let Err(err) = store.close_given_up(&ids).await {
+                    tracing::warn!(error = %err, "purged orders not marked in the database");
+                }
             }
-            Err(err) => (format!("failed: {err}"), serde_json::json!({})),
+            let (outcome, after) = match &result {
+                Ok(moved) => {
+                    let mut after = keys_json(&moved.keys);
+                    after["not_found"] = keys_json(&moved.not_found);
+                    after["remaining"] = moved.remaining.into();
+                    let outcome = match &moved.interrupted {
+                        None => "applied".to_owned(),
+                        Some(why) => format!("interrupted: {why}"),
+                    };
+                    (outcome, after)
+                }
+                Err(err) => (format!("failed: {err}"), serde_json::json!({})),
+            };
+            board
+                .record(&NewAudit {
+                    at: crate::domain::now(),
+                    actor: &actor,
+                    action: way.action(),
+                    outcome: &outcome,
+                    before: &before.to_string(),
+                    after: &after.to_string(),
+                    reason: &why,
+                })
+                .await;
+            if let Ok(moved) = &result {
+                crate::metrics::dead_letters_moved(way.label(), moved.keys.len());
+            }
+            result
         };
-        self.board
-            .record(&NewAudit {
-                at: crate::domain::now(),
-                actor: &actor,
-                action: way.action(),
-                outcome: &outcome,
-                before: &before.to_string(),
-                after: &after.to_string(),
-                reason: why,
-            })
-            .await;
-        let moved = result.map_err(queue_error)?;
-        crate::metrics::dead_letters_moved(way.label(), moved.keys.len());
+        let moved = tokio::spawn(work)
+            .await
+            .map_err(|err| ReservationError::Internal(err.into()))?
+            .map_err(queue_error)?;
         if let Some(why) = &moved.interrupted {
             return Err(ReservationError::unavailable(
                 "order queue",
-                anyhow::anyhow!(
-                    "interrupted after moving {} messages ({why}); running it again is safe",
-                    moved.keys.len()
-                ),
+                anyhow::anyhow!("stopped after moving {} messages: {why}", moved.keys.len()),
             ));
         }
         Ok(moved)
@@ -751,10 +772,20 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let limit = limit(request.get_ref().limit)?;
+        let limit = match request.get_ref().limit {
+            0 => 20,
+            n if n as usize <= MAX_LIST => n as usize,
+            n => {
+                return Err(ReservationError::invalid(
+                    "limit",
+                    format!("must be between 0 and {MAX_LIST}, got {n}"),
+                )
+                .into())
+            }
+        };
         let (letters, depth) = self
             .dead_letters()?
-            .list(limit as usize)
+            .list(limit)
             .await
             .map_err(queue_error)?;
         ::metrics::gauge!("stockgate_dlq_messages").set(depth as f64);

@@ -11,11 +11,15 @@ use super::{QueueError, QueuedOrder};
 /// message looked at, whatever the dead-letter queue holds.
 pub const MAX_SCAN: usize = 10_000;
 
-/// Most messages one call lists or moves.
-pub const MAX_MOVE: usize = 1_000;
+/// Most messages one call moves, and keys it may name: its answer stays far
+/// below `server.max_message_bytes`' default.
+pub const MAX_MOVE: usize = 200;
 
-/// Bytes of a message body shown in a listing.
-pub const PREVIEW_BYTES: usize = 512;
+/// Most messages one listing shows (each at most about 1 KiB answered).
+pub const MAX_LIST: usize = 50;
+
+/// Bytes of a message body shown in a listing, and of its error.
+pub const PREVIEW_BYTES: usize = 256;
 
 /// One message in the dead-letter queue.
 #[derive(Debug, Clone)]
@@ -32,7 +36,8 @@ pub struct DeadLetter {
     pub dead_lettered_at: Option<NaiveDateTime>,
     /// Size of the body.
     pub body_bytes: usize,
-    /// The body's first [`PREVIEW_BYTES`] bytes, invalid UTF-8 replaced.
+    /// The start of the body as text (invalid UTF-8 replaced), at most
+    /// [`PREVIEW_BYTES`] bytes.
     pub preview: String,
 }
 
@@ -56,8 +61,10 @@ pub struct Moved {
     pub not_found: Vec<String>,
     /// Messages left in the dead-letter queue afterwards.
     pub remaining: u64,
-    /// Why the call stopped before the end of its selection; what `keys`
-    /// lists was moved all the same, and the rest is where it was.
+    /// Why the call stopped short of its selection (its time budget, the
+    /// broker). What `keys` lists was moved; a redrive may also have put
+    /// unconfirmed copies of others in the order queue, which the
+    /// processor commits once at most.
     pub interrupted: Option<String>,
 }
 
@@ -68,14 +75,15 @@ pub trait DeadLetters: Send + Sync + 'static {
     /// holding at that moment are not counted).
     async fn depth(&self) -> Result<u64, QueueError>;
 
-    /// The first `limit` messages (at most [`MAX_MOVE`]) and the depth.
-    /// Reads only: every message stays where it is.
+    /// The first `limit` messages (at most [`MAX_LIST`]) and the depth.
+    /// Reads only: every message goes back where it was.
     async fn list(&self, limit: usize) -> Result<(Vec<DeadLetter>, u64), QueueError>;
 
     /// Publishes the selected messages to the order queue (confirmed) and
     /// only then removes them from the dead-letter queue. A crash between
     /// the two leaves a copy in both; the processor commits a reservation
-    /// id once, so redriving the copy changes nothing.
+    /// id once, so redriving the copy changes nothing. Stops early, with
+    /// what it did, when its time budget runs out.
     async fn redrive(&self, which: &Selection) -> Result<Moved, QueueError>;
 
     /// Removes the selected messages for good.

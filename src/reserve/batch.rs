@@ -199,7 +199,10 @@ impl Pipeline {
     async fn commit_in_order(&self, batch: &[QueuedOrder]) -> BatchOutcome {
         let started = std::time::Instant::now();
         ::metrics::histogram!("stockgate_processor_batch_size").record(batch.len() as f64);
-        if let Some(oldest) = batch.iter().map(|q| q.order.created_at).min() {
+        // A redriven order is as old as its first try: it says nothing of
+        // how far behind the queue is.
+        let fresh = batch.iter().filter(|q| !q.redriven);
+        if let Some(oldest) = fresh.map(|q| q.order.created_at).min() {
             let lag = (now() - oldest).to_std().unwrap_or_default();
             ::metrics::gauge!("stockgate_processor_lag_seconds").set(lag.as_secs_f64());
         }
@@ -273,6 +276,19 @@ impl Pipeline {
             for (queued, outcome) in done.iter().filter(|(queued, _)| queued.redriven) {
                 self.redriven_took(&queued.order, outcome).await;
             }
+            // Given up on an earlier delivery whose batch was not acked: its
+            // dead letter may never have been written, so write it (again).
+            for (queued, outcome) in &done {
+                if let CommitOutcome::AlreadyCommitted(row) = outcome {
+                    let given_up = row
+                        .reject_reason
+                        .as_deref()
+                        .filter(|r| r.starts_with(GIVEN_UP_REASON));
+                    if let (Some(reason), false) = (given_up, queued.redriven) {
+                        failed.push(((*queued).clone(), reason.to_owned()));
+                    }
+                }
+            }
             for (queued, outcome) in done {
                 self.finish_queued(queued, outcome);
             }
@@ -329,11 +345,13 @@ impl Pipeline {
         }
     }
 
-    /// A redriven order holds no gate units (giving up returned them), so
-    /// the stock its commit took comes off the gate's counter here, as an
-    /// operator's adjustment at the commit's version would; missed (gate
-    /// unreachable or off), the reconciler repairs the drift, and until
-    /// then the gate admits too much, which the database check refuses.
+    /// A redriven order holds no gate units (giving up returned them): its
+    /// commit is charged to the gate ([`Settlement::Charged`]), which
+    /// takes the units off the counter, counts them against the user, and
+    /// keeps the reservation so that its release gives them back. Missed
+    /// (gate off or unreachable past the retries), the reconciler repairs
+    /// the counter; until then the gate admits too much, which the
+    /// database check refuses.
     async fn redriven_took(&self, order: &NewOrder, outcome: &CommitOutcome) {
         let CommitOutcome::Committed { stock_version, .. } = outcome else {
             return;
@@ -346,11 +364,8 @@ impl Pipeline {
         if !self.layers().gate {
             return;
         }
-        let taken = -i64::from(order.quantity);
-        if let Err(err) = self.gate.adjust(&order.sku, taken, *stock_version).await {
-            tracing::warn!(sku = order.sku.as_str(), error = %err, "gate not charged for a redriven order; the reconciler repairs it");
-            self.reload_wanted.notify_one();
-        }
+        let entry = gate_entry(order).at_version(Some(*stock_version));
+        self.settle_gate(&[(Settlement::Charged, entry)]).await;
     }
 
     /// Ends an order the database would not take: REJECTED row (with the

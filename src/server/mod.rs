@@ -395,9 +395,12 @@ pub async fn run_with(
         ),
     );
 
-    let dead_letters = rabbit
-        .as_ref()
-        .map(|(queue, _)| Arc::new(RabbitDeadLetters::new(queue.clone())) as Arc<dyn DeadLetters>);
+    // An operator's call stops taking messages well before its deadline,
+    // so its answer can say what it did.
+    let dead_letter_budget = config.request_timeout().mul_f64(0.6);
+    let dead_letters = rabbit.as_ref().map(|(queue, _)| {
+        Arc::new(RabbitDeadLetters::new(queue.clone(), dead_letter_budget)) as Arc<dyn DeadLetters>
+    });
     let max = config.server.max_message_bytes;
     let inventory = InventoryServiceServer::new(InventoryApi::new(pipeline.clone()))
         .max_decoding_message_size(max)

@@ -441,6 +441,35 @@ macro_rules! commit_queries {
             .map(|_| ())
         }
 
+        /// Marks the given-up rows of `ids` as purged by an operator: the
+        /// reason no longer starts with [`GIVEN_UP_REASON`], so no
+        /// redriven copy still on its way reopens them.
+        pub(super) async fn close_given_up(
+            conn: &mut $Conn,
+            ids: &[&str],
+            now: NaiveDateTime,
+        ) -> QueryResult<usize> {
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            diesel::update(
+                reservations::table
+                    .filter(reservations::reservation_id.eq_any(ids))
+                    .filter(reservations::state.eq(ReservationState::Rejected.as_db()))
+                    .filter(reservations::reject_reason.like(format!("{GIVEN_UP_REASON}:%"))),
+            )
+            .set((
+                reservations::reject_reason.eq(diesel::dsl::sql::<
+                    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+                >(&format!(
+                    "'{PURGED_PREFIX}' || reject_reason"
+                ))),
+                reservations::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await
+        }
+
         pub(super) async fn commit_batch(
             conn: &mut $Conn,
             orders: &[NewOrder],
@@ -571,6 +600,13 @@ impl Store {
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         let reopen: Vec<&str> = reopen.iter().map(ReservationId::as_str).collect();
         dispatch!(self.commit_batch(orders, params, &reopen))
+    }
+
+    /// Marks given-up reservations purged from the dead-letter queue, so
+    /// that no redriven copy of them is decided again; returns how many.
+    pub async fn close_given_up(&self, ids: &[ReservationId]) -> Result<usize, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(ReservationId::as_str).collect();
+        dispatch!(self.close_given_up(&ids, crate::domain::now()))
     }
 
     /// See `record_failed` in the query module.

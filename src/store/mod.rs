@@ -126,6 +126,10 @@ pub const SOLD_OUT_REASON: &str = "sold out";
 /// redrives the order from the dead-letter queue.
 pub const GIVEN_UP_REASON: &str = "processing failed";
 
+/// What the reason of a given-up row starts with once an operator purged
+/// its dead letter.
+pub const PURGED_PREFIX: &str = "purged from the dead-letter queue: ";
+
 /// How to commit orders.
 #[derive(Debug, Clone, Copy)]
 pub struct CommitParams {

@@ -252,6 +252,8 @@ async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
     );
     assert!(letter.error.contains("warehouse feed"), "{letter:?}");
     assert!(letter.dead_lettered_at.is_some() && letter.message_bytes > 0);
+    // The listing's look puts the message back as its connection closes.
+    wait_depth(&names, 1).await;
     let (ok, out, err) = cli(&app, &["dlq", "list"]);
     assert!(ok, "{err}");
     assert!(
@@ -326,6 +328,13 @@ async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(gate, Some(2));
+    // Its release gives the units back to the gate at once (the
+    // reconciler's repair would take two passes, 10 s).
+    crate::harness::release(&mut client, id.as_str(), "dana")
+        .await
+        .unwrap();
+    let view = stock(&app, "DLQ-FIX").await;
+    assert_eq!((view.db_stock, view.gate_stock), (4, Some(4)), "{view:?}");
     let report = app
         .admin()
         .check_invariants(authed(CheckInvariantsRequest::default()))

@@ -7,13 +7,14 @@
 -- that mirrors a database change carries the version that change wrote.
 -- KEYS[1] inv hash, KEYS[2] users hash, KEYS[3] pending zset,
 -- KEYS[3+i] the record of reservation i (all under the SKU's hash tag).
--- ARGV: action (committed | rejected | release), record ttl seconds,
+-- ARGV: action (committed | rejected | release | charged), record ttl seconds,
 -- restock channel, sku, then user, qty, id, version ('' for none) for each
 -- reservation. Returns how many records changed.
 local action = ARGV[1]
 local base = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
 local give = 0
+local take = 0
 local changed = 0
 for i = 1, (#KEYS - 3) do
   local record = KEYS[3 + i]
@@ -25,7 +26,28 @@ for i = 1, (#KEYS - 3) do
     seen = version
   end
   local phase = redis.call('HGET', record, 'phase')
-  if phase ~= 'done' then
+  if action == 'charged' then
+    -- The database took stock for a reservation this gate did not admit
+    -- (redriven from the dead-letter queue): charge it once and keep it
+    -- as committed, so its release gives the units back.
+    if phase ~= 'committed' then
+      if phase == 'inflight' then
+        redis.call('HINCRBY', KEYS[1], 'inflight', -qty)
+        redis.call('ZREM', KEYS[3], id)
+        if version and version <= base then
+          give = give + qty
+        end
+      else
+        redis.call('HINCRBY', KEYS[2], user, qty)
+        if not (version and version <= base) then
+          take = take + qty
+        end
+      end
+      redis.call('HSET', record, 'user', user, 'qty', qty, 'phase', 'committed')
+      redis.call('EXPIRE', record, ARGV[2])
+      changed = changed + 1
+    end
+  elseif phase ~= 'done' then
     if phase == 'inflight' then
       redis.call('HINCRBY', KEYS[1], 'inflight', -qty)
       redis.call('ZREM', KEYS[3], id)
@@ -75,6 +97,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if give > 0 then
     redis.call('HINCRBY', KEYS[1], 'stock', give)
     redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
+  if take > 0 then
+    redis.call('HINCRBY', KEYS[1], 'stock', -take)
   end
 end
 return changed

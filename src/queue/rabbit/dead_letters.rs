@@ -5,6 +5,8 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use chrono::DateTime;
 use lapin::{
@@ -17,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::{open, persistent_json, salvage, Link, RabbitQueue};
 use crate::queue::{
-    dead_letters::{DeadLetter, DeadLetters, Moved, Selection, MAX_MOVE, MAX_SCAN, PREVIEW_BYTES},
+    dead_letters::{
+        DeadLetter, DeadLetters, Moved, Selection, MAX_LIST, MAX_MOVE, MAX_SCAN, PREVIEW_BYTES,
+    },
     QueueError, QueuedOrder,
 };
 
@@ -26,9 +30,9 @@ const ERROR_HEADER: &str = "x-stockgate-error";
 /// Marks a message an operator sent back to the order queue.
 const REDRIVEN_HEADER: &str = "x-stockgate-redriven";
 
-/// Longest one operator call may hold messages: the broker's answers for
-/// [`MAX_SCAN`] messages and the confirms of [`MAX_MOVE`] publishes.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Past its budget, how long a call may still wait for the confirms of
+/// what it already published before it gives up on them.
+const CONFIRM_GRACE: Duration = Duration::from_secs(5);
 
 /// The properties of a dead-lettered copy: persistent, the reason, the
 /// time set aside (seconds), and the reservation id as message id where
@@ -81,15 +85,30 @@ fn describe(delivery: &Delivery) -> DeadLetter {
     DeadLetter {
         key: key_of(body, order.as_ref()),
         order,
-        error: header_text(&delivery.properties, ERROR_HEADER).unwrap_or_default(),
+        error: text_prefix(
+            header_text(&delivery.properties, ERROR_HEADER)
+                .unwrap_or_default()
+                .as_bytes(),
+        ),
         dead_lettered_at: delivery
             .properties
             .timestamp()
             .and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
             .map(|at| at.naive_utc()),
         body_bytes: body.len(),
-        preview: String::from_utf8_lossy(&body[..body.len().min(PREVIEW_BYTES)]).into_owned(),
+        preview: text_prefix(body),
     }
+}
+
+/// `bytes` as text (invalid UTF-8 replaced), cut at a character boundary
+/// to at most [`PREVIEW_BYTES`] bytes.
+fn text_prefix(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(PREVIEW_BYTES * 2)]);
+    let mut end = text.len().min(PREVIEW_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// A selected message, held unacknowledged by the call's channel.
@@ -107,11 +126,14 @@ fn unavailable(err: impl std::fmt::Display) -> QueueError {
 /// The dead-letter queue of one deployment's order queue.
 pub struct RabbitDeadLetters {
     queue: Arc<RabbitQueue>,
+    budget: Duration,
 }
 
 impl RabbitDeadLetters {
-    pub fn new(queue: Arc<RabbitQueue>) -> Self {
-        Self { queue }
+    /// Each call stops taking messages once it has run for `budget` (keep
+    /// it below the request deadline, so the answer says what was done).
+    pub fn new(queue: Arc<RabbitQueue>, budget: Duration) -> Self {
+        Self { queue, budget }
     }
 
     fn dlq(&self) -> &str {
@@ -120,20 +142,22 @@ impl RabbitDeadLetters {
 
     /// Runs `work` on a connection of its own, then closes it, which puts
     /// back whatever `work` looked at and did not acknowledge, whether it
-    /// finished, failed or ran out of time.
+    /// finished or failed. `work` gets the depth and its deadline.
     async fn session<T>(
         &self,
-        work: impl AsyncFnOnce(&Link, u64) -> Result<T, QueueError>,
+        work: impl AsyncFnOnce(&Link, u64, Instant) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
+        let deadline = Instant::now() + self.budget;
         let link = open(&self.queue.uri, &self.queue.names)
             .await
             .map_err(QueueError::Unavailable)?;
         let result = async {
             let depth = count(&link, self.dlq()).await?;
-            match tokio::time::timeout(CALL_TIMEOUT, work(&link, depth)).await {
+            let backstop = self.budget + CONFIRM_GRACE;
+            match tokio::time::timeout(backstop, work(&link, depth, deadline)).await {
                 Ok(result) => result,
                 Err(_) => Err(QueueError::Unavailable(format!(
-                    "the dead-letter queue did not answer within {CALL_TIMEOUT:?}"
+                    "the broker did not answer within {backstop:?}"
                 ))),
             }
         }
@@ -143,14 +167,16 @@ impl RabbitDeadLetters {
     }
 
     /// Takes the selected messages off the dead-letter queue, unacknowledged,
-    /// looking at no more than [`MAX_SCAN`]. Returns them and the keys asked
-    /// for that were not found.
+    /// looking at no more than [`MAX_SCAN`] and stopping at `deadline`.
+    /// Returns them, the keys asked for that were not found, and why it
+    /// stopped short, if it did (then nothing counts as not found).
     async fn take(
         &self,
         link: &Link,
         which: &Selection,
         keep_bodies: bool,
-    ) -> Result<(Vec<Taken>, Vec<String>), QueueError> {
+        deadline: Instant,
+    ) -> Result<(Vec<Taken>, Vec<String>, Option<String>), QueueError> {
         let (wanted, most) = match which {
             Selection::Keys(keys) => (
                 Some(keys.iter().map(String::as_str).collect::<HashSet<_>>()),
@@ -160,8 +186,16 @@ impl RabbitDeadLetters {
         };
         let mut taken = Vec::new();
         let mut found = HashSet::new();
-        for _ in 0..MAX_SCAN {
+        let mut stopped = None;
+        for looked in 0..MAX_SCAN {
             if taken.len() >= most {
+                break;
+            }
+            if Instant::now() >= deadline {
+                stopped = Some(format!(
+                    "time budget of {:?} spent after looking at {looked} messages; run it again for the rest",
+                    self.budget
+                ));
                 break;
             }
             let got = link
@@ -185,14 +219,14 @@ impl RabbitDeadLetters {
             });
         }
         let not_found = match which {
-            Selection::Keys(keys) => keys
+            Selection::Keys(keys) if stopped.is_none() => keys
                 .iter()
                 .filter(|key| !found.contains(key.as_str()))
                 .cloned()
                 .collect(),
-            Selection::First(_) => Vec::new(),
+            _ => Vec::new(),
         };
-        Ok((taken, not_found))
+        Ok((taken, not_found, stopped))
     }
 }
 
@@ -223,24 +257,26 @@ impl DeadLetters for RabbitDeadLetters {
     }
 
     async fn list(&self, limit: usize) -> Result<(Vec<DeadLetter>, u64), QueueError> {
-        self.session(async |link, depth| {
-            let (taken, _) = self.take(link, &Selection::First(limit), false).await?;
+        self.session(async |link, depth, deadline| {
+            let first = Selection::First(limit.min(MAX_LIST));
+            let (taken, _, _) = self.take(link, &first, false, deadline).await?;
             Ok((taken.into_iter().map(|t| t.letter).collect(), depth))
         })
         .await
     }
 
     async fn redrive(&self, which: &Selection) -> Result<Moved, QueueError> {
-        self.session(async |link, depth| {
-            let (taken, not_found) = self.take(link, which, true).await?;
+        self.session(async |link, depth, deadline| {
+            let (taken, not_found, stopped) = self.take(link, which, true, deadline).await?;
             // Every publish first, then the confirms: the broker confirms
             // a run of publishes at once.
             let mut confirms = Vec::with_capacity(taken.len());
+            let mut interrupted = stopped;
             for message in &taken {
                 let mut headers = FieldTable::default();
                 headers.insert(REDRIVEN_HEADER.into(), AMQPValue::Boolean(true));
                 let properties = persistent_json(Some(&message.letter.key)).with_headers(headers);
-                let confirm = link
+                let published = link
                     .channel
                     .basic_publish(
                         "".into(),
@@ -252,23 +288,32 @@ impl DeadLetters for RabbitDeadLetters {
                         message.body.as_deref().unwrap_or_default(),
                         properties,
                     )
-                    .await
-                    .map_err(unavailable)?;
-                confirms.push(confirm);
+                    .await;
+                match published {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(err) => {
+                        // The ones already sent are still confirmed below.
+                        interrupted.get_or_insert(err.to_string());
+                        break;
+                    }
+                }
             }
             let mut moved = Moved {
                 not_found,
+                interrupted,
                 ..Moved::default()
             };
+            // Every confirm is awaited, a refusal or two included, so that
+            // what is in the order queue leaves the dead-letter queue.
             for (message, confirm) in taken.iter().zip(confirms) {
                 match confirm.await {
                     Ok(Confirmation::Ack(None)) => {}
                     other => {
-                        moved.interrupted = Some(format!(
+                        moved.interrupted.get_or_insert(format!(
                             "the order queue did not take {}: {other:?}",
                             message.letter.key
                         ));
-                        break;
+                        continue;
                     }
                 }
                 // Only once the order queue holds it.
@@ -277,7 +322,7 @@ impl DeadLetters for RabbitDeadLetters {
                     .basic_ack(message.tag, BasicAckOptions::default())
                     .await
                 {
-                    moved.interrupted = Some(err.to_string());
+                    moved.interrupted.get_or_insert(err.to_string());
                     break;
                 }
                 moved.keys.push(message.letter.key.clone());
@@ -289,10 +334,11 @@ impl DeadLetters for RabbitDeadLetters {
     }
 
     async fn purge(&self, which: &Selection) -> Result<Moved, QueueError> {
-        self.session(async |link, depth| {
-            let (taken, not_found) = self.take(link, which, false).await?;
+        self.session(async |link, depth, deadline| {
+            let (taken, not_found, stopped) = self.take(link, which, false, deadline).await?;
             let mut moved = Moved {
                 not_found,
+                interrupted: stopped,
                 ..Moved::default()
             };
             for message in &taken {
@@ -301,7 +347,7 @@ impl DeadLetters for RabbitDeadLetters {
                     .basic_ack(message.tag, BasicAckOptions::default())
                     .await
                 {
-                    moved.interrupted = Some(err.to_string());
+                    moved.interrupted.get_or_insert(err.to_string());
                     break;
                 }
                 moved.keys.push(message.letter.key.clone());
@@ -330,6 +376,19 @@ mod tests {
         let key = key_of(unreadable, salvage(unreadable).as_ref());
         assert!(key.starts_with("sha256:") && key.len() == 7 + 16, "{key}");
         assert_ne!(key, key_of(b"other", None));
+    }
+
+    #[test]
+    fn previews_stop_at_a_character_boundary_within_the_budget() {
+        let text = "é".repeat(PREVIEW_BYTES);
+        let preview = text_prefix(text.as_bytes());
+        assert_eq!(preview.len(), PREVIEW_BYTES);
+        assert!(preview.chars().all(|c| c == 'é'));
+        let junk = vec![0xffu8; PREVIEW_BYTES * 4];
+        let preview = text_prefix(&junk);
+        assert!(preview.len() <= PREVIEW_BYTES, "{}", preview.len());
+        assert!(preview.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+        assert_eq!(text_prefix(b"short"), "short");
     }
 
     #[test]
