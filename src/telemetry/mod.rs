@@ -14,6 +14,20 @@ use crate::config::{LogConfig, LogFormat, TelemetryConfig};
 /// `log.filter`) and, with `telemetry.otlp_endpoint` set, the span
 /// exporter, returned so that the caller flushes it on the way out.
 pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow::Result<Option<Tracing>> {
+    let provider = trace::provider(telemetry)?;
+    install(log, provider.as_ref());
+    Ok(provider.map(|provider| Tracing { provider }))
+}
+
+/// As [`init`], with tracing on but every span dropped instead of
+/// exported (see [`trace::set_active`]): for measuring what tracing costs.
+pub fn init_discarding(log: &LogConfig) -> Tracing {
+    let provider = trace::discarding();
+    install(log, Some(&provider));
+    Tracing { provider }
+}
+
+fn install(log: &LogConfig, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
     let logs = match log.format {
         LogFormat::Text => fmt::layer().with_target(false).boxed(),
@@ -24,14 +38,12 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> anyhow::Result<Opti
             .with_target(false)
             .boxed(),
     };
-    let provider = trace::provider(telemetry)?;
-    let spans = provider.as_ref().map(trace::layer);
+    let spans = provider.map(trace::layer);
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(logs.with_filter(filter))
         .with(spans)
         .try_init();
-    Ok(provider.map(|provider| Tracing { provider }))
 }
 
 /// Log sampling for events a caller can cause at will (refusals, a store

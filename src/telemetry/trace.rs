@@ -89,6 +89,35 @@ pub(super) fn provider(config: &TelemetryConfig) -> anyhow::Result<Option<SdkTra
     Ok(Some(provider))
 }
 
+/// Drops every batch it is given.
+#[derive(Debug)]
+struct Discard;
+
+impl opentelemetry_sdk::trace::SpanExporter for Discard {
+    async fn export(
+        &self,
+        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// A provider that samples every trace and batches every span as an
+/// exporting one does, then drops them: what tracing costs the service
+/// without a collector's share, for benchmarks.
+pub(super) fn discarding() -> SdkTracerProvider {
+    SdkTracerProvider::builder()
+        .with_batch_exporter(Discard)
+        .with_sampler(Sampler::AlwaysOn)
+        .build()
+}
+
+/// Stops or resumes making spans while the exporter stays installed, so a
+/// benchmark compares the two in one run.
+pub fn set_active(active: bool) {
+    ON.store(active, Ordering::Relaxed);
+}
+
 /// The layer that turns [`TARGET`] spans into OpenTelemetry spans.
 pub(super) fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S>
 where

@@ -273,6 +273,7 @@ fn small_bench(requests: usize) -> stockgate_tools::bench::BenchOptions {
         redis_url: redis_url(),
         store: "embedded".into(),
         queue: "embedded".into(),
+        tracing: false,
     }
 }
 

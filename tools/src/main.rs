@@ -91,6 +91,10 @@ enum Command {
         tls_cert: String,
         #[arg(long, requires = "tls_store", default_value = "")]
         tls_key: String,
+        /// Also measure the sold-out path with every call traced (spans
+        /// made, sampled and batched, then dropped: no collector needed).
+        #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store"])]
+        tracing: bool,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -284,7 +288,12 @@ async fn run() -> anyhow::Result<()> {
         // The bench prints a table; keep the in-process server's logs out.
         config.log.filter = "error".into();
     }
-    let tracing = stockgate::telemetry::init(&config.log, &config.telemetry)?;
+    let tracing = match cli.command {
+        Some(Command::Bench { tracing: true, .. }) => {
+            Some(stockgate::telemetry::init_discarding(&config.log))
+        }
+        _ => stockgate::telemetry::init(&config.log, &config.telemetry)?,
+    };
     let result = match cli.command.unwrap_or(Command::Serve { listen: None }) {
         Command::Serve { listen } => {
             if let Some(listen) = listen {
@@ -322,6 +331,7 @@ async fn run() -> anyhow::Result<()> {
             tls_ca,
             tls_cert,
             tls_key,
+            tracing,
         } => {
             let options = stockgate_tools::bench::BenchOptions {
                 requests,
@@ -331,6 +341,7 @@ async fn run() -> anyhow::Result<()> {
                 redis_url: redis,
                 store,
                 queue,
+                tracing,
             };
             if let (Some(store), Some(redis_url), Some(queue), Some(ca_file)) =
                 (tls_store, tls_redis, tls_queue, tls_ca)

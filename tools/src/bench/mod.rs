@@ -61,6 +61,9 @@ pub struct BenchOptions {
     pub store: String,
     /// The queue: `embedded` or an amqp:// URL (needs a postgres store).
     pub queue: String,
+    /// Also measure the sold-out path with every call traced (the process
+    /// must have been started with [`stockgate::telemetry::init_discarding`]).
+    pub tracing: bool,
 }
 
 /// One measured line.
@@ -107,8 +110,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     let mut meter = CpuMeter::connect(&options.redis_url).await?;
     let n = options.requests;
     let mut rounds: Vec<Vec<Measured>> = Vec::new();
+    // Spans are made only in the traced row; the exporter stays installed.
+    stockgate::telemetry::trace::set_active(false);
     for round in 0..options.rounds.max(1) {
-        let measured = vec![
+        let mut measured = vec![
             meter.measure(n, redis_benchmark(&options, &prefix)).await?,
             meter
                 .measure(n, async {
@@ -140,6 +145,27 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                 })
                 .await?,
         ];
+        if options.tracing {
+            stockgate::telemetry::trace::set_active(true);
+            let traced = meter
+                .measure(n, async {
+                    let call = reserve_call(
+                        "BENCH-SOLDOUT",
+                        format!("traced-{round}"),
+                        ReserveOutcome::SoldOut,
+                    );
+                    Ok(load(
+                        &channels,
+                        &options,
+                        "Reserve, sold out, every call traced",
+                        call,
+                    )
+                    .await)
+                })
+                .await;
+            stockgate::telemetry::trace::set_active(false);
+            measured.push(traced?);
+        }
         rounds.push(measured);
     }
     let results = median_rounds(rounds);
