@@ -274,6 +274,18 @@ const SERVICES: [&str; 5] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// The gRPC status of an answer as its headers carry it: a unary error
+/// travels there (trailers-only answer); a success's status comes in the
+/// trailers, after the headers, so its absence here means OK (0).
+pub(crate) fn header_status<B>(response: &http::Response<B>) -> i32 {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .unwrap_or(0)
+}
+
 pub(crate) fn labels(path: &str) -> (&'static str, String) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -306,15 +318,8 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
-            // A unary error travels in the headers (trailers-only answer);
-            // a success's status comes in trailers, after this point.
             let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK", code_name),
+                Ok(response) => code_name(header_status(response)),
                 Err(_) => "UNKNOWN",
             };
             histogram!(

@@ -49,15 +49,8 @@ where
         let future = span.in_scope(|| self.inner.call(request));
         let traced = async move {
             let result = future.await;
-            // A unary error travels in the headers (trailers-only answer);
-            // a success's status comes in trailers, after this point.
             let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0),
+                Ok(response) => crate::metrics::header_status(response),
                 Err(_) => 2,
             };
             let span = tracing::Span::current();

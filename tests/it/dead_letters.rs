@@ -4,7 +4,7 @@
 //! once; purge needs a reason; both are audited and refused without the
 //! admin token.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use lapin::{
@@ -115,19 +115,7 @@ async fn wait_state(app: &TestApp, id: &ReservationId, state: ReservationState) 
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_stockgate"))
-        .args(["admin", "--addr", &format!("http://{}", app.addr)])
-        .args(["--token", TOKEN, "--operator", "dave"])
-        .args(args)
-        .env_remove("STOCKGATE_ADMIN_TOKEN")
-        .env_remove("STOCKGATE_CONFIG")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
+    crate::ops::admin_cli(app, TOKEN, "dave", args)
 }
 
 /// The first dead letter's body and properties, put back at once.

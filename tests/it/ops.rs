@@ -656,13 +656,24 @@ async fn metrics_add_up_after_a_storm() {
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    admin_cli(app, "cli-token", "bob", args)
+}
+
+/// `stockgate admin …` against `app` as `operator` with `token`: whether it
+/// succeeded, its stdout and its stderr.
+pub(crate) fn admin_cli(
+    app: &TestApp,
+    token: &str,
+    operator: &str,
+    args: &[&str],
+) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_stockgate"))
         .arg("admin")
         .args([
             "--addr",
             &format!("http://{}", app.admin_addr.unwrap_or(app.addr)),
         ])
-        .args(["--token", "cli-token", "--operator", "bob"])
+        .args(["--token", token, "--operator", operator])
         .args(args)
         .env_remove("STOCKGATE_ADMIN_TOKEN")
         .env_remove("STOCKGATE_CONFIG")

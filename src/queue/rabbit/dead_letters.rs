@@ -11,13 +11,13 @@ use async_trait::async_trait;
 use chrono::DateTime;
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions},
     types::{AMQPValue, FieldTable},
     BasicProperties, Confirmation,
 };
 use sha2::{Digest, Sha256};
 
-use super::{open, persistent_json, salvage, Link, RabbitQueue};
+use super::{open, persistent_json, ready_messages, salvage, Link, RabbitQueue};
 use crate::queue::{
     dead_letters::{
         DeadLetter, DeadLetters, Moved, Selection, MAX_LIST, MAX_MOVE, MAX_SCAN, PREVIEW_BYTES,
@@ -152,7 +152,9 @@ impl RabbitDeadLetters {
             .await
             .map_err(QueueError::Unavailable)?;
         let result = async {
-            let depth = count(&link, self.dlq()).await?;
+            let depth = ready_messages(&link.channel, self.dlq())
+                .await
+                .map_err(unavailable)?;
             let backstop = self.budget + CONFIRM_GRACE;
             match tokio::time::timeout(backstop, work(&link, depth, deadline)).await {
                 Ok(result) => result,
@@ -230,21 +232,24 @@ impl RabbitDeadLetters {
     }
 }
 
-/// Ready messages in `queue`, as the broker counts them.
-async fn count(link: &Link, queue: &str) -> Result<u64, QueueError> {
-    let queue = link
+/// Removes a taken message from the dead-letter queue and records it as
+/// moved; false (the reason recorded) when the broker refused, which ends
+/// the call.
+async fn remove(link: &Link, message: &Taken, moved: &mut Moved) -> bool {
+    match link
         .channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+        .basic_ack(message.tag, BasicAckOptions::default())
         .await
-        .map_err(unavailable)?;
-    Ok(u64::from(queue.message_count()))
+    {
+        Ok(()) => {
+            moved.keys.push(message.letter.key.clone());
+            true
+        }
+        Err(err) => {
+            moved.interrupted.get_or_insert(err.to_string());
+            false
+        }
+    }
 }
 
 #[async_trait]
@@ -317,15 +322,9 @@ impl DeadLetters for RabbitDeadLetters {
                     }
                 }
                 // Only once the order queue holds it.
-                if let Err(err) = link
-                    .channel
-                    .basic_ack(message.tag, BasicAckOptions::default())
-                    .await
-                {
-                    moved.interrupted.get_or_insert(err.to_string());
+                if !remove(link, message, &mut moved).await {
                     break;
                 }
-                moved.keys.push(message.letter.key.clone());
             }
             moved.remaining = depth.saturating_sub(moved.keys.len() as u64);
             Ok(moved)
@@ -342,15 +341,9 @@ impl DeadLetters for RabbitDeadLetters {
                 ..Moved::default()
             };
             for message in &taken {
-                if let Err(err) = link
-                    .channel
-                    .basic_ack(message.tag, BasicAckOptions::default())
-                    .await
-                {
-                    moved.interrupted.get_or_insert(err.to_string());
+                if !remove(link, message, &mut moved).await {
                     break;
                 }
-                moved.keys.push(message.letter.key.clone());
             }
             moved.remaining = depth.saturating_sub(moved.keys.len() as u64);
             Ok(moved)

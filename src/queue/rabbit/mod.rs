@@ -301,6 +301,22 @@ fn persistent_json(id: Option<&str>) -> BasicProperties {
     }
 }
 
+/// Ready messages in `queue` (those a consumer holds unacknowledged are
+/// not counted), asked with a passive declare.
+async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u64> {
+    let queue = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(u64::from(queue.message_count()))
+}
+
 /// Adds the current trace's `traceparent` header, when there is one.
 fn traced(properties: BasicProperties) -> BasicProperties {
     match crate::telemetry::trace::current_traceparent() {
@@ -403,18 +419,7 @@ impl RabbitQueue {
     /// counts them, on the publishing connection.
     async fn count(&self, queue: &str) -> Option<u64> {
         let channel = self.channel().await.ok()?;
-        let queue = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        Some(u64::from(queue.message_count()))
+        ready_messages(&channel, queue).await.ok()
     }
 
     /// Tells API replicas that these reservations were processed.
