@@ -41,6 +41,9 @@ struct Admitted {
     user: String,
     quantity: u32,
     phase: Phase,
+    /// The newest database release seen for it (see `released` in
+    /// settle.lua): a charge at or below it comes too late to count.
+    released: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +180,7 @@ impl StockGate for EmbeddedGate {
                 user: request.user.as_str().to_owned(),
                 quantity: request.quantity,
                 phase: Phase::InFlight,
+                released: None,
             },
         );
         Ok(GateDecision::Reserved { remaining })
@@ -208,6 +212,10 @@ impl StockGate for EmbeddedGate {
         let quantity = i64::from(entry.quantity);
         match state.admitted.get_mut(entry.id.as_str()) {
             Some(admitted) if admitted.phase == Phase::Committed => return Ok(()),
+            // Released after this commit, before the charge arrived.
+            Some(admitted) if admitted.released.is_some() && admitted.released >= entry.version => {
+                return Ok(())
+            }
             Some(admitted) if admitted.phase == Phase::InFlight => {
                 // Admitted after all: the admission took its units.
                 admitted.phase = Phase::Committed;
@@ -227,6 +235,7 @@ impl StockGate for EmbeddedGate {
                 user: entry.user.as_str().to_owned(),
                 quantity: entry.quantity,
                 phase: Phase::Committed,
+                released: None,
             },
         );
         if let Some(counter) = state.counters.get_mut(sku) {
@@ -264,9 +273,13 @@ impl StockGate for EmbeddedGate {
         let sku = release.sku.as_str();
         let in_read = state.saw(sku, release.version);
         let known = match state.admitted.get_mut(release.id.as_str()) {
-            Some(admitted) if admitted.phase == Phase::Done => return Ok(()),
+            Some(admitted) if admitted.phase == Phase::Done => {
+                admitted.released = admitted.released.max(release.version);
+                return Ok(());
+            }
             Some(admitted) => {
                 admitted.phase = Phase::Done;
+                admitted.released = release.version;
                 true
             }
             // Admitted before this process started: remember it so a second
@@ -279,6 +292,7 @@ impl StockGate for EmbeddedGate {
                         user: release.user.as_str().to_owned(),
                         quantity: release.quantity,
                         phase: Phase::Done,
+                        released: release.version,
                     },
                 );
                 false

@@ -399,6 +399,26 @@ pub(crate) mod decision_table {
             GateDecision::Reserved { remaining: 2 }
         ));
         gate.committed(&after.at_version(Some(12))).await.unwrap();
+        // A hold released before its charge arrives (a charge retried in
+        // the background): the late charge takes nothing.
+        let raced = request(&sku, "u3", 1);
+        gate.reserve(&raced).await.unwrap();
+        gate.release(&raced).await.unwrap();
+        let before = gate.available(&sku).await.unwrap();
+        gate.release(&raced.clone().at_version(Some(14)))
+            .await
+            .unwrap();
+        gate.charged(&raced.clone().at_version(Some(13)))
+            .await
+            .unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), before);
+        // ... nor counts against the user.
+        let next = request(&sku, "u3", 2);
+        assert_eq!(
+            gate.reserve(&next).await.unwrap(),
+            GateDecision::Reserved { remaining: 0 }
+        );
+        gate.committed(&next.at_version(Some(15))).await.unwrap();
         // Rebuilt from a read at version 20, which had the commit.
         gate.set(&read(&sku, 1, 20)).await.unwrap();
         let late = request(&sku, "u2", 1).at_version(Some(20));

@@ -20,7 +20,7 @@ use crate::{
         dead_letters::{DeadLetter, Moved, Selection, MAX_LIST, MAX_MOVE},
         DeadLetters,
     },
-    reserve::{queue_error, Pipeline, StockView},
+    reserve::{queue_error, store_error, Pipeline, StockView},
     store::{NewAudit, ReservationFilter},
 };
 
@@ -347,22 +347,36 @@ impl AdminApi {
                 Selection::Keys(keys) => keys_json(keys),
                 Selection::First(n) => serde_json::json!({ "first": n }),
             };
-            let result = match way {
-                Way::Redrive => dead_letters.redrive(&which).await,
-                Way::Purge => dead_letters.purge(&which).await,
-            };
-            if let (Way::Purge, Ok(moved)) = (way, &result) {
-                // A copy of a purged order still in the order queue (a
-                // redrive interrupted earlier) must not bring it back.
-                let ids: Vec<ReservationId> = moved
-                    .keys
-                    .iter()
+            // A copy of a purged order still in the order queue (a redrive
+            // interrupted earlier) must not bring it back: its row is
+            // marked first when the keys are known, else right after.
+            let ids = |keys: &[String]| -> Vec<ReservationId> {
+                keys.iter()
                     .filter_map(|key| ReservationId::parse(key).ok())
-                    .collect();
-                if let Err(err) = store.close_given_up(&ids).await {
-                    tracing::warn!(error = %err, "purged orders not marked in the database");
+                    .collect()
+            };
+            let result = match (way, &which) {
+                (Way::Redrive, _) => dead_letters.redrive(&which).await.map_err(queue_error),
+                (Way::Purge, Selection::Keys(keys)) => match store.close_given_up(&ids(keys)).await
+                {
+                    Ok(_) => dead_letters.purge(&which).await.map_err(queue_error),
+                    Err(err) => Err(store_error(err)),
+                },
+                (Way::Purge, Selection::First(_)) => {
+                    match dead_letters.purge(&which).await.map_err(queue_error) {
+                        Ok(moved) => match store.close_given_up(&ids(&moved.keys)).await {
+                            Ok(_) => Ok(moved),
+                            Err(err) => Ok(Moved {
+                                interrupted: Some(format!(
+                                    "purged, but their reservations not marked: {err}"
+                                )),
+                                ..moved
+                            }),
+                        },
+                        Err(err) => Err(err),
+                    }
                 }
-            }
+            };
             let (outcome, after) = match &result {
                 Ok(moved) => {
                     let mut after = keys_json(&moved.keys);
@@ -394,8 +408,7 @@ impl AdminApi {
         };
         let moved = tokio::spawn(work)
             .await
-            .map_err(|err| ReservationError::Internal(err.into()))?
-            .map_err(queue_error)?;
+            .map_err(|err| ReservationError::Internal(err.into()))??;
         if let Some(why) = &moved.interrupted {
             return Err(ReservationError::unavailable(
                 "order queue",

@@ -192,9 +192,9 @@ impl Pipeline {
             // drops this future, and a publish abandoned half way would
             // leave the reservation pending and its units held forever.
             let this = Arc::clone(self);
-            tokio::spawn(
-                async move { this.enqueue(order, gated, remaining).await }.in_current_span(),
-            )
+            tokio::spawn(trace::follow(async move {
+                this.enqueue(order, gated, remaining).await
+            }))
             .await
             .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         } else {
@@ -202,10 +202,9 @@ impl Pipeline {
             // the gate's admission unsettled (its units held, the user's
             // count up) until the reconciler comes by.
             let this = Arc::clone(self);
-            tokio::spawn(
-                async move { this.commit_now(order, layers.db_check, gated).await }
-                    .in_current_span(),
-            )
+            tokio::spawn(trace::follow(async move {
+                this.commit_now(order, layers.db_check, gated).await
+            }))
             .await
             .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
         }

@@ -41,6 +41,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !trace::enabled() {
+            return Either::Left(self.inner.call(request));
+        }
         let (service, method) = crate::metrics::labels(request.uri().path());
         let Some(span) = trace::rpc_span(&format!("{service}/{method}"), request.headers()) else {
             return Either::Left(self.inner.call(request));

@@ -141,10 +141,24 @@ pub fn span(name: &'static str) -> Span {
     tracing::info_span!(target: TARGET, "step", otel.name = name)
 }
 
-/// Marks a layer's decision in the current trace: a span named after the
-/// layer, with the decision.
-pub fn decided(layer: &'static str, decision: &'static str) {
+/// `future` in the current span, for a task spawned from a traced call;
+/// as it is when tracing is off.
+pub fn follow<F: std::future::Future>(
+    future: F,
+) -> futures::future::Either<F, tracing::instrument::Instrumented<F>> {
+    use tracing::Instrument;
     if enabled() {
+        futures::future::Either::Right(future.in_current_span())
+    } else {
+        futures::future::Either::Left(future)
+    }
+}
+
+/// Marks a layer's decision in the current trace: a span named after the
+/// layer, with the decision. Decisions outside a traced call (the
+/// listener's, the sweeper's) start no trace of their own.
+pub fn decided(layer: &'static str, decision: &'static str) {
+    if enabled() && !Span::current().is_none() {
         let _marked =
             tracing::info_span!(target: TARGET, "decision", otel.name = layer, decision).entered();
     }
@@ -155,7 +169,9 @@ pub fn decided(layer: &'static str, decision: &'static str) {
 fn record_ids(span: &Span) {
     let context = span.context();
     let ids = context.span().span_context().clone();
-    if ids.is_valid() {
+    // An unsampled span is never exported: logs naming it would point at
+    // a trace nobody can find.
+    if ids.is_valid() && ids.is_sampled() {
         span.record("trace_id", ids.trace_id().to_string());
         span.record("span_id", ids.span_id().to_string());
     }

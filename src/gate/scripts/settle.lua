@@ -29,8 +29,10 @@ for i = 1, (#KEYS - 3) do
   if action == 'charged' then
     -- The database took stock for a reservation this gate did not admit
     -- (redriven from the dead-letter queue): charge it once and keep it
-    -- as committed, so its release gives the units back.
-    if phase ~= 'committed' then
+    -- as committed, so its release gives the units back. A release of it
+    -- that got here first (marked on the record) leaves nothing to charge.
+    local released = tonumber(redis.call('HGET', record, 'released') or '-1')
+    if phase ~= 'committed' and not (version and released >= version) then
       if phase == 'inflight' then
         redis.call('HINCRBY', KEYS[1], 'inflight', -qty)
         redis.call('ZREM', KEYS[3], id)
@@ -47,7 +49,16 @@ for i = 1, (#KEYS - 3) do
       redis.call('EXPIRE', record, ARGV[2])
       changed = changed + 1
     end
-  elseif phase ~= 'done' then
+  elseif phase == 'done' then
+    -- A database release of a record already done: remembered, in case a
+    -- charge for the same reservation is still on its way.
+    if action == 'release' and version then
+      local released = tonumber(redis.call('HGET', record, 'released') or '-1')
+      if version > released then
+        redis.call('HSET', record, 'released', version)
+      end
+    end
+  else
     if phase == 'inflight' then
       redis.call('HINCRBY', KEYS[1], 'inflight', -qty)
       redis.call('ZREM', KEYS[3], id)
@@ -84,6 +95,9 @@ for i = 1, (#KEYS - 3) do
         end
       end
       redis.call('HSET', record, 'user', user, 'qty', qty, 'phase', 'done')
+      if action == 'release' and version then
+        redis.call('HSET', record, 'released', version)
+      end
       redis.call('EXPIRE', record, ARGV[2])
       changed = changed + 1
     end

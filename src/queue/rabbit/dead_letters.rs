@@ -155,7 +155,9 @@ impl RabbitDeadLetters {
             let depth = ready_messages(&link.channel, self.dlq())
                 .await
                 .map_err(unavailable)?;
-            let backstop = self.budget + CONFIRM_GRACE;
+            // Only for a broker that stops answering altogether: the work
+            // itself stops at its deadline and reports what it did.
+            let backstop = self.budget + CONFIRM_GRACE * 2;
             match tokio::time::timeout(backstop, work(&link, depth, deadline)).await {
                 Ok(result) => result,
                 Err(_) => Err(QueueError::Unavailable(format!(
@@ -311,7 +313,17 @@ impl DeadLetters for RabbitDeadLetters {
             // Every confirm is awaited, a refusal or two included, so that
             // what is in the order queue leaves the dead-letter queue.
             for (message, confirm) in taken.iter().zip(confirms) {
-                match confirm.await {
+                let confirmed =
+                    match tokio::time::timeout_at(deadline + CONFIRM_GRACE, confirm).await {
+                        Ok(confirmed) => confirmed,
+                        Err(_) => {
+                            moved.interrupted.get_or_insert(format!(
+                                "no confirm from the order queue within {CONFIRM_GRACE:?} past the budget"
+                            ));
+                            break;
+                        }
+                    };
+                match confirmed {
                     Ok(Confirmation::Ack(None)) => {}
                     other => {
                         moved.interrupted.get_or_insert(format!(
