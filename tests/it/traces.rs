@@ -114,6 +114,7 @@ async fn reserve_traced(addr: std::net::SocketAddr, sku: &str, user: &str) -> Re
     });
     let metadata = request.metadata_mut();
     metadata.insert("x-user-id", user.parse().unwrap());
+    metadata.insert("idempotency-key", format!("key-{user}").parse().unwrap());
     metadata.insert(
         "traceparent",
         format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
@@ -140,8 +141,8 @@ fn logged_in_trace(line: &Value, trace_id: &str) -> bool {
 }
 
 /// One Reserve, traced by its caller: the API replica continues the
-/// caller's trace (server span, each layer's decision, the gate, the
-/// publish); the processor, another process reading the context from the
+/// caller's trace (server span, each layer's decision: rate limit, dedup,
+/// gate, queue; the gate's call and the publish with its confirm); the processor, another process reading the context from the
 /// AMQP headers, adds the order's span to that trace, linked to the batch
 /// commit, whose own trace links back to the order; both processes' JSON
 /// logs name the trace. With tracing off, nothing reaches the collector.
@@ -152,6 +153,13 @@ async fn a_reserve_is_one_trace_from_the_caller_through_the_queue_to_the_commit(
     config.metrics.listen = String::new();
     config.log.format = LogFormat::Json;
     config.telemetry.otlp_endpoint = format!("http://127.0.0.1:{}", receiver.port);
+    // Every layer on, so each has a decision to show.
+    config.layers.dedup.enabled = true;
+    let limits = &mut config.layers.rate_limit;
+    limits.enabled = true;
+    limits.per_user_burst = 10;
+    limits.global_per_sec = 1_000;
+    limits.global_burst = 1_000;
     let logs = tempfile::tempdir().unwrap();
     let env = [
         ("RUST_LOG", "stockgate=debug"),
@@ -213,11 +221,17 @@ async fn a_reserve_is_one_trace_from_the_caller_through_the_queue_to_the_commit(
             "{span:#} has no parent in the trace"
         );
     }
-    let gate = one(&ours, "gate");
-    assert_eq!(gate["attributes"]["decision"], "admitted", "{gate:#}");
+    for (layer, decision) in [
+        ("rate_limit", "admitted"),
+        ("dedup", "first"),
+        ("gate", "admitted"),
+        ("queue", "queued"),
+    ] {
+        let span = one(&ours, layer);
+        assert_eq!(span["attributes"]["decision"], decision, "{span:#}");
+    }
     one(&ours, "gate.reserve");
     let publish = one(&ours, "queue.publish");
-    assert_eq!(one(&ours, "queue")["attributes"]["decision"], "queued");
     // The processor's half, in the same trace: a child of the publish.
     let order = one(&ours, "processor.order");
     assert_eq!(order["service"], "stockgate-processor");
