@@ -168,15 +168,25 @@ fn actor<T>(request: &Request<T>, replica: &str) -> Result<String, ReservationEr
     ))
 }
 
-fn limit(value: u32) -> Result<i64, ReservationError> {
-    match value {
-        0 => Ok(50),
-        1..=1000 => Ok(i64::from(value)),
+/// A count a caller may leave at 0 for `default`, else 1 to `max`.
+fn count_within(
+    field: &'static str,
+    value: u32,
+    default: usize,
+    max: usize,
+) -> Result<usize, ReservationError> {
+    match value as usize {
+        0 => Ok(default),
+        n if n <= max => Ok(n),
         _ => Err(ReservationError::invalid(
-            "limit",
-            format!("must be between 0 and 1000, got {value}"),
+            field,
+            format!("must be between 0 and {max}, got {value}"),
         )),
     }
+}
+
+fn limit(value: u32) -> Result<i64, ReservationError> {
+    count_within("limit", value, 50, 1000).map(|n| n as i64)
 }
 
 /// Longest key a dead-letter selection may name (reservation ids and body
@@ -193,14 +203,9 @@ fn selection(body: Option<&pb::DeadLetterSelection>) -> Result<Selection, Reserv
             "selection",
             "`keys` or `all`, not both",
         )),
-        (true, true) => match body.limit {
-            0 => Ok(Selection::First(100)),
-            n if n as usize <= MAX_MOVE => Ok(Selection::First(n as usize)),
-            n => Err(ReservationError::invalid(
-                "selection.limit",
-                format!("must be between 0 and {MAX_MOVE}, got {n}"),
-            )),
-        },
+        (true, true) => {
+            count_within("selection.limit", body.limit, 100, MAX_MOVE).map(Selection::First)
+        }
         (false, false) => {
             if body.limit != 0 {
                 return Err(ReservationError::invalid(
@@ -252,22 +257,24 @@ fn reason(text: &str, required: bool) -> Result<&str, ReservationError> {
 }
 
 fn dead_letter(letter: DeadLetter) -> pb::DeadLetter {
-    let order = letter.order.map(|queued| queued.order);
+    let (reservation_id, sku, user_id, quantity) = match letter.order {
+        Some(queued) => {
+            let order = queued.order;
+            (
+                order.id.as_str().to_owned(),
+                order.sku.as_str().to_owned(),
+                order.user.as_str().to_owned(),
+                order.quantity,
+            )
+        }
+        None => Default::default(),
+    };
     pb::DeadLetter {
         key: letter.key,
-        reservation_id: order
-            .as_ref()
-            .map(|o| o.id.as_str().to_owned())
-            .unwrap_or_default(),
-        sku: order
-            .as_ref()
-            .map(|o| o.sku.as_str().to_owned())
-            .unwrap_or_default(),
-        user_id: order
-            .as_ref()
-            .map(|o| o.user.as_str().to_owned())
-            .unwrap_or_default(),
-        quantity: order.as_ref().map_or(0, |o| o.quantity),
+        reservation_id,
+        sku,
+        user_id,
+        quantity,
         error: letter.error,
         dead_lettered_at: letter.dead_lettered_at.map(timestamp),
         message_bytes: letter.body_bytes as u64,
@@ -543,12 +550,7 @@ pub fn layers_change(body: &pb::SetLayersRequest) -> Result<LayersChange, Reserv
             Some(settings)
         }
     };
-    if body.reason.chars().count() > MAX_REASON {
-        return Err(ReservationError::invalid(
-            "reason",
-            format!("at most {MAX_REASON} characters"),
-        ));
-    }
+    reason(&body.reason, false)?;
     Ok(LayersChange {
         rate_limit: body.rate_limit,
         rate_limit_shadow: body.rate_limit_shadow,
@@ -785,17 +787,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let limit = match request.get_ref().limit {
-            0 => 20,
-            n if n as usize <= MAX_LIST => n as usize,
-            n => {
-                return Err(ReservationError::invalid(
-                    "limit",
-                    format!("must be between 0 and {MAX_LIST}, got {n}"),
-                )
-                .into())
-            }
-        };
+        let limit = count_within("limit", request.get_ref().limit, 20, MAX_LIST)?;
         let (letters, depth) = self
             .dead_letters()?
             .list(limit)

@@ -422,6 +422,18 @@ macro_rules! commit_queries {
             }
         }
 
+        /// The rows of `ids` that record an order the processor gave up
+        /// on: REJECTED, the reason starting with [`GIVEN_UP_REASON`].
+        #[diesel::dsl::auto_type(no_type_alias)]
+        fn given_up_rows<'a>(ids: &'a [&'a str]) -> _ {
+            let pattern: String = format!("{GIVEN_UP_REASON}:%");
+            let rejected: &'static str = ReservationState::Rejected.as_db();
+            reservations::table
+                .filter(reservations::reservation_id.eq_any(ids))
+                .filter(reservations::state.eq(rejected))
+                .filter(reservations::reject_reason.like(pattern))
+        }
+
         /// Deletes the rows of `ids` that record an order the processor
         /// gave up on, so that the commit after it, in the same
         /// transaction, decides those orders again (an operator's redrive
@@ -430,15 +442,10 @@ macro_rules! commit_queries {
             if ids.is_empty() {
                 return Ok(());
             }
-            diesel::delete(
-                reservations::table
-                    .filter(reservations::reservation_id.eq_any(ids))
-                    .filter(reservations::state.eq(ReservationState::Rejected.as_db()))
-                    .filter(reservations::reject_reason.like(format!("{GIVEN_UP_REASON}:%"))),
-            )
-            .execute(conn)
-            .await
-            .map(|_| ())
+            diesel::delete(given_up_rows(ids))
+                .execute(conn)
+                .await
+                .map(|_| ())
         }
 
         /// Marks the given-up rows of `ids` as purged by an operator: the
@@ -452,22 +459,17 @@ macro_rules! commit_queries {
             if ids.is_empty() {
                 return Ok(0);
             }
-            diesel::update(
-                reservations::table
-                    .filter(reservations::reservation_id.eq_any(ids))
-                    .filter(reservations::state.eq(ReservationState::Rejected.as_db()))
-                    .filter(reservations::reject_reason.like(format!("{GIVEN_UP_REASON}:%"))),
-            )
-            .set((
-                reservations::reject_reason.eq(diesel::dsl::sql::<
-                    diesel::sql_types::Nullable<diesel::sql_types::Text>,
-                >(&format!(
-                    "'{PURGED_PREFIX}' || reject_reason"
-                ))),
-                reservations::updated_at.eq(now),
-            ))
-            .execute(conn)
-            .await
+            diesel::update(given_up_rows(ids))
+                .set((
+                    reservations::reject_reason.eq(diesel::dsl::sql::<
+                        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+                    >(&format!(
+                        "'{PURGED_PREFIX}' || reject_reason"
+                    ))),
+                    reservations::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .await
         }
 
         pub(super) async fn commit_batch(
