@@ -17,6 +17,7 @@ mod group_commit;
 mod harness;
 mod health;
 mod hostile;
+mod image;
 mod middleware;
 mod mtls;
 mod ops;
