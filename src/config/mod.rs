@@ -322,6 +322,7 @@ impl Config {
             ));
         }
         self.dedup_backend()?;
+        self.rate_limit_backend()?;
         if self.layers.queue.batch_size == 0 {
             return Err(invalid("layers.queue.batch_size", "must be above 0"));
         }
@@ -456,6 +457,17 @@ impl Config {
         server_url(
             "backends.dedup",
             &Backend::Dedup.url(&self.backends)?,
+            REDIS_SCHEMES,
+            "a redis:// or rediss://",
+        )
+    }
+
+    /// Where the fleet-wide rate limits live: `None` for none (each
+    /// replica limits on its own), `Some(url)` for Redis.
+    pub fn rate_limit_backend(&self) -> Result<Option<String>, ConfigError> {
+        server_url(
+            "backends.rate_limit",
+            &Backend::RateLimit.url(&self.backends)?,
             REDIS_SCHEMES,
             "a redis:// or rediss://",
         )

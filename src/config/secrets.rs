@@ -19,14 +19,16 @@ pub enum Backend {
     Gate,
     Dedup,
     Queue,
+    RateLimit,
 }
 
 impl Backend {
-    pub const ALL: [Backend; 4] = [
+    pub const ALL: [Backend; 5] = [
         Backend::Store,
         Backend::Gate,
         Backend::Dedup,
         Backend::Queue,
+        Backend::RateLimit,
     ];
 
     /// The URL key, the URL's file key and the password's file key, each
@@ -60,6 +62,14 @@ impl Backend {
                 (
                     "backends.queue_password_file",
                     &backends.queue_password_file,
+                ),
+            ],
+            Backend::RateLimit => [
+                ("backends.rate_limit", &backends.rate_limit),
+                ("backends.rate_limit_file", &backends.rate_limit_file),
+                (
+                    "backends.rate_limit_password_file",
+                    &backends.rate_limit_password_file,
                 ),
             ],
         }

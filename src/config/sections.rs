@@ -247,6 +247,11 @@ pub struct BackendsConfig {
     /// (a durable RabbitMQ quorum queue shared by every replica; needs the
     /// PostgreSQL store).
     pub queue: String,
+    /// `embedded` (each replica limits on its own) or a `redis://` URL: the
+    /// rate limits then hold across every replica sharing it (one GCRA
+    /// script per call that passes the replica's own limits; keys
+    /// `<redis.key_prefix>:rl:…`).
+    pub rate_limit: String,
     /// Files holding a backend's whole URL (a mounted Secret), read at
     /// start-up; each wins over the URL key of the same name. Restart to
     /// change.
@@ -254,6 +259,7 @@ pub struct BackendsConfig {
     pub gate_file: String,
     pub dedup_file: String,
     pub queue_file: String,
+    pub rate_limit_file: String,
     /// Files holding a backend's password (a mounted Secret), put into its
     /// URL in place of any password there; surrounding whitespace is
     /// ignored. Re-read on SIGHUP: new connections use the new password,
@@ -263,6 +269,7 @@ pub struct BackendsConfig {
     pub gate_password_file: String,
     pub dedup_password_file: String,
     pub queue_password_file: String,
+    pub rate_limit_password_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -607,14 +614,17 @@ impl Default for BackendsConfig {
             gate: EMBEDDED.into(),
             queue: EMBEDDED.into(),
             dedup: EMBEDDED.into(),
+            rate_limit: EMBEDDED.into(),
             store_file: String::new(),
             gate_file: String::new(),
             dedup_file: String::new(),
             queue_file: String::new(),
+            rate_limit_file: String::new(),
             store_password_file: String::new(),
             gate_password_file: String::new(),
             dedup_password_file: String::new(),
             queue_password_file: String::new(),
+            rate_limit_password_file: String::new(),
         }
     }
 }

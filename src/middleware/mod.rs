@@ -68,5 +68,7 @@ pub use dedup::{
     RedisDedup, StoredAnswer, DEDUP_PATH,
 };
 pub use identity::{certificate_identities, CallerIdentity, IdentityLayer};
-pub use rate_limit::{RateLimitLayer, RateLimitStats, RateLimits, Verdict};
+pub use rate_limit::{
+    FleetLimits, FleetOver, RateLimitLayer, RateLimitStats, RateLimits, RedisFleetLimits, Verdict,
+};
 pub use shed::{InFlight, LoadShedLayer, LoadShedStats};

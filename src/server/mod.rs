@@ -39,8 +39,8 @@ use crate::{
     metrics::GrpcMetricsLayer,
     middleware::{
         callers::CallerShares, BodyDeadlineLayer, DeadlineLayer, DedupLayer, DedupStore,
-        DedupTimes, IdentityLayer, InFlight, LoadShedLayer, MemoryDedup, RateLimitLayer,
-        RateLimits,
+        DedupTimes, FleetLimits, IdentityLayer, InFlight, LoadShedLayer, MemoryDedup,
+        RateLimitLayer, RateLimits, RedisFleetLimits,
     },
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -236,6 +236,23 @@ pub async fn run_with(
         caller_shares.clone(),
         DefaultClock::default(),
     ));
+    let fleet_limits: Option<Arc<dyn FleetLimits>> = match config.rate_limit_backend()? {
+        None => None,
+        Some(url) => {
+            tracing::info!(rate_limit = %redact_url(&url), "rate limits: shared by the fleet in redis");
+            let url =
+                LiveUrl::new(&url, passwords.watch(Backend::RateLimit)).with_tls(redis_tls()?);
+            warn_if_plaintext_with_tls(&url, "backends.rate_limit");
+            Some(Arc::new(
+                RedisFleetLimits::new(
+                    url,
+                    &config.redis.key_prefix,
+                    Duration::from_millis(config.redis.response_timeout_ms),
+                )
+                .map_err(anyhow::Error::msg)?,
+            ))
+        }
+    };
     let (dedup_store, memory_dedup): (Arc<dyn DedupStore>, _) = match config.dedup_backend()? {
         None => {
             let memory = Arc::new(MemoryDedup::new(config.layers.dedup.memory_max_bytes));
@@ -488,6 +505,7 @@ pub async fn run_with(
         // costs a header lookup and a counter per call.
         .layer(RateLimitLayer::new(
             rate_limits,
+            fleet_limits,
             switches.clone(),
             &config.layers.rate_limit.methods,
         ))

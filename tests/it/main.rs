@@ -12,6 +12,7 @@ mod conformance;
 mod connections;
 mod dead_letters;
 mod faults;
+mod fleet_limits;
 mod floods;
 mod group_commit;
 mod harness;

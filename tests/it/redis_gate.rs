@@ -372,22 +372,25 @@ async fn middleware_bench_runs_and_refuses_nothing() {
     let results = stockgate_tools::bench::middleware::run(options.clone())
         .await
         .unwrap();
-    // Seven rows on the sold-out path, then the same seven with stock.
-    assert_eq!(results.len(), 14);
+    // Eight rows on the sold-out path, then the same eight with stock.
+    assert_eq!(results.len(), 16);
     assert_eq!(results[0].name, "middleware off");
-    assert_eq!(results[7].name, "middleware off");
+    assert_eq!(results[8].name, "middleware off");
     for m in &results {
         assert_eq!(m.failures, 0, "{m:?}");
         assert!(m.cpu.expect("cpu per call").process_us > 0.0, "{m:?}");
     }
     // Dedup's store in Redis shows as Redis time on the sold-out path.
     // Only a floor: tests running beside this one share the Redis server.
-    let dedup_in_redis = results[..7]
-        .iter()
-        .find(|m| m.name == "dedup only (Redis)")
-        .and_then(|m| m.cpu)
-        .unwrap();
-    assert!(dedup_in_redis.redis_us > 0.0, "{results:?}");
+    // So do the fleet's rate limits.
+    for row in ["dedup only (Redis)", "rate limit, fleet-wide"] {
+        let in_redis = results[..8]
+            .iter()
+            .find(|m| m.name == row)
+            .and_then(|m| m.cpu)
+            .unwrap();
+        assert!(in_redis.redis_us > 0.0, "{row}: {results:?}");
+    }
     let table = stockgate_tools::bench::middleware::render(&results, &options);
     assert!(table.contains("Reserve (sold out) with"), "{table}");
     assert!(table.contains("Reserve (stock) with"), "{table}");

@@ -6,8 +6,9 @@
 //! so the layers are most of the work: the worst case for them). Four
 //! servers run in this process over the same backends: load shedding off
 //! and on, each with dedup's store in Redis (the shared profile) and
-//! in-process (the embedded profile's); shedding and the store are
-//! start-up config. Rate limiting and dedup are switched per row through
+//! in-process (the embedded profile's), and one whose rate limits are
+//! shared by the fleet in Redis (`backends.rate_limit`); shedding and the
+//! stores are start-up config. Rate limiting and dedup are switched per row through
 //! AdminService, as SREs do. Limits are set so that nothing is
 //! refused, and every call carries its own idempotency key, so dedup keeps
 //! an answer for every one.
@@ -22,24 +23,33 @@ use stockgate::pb::{
     admin_service_client::AdminServiceClient, ReserveOutcome, SetLayersRequest, SetStockRequest,
 };
 
-/// The servers of the run: shedding and the dedup store are start-up
-/// config, so each combination measured is a server of its own.
-const SERVERS: [Server; 4] = [
+/// The servers of the run: shedding and the stores are start-up config,
+/// so each combination measured is a server of its own.
+const SERVERS: [Server; 5] = [
     Server {
         shedding: false,
         dedup_in_redis: true,
+        fleet_limits: false,
     },
     Server {
         shedding: true,
         dedup_in_redis: true,
+        fleet_limits: false,
     },
     Server {
         shedding: false,
         dedup_in_redis: false,
+        fleet_limits: false,
     },
     Server {
         shedding: true,
         dedup_in_redis: false,
+        fleet_limits: false,
+    },
+    Server {
+        shedding: false,
+        dedup_in_redis: true,
+        fleet_limits: true,
     },
 ];
 
@@ -47,13 +57,16 @@ const SERVERS: [Server; 4] = [
 struct Server {
     shedding: bool,
     dedup_in_redis: bool,
+    fleet_limits: bool,
 }
 
 /// (row, index into SERVERS, rate limit, dedup)
-const ROWS: [(&str, usize, bool, bool); 7] = [
+const ROWS: [(&str, usize, bool, bool); 8] = [
     ("middleware off", 0, false, false),
     ("load shedding only", 1, false, false),
     ("rate limit only", 0, true, false),
+    // Every call also spends from the budgets in Redis.
+    ("rate limit, fleet-wide", 4, true, false),
     ("dedup only (Redis)", 0, false, true),
     // The layer's own cost, apart from its store's round trips.
     ("dedup only (in-process)", 2, false, true),
@@ -74,6 +87,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
         )?;
         if kind.dedup_in_redis {
             config.backends.dedup = options.redis_url.clone();
+        }
+        if kind.fleet_limits {
+            config.backends.rate_limit = options.redis_url.clone();
         }
         // The middleware is measured; the queue stays in-process.
         config.backends.queue = stockgate::config::EMBEDDED.into();

@@ -16,6 +16,17 @@
 //! budget starts over (the global budget stays). A flood of unique ids thus
 //! costs at most the bound's memory, and all it can win is a fresh budget
 //! for everyone, which the global budget still caps.
+//!
+//! With `backends.rate_limit` set, the per-user and global budgets hold
+//! across the fleet ([`fleet`]): a call this replica's own budgets admit is
+//! then spent from the shared ones too, and refused if they are spent.
+//! When the shared budgets cannot be reached the replica's own decide
+//! (the limit protects capacity, it is not what keeps stock correct), and
+//! the call is counted as `fleet_unavailable`.
+
+mod fleet;
+
+pub use fleet::{FleetLimits, FleetOver, RedisFleetLimits};
 
 use std::{
     num::NonZeroU32,
@@ -47,6 +58,14 @@ use crate::{
     domain::switches::{RateSettings, Switches},
     error::ReservationError,
 };
+
+/// A budget that had no room for a call, before shadow mode applies.
+struct Over {
+    scope: &'static str,
+    retry_after: Duration,
+    /// The calling service, when its share was the budget spent.
+    caller: Option<Arc<str>>,
+}
 
 /// A limiter's decision for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,23 +204,43 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// calling service's share of the global one (so one service cannot),
     /// then the global one.
     pub fn check(&self, user: &str, caller: Option<&CallerIdentity>) -> Verdict {
+        let over = self.local(user, caller);
+        self.settle(over)
+    }
+
+    /// The rates in force, for the fleet's budgets.
+    pub fn rates(&self) -> RateSettings {
+        self.budgets.load().settings
+    }
+
+    /// This replica's budgets' decision, not yet counted: `None` when
+    /// every budget had room.
+    fn local(&self, user: &str, caller: Option<&CallerIdentity>) -> Option<Over> {
         self.keep_bound();
         let budgets = self.budgets.load();
         // The wait is measured from after the decision, so it never comes
         // out longer than the period itself.
         let wait =
             |not_until: governor::NotUntil<C::Instant>| not_until.wait_time_from(self.clock.now());
-        let mut over_share = None;
-        let over = if let Err(not_until) = budgets.per_user.check_key(&user.to_owned()) {
-            Some(("user", wait(not_until)))
+        let over = |scope, not_until, caller| Over {
+            scope,
+            retry_after: wait(not_until),
+            caller,
+        };
+        if let Err(not_until) = budgets.per_user.check_key(&user.to_owned()) {
+            Some(over("user", not_until, None))
         } else if let Some((not_until, caller)) = self.over_share(&budgets, caller) {
-            over_share = Some(caller);
-            Some(("caller", wait(not_until)))
+            Some(over("caller", not_until, Some(caller)))
         } else if let Err(not_until) = budgets.global.check() {
-            Some(("global", wait(not_until)))
+            Some(over("global", not_until, None))
         } else {
             None
-        };
+        }
+    }
+
+    /// Counts a decision (`None`: every budget had room) and gives the
+    /// verdict, shadow mode applied.
+    fn settle(&self, over: Option<Over>) -> Verdict {
         match over {
             None => {
                 self.admitted.fetch_add(1, Ordering::Relaxed);
@@ -213,15 +252,38 @@ impl<C: Clock + Clone> RateLimits<C> {
                 crate::metrics::decision("rate_limit", "shadow_refused");
                 Verdict::Admit
             }
-            Some((scope, retry_after)) => {
+            Some(Over {
+                scope,
+                retry_after,
+                caller,
+            }) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::decision("rate_limit", "refused");
-                if let Some(caller) = over_share {
+                if let Some(caller) = caller {
                     crate::metrics::caller_refused("rate_limit", &caller);
                 }
                 Verdict::Refuse { scope, retry_after }
             }
         }
+    }
+
+    /// Decides a call this replica's budgets admitted, from the fleet's
+    /// answer; the replica's decision stands when the fleet's budgets
+    /// could not be reached.
+    async fn check_fleet(&self, fleet: &dyn FleetLimits, user: &str) -> Verdict {
+        let over = match fleet.spend(user, self.rates()).await {
+            Ok(over) => over.map(|FleetOver { scope, retry_after }| Over {
+                scope,
+                retry_after,
+                caller: None,
+            }),
+            Err(error) => {
+                crate::metrics::decision("rate_limit", "fleet_unavailable");
+                tracing::debug!(%error, "fleet rate limits unreachable; this replica's decide");
+                None
+            }
+        };
+        self.settle(over)
     }
 
     /// `Some` (with the service's name) when `caller`'s share applies
@@ -300,11 +362,19 @@ pub struct RateLimitLayer {
     switches: Switches,
     /// The request paths the limits count.
     paths: Arc<[String]>,
+    /// The fleet's budgets (`backends.rate_limit`), if shared.
+    fleet: Option<Arc<dyn FleetLimits>>,
 }
 
 impl RateLimitLayer {
-    /// Counts calls of `methods` (InventoryService method names).
-    pub fn new(limits: Arc<RateLimits>, switches: Switches, methods: &[String]) -> Self {
+    /// Counts calls of `methods` (InventoryService method names) against
+    /// `limits`, and then against `fleet` when the fleet shares budgets.
+    pub fn new(
+        limits: Arc<RateLimits>,
+        fleet: Option<Arc<dyn FleetLimits>>,
+        switches: Switches,
+        methods: &[String],
+    ) -> Self {
         let paths = methods
             .iter()
             .map(|method| format!("{}{method}", super::CALLER_PREFIX))
@@ -313,6 +383,7 @@ impl RateLimitLayer {
             limits,
             switches,
             paths,
+            fleet,
         }
     }
 }
@@ -334,16 +405,32 @@ pub struct RateLimit<S> {
     layer: RateLimitLayer,
 }
 
+/// What the layer does with a call, before any round trip.
+enum Step {
+    Pass,
+    Refuse(ReservationError),
+    /// Admitted here; the fleet's budgets decide (for this user).
+    AskFleet(Arc<dyn FleetLimits>, crate::domain::UserId),
+}
+
+fn refusal(verdict: Verdict) -> Option<ReservationError> {
+    match verdict {
+        Verdict::Admit => None,
+        Verdict::Refuse { scope, retry_after } => {
+            Some(ReservationError::RateLimited { scope, retry_after })
+        }
+    }
+}
+
 impl<S> RateLimit<S> {
-    /// `None`: let the call through; `Some`: the refusal to answer with.
-    fn refusal<B>(&self, request: &http::Request<B>) -> Option<ReservationError> {
+    fn step<B>(&self, request: &http::Request<B>) -> Step {
         let layer = &self.layer;
         if !layer.switches.load().rate_limit {
-            return None;
+            return Step::Pass;
         }
         let path = request.uri().path();
         if !layer.paths.iter().any(|counted| counted == path) {
-            return None;
+            return Step::Pass;
         }
         // The handler's own check, so no state is kept for an id it would
         // refuse, and the refusal is the one the handler gives.
@@ -351,17 +438,19 @@ impl<S> RateLimit<S> {
             Ok(user) => user,
             Err(refusal) => {
                 crate::metrics::decision("rate_limit", "invalid_user");
-                return Some(refusal);
+                return Step::Refuse(refusal);
             }
         };
-        match layer
-            .limits
-            .check(user.as_str(), request.extensions().get::<CallerIdentity>())
-        {
-            Verdict::Admit => None,
-            Verdict::Refuse { scope, retry_after } => {
-                Some(ReservationError::RateLimited { scope, retry_after })
-            }
+        let limits = &layer.limits;
+        let over = limits.local(user.as_str(), request.extensions().get::<CallerIdentity>());
+        match (&layer.fleet, over) {
+            // Over here is over for the fleet too; in shadow mode it is
+            // counted here and not asked again.
+            (Some(fleet), None) => Step::AskFleet(Arc::clone(fleet), user),
+            (_, over) => match refusal(limits.settle(over)) {
+                Some(refused) => Step::Refuse(refused),
+                None => Step::Pass,
+            },
         }
     }
 }
@@ -386,14 +475,30 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        if let Some(refusal) = self.refusal(&request) {
-            let status = tonic::Status::from(refusal);
+        let step = self.step(&request);
+        if let Step::Refuse(refused) = step {
+            let status = tonic::Status::from(refused);
             return Box::pin(async move { Ok(super::refuse_after_reading(request, status).await) });
         }
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(request))
+        match step {
+            Step::AskFleet(fleet, user) => {
+                let limits = Arc::clone(&self.layer.limits);
+                Box::pin(async move {
+                    let verdict = limits.check_fleet(fleet.as_ref(), user.as_str()).await;
+                    match refusal(verdict) {
+                        Some(refused) => {
+                            let status = tonic::Status::from(refused);
+                            Ok(super::refuse_after_reading(request, status).await)
+                        }
+                        None => inner.call(request).await,
+                    }
+                })
+            }
+            _ => Box::pin(inner.call(request)),
+        }
     }
 }
 
