@@ -975,3 +975,21 @@ impl Drop for BinaryServer {
         self.kill();
     }
 }
+
+/// Whether each consumer of `queue` is the active one, from the broker.
+pub fn list_consumers(queue: &str) -> Vec<bool> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_consumers", "-q", "queue_name", "active"])
+        .output()
+        .expect("rabbitmqctl on this machine");
+    assert!(out.status.success(), "{out:?}");
+    let mut active: Vec<bool> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            (cols.next() == Some(queue)).then(|| cols.next() == Some("true"))
+        })
+        .collect();
+    active.sort();
+    active
+}

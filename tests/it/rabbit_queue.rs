@@ -16,8 +16,8 @@ use stockgate::{
 
 use crate::{
     harness::{
-        assert_invariants, config_for, confirm, error_reason, open_store, queue_depth, release,
-        reserve, storm, with_user, Profile, StormTally, TestApp,
+        assert_invariants, config_for, confirm, error_reason, list_consumers, open_store,
+        queue_depth, release, reserve, storm, with_user, Profile, StormTally, TestApp,
     },
     relay::Relay,
 };
@@ -172,24 +172,6 @@ async fn storm_users(app: &TestApp, sku: &str, from: usize, n: usize) -> Vec<(St
         granted.push((response.reservation.unwrap().reservation_id, 1));
     }
     granted
-}
-
-/// Whether each consumer of `queue` is the active one, from the broker.
-fn list_consumers(queue: &str) -> Vec<bool> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_consumers", "-q", "queue_name", "active"])
-        .output()
-        .expect("rabbitmqctl on this machine");
-    assert!(out.status.success(), "{out:?}");
-    let mut active: Vec<bool> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            (cols.next() == Some(queue)).then(|| cols.next() == Some("true"))
-        })
-        .collect();
-    active.sort();
-    active
 }
 
 /// The processor as a real process, killed with SIGKILL while it commits,
