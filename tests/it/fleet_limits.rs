@@ -6,7 +6,10 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use stockgate::{config::Config, pb::GetLayersRequest};
+use stockgate::{
+    config::Config,
+    pb::{GetLayersRequest, RateLimitSettings, SetLayersRequest},
+};
 use tonic::Code;
 
 use crate::harness::{redis_url, reserve, wipe_redis_prefix, Profile, TestApp};
@@ -212,4 +215,55 @@ async fn an_unreachable_fleet_limit_leaves_the_replicas_own() {
         start.elapsed()
     );
     app.stop().await;
+}
+
+/// Budgets spent under strict rates do not outlast a relaxation: once
+/// operators loosen the rates, a user refused under the old ones gets
+/// through within the new period, on any replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn relaxed_rates_apply_to_budgets_spent_under_the_old_ones() {
+    let replicas = three_replicas(|c| {
+        c.layers.rate_limit.per_user_period_ms = 60_000;
+        c.layers.rate_limit.per_user_burst = 1;
+    })
+    .await;
+    let call = |app: &TestApp| {
+        let mut client = app.inventory();
+        async move { reserve(&mut client, "FLEET", 1, "patient").await }
+    };
+    call(&replicas[0]).await.unwrap();
+    let refused = call(&replicas[1]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let relaxed = RateLimitSettings {
+        per_user_period_ms: 100,
+        per_user_burst: 1,
+        global_per_sec: replicas[0].config.layers.rate_limit.global_per_sec,
+        global_burst: replicas[0].config.layers.rate_limit.global_burst,
+    };
+    replicas[0]
+        .admin()
+        .set_layers(SetLayersRequest {
+            rate_limits: Some(relaxed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Every replica adopts the new rates within its switch poll.
+    for app in &replicas {
+        for _ in 0..100 {
+            let layers = app
+                .admin()
+                .get_layers(GetLayersRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if layers.layers.and_then(|l| l.rate_limits) == Some(relaxed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    call(&replicas[2]).await.unwrap();
+    stop(replicas).await;
 }

@@ -1,43 +1,57 @@
--- One call against the fleet-wide budgets, as GCRA cells: the user's and
--- the global one, both spent or neither. A cell holds its theoretical
--- arrival time (TAT) in microseconds of Redis's own clock, so replicas'
--- clocks never matter, and expires when its budget is full again.
+-- A batch of calls against the fleet-wide budgets, in order, as GCRA
+-- cells: for each call the user's cell and the global one, both spent or
+-- neither. A cell holds its theoretical arrival time (TAT) in microseconds
+-- of Redis's own clock since a fixed epoch (so replicas' clocks never
+-- matter and a double keeps sub-microsecond steps), and expires when its
+-- budget is full again. One script per batch: the clock, the global cell
+-- and the script call are paid once for all its calls.
 --
--- KEYS[1] the user's cell, KEYS[2] the global cell
+-- KEYS[1] the global cell, KEYS[2..] each call's user cell
 -- ARGV[1] the user's emission interval (us), ARGV[2] the user's burst,
 -- ARGV[3] the global emission interval (us), ARGV[4] the global burst
--- Returns {0, 0} admitted, {1, wait_us} over the user's budget,
--- {2, wait_us} over the global one.
+-- Returns per call two numbers: {0, 0} admitted, {1, wait_us} over the
+-- user's budget, {2, wait_us} over the global one.
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-
-local function tat_of(key, interval, burst)
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then
-    tat = now
-  end
-  local early = tat - now - interval * (burst - 1)
-  return tat, early
-end
+local now = (tonumber(time[1]) - 1700000000) * 1000000 + tonumber(time[2])
 
 local user_interval, user_burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local global_interval, global_burst = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-local user_tat, user_early = tat_of(KEYS[1], user_interval, user_burst)
-if user_early > 0 then
-  return {1, math.ceil(user_early)}
-end
-local global_tat, global_early = tat_of(KEYS[2], global_interval, global_burst)
-if global_early > 0 then
-  return {2, math.ceil(global_early)}
+-- A cell's TAT, never before now. (The cells' names carry the rates, so
+-- a cell is only ever read at the rates it was written with.)
+local function tat_of(value)
+  local tat = tonumber(value) or now
+  return math.max(tat, now)
 end
 
--- %d: tostring would round a 16-digit number to 14 significant digits.
-local function spend(key, tat, interval)
-  local next_tat = tat + interval
-  local lasts_ms = math.ceil((next_tat - now) / 1000)
-  redis.call('SET', key, string.format('%d', math.ceil(next_tat)), 'PX', math.max(lasts_ms, 1))
+local function lasts_ms(tat)
+  return math.max(math.ceil((tat - now) / 1000), 1)
 end
-spend(KEYS[1], user_tat, user_interval)
-spend(KEYS[2], global_tat, global_interval)
-return {0, 0}
+
+local global_tat = tat_of(redis.call('GET', KEYS[1]))
+local global_spent = false
+local out = {}
+for i = 2, #KEYS do
+  local user_tat = tat_of(redis.call('GET', KEYS[i]))
+  local user_early = user_tat - now - user_interval * (user_burst - 1)
+  local global_early = global_tat - now - global_interval * (global_burst - 1)
+  if user_early > 0 then
+    out[#out + 1] = 1
+    out[#out + 1] = math.ceil(user_early)
+  elseif global_early > 0 then
+    out[#out + 1] = 2
+    out[#out + 1] = math.ceil(global_early)
+  else
+    user_tat = user_tat + user_interval
+    global_tat = global_tat + global_interval
+    global_spent = true
+    -- %.17g: tostring keeps only 14 significant digits.
+    redis.call('SET', KEYS[i], string.format('%.17g', user_tat), 'PX', lasts_ms(user_tat))
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  end
+end
+if global_spent then
+  redis.call('SET', KEYS[1], string.format('%.17g', global_tat), 'PX', lasts_ms(global_tat))
+end
+return out

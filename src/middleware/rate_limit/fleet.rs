@@ -1,15 +1,24 @@
 //! The rate limits of the whole fleet: budgets shared by every replica
 //! (`backends.rate_limit`), so a user gets at most their limit however
 //! many replicas their calls reach. Each replica's own limits (same rates)
-//! stay in front as a filter that costs no round trip: a call one replica
-//! alone finds over budget is over the fleet's too.
+//! stay in front as a filter that costs no round trip: calls one replica
+//! alone sees over the rates are refused there. (A call the fleet refuses
+//! has spent the replica's budget too, so the filter errs towards refusing
+//! a little early, never towards letting more through.)
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use redis::{ErrorKind, ServerErrorKind, Value};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::{domain::switches::RateSettings, redis_batch::Batcher};
+use crate::domain::switches::RateSettings;
 
 /// A fleet budget's refusal: which one, and when the call would pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,22 +37,42 @@ pub trait FleetLimits: Send + Sync {
     async fn spend(&self, user: &str, rates: RateSettings) -> Result<Option<FleetOver>, String>;
 }
 
-/// The fleet's budgets in Redis: one GCRA script per call (`fleet.lua`),
-/// sent through the [`Batcher`], so under load a whole batch of calls
-/// costs Redis one read and one write.
+/// Most calls one script run decides: enough to amortise the round trip
+/// and the script call, small enough that one run never holds Redis long.
+const MAX_BATCH: usize = 256;
+/// Script runs on the wire at once, as for the [`crate::redis_batch`].
+const IN_FLIGHT: usize = 2;
+/// Calls waiting for a batch; a full queue makes callers wait (the load
+/// shedding layer bounds the calls that can be waiting at all).
+const QUEUED: usize = 8_192;
+/// After a failure the fleet is not asked for this long (one call then
+/// tries again), so an outage costs callers nothing but the replica's
+/// own decision, not a timeout each.
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+struct Job {
+    user: String,
+    rates: RateSettings,
+    reply: oneshot::Sender<Result<Option<FleetOver>, String>>,
+}
+
+/// The fleet's budgets in Redis: the calls waiting at a moment are decided
+/// together by one run of `fleet.lua` (one round trip, one script call,
+/// one read and write of the global cell for all of them), each still
+/// getting its own answer.
 pub struct RedisFleetLimits {
-    conn: redis::aio::ConnectionManager,
-    batch: Batcher,
-    script: redis::Script,
+    jobs: mpsc::Sender<Job>,
     origin: String,
-    prefix: String,
     /// Longest a call waits for the fleet's answer, reconnecting included.
     timeout: Duration,
+    /// Until when (ms since `started`) the fleet is not asked.
+    skip_until_ms: AtomicU64,
+    started: Instant,
 }
 
 impl RedisFleetLimits {
     /// Connects lazily, so the server starts while Redis is down; needs a
-    /// Tokio runtime (the batching task).
+    /// Tokio runtime (the batching task, which ends with this value).
     pub fn new(
         url: impl Into<crate::config::secrets::LiveUrl>,
         prefix: &str,
@@ -56,98 +85,207 @@ impl RedisFleetLimits {
         let origin = url.describe("backends.rate_limit");
         let conn = crate::redis_client::connect(&url, config)
             .map_err(|e| format!("{e} (Redis at {origin})"))?;
-        Ok(Self {
-            batch: Batcher::spawn(conn.clone()),
+        let (jobs, queue) = mpsc::channel(QUEUED);
+        let runner = Runner {
             conn,
             script: redis::Script::new(include_str!("fleet.lua")),
+            // One hash slot for every cell, as a script needs on a cluster;
+            // the tag comes before the user id, so no id can choose it.
+            prefix: format!("{prefix}:{{rl}}"),
+            origin: origin.clone(),
+        };
+        tokio::spawn(runner.run(queue));
+        Ok(Self {
+            jobs,
             origin,
-            prefix: prefix.to_owned(),
             timeout,
+            skip_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
         })
     }
 
-    fn command(&self, user: &str, rates: RateSettings) -> redis::Cmd {
-        let per_user_us = rates.per_user_period_ms.max(1).saturating_mul(1_000);
-        let global_us = 1_000_000.0 / f64::from(rates.global_per_sec.max(1));
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(2)
-            .arg(format!("{}:rl:u:{user}", self.prefix))
-            .arg(format!("{}:rl:global", self.prefix))
-            .arg(per_user_us)
-            .arg(rates.per_user_burst.max(1))
-            .arg(global_us)
-            .arg(rates.global_burst.max(1));
-        cmd
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
 #[async_trait]
 impl FleetLimits for RedisFleetLimits {
     async fn spend(&self, user: &str, rates: RateSettings) -> Result<Option<FleetOver>, String> {
-        // The connection's own timeouts apply per attempt, and it retries
-        // a lost connection several times: a call waits for one bound.
-        tokio::time::timeout(self.timeout, self.spend_once(user, rates))
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no answer within {:?} (Redis at {})",
-                    self.timeout, self.origin
-                ))
-            })
-    }
-}
-
-impl RedisFleetLimits {
-    async fn spend_once(
-        &self,
-        user: &str,
-        rates: RateSettings,
-    ) -> Result<Option<FleetOver>, String> {
-        // A pipeline's EVALSHA does not load the script: after a restart or
-        // a SCRIPT FLUSH, load it and send the call again (the script
-        // changed nothing when it was missing).
-        let mut reloads = 0;
-        let reply = loop {
-            match self.batch.query(self.command(user, rates)).await {
-                Err(err)
-                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-                        && reloads < 3 =>
-                {
-                    reloads += 1;
-                    let mut conn = self.conn.clone();
-                    self.script
-                        .load_async(&mut conn)
-                        .await
-                        .map_err(|e| format!("{e} (Redis at {})", self.origin))?;
-                }
-                other => break other.map_err(|e| format!("{e} (Redis at {})", self.origin))?,
-            }
+        let skip_until = self.skip_until_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        // Backing off: only the call that moves the mark on tries Redis.
+        if now < skip_until
+            || (skip_until > 0
+                && self
+                    .skip_until_ms
+                    .compare_exchange(
+                        skip_until,
+                        now + ms(BACK_OFF),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_err())
+        {
+            return Err(format!(
+                "backing off after a failure (Redis at {})",
+                self.origin
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            user: user.to_owned(),
+            rates,
+            reply,
         };
-        read_reply(&reply)
+        // The connection's own timeouts apply per attempt, and it retries a
+        // lost connection several times: a call waits for one bound.
+        let result = tokio::time::timeout(self.timeout, async {
+            self.jobs.send(job).await.map_err(|_| gone())?;
+            answer.await.map_err(|_| gone())?
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer within {:?} (Redis at {})",
+                self.timeout, self.origin
+            ))
+        });
+        match &result {
+            Ok(_) => self.skip_until_ms.store(0, Ordering::Relaxed),
+            Err(_) => self
+                .skip_until_ms
+                .store(self.now_ms() + ms(BACK_OFF), Ordering::Relaxed),
+        }
+        result
     }
 }
 
-fn read_reply(reply: &Value) -> Result<Option<FleetOver>, String> {
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn gone() -> String {
+    "the fleet rate limit task has stopped".into()
+}
+
+/// The task that owns the connection and sends the batches.
+struct Runner {
+    conn: redis::aio::ConnectionManager,
+    script: redis::Script,
+    /// `<redis.key_prefix>:{rl}`: one hash slot for every cell.
+    prefix: String,
+    origin: String,
+}
+
+impl Runner {
+    async fn run(self, mut queue: mpsc::Receiver<Job>) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+            // A caller that gave up (its timeout, a cancelled call) must
+            // not spend the budget when Redis comes back.
+            batch.retain(|job: &Job| !job.reply.is_closed());
+            let this = Arc::clone(&this);
+            tokio::spawn(async move {
+                this.send(batch).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn send(&self, batch: Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
+        // The rates in force when the batch leaves (a change of rates
+        // reaches every caller within a batch or two).
+        let rates = batch[batch.len() - 1].rates;
+        let per_user_us = rates.per_user_period_ms.max(1).saturating_mul(1_000);
+        let global_us = 1_000_000.0 / f64::from(rates.global_per_sec.max(1));
+        // The rates are part of the cells' names: new rates start every
+        // budget full, as they do on each replica, and a cell is never read
+        // at rates other than its own.
+        let mut invocation = self.script.prepare_invoke();
+        invocation.key(format!(
+            "{}:g:{}x{}",
+            self.prefix, rates.global_per_sec, rates.global_burst
+        ));
+        let user_prefix = format!(
+            "{}:u:{}x{}:",
+            self.prefix, rates.per_user_period_ms, rates.per_user_burst
+        );
+        for job in &batch {
+            invocation.key(format!("{user_prefix}{}", job.user));
+        }
+        invocation
+            .arg(per_user_us)
+            .arg(rates.per_user_burst.max(1))
+            .arg(global_us)
+            .arg(rates.global_burst.max(1));
+        let mut conn = self.conn.clone();
+        // invoke_async loads the script after NOSCRIPT (a restart, a SCRIPT
+        // FLUSH) and sends it again; the run that failed changed nothing.
+        let result = match invocation.invoke_async::<Value>(&mut conn).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                invocation.invoke_async::<Value>(&mut conn).await
+            }
+            other => other,
+        };
+        match result.map_err(|e| format!("{e} (Redis at {})", self.origin)) {
+            Ok(reply) => match read_reply(&reply, batch.len()) {
+                Ok(decisions) => {
+                    for (job, decision) in batch.into_iter().zip(decisions) {
+                        let _ = job.reply.send(Ok(decision));
+                    }
+                }
+                Err(why) => fail_all(batch, &why),
+            },
+            Err(why) => fail_all(batch, &why),
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Job>, why: &str) {
+    for job in batch {
+        let _ = job.reply.send(Err(why.to_owned()));
+    }
+}
+
+/// The script's answer: two numbers per call, in the batch's order.
+fn read_reply(reply: &Value, calls: usize) -> Result<Vec<Option<FleetOver>>, String> {
     let unexpected = || format!("unexpected rate limit reply {reply:?}");
     let Value::Array(parts) = reply else {
         return Err(unexpected());
     };
-    let number = |i: usize| match parts.get(i) {
-        Some(Value::Int(n)) => Ok(*n),
-        _ => Err(unexpected()),
-    };
-    let scope = match number(0)? {
-        0 => return Ok(None),
-        1 => "user",
-        2 => "global",
-        _ => return Err(unexpected()),
-    };
-    let wait_us = u64::try_from(number(1)?).unwrap_or(0);
-    Ok(Some(FleetOver {
-        scope,
-        retry_after: Duration::from_micros(wait_us),
-    }))
+    if parts.len() != calls * 2 {
+        return Err(unexpected());
+    }
+    parts
+        .chunks(2)
+        .map(|pair| {
+            let (Value::Int(code), Value::Int(wait_us)) = (&pair[0], &pair[1]) else {
+                return Err(unexpected());
+            };
+            let scope = match code {
+                0 => return Ok(None),
+                1 => "user",
+                2 => "global",
+                _ => return Err(unexpected()),
+            };
+            Ok(Some(FleetOver {
+                scope,
+                retry_after: Duration::from_micros(u64::try_from(*wait_us).unwrap_or(0)),
+            }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -156,17 +294,28 @@ mod tests {
 
     #[test]
     fn replies_read_as_decisions() {
-        let reply = |scope, wait| Value::Array(vec![Value::Int(scope), Value::Int(wait)]);
-        assert_eq!(read_reply(&reply(0, 0)), Ok(None));
+        let reply = Value::Array(
+            [0, 0, 1, 250_000, 2, 7]
+                .into_iter()
+                .map(Value::Int)
+                .collect(),
+        );
+        let decisions = read_reply(&reply, 3).unwrap();
+        assert_eq!(decisions[0], None);
         assert_eq!(
-            read_reply(&reply(1, 250_000)),
-            Ok(Some(FleetOver {
+            decisions[1],
+            Some(FleetOver {
                 scope: "user",
                 retry_after: Duration::from_millis(250)
-            }))
+            })
         );
-        assert_eq!(read_reply(&reply(2, 7)).unwrap().unwrap().scope, "global");
-        assert!(read_reply(&reply(3, 0)).is_err());
-        assert!(read_reply(&Value::Nil).is_err());
+        assert_eq!(decisions[2].unwrap().scope, "global");
+        assert!(
+            read_reply(&reply, 2).is_err(),
+            "a count that does not match"
+        );
+        let odd = Value::Array(vec![Value::Int(3), Value::Int(0)]);
+        assert!(read_reply(&odd, 1).is_err());
+        assert!(read_reply(&Value::Nil, 0).is_err());
     }
 }
