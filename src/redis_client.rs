@@ -54,6 +54,20 @@ pub(crate) fn client(url: &LiveUrl) -> RedisResult<Client> {
     }
 }
 
+/// A lazily connecting manager whose connects and replies each wait at
+/// most `timeout`, for the per-call layers (dedup, fleet rate limits);
+/// errors name `key`, the setting the URL came from.
+pub(crate) fn connect_timed(
+    url: &LiveUrl,
+    timeout: std::time::Duration,
+    key: &str,
+) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout));
+    connect(url, config).map_err(|e| format!("{e} (Redis at {})", url.describe(key)))
+}
+
 /// A lazily connecting manager with `config`, following the password
 /// file if `url` has one. (Pub/sub connections take no credentials
 /// stream: open each with a fresh [`client`].)

@@ -12,7 +12,10 @@ use stockgate::{
 };
 use tonic::Code;
 
-use crate::harness::{redis_url, reserve, wipe_redis_prefix, Profile, TestApp};
+use crate::{
+    harness::{redis_url, reserve, wipe_redis_prefix, Profile, TestApp},
+    middleware::rate_limit_stats,
+};
 
 /// Three replicas sharing the first one's database, Redis prefix and
 /// fleet-wide limits, with `rates` applied.
@@ -86,15 +89,7 @@ async fn hammer(
 async fn shadow_refused(replicas: &[TestApp]) -> u64 {
     let mut total = 0;
     for app in replicas {
-        total += app
-            .admin()
-            .get_layers(GetLayersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .rate_limit_stats
-            .unwrap()
-            .shadow_refused;
+        total += rate_limit_stats(app).await.shadow_refused;
     }
     total
 }

@@ -15,7 +15,7 @@ use crate::{
     ops::{scrape, sum},
 };
 
-async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
+pub async fn rate_limit_stats(app: &TestApp) -> RateLimitStats {
     app.admin()
         .get_layers(GetLayersRequest {})
         .await

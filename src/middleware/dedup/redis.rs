@@ -30,13 +30,9 @@ impl RedisDedup {
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout));
         let url = url.into();
         let origin = url.describe("backends.dedup");
-        let conn =
-            crate::redis_client::connect(&url, config).map_err(|e| redis_error(e, &origin))?;
+        let conn = crate::redis_client::connect_timed(&url, timeout, "backends.dedup")?;
         Ok(Self {
             origin,
             batch: Batcher::spawn(conn.clone()),

@@ -78,13 +78,9 @@ impl RedisFleetLimits {
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout));
         let url = url.into();
         let origin = url.describe("backends.rate_limit");
-        let conn = crate::redis_client::connect(&url, config)
-            .map_err(|e| format!("{e} (Redis at {origin})"))?;
+        let conn = crate::redis_client::connect_timed(&url, timeout, "backends.rate_limit")?;
         let (jobs, queue) = mpsc::channel(QUEUED);
         let runner = Runner {
             conn,
