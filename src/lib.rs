@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod batching;
 pub mod check;
 pub mod client;
 pub mod config;

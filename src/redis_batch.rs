@@ -1,30 +1,27 @@
 //! Auto-pipelining for the per-call Redis commands.
 //!
-//! On a loaded server every Reserve sends Redis a small command or two. Sent
-//! one by one, each costs a socket write and read on both sides and a
-//! wake-up per reply, and on a small machine those syscalls, not Redis's
-//! work, bound throughput. [`Batcher`] queues commands from every caller and
-//! sends whatever has gathered as one pipeline: one write and one read for
-//! the lot, each caller still getting its own reply. With no load a batch
-//! is a single command and costs one channel hop more than a direct call.
+//! On a loaded server every Reserve sends Redis a small command or two.
+//! [`Batcher`] queues them from every caller ([`crate::batching`]) and sends
+//! whatever has gathered as one pipeline: one write and one read for the
+//! lot, each caller still getting its own reply.
 //!
 //! A pipeline is not a transaction: each command stays atomic on its own,
 //! as if sent alone, so callers need no new reasoning.
 
-use std::sync::Arc;
-
 use redis::{aio::ConnectionManager, Cmd, RedisError, RedisResult, Value};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::batching::{self, Limits};
 
 /// Most commands in one pipeline: enough to amortise a round trip, small
-/// enough that one batch's reply never holds Redis for long.
-const MAX_BATCH: usize = 256;
-/// Batches on the wire at once. Two keep Redis busy while the previous
-/// batch's replies are handed out; more would only make batches smaller.
-const IN_FLIGHT: usize = 2;
-/// Commands waiting for a batch; a full queue makes callers wait (the load
-/// shedding layer bounds the calls that can be waiting at all).
-const QUEUED: usize = 8_192;
+/// enough that one batch's reply never holds Redis for long. Two batches on
+/// the wire keep Redis busy while the previous batch's replies are handed
+/// out; more would only make batches smaller.
+const LIMITS: Limits = Limits {
+    max_batch: 256,
+    in_flight: 2,
+    queued: 8_192,
+};
 
 struct Job {
     cmd: Cmd,
@@ -41,8 +38,10 @@ impl Batcher {
     /// Starts the task that owns the batching (it ends when the last handle
     /// is dropped). `conn` reconnects by itself after a loss.
     pub fn spawn(conn: ConnectionManager) -> Self {
-        let (jobs, queue) = mpsc::channel(QUEUED);
-        tokio::spawn(run(conn, queue));
+        let jobs = batching::spawn(LIMITS, move |batch| {
+            let mut conn = conn.clone();
+            async move { send(&mut conn, batch).await }
+        });
         Self { jobs }
     }
 
@@ -60,26 +59,6 @@ impl Batcher {
 
 fn gone() -> RedisError {
     RedisError::from(std::io::Error::other("the redis batching task has stopped"))
-}
-
-async fn run(conn: ConnectionManager, mut queue: mpsc::Receiver<Job>) {
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        // Waiting for a permit first lets commands gather while the
-        // batches already sent are out.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
-        }
-        let mut conn = conn.clone();
-        tokio::spawn(async move {
-            send(&mut conn, batch).await;
-            drop(permit);
-        });
-    }
 }
 
 async fn send(conn: &mut ConnectionManager, batch: Vec<Job>) {

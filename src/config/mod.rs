@@ -241,6 +241,11 @@ impl Config {
                         "publish_timeout_ms and reconnect_delay_ms must be above 0",
                     ));
                 }
+                let most = crate::queue::PUBLISH_BATCH_MAX;
+                if !(1..=most).contains(&rabbit.publish_batch_max) {
+                    let why = format!("must be 1 to {most}");
+                    return Err(invalid("rabbitmq.publish_batch_max", why));
+                }
                 if usize::from(rabbit.prefetch) < self.layers.queue.batch_size {
                     return Err(invalid(
                         "rabbitmq.prefetch",

@@ -9,13 +9,15 @@
 pub mod dead_letters;
 mod embedded;
 mod rabbit;
-mod tickets;
 
 pub use dead_letters::DeadLetters;
 pub use embedded::{EmbeddedQueue, EmbeddedSource};
+/// Most orders one RabbitMQ message can carry (`rabbitmq.publish_batch_max`).
+pub const PUBLISH_BATCH_MAX: usize = rabbit::PUBLISH_BATCH_MAX;
+
 pub use rabbit::{
-    decode, delete_topology, encode, salvage, QueueNames, RabbitDeadLetters, RabbitQueue,
-    RabbitSource,
+    decode, decode_message, delete_topology, encode, salvage, QueueNames, RabbitDeadLetters,
+    RabbitQueue, RabbitSource,
 };
 
 use std::time::Duration;

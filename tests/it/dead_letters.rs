@@ -24,7 +24,7 @@ use stockgate::{
 use tonic::{Code, Request};
 
 use crate::{
-    harness::{amqp_channel, open_store, queue_depth, reserve, Profile, TestApp},
+    harness::{amqp_channel, open_store, publish, queue_depth, reserve, Profile, TestApp},
     ops::{scrape, sum},
 };
 
@@ -141,23 +141,6 @@ async fn peek(names: &QueueNames) -> (Vec<u8>, BasicProperties) {
         .await
         .unwrap();
     (delivery.data, delivery.properties)
-}
-
-async fn publish(queue: &str, body: &[u8], properties: BasicProperties) {
-    let (_conn, channel) = amqp_channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            Default::default(),
-            body,
-            properties,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 async fn audit_of(app: &TestApp, action: &str) -> Vec<stockgate::pb::AuditEvent> {

@@ -55,6 +55,25 @@ pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, channel)
 }
 
+/// Publishes `body` to `queue` as a producer we did not write would, and
+/// waits for the broker's confirm.
+pub async fn publish(queue: &str, body: &[u8], properties: lapin::BasicProperties) {
+    let (_conn, channel) = amqp_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 /// Messages ready in a queue, as the broker counts them.
 pub async fn queue_depth(queue: &str) -> u32 {
     let (_conn, channel) = amqp_channel().await;

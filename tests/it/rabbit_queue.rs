@@ -275,15 +275,61 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
     app.stop().await;
 }
 
-/// Publishes made at once share ticket statements, yet each order gets a
-/// ticket of its own and none is skipped: the line has no holes for
-/// positions to count.
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_publishes_each_get_their_own_ticket() {
-    let app = api_only().await;
+/// The queue's messages until they hold `orders` orders, and any that come
+/// within a moment after: each message's orders (decoded as the processor
+/// decodes them) and its version. Consumes them (a single-active-consumer
+/// quorum queue allows no `basic.get`).
+async fn drain_orders(
+    queue: &str,
+    orders: usize,
+) -> Vec<(u64, Vec<stockgate::queue::QueuedOrder>)> {
+    let (_conn, channel) = crate::harness::amqp_channel().await;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut messages = Vec::new();
+    let mut seen = 0;
+    loop {
+        let wait = if seen < orders { 10_000 } else { 300 };
+        let Ok(next) = tokio::time::timeout(Duration::from_millis(wait), consumer.next()).await
+        else {
+            assert!(seen >= orders, "{seen} of {orders} orders in the queue");
+            return messages;
+        };
+        let body = next.unwrap().unwrap().data;
+        let version: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let decoded: Vec<_> = stockgate::queue::decode_message(&body)
+            .into_iter()
+            .map(|order| order.expect("every order published reads back"))
+            .collect();
+        seen += decoded.len();
+        messages.push((version["v"].as_u64().unwrap(), decoded));
+    }
+}
+
+/// 600 publishes at once from 600 callers, with `publish_batch_max`; the
+/// tickets they were answered with, and the queue's messages.
+async fn publish_at_once(
+    app: &TestApp,
+    publish_batch_max: usize,
+) -> (
+    Vec<(ReservationId, u64)>,
+    Vec<(u64, Vec<stockgate::queue::QueuedOrder>)>,
+) {
+    let mut rabbit = app.config.rabbitmq.clone();
+    rabbit.publish_batch_max = publish_batch_max;
     let producer = std::sync::Arc::new(RabbitQueue::new(
         &app.config.backends.queue,
-        &app.config.rabbitmq,
+        &rabbit,
         open_store(&app.config),
     ));
     let calls: Vec<_> = (0..600)
@@ -298,19 +344,62 @@ async fn concurrent_publishes_each_get_their_own_ticket() {
                     idempotency_key: None,
                     created_at: stockgate::domain::now(),
                 };
-                producer.publish(order, false).await.unwrap()
+                let id = order.id.clone();
+                (id, producer.publish(order, false).await.unwrap())
             })
         })
         .collect();
-    let mut tickets = Vec::new();
+    let mut answered = Vec::new();
     for call in calls {
-        tickets.push(call.await.unwrap());
+        answered.push(call.await.unwrap());
     }
+    (answered, drain_orders(&producer.names().orders, 600).await)
+}
+
+/// Publishes made at once share ticket statements and messages, yet each
+/// order gets a ticket of its own, none is skipped (the line has no holes
+/// for positions to count), and each order is in the queue once, with the
+/// ticket its caller was told.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_publishes_each_get_their_own_ticket() {
+    let app = api_only().await;
+    let (answered, messages) = publish_at_once(&app, 64).await;
+    let mut tickets: Vec<u64> = answered.iter().map(|(_, t)| *t).collect();
     tickets.sort_unstable();
     tickets.dedup();
     assert_eq!(tickets.len(), 600, "a ticket was handed out twice");
     assert_eq!(tickets[599] - tickets[0], 599, "the line has holes");
-    assert_eq!(queue_depth(&producer.names().orders).await, 600);
+    let queued: std::collections::HashMap<String, u64> = messages
+        .iter()
+        .flat_map(|(_, orders)| orders)
+        .map(|q| (q.order.id.as_str().to_owned(), q.ticket))
+        .collect();
+    let told: std::collections::HashMap<String, u64> = answered
+        .iter()
+        .map(|(id, t)| (id.as_str().to_owned(), *t))
+        .collect();
+    assert_eq!(queued, told, "the queue holds each order once, as told");
+    // 600 callers at once share messages, none over the limit, and a
+    // message of several orders is a version 2 batch.
+    assert!(messages.len() < 600, "{} messages", messages.len());
+    for (version, orders) in &messages {
+        assert!(orders.len() <= 64, "{} orders in one message", orders.len());
+        assert_eq!(*version, if orders.len() == 1 { 1 } else { 2 });
+    }
+    app.stop().await;
+}
+
+/// `publish_batch_max = 1` publishes version 1 messages only, one order
+/// each, as a processor from before batching reads them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_limit_of_one_publishes_one_order_per_message() {
+    let app = api_only().await;
+    let (answered, messages) = publish_at_once(&app, 1).await;
+    assert_eq!(answered.len(), 600);
+    assert_eq!(messages.len(), 600);
+    assert!(messages
+        .iter()
+        .all(|(v, orders)| *v == 1 && orders.len() == 1));
     app.stop().await;
 }
 
@@ -513,7 +602,8 @@ async fn bench_queue_runs_and_reports_every_measurement() {
             "pgbench, update + insert, 1 client",
             "queue + processor, batch size 16",
             "queue + processor, batch size 16, 16 SKUs",
-            "queue + processor, batch size 1"
+            "queue + processor, batch size 1",
+            "queue + processor, batch size 16, 16 orders/message"
         ]
     );
     assert!(results.iter().all(|m| m.per_sec > 0.0), "{results:?}");
@@ -526,6 +616,44 @@ async fn bench_queue_runs_and_reports_every_measurement() {
         table.contains("statements per batch of 16 orders"),
         "{table}"
     );
+    db.drop_now().await;
+}
+
+/// `stockgate bench` through PostgreSQL and RabbitMQ (small N): the row
+/// publishing one order per message is there, and the CPU columns read
+/// the broker's and the database's processes where admitted orders went.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_through_rabbitmq_reads_the_brokers_and_the_databases_cpu() {
+    let db = crate::harness::TestDb::create().await;
+    let options = stockgate_tools::bench::BenchOptions {
+        // Enough work that the 10 ms ticks of /proc/<pid>/stat cannot miss
+        // the broker's share (about 40 µs per order).
+        requests: 2_000,
+        concurrency: 16,
+        connections: 2,
+        rounds: 1,
+        redis_url: crate::harness::redis_url(),
+        store: db.url.clone(),
+        queue: crate::harness::amqp_url(),
+        tracing: false,
+    };
+    let results = stockgate_tools::bench::run(options).await.unwrap();
+    let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names[2..],
+        [
+            "Reserve, sold out",
+            "Reserve, stock available",
+            "Reserve, stock, 1 order/message"
+        ]
+    );
+    for m in &results[1..] {
+        assert_eq!(m.failures, 0, "{m:?}");
+    }
+    for m in &results[3..] {
+        let cpu = m.cpu.expect("cpu per call");
+        assert!(cpu.rabbitmq_us > 0.0 && cpu.postgres_us > 0.0, "{m:?}");
+    }
     db.drop_now().await;
 }
 
@@ -660,20 +788,76 @@ async fn unreadable_message_is_rejected_with_its_units_returned() {
         "v": 99, "ticket": 1, "id": id.as_str(), "sku": "UNREAD", "user": "mallory",
         "quantity": 2, "gated": true, "created_at": 0, "something_new": [1, 2, 3]
     });
+    crate::harness::publish(
+        &app.config.rabbitmq.queue,
+        &serde_json::to_vec(&body).unwrap(),
+        Default::default(),
+    )
+    .await;
+    wait_given_up(&app.config, &gate, &id, "unknown message version 99", 5).await;
+    app.stop().await;
+}
+
+/// In a batch message, an order this processor cannot read is set aside on
+/// its own: it is dead-lettered as a message of its own, recorded REJECTED
+/// with its units back, and the batch's other orders are committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_unreadable_order_in_a_batch_leaves_the_others_committed() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    app.set_stock("MIXED", 5, 0).await;
+    let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
+    let (good, bad) = (ReservationId::generate(), ReservationId::generate());
+    for (id, user) in [(&good, "alice"), (&bad, "mallory")] {
+        let entry = GateEntry::new(
+            id.clone(),
+            Sku::parse("MIXED").unwrap(),
+            UserId::parse(user).unwrap(),
+            1,
+        );
+        assert!(matches!(
+            gate.reserve(&entry).await.unwrap(),
+            GateDecision::Reserved { .. }
+        ));
+    }
+    let order = |v: u32, id: &ReservationId, user: &str, ticket: u64| {
+        serde_json::json!({
+            "v": v, "ticket": ticket, "id": id.as_str(), "sku": "MIXED", "user": user,
+            "quantity": 1, "gated": true, "created_at": 1_700_000_000_000_000i64,
+            "idempotency_key": null
+        })
+    };
+    let body = serde_json::json!({
+        "v": 2,
+        "orders": [order(1, &good, "alice", 1), order(99, &bad, "mallory", 2)]
+    });
+    crate::harness::publish(
+        &app.config.rabbitmq.queue,
+        &serde_json::to_vec(&body).unwrap(),
+        Default::default(),
+    )
+    .await;
+    // One unit went back (the bad order's); the good order holds its own.
+    wait_given_up(&app.config, &gate, &bad, "unknown message version 99", 4).await;
+    let store = open_store(&app.config);
+    let row = store
+        .reservation(&good)
+        .await
+        .unwrap()
+        .expect("the good order's row");
+    assert_eq!(row.state, DomainState::Held);
+    // The dead letter is the bad order alone, as the batch carried it.
+    let names = QueueNames::new(&app.config.rabbitmq.queue);
     let (_conn, channel) = crate::harness::amqp_channel().await;
-    channel.confirm_select(Default::default()).await.unwrap();
-    channel
-        .basic_publish(
-            "".into(),
-            app.config.rabbitmq.queue.as_str().into(),
-            Default::default(),
-            &serde_json::to_vec(&body).unwrap(),
-            Default::default(),
+    let dead = channel
+        .basic_get(
+            names.dead_letters.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
         )
         .await
         .unwrap()
-        .await
-        .unwrap();
-    wait_given_up(&app.config, &gate, &id, "unknown message version 99", 5).await;
+        .expect("a dead letter");
+    let kept: serde_json::Value = serde_json::from_slice(&dead.delivery.data).unwrap();
+    assert_eq!(kept, order(99, &bad, "mallory", 2));
+    assert_eq!(app.stock("MIXED").await.db_stock, 4);
     app.stop().await;
 }

@@ -16,9 +16,12 @@ use std::{
 
 use async_trait::async_trait;
 use redis::{ErrorKind, ServerErrorKind, Value};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::switches::RateSettings;
+use crate::{
+    batching::{self, Limits},
+    domain::switches::RateSettings,
+};
 
 /// A fleet budget's refusal: which one, and when the call would pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,14 +40,14 @@ pub trait FleetLimits: Send + Sync {
     async fn spend(&self, user: &str, rates: RateSettings) -> Result<Option<FleetOver>, String>;
 }
 
-/// Most calls one script run decides: enough to amortise the round trip
-/// and the script call, small enough that one run never holds Redis long.
-const MAX_BATCH: usize = 256;
-/// Script runs on the wire at once, as for the [`crate::redis_batch`].
-const IN_FLIGHT: usize = 2;
-/// Calls waiting for a batch; a full queue makes callers wait (the load
-/// shedding layer bounds the calls that can be waiting at all).
-const QUEUED: usize = 8_192;
+/// At most 256 calls per script run: enough to amortise the round trip and
+/// the script call, small enough that one run never holds Redis long; two
+/// runs on the wire, as for [`crate::redis_batch`].
+const LIMITS: Limits = Limits {
+    max_batch: 256,
+    in_flight: 2,
+    queued: 8_192,
+};
 /// After a failure the fleet is not asked for this long (one call then
 /// tries again), so an outage costs callers nothing but the replica's
 /// own decision, not a timeout each.
@@ -81,16 +84,18 @@ impl RedisFleetLimits {
         let url = url.into();
         let origin = url.describe("backends.rate_limit");
         let conn = crate::redis_client::connect_timed(&url, timeout, "backends.rate_limit")?;
-        let (jobs, queue) = mpsc::channel(QUEUED);
-        let runner = Runner {
+        let runner = Arc::new(Runner {
             conn,
             script: redis::Script::new(include_str!("fleet.lua")),
             // One hash slot for every cell, as a script needs on a cluster;
             // the tag comes before the user id, so no id can choose it.
             prefix: format!("{prefix}:{{rl}}"),
             origin: origin.clone(),
-        };
-        tokio::spawn(runner.run(queue));
+        });
+        let jobs = batching::spawn(LIMITS, move |batch| {
+            let runner = Arc::clone(&runner);
+            async move { runner.send(batch).await }
+        });
         Ok(Self {
             jobs,
             origin,
@@ -175,29 +180,10 @@ struct Runner {
 }
 
 impl Runner {
-    async fn run(self, mut queue: mpsc::Receiver<Job>) {
-        let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return;
-            }
-            // A caller that gave up (its timeout, a cancelled call) must
-            // not spend the budget when Redis comes back.
-            batch.retain(|job: &Job| !job.reply.is_closed());
-            let this = Arc::clone(&this);
-            tokio::spawn(async move {
-                this.send(batch).await;
-                drop(permit);
-            });
-        }
-    }
-
-    async fn send(&self, batch: Vec<Job>) {
+    async fn send(&self, mut batch: Vec<Job>) {
+        // A caller that gave up (its timeout, a cancelled call) must not
+        // spend the budget when Redis comes back.
+        batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             return;
         }

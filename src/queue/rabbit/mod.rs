@@ -19,7 +19,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::Duration,
 };
@@ -34,14 +34,15 @@ use lapin::{
         QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
 };
 use serde::{Deserialize, Serialize};
-use tokio::{sync::Mutex, time::Instant};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::{tickets::Tickets, OrderQueue, QueueError, QueuedOrder};
+use self::publish::{Publish, Publisher};
+use super::{OrderQueue, QueueError, QueuedOrder};
 use crate::{
+    batching,
     config::secrets::LiveUrl,
     config::RabbitConfig,
     domain::{IdempotencyKey, ReservationId, Sku, UserId},
@@ -49,7 +50,10 @@ use crate::{
 };
 
 mod dead_letters;
+mod publish;
 mod source;
+
+pub(crate) use publish::MAX_BATCH as PUBLISH_BATCH_MAX;
 
 pub use dead_letters::RabbitDeadLetters;
 pub use source::RabbitSource;
@@ -93,30 +97,75 @@ struct WireOrder {
     /// Microseconds since the Unix epoch (UTC).
     created_at: i64,
     gated: bool,
+    /// The publishing call's W3C `traceparent`, inside a batch (a message
+    /// of one order carries it as a header). Older readers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 const WIRE_VERSION: u32 = 1;
 
-pub fn encode(queued: &QueuedOrder) -> Vec<u8> {
-    let order = &queued.order;
-    let wire = WireOrder {
-        v: WIRE_VERSION,
-        ticket: queued.ticket,
-        id: order.id.as_str().to_owned(),
-        sku: order.sku.as_str().to_owned(),
-        user: order.user.as_str().to_owned(),
-        quantity: order.quantity,
-        idempotency_key: order
-            .idempotency_key
-            .as_ref()
-            .map(|k| k.as_str().to_owned()),
-        created_at: order.created_at.and_utc().timestamp_micros(),
-        gated: queued.gated,
-    };
-    serde_json::to_vec(&wire).expect("an order always serialises")
+impl WireOrder {
+    fn new(order: &NewOrder, ticket: u64, gated: bool) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            ticket,
+            id: order.id.as_str().to_owned(),
+            sku: order.sku.as_str().to_owned(),
+            user: order.user.as_str().to_owned(),
+            quantity: order.quantity,
+            idempotency_key: order
+                .idempotency_key
+                .as_ref()
+                .map(|k| k.as_str().to_owned()),
+            created_at: order.created_at.and_utc().timestamp_micros(),
+            gated,
+            traceparent: None,
+        }
+    }
 }
 
-/// Decodes a message body; the error says why it cannot be processed.
+fn encode_wire(wire: &WireOrder) -> Vec<u8> {
+    serde_json::to_vec(wire).expect("an order always serialises")
+}
+
+/// One order as a version 1 message (also what the dead-letter queue keeps).
+pub fn encode(queued: &QueuedOrder) -> Vec<u8> {
+    encode_wire(&WireOrder::new(&queued.order, queued.ticket, queued.gated))
+}
+
+/// What a message's first fields say it is.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    v: u32,
+    #[serde(borrow, default)]
+    orders: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+/// The orders a message carries: one (version 1) or a batch (version 2),
+/// each read on its own, so one bad order does not take the others with
+/// it. An order that cannot be read comes with its own bytes (those of a
+/// version 1 message, or the whole message when even its envelope cannot
+/// be read) and the reason.
+pub fn decode_message(body: &[u8]) -> Vec<Result<QueuedOrder, (Vec<u8>, String)>> {
+    let unreadable = |bytes: &[u8], why: String| Err((bytes.to_vec(), why));
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(Envelope {
+            v: publish::BATCH_VERSION,
+            orders: Some(orders),
+        }) => orders
+            .into_iter()
+            .map(|raw| {
+                let bytes = raw.get().as_bytes();
+                decode(bytes).or_else(|why| unreadable(bytes, why))
+            })
+            .collect(),
+        _ => vec![decode(body).or_else(|why| unreadable(body, why))],
+    }
+}
+
+/// Decodes a version 1 message body; the error says why it cannot be
+/// processed.
 pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
     let wire: WireOrder =
         serde_json::from_slice(body).map_err(|e| format!("undecodable message: {e}"))?;
@@ -131,7 +180,7 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
         ticket: wire.ticket,
         gated: wire.gated,
         redriven: false,
-        traceparent: None,
+        traceparent: wire.traceparent,
         order: NewOrder {
             id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
             sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
@@ -317,9 +366,9 @@ async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u64> {
     Ok(u64::from(queue.message_count()))
 }
 
-/// Adds the current trace's `traceparent` header, when there is one.
-fn traced(properties: BasicProperties) -> BasicProperties {
-    match crate::telemetry::trace::current_traceparent() {
+/// Adds a `traceparent` header, when there is one.
+fn with_traceparent(properties: BasicProperties, traceparent: Option<String>) -> BasicProperties {
+    match traceparent {
         Some(traceparent) => {
             let mut headers = FieldTable::default();
             headers.insert(
@@ -337,13 +386,10 @@ pub struct RabbitQueue {
     uri: LiveUrl,
     names: QueueNames,
     store: Store,
-    tickets: Tickets,
-    publish_timeout: Duration,
+    publisher: Arc<Publisher>,
+    /// Started on first use, so the queue can be built outside a runtime.
+    jobs: OnceLock<mpsc::Sender<Publish>>,
     reconnect_delay: Duration,
-    link: ArcSwapOption<Link>,
-    /// Serialises reconnects; holds when the last attempt failed so callers
-    /// during an outage are refused at once instead of each trying.
-    reconnect: Mutex<Option<Instant>>,
     done: AtomicU64,
     closed: AtomicBool,
 }
@@ -360,15 +406,26 @@ impl RabbitQueue {
     /// Connects lazily: the server starts (and refuses Reserve with
     /// UNAVAILABLE) while the broker is still coming up.
     pub fn new(uri: impl Into<LiveUrl>, config: &RabbitConfig, store: Store) -> Self {
-        Self {
-            uri: uri.into(),
-            names: QueueNames::new(&config.queue),
-            tickets: Tickets::new(store.clone()),
-            store,
+        let uri = uri.into();
+        let names = QueueNames::new(&config.queue);
+        let reconnect_delay = Duration::from_millis(config.reconnect_delay_ms);
+        let publisher = Publisher {
+            uri: uri.clone(),
+            names: names.clone(),
+            store: store.clone(),
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
-            reconnect_delay: Duration::from_millis(config.reconnect_delay_ms),
+            per_message: config.publish_batch_max,
+            reconnect_delay,
             link: ArcSwapOption::empty(),
             reconnect: Mutex::new(None),
+        };
+        Self {
+            uri,
+            names,
+            store,
+            publisher: Arc::new(publisher),
+            jobs: OnceLock::new(),
+            reconnect_delay,
             done: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         }
@@ -379,40 +436,7 @@ impl RabbitQueue {
     }
 
     async fn channel(&self) -> Result<Channel, QueueError> {
-        if let Some(link) = self.link.load_full() {
-            if link.channel.status().connected() {
-                return Ok(link.channel.clone());
-            }
-        }
-        let mut last_failure = self.reconnect.lock().await;
-        // Another caller may have reconnected while we waited.
-        if let Some(link) = self.link.load_full() {
-            if link.channel.status().connected() {
-                return Ok(link.channel.clone());
-            }
-        }
-        if let Some(at) = *last_failure {
-            if at.elapsed() < self.reconnect_delay {
-                return Err(QueueError::Unavailable(
-                    "the broker is unreachable; reconnecting".into(),
-                ));
-            }
-        }
-        match open(&self.uri, &self.names).await {
-            Ok(link) => {
-                let channel = link.channel.clone();
-                self.link.store(Some(Arc::new(link)));
-                *last_failure = None;
-                tracing::info!(queue = %self.names.orders, "connected to the order queue");
-                Ok(channel)
-            }
-            Err(err) => {
-                *last_failure = Some(Instant::now());
-                self.link.store(None);
-                tracing::warn!(error = %err, "order queue unreachable");
-                Err(QueueError::Unavailable(err))
-            }
-        }
+        self.publisher.channel().await
     }
 
     /// Ready messages in one of this deployment's queues, as the broker
@@ -549,49 +573,35 @@ impl OrderQueue for RabbitQueue {
         if self.closed.load(Ordering::Acquire) {
             return Err(QueueError::Closed);
         }
-        let channel = self.channel().await?;
-        let ticket = self
-            .tickets
-            .next()
-            .await
-            .map_err(|e| QueueError::Unavailable(format!("no queue ticket: {e}")))?;
-        let id = order.id.as_str().to_owned();
-        let body = encode(&QueuedOrder {
-            ticket,
+        let jobs = self.jobs.get_or_init(|| {
+            let publisher = Arc::clone(&self.publisher);
+            batching::spawn(publish::LIMITS, move |batch| {
+                let publisher = Arc::clone(&publisher);
+                async move { publisher.publish(batch).await }
+            })
+        });
+        let (reply, answer) = oneshot::channel();
+        let publish = Publish {
             order,
             gated,
-            redriven: false,
-            traceparent: None,
-        });
-        // lapin checks the channel before writing, so an error here means
-        // nothing reached the broker.
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                self.names.orders.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                traced(persistent_json(Some(&id))),
-            )
-            .await
-            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
-        match tokio::time::timeout(self.publish_timeout, confirm).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(ticket),
-            // Returned: the queue does not exist, so nothing was stored.
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(QueueError::Unavailable(format!(
-                "the broker returned the order: {}",
-                returned.reply_text
-            ))),
-            Ok(Ok(other)) => Err(QueueError::Unconfirmed(format!(
-                "the broker did not confirm the order ({other:?})"
-            ))),
-            Ok(Err(err)) => Err(QueueError::Unconfirmed(err.to_string())),
+            traceparent: crate::telemetry::trace::current_traceparent(),
+            reply,
+        };
+        let gone = || QueueError::Unavailable("the publishing task has stopped".into());
+        jobs.send(publish).await.map_err(|_| gone())?;
+        // The batch bounds its own steps (connect, ticket statement,
+        // confirm); this bounds the wait for a batch to start too. Past it
+        // the order may still go out, so it counts as unconfirmed.
+        let bound = self.publisher.publish_timeout * 2 + CONNECT_TIMEOUT;
+        match tokio::time::timeout(bound, answer).await {
+            Ok(Ok(answer)) => answer,
+            // The batch's task ended without an answer: its message may
+            // have gone out.
+            Ok(Err(_)) => Err(QueueError::Unconfirmed(
+                "the publishing task stopped before the broker's answer".into(),
+            )),
             Err(_) => Err(QueueError::Unconfirmed(format!(
-                "no confirm within {:?}",
-                self.publish_timeout
+                "no answer from the publisher within {bound:?}"
             ))),
         }
     }
@@ -612,7 +622,16 @@ impl OrderQueue for RabbitQueue {
     async fn backlog(&self) -> Option<u64> {
         let ready = self.count(&self.names.orders).await?;
         if ready > 0 {
-            return Some(ready);
+            // The broker counts messages, and a message can carry several
+            // orders: the tickets handed out past what the processor is
+            // done with count orders (a failed publish's ticket counts
+            // until the processor passes it).
+            let numbered = async {
+                let issued = self.store.last_ticket().await.ok()?;
+                let done = self.store.queue_done_through().await.ok()?;
+                Some(issued.saturating_sub(done))
+            };
+            return Some(numbered.await.map_or(ready, |orders| orders.max(ready)));
         }
         // Nothing ready, but the processor may hold deliveries unacked (the
         // broker's count leaves them out): empty only once every ticket
@@ -644,4 +663,65 @@ pub async fn delete_topology(uri: &str, queue: &str) {
         .channel
         .exchange_delete(names.processed.as_str().into(), Default::default())
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(n: u64) -> QueuedOrder {
+        QueuedOrder {
+            ticket: n,
+            order: NewOrder {
+                id: ReservationId::generate(),
+                sku: Sku::parse("S").unwrap(),
+                user: UserId::parse(&format!("u{n}")).unwrap(),
+                quantity: 1,
+                idempotency_key: None,
+                created_at: DateTime::from_timestamp_micros(1_700_000_000_000_000)
+                    .unwrap()
+                    .naive_utc(),
+            },
+            gated: true,
+            redriven: false,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn a_version_one_message_is_one_order() {
+        let one = order(1);
+        let decoded = decode_message(&encode(&one));
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].as_ref().unwrap(), &one);
+    }
+
+    #[test]
+    fn a_batch_reads_each_order_with_its_own_trace() {
+        let (a, b) = (order(1), order(2));
+        let mut traced = WireOrder::new(&b.order, b.ticket, b.gated);
+        traced.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let body = serde_json::to_vec(&serde_json::json!({
+            "v": 2,
+            "orders": [serde_json::from_slice::<serde_json::Value>(&encode(&a)).unwrap(), traced],
+        }))
+        .unwrap();
+        let decoded: Vec<_> = decode_message(&body)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(decoded[0], a);
+        assert_eq!(decoded[1].order, b.order);
+        assert_eq!(decoded[1].traceparent, traced.traceparent);
+    }
+
+    #[test]
+    fn what_cannot_be_read_comes_back_whole() {
+        let garbage = b"\xff not json".to_vec();
+        let decoded = decode_message(&garbage);
+        assert_eq!(decoded.len(), 1);
+        let (bytes, why) = decoded[0].as_ref().unwrap_err();
+        assert_eq!(bytes, &garbage);
+        assert!(why.contains("undecodable"), "{why}");
+    }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{
     dead_letters::{dead_letter_properties, is_redriven, traceparent},
-    decode, open, salvage, Link, QueueNames, CONNECT_TIMEOUT,
+    decode_message, open, salvage, Link, QueueNames, CONNECT_TIMEOUT,
 };
 use crate::{
     config::secrets::LiveUrl,
@@ -82,36 +82,12 @@ impl OrderSource for RabbitSource {
                     }
                 }
             };
-            let Some(deliveries) = consumer.next_batch(max, linger).await else {
+            let Some(batch) = consumer.next_batch(max, linger).await else {
                 tracing::warn!("order queue connection lost; reconnecting");
                 self.drop_consumer().await;
                 continue;
             };
-            let receipt = deliveries.iter().map(|d| d.delivery_tag).max().unwrap_or(0);
-            let mut orders = Vec::with_capacity(deliveries.len());
-            let mut unreadable = Vec::new();
-            for delivery in deliveries {
-                match decode(&delivery.data) {
-                    Ok(mut order) => {
-                        if is_redriven(&delivery.properties) {
-                            order.redriven = true;
-                            order.gated = false;
-                        }
-                        order.traceparent = traceparent(&delivery.properties);
-                        orders.push(order)
-                    }
-                    Err(reason) => unreadable.push(Unreadable {
-                        salvaged: salvage(&delivery.data),
-                        message: delivery.data,
-                        reason,
-                    }),
-                }
-            }
-            return Some(TakenBatch {
-                orders,
-                unreadable,
-                receipt,
-            });
+            return Some(batch);
         }
     }
 
@@ -149,6 +125,33 @@ impl OrderSource for RabbitSource {
     }
 }
 
+/// Adds a delivery's orders to `batch`: the ones read in full, and the
+/// ones that cannot be, with what [`salvage`] still reads of them.
+fn read(delivery: Delivery, batch: &mut TakenBatch) {
+    batch.receipt = batch.receipt.max(delivery.delivery_tag);
+    let redriven = is_redriven(&delivery.properties);
+    let header_trace = traceparent(&delivery.properties);
+    for item in decode_message(&delivery.data) {
+        match item {
+            Ok(mut order) => {
+                if redriven {
+                    order.redriven = true;
+                    order.gated = false;
+                }
+                if order.traceparent.is_none() {
+                    order.traceparent = header_trace.clone();
+                }
+                batch.orders.push(order)
+            }
+            Err((message, reason)) => batch.unreadable.push(Unreadable {
+                salvaged: salvage(&message),
+                message,
+                reason,
+            }),
+        }
+    }
+}
+
 /// One consumer on the orders queue. With single active consumer the broker
 /// delivers to one processor replica at a time and hands over to a standby
 /// when its connection goes.
@@ -182,15 +185,22 @@ impl RabbitConsumer {
         })
     }
 
-    /// Waits for a delivery, then takes up to `max` within `linger`.
+    /// Waits for a delivery, then takes more within `linger` until the
+    /// batch holds `max` orders (a message of several orders is taken
+    /// whole, so a batch can exceed `max` by one message's worth).
     /// `None`: the consumer or its connection ended.
-    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<Vec<Delivery>> {
+    async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<TakenBatch> {
         let first = self.consumer.next().await?.ok()?;
-        let mut batch = vec![first];
+        let mut batch = TakenBatch {
+            orders: Vec::with_capacity(max),
+            unreadable: Vec::new(),
+            receipt: 0,
+        };
+        read(first, &mut batch);
         let deadline = Instant::now() + linger;
-        while batch.len() < max {
+        while batch.orders.len() + batch.unreadable.len() < max {
             match tokio::time::timeout_at(deadline, self.consumer.next()).await {
-                Ok(Some(Ok(delivery))) => batch.push(delivery),
+                Ok(Some(Ok(delivery))) => read(delivery, &mut batch),
                 // The connection dropped mid-batch: the broker redelivers
                 // what was not acked, so what we hold can still be
                 // committed (idempotently) before reconnecting.

@@ -86,6 +86,20 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     config.layers.queue.capacity = options.requests.max(1) * 2;
     config.validate()?;
 
+    // Through RabbitMQ, a second server beside the first publishes each
+    // order as a message of its own, as before batching, so one run shows
+    // what batching changes. Same database, gate and queue: whichever
+    // processor is the active consumer commits both servers' orders.
+    let unbatched = if options.queue.starts_with("amqp://") {
+        let mut config = config.clone();
+        config.rabbitmq.publish_batch_max = 1;
+        // Publishing only: a second processor would idle as the standby
+        // and still cost this process's CPU column.
+        config.server.role = stockgate::config::Role::Api;
+        Some(BenchServer::start(config, options.connections).await?)
+    } else {
+        None
+    };
     let BenchServer {
         channels,
         stop,
@@ -99,6 +113,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     // Warm connections, caches and the script before anything counts.
     let warm = warm_up_options(&options);
     load(&channels, &warm, "warm-up", noop).await;
+    if let Some(unbatched) = &unbatched {
+        load(&unbatched.channels, &warm, "warm-up", noop).await;
+    }
     load(
         &channels,
         &warm,
@@ -131,20 +148,24 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
                 })
                 .await?,
             meter
-                .measure(n, async {
-                    // A distinct user per call and round: each is queued.
-                    let call =
-                        reserve_call("BENCH-AVAIL", format!("in-{round}"), ReserveOutcome::Queued);
-                    let measured =
-                        load(&channels, &options, "Reserve, stock available", call).await;
-                    // The processor commits what was just queued; its work
-                    // counts in this row's CPU, and must not weigh on the
-                    // next round's references.
-                    wait_drained(&mut admin, "BENCH-AVAIL").await?;
-                    Ok(measured)
+                .measure(n, {
+                    let users = format!("in-{round}");
+                    stock_row(
+                        &channels,
+                        &options,
+                        &mut admin,
+                        "Reserve, stock available",
+                        users,
+                    )
                 })
                 .await?,
         ];
+        if let Some(unbatched) = &unbatched {
+            let users = format!("one-{round}");
+            let name = "Reserve, stock, 1 order/message";
+            let row = stock_row(&unbatched.channels, &options, &mut admin, name, users);
+            measured.push(meter.measure(n, row).await?);
+        }
         if options.tracing {
             stockgate::telemetry::trace::set_active(true);
             let traced = meter
@@ -172,6 +193,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
 
     let _ = stop.send(());
     server.await??;
+    if let Some(unbatched) = unbatched {
+        unbatched.stop().await?;
+    }
     cleanup(&options.redis_url, &prefix).await?;
     if options.queue.starts_with("amqp://") {
         stockgate::queue::delete_topology(&options.queue, &prefix).await;
@@ -180,12 +204,28 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     Ok(results)
 }
 
+/// Reserve with stock on `channels`, a distinct user per call (so each is
+/// queued), until the processor has committed them: its work counts in
+/// the row's CPU, and must not weigh on the next row's.
+async fn stock_row(
+    channels: &[Channel],
+    options: &BenchOptions,
+    admin: &mut AdminServiceClient<Channel>,
+    name: &str,
+    users: String,
+) -> anyhow::Result<Measured> {
+    let call = reserve_call("BENCH-AVAIL", users, ReserveOutcome::Queued);
+    let measured = load(channels, options, name, call).await;
+    wait_drained(admin, "BENCH-AVAIL").await?;
+    Ok(measured)
+}
+
 /// `BENCH-AVAIL` with stock for every round and `BENCH-SOLDOUT` with none.
 pub(crate) async fn stock_both(
     admin: &mut AdminServiceClient<Channel>,
     options: &BenchOptions,
 ) -> anyhow::Result<()> {
-    let stock = i64::try_from(options.requests * (options.rounds + 1) * 2)?;
+    let stock = i64::try_from(options.requests * (options.rounds + 1) * 3)?;
     for (sku, units) in [("BENCH-AVAIL", stock), ("BENCH-SOLDOUT", 0)] {
         admin
             .set_stock(SetStockRequest {
@@ -562,7 +602,7 @@ pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
 
 /// Under every table with CPU columns: a pasted table must say what they
 /// count.
-pub(crate) const CPU_LEGEND: &str = "cpu/call: CPU µs per call on the whole machine; in proc: this process (server and load generator; redis-benchmark is a process of its own); redis: the Redis server; from the round with the median cpu/call\n";
+pub(crate) const CPU_LEGEND: &str = "cpu/call: CPU µs per call on the whole machine; in proc: this process (server and load generator; redis-benchmark is a process of its own); redis: the Redis server; rabbitmq, postgres: those servers' processes on this machine; from the round with the median cpu/call\n";
 
 /// The table `stockgate bench` prints.
 pub fn render(results: &[Measured], options: &BenchOptions) -> String {

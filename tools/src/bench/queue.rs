@@ -40,6 +40,9 @@ pub struct QueueBenchOptions {
 pub struct QueueMeasured {
     pub name: String,
     pub per_sec: f64,
+    /// CPU per order over the timed window (the processor's; pgbench's
+    /// row has none).
+    pub cpu: Option<super::cpu::CpuPerCall>,
 }
 
 /// Statements one group-commit batch of `orders` cost the database.
@@ -76,20 +79,35 @@ pub async fn run(
     for round in 0..options.rounds.max(1) {
         let mut measured = vec![pgbench(&options.store, options.orders, &store).await?];
         let spread = options.batch_size;
-        for (batch, skus) in [
-            (options.batch_size, 1),
-            (options.batch_size, spread),
-            (1, 1),
+        // One order per message isolates group commit; the last row fills
+        // messages as the API publishes them under load.
+        for (batch, skus, per_message) in [
+            (options.batch_size, 1, 1),
+            (options.batch_size, spread, 1),
+            (1, 1, 1),
+            (options.batch_size, 1, options.batch_size),
         ] {
-            let per_sec = processor_run(&config, &store, &options, batch, skus, round).await?;
+            let run = Run {
+                batch,
+                skus,
+                per_message,
+                round,
+            };
+            let (per_sec, cpu) = processor_run(&config, &store, &options, run).await?;
             let over = if skus > 1 {
                 format!(", {skus} SKUs")
             } else {
                 String::new()
             };
+            let packed = if per_message > 1 {
+                format!(", {per_message} orders/message")
+            } else {
+                String::new()
+            };
             measured.push(QueueMeasured {
-                name: format!("queue + processor, batch size {batch}{over}"),
+                name: format!("queue + processor, batch size {batch}{over}{packed}"),
                 per_sec,
+                cpu: Some(cpu),
             });
         }
         rounds.push(measured);
@@ -150,19 +168,39 @@ fn bench_order(sku: &Sku, i: usize) -> NewOrder {
     }
 }
 
+/// One measurement's shape.
+struct Run {
+    /// The processor's batch size.
+    batch: usize,
+    /// SKUs the orders are spread over.
+    skus: usize,
+    /// Most orders per message (`rabbitmq.publish_batch_max`).
+    per_message: usize,
+    round: usize,
+}
+
 /// Fills a queue with `orders` spread round-robin over `skus` SKUs, then
 /// times a processor committing them, from its first commit to its last.
 async fn processor_run(
     base: &Config,
     store: &Store,
     options: &QueueBenchOptions,
-    batch: usize,
-    skus: usize,
-    round: usize,
-) -> anyhow::Result<f64> {
+    run: Run,
+) -> anyhow::Result<(f64, super::cpu::CpuPerCall)> {
+    let Run {
+        batch,
+        skus,
+        per_message,
+        round,
+    } = run;
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let names: Vec<Sku> = (0..skus)
-        .map(|k| Sku::parse(&format!("QB-{batch}-{skus}-{round}-{}-{k}", &tag[20..])))
+        .map(|k| {
+            Sku::parse(&format!(
+                "QB-{batch}-{skus}-{per_message}-{round}-{}-{k}",
+                &tag[20..]
+            ))
+        })
         .collect::<Result<_, _>>()?;
     let orders = options.orders - options.orders % skus;
     let per_sku = i64::try_from(orders / skus)?;
@@ -172,6 +210,7 @@ async fn processor_run(
     let mut config = base.clone();
     config.rabbitmq.queue = format!("sg-bench-{tag}");
     config.layers.queue.batch_size = batch;
+    config.rabbitmq.publish_batch_max = per_message;
 
     // Fill the queue through the real publisher (confirms and all).
     let producer = Arc::new(RabbitQueue::new(
@@ -224,6 +263,8 @@ async fn processor_run(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();
+    let mut meter = super::cpu::CpuMeter::without_redis();
+    let cpu_from = meter.start().await?;
     let mut first_left = 0;
     for sku in &names {
         first_left += left(sku).await;
@@ -243,10 +284,13 @@ async fn processor_run(
         }
     }
     let elapsed = finished.duration_since(started).as_secs_f64();
+    let cpu = meter
+        .finish(cpu_from, usize::try_from(first_left).unwrap_or(1))
+        .await?;
     let _ = stop.send(());
     server.await??;
     stockgate::queue::delete_topology(&options.amqp, &config.rabbitmq.queue).await;
-    Ok(first_left as f64 / elapsed)
+    Ok((first_left as f64 / elapsed, cpu))
 }
 
 /// The same single-row conditional update and order insert, one
@@ -278,6 +322,7 @@ async fn pgbench(url: &str, orders: usize, store: &Store) -> anyhow::Result<Queu
     }
     let text = String::from_utf8_lossy(&output.stdout);
     Ok(QueueMeasured {
+        cpu: None,
         name: "pgbench, update + insert, 1 client".into(),
         per_sec: parse_pgbench_tps(&text)?,
     })
@@ -305,27 +350,35 @@ pub fn render(
     let pgbench = find("pgbench").map(|m| m.per_sec);
     let single = results
         .iter()
-        .find(|m| m.name.ends_with("batch size 1"))
+        .find(|m| m.name.ends_with(", batch size 1"))
         .map(|m| m.per_sec);
     let mut out = format!(
-        "orders={} rounds={} (median round shown)\n{:<40} {:>12} {:>10} {:>10}\n",
-        options.orders, options.rounds, "measurement", "orders/s", "x pgbench", "x batch 1"
+        "orders={} rounds={} (median round shown)\n{:<56} {:>9} {:>9} {:>9} {}\n",
+        options.orders,
+        options.rounds,
+        "measurement",
+        "orders/s",
+        "x pgbench",
+        "x batch 1",
+        super::cpu::headings()
     );
     for m in results {
         let ratio =
             |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", m.per_sec / b));
         out.push_str(&format!(
-            "{:<40} {:>12.0} {:>10} {:>10}\n",
+            "{:<56} {:>9.0} {:>9} {:>9} {}\n",
             m.name,
             m.per_sec,
             ratio(pgbench),
-            ratio(single)
+            ratio(single),
+            super::cpu::columns(m.cpu)
         ));
     }
     out.push_str(&format!(
         "statements per batch of {} orders (BEGIN, COMMIT and the pool's check-out ping included): {} on one SKU, {} on {} SKUs\n",
         statements.orders, statements.on_one_sku, statements.on_many_skus, statements.orders
     ));
+    out.push_str("cpu/call: CPU µs per order committed, from the first commit to the last, on the whole machine; in proc: this process (the processor; the queue was filled before); rabbitmq, postgres: those servers' processes; from the round with the median orders/s\n");
     out
 }
 
