@@ -25,8 +25,8 @@ use tonic::{
 
 use crate::pb::{
     inventory_service_client::InventoryServiceClient, ConfirmReservationRequest,
-    GetReservationRequest, ReleaseReservationRequest, Reservation, ReservationState,
-    ReserveRequest, ReserveResponse, WatchReservationRequest,
+    ExtendReservationRequest, GetReservationRequest, ReleaseReservationRequest, Reservation,
+    ReservationState, ReserveRequest, ReserveResponse, WatchReservationRequest,
 };
 
 /// InventoryService on behalf of one end user.
@@ -126,6 +126,28 @@ impl Client {
         reservation(
             self.inner
                 .confirm_reservation(request)
+                .await?
+                .into_inner()
+                .reservation,
+        )
+    }
+
+    /// Makes a held reservation's hold last at least `hold_seconds` from
+    /// now (within the server's `reservations.max_hold_secs` of when it
+    /// became HELD). Safe to retry: a retry moves the expiry by no more than
+    /// the time between the calls.
+    pub async fn extend(
+        &mut self,
+        reservation_id: &str,
+        hold_seconds: u32,
+    ) -> Result<Reservation, Status> {
+        let request = self.request(ExtendReservationRequest {
+            reservation_id: reservation_id.to_owned(),
+            hold_seconds,
+        });
+        reservation(
+            self.inner
+                .extend_reservation(request)
                 .await?
                 .into_inner()
                 .reservation,

@@ -36,6 +36,13 @@ pub enum ReservationError {
     /// The reservation is still QUEUED: there is no hold to confirm or release yet.
     #[error("{0}")]
     StillQueued(String),
+    /// An extension would make the hold last longer than the server allows;
+    /// `latest` is the latest expiry it may have.
+    #[error("{message}")]
+    HoldLimit {
+        message: String,
+        latest: chrono::NaiveDateTime,
+    },
     /// An adjustment would take stock below zero.
     #[error("{0}")]
     InsufficientStock(String),
@@ -147,6 +154,7 @@ impl ReservationError {
             Self::WrongState(_) => (Code::FailedPrecondition, "WRONG_STATE"),
             Self::HoldExpired(_) => (Code::FailedPrecondition, "HOLD_EXPIRED"),
             Self::StillQueued(_) => (Code::FailedPrecondition, "STILL_QUEUED"),
+            Self::HoldLimit { .. } => (Code::FailedPrecondition, "HOLD_LIMIT"),
             Self::InsufficientStock(_) => (Code::FailedPrecondition, "STOCK_BELOW_ZERO"),
             Self::Contention(_) => (Code::Aborted, "CONTENTION"),
             Self::DuplicateInFlight => (Code::Aborted, "DUPLICATE_IN_FLIGHT"),
@@ -200,6 +208,12 @@ impl ReservationError {
             }
             Self::Unavailable { what, .. } => {
                 about.insert("backend".to_owned(), (*what).to_owned());
+            }
+            Self::HoldLimit { latest, .. } => {
+                let latest = latest
+                    .and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                about.insert("latest_expires_at".to_owned(), latest);
             }
             _ => {}
         }
@@ -371,6 +385,13 @@ mod tests {
             (ReservationError::WrongState("x".into()), "WRONG_STATE"),
             (ReservationError::HoldExpired("x".into()), "HOLD_EXPIRED"),
             (ReservationError::StillQueued("x".into()), "STILL_QUEUED"),
+            (
+                ReservationError::HoldLimit {
+                    message: "x".into(),
+                    latest: chrono::NaiveDateTime::default(),
+                },
+                "HOLD_LIMIT",
+            ),
             (
                 ReservationError::InsufficientStock("x".into()),
                 "STOCK_BELOW_ZERO",

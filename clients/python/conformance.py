@@ -336,16 +336,21 @@ def redis_only(args):
     return None if args.dedup == "redis" else "dedup layer off"
 
 
+def extend_request(reservation_id, hold_seconds=60):
+    return inv.ExtendReservationRequest(reservation_id=reservation_id, hold_seconds=hold_seconds)
+
+
 METHODS = {
     "GetReservation": inv.GetReservationRequest,
     "ConfirmReservation": inv.ConfirmReservationRequest,
     "ReleaseReservation": inv.ReleaseReservationRequest,
+    "ExtendReservation": extend_request,
     "WatchReservation": inv.WatchReservationRequest,
 }
 
 
 def by_id(ctx, method, rid, user, stub=None):
-    """Calls one of the four reservation-id methods (Watch: first message)."""
+    """Calls one of the reservation-id methods (Watch: first message)."""
     stub = stub or ctx.inv
     request = METHODS[method](reservation_id=rid)
     if method == "WatchReservation":
@@ -567,6 +572,29 @@ def _(ctx):
         raise Fail(f"hold not swept: {state} {TIMEOUT:.0f} s after it was due")
     confirm = unary(ctx.inv.ConfirmReservation, inv.ConfirmReservationRequest(reservation_id=rid), ctx.md(user))
     expect(confirm, Expect(SC.FAILED_PRECONDITION, reason="HOLD_EXPIRED"))
+    extend = unary(ctx.inv.ExtendReservation, extend_request(rid), ctx.md(user))
+    expect(extend, Expect(SC.FAILED_PRECONDITION, reason="HOLD_EXPIRED"), "ExtendReservation")
+
+
+@case("invalid/extend-zero-seconds")
+def _(ctx):
+    user = ctx.user()
+    rid = ctx.held(user)
+    expect(unary(ctx.inv.ExtendReservation, extend_request(rid, 0), ctx.md(user)), invalid("hold_seconds"))
+
+
+@case("failed-precondition/extend-past-the-hold-limit")
+def _(ctx):
+    # The test server's reservations.max_hold_secs is 1800 s from when the
+    # hold began (a moment ago): 1800 s from now is past it.
+    user = ctx.user()
+    rid = ctx.held(user)
+    refused = unary(ctx.inv.ExtendReservation, extend_request(rid, 1800), ctx.md(user))
+    expect(refused, Expect(SC.FAILED_PRECONDITION, reason="HOLD_LIMIT"))
+    status, _ = details_of(refused.error)
+    info = unpack(status, error_details_pb2.ErrorInfo)
+    if not info or "latest_expires_at" not in info[0].metadata:
+        raise Fail(f"HOLD_LIMIT without latest_expires_at: {info}")
 
 
 def end_twice(first, second):
@@ -579,6 +607,7 @@ def end_twice(first, second):
         calls = {
             "Confirm": (ctx.inv.ConfirmReservation, inv.ConfirmReservationRequest),
             "Release": (ctx.inv.ReleaseReservation, inv.ReleaseReservationRequest),
+            "Extend": (ctx.inv.ExtendReservation, extend_request),
         }
         method, request = calls[first]
         ok(unary(method, request(reservation_id=rid), ctx.md(user)), f"{first} (2nd call)")
@@ -591,6 +620,7 @@ def end_twice(first, second):
 
 case("failed-precondition/confirm-released")(end_twice("Release", "Confirm"))
 case("failed-precondition/release-confirmed")(end_twice("Confirm", "Release"))
+case("failed-precondition/extend-released")(end_twice("Release", "Extend"))
 
 
 @case("failed-precondition/confirm-still-queued")
@@ -605,6 +635,7 @@ RAW_PATHS = {
     "GetReservation": False,
     "ConfirmReservation": False,
     "ReleaseReservation": False,
+    "ExtendReservation": False,
     "WatchReservation": True,
 }
 

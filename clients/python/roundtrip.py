@@ -1,4 +1,4 @@
-"""Reserve, watch, confirm through the generated Python stubs.
+"""Reserve, watch, extend, confirm through the generated Python stubs.
 
 Usage: roundtrip.py HOST:PORT SKU [ADMIN_TOKEN]
 Prints one JSON object; exits non-zero on any unexpected answer.
@@ -9,6 +9,8 @@ import sys
 import uuid
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from stockgate.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
@@ -50,6 +52,41 @@ def main() -> int:
     if state != inventory_pb2.RESERVATION_STATE_HELD:
         raise SystemExit(f"expected HELD, got {inventory_pb2.ReservationState.Name(state)}")
 
+    # More time for the hold: later, never twice, never past the limit.
+    def extend(seconds):
+        request = inventory_pb2.ExtendReservationRequest(
+            reservation_id=reservation_id, hold_seconds=seconds
+        )
+        return inventory.ExtendReservation(request, metadata=caller).reservation
+
+    def refusal(seconds):
+        try:
+            extend(seconds)
+        except grpc.RpcError as err:
+            status = rpc_status.from_call(err)
+            info = error_details_pb2.ErrorInfo()
+            for detail in status.details:
+                if detail.Is(info.DESCRIPTOR):
+                    detail.Unpack(info)
+            return {
+                "code": err.code().name,
+                "reason": info.reason,
+                "metadata": dict(info.metadata),
+                "details": err.details(),
+            }
+        raise SystemExit(f"hold_seconds={seconds} was accepted")
+
+    held = inventory.GetReservation(
+        inventory_pb2.GetReservationRequest(reservation_id=reservation_id), metadata=caller
+    ).reservation
+    extended = extend(1200)
+    shorter = extend(60)
+    past_limit = refusal(1800)
+    too_long = refusal(10**6)
+    after_refusals = inventory.GetReservation(
+        inventory_pb2.GetReservationRequest(reservation_id=reservation_id), metadata=caller
+    ).reservation
+
     confirmed = inventory.ConfirmReservation(
         inventory_pb2.ConfirmReservationRequest(reservation_id=reservation_id), metadata=caller
     )
@@ -70,6 +107,14 @@ def main() -> int:
                 "same_key_same_reservation": again.reservation.reservation_id == reservation_id,
                 "watched_state": inventory_pb2.ReservationState.Name(state),
                 "confirmed_state": inventory_pb2.ReservationState.Name(confirmed.reservation.state),
+                "held_expires_at": held.expires_at.ToJsonString(),
+                "extended_expires_at": extended.expires_at.ToJsonString(),
+                "extended_state": inventory_pb2.ReservationState.Name(extended.state),
+                "shorter_expires_at": shorter.expires_at.ToJsonString(),
+                "after_refusals_expires_at": after_refusals.expires_at.ToJsonString(),
+                "past_limit": past_limit,
+                "too_long": too_long,
+                "extend_after_confirm": refusal(60),
                 "invalid_quantity": invalid,
                 "confirmed_units": stock.confirmed_units,
                 "db_stock": stock.db_stock,

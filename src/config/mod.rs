@@ -188,10 +188,16 @@ impl Config {
                 "timeouts must be above 0",
             ));
         }
-        if self.redis.record_ttl_secs <= self.reservations.hold_ttl_secs {
+        let longest_hold = match self.reservations.hold_ttl_secs {
+            0 => 0,
+            _ => self.reservations.max_hold_secs(),
+        };
+        if self.redis.record_ttl_secs <= self.reservations.hold_ttl_secs
+            || self.redis.record_ttl_secs <= longest_hold
+        {
             return Err(invalid(
                 "redis.record_ttl_secs",
-                "must be longer than reservations.hold_ttl_secs",
+                "must be longer than the longest hold (reservations.hold_ttl_secs, and max_hold_secs once extended)",
             ));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
@@ -341,6 +347,15 @@ impl Config {
             return Err(invalid(
                 "reservations.max_quantity",
                 "must be between 1 and 10000",
+            ));
+        }
+        let reservations = &self.reservations;
+        if reservations.max_hold_secs != 0
+            && reservations.max_hold_secs < reservations.hold_ttl_secs
+        {
+            return Err(invalid(
+                "reservations.max_hold_secs",
+                "must be 0 (three times hold_ttl_secs) or at least reservations.hold_ttl_secs",
             ));
         }
         if self.reservations.waitlist_max == 0 {
@@ -726,6 +741,27 @@ mod tests {
             assert_eq!(config.reservations.max_quantity, 5);
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_longest_hold_defaults_to_three_hold_times() {
+        let mut config = Config::default();
+        assert_eq!(config.reservations.max_hold_secs(), 1_800);
+        // A config from before extensions, with long holds, still starts.
+        config.reservations.hold_ttl_secs = 3_600;
+        config.validate().unwrap();
+        assert_eq!(config.reservations.max_hold_secs(), 10_800);
+        config.reservations.hold_ttl_secs = 0;
+        assert_eq!(config.reservations.max_hold_secs(), u64::from(u32::MAX));
+        config.reservations.hold_ttl_secs = 600;
+        config.reservations.max_hold_secs = 599;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reservations.max_hold_secs"), "{err}");
+        // Redis records must outlive extended holds too.
+        config.reservations.max_hold_secs = 0;
+        config.redis.record_ttl_secs = 1_000;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("redis.record_ttl_secs"), "{err}");
     }
 
     #[test]

@@ -355,11 +355,12 @@ pub struct RateLimitConfig {
 }
 
 /// InventoryService's methods, as `layers.rate_limit.methods` names them.
-pub const INVENTORY_METHODS: [&str; 5] = [
+pub const INVENTORY_METHODS: [&str; 6] = [
     "Reserve",
     "GetReservation",
     "ConfirmReservation",
     "ReleaseReservation",
+    "ExtendReservation",
     "WatchReservation",
 ];
 
@@ -535,6 +536,10 @@ pub struct ReservationsConfig {
     /// How long a hold lasts before it expires and its units return to
     /// stock, in seconds. 0 = holds never expire.
     pub hold_ttl_secs: u64,
+    /// Longest a hold may last in all, from when it became HELD, once
+    /// extended (ExtendReservation), in seconds; at least `hold_ttl_secs`.
+    /// 0: three times `hold_ttl_secs` (unbounded where holds never expire).
+    pub max_hold_secs: u64,
     /// How often the expiry sweeper looks for lapsed holds, in milliseconds.
     pub sweep_interval_ms: u64,
     /// Waiting entries a SKU with the `waitlist` sold-out policy takes at
@@ -715,11 +720,25 @@ impl Default for DbLayerConfig {
     }
 }
 
+impl ReservationsConfig {
+    /// `max_hold_secs` in force, 0 resolved, at most `u32::MAX` (the
+    /// largest `hold_seconds` a caller can ask for).
+    pub fn max_hold_secs(&self) -> u64 {
+        let secs = match (self.max_hold_secs, self.hold_ttl_secs) {
+            (0, 0) => u64::MAX,
+            (0, ttl) => ttl.saturating_mul(3),
+            (secs, _) => secs,
+        };
+        secs.min(u64::from(u32::MAX))
+    }
+}
+
 impl Default for ReservationsConfig {
     fn default() -> Self {
         Self {
             max_quantity: 10,
             hold_ttl_secs: 600,
+            max_hold_secs: 0,
             sweep_interval_ms: 1_000,
             waitlist_max: 10_000,
             waitlist_ttl_secs: 900,

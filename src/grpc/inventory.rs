@@ -172,6 +172,31 @@ impl InventoryService for InventoryApi {
         }))
     }
 
+    async fn extend_reservation(
+        &self,
+        request: Request<pb::ExtendReservationRequest>,
+    ) -> Result<Response<pb::ExtendReservationResponse>, Status> {
+        let user = user_id(request.metadata())?;
+        let body = request.get_ref();
+        let id = ReservationId::parse(&body.reservation_id)?;
+        let max = self.pipeline.limits().max_hold;
+        let hold = std::time::Duration::from_secs(u64::from(body.hold_seconds));
+        if hold.is_zero() || hold > max {
+            return Err(ReservationError::invalid(
+                "hold_seconds",
+                format!(
+                    "must be 1 to {} (reservations.max_hold_secs)",
+                    max.as_secs()
+                ),
+            )
+            .into());
+        }
+        let reservation = self.pipeline.extend(&id, &user, hold).await?;
+        Ok(Response::new(pb::ExtendReservationResponse {
+            reservation: Some(reservation.into()),
+        }))
+    }
+
     type WatchReservationStream = WatchStream;
 
     async fn watch_reservation(

@@ -7,7 +7,7 @@ use crate::{
     error::ReservationError,
     gate::{GateEntry, Settlement},
     metrics,
-    store::{HoldEnded, Restock},
+    store::{HoldEnded, HoldExtended, Restock},
 };
 
 use super::{store_error, Event, Pipeline};
@@ -85,6 +85,57 @@ impl Pipeline {
             self.return_to_gate(reservation, restock).await;
         }
         self.after_hold_ended(id, ended, "release").await
+    }
+
+    /// Makes a HELD reservation's hold last at least `hold` from now,
+    /// within `reservations.max_hold_secs` of when it became HELD.
+    pub async fn extend(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        hold: std::time::Duration,
+    ) -> Result<Reservation, ReservationError> {
+        self.ensure_ready()?;
+        self.refuse_if_queued(id, user)?;
+        let now = now();
+        let until = crate::store::after(now, hold);
+        let extended = self
+            .store
+            .extend_hold(id, user, until, self.limits.max_hold, now)
+            .await
+            .map_err(store_error)?;
+        let id = id.as_str();
+        match extended {
+            HoldExtended::Extended(reservation) => {
+                self.emit(Event::Changed(reservation.clone()));
+                Ok(reservation)
+            }
+            HoldExtended::Unchanged(reservation) => Ok(reservation),
+            HoldExtended::NotFound => Err(ReservationError::ReservationNotFound(id.into())),
+            HoldExtended::NotOwner => Err(ReservationError::NotOwner(id.into())),
+            HoldExtended::WrongState(reservation)
+                if reservation.state == ReservationState::Expired =>
+            {
+                Err(ReservationError::HoldExpired(format!(
+                    "cannot extend reservation {id}: it has expired"
+                )))
+            }
+            HoldExtended::WrongState(reservation) => Err(ReservationError::WrongState(format!(
+                "cannot extend reservation {id} in state {}",
+                reservation.state.as_db()
+            ))),
+            HoldExtended::HoldExpired(_) => Err(ReservationError::HoldExpired(format!(
+                "cannot extend reservation {id}: the hold has expired"
+            ))),
+            HoldExtended::Limit { latest } => Err(ReservationError::HoldLimit {
+                message: format!(
+                    "reservation {id} can be held until {} at the latest (reservations.max_hold_secs = {})",
+                    latest.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    self.limits.max_hold.as_secs()
+                ),
+                latest,
+            }),
+        }
     }
 
     fn refuse_if_queued(&self, id: &ReservationId, user: &UserId) -> Result<(), ReservationError> {

@@ -107,6 +107,8 @@ pub enum Event {
 pub struct Limits {
     pub max_quantity: u32,
     pub hold_ttl: Option<Duration>,
+    /// Longest a hold may last in all, extensions included.
+    pub max_hold: Duration,
     pub max_attempts: u32,
     /// `None`: no sold-out fast path.
     pub sold_out_cache: Option<Duration>,
@@ -124,6 +126,7 @@ impl Limits {
         Self {
             max_quantity: config.reservations.max_quantity,
             hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
+            max_hold: Duration::from_secs(config.reservations.max_hold_secs()),
             max_attempts: config.layers.db.max_attempts,
             sold_out_cache: (config.layers.gate.sold_out_cache_ms > 0)
                 .then(|| Duration::from_millis(config.layers.gate.sold_out_cache_ms)),

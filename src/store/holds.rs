@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 
-use super::{HoldEnded, InventoryRow, NewOrder, Restock, Store, StoreError, WaitlistJoin};
+use super::{
+    HoldEnded, HoldExtended, InventoryRow, NewOrder, Restock, Store, StoreError, WaitlistJoin,
+};
 use crate::domain::{Reservation, ReservationId, ReservationState, Sku, SoldOutPolicy, UserId};
 
 /// Holds queries, written once; `dialect!` in `mod.rs` expands
@@ -51,7 +53,8 @@ macro_rules! holds_queries {
         }
 
         /// Moves a HELD reservation to `to`; false if it was no longer
-        /// HELD (or, to be confirmed, had lapsed).
+        /// HELD (or, to be confirmed, had lapsed; or, to be expired, had
+        /// been extended since the sweep read it).
         async fn leave_held(
             conn: &mut $Conn,
             row: &ReservationRow,
@@ -72,6 +75,12 @@ macro_rules! holds_queries {
                     .is_null()
                     .or(reservations::expires_at.gt(now));
                 diesel::update(target.filter(unexpired))
+                    .set(changes)
+                    .execute(conn)
+                    .await?
+            } else if to == ReservationState::Expired {
+                let lapsed = reservations::expires_at.le(now);
+                diesel::update(target.filter(lapsed))
                     .set(changes)
                     .execute(conn)
                     .await?
@@ -494,6 +503,70 @@ macro_rules! holds_queries {
             .await
         }
 
+        /// Moves a HELD reservation's expiry to `until` if that is later,
+        /// within `max_hold` of when it became HELD. One row, one
+        /// conditional update on an unexpired, earlier expiry; the
+        /// sweeper's update asks for a lapsed one, so the two never both
+        /// win, and of two extensions at once the later expiry stays.
+        pub(super) async fn extend_hold(
+            conn: &mut $Conn,
+            id: &str,
+            user: &str,
+            until: NaiveDateTime,
+            max_hold: Duration,
+            now: NaiveDateTime,
+        ) -> QueryResult<HoldExtended> {
+            let Some(row) = find(conn, id).await? else {
+                return Ok(HoldExtended::NotFound);
+            };
+            if row.user_id != user {
+                return Ok(HoldExtended::NotOwner);
+            }
+            if ReservationState::from_db(&row.state) != Some(ReservationState::Held) {
+                return Ok(HoldExtended::WrongState(row.into_domain()));
+            }
+            let Some(expires_at) = row.expires_at else {
+                // Holds that never expire need no more time.
+                return Ok(HoldExtended::Unchanged(row.into_domain()));
+            };
+            if expires_at <= now {
+                return Ok(HoldExtended::HoldExpired(row.into_domain()));
+            }
+            if until <= expires_at {
+                return Ok(HoldExtended::Unchanged(row.into_domain()));
+            }
+            // A HELD row's `updated_at` is when it became HELD: nothing
+            // else writes a HELD row, and an extension moves only its
+            // expiry (its state did not change).
+            let latest = after(row.updated_at, max_hold);
+            if until > latest {
+                return Ok(HoldExtended::Limit { latest });
+            }
+            let moved = diesel::update(
+                reservations::table
+                    .filter(reservations::reservation_id.eq(id))
+                    .filter(reservations::state.eq(ReservationState::Held.as_db()))
+                    .filter(reservations::expires_at.gt(now))
+                    .filter(reservations::expires_at.lt(until)),
+            )
+            .set(reservations::expires_at.eq(until))
+            .execute(conn)
+            .await?;
+            let row = find(conn, id).await?.expect("rows are never deleted");
+            let held = ReservationState::from_db(&row.state) == Some(ReservationState::Held);
+            Ok(match row.expires_at {
+                _ if moved == 1 => HoldExtended::Extended(row.into_domain()),
+                // Another extension reached as far meanwhile.
+                Some(expiry) if held && expiry >= until => {
+                    HoldExtended::Unchanged(row.into_domain())
+                }
+                // Lapsed between the read and the update.
+                _ if held => HoldExtended::HoldExpired(row.into_domain()),
+                // Released, confirmed or swept meanwhile.
+                _ => HoldExtended::WrongState(row.into_domain()),
+            })
+        }
+
         pub(super) async fn expire_due(
             conn: &mut $Conn,
             now: NaiveDateTime,
@@ -565,6 +638,19 @@ impl Store {
             now,
             None
         ))
+    }
+
+    /// Makes a HELD reservation's hold last until at least `until`, within
+    /// `max_hold` of when it became HELD ([`HoldExtended`]).
+    pub async fn extend_hold(
+        &self,
+        id: &ReservationId,
+        user: &UserId,
+        until: NaiveDateTime,
+        max_hold: Duration,
+        now: NaiveDateTime,
+    ) -> Result<HoldExtended, StoreError> {
+        dispatch!(self.extend_hold(id.as_str(), user.as_str(), until, max_hold, now))
     }
 
     /// Releases a hold and returns its units to stock (or to the oldest

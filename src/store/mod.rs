@@ -219,6 +219,26 @@ pub enum HoldEnded {
     HoldExpired(Reservation),
 }
 
+/// What asking a hold to last longer did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HoldExtended {
+    /// Its expiry moved to the time asked for.
+    Extended(Reservation),
+    /// It already lasted that long, or holds never expire; nothing changed.
+    Unchanged(Reservation),
+    NotFound,
+    NotOwner,
+    /// Not HELD.
+    WrongState(Reservation),
+    /// HELD, but its time has run out.
+    HoldExpired(Reservation),
+    /// The hold would last longer than allowed; `latest` is the latest
+    /// expiry it may have. Nothing changed.
+    Limit {
+        latest: NaiveDateTime,
+    },
+}
+
 /// Units of one SKU by reservation state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnitTotals {
@@ -309,7 +329,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// `ttl` after `now`, saturating (a huge configured TTL means "never").
-fn after(now: NaiveDateTime, ttl: Duration) -> NaiveDateTime {
+pub(crate) fn after(now: NaiveDateTime, ttl: Duration) -> NaiveDateTime {
     now + chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX)
 }
 

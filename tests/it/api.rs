@@ -6,8 +6,8 @@ use std::time::Duration;
 use stockgate::{
     domain::Sku,
     pb::{
-        AdjustStockRequest, ReservationState, ReserveOutcome, ReserveRequest, SetLayersRequest,
-        SetStockRequest, WatchReservationRequest,
+        AdjustStockRequest, ExtendReservationRequest, ReservationState, ReserveOutcome,
+        ReserveRequest, SetLayersRequest, SetStockRequest, WatchReservationRequest,
     },
 };
 use tokio_stream::StreamExt;
@@ -395,6 +395,107 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
         assert!(is_admitted(resold.outcome()), "{profile:?}");
         app.stop().await;
     }
+}
+
+async fn extend(
+    client: &mut stockgate::pb::inventory_service_client::InventoryServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    user: &str,
+    hold_seconds: u32,
+) -> Result<stockgate::pb::Reservation, tonic::Status> {
+    let request = ExtendReservationRequest {
+        reservation_id: id.into(),
+        hold_seconds,
+    };
+    let response = client
+        .extend_reservation(with_user(request, user, None))
+        .await?;
+    Ok(response.into_inner().reservation.unwrap())
+}
+
+/// ExtendReservation on every store and through the queue: an extended
+/// hold outlives its first expiry and then expires at the new one, with
+/// its units back; only the owner's HELD, unexpired reservation is
+/// extended, never past `max_hold_secs` from when it became HELD; a hold
+/// that never expires is left as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extended_hold_outlives_its_first_expiry_within_the_limit() {
+    for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
+        let app = TestApp::spawn_with(profile, |c| {
+            // Long enough that the calls before the extension fit in the
+            // first hold on a loaded machine.
+            c.reservations.hold_ttl_secs = 5;
+            c.reservations.max_hold_secs = 15;
+        })
+        .await;
+        app.set_stock("EXTEND", 2, 0).await;
+        let mut client = app.inventory();
+        let id = reserve_held(&app, "EXTEND", 1, "heidi").await;
+        let held = get(&mut client, &id, "heidi").await.unwrap();
+        let first_expiry = held.expires_at.unwrap().seconds;
+
+        let status = extend(&mut client, &id, "mallory", 4).await.unwrap_err();
+        assert_eq!(error_reason(&status), "NOT_OWNER");
+        let status = extend(&mut client, &id, "heidi", 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("hold_seconds"), "{status:?}");
+        let status = extend(&mut client, &id, "heidi", 16).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        // 15 s from now is past 15 s from when it became HELD.
+        let status = extend(&mut client, &id, "heidi", 15).await.unwrap_err();
+        assert_eq!(
+            (status.code(), error_reason(&status).as_str()),
+            (Code::FailedPrecondition, "HOLD_LIMIT")
+        );
+        let extended = extend(&mut client, &id, "heidi", 8).await.unwrap();
+        assert_eq!(extended.state(), ReservationState::Held);
+        let new_expiry = extended.expires_at.unwrap().seconds;
+        assert!(new_expiry > first_expiry, "{first_expiry} -> {new_expiry}");
+        // A shorter ask (a retry, say) changes nothing.
+        let again = extend(&mut client, &id, "heidi", 1).await.unwrap();
+        assert_eq!(again.expires_at.unwrap().seconds, new_expiry);
+
+        // Past the first expiry (5 s) and a few sweeps, still held.
+        let first = chrono::DateTime::from_timestamp(first_expiry, 0).unwrap();
+        let until_first = (first - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(until_first + Duration::from_millis(1_500)).await;
+        let state = get(&mut client, &id, "heidi").await.unwrap().state();
+        assert_eq!(state, ReservationState::Held, "{profile:?}");
+        // Then it expires at the new time, and its unit comes back.
+        let mut state = ReservationState::Held;
+        for _ in 0..100 {
+            state = get(&mut client, &id, "heidi").await.unwrap().state();
+            if state == ReservationState::Expired {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(state, ReservationState::Expired, "{profile:?}");
+        let status = extend(&mut client, &id, "heidi", 8).await.unwrap_err();
+        assert_eq!(error_reason(&status), "HOLD_EXPIRED");
+        assert_eq!(app.stock("EXTEND").await.db_stock, 2, "{profile:?}");
+
+        // Released: nothing to extend.
+        let released = reserve_held(&app, "EXTEND", 1, "ivan").await;
+        release(&mut client, &released, "ivan").await.unwrap();
+        let status = extend(&mut client, &released, "ivan", 8).await.unwrap_err();
+        assert_eq!(error_reason(&status), "WRONG_STATE");
+        app.stop().await;
+    }
+
+    // Holds that never expire are left as they are.
+    let app = TestApp::spawn_with(Profile::Embedded, |c| c.reservations.hold_ttl_secs = 0).await;
+    app.set_stock("FOREVER", 1, 0).await;
+    let mut client = app.inventory();
+    let id = reserve_held(&app, "FOREVER", 1, "judy").await;
+    let kept = extend(&mut client, &id, "judy", 60).await.unwrap();
+    assert_eq!(
+        (kept.state(), kept.expires_at),
+        (ReservationState::Held, None)
+    );
+    app.stop().await;
 }
 
 /// A graceful stop right after a burst of QUEUED answers still commits

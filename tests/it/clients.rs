@@ -1,6 +1,7 @@
 //! The contract works for callers: the Rust client helper, and stubs
 //! generated for Python from `proto/` by grpcio-tools, each doing a real
-//! round trip (reserve, the same key again, watch until HELD, confirm).
+//! round trip (reserve, the same key again, watch until HELD, extend,
+//! confirm).
 
 use std::process::Command;
 
@@ -24,6 +25,8 @@ async fn the_rust_client_reserves_watches_and_confirms() {
     );
     let held = client.wait_until_decided(&id).await.unwrap();
     assert_eq!(held.state(), ReservationState::Held);
+    let extended = client.extend(&id, 900).await.unwrap();
+    assert!(extended.expires_at.unwrap().seconds > held.expires_at.unwrap().seconds);
     let confirmed = client.confirm(&id).await.unwrap();
     assert_eq!(confirmed.state(), ReservationState::Confirmed);
     let bad = client
@@ -65,5 +68,37 @@ async fn the_python_client_round_trip() {
         .contains("quantity"));
     assert_eq!(result["confirmed_units"], 1);
     assert_eq!(result["db_stock"], 2);
+    // ExtendReservation: a hold of 600 s (the default) made to last 1200 s
+    // from now; asking for less changes nothing; past 1800 s from when it
+    // became HELD is refused with the latest expiry; out of range names the
+    // field; a confirmed reservation has no hold to extend.
+    let time = |key: &str| {
+        chrono::DateTime::parse_from_rfc3339(result[key].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let (held, extended) = (time("held_expires_at"), time("extended_expires_at"));
+    assert_eq!(result["extended_state"], "RESERVATION_STATE_HELD");
+    let gained = (extended - held).num_milliseconds();
+    assert!((599_000..=610_000).contains(&gained), "gained {gained} ms");
+    assert_eq!(time("shorter_expires_at"), extended);
+    assert_eq!(time("after_refusals_expires_at"), extended);
+    let past = &result["past_limit"];
+    assert_eq!(past["code"], "FAILED_PRECONDITION");
+    assert_eq!(past["reason"], "HOLD_LIMIT");
+    let latest = chrono::DateTime::parse_from_rfc3339(
+        past["metadata"]["latest_expires_at"].as_str().unwrap(),
+    )
+    .unwrap();
+    // The hold began 600 s before its first expiry; it may last 1800 s.
+    let latest_after_held = (latest.with_timezone(&chrono::Utc) - held).num_milliseconds();
+    assert!(
+        (1_199_000..=1_201_000).contains(&latest_after_held),
+        "{latest_after_held} ms"
+    );
+    let too_long = &result["too_long"];
+    assert_eq!(too_long["code"], "INVALID_ARGUMENT");
+    assert_eq!(too_long["metadata"]["field"], "hold_seconds");
+    assert_eq!(result["extend_after_confirm"]["reason"], "WRONG_STATE");
     app.stop().await;
 }
