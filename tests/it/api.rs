@@ -356,6 +356,25 @@ async fn watch_streams_queue_and_final_state_then_ends() {
     app.stop().await;
 }
 
+/// The reservation's state once it is EXPIRED, or after 5 s of asking.
+async fn expired_within_5s(
+    client: &mut stockgate::pb::inventory_service_client::InventoryServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    user: &str,
+) -> ReservationState {
+    let mut state = ReservationState::Held;
+    for _ in 0..100 {
+        state = get(client, id, user).await.unwrap().state();
+        if state == ReservationState::Expired {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    state
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unconfirmed_holds_expire_and_their_units_sell_again() {
     for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
@@ -369,14 +388,7 @@ async fn unconfirmed_holds_expire_and_their_units_sell_again() {
         reserve_held(&app, "EXPIRE-2", 1, "frank").await;
         let sold_out = reserve(&mut client, "EXPIRE", 1, "grace").await.unwrap();
         assert_eq!(sold_out.outcome(), ReserveOutcome::SoldOut);
-        let mut state = ReservationState::Held;
-        for _ in 0..100 {
-            state = get(&mut client, &id, "frank").await.unwrap().state();
-            if state == ReservationState::Expired {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let state = expired_within_5s(&mut client, &id, "frank").await;
         assert_eq!(state, ReservationState::Expired, "{profile:?}");
         let status = confirm(&mut client, &id, "frank").await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition);
@@ -464,14 +476,7 @@ async fn an_extended_hold_outlives_its_first_expiry_within_the_limit() {
         let state = get(&mut client, &id, "heidi").await.unwrap().state();
         assert_eq!(state, ReservationState::Held, "{profile:?}");
         // Then it expires at the new time, and its unit comes back.
-        let mut state = ReservationState::Held;
-        for _ in 0..100 {
-            state = get(&mut client, &id, "heidi").await.unwrap().state();
-            if state == ReservationState::Expired {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let state = expired_within_5s(&mut client, &id, "heidi").await;
         assert_eq!(state, ReservationState::Expired, "{profile:?}");
         let status = extend(&mut client, &id, "heidi", 8).await.unwrap_err();
         assert_eq!(error_reason(&status), "HOLD_EXPIRED");
