@@ -38,10 +38,14 @@ pub enum ReservationError {
     StillQueued(String),
     /// An extension would make the hold last longer than the server allows;
     /// `latest` is the latest expiry it may have.
-    #[error("{message}")]
+    #[error(
+        "reservation {id} can be held until {} at the latest (reservations.max_hold_secs = {max_hold_secs})",
+        rfc3339_ms(latest)
+    )]
     HoldLimit {
-        message: String,
+        id: String,
         latest: chrono::NaiveDateTime,
+        max_hold_secs: u64,
     },
     /// An adjustment would take stock below zero.
     #[error("{0}")]
@@ -134,6 +138,12 @@ impl ReservationError {
 /// Response metadata telling a refused caller how many seconds to wait.
 pub const RETRY_AFTER: &str = "retry-after";
 
+/// A UTC time as callers read it in messages and error details.
+fn rfc3339_ms(time: &chrono::NaiveDateTime) -> String {
+    time.and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// `google.rpc.ErrorInfo.domain` of every error the service itself gives.
 pub const ERROR_DOMAIN: &str = "stockgate.v1";
 
@@ -210,10 +220,7 @@ impl ReservationError {
                 about.insert("backend".to_owned(), (*what).to_owned());
             }
             Self::HoldLimit { latest, .. } => {
-                let latest = latest
-                    .and_utc()
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                about.insert("latest_expires_at".to_owned(), latest);
+                about.insert("latest_expires_at".to_owned(), rfc3339_ms(latest));
             }
             _ => {}
         }
@@ -387,8 +394,9 @@ mod tests {
             (ReservationError::StillQueued("x".into()), "STILL_QUEUED"),
             (
                 ReservationError::HoldLimit {
-                    message: "x".into(),
+                    id: "x".into(),
                     latest: chrono::NaiveDateTime::default(),
+                    max_hold_secs: 1,
                 },
                 "HOLD_LIMIT",
             ),

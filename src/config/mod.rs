@@ -190,11 +190,9 @@ impl Config {
         }
         let longest_hold = match self.reservations.hold_ttl_secs {
             0 => 0,
-            _ => self.reservations.max_hold_secs(),
+            ttl => ttl.max(self.reservations.max_hold_secs()),
         };
-        if self.redis.record_ttl_secs <= self.reservations.hold_ttl_secs
-            || self.redis.record_ttl_secs <= longest_hold
-        {
+        if self.redis.record_ttl_secs <= longest_hold {
             return Err(invalid(
                 "redis.record_ttl_secs",
                 "must be longer than the longest hold (reservations.hold_ttl_secs, and max_hold_secs once extended)",

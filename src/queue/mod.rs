@@ -45,7 +45,7 @@ pub struct QueuedOrder {
     pub traceparent: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
     #[error("order queue is full ({0} waiting)")]
     Full(usize),

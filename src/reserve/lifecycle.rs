@@ -128,12 +128,9 @@ impl Pipeline {
                 "cannot extend reservation {id}: the hold has expired"
             ))),
             HoldExtended::Limit { latest } => Err(ReservationError::HoldLimit {
-                message: format!(
-                    "reservation {id} can be held until {} at the latest (reservations.max_hold_secs = {})",
-                    latest.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    self.limits.max_hold.as_secs()
-                ),
+                id: id.into(),
                 latest,
+                max_hold_secs: self.limits.max_hold.as_secs(),
             }),
         }
     }

@@ -249,16 +249,15 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
             .and_hms_opt(0, 0, 0)
             .unwrap(),
     };
-    let entry = GateEntry::new(
-        order.id.clone(),
-        order.sku.clone(),
-        order.user.clone(),
+    let remaining = admit(
+        &gate,
+        &order.id,
+        order.sku.as_str(),
+        order.user.as_str(),
         order.quantity,
-    );
-    assert!(matches!(
-        gate.reserve(&entry).await.unwrap(),
-        GateDecision::Reserved { remaining: 3 }
-    ));
+    )
+    .await;
+    assert_eq!(remaining, 3);
     let producer = RabbitQueue::new(
         &app.config.backends.queue,
         &app.config.rabbitmq,
@@ -765,6 +764,21 @@ async fn unconfirmed_publishes_are_fenced_and_their_late_delivery_creates_nothin
     app.stop().await;
 }
 
+/// Takes `quantity` units of `sku` at the gate for reservation `id`, as
+/// an API replica does before publishing; the units left.
+async fn admit(gate: &RedisGate, id: &ReservationId, sku: &str, user: &str, quantity: u32) -> i64 {
+    let entry = GateEntry::new(
+        id.clone(),
+        Sku::parse(sku).unwrap(),
+        UserId::parse(user).unwrap(),
+        quantity,
+    );
+    match gate.reserve(&entry).await.unwrap() {
+        GateDecision::Reserved { remaining } => remaining,
+        other => panic!("the gate refused {sku}: {other:?}"),
+    }
+}
+
 /// A message this processor cannot read (here: a newer wire version) whose
 /// reservation can still be identified is recorded REJECTED with its units
 /// back, as well as dead-lettered, so its caller is not left QUEUED.
@@ -774,16 +788,8 @@ async fn unreadable_message_is_rejected_with_its_units_returned() {
     app.set_stock("UNREAD", 5, 0).await;
     let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
     let id = ReservationId::generate();
-    let entry = GateEntry::new(
-        id.clone(),
-        Sku::parse("UNREAD").unwrap(),
-        UserId::parse("mallory").unwrap(),
-        2,
-    );
-    assert!(matches!(
-        gate.reserve(&entry).await.unwrap(),
-        GateDecision::Reserved { remaining: 3 }
-    ));
+    let remaining = admit(&gate, &id, "UNREAD", "mallory", 2).await;
+    assert_eq!(remaining, 3);
     let body = serde_json::json!({
         "v": 99, "ticket": 1, "id": id.as_str(), "sku": "UNREAD", "user": "mallory",
         "quantity": 2, "gated": true, "created_at": 0, "something_new": [1, 2, 3]
@@ -808,16 +814,7 @@ async fn one_unreadable_order_in_a_batch_leaves_the_others_committed() {
     let gate = RedisGate::connect(&app.config.backends.gate, &app.config.redis).unwrap();
     let (good, bad) = (ReservationId::generate(), ReservationId::generate());
     for (id, user) in [(&good, "alice"), (&bad, "mallory")] {
-        let entry = GateEntry::new(
-            id.clone(),
-            Sku::parse("MIXED").unwrap(),
-            UserId::parse(user).unwrap(),
-            1,
-        );
-        assert!(matches!(
-            gate.reserve(&entry).await.unwrap(),
-            GateDecision::Reserved { .. }
-        ));
+        admit(&gate, id, "MIXED", user, 1).await;
     }
     let order = |v: u32, id: &ReservationId, user: &str, ticket: u64| {
         serde_json::json!({

@@ -137,7 +137,7 @@ impl RabbitDeadLetters {
     }
 
     fn dlq(&self) -> &str {
-        &self.queue.names.dead_letters
+        &self.queue.publisher.names.dead_letters
     }
 
     /// Runs `work` on a connection of its own, then closes it, which puts
@@ -148,7 +148,7 @@ impl RabbitDeadLetters {
         work: impl AsyncFnOnce(&Link, u64, Instant) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         let deadline = Instant::now() + self.budget;
-        let link = open(&self.queue.uri, &self.queue.names)
+        let link = open(&self.queue.publisher.uri, &self.queue.publisher.names)
             .await
             .map_err(QueueError::Unavailable)?;
         let result = async {
@@ -287,7 +287,7 @@ impl DeadLetters for RabbitDeadLetters {
                     .channel
                     .basic_publish(
                         "".into(),
-                        self.queue.names.orders.as_str().into(),
+                        self.queue.publisher.names.orders.as_str().into(),
                         BasicPublishOptions {
                             mandatory: true,
                             ..BasicPublishOptions::default()

@@ -383,13 +383,10 @@ fn with_traceparent(properties: BasicProperties, traceparent: Option<String>) ->
 
 /// The publishing side, shared by every Reserve call of one replica.
 pub struct RabbitQueue {
-    uri: LiveUrl,
-    names: QueueNames,
-    store: Store,
+    /// The connection, names and store, which the publishing task shares.
     publisher: Arc<Publisher>,
     /// Started on first use, so the queue can be built outside a runtime.
     jobs: OnceLock<mpsc::Sender<Publish>>,
-    reconnect_delay: Duration,
     done: AtomicU64,
     closed: AtomicBool,
 }
@@ -397,7 +394,7 @@ pub struct RabbitQueue {
 impl std::fmt::Debug for RabbitQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitQueue")
-            .field("names", &self.names)
+            .field("names", &self.publisher.names)
             .finish_non_exhaustive()
     }
 }
@@ -406,33 +403,26 @@ impl RabbitQueue {
     /// Connects lazily: the server starts (and refuses Reserve with
     /// UNAVAILABLE) while the broker is still coming up.
     pub fn new(uri: impl Into<LiveUrl>, config: &RabbitConfig, store: Store) -> Self {
-        let uri = uri.into();
-        let names = QueueNames::new(&config.queue);
-        let reconnect_delay = Duration::from_millis(config.reconnect_delay_ms);
         let publisher = Publisher {
-            uri: uri.clone(),
-            names: names.clone(),
-            store: store.clone(),
+            uri: uri.into(),
+            names: QueueNames::new(&config.queue),
+            store,
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
             per_message: config.publish_batch_max,
-            reconnect_delay,
+            reconnect_delay: Duration::from_millis(config.reconnect_delay_ms),
             link: ArcSwapOption::empty(),
             reconnect: Mutex::new(None),
         };
         Self {
-            uri,
-            names,
-            store,
             publisher: Arc::new(publisher),
             jobs: OnceLock::new(),
-            reconnect_delay,
             done: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         }
     }
 
     pub fn names(&self) -> &QueueNames {
-        &self.names
+        &self.publisher.names
     }
 
     async fn channel(&self) -> Result<Channel, QueueError> {
@@ -460,7 +450,7 @@ impl RabbitQueue {
         // replicas' database resync.
         if let Err(err) = channel
             .basic_publish(
-                self.names.processed.as_str().into(),
+                self.publisher.names.processed.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
                 &body,
@@ -509,14 +499,14 @@ impl RabbitQueue {
                 Err(err) => tracing::warn!(error = %err, "cannot follow processed notices"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.reconnect_delay) => {}
+                _ = tokio::time::sleep(self.publisher.reconnect_delay) => {}
                 _ = stop.changed() => return,
             }
         }
     }
 
     async fn open_follower(&self) -> Result<(Link, Consumer), String> {
-        let link = open(&self.uri, &self.names).await?;
+        let link = open(&self.publisher.uri, &self.publisher.names).await?;
         let setup = async {
             let mine = link
                 .channel
@@ -533,7 +523,7 @@ impl RabbitQueue {
             link.channel
                 .queue_bind(
                     mine.name().clone(),
-                    self.names.processed.as_str().into(),
+                    self.publisher.names.processed.as_str().into(),
                     "".into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
@@ -558,7 +548,7 @@ impl RabbitQueue {
     /// A replica that starts (or reconnects) mid-sale has heard no notice:
     /// start from the progress the processor recorded.
     async fn catch_up(&self) {
-        match self.store.queue_done_through().await {
+        match self.publisher.store.queue_done_through().await {
             Ok(done) => {
                 self.done.fetch_max(done, Ordering::AcqRel);
             }
@@ -612,7 +602,7 @@ impl OrderQueue for RabbitQueue {
 
     async fn processed(&self, through: u64, ids: &[ReservationId]) {
         self.done.fetch_max(through, Ordering::AcqRel);
-        if let Err(err) = self.store.advance_queue(through).await {
+        if let Err(err) = self.publisher.store.advance_queue(through).await {
             // Only positions suffer: replicas catch up at the next batch.
             tracing::warn!(error = %err, "queue progress not recorded");
         }
@@ -620,25 +610,23 @@ impl OrderQueue for RabbitQueue {
     }
 
     async fn backlog(&self) -> Option<u64> {
-        let ready = self.count(&self.names.orders).await?;
-        if ready > 0 {
-            // The broker counts messages, and a message can carry several
-            // orders: the tickets handed out past what the processor is
-            // done with count orders (a failed publish's ticket counts
-            // until the processor passes it).
-            let numbered = async {
-                let issued = self.store.last_ticket().await.ok()?;
-                let done = self.store.queue_done_through().await.ok()?;
-                Some(issued.saturating_sub(done))
-            };
-            return Some(numbered.await.map_or(ready, |orders| orders.max(ready)));
+        let ready = self.count(&self.publisher.names.orders).await?;
+        // Orders numbered past what the processor is done with. They count
+        // orders where the broker counts messages (a message can carry
+        // several), and the deliveries the processor holds unacked, which
+        // the broker's count leaves out; a failed publish's ticket counts
+        // until the processor passes it.
+        let numbered = async {
+            let issued = self.publisher.store.last_ticket().await.ok()?;
+            let done = self.publisher.store.queue_done_through().await.ok()?;
+            Some(issued.saturating_sub(done))
         }
-        // Nothing ready, but the processor may hold deliveries unacked (the
-        // broker's count leaves them out): empty only once every ticket
-        // handed out is at or below what the processor is done with.
-        let issued = self.store.last_ticket().await.ok()?;
-        let done = self.store.queue_done_through().await.ok()?;
-        Some(issued.saturating_sub(done))
+        .await;
+        if ready == 0 {
+            // Empty only once every ticket handed out is done with.
+            return numbered;
+        }
+        Some(numbered.map_or(ready, |orders| orders.max(ready)))
     }
 
     fn close(&self) {

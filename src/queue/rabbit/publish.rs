@@ -130,7 +130,7 @@ impl Publisher {
         let n = batch.len();
         let fail = |batch: Vec<Publish>, err: QueueError| {
             for publish in batch {
-                let _ = publish.reply.send(Err(copy(&err)));
+                let _ = publish.reply.send(Err(err.clone()));
             }
         };
         let channel = match self.channel().await {
@@ -159,11 +159,9 @@ impl Publisher {
     /// orders: each message's order count and its pending confirm (or why
     /// it could not be sent).
     async fn send(&self, channel: &Channel, batch: &[Publish], tickets: &[u64]) -> Vec<Sent> {
+        let per_message = self.per_message.max(1);
         let mut sent = Vec::new();
-        for (orders, tickets) in batch
-            .chunks(self.per_message.max(1))
-            .zip(tickets.chunks(self.per_message.max(1)))
-        {
+        for (orders, tickets) in batch.chunks(per_message).zip(tickets.chunks(per_message)) {
             let (body, properties) = message(orders, tickets);
             // lapin checks the channel before writing, so an error here
             // means nothing reached the broker.
@@ -206,7 +204,7 @@ async fn confirms(
         for ticket in tickets.by_ref().take(orders) {
             answers.push(match &confirmed {
                 Ok(()) => Ok(*ticket),
-                Err(err) => Err(copy(err)),
+                Err(err) => Err(err.clone()),
             });
         }
     }
@@ -233,16 +231,6 @@ fn confirmed(
         Err(_) => Err(QueueError::Unconfirmed(format!(
             "no confirm within {timeout:?}"
         ))),
-    }
-}
-
-/// The same answer for another order of the message.
-fn copy(err: &QueueError) -> QueueError {
-    match err {
-        QueueError::Full(n) => QueueError::Full(*n),
-        QueueError::Closed => QueueError::Closed,
-        QueueError::Unavailable(why) => QueueError::Unavailable(why.clone()),
-        QueueError::Unconfirmed(why) => QueueError::Unconfirmed(why.clone()),
     }
 }
 
