@@ -1,4 +1,5 @@
-"""Reserve, watch, extend, confirm through the generated Python stubs.
+"""Reserve, watch, extend, confirm, and a sale window, through the
+generated Python stubs.
 
 Usage: roundtrip.py HOST:PORT SKU [ADMIN_TOKEN]
 Prints one JSON object; exits non-zero on any unexpected answer.
@@ -6,6 +7,7 @@ Prints one JSON object; exits non-zero on any unexpected answer.
 
 import json
 import sys
+import time
 import uuid
 
 import grpc
@@ -98,6 +100,35 @@ def main() -> int:
     except grpc.RpcError as err:
         invalid = {"code": err.code().name, "details": err.details()}
 
+    # A sale window: NOT_OPEN with the opening before it, CLOSED with the
+    # closing after it; a closing before the opening names the field.
+    windowed = f"{sku}-W"
+    admin.SetStock(admin_pb2.SetStockRequest(sku=windowed, stock=5), metadata=admin_metadata)
+    now = int(time.time())
+
+    def window(opens, closes):
+        request = admin_pb2.SetSaleWindowRequest(sku=windowed, reason="python roundtrip")
+        request.opens_at.FromSeconds(opens)
+        request.closes_at.FromSeconds(closes)
+        admin.SetSaleWindow(request, metadata=admin_metadata)
+        answer = inventory.Reserve(
+            inventory_pb2.ReserveRequest(sku=windowed, quantity=1), metadata=caller
+        )
+        return {
+            "outcome": inventory_pb2.ReserveOutcome.Name(answer.outcome),
+            "opens_at": answer.opens_at.ToJsonString() if answer.HasField("opens_at") else None,
+            "closes_at": answer.closes_at.ToJsonString() if answer.HasField("closes_at") else None,
+            "has_reservation": answer.HasField("reservation"),
+        }
+
+    not_open = window(now + 3600, now + 7200)
+    closed = window(now - 7200, now - 3600)
+    try:
+        window(now + 60, now + 30)
+        raise SystemExit("a closing before the opening was accepted")
+    except grpc.RpcError as err:
+        backwards = {"code": err.code().name, "details": err.details()}
+
     stock = admin.GetStock(admin_pb2.GetStockRequest(sku=sku), metadata=admin_metadata).stock
     print(
         json.dumps(
@@ -118,6 +149,13 @@ def main() -> int:
                 "invalid_quantity": invalid,
                 "confirmed_units": stock.confirmed_units,
                 "db_stock": stock.db_stock,
+                "window_now": now,
+                "not_open": not_open,
+                "closed": closed,
+                "backwards_window": backwards,
+                "windowed_db_stock": admin.GetStock(
+                    admin_pb2.GetStockRequest(sku=windowed), metadata=admin_metadata
+                ).stock.db_stock,
             }
         )
     )

@@ -244,6 +244,80 @@ impl SoldOutPolicy {
     }
 }
 
+/// When a SKU sells: Reserve admits from `opens_at` (inclusive) until
+/// `closes_at` (exclusive); `None` leaves that side open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SaleWindow {
+    pub opens_at: Option<NaiveDateTime>,
+    pub closes_at: Option<NaiveDateTime>,
+}
+
+/// Where a moment falls in a [`SaleWindow`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowCheck {
+    Open,
+    /// Before the opening, which is given.
+    NotOpen(NaiveDateTime),
+    /// At or after the closing, which is given.
+    Closed(NaiveDateTime),
+}
+
+impl SaleWindow {
+    pub fn check(&self, at: NaiveDateTime) -> WindowCheck {
+        match (self.opens_at, self.closes_at) {
+            (Some(opens), _) if at < opens => WindowCheck::NotOpen(opens),
+            (_, Some(closes)) if at >= closes => WindowCheck::Closed(closes),
+            _ => WindowCheck::Open,
+        }
+    }
+
+    /// The window as Unix milliseconds, for the gate's copy.
+    pub fn as_millis(&self) -> (Option<i64>, Option<i64>) {
+        let ms = |t: Option<NaiveDateTime>| t.map(|t| t.and_utc().timestamp_millis());
+        (ms(self.opens_at), ms(self.closes_at))
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.opens_at.is_some() || self.closes_at.is_some()
+    }
+}
+
+/// The server's idea of now for deciding Reserve calls: the system clock,
+/// or one a test sets, so that window edges are tested to the millisecond
+/// without sleeping. Only the decision's moment follows it (an order's
+/// `created_at`); timers, expiry and timeouts run on the system clock.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<std::sync::Arc<std::sync::atomic::AtomicI64>>);
+
+impl Clock {
+    /// A clock that reads `at` until it is set again.
+    pub fn manual(at: NaiveDateTime) -> Self {
+        let clock = Self(Some(Default::default()));
+        clock.set(at);
+        clock
+    }
+
+    /// Moves a manual clock to `at` (no effect on the system clock).
+    pub fn set(&self, at: NaiveDateTime) {
+        if let Some(micros) = &self.0 {
+            micros.store(
+                at.and_utc().timestamp_micros(),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    }
+
+    pub fn now(&self) -> NaiveDateTime {
+        match &self.0 {
+            None => now(),
+            Some(micros) => chrono::DateTime::from_timestamp_micros(
+                micros.load(std::sync::atomic::Ordering::Acquire),
+            )
+            .map_or_else(now, |t| t.naive_utc()),
+        }
+    }
+}
+
 /// A reservation as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -447,5 +521,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_sale_window_opens_at_its_opening_and_closes_at_its_closing() {
+        let t = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .naive_utc()
+        };
+        let window = SaleWindow {
+            opens_at: Some(t(1_000)),
+            closes_at: Some(t(2_000)),
+        };
+        assert_eq!(window.check(t(999)), WindowCheck::NotOpen(t(1_000)));
+        assert_eq!(window.check(t(1_000)), WindowCheck::Open);
+        assert_eq!(window.check(t(1_999)), WindowCheck::Open);
+        assert_eq!(window.check(t(2_000)), WindowCheck::Closed(t(2_000)));
+        assert_eq!(SaleWindow::default().check(t(0)), WindowCheck::Open);
+        assert_eq!(window.as_millis(), (Some(1_000), Some(2_000)));
+        let clock = Clock::manual(t(1_500));
+        assert_eq!(clock.now(), t(1_500));
+        clock.set(t(2_500));
+        assert_eq!(clock.clone().now(), t(2_500));
     }
 }

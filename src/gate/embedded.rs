@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Mutex};
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate};
+use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate, WindowMs};
 use crate::domain::Sku;
 
 #[derive(Debug, Default)]
@@ -23,6 +23,7 @@ struct Counter {
     seen: i64,
     /// Live units per user (admitted and not released or refused).
     users: HashMap<String, i64>,
+    window: WindowMs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,7 @@ impl State {
         // Not clamped at zero, as in set.lua.
         counter.available = stock.db_stock - in_flight;
         counter.max_per_user = stock.max_per_user;
+        counter.window = stock.window;
         counter.base = stock.version;
         counter.seen = stock.version;
         true
@@ -151,6 +153,15 @@ impl StockGate for EmbeddedGate {
         let Some(counter) = state.counters.get_mut(request.sku.as_str()) else {
             return Ok(GateDecision::UnknownSku);
         };
+        match counter.window {
+            (Some(opens_at_ms), _) if request.at_ms < opens_at_ms => {
+                return Ok(GateDecision::NotOpen { opens_at_ms })
+            }
+            (_, Some(closes_at_ms)) if request.at_ms >= closes_at_ms => {
+                return Ok(GateDecision::Closed { closes_at_ms })
+            }
+            _ => {}
+        }
         let quantity = i64::from(request.quantity);
         if counter.available < quantity {
             return Ok(GateDecision::SoldOut {
@@ -326,6 +337,16 @@ impl StockGate for EmbeddedGate {
         Ok(())
     }
 
+    async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {
+        let mut state = self.lock();
+        for (sku, window) in windows {
+            if let Some(counter) = state.counters.get_mut(sku.as_str()) {
+                counter.window = *window;
+            }
+        }
+        Ok(())
+    }
+
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
         let applied = self.lock().set(stock);
         if applied {
@@ -397,6 +418,11 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn windows_move_without_touching_counters() {
+        decision_table::windows_move_without_touching_counters(EmbeddedGate::new()).await;
+    }
+
+    #[tokio::test]
     async fn release_returns_units_once() {
         let (gate, sku) = loaded(EmbeddedGate::new(), 5, 0).await;
         let r = request(&sku, "u1", 3);
@@ -454,6 +480,7 @@ mod tests {
             sku: sku.clone(),
             db_stock: 8,
             max_per_user: 0,
+            window: (None, None),
         })
         .await
         .unwrap();

@@ -43,7 +43,14 @@ pub struct GateEntry {
     /// nothing more. Without this, a rebuild racing the order processor
     /// counted a just-settled batch as available again.
     pub version: Option<i64>,
+    /// For an admission: when its Reserve was decided (Unix ms), which the
+    /// SKU's sale window is checked against.
+    pub at_ms: i64,
 }
+
+/// A sale window as the gate keeps it: opening and closing in Unix ms,
+/// `None` leaving that side open (see [`crate::domain::SaleWindow`]).
+pub type WindowMs = (Option<i64>, Option<i64>);
 
 impl GateEntry {
     /// An admission, or a settlement the database never saw.
@@ -54,7 +61,14 @@ impl GateEntry {
             user,
             quantity,
             version: None,
+            at_ms: 0,
         }
+    }
+
+    /// The same admission, decided at `at_ms` (Unix ms).
+    pub fn decided_at(mut self, at_ms: i64) -> Self {
+        self.at_ms = at_ms;
+        self
     }
 
     /// The same reservation settled by a database change at `version`.
@@ -75,6 +89,10 @@ pub enum GateDecision {
     UserLimit { live_units: i64, limit: u32 },
     /// The gate is loaded and has no such SKU.
     UnknownSku,
+    /// Decided before the SKU's sale window opens (at this Unix ms).
+    NotOpen { opens_at_ms: i64 },
+    /// Decided at or after the SKU's sale window closed (at this Unix ms).
+    Closed { closes_at_ms: i64 },
     /// The gate has not been loaded from the database (start-up, or the
     /// counters were lost); admit nothing.
     NotReady,
@@ -119,6 +137,8 @@ pub struct SkuStock {
     pub max_per_user: u32,
     /// The row's version when it was read (see [`GateEntry::version`]).
     pub version: i64,
+    /// The SKU's sale window.
+    pub window: WindowMs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +196,11 @@ pub trait StockGate: Send + Sync + 'static {
     /// the read (`stock.version`): the read is stale; read again.
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError>;
 
+    /// Sets SKUs' sale windows on the counters the gate has (a SKU without
+    /// one gets its window with its counter). Not versioned: a window is
+    /// written whole, and the reconciler writes every SKU's again.
+    async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError>;
+
     /// Adds `delta` to a SKU's counter (admin adjust) unless the counter
     /// was rebuilt from a read that already saw the adjustment (`version`,
     /// the row version it wrote).
@@ -220,6 +245,8 @@ pub(crate) mod decision_table {
     pub struct Case {
         pub name: &'static str,
         pub stock: Option<(i64, u32)>,
+        /// The SKU's sale window; every request is decided at [`AT`].
+        pub window: WindowMs,
         /// (user, quantity) reservations made before the checked one.
         pub before: &'static [(&'static str, u32)],
         pub user: &'static str,
@@ -227,10 +254,14 @@ pub(crate) mod decision_table {
         pub expect: GateDecision,
     }
 
+    /// When every request of the table is decided (Unix ms).
+    pub const AT: i64 = 1_700_000_000_000;
+
     pub const CASES: &[Case] = &[
         Case {
             name: "plenty",
             stock: Some((10, 0)),
+            window: (None, None),
             before: &[],
             user: "u1",
             quantity: 3,
@@ -239,6 +270,7 @@ pub(crate) mod decision_table {
         Case {
             name: "exactly the last units",
             stock: Some((3, 0)),
+            window: (None, None),
             before: &[],
             user: "u1",
             quantity: 3,
@@ -247,6 +279,7 @@ pub(crate) mod decision_table {
         Case {
             name: "one short",
             stock: Some((2, 0)),
+            window: (None, None),
             before: &[],
             user: "u1",
             quantity: 3,
@@ -255,6 +288,7 @@ pub(crate) mod decision_table {
         Case {
             name: "empty",
             stock: Some((0, 0)),
+            window: (None, None),
             before: &[],
             user: "u1",
             quantity: 1,
@@ -263,6 +297,7 @@ pub(crate) mod decision_table {
         Case {
             name: "after others took it",
             stock: Some((10, 0)),
+            window: (None, None),
             before: &[("a", 3), ("b", 3), ("c", 3)],
             user: "u1",
             quantity: 3,
@@ -271,6 +306,7 @@ pub(crate) mod decision_table {
         Case {
             name: "within the user limit",
             stock: Some((10, 2)),
+            window: (None, None),
             before: &[("u1", 1)],
             user: "u1",
             quantity: 1,
@@ -279,6 +315,7 @@ pub(crate) mod decision_table {
         Case {
             name: "over the user limit",
             stock: Some((10, 2)),
+            window: (None, None),
             before: &[("u1", 2)],
             user: "u1",
             quantity: 1,
@@ -290,6 +327,7 @@ pub(crate) mod decision_table {
         Case {
             name: "limit is per user",
             stock: Some((10, 2)),
+            window: (None, None),
             before: &[("u2", 2)],
             user: "u1",
             quantity: 2,
@@ -298,6 +336,7 @@ pub(crate) mod decision_table {
         Case {
             name: "sold out wins over the user limit",
             stock: Some((2, 2)),
+            window: (None, None),
             before: &[("u1", 2)],
             user: "u1",
             quantity: 1,
@@ -306,10 +345,60 @@ pub(crate) mod decision_table {
         Case {
             name: "unknown sku",
             stock: None,
+            window: (None, None),
             before: &[],
             user: "u1",
             quantity: 1,
             expect: GateDecision::UnknownSku,
+        },
+        Case {
+            name: "before the opening",
+            stock: Some((10, 0)),
+            window: (Some(AT + 1), None),
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::NotOpen {
+                opens_at_ms: AT + 1,
+            },
+        },
+        Case {
+            name: "at the opening",
+            stock: Some((10, 0)),
+            window: (Some(AT), Some(AT + 1)),
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::Reserved { remaining: 9 },
+        },
+        Case {
+            name: "at the closing",
+            stock: Some((10, 0)),
+            window: (Some(AT - 1), Some(AT)),
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::Closed { closes_at_ms: AT },
+        },
+        Case {
+            name: "closed wins over sold out",
+            stock: Some((0, 0)),
+            window: (None, Some(AT)),
+            before: &[],
+            user: "u1",
+            quantity: 1,
+            expect: GateDecision::Closed { closes_at_ms: AT },
+        },
+        Case {
+            name: "not open wins over the user limit",
+            stock: Some((10, 1)),
+            window: (Some(AT + 1), None),
+            before: &[],
+            user: "u1",
+            quantity: 2,
+            expect: GateDecision::NotOpen {
+                opens_at_ms: AT + 1,
+            },
         },
     ];
 
@@ -323,6 +412,7 @@ pub(crate) mod decision_table {
                 .iter()
                 .map(|&(db_stock, max_per_user)| SkuStock {
                     version: 0,
+                    window: case.window,
                     sku: sku.clone(),
                     db_stock,
                     max_per_user,
@@ -356,6 +446,7 @@ pub(crate) mod decision_table {
             db_stock: stock,
             max_per_user,
             version: 0,
+            window: (None, None),
         }])
         .await
         .unwrap();
@@ -369,6 +460,7 @@ pub(crate) mod decision_table {
             UserId::parse(user).unwrap(),
             quantity,
         )
+        .decided_at(AT)
     }
 
     /// An order given up (its admission released), then redriven and
@@ -426,6 +518,59 @@ pub(crate) mod decision_table {
         assert_eq!(gate.available(&sku).await.unwrap(), Some(1));
     }
 
+    /// A window set on a loaded SKU decides its next calls and leaves its
+    /// counter alone; one for a SKU the gate has no counter for creates
+    /// none; a later set from a read carries the read's window.
+    pub async fn windows_move_without_touching_counters<G: StockGate>(gate: G) {
+        let (gate, sku) = loaded(gate, 5, 0).await;
+        gate.reserve(&request(&sku, "u1", 2)).await.unwrap();
+        gate.set_windows(&[(sku.clone(), (Some(AT + 10), Some(AT + 20)))])
+            .await
+            .unwrap();
+        assert_eq!(
+            gate.reserve(&request(&sku, "u2", 1)).await.unwrap(),
+            GateDecision::NotOpen {
+                opens_at_ms: AT + 10
+            }
+        );
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(3));
+        let later = request(&sku, "u2", 1).decided_at(AT + 10);
+        assert_eq!(
+            gate.reserve(&later).await.unwrap(),
+            GateDecision::Reserved { remaining: 2 }
+        );
+        let after = request(&sku, "u2", 1).decided_at(AT + 20);
+        assert_eq!(
+            gate.reserve(&after).await.unwrap(),
+            GateDecision::Closed {
+                closes_at_ms: AT + 20
+            }
+        );
+        gate.set_windows(&[(sku.clone(), (None, None))])
+            .await
+            .unwrap();
+        assert!(matches!(
+            gate.reserve(&after).await.unwrap(),
+            GateDecision::Reserved { remaining: 1 }
+        ));
+        let unknown = Sku::parse("NOT-LOADED").unwrap();
+        gate.set_windows(&[(unknown.clone(), (Some(AT), None))])
+            .await
+            .unwrap();
+        assert_eq!(gate.available(&unknown).await.unwrap(), None);
+        assert_eq!(
+            gate.reserve(&request(&unknown, "u1", 1)).await.unwrap(),
+            GateDecision::UnknownSku
+        );
+        let mut windowed = read(&sku, 5, 0);
+        windowed.window = (None, Some(AT));
+        assert!(gate.set(&windowed).await.unwrap());
+        assert!(matches!(
+            gate.reserve(&request(&sku, "u3", 1)).await.unwrap(),
+            GateDecision::Closed { .. }
+        ));
+    }
+
     /// `S` as the database holds it: `stock` units at row `version`.
     fn read(sku: &Sku, stock: i64, version: i64) -> SkuStock {
         SkuStock {
@@ -433,6 +578,7 @@ pub(crate) mod decision_table {
             db_stock: stock,
             max_per_user: 0,
             version,
+            window: (None, None),
         }
     }
 

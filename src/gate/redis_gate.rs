@@ -27,7 +27,9 @@ use redis::{
 };
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use super::{GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, RESTOCK_ALL};
+use super::{
+    GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, WindowMs, RESTOCK_ALL,
+};
 use crate::{config::RedisConfig, domain::Sku};
 
 /// The reserve script's source, for tools that measure it on its own
@@ -44,6 +46,7 @@ pub struct RedisGate {
     settle: Script,
     set: Script,
     adjust: Script,
+    window: Script,
     restocks: broadcast::Sender<String>,
     subscriber: JoinHandle<()>,
 }
@@ -52,6 +55,11 @@ impl Drop for RedisGate {
     fn drop(&mut self) {
         self.subscriber.abort();
     }
+}
+
+/// One side of a sale window as a script argument: '' when open.
+fn window_arg(ms: Option<i64>) -> String {
+    ms.map(|ms| ms.to_string()).unwrap_or_default()
 }
 
 /// Errors of the connection (not of a command) name the keys that decide
@@ -94,6 +102,7 @@ impl RedisGate {
             settle: Script::new(include_str!("scripts/settle.lua")),
             set: Script::new(include_str!("scripts/set.lua")),
             adjust: Script::new(include_str!("scripts/adjust.lua")),
+            window: Script::new(include_str!("scripts/window.lua")),
             restocks,
             subscriber,
         })
@@ -173,10 +182,16 @@ impl RedisGate {
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
+        // Settling is idempotent per reservation, so resending the whole
+        // pipeline after a load changes nothing that had already applied.
+        self.pipeline(&pipe, &self.settle).await
+    }
+
+    /// Sends a pipeline of `script`'s runs. A pipeline's EVALSHA does not
+    /// load the script itself: on NOSCRIPT it is loaded and the whole
+    /// pipeline sent again, so every run in it must be safe to repeat.
+    async fn pipeline(&self, pipe: &redis::Pipeline, script: &Script) -> Result<(), GateError> {
         let mut conn = self.conn.clone();
-        // A pipeline's EVALSHA does not load the script itself. Settling is
-        // idempotent per reservation, so resending the whole pipeline after
-        // a load changes nothing that had already applied.
         let mut reloads = 0;
         loop {
             match pipe.query_async::<redis::Value>(&mut conn).await {
@@ -185,7 +200,7 @@ impl RedisGate {
                         && reloads < 5 =>
                 {
                     reloads += 1;
-                    self.settle
+                    script
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| unavailable(e, &self.origin))?;
@@ -245,7 +260,8 @@ impl StockGate for RedisGate {
                     .arg(entry.quantity)
                     .arg(self.record_ttl_secs)
                     .arg(now_ms)
-                    .arg(entry.id.as_str()),
+                    .arg(entry.id.as_str())
+                    .arg(entry.at_ms),
             )
             .await?;
         Ok(match reply.as_slice() {
@@ -258,6 +274,12 @@ impl StockGate for RedisGate {
             [3, live, cap] => GateDecision::UserLimit {
                 live_units: *live,
                 limit: u32::try_from(*cap).unwrap_or(u32::MAX),
+            },
+            [4, opens_at_ms] => GateDecision::NotOpen {
+                opens_at_ms: *opens_at_ms,
+            },
+            [5, closes_at_ms] => GateDecision::Closed {
+                closes_at_ms: *closes_at_ms,
             },
             [0] if self.is_loaded().await? => GateDecision::UnknownSku,
             [0] => GateDecision::NotReady,
@@ -314,10 +336,35 @@ impl StockGate for RedisGate {
                 .arg(stock.max_per_user)
                 .arg(self.channel())
                 .arg(stock.sku.as_str())
-                .arg(stock.version),
+                .arg(stock.version)
+                .arg(window_arg(stock.window.0))
+                .arg(window_arg(stock.window.1)),
         )
         .await
         .map(|applied| applied == 1)
+    }
+
+    async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {
+        // One script run per SKU (its own hash slot), all in one pipeline.
+        for chunk in windows.chunks(512) {
+            let invocations: Vec<_> = chunk
+                .iter()
+                .map(|(sku, (opens, closes))| {
+                    let mut invocation = self.window.prepare_invoke();
+                    invocation
+                        .key(self.key(sku, "inv"))
+                        .arg(window_arg(*opens))
+                        .arg(window_arg(*closes));
+                    invocation
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            self.pipeline(&pipe, &self.window).await?;
+        }
+        Ok(())
     }
 
     async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {
@@ -439,6 +486,11 @@ mod tests {
         decision_table::charge_after_give_up(fresh_gate()).await;
     }
 
+    #[tokio::test]
+    async fn windows_move_without_touching_counters() {
+        decision_table::windows_move_without_touching_counters(fresh_gate()).await;
+    }
+
     /// Random sales against a model of the decision table (48 cases).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_sales_follow_the_model() {
@@ -486,6 +538,7 @@ mod tests {
             db_stock: 10,
             max_per_user: 0,
             version: 0,
+            window: (None, None),
         };
         gate.load(&[stock(&a), stock(&b)]).await.unwrap();
         let entries = [

@@ -10,7 +10,7 @@ use crate::{
     config::{DbCheckMode, GateFailureMode},
     domain::{
         switches::{Layers, LayersChange, RateSettings},
-        ReservationId, ReservationState, Sku, SoldOutPolicy,
+        ReservationId, ReservationState, SaleWindow, Sku, SoldOutPolicy,
     },
     error::ReservationError,
     fleet::{ChangeRequest, SwitchBoard, MAX_REASON},
@@ -446,7 +446,41 @@ fn stock_view(view: StockView) -> pb::StockView {
         } as i32,
         waitlist_limit: u32::try_from(view.row.waitlist_limit).unwrap_or(0),
         waitlisted_units: view.waitlisted_units,
+        opens_at: view.row.opens_at.map(timestamp),
+        closes_at: view.row.closes_at.map(timestamp),
     }
+}
+
+/// Last second of 9999-12-31, the latest time a window may name.
+const LATEST_SECOND: i64 = 253_402_300_799;
+
+/// One side of a sale window, kept to the millisecond (the gate's unit).
+fn window_time(
+    field: &'static str,
+    at: Option<&prost_types::Timestamp>,
+) -> Result<Option<chrono::NaiveDateTime>, ReservationError> {
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    if !(0..=LATEST_SECOND).contains(&at.seconds) || !(0..1_000_000_000).contains(&at.nanos) {
+        return Err(ReservationError::invalid(
+            field,
+            "must be a time between 1970-01-01 and 9999-12-31 (nanos 0 to 999,999,999)",
+        ));
+    }
+    let millis = at.seconds * 1_000 + i64::from(at.nanos / 1_000_000);
+    Ok(chrono::DateTime::from_timestamp_millis(millis).map(|t| t.naive_utc()))
+}
+
+/// A window as the audit trail keeps it.
+fn window_json(window: SaleWindow) -> serde_json::Value {
+    let side = |t: Option<chrono::NaiveDateTime>| {
+        t.map(|t| {
+            t.and_utc()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })
+    };
+    serde_json::json!({ "opens_at": side(window.opens_at), "closes_at": side(window.closes_at) })
 }
 
 /// Most entries one SKU's waitlist may be set to hold.
@@ -644,6 +678,51 @@ impl AdminService for AdminApi {
             .set_sold_out_policy(&sku, policy, body.waitlist_limit)
             .await?;
         Ok(Response::new(pb::SetSoldOutPolicyResponse {
+            stock: Some(stock_view(view)),
+        }))
+    }
+
+    async fn set_sale_window(
+        &self,
+        request: Request<pb::SetSaleWindowRequest>,
+    ) -> Result<Response<pb::SetSaleWindowResponse>, Status> {
+        let actor = actor(&request, self.board.replica())?;
+        let body = request.into_inner();
+        let sku = Sku::parse(&body.sku)?;
+        let window = SaleWindow {
+            opens_at: window_time("opens_at", body.opens_at.as_ref())?,
+            closes_at: window_time("closes_at", body.closes_at.as_ref())?,
+        };
+        if let (Some(opens), Some(closes)) = (window.opens_at, window.closes_at) {
+            if closes <= opens {
+                return Err(ReservationError::invalid(
+                    "closes_at",
+                    "must be after opens_at (to the millisecond)",
+                )
+                .into());
+            }
+        }
+        let why = reason(&body.reason, true)?;
+        let result = self.pipeline.set_sale_window(&sku, window).await;
+        let (outcome, before) = match &result {
+            Ok((before, _)) => ("applied".to_owned(), window_json(before.window())),
+            Err(err) => (format!("failed: {err}"), serde_json::json!({})),
+        };
+        let mut after = window_json(window);
+        after["sku"] = sku.as_str().into();
+        self.board
+            .record(&NewAudit {
+                at: crate::domain::now(),
+                actor: &actor,
+                action: "set_sale_window",
+                outcome: &outcome,
+                before: &before.to_string(),
+                after: &after.to_string(),
+                reason: why,
+            })
+            .await;
+        let (_, view) = result?;
+        Ok(Response::new(pb::SetSaleWindowResponse {
             stock: Some(stock_view(view)),
         }))
     }

@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 
 use super::{idempotency_key, user_id};
 use crate::{
-    domain::{Quantity, ReservationId, ReservationState, Sku},
+    domain::{Quantity, ReservationId, ReservationState, Sku, WindowCheck},
     error::ReservationError,
-    middleware::{AnswerAtOnce, StoredAnswer},
+    middleware::{AnswerAtOnce, Provisional, StoredAnswer},
     pb::{self, inventory_service_server::InventoryService},
     reserve::{Pipeline, ReserveCommand, ReserveResult},
 };
@@ -83,6 +83,15 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
         }
         _ => None,
     };
+    let (opens_at, closes_at) = match &result {
+        ReserveResult::OutsideWindow(WindowCheck::NotOpen(at)) => {
+            (Some(super::timestamp(*at)), None)
+        }
+        ReserveResult::OutsideWindow(WindowCheck::Closed(at)) => {
+            (None, Some(super::timestamp(*at)))
+        }
+        _ => (None, None),
+    };
     let (outcome, reservation, remaining, position) = match result {
         ReserveResult::Reserved {
             reservation,
@@ -96,6 +105,8 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
         ReserveResult::SoldOut { remaining } => (O::SoldOut, None, remaining, None),
         ReserveResult::UserLimit => (O::UserLimitReached, None, None, None),
         ReserveResult::Waitlisted(reservation) => (O::Waitlisted, Some(reservation), None, None),
+        ReserveResult::OutsideWindow(WindowCheck::Closed(_)) => (O::Closed, None, None, None),
+        ReserveResult::OutsideWindow(_) => (O::NotOpen, None, None, None),
         ReserveResult::Existing(reservation) => {
             let outcome = match reservation.state {
                 ReservationState::Queued => O::Queued,
@@ -113,6 +124,8 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
         remaining_stock: remaining,
         queue_position: position,
         waitlist_position,
+        opens_at,
+        closes_at,
     }
 }
 
@@ -133,7 +146,14 @@ impl InventoryService for InventoryApi {
         let command = command?;
         crate::metrics::hot_skus::record(command.sku.as_str());
         let result = self.pipeline.reserve(command).await?;
-        Ok(Response::new(reserve_response(result)))
+        let provisional = matches!(result, ReserveResult::OutsideWindow(_));
+        let mut response = Response::new(reserve_response(result));
+        if provisional {
+            // The window may open (or be moved): a retry with the same key
+            // must be decided again, not answered from the dedup record.
+            response.extensions_mut().insert(Provisional);
+        }
+        Ok(response)
     }
 
     async fn get_reservation(

@@ -57,6 +57,7 @@ pub(super) fn settlement(outcome: &CommitOutcome) -> Settlement {
             ..
         } => Settlement::Rejected,
         CommitOutcome::DuplicateKey(_)
+        | CommitOutcome::OutsideWindow(_)
         | CommitOutcome::UserLimit { .. }
         | CommitOutcome::Contention { .. }
         | CommitOutcome::Rejected { .. } => Settlement::Released,
@@ -109,6 +110,7 @@ impl Pipeline {
                 Err(ReservationError::UnknownSku(order.sku.as_str().into()))
             }
             CommitOutcome::Contention { attempts } => Err(ReservationError::Contention(attempts)),
+            CommitOutcome::OutsideWindow(check) => Ok(ReserveResult::OutsideWindow(check)),
             CommitOutcome::Rejected { reservation, .. } => {
                 self.emit(Event::Changed(reservation.clone()));
                 Ok(ReserveResult::Existing(reservation))

@@ -35,7 +35,7 @@ use crate::{
     config::Config,
     domain::{
         switches::{GateFailureMode, Layers, Switches},
-        IdempotencyKey, Quantity, Reservation, Sku, UserId,
+        Clock, IdempotencyKey, Quantity, Reservation, Sku, UserId, WindowCheck,
     },
     error::ReservationError,
     gate::{GateEntry, GateError, SkuStock, SoldOutCache, StockGate},
@@ -81,6 +81,8 @@ pub enum ReserveResult {
     /// Sold out; the caller is in the SKU's waitlist (this reservation,
     /// WAITLISTED, with its position), or was already.
     Waitlisted(Reservation),
+    /// Decided outside the SKU's sale window (never [`WindowCheck::Open`]).
+    OutsideWindow(WindowCheck),
 }
 
 /// A SKU's stock as every layer sees it.
@@ -162,6 +164,8 @@ pub struct Pipeline {
     last_drift: Mutex<HashMap<Sku, i64>>,
     /// Open WatchReservation streams and their shared feeds.
     watches: Arc<Watches>,
+    /// When a Reserve is decided (see [`Clock`]).
+    clock: Clock,
 }
 
 pub(crate) fn store_error(err: StoreError) -> ReservationError {
@@ -206,7 +210,14 @@ impl Pipeline {
                 limits.max_watches,
                 limits.max_watches_per_user,
             )),
+            clock: Clock::default(),
         }
+    }
+
+    /// Decides Reserve calls by `clock` rather than the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -289,6 +300,7 @@ fn sku_stock(row: &InventoryRow) -> SkuStock {
         db_stock: row.stock,
         max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
         version: row.version,
+        window: row.window().as_millis(),
     }
 }
 
@@ -299,6 +311,7 @@ fn gate_entry(order: &NewOrder) -> GateEntry {
         order.user.clone(),
         order.quantity,
     )
+    .decided_at(order.created_at.and_utc().timestamp_millis())
 }
 
 /// Counts the database's decision for one order.
@@ -316,6 +329,11 @@ fn count_outcome(outcome: &CommitOutcome) {
             ..
         } => "over_cap",
         CommitOutcome::Contention { .. } => "aborted",
+        CommitOutcome::OutsideWindow(_)
+        | CommitOutcome::Rejected {
+            cause: RejectCause::OutsideWindow,
+            ..
+        } => "outside_window",
         CommitOutcome::Rejected { .. } | CommitOutcome::UnknownSku => "rejected",
         // A redelivery or a retried key: the first decision was counted.
         CommitOutcome::AlreadyCommitted(_) | CommitOutcome::DuplicateKey(_) => return,

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::{
-    domain::{now, switches::Layers, Reservation, ReservationState, Sku, SoldOutPolicy},
+    domain::{
+        now, switches::Layers, Reservation, ReservationState, SaleWindow, Sku, SoldOutPolicy,
+    },
     error::ReservationError,
     gate::GateError,
     store::{Adjusted, InventoryRow, ReservationFilter},
@@ -30,6 +32,33 @@ impl Pipeline {
             self.emit(Event::Changed(reservation));
         }
         self.view(row).await
+    }
+
+    /// Sets a SKU's sale window in the database, then in the gate; the
+    /// row before and the view after. A gate that misses the write is
+    /// corrected by the reconciler's next pass; until then the database
+    /// refuses what the gate admits outside the window.
+    pub async fn set_sale_window(
+        &self,
+        sku: &Sku,
+        window: SaleWindow,
+    ) -> Result<(InventoryRow, StockView), ReservationError> {
+        self.ensure_ready()?;
+        let (before, after) = self
+            .store
+            .set_sale_window(sku, window, now())
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
+        // Also with the gate switched off, so that it has the window when
+        // it is switched back on.
+        let windows = [(sku.clone(), after.window().as_millis())];
+        if let Err(err) = self.gate.set_windows(&windows).await {
+            self.gate_lagging(sku, err);
+        }
+        // A reopened window should not wait for the fast path's memory.
+        self.restocked(sku.as_str());
+        Ok((before, self.view(after).await?))
     }
 
     pub async fn set_stock(

@@ -11,13 +11,13 @@ use crate::{
     domain::{
         now,
         switches::{DbCheckMode, GateFailureMode, Layers},
-        IdempotencyKey, Reservation, ReservationId, ReservationState, UserId,
+        IdempotencyKey, Reservation, ReservationId, ReservationState, UserId, WindowCheck,
     },
     error::ReservationError,
     gate::{GateDecision, GateEntry, Settlement},
     metrics,
     queue::QueueError,
-    store::{CommitParams, NewOrder, WaitlistJoin},
+    store::{is_window_reason, CommitParams, NewOrder, WaitlistJoin},
     telemetry::trace,
 };
 
@@ -36,6 +36,15 @@ enum GatePass {
     SoldOut { remaining: i64 },
     /// Refused: over the user's cap.
     OverCap,
+    /// Refused: outside the SKU's sale window.
+    OutsideWindow(WindowCheck),
+}
+
+/// A gate's Unix ms as a database time.
+fn from_millis(ms: i64) -> chrono::NaiveDateTime {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .naive_utc()
 }
 
 /// How a fenced-off order's REJECTED row starts.
@@ -106,7 +115,7 @@ impl Pipeline {
             user: cmd.user.clone(),
             quantity: cmd.quantity.get(),
             idempotency_key: cmd.idempotency_key.clone(),
-            created_at: now(),
+            created_at: self.clock.now(),
         };
         let joined = self
             .store
@@ -133,6 +142,7 @@ impl Pipeline {
             }
             WaitlistJoin::UserLimit { .. } => Ok(ReserveResult::UserLimit),
             WaitlistJoin::UnknownSku => Err(ReservationError::UnknownSku(cmd.sku.as_str().into())),
+            WaitlistJoin::OutsideWindow(check) => Ok(ReserveResult::OutsideWindow(check)),
             // One more ordinary try; sold out again is the answer (no loop).
             WaitlistJoin::InStock => {
                 self.restocked(cmd.sku.as_str());
@@ -171,7 +181,7 @@ impl Pipeline {
             user: cmd.user,
             quantity: cmd.quantity.get(),
             idempotency_key: cmd.idempotency_key,
-            created_at: now(),
+            created_at: self.clock.now(),
         };
         let (gated, remaining) = if layers.gate {
             match self.pass_gate(&order, &layers).await? {
@@ -183,6 +193,7 @@ impl Pipeline {
                     })
                 }
                 GatePass::OverCap => return Ok(ReserveResult::UserLimit),
+                GatePass::OutsideWindow(check) => return Ok(ReserveResult::OutsideWindow(check)),
             }
         } else {
             (false, None)
@@ -236,6 +247,18 @@ impl Pipeline {
             Ok(GateDecision::UserLimit { .. }) => {
                 metrics::decision("gate", "over_cap");
                 Ok(GatePass::OverCap)
+            }
+            Ok(GateDecision::NotOpen { opens_at_ms }) => {
+                metrics::decision("gate", "not_open");
+                Ok(GatePass::OutsideWindow(WindowCheck::NotOpen(from_millis(
+                    opens_at_ms,
+                ))))
+            }
+            Ok(GateDecision::Closed { closes_at_ms }) => {
+                metrics::decision("gate", "closed");
+                Ok(GatePass::OutsideWindow(WindowCheck::Closed(from_millis(
+                    closes_at_ms,
+                ))))
             }
             Ok(GateDecision::UnknownSku) => {
                 metrics::decision("gate", "unknown_sku");
@@ -307,6 +330,12 @@ impl Pipeline {
                 .map_err(store_error)?
             {
                 None => return Err(ReservationError::UnknownSku(order.sku.as_str().into())),
+                Some(row) if row.window().check(order.created_at) != WindowCheck::Open => {
+                    metrics::decision("db", "outside_window");
+                    return Ok(ReserveResult::OutsideWindow(
+                        row.window().check(order.created_at),
+                    ));
+                }
                 Some(row) if row.stock < i64::from(order.quantity) => {
                     return Ok(ReserveResult::SoldOut {
                         remaining: Some(row.stock),
@@ -465,7 +494,14 @@ impl Pipeline {
             return Ok(Some(reservation));
         }
         match processed {
-            Some(id) => self.store.reservation(&id).await.map_err(store_error),
+            // Refused for the sale window: the same call later is decided
+            // again (the window may have opened), as its key was not used.
+            Some(id) => Ok(self
+                .store
+                .reservation(&id)
+                .await
+                .map_err(store_error)?
+                .filter(|row| !row.reject_reason.as_deref().is_some_and(is_window_reason))),
             None => Ok(None),
         }
     }

@@ -7,6 +7,7 @@ use crate::{
     domain::{ReservationId, ReservationState, Sku},
     error::ReservationError,
     gate::{Settlement, RESTOCK_ALL},
+    store::CommitOutcome,
 };
 
 use super::{gate_error, sku_stock, store_error, Pipeline};
@@ -44,6 +45,13 @@ impl Pipeline {
             return Ok(report);
         }
         let rows = self.store.all_inventory().await.map_err(store_error)?;
+        // Every window again: a window change the gate missed (unreachable
+        // then) is right by the next pass, well before a sale opens.
+        let windows: Vec<_> = rows
+            .iter()
+            .map(|row| (Sku::from_trusted(row.sku.clone()), row.window().as_millis()))
+            .collect();
+        self.gate.set_windows(&windows).await.map_err(gate_error)?;
         let mut seen = HashMap::new();
         for row in &rows {
             let sku = Sku::from_trusted(row.sku.clone());
@@ -130,9 +138,12 @@ impl Pipeline {
                 .await
                 .map_err(store_error)?
             {
-                Some(row) if row.state == ReservationState::Rejected => {
-                    (Settlement::Rejected, None)
-                }
+                // As the processor would have settled it: a sold-out
+                // rejection returns nothing, any other its units.
+                Some(row) if row.state == ReservationState::Rejected => (
+                    super::batch::settlement(&CommitOutcome::AlreadyCommitted(row)),
+                    None,
+                ),
                 Some(_) => (Settlement::Committed, self.stock_version(sku).await),
                 None if waiting != Some(0) => continue,
                 None => {

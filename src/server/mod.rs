@@ -67,6 +67,9 @@ pub struct Extras {
     /// Reloaded configs (SIGHUP): their layer switches are applied to the
     /// fleet as a change by `sighup`, their admin token here.
     pub reloads: Option<mpsc::Receiver<Config>>,
+    /// When Reserve calls are decided: the system clock unless a test sets
+    /// its own (sale window edges to the millisecond).
+    pub clock: crate::domain::Clock,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting calls, lets
@@ -277,13 +280,16 @@ pub async fn run_with(
         // A claim outlives the call that made it by a margin, then lapses.
         in_flight: config.request_timeout() + Duration::from_secs(1),
     };
-    let pipeline = Arc::new(Pipeline::new(
-        store,
-        gate,
-        queue.clone(),
-        switches.clone(),
-        Limits::from_config(&config),
-    ));
+    let pipeline = Arc::new(
+        Pipeline::new(
+            store,
+            gate,
+            queue.clone(),
+            switches.clone(),
+            Limits::from_config(&config),
+        )
+        .with_clock(extras.clock.clone()),
+    );
 
     let board = Arc::new(SwitchBoard::new(
         pipeline.store().clone(),

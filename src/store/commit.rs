@@ -217,6 +217,11 @@ macro_rules! commit_queries {
                     outcomes.push(CommitOutcome::UnknownSku);
                     continue;
                 };
+                if let Some(reason) = window_reason(current.window().check(order.created_at)) {
+                    let row = rejected_row(order, reason, params.now);
+                    push_rejected(&mut outcomes, &mut rows, row, RejectCause::OutsideWindow);
+                    continue;
+                }
                 let quantity = i64::from(order.quantity);
                 let available = current.stock - *taken;
                 let slot = (
@@ -316,6 +321,16 @@ macro_rules! commit_queries {
                 let Some(current) = current else {
                     return Ok(CommitOutcome::UnknownSku);
                 };
+                // The moment the Reserve was decided, not this commit's: a
+                // queued order accepted before the closing is still sold.
+                let check = current.window().check(order.created_at);
+                if let Some(reason) = window_reason(check) {
+                    if params.record_rejections {
+                        return reject(conn, order, RejectCause::OutsideWindow, reason, params.now)
+                            .await;
+                    }
+                    return Ok(CommitOutcome::OutsideWindow(check));
+                }
                 if current.max_per_user > 0 {
                     let live: Option<i64> = reservations::table
                         .filter(reservations::sku.eq(order.sku.as_str()))

@@ -128,6 +128,11 @@ macro_rules! holds_queries {
             if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
                 return Ok((Vec::new(), 0, None));
             }
+            // After the closing nothing more is sold: returned units stay
+            // in stock, and waiting entries lapse at their expiry.
+            if current.closes_at.is_some_and(|closes| now >= closes) {
+                return Ok((Vec::new(), 0, None));
+            }
             let mut stock = current.stock;
             let mut handed = Vec::new();
             let mut units = 0;
@@ -305,6 +310,12 @@ macro_rules! holds_queries {
                 let Some(current) = own::lock_inventory(conn, order.sku.as_str()).await? else {
                     return Ok(WaitlistJoin::UnknownSku);
                 };
+                // A sold-out answer from the fast path or a stale gate copy
+                // can come after the closing.
+                let check = current.window().check(order.created_at);
+                if check != WindowCheck::Open {
+                    return Ok(WaitlistJoin::OutsideWindow(check));
+                }
                 if SoldOutPolicy::from_db(&current.sold_out_policy) != SoldOutPolicy::Waitlist {
                     return Ok(WaitlistJoin::NotOffered);
                 }

@@ -48,7 +48,8 @@ use schema::{inventory, reservations};
 use crate::{
     config::{DbCheckMode, StoreBackend, StoreConfig},
     domain::{
-        IdempotencyKey, Reservation, ReservationId, ReservationState, Sku, SoldOutPolicy, UserId,
+        IdempotencyKey, Reservation, ReservationId, ReservationState, SaleWindow, Sku,
+        SoldOutPolicy, UserId, WindowCheck,
     },
 };
 
@@ -126,6 +127,31 @@ pub const SOLD_OUT_REASON: &str = "sold out";
 /// redrives the order from the dead-letter queue.
 pub const GIVEN_UP_REASON: &str = "processing failed";
 
+/// The reason of a REJECTED row whose Reserve was decided outside the
+/// SKU's sale window (a gate whose copy of the window was stale admitted
+/// it); `None` inside it.
+pub fn window_reason(check: WindowCheck) -> Option<String> {
+    let at = |t: NaiveDateTime| {
+        t.and_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    match check {
+        WindowCheck::Open => None,
+        WindowCheck::NotOpen(opens) => Some(format!("{NOT_OPEN_REASON} {}", at(opens))),
+        WindowCheck::Closed(closes) => Some(format!("{CLOSED_REASON} {}", at(closes))),
+    }
+}
+
+/// How [`window_reason`]'s reasons start.
+pub const NOT_OPEN_REASON: &str = "the sale opens at";
+pub const CLOSED_REASON: &str = "the sale closed at";
+
+/// Whether a REJECTED row's reason is the sale window's: the order was
+/// decided outside it, and the same call later may be decided otherwise.
+pub fn is_window_reason(reason: &str) -> bool {
+    reason.starts_with(NOT_OPEN_REASON) || reason.starts_with(CLOSED_REASON)
+}
+
 /// What the reason of a given-up row starts with once an operator purged
 /// its dead letter.
 pub const PURGED_PREFIX: &str = "purged from the dead-letter queue: ";
@@ -167,6 +193,8 @@ pub enum CommitOutcome {
         limit: u32,
     },
     UnknownSku,
+    /// Decided outside the SKU's sale window; nothing was written.
+    OutsideWindow(WindowCheck),
     /// Every optimistic attempt lost its race; nothing was written.
     Contention {
         attempts: u32,
@@ -185,6 +213,7 @@ pub enum RejectCause {
     SoldOut,
     UserLimit,
     DuplicateKey,
+    OutsideWindow,
 }
 
 /// Units a release or expiry gave back, and where they went.
@@ -272,6 +301,8 @@ pub enum WaitlistJoin {
         limit: u32,
     },
     UnknownSku,
+    /// The join was decided outside the SKU's sale window.
+    OutsideWindow(WindowCheck),
 }
 
 /// Whether an adjustment applied.

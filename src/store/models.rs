@@ -22,6 +22,19 @@ pub struct InventoryRow {
     pub sold_out_policy: String,
     /// Waiting entries allowed at once; 0 = `reservations.waitlist_max`.
     pub waitlist_limit: i32,
+    /// The sale window's opening (Reserve admits from it), if any.
+    pub opens_at: Option<NaiveDateTime>,
+    /// The sale window's closing (Reserve admits until it), if any.
+    pub closes_at: Option<NaiveDateTime>,
+}
+
+impl InventoryRow {
+    pub fn window(&self) -> crate::domain::SaleWindow {
+        crate::domain::SaleWindow {
+            opens_at: self.opens_at,
+            closes_at: self.closes_at,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

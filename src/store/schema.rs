@@ -11,6 +11,8 @@ diesel::table! {
         supplied -> BigInt,
         sold_out_policy -> Varchar,
         waitlist_limit -> Integer,
+        opens_at -> Nullable<Timestamp>,
+        closes_at -> Nullable<Timestamp>,
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 
 use super::{Adjusted, InventoryRow, Store, StoreError, UnitTotals};
-use crate::domain::{Reservation, Sku};
+use crate::domain::{Reservation, SaleWindow, Sku};
 
 /// Stock queries, written once; `dialect!` in `mod.rs` expands
 /// them into each connection type's module.
@@ -102,6 +102,32 @@ macro_rules! stock_queries {
             .await
         }
 
+        /// Sets a SKU's sale window; the row before and after, `None` for
+        /// an unknown SKU. The version is left alone: no units moved.
+        pub(super) async fn set_sale_window(
+            conn: &mut $Conn,
+            sku: &str,
+            window: SaleWindow,
+            now: NaiveDateTime,
+        ) -> QueryResult<Option<(InventoryRow, InventoryRow)>> {
+            conn.transaction::<_, DieselError, _>(async |conn| {
+                let Some(before) = own::lock_inventory(conn, sku).await? else {
+                    return Ok(None);
+                };
+                let after = diesel::update(inventory::table.find(sku))
+                    .set((
+                        inventory::opens_at.eq(window.opens_at),
+                        inventory::closes_at.eq(window.closes_at),
+                        inventory::updated_at.eq(now),
+                    ))
+                    .returning(InventoryRow::as_returning())
+                    .get_result(conn)
+                    .await?;
+                Ok(Some((before, after)))
+            })
+            .await
+        }
+
         pub(super) async fn inventory(
             conn: &mut $Conn,
             sku: &str,
@@ -193,6 +219,17 @@ impl Store {
         hold_ttl: Option<Duration>,
     ) -> Result<Adjusted, StoreError> {
         dispatch!(self.adjust_stock(sku.as_str(), delta, now, hold_ttl))
+    }
+
+    /// Sets a SKU's sale window: the row before and after, `None` for an
+    /// unknown SKU.
+    pub async fn set_sale_window(
+        &self,
+        sku: &Sku,
+        window: SaleWindow,
+        now: NaiveDateTime,
+    ) -> Result<Option<(InventoryRow, InventoryRow)>, StoreError> {
+        dispatch!(self.set_sale_window(sku.as_str(), window, now))
     }
 
     pub async fn inventory(&self, sku: &Sku) -> Result<Option<InventoryRow>, StoreError> {

@@ -45,7 +45,13 @@ async fn the_python_client_round_trip() {
     let out = stubs.path().display().to_string();
     let root = crate::harness::ROOT;
 
-    let app = TestApp::spawn_with(Profile::Embedded, |c| c.admin.token = "py-token".into()).await;
+    let app = TestApp::spawn_with(Profile::Embedded, |c| {
+        c.admin.token = "py-token".into();
+        // A reconcile pass that read the rows before a window change could
+        // write the older window back (until the next pass).
+        c.layers.gate.reconcile_interval_ms = 600_000;
+    })
+    .await;
     let output = Command::new("python3")
         .arg(format!("{root}/clients/python/roundtrip.py"))
         .args([app.addr.to_string(), "CLIENT-PY".into(), "py-token".into()])
@@ -100,5 +106,27 @@ async fn the_python_client_round_trip() {
     assert_eq!(too_long["code"], "INVALID_ARGUMENT");
     assert_eq!(too_long["metadata"]["field"], "hold_seconds");
     assert_eq!(result["extend_after_confirm"]["reason"], "WRONG_STATE");
+    // A sale window, seen by a grpc-core client: the new outcomes, their
+    // times (on the server's clock), no reservation, a bad window refused.
+    let now = result["window_now"].as_i64().unwrap();
+    let iso = |secs: i64| {
+        chrono::DateTime::from_timestamp(secs, 0)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    let not_open = &result["not_open"];
+    assert_eq!(not_open["outcome"], "RESERVE_OUTCOME_NOT_OPEN");
+    assert_eq!(not_open["opens_at"], iso(now + 3600));
+    assert_eq!(not_open["closes_at"], serde_json::Value::Null);
+    assert_eq!(not_open["has_reservation"], false);
+    let closed = &result["closed"];
+    assert_eq!(closed["outcome"], "RESERVE_OUTCOME_CLOSED");
+    assert_eq!(closed["closes_at"], iso(now - 3600));
+    assert_eq!(closed["opens_at"], serde_json::Value::Null);
+    let backwards = &result["backwards_window"];
+    assert_eq!(backwards["code"], "INVALID_ARGUMENT");
+    assert!(backwards["details"].as_str().unwrap().contains("closes_at"));
+    assert_eq!(result["windowed_db_stock"], 5);
     app.stop().await;
 }

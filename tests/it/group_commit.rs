@@ -468,3 +468,67 @@ async fn processors_sweepers_and_buyers_never_deadlock_on_shared_skus() {
     assert_eq!(deadlocks, 0, "PostgreSQL broke {deadlocks} deadlocks");
     db.drop_now().await;
 }
+
+/// The sale window is checked against each order's own decision time, on
+/// the grouped path (a batch) and on the per-order path (one order, and
+/// the commit in the request path): an order decided before the opening
+/// or at the closing is refused with the window as its reason and takes
+/// nothing; one decided inside it commits, however late the commit runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_order_is_held_to_the_window_at_its_own_decision_time() {
+    for profile in [Profile::Postgres, Profile::Embedded] {
+        let (config, _db, _dir) = config_for(profile).await;
+        let store = open_store(&config);
+        store.migrate().await.unwrap();
+        let sku = Sku::parse("W").unwrap();
+        store.set_stock(&sku, 5, 0, now(), None).await.unwrap();
+        let opens = now() - chrono::TimeDelta::minutes(10);
+        let closes = opens + chrono::TimeDelta::minutes(5);
+        let window = stockgate::domain::SaleWindow {
+            opens_at: Some(opens),
+            closes_at: Some(closes),
+        };
+        store
+            .set_sale_window(&sku, window, now())
+            .await
+            .unwrap()
+            .unwrap();
+        let at = |moment: chrono::NaiveDateTime| NewOrder {
+            created_at: moment,
+            ..order("W", "u1", 1, None)
+        };
+        let tick = chrono::TimeDelta::microseconds(1);
+        let (_, version) = row_of(&store, "W").await;
+        let batch = vec![at(opens - tick), at(opens), at(closes - tick), at(closes)];
+        let shapes = shapes_of(&store, &batch).await;
+        assert_eq!(
+            shapes,
+            [
+                "rejected OutsideWindow",
+                "held, 4 left",
+                "held, 3 left",
+                "rejected OutsideWindow"
+            ],
+            "{profile:?}"
+        );
+        // One conditional update: the grouped path decided the batch.
+        assert_eq!(row_of(&store, "W").await, (3, version + 1), "{profile:?}");
+        let outcomes = store.commit_batch(&[at(closes)], params()).await.unwrap();
+        let CommitOutcome::Rejected { reservation, .. } = &outcomes[0] else {
+            panic!("{profile:?}: {outcomes:?}");
+        };
+        let reason = reservation.reject_reason.clone().unwrap();
+        assert!(reason.starts_with("the sale closed at "), "{reason}");
+        let single = CommitParams {
+            record_rejections: false,
+            ..params()
+        };
+        let refused = store.commit_order(&at(opens - tick), single).await.unwrap();
+        assert_eq!(
+            refused,
+            CommitOutcome::OutsideWindow(stockgate::domain::WindowCheck::NotOpen(opens)),
+            "{profile:?}"
+        );
+        assert_eq!(stock_of(&store, "W").await, 3, "{profile:?}");
+    }
+}

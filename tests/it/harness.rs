@@ -238,6 +238,20 @@ impl TestApp {
         Self::start_on(listener, config, db, dir).await
     }
 
+    /// As [`Self::spawn_with`], deciding Reserve calls by `clock`.
+    pub async fn spawn_clocked(
+        profile: Profile,
+        clock: stockgate::domain::Clock,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let (mut config, db, dir) = config_for(profile).await;
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = Self::start_clocked(listener, config, db, dir, clock).await;
+        app.wait_serving().await;
+        app
+    }
+
     /// Starts on `listener` (an address of the test's choosing), without
     /// waiting for readiness.
     pub async fn start_on(
@@ -245,6 +259,16 @@ impl TestApp {
         config: Config,
         db: Option<TestDb>,
         dir: tempfile::TempDir,
+    ) -> Self {
+        Self::start_clocked(listener, config, db, dir, Default::default()).await
+    }
+
+    async fn start_clocked(
+        listener: TcpListener,
+        config: Config,
+        db: Option<TestDb>,
+        dir: tempfile::TempDir,
+        clock: stockgate::domain::Clock,
     ) -> Self {
         // A config the server would refuse shows here, not as "connection
         // refused" later.
@@ -269,6 +293,7 @@ impl TestApp {
             admin,
             metrics,
             reloads: None,
+            clock,
         };
         let handle = tokio::spawn(stockgate::server::run_with(
             config.clone(),

@@ -30,3 +30,4 @@ mod storm;
 mod storm_tool;
 mod traces;
 mod waitlist;
+mod windows;

@@ -721,6 +721,34 @@ async fn the_cli_drives_a_running_server() {
     let (ok, out, err) = cli(&app, &["stock", "policy", "CLI-1", "instant"]);
     assert!(ok && out.contains("instant"), "{out}{err}");
 
+    let (ok, _, err) = cli(&app, &["stock", "set", "CLI-W", "3"]);
+    assert!(ok, "{err}");
+    let window = |args: &[&str]| {
+        let mut all = vec!["stock", "window", "CLI-W"];
+        all.extend_from_slice(args);
+        cli(&app, &all)
+    };
+    let (ok, out, err) = window(&[
+        "--opens-at",
+        "2030-01-01T10:00:00Z",
+        "--closes-at",
+        "2030-01-01T12:30:00+02:00",
+        "--reason",
+        "launch",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("2030-01-01 10:00:00 to 2030-01-01 10:30:00"),
+        "{out}"
+    );
+    let (ok, _, err) = window(&["--opens-at", "tomorrow", "--reason", "x"]);
+    assert!(!ok && err.contains("not an RFC 3339 time"), "{err}");
+    let (ok, _, err) = window(&["--opens-at", "2030-01-01T10:00:00Z"]);
+    assert!(!ok && err.contains("--reason"), "{err}");
+    let (ok, out, err) = window(&["--reason", "postponed"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("2030"), "{out}");
+
     let mut client = app.inventory();
     reserve(&mut client, "CLI-1", 1, "buyer").await.unwrap();
     // The order processor commits it shortly.

@@ -1,20 +1,30 @@
 -- Admit QTY units of one SKU for one user, atomically.
--- KEYS[1] inv hash {stock, cap, inflight}   KEYS[2] users hash {user -> live units}
+-- KEYS[1] inv hash {stock, cap, inflight, opens, closes}
+-- KEYS[2] users hash {user -> live units}
 -- KEYS[3] reservation record hash          KEYS[4] pending zset {id -> admitted ms}
--- ARGV: user, qty, record ttl seconds, now ms, reservation id
+-- ARGV: user, qty, record ttl seconds, now ms, reservation id, the call's
+-- decision time in ms (checked against the sale window).
 -- Returns {0} no counter (not loaded or unknown SKU), {1, remaining} admitted,
--- {2, remaining} sold out, {3, live, cap} over the per-user limit.
+-- {2, remaining} sold out, {3, live, cap} over the per-user limit,
+-- {4, opens ms} before the sale window, {5, closes ms} after it.
 -- The decision table is the same as src/gate/embedded.rs.
-local stock = redis.call('HGET', KEYS[1], 'stock')
-if not stock then
+local inv = redis.call('HMGET', KEYS[1], 'stock', 'cap', 'opens', 'closes')
+if not inv[1] then
   return {0}
 end
-stock = tonumber(stock)
+local at = tonumber(ARGV[6])
+if inv[3] and at < tonumber(inv[3]) then
+  return {4, tonumber(inv[3])}
+end
+if inv[4] and at >= tonumber(inv[4]) then
+  return {5, tonumber(inv[4])}
+end
+local stock = tonumber(inv[1])
 local qty = tonumber(ARGV[2])
 if stock < qty then
   return {2, math.max(stock, 0)}
 end
-local cap = tonumber(redis.call('HGET', KEYS[1], 'cap') or '0')
+local cap = tonumber(inv[2] or '0')
 local live = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if cap > 0 and live + qty > cap then
   return {3, live, cap}

@@ -4,7 +4,8 @@
 -- settled, see settle.lua). Refused when the gate has already settled a
 -- change newer than the read, whose effect the read would overwrite.
 -- KEYS[1] inv hash.  ARGV: database stock, per-user cap, restock channel,
--- sku, row version of the read.
+-- sku, row version of the read, the sale window's opening and closing
+-- (Unix ms, '' = that side open).
 -- Returns 1 when set, 0 when the read is stale.
 local version = tonumber(ARGV[5])
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
@@ -17,5 +18,13 @@ local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
 local stock = tonumber(ARGV[1]) - inflight
 redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight,
   'ver', version, 'seen', version)
+local fields = {'opens', 'closes'}
+for i = 1, 2 do
+  if ARGV[5 + i] == '' then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    redis.call('HSET', KEYS[1], fields[i], ARGV[5 + i])
+  end
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1

@@ -386,6 +386,12 @@ pub trait AnswerAtOnce: Send + Sync + 'static {
     fn answer_at_once(&self, headers: &http::HeaderMap, body: &[u8]) -> Option<StoredAnswer>;
 }
 
+/// Marks a response (in its extensions, never on the wire) whose decision
+/// a retry with the same key must not inherit though it is OK: a Reserve
+/// outside the sale window, which may open or move.
+#[derive(Debug, Clone, Copy)]
+pub struct Provisional;
+
 /// Stores a final answer (and hands back the stored copy, so the first
 /// caller and every replay get the same bytes) or drops the claim.
 async fn finish(
@@ -396,6 +402,7 @@ async fn finish(
     times: DedupTimes,
     response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
+    let provisional = response.extensions().get::<Provisional>().is_some();
     let answer = match StoredAnswer::capture(response).await {
         Ok(answer) => answer,
         Err(err) => {
@@ -406,7 +413,7 @@ async fn finish(
             )));
         }
     };
-    let stored = if answer.worth_keeping() {
+    let stored = if answer.worth_keeping() && !provisional {
         store
             .complete(key, fingerprint, token, &answer, times.ttl)
             .await

@@ -185,6 +185,19 @@ pub enum StockCommand {
         #[arg(long, default_value_t = 0)]
         waitlist_limit: u32,
     },
+    /// Set the sale window: Reserve admits from `--opens-at` until
+    /// `--closes-at` (RFC 3339, e.g. 2026-12-24T18:00:00Z); a side left
+    /// out stays open, both left out clear the window.
+    Window {
+        sku: String,
+        #[arg(long)]
+        opens_at: Option<String>,
+        #[arg(long)]
+        closes_at: Option<String>,
+        /// Why, for the audit trail (required).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +344,35 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                             sku,
                             policy: policy as i32,
                             waitlist_limit,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .stock
+                }
+                StockCommand::Window {
+                    sku,
+                    opens_at,
+                    closes_at,
+                    reason,
+                } => {
+                    let at = |flag: &str, text: Option<String>| {
+                        text.map(|text| {
+                            chrono::DateTime::parse_from_rfc3339(&text)
+                                .map(|t| prost_types::Timestamp {
+                                    seconds: t.timestamp(),
+                                    nanos: t.timestamp_subsec_nanos() as i32,
+                                })
+                                .map_err(|e| anyhow!("{flag} {text}: not an RFC 3339 time: {e}"))
+                        })
+                        .transpose()
+                    };
+                    admin
+                        .set_sale_window(pb::SetSaleWindowRequest {
+                            sku,
+                            opens_at: at("--opens-at", opens_at)?,
+                            closes_at: at("--closes-at", closes_at)?,
+                            reason,
                         })
                         .await
                         .map_err(status)?

@@ -149,6 +149,7 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
             "max_per_user",
             "sold_out",
             "waitlisted",
+            "window (UTC)",
             "version",
         ],
         &[vec![
@@ -164,6 +165,10 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
                 _ => "instant".into(),
             },
             view.waitlisted_units.to_string(),
+            match (&view.opens_at, &view.closes_at) {
+                (None, None) => "-".into(),
+                (opens, closes) => format!("{} to {}", time(opens), time(closes)),
+            },
             view.db_version.to_string(),
         ]],
     )

@@ -537,7 +537,7 @@ async fn redis_benchmark(options: &BenchOptions, prefix: &str) -> anyhow::Result
         .arg("--csv")
         .args(["EVALSHA", &sha, "4"])
         .args([key("inv"), key("users"), key("res:raw"), key("pending")])
-        .args(["bench-user", "1", "60", "0", "raw"])
+        .args(["bench-user", "1", "60", "0", "raw", "0"])
         .output()
         .context("running redis-benchmark (Debian package redis-tools)")?;
     if !output.status.success() {

@@ -1,0 +1,2 @@
+ALTER TABLE inventory DROP COLUMN closes_at;
+ALTER TABLE inventory DROP COLUMN opens_at;
