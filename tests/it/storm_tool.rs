@@ -30,7 +30,43 @@ fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> StormOption
         progress: false,
         store: None,
         metrics_url: app.metrics_addr.map(|a| format!("http://{a}/metrics")),
+        opens_in_ms: 0,
     }
+}
+
+/// A sale that opens at a set time, with the RabbitMQ queue and the Redis
+/// gate: the calls start 1.5 s early, every early caller hears NOT_OPEN
+/// and comes back at the opening, exactly the stock is sold, every
+/// invariant holds, and nothing was admitted before the opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_opening_at_a_set_time_admits_nothing_before_it() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    let options = StormOptions {
+        opens_in_ms: 1_500,
+        double_click: 0.0,
+        concurrency: 100,
+        ..options(&app, "OPENING", 20, 400)
+    };
+    let report = storm::run(&options, "storm").await.unwrap();
+    let rendered = storm::render(&report);
+    assert!(report.ok(), "{rendered}");
+    assert_eq!(report.admitted, 20, "{rendered}");
+    assert_eq!(report.units_ordered, 20, "{rendered}");
+    // The first wave (the whole concurrency) came before the opening.
+    assert!(report.not_open_answers >= 100, "{rendered}");
+    assert_eq!(
+        report.outcomes.get("RESERVE_OUTCOME_NOT_OPEN"),
+        None,
+        "{rendered}"
+    );
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.name == "nothing admitted before the opening")
+        .expect("the opening is checked");
+    assert!(check.ok, "{rendered}");
+    assert!(rendered.contains("the sale opened at "), "{rendered}");
+    app.stop().await;
 }
 
 /// 5,000 calls (and 500 double clicks) for 3 units: exactly 3 admitted and

@@ -180,6 +180,11 @@ struct StormArgs {
     /// The service's metrics endpoint, for database decisions per run.
     #[arg(long)]
     metrics: Option<String>,
+    /// Open the sale this many milliseconds after the storm starts (a sale
+    /// window on every SKU): early callers hear NOT_OPEN and call again at
+    /// the opening; the report checks nothing was admitted before it.
+    #[arg(long, default_value_t = 0)]
+    opens_in_ms: u64,
     /// Run once per layer configuration and compare (switches restored after).
     #[arg(long)]
     matrix: bool,
@@ -218,6 +223,7 @@ async fn storm(args: StormArgs) -> anyhow::Result<bool> {
         progress: !args.quiet,
         store: args.store,
         metrics_url: args.metrics,
+        opens_in_ms: args.opens_in_ms,
     };
     let reports = if args.matrix {
         let reports = storm::run_matrix(&options).await?;

@@ -59,6 +59,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
             progress: false,
             store: None,
             metrics_url: None,
+            opens_in_ms: 0,
         };
         let report = storm::run(&storm_options, "storm").await?;
         rounds.push(StormRound {

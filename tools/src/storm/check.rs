@@ -37,6 +37,12 @@ pub(super) async fn confirm_and_check(
     earlier: &[i64],
     report: &mut StormReport,
 ) -> anyhow::Result<()> {
+    let opens_at = report
+        .opens_at
+        .as_deref()
+        .map(chrono::DateTime::parse_from_rfc3339)
+        .transpose()
+        .context("the report's opening")?;
     // Reservations by idempotency key (call index): a double click must
     // come back with one reservation.
     let mut by_key: HashMap<usize, HashSet<&str>> = HashMap::new();
@@ -90,7 +96,7 @@ pub(super) async fn confirm_and_check(
     // once: with rate limiting on, each user's calls are paced.
     let inventory = InventoryServiceClient::new(channel.clone());
     let deadline = Instant::now() + Duration::from_secs(120);
-    let finished: Vec<anyhow::Result<(String, PbState, u32)>> =
+    let finished: Vec<anyhow::Result<Finished>> =
         futures::stream::iter(owners.iter().map(|(id, i)| {
             let user = user_name(options, *i);
             confirm_when_held(inventory.clone(), (*id).to_owned(), user, deadline)
@@ -101,8 +107,16 @@ pub(super) async fn confirm_and_check(
     let skus = sale.names.len();
     let mut lost = Vec::new();
     let mut units_confirmed = vec![0i64; skus];
+    let mut before_opening = Vec::new();
     for result in finished {
-        let (id, state, quantity) = result?;
+        let (id, state, quantity, created_at) = result?;
+        if let Some(opens_at) = opens_at {
+            let created = created_at
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32));
+            if created.is_none_or(|created| created < opens_at.to_utc()) {
+                before_opening.push(format!("{id} at {created:?}"));
+            }
+        }
         match state {
             PbState::Confirmed => {
                 report.confirmed += 1;
@@ -195,6 +209,25 @@ pub(super) async fn confirm_and_check(
             },
         },
     ];
+    if let Some(opens_at) = opens_at {
+        checks.push(Check {
+            name: "nothing admitted before the opening",
+            ok: before_opening.is_empty(),
+            detail: if before_opening.is_empty() {
+                format!(
+                    "{} admitted at or after {}",
+                    report.admitted,
+                    opens_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                )
+            } else {
+                format!(
+                    "{} admitted before the opening, e.g. {}",
+                    before_opening.len(),
+                    before_opening[..before_opening.len().min(3)].join(", ")
+                )
+            },
+        });
+    }
     let gated: Vec<usize> = (0..skus)
         .filter(|k| views[*k].gate_stock.is_some())
         .collect();
@@ -370,6 +403,9 @@ where
     }
 }
 
+/// A reservation at the end: id, final state, units, when it was decided.
+type Finished = (String, PbState, u32, Option<prost_types::Timestamp>);
+
 /// Waits for one reservation to leave QUEUED and confirms it if HELD;
 /// returns its final state and units.
 async fn confirm_when_held(
@@ -377,7 +413,7 @@ async fn confirm_when_held(
     id: String,
     user: String,
     deadline: Instant,
-) -> anyhow::Result<(String, PbState, u32)> {
+) -> anyhow::Result<Finished> {
     let user = metadata(&user, "user")?;
     fn as_user<T>(body: T, user: &MetadataValue<tonic::metadata::Ascii>) -> Request<T> {
         let mut request = Request::new(body);
@@ -406,7 +442,12 @@ async fn confirm_when_held(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     if reservation.state() != PbState::Held {
-        return Ok((id, reservation.state(), reservation.quantity));
+        return Ok((
+            id,
+            reservation.state(),
+            reservation.quantity,
+            reservation.created_at,
+        ));
     }
     let confirmed = paced(|| {
         let mut client = client.clone();
@@ -423,7 +464,12 @@ async fn confirm_when_held(
     .into_inner()
     .reservation
     .context("ConfirmReservation without a reservation")?;
-    Ok((id, confirmed.state(), confirmed.quantity))
+    Ok((
+        id,
+        confirmed.state(),
+        confirmed.quantity,
+        confirmed.created_at,
+    ))
 }
 
 /// The names of [`check_database`]'s checks, in its order.

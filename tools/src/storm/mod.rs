@@ -10,7 +10,10 @@
 //! reservation ended CONFIRMED or visibly REJECTED (nothing lost); one
 //! reservation per idempotency key. With `--skus N` the sale spans N SKUs
 //! of `--stock` units each, calls spread over them by a Zipf law
-//! (`--zipf`), and every invariant is checked per SKU. `--matrix` repeats
+//! (`--zipf`), and every invariant is checked per SKU. With
+//! `--opens-in-ms` the sale opens at a set time: the early callers hear
+//! NOT_OPEN and come back at the opening all at once, and nothing may be
+//! admitted before it. `--matrix` repeats
 //! it under each layer configuration, the article's naive baseline
 //! included.
 
@@ -42,7 +45,7 @@ use tonic::{
 
 use stockgate::pb::{
     admin_service_client::AdminServiceClient, inventory_service_client::InventoryServiceClient,
-    ReserveOutcome, ReserveRequest, SetStockRequest,
+    ReserveOutcome, ReserveRequest, SetSaleWindowRequest, SetStockRequest,
 };
 
 /// What to run.
@@ -91,6 +94,11 @@ pub struct StormOptions {
     pub store: Option<String>,
     /// The service's `/metrics` (for database writes attempted).
     pub metrics_url: Option<String>,
+    /// When above 0, the sale opens this long after the storm starts: every
+    /// SKU gets a sale window opening then, the calls start at once, and a
+    /// caller told NOT_OPEN calls again at `opens_at` with the same key,
+    /// as a shop's page would.
+    pub opens_in_ms: u64,
 }
 
 /// One call's end.
@@ -165,6 +173,10 @@ pub struct StormReport {
     /// Database writes attempted during the run (commits and conditional
     /// updates that lost a race; from /metrics), when known.
     pub db_writes: Option<u64>,
+    /// With `opens_in_ms`: when the sale opened (RFC 3339, ms).
+    pub opens_at: Option<String>,
+    /// Calls told NOT_OPEN (each then called again at the opening).
+    pub not_open_answers: usize,
     pub checks: Vec<Check>,
     /// Latencies in ms, sorted, for the report's charts.
     #[serde(skip)]
@@ -257,6 +269,11 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
         })
         .await?;
     let writes_before = check::db_writes(options).await;
+    let opens_at = match options.opens_in_ms {
+        0 => None,
+        ms => Some(open_at(&admin, &sale, ms).await?),
+    };
+    let not_open = Arc::new(AtomicUsize::new(0));
 
     let mut channels = Vec::with_capacity(options.connections.max(1));
     for _ in 0..options.connections.max(1) {
@@ -301,6 +318,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                 answers.clone(),
             );
             let (sale, run_id, options) = (sale.clone(), run_id.clone(), options.clone());
+            let not_open = not_open.clone();
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +329,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
                     let key = format!("{run_id}-{i}");
                     let call_started = Instant::now();
                     let sku = sale.sku_of(i);
-                    let answer = reserve(&mut client, sku, &user, &key, &options).await;
+                    let answer = reserve(&mut client, sku, &user, &key, &options, &not_open).await;
                     let ms = call_started.elapsed().as_secs_f64() * 1e3;
                     answered.fetch_add(1, Ordering::Relaxed);
                     answers
@@ -333,6 +351,8 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
 
     let mut report = tally(options, strategy, &answers, last_answer);
     report.seed = seed;
+    report.not_open_answers = not_open.load(Ordering::Relaxed);
+    report.opens_at = opens_at.map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     check::confirm_and_check(
         options,
         &sale,
@@ -349,14 +369,51 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     Ok(report)
 }
 
+/// Gives every SKU of the sale a window opening `in_ms` from now (to the
+/// millisecond); returns the opening.
+async fn open_at(
+    admin: &Admin,
+    sale: &sale::Sale,
+    in_ms: u64,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(in_ms.min(86_400_000) as i64);
+    let at = chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).context("opening")?;
+    sale.each_sku(|sku| {
+        let (mut client, admin) = (admin.client.clone(), admin);
+        async move {
+            client
+                .set_sale_window(admin.request(SetSaleWindowRequest {
+                    sku: sku.clone(),
+                    opens_at: Some(prost_types::Timestamp {
+                        seconds: at.timestamp(),
+                        nanos: at.timestamp_subsec_nanos() as i32,
+                    }),
+                    closes_at: None,
+                    reason: "stockgate storm: a sale opening at a set time".into(),
+                }))
+                .await
+                .map_err(status("SetSaleWindow"))?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    Ok(at)
+}
+
+/// Most NOT_OPEN answers one call waits out before it gives up (a server
+/// whose clock runs behind the storm's would otherwise keep it waiting).
+const NOT_OPEN_WAITS: u32 = 3;
+
 async fn reserve(
     client: &mut InventoryServiceClient<Channel>,
     sku: &str,
     user: &str,
     key: &str,
     options: &StormOptions,
+    not_open: &AtomicUsize,
 ) -> Answer {
     let mut attempt = 0;
+    let mut waits = 0;
     loop {
         let mut request = Request::new(ReserveRequest {
             sku: sku.to_owned(),
@@ -372,6 +429,19 @@ async fn reserve(
         match client.reserve(request).await {
             Ok(response) => {
                 let response = response.into_inner();
+                if let (ReserveOutcome::NotOpen, Some(opens)) =
+                    (response.outcome(), &response.opens_at)
+                {
+                    not_open.fetch_add(1, Ordering::Relaxed);
+                    if waits < NOT_OPEN_WAITS {
+                        waits += 1;
+                        let opens_ms = opens.seconds * 1_000 + i64::from(opens.nanos / 1_000_000);
+                        let wait = opens_ms - chrono::Utc::now().timestamp_millis();
+                        let wait = Duration::from_millis(wait.clamp(1, 60_000) as u64);
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
                 return Answer::Outcome {
                     outcome: response.outcome(),
                     reservation: response.reservation.map(|r| r.reservation_id),
@@ -470,6 +540,8 @@ fn tally(
         max_ms: latencies.last().copied().unwrap_or(0.0),
         last_answer_ms: last_answer.as_secs_f64() * 1e3,
         db_writes: None,
+        opens_at: None,
+        not_open_answers: 0,
         checks: Vec::new(),
         latencies_ms: latencies,
     }
@@ -514,6 +586,12 @@ pub fn render(report: &StormReport) -> String {
             .db_writes
             .map_or(String::new(), |w| format!("  database writes {w}"))
     ));
+    if let Some(opens_at) = &report.opens_at {
+        out.push_str(&format!(
+            "the sale opened at {opens_at}: {} calls came early (NOT_OPEN) and called again then\n\n",
+            report.not_open_answers
+        ));
+    }
     if o.skus > 1 {
         let title = "hottest SKUs";
         let w = report
