@@ -656,6 +656,46 @@ async fn bench_through_rabbitmq_reads_the_brokers_and_the_databases_cpu() {
     db.drop_now().await;
 }
 
+/// The many-SKU storm bench (small N) through PostgreSQL, Redis and
+/// RabbitMQ: both sales of the round hold every invariant, the one-SKU
+/// sale commits exactly its units, the many-SKU sale commits what it
+/// admitted, each with a commit span to divide by, and the ratio is shown.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_many_sku_bench_compares_commit_rates_in_one_round() {
+    use stockgate_tools::bench::storm::{render_many_skus, run_many_skus, ManySkus};
+    let db = crate::harness::TestDb::create().await;
+    let options = stockgate_tools::bench::BenchOptions {
+        requests: 600,
+        concurrency: 32,
+        connections: 2,
+        rounds: 1,
+        redis_url: crate::harness::redis_url(),
+        store: db.url.clone(),
+        queue: crate::harness::amqp_url(),
+        tracing: false,
+    };
+    let sale = ManySkus {
+        skus: 20,
+        stock: 10,
+        zipf: 1.0,
+    };
+    let rounds = run_many_skus(options.clone(), sale).await.unwrap();
+    let shown = render_many_skus(&rounds, &options, sale);
+    let round = &rounds[0];
+    for c in [&round.one, &round.many] {
+        assert!(c.storm.ok(), "{shown}");
+        assert_eq!(c.orders as usize, c.storm.admitted, "{shown}");
+        assert!(c.span_secs > 0.0 && c.per_sec() > 0.0, "{shown}");
+    }
+    assert_eq!(round.one.orders, 200, "{shown}");
+    assert!(round.many.orders <= 200, "{shown}");
+    assert!(
+        shown.contains("committed orders/s, many SKUs / 1 SKU: "),
+        "{shown}"
+    );
+    db.drop_now().await;
+}
+
 /// Starts the broker again however the test ends, so a failure here does
 /// not take RabbitMQ away from the rest of the suite.
 struct BrokerRestart;

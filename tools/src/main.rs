@@ -75,6 +75,16 @@ enum Command {
         /// with every layer on, next to a no-op RPC, invariants checked.
         #[arg(long, conflicts_with = "middleware")]
         storm: bool,
+        /// With `--storm`: sell this many SKUs of `--sku-stock` units with
+        /// Zipf popularity (`--zipf`), next to one SKU of all those units
+        /// in the same round, and compare the rates the database committed
+        /// orders at.
+        #[arg(long, requires = "storm", default_value_t = 1)]
+        skus: usize,
+        #[arg(long, requires = "storm", default_value_t = 100)]
+        sku_stock: i64,
+        #[arg(long, requires = "storm", default_value_t = 1.0)]
+        zipf: f64,
         /// Measure TLS to the backends instead: Reserve through a server
         /// with these TLS URLs (to the same servers as `--store`, `--redis`
         /// and `--queue`) next to one with those plaintext URLs.
@@ -331,6 +341,9 @@ async fn run() -> anyhow::Result<()> {
             queue,
             middleware,
             storm,
+            skus,
+            sku_stock,
+            zipf,
             tls_store,
             tls_redis,
             tls_queue,
@@ -366,6 +379,24 @@ async fn run() -> anyhow::Result<()> {
                     "{}",
                     stockgate_tools::bench::tls::render(&results, &options, &tls)
                 );
+                return Ok(());
+            }
+            if storm && skus > 1 {
+                use stockgate_tools::bench::storm::{self as bench_storm, ManySkus};
+                let sale = ManySkus {
+                    skus,
+                    stock: sku_stock,
+                    zipf,
+                };
+                let rounds = bench_storm::run_many_skus(options.clone(), sale).await?;
+                print!("{}", bench_storm::render_many_skus(&rounds, &options, sale));
+                if rounds
+                    .iter()
+                    .any(|r| !r.one.storm.ok() || !r.many.storm.ok())
+                {
+                    eprintln!("an invariant was broken");
+                    std::process::exit(2);
+                }
                 return Ok(());
             }
             if storm {

@@ -15,10 +15,14 @@ pub struct StormRound {
     pub storm: storm::StormReport,
 }
 
-pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
-    let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
-    let dir = tempfile_dir()?;
-    let mut config = server_config(&options, &prefix, &dir.join("bench.db"))?;
+/// The in-process server every storm round runs against: every layer on,
+/// rates far above the load.
+async fn storm_server(
+    options: &BenchOptions,
+    prefix: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<BenchServer> {
+    let mut config = server_config(options, prefix, &dir.join("bench.db"))?;
     config.backends.dedup = options.redis_url.clone();
     // Every layer on; rates far above the load, so nothing is refused for
     // being fast (the storm's users each call once).
@@ -28,8 +32,58 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
     config.layers.dedup.enabled = true;
     config.server.max_in_flight = 100_000;
     config.validate()?;
-    let server = BenchServer::start(config, options.connections).await?;
+    BenchServer::start(config, options.connections).await
+}
 
+/// A storm of `options.requests` buyers, one unit each, over `skus` SKUs
+/// of `stock` units (Zipf popularity `zipf`), named after `sku`.
+fn storm_options(
+    options: &BenchOptions,
+    server: &BenchServer,
+    sku: String,
+    (skus, stock, zipf): (usize, i64, f64),
+) -> storm::StormOptions {
+    storm::StormOptions {
+        addr: format!("http://{}", server.addr),
+        admin_addr: format!("http://{}", server.addr),
+        token: None,
+        sku,
+        stock,
+        skus,
+        zipf,
+        seed: Some(7),
+        requests: options.requests,
+        users: options.requests,
+        concurrency: options.concurrency,
+        connections: options.connections,
+        quantity: 1,
+        double_click: 0.0,
+        retries: 0,
+        timeout_ms: 60_000,
+        progress: false,
+        store: None,
+        metrics_url: None,
+        opens_in_ms: 0,
+    }
+}
+
+async fn clean_up(
+    options: &BenchOptions,
+    prefix: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    super::cleanup(&options.redis_url, prefix).await?;
+    if options.queue.starts_with("amqp://") {
+        stockgate::queue::delete_topology(&options.queue, prefix).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
+    let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile_dir()?;
+    let server = storm_server(&options, &prefix, &dir).await?;
     let warm = BenchOptions {
         requests: options.requests / 10,
         ..options.clone()
@@ -38,29 +92,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
         let reference = load(&server.channels, &options, "no-op RPC (health Check)", noop).await;
-        let storm_options = storm::StormOptions {
-            addr: format!("http://{}", server.addr),
-            admin_addr: format!("http://{}", server.addr),
-            token: None,
-            // Fresh per run: a benchmark database outlives runs.
-            sku: format!("STORM-{}-{round}", &prefix["sg-bench-".len()..][..12]),
-            stock: 1,
-            skus: 1,
-            zipf: 0.0,
-            seed: None,
-            requests: options.requests,
-            users: options.requests,
-            concurrency: options.concurrency,
-            connections: options.connections,
-            quantity: 1,
-            double_click: 0.0,
-            retries: 0,
-            timeout_ms: 60_000,
-            progress: false,
-            store: None,
-            metrics_url: None,
-            opens_in_ms: 0,
-        };
+        // Fresh per run: a benchmark database outlives runs.
+        let sku = format!("STORM-{}-{round}", &prefix["sg-bench-".len()..][..12]);
+        let storm_options = storm_options(&options, &server, sku, (1, 1, 0.0));
         let report = storm::run(&storm_options, "storm").await?;
         rounds.push(StormRound {
             noop: reference,
@@ -68,11 +102,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
         });
     }
     server.stop().await?;
-    super::cleanup(&options.redis_url, &prefix).await?;
-    if options.queue.starts_with("amqp://") {
-        stockgate::queue::delete_topology(&options.queue, &prefix).await;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    clean_up(&options, &prefix, &dir).await?;
     // The round whose storm had the median throughput.
     let mut by_storm: Vec<StormRound> = rounds;
     by_storm.sort_by(|a, b| a.storm.calls_per_sec.total_cmp(&b.storm.calls_per_sec));
@@ -125,6 +155,189 @@ pub fn render(rounds: &[StormRound], options: &BenchOptions) -> String {
             .map(|(outcome, n)| format!("{outcome} {n}"))
             .collect();
         out.push_str(&format!("answers: {}\n", outcomes.join(", ")));
+    }
+    out
+}
+
+/// A many-SKU sale next to a one-SKU sale of the same units, same server,
+/// same round: `skus` SKUs of `stock` units with Zipf popularity `zipf`,
+/// and one SKU of `skus × stock` units.
+#[derive(Debug, Clone, Copy)]
+pub struct ManySkus {
+    pub skus: usize,
+    pub stock: i64,
+    pub zipf: f64,
+}
+
+/// One storm with the rate the database committed its orders at.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub storm: storm::StormReport,
+    /// Orders the database committed during the storm.
+    pub orders: u64,
+    /// From the first commit to the last, in seconds (20 ms resolution).
+    pub span_secs: f64,
+}
+
+impl Committed {
+    pub fn per_sec(&self) -> f64 {
+        if self.span_secs > 0.0 {
+            self.orders as f64 / self.span_secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One round: the one-SKU sale, then the many-SKU sale.
+#[derive(Debug, Clone)]
+pub struct ManySkusRound {
+    pub one: Committed,
+    pub many: Committed,
+}
+
+/// Orders the database committed so far, as this process counts them
+/// (`stockgate_layer_decisions_total{layer="db",decision="committed"}`).
+/// `render` gives the process's metrics in the exposition format.
+fn committed_so_far(render: &impl Fn() -> String) -> u64 {
+    render()
+        .lines()
+        .filter(|line| {
+            line.starts_with(stockgate::metrics::DECISIONS)
+                && line.contains("layer=\"db\"")
+                && line.contains("decision=\"committed\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Runs a storm while sampling the commit counter every 20 ms.
+async fn timed_storm<R>(render: &R, options: &storm::StormOptions) -> anyhow::Result<Committed>
+where
+    R: Fn() -> String + Clone + Send + 'static,
+{
+    let base = committed_so_far(render);
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let sampler = {
+        let (render, samples) = (render.clone(), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                let count = committed_so_far(&render) - base;
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((std::time::Instant::now(), count));
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                    _ = &mut stopped => return,
+                }
+            }
+        })
+    };
+    let report = storm::run(options, "storm").await;
+    let _ = stop.send(());
+    sampler.await?;
+    let report = report?;
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    let orders = committed_so_far(render) - base;
+    let first = samples.iter().find(|(_, n)| *n > 0).map(|(at, _)| *at);
+    let last = samples
+        .iter()
+        .find(|(_, n)| *n >= orders)
+        .map(|(at, _)| *at);
+    let span_secs = match (first, last) {
+        (Some(first), Some(last)) => (last - first).as_secs_f64(),
+        _ => 0.0,
+    };
+    Ok(Committed {
+        storm: report,
+        orders,
+        span_secs,
+    })
+}
+
+pub async fn run_many_skus(
+    options: BenchOptions,
+    sale: ManySkus,
+) -> anyhow::Result<Vec<ManySkusRound>> {
+    let prefix = format!("sg-bench-{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile_dir()?;
+    let server = storm_server(&options, &prefix, &dir).await?;
+    let handle = stockgate::metrics::install();
+    let render = move || handle.render();
+    let stem = &prefix["sg-bench-".len()..][..12];
+    let mut rounds = Vec::new();
+    for round in 0..options.rounds.max(1) {
+        let units = sale.stock * sale.skus as i64;
+        let one = storm_options(
+            &options,
+            &server,
+            format!("ONE-{stem}-{round}"),
+            (1, units, 0.0),
+        );
+        let one = timed_storm(&render, &one).await?;
+        let many = storm_options(
+            &options,
+            &server,
+            format!("MANY-{stem}-{round}"),
+            (sale.skus, sale.stock, sale.zipf),
+        );
+        let many = timed_storm(&render, &many).await?;
+        rounds.push(ManySkusRound { one, many });
+    }
+    server.stop().await?;
+    clean_up(&options, &prefix, &dir).await?;
+    // The round with the median ratio.
+    rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    let median = rounds[rounds.len() / 2].clone();
+    Ok(vec![median])
+}
+
+fn ratio(round: &ManySkusRound) -> f64 {
+    round.many.per_sec() / round.one.per_sec().max(f64::MIN_POSITIVE)
+}
+
+pub fn render_many_skus(
+    rounds: &[ManySkusRound],
+    options: &BenchOptions,
+    sale: ManySkus,
+) -> String {
+    let mut out = format!(
+        "buyers={} per sale, {} SKUs x {} units (Zipf s = {}, seed 7) next to 1 SKU x {} units; \
+         concurrency={} connections={} rounds={} (median ratio shown) store={} queue={}\n",
+        options.requests,
+        sale.skus,
+        sale.stock,
+        sale.zipf,
+        sale.stock * sale.skus as i64,
+        options.concurrency,
+        options.connections,
+        options.rounds,
+        stockgate::config::redact_url(&options.store),
+        stockgate::config::redact_url(&options.queue),
+    );
+    out.push_str(&format!(
+        "{:<30} {:>9} {:>10} {:>12} {:>10} {:>9} {:>10}\n",
+        "sale", "admitted", "committed", "commits/s", "calls/s", "oversold", "invariants"
+    ));
+    for round in rounds {
+        for (name, c) in [("1 SKU", &round.one), ("many SKUs", &round.many)] {
+            out.push_str(&format!(
+                "{:<30} {:>9} {:>10} {:>12.0} {:>10.0} {:>9} {:>10}\n",
+                name,
+                c.storm.admitted,
+                c.orders,
+                c.per_sec(),
+                c.storm.calls_per_sec,
+                c.storm.oversold,
+                if c.storm.ok() { "hold" } else { "BROKEN" }
+            ));
+        }
+        out.push_str(&format!(
+            "committed orders/s, many SKUs / 1 SKU: {:.2}\n",
+            ratio(round)
+        ));
     }
     out
 }
