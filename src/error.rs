@@ -139,7 +139,7 @@ impl ReservationError {
 pub const RETRY_AFTER: &str = "retry-after";
 
 /// A UTC time as callers read it in messages and error details.
-fn rfc3339_ms(time: &chrono::NaiveDateTime) -> String {
+pub(crate) fn rfc3339_ms(time: &chrono::NaiveDateTime) -> String {
     time.and_utc()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

@@ -474,12 +474,7 @@ fn window_time(
 
 /// A window as the audit trail keeps it.
 fn window_json(window: SaleWindow) -> serde_json::Value {
-    let side = |t: Option<chrono::NaiveDateTime>| {
-        t.map(|t| {
-            t.and_utc()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        })
-    };
+    let side = |t: Option<chrono::NaiveDateTime>| t.as_ref().map(crate::error::rfc3339_ms);
     serde_json::json!({ "opens_at": side(window.opens_at), "closes_at": side(window.closes_at) })
 }
 

@@ -323,26 +323,23 @@ impl Pipeline {
         if !gated {
             // Without the gate, a read of the row still answers sold out and
             // unknown SKUs before anything is queued.
-            match self
+            let row = self
                 .store
                 .inventory(&order.sku)
                 .await
                 .map_err(store_error)?
-            {
-                None => return Err(ReservationError::UnknownSku(order.sku.as_str().into())),
-                Some(row) if row.window().check(order.created_at) != WindowCheck::Open => {
-                    metrics::decision("db", "outside_window");
-                    return Ok(ReserveResult::OutsideWindow(
-                        row.window().check(order.created_at),
-                    ));
-                }
-                Some(row) if row.stock < i64::from(order.quantity) => {
-                    return Ok(ReserveResult::SoldOut {
-                        remaining: Some(row.stock),
-                    })
-                }
-                Some(row) => remaining = Some(row.stock - i64::from(order.quantity)),
+                .ok_or_else(|| ReservationError::UnknownSku(order.sku.as_str().into()))?;
+            let check = row.window().check(order.created_at);
+            if check != WindowCheck::Open {
+                metrics::decision("db", "outside_window");
+                return Ok(ReserveResult::OutsideWindow(check));
             }
+            if row.stock < i64::from(order.quantity) {
+                return Ok(ReserveResult::SoldOut {
+                    remaining: Some(row.stock),
+                });
+            }
+            remaining = Some(row.stock - i64::from(order.quantity));
         }
         let mut reservation = Reservation {
             id: order.id.clone(),

@@ -131,14 +131,11 @@ pub const GIVEN_UP_REASON: &str = "processing failed";
 /// SKU's sale window (a gate whose copy of the window was stale admitted
 /// it); `None` inside it.
 pub fn window_reason(check: WindowCheck) -> Option<String> {
-    let at = |t: NaiveDateTime| {
-        t.and_utc()
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    };
+    let at = crate::error::rfc3339_ms;
     match check {
         WindowCheck::Open => None,
-        WindowCheck::NotOpen(opens) => Some(format!("{NOT_OPEN_REASON} {}", at(opens))),
-        WindowCheck::Closed(closes) => Some(format!("{CLOSED_REASON} {}", at(closes))),
+        WindowCheck::NotOpen(opens) => Some(format!("{NOT_OPEN_REASON} {}", at(&opens))),
+        WindowCheck::Closed(closes) => Some(format!("{CLOSED_REASON} {}", at(&closes))),
     }
 }
 
