@@ -267,27 +267,34 @@ pub async fn run_many_skus(
     let handle = stockgate::metrics::install();
     let render = move || handle.render();
     let stem = &prefix["sg-bench-".len()..][..12];
-    let mut rounds = Vec::new();
-    for round in 0..options.rounds.max(1) {
-        let units = sale.stock * sale.skus as i64;
-        let one = storm_options(
-            &options,
-            &server,
-            format!("ONE-{stem}-{round}"),
-            (1, units, 0.0),
-        );
-        let one = timed_storm(&render, &one).await?;
-        let many = storm_options(
-            &options,
-            &server,
-            format!("MANY-{stem}-{round}"),
-            (sale.skus, sale.stock, sale.zipf),
-        );
-        let many = timed_storm(&render, &many).await?;
-        rounds.push(ManySkusRound { one, many });
+    // Every round, or the first error; the server and the keys go either
+    // way (a failed run once left 1.8 million keys in the shared Redis).
+    let measured = async {
+        let mut rounds = Vec::new();
+        for round in 0..options.rounds.max(1) {
+            let units = sale.stock * sale.skus as i64;
+            let one = storm_options(
+                &options,
+                &server,
+                format!("ONE-{stem}-{round}"),
+                (1, units, 0.0),
+            );
+            let one = timed_storm(&render, &one).await?;
+            let many = storm_options(
+                &options,
+                &server,
+                format!("MANY-{stem}-{round}"),
+                (sale.skus, sale.stock, sale.zipf),
+            );
+            let many = timed_storm(&render, &many).await?;
+            rounds.push(ManySkusRound { one, many });
+        }
+        anyhow::Ok(rounds)
     }
+    .await;
     server.stop().await?;
     clean_up(&options, &prefix, &dir).await?;
+    let mut rounds = measured?;
     // The round with the median ratio.
     rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
     let median = rounds[rounds.len() / 2].clone();
