@@ -33,7 +33,7 @@ pub mod middleware;
 mod processor;
 pub mod queue;
 mod redis_batch;
-mod redis_client;
+pub mod redis_client;
 pub mod reserve;
 pub mod server;
 pub mod store;

@@ -8,10 +8,14 @@
 //! A pipeline is not a transaction: each command stays atomic on its own,
 //! as if sent alone, so callers need no new reasoning.
 
-use redis::{aio::ConnectionManager, Cmd, RedisError, RedisResult, Value};
+use futures::StreamExt;
+use redis::{Cmd, RedisError, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batching::{self, Limits};
+use crate::{
+    batching::{self, Limits},
+    redis_client::RedisConn,
+};
 
 /// Most commands in one pipeline: enough to amortise a round trip, small
 /// enough that one batch's reply never holds Redis for long. Two batches on
@@ -37,10 +41,10 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the task that owns the batching (it ends when the last handle
     /// is dropped). `conn` reconnects by itself after a loss.
-    pub fn spawn(conn: ConnectionManager) -> Self {
+    pub fn spawn(conn: RedisConn) -> Self {
         let jobs = batching::spawn(LIMITS, move |batch| {
-            let mut conn = conn.clone();
-            async move { send(&mut conn, batch).await }
+            let conn = conn.clone();
+            async move { send(&conn, batch).await }
         });
         Self { jobs }
     }
@@ -61,43 +65,25 @@ fn gone() -> RedisError {
     RedisError::from(std::io::Error::other("the redis batching task has stopped"))
 }
 
-async fn send(conn: &mut ConnectionManager, batch: Vec<Job>) {
+/// One pipeline for the batch (on a cluster, one per hash slot, all at
+/// once).
+async fn send(conn: &RedisConn, batch: Vec<Job>) {
     let mut pipe = redis::pipe();
-    pipe.ignore_errors();
     let mut replies = Vec::with_capacity(batch.len());
     for job in batch {
         pipe.add_command(job.cmd);
         replies.push(job.reply);
     }
-    match pipe.query_async::<Vec<Value>>(conn).await {
-        Ok(values) if values.len() == replies.len() => {
-            for (reply, value) in replies.into_iter().zip(values) {
-                let result = match value {
-                    Value::ServerError(err) => Err(RedisError::from(err)),
-                    value => Ok(value),
-                };
-                // A caller that gave up (deadline, cancel) has dropped its
-                // receiver; its reply has nowhere to go.
+    // Each caller hears as soon as its own group is answered. A caller
+    // that gave up (deadline, cancel) has dropped its receiver; its reply
+    // has nowhere to go.
+    let mut replies: Vec<Option<_>> = replies.into_iter().map(Some).collect();
+    let mut groups = conn.query_groups(&pipe);
+    while let Some(answered) = groups.next().await {
+        for (index, result) in answered {
+            if let Some(reply) = replies[index].take() {
                 let _ = reply.send(result);
             }
         }
-        Ok(values) => {
-            let why = format!(
-                "redis answered {} replies to {} commands",
-                values.len(),
-                replies.len()
-            );
-            fail_all(replies, &why)
-        }
-        // The whole pipeline failed (connection lost, timeout): every
-        // command in it gets the error; which ran is unknown, exactly as
-        // for a direct call whose reply was lost.
-        Err(err) => fail_all(replies, &err.to_string()),
-    }
-}
-
-fn fail_all(replies: Vec<oneshot::Sender<RedisResult<Value>>>, why: &str) {
-    for reply in replies {
-        let _ = reply.send(Err(RedisError::from(std::io::Error::other(why.to_owned()))));
     }
 }

@@ -82,7 +82,14 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
-const REDIS_SCHEMES: &[&str] = &["redis://", "rediss://"];
+/// One server, or a Redis Cluster by its seed nodes
+/// (`redis+cluster://host:port,host:port`).
+const REDIS_SCHEMES: &[&str] = &[
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+];
 
 /// A `backends.*` value: `None` for "embedded", else the URL if it has one
 /// of `schemes`; `a_url` names the accepted kind in the error.
@@ -94,6 +101,13 @@ fn server_url(
 ) -> Result<Option<String>, ConfigError> {
     if value == EMBEDDED {
         Ok(None)
+    } else if crate::redis_client::is_cluster_url(value)
+        && crate::redis_client::cluster_seeds(value).is_none()
+    {
+        Err(invalid(
+            key,
+            "names no seed node: redis+cluster://host:port[,host:port…]",
+        ))
     } else if schemes.iter().any(|scheme| value.starts_with(scheme)) {
         Ok(Some(value.to_owned()))
     } else {
@@ -476,7 +490,7 @@ impl Config {
             "backends.dedup",
             &Backend::Dedup.url(&self.backends)?,
             REDIS_SCHEMES,
-            "a redis:// or rediss://",
+            "a redis://, rediss://, redis+cluster:// or rediss+cluster://",
         )
     }
 
@@ -487,7 +501,7 @@ impl Config {
             "backends.rate_limit",
             &Backend::RateLimit.url(&self.backends)?,
             REDIS_SCHEMES,
-            "a redis:// or rediss://",
+            "a redis://, rediss://, redis+cluster:// or rediss+cluster://",
         )
     }
 
@@ -506,7 +520,7 @@ impl Config {
             "backends.gate",
             &Backend::Gate.url(&self.backends)?,
             REDIS_SCHEMES,
-            "a redis:// or rediss://",
+            "a redis://, rediss://, redis+cluster:// or rediss+cluster://",
         )?;
         Ok(url.map_or(GateBackend::Embedded, GateBackend::Redis))
     }
@@ -760,6 +774,19 @@ mod tests {
         config.redis.record_ttl_secs = 1_000;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("redis.record_ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn cluster_urls_need_a_seed() {
+        let mut config = Config::default();
+        config.backends.gate = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001".into();
+        assert!(config.gate_backend().is_ok());
+        config.backends.gate = "redis+cluster:///0".into();
+        let err = config.gate_backend().unwrap_err().to_string();
+        assert!(
+            err.contains("backends.gate") && err.contains("no seed"),
+            "{err}"
+        );
     }
 
     #[test]

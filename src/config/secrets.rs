@@ -185,9 +185,12 @@ impl LiveUrl {
         self.tls.as_ref()
     }
 
-    /// Whether the URL asks for TLS (`rediss://`, `amqps://`).
+    /// Whether the URL asks for TLS (`rediss://`, `rediss+cluster://`,
+    /// `amqps://`).
     pub fn is_tls(&self) -> bool {
-        self.url.starts_with("rediss://") || self.url.starts_with("amqps://")
+        ["rediss://", "rediss+cluster://", "amqps://"]
+            .iter()
+            .any(|scheme| self.url.starts_with(scheme))
     }
 
     /// Which keys decide how this connection is made, for errors: a failed

@@ -1,9 +1,10 @@
-//! The stock gate on a real Redis server: one Lua script per decision, run
-//! with EVALSHA (redis::Script reloads it after NOSCRIPT, e.g. after a
-//! restart or `SCRIPT FLUSH`).
+//! The stock gate on a real Redis server or Redis Cluster: one Lua script
+//! per decision, run with EVALSHA (redis::Script reloads it after
+//! NOSCRIPT, e.g. after a restart, a failover or `SCRIPT FLUSH`).
 //!
 //! Key layout, with `P` = `redis.key_prefix` and every key of one SKU sharing
-//! the hash tag `{SKU}` so the scripts run unchanged on Redis Cluster:
+//! the hash tag `{SKU}`, so each script touches one hash slot and work over
+//! many SKUs goes to a cluster as one pipeline per slot:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -12,7 +13,7 @@
 //! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
 //! | `P:loaded` | string | present once the counters were loaded from the database |
-//! | channel `P:restock` | pub/sub | SKU names whose counter went up, so replicas drop their sold-out cache |
+//! | channel `P:restock` | pub/sub (sharded on a cluster) | SKU names whose counter went up, so replicas drop their sold-out cache |
 //!
 //! A missing `inv` hash means "not loaded" when `P:loaded` is missing too
 //! (a restart or flush emptied Redis) and "unknown SKU" otherwise.
@@ -21,23 +22,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    AsyncCommands, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
-};
+use redis::{AsyncCommands, ErrorKind, Script, ScriptInvocation, ServerErrorKind, Value};
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use super::{
     GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, WindowMs, RESTOCK_ALL,
 };
-use crate::{config::RedisConfig, domain::Sku};
+use crate::{
+    config::RedisConfig,
+    domain::Sku,
+    redis_client::{RedisConn, Timeouts},
+};
 
 /// The reserve script's source, for tools that measure it on its own
 /// (`stockgate bench` runs it under redis-benchmark as the raw reference).
 pub const RESERVE_SCRIPT: &str = include_str!("scripts/reserve.lua");
 
 pub struct RedisGate {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     /// Which keys decide how connections are made, for errors.
     origin: String,
@@ -79,20 +81,23 @@ impl RedisGate {
         url: impl Into<crate::config::secrets::LiveUrl>,
         config: &RedisConfig,
     ) -> Result<Self, GateError> {
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
-            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(config.response_timeout_ms));
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(config.connect_timeout_ms),
+            response: Duration::from_millis(config.response_timeout_ms),
+            retries: Some(2),
+        };
         let url = url.into();
         // Fails on a bad URL, so start-up does rather than every
         // subscription attempt.
         let origin = url.describe("backends.gate");
-        let conn = crate::redis_client::connect(&url, manager_config)
-            .map_err(|e| unavailable(e, &origin))?;
+        let conn = RedisConn::connect(&url, timeouts).map_err(|e| unavailable(e, &origin))?;
         let (restocks, _) = broadcast::channel(1024);
         let channel = format!("{}:restock", config.key_prefix);
-        let subscriber = tokio::spawn(listen_for_restocks(url, channel, restocks.clone()));
+        let subscriber = if conn.is_cluster() {
+            tokio::spawn(listen_on_cluster(url, timeouts, channel, restocks.clone()))
+        } else {
+            tokio::spawn(listen_for_restocks(url, channel, restocks.clone()))
+        };
         Ok(Self {
             conn,
             origin,
@@ -158,16 +163,16 @@ impl RedisGate {
             }
         }
         let mut invocations = Vec::with_capacity(groups.len());
+        let mut skus = Vec::with_capacity(groups.len());
         for (action, sku, group) in groups {
+            skus.push(sku);
             let mut invocation = self.settle.prepare_invoke();
             invocation
                 .key(self.key(sku, "inv"))
                 .key(self.key(sku, "users"))
                 .key(self.key(sku, "pending"))
                 .arg(action.as_script_arg())
-                .arg(self.record_ttl_secs)
-                .arg(self.channel())
-                .arg(sku.as_str());
+                .arg(self.record_ttl_secs);
             for entry in group {
                 invocation
                     .key(self.key(sku, &format!("res:{}", entry.id.as_str())))
@@ -182,33 +187,94 @@ impl RedisGate {
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
-        // Settling is idempotent per reservation, so resending the whole
-        // pipeline after a load changes nothing that had already applied.
-        self.pipeline(&pipe, &self.settle).await
+        let replies = self.pipeline(&pipe, &self.settle).await?;
+        let restocked = skus
+            .into_iter()
+            .zip(&replies)
+            .filter(|(_, reply)| second_is_one(reply))
+            .map(|(sku, _)| sku);
+        self.announce(restocked).await;
+        Ok(())
     }
 
-    /// Sends a pipeline of `script`'s runs. A pipeline's EVALSHA does not
-    /// load the script itself: on NOSCRIPT it is loaded and the whole
-    /// pipeline sent again, so every run in it must be safe to repeat.
-    async fn pipeline(&self, pipe: &redis::Pipeline, script: &Script) -> Result<(), GateError> {
-        let mut conn = self.conn.clone();
+    /// Sends a pipeline of `script`'s runs and returns their replies. A
+    /// pipeline's EVALSHA does not load the script itself: the runs that
+    /// met NOSCRIPT (a restart, a failover, `SCRIPT FLUSH`, a cluster node
+    /// that never ran it) are sent again once it is loaded; the others ran
+    /// once.
+    async fn pipeline(
+        &self,
+        pipe: &redis::Pipeline,
+        script: &Script,
+    ) -> Result<Vec<Value>, GateError> {
+        let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+        let mut replies = vec![Value::Nil; commands.len()];
+        let mut todo: Vec<usize> = (0..commands.len()).collect();
         let mut reloads = 0;
-        loop {
-            match pipe.query_async::<redis::Value>(&mut conn).await {
-                Err(err)
-                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-                        && reloads < 5 =>
-                {
-                    reloads += 1;
-                    script
-                        .load_async(&mut conn)
-                        .await
-                        .map_err(|e| unavailable(e, &self.origin))?;
-                }
-                other => return other.map(|_| ()).map_err(|e| unavailable(e, &self.origin)),
+        while !todo.is_empty() {
+            let mut sub = redis::pipe();
+            for &index in &todo {
+                sub.add_command(commands[index].clone());
             }
+            let mut again = Vec::new();
+            for (&index, reply) in todo.iter().zip(self.conn.query_each(&sub).await) {
+                match reply {
+                    Err(err)
+                        if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                            && reloads < 5 =>
+                    {
+                        again.push(index);
+                    }
+                    Err(err) => return Err(unavailable(err, &self.origin)),
+                    Ok(value) => replies[index] = value,
+                }
+            }
+            if !again.is_empty() {
+                reloads += 1;
+                script
+                    .load_async(&mut self.conn.clone())
+                    .await
+                    .map_err(|e| unavailable(e, &self.origin))?;
+            }
+            todo = again;
+        }
+        Ok(replies)
+    }
+
+    /// Tells every replica these SKUs' counters went up, so they drop their
+    /// sold-out answers: PUBLISH on one server, SPUBLISH (the channel's own
+    /// shard, not the whole cluster) on a cluster. A notice is a hint: one
+    /// lost (a crash right after the script, a subscriber reconnecting)
+    /// only lets a sold-out answer live out its `sold_out_cache_ms`.
+    async fn announce<'a>(&self, skus: impl IntoIterator<Item = &'a Sku>) {
+        let command = if self.conn.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let channel = self.channel();
+        let mut pipe = redis::pipe();
+        for sku in skus {
+            pipe.cmd(command).arg(&channel).arg(sku.as_str());
+        }
+        if pipe.is_empty() {
+            return;
+        }
+        if let Some(Err(err)) = self
+            .conn
+            .query_each(&pipe)
+            .await
+            .into_iter()
+            .find(Result::is_err)
+        {
+            tracing::warn!(error = %err, "restock notice not sent");
         }
     }
+}
+
+/// Whether a script's `{n, flag}` reply has its flag set.
+fn second_is_one(reply: &Value) -> bool {
+    matches!(reply, Value::Array(parts) if matches!(parts.get(1), Some(Value::Int(1))))
 }
 
 /// Forwards restock messages; after every (re)subscription it sends
@@ -229,6 +295,7 @@ async fn listen_for_restocks(
             }
         };
         if let Ok(mut pubsub) = client.get_async_pubsub().await {
+            // On one server a restock goes out with PUBLISH.
             if pubsub.subscribe(&channel).await.is_ok() {
                 let _ = tx.send(RESTOCK_ALL.to_owned());
                 let mut messages = pubsub.on_message();
@@ -240,6 +307,56 @@ async fn listen_for_restocks(
                 let _ = tx.send(RESTOCK_ALL.to_owned());
             }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The same on a cluster, where restocks go out with SPUBLISH (Redis 7):
+/// the cluster client subscribes on the channel's shard; when that
+/// connection is lost (a failover, a restart) the subscriber starts again
+/// from the seeds. Each subscription and each loss is forwarded as
+/// [`RESTOCK_ALL`].
+async fn listen_on_cluster(
+    url: crate::config::secrets::LiveUrl,
+    timeouts: Timeouts,
+    channel: String,
+    tx: broadcast::Sender<String>,
+) {
+    loop {
+        let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let subscribed = async {
+            let client = crate::redis_client::cluster_client(&url, timeouts, Some(pushes))?;
+            let mut conn = client.get_async_connection().await?;
+            conn.ssubscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(conn)
+        }
+        .await;
+        match subscribed {
+            Ok(_conn) => {
+                // `_conn` keeps the subscription alive while pushes arrive.
+                while let Some(push) = received.recv().await {
+                    match push.kind {
+                        redis::PushKind::SMessage => {
+                            if let Some(Value::BulkString(sku)) = push.data.get(1) {
+                                if let Ok(sku) = std::str::from_utf8(sku) {
+                                    let _ = tx.send(sku.to_owned());
+                                }
+                            }
+                        }
+                        redis::PushKind::SSubscribe => {
+                            let _ = tx.send(RESTOCK_ALL.to_owned());
+                        }
+                        // Its node is gone (a failover, a restart): an
+                        // idle subscriber would wait for that address, so
+                        // start again from the seeds and the new map.
+                        redis::PushKind::Disconnection => break,
+                        _ => {}
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "restock subscription on the cluster failed"),
+        }
+        let _ = tx.send(RESTOCK_ALL.to_owned());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -328,20 +445,23 @@ impl StockGate for RedisGate {
     }
 
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
-        self.invoke::<i64>(
-            self.set
-                .prepare_invoke()
-                .key(self.key(&stock.sku, "inv"))
-                .arg(stock.db_stock)
-                .arg(stock.max_per_user)
-                .arg(self.channel())
-                .arg(stock.sku.as_str())
-                .arg(stock.version)
-                .arg(window_arg(stock.window.0))
-                .arg(window_arg(stock.window.1)),
-        )
-        .await
-        .map(|applied| applied == 1)
+        let applied = self
+            .invoke::<i64>(
+                self.set
+                    .prepare_invoke()
+                    .key(self.key(&stock.sku, "inv"))
+                    .arg(stock.db_stock)
+                    .arg(stock.max_per_user)
+                    .arg(stock.version)
+                    .arg(window_arg(stock.window.0))
+                    .arg(window_arg(stock.window.1)),
+            )
+            .await?
+            == 1;
+        if applied {
+            self.announce([&stock.sku]).await;
+        }
+        Ok(applied)
     }
 
     async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {
@@ -368,17 +488,19 @@ impl StockGate for RedisGate {
     }
 
     async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {
-        self.invoke::<i64>(
-            self.adjust
-                .prepare_invoke()
-                .key(self.key(sku, "inv"))
-                .arg(delta)
-                .arg(self.channel())
-                .arg(sku.as_str())
-                .arg(version),
-        )
-        .await
-        .map(|_| ())
+        let (_, restocked) = self
+            .invoke::<(i64, i64)>(
+                self.adjust
+                    .prepare_invoke()
+                    .key(self.key(sku, "inv"))
+                    .arg(delta)
+                    .arg(version),
+            )
+            .await?;
+        if restocked == 1 {
+            self.announce([sku]).await;
+        }
+        Ok(())
     }
 
     async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError> {
@@ -464,37 +586,109 @@ mod tests {
     }
 
     fn fresh_gate() -> RedisGate {
+        gate_on(&redis_url())
+    }
+
+    /// A gate on the test run's Redis Cluster (see [`cluster_url`]).
+    fn cluster_gate() -> RedisGate {
+        gate_on(&cluster_url())
+    }
+
+    fn gate_on(url: &str) -> RedisGate {
         let config = RedisConfig {
             key_prefix: format!("sg-unit-{}", uuid::Uuid::now_v7().simple()),
             ..RedisConfig::default()
         };
-        RedisGate::connect(&redis_url(), &config).unwrap()
+        RedisGate::connect(url, &config).unwrap()
     }
 
-    #[tokio::test]
-    async fn follows_the_decision_table() {
-        decision_table::run(fresh_gate).await;
+    /// The Redis Cluster nextest's setup script started for this run
+    /// (`ci/redis-cluster`), or one this process starts for itself when run
+    /// otherwise; either is removed when its owner exits.
+    fn cluster_url() -> String {
+        static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        URL.get_or_init(|| {
+            std::env::var("STOCKGATE_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ci/redis-cluster");
+                let out = std::process::Command::new(script)
+                    .arg(std::process::id().to_string())
+                    .output()
+                    .expect("ci/redis-cluster runs");
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout)
+                    .unwrap()
+                    .lines()
+                    .find_map(|line| line.strip_prefix("STOCKGATE_TEST_REDIS_CLUSTER="))
+                    .expect("the cluster's URL")
+                    .to_owned()
+            })
+        })
+        .clone()
     }
 
-    #[tokio::test]
-    async fn rebuilds_race_settlements_without_over_counting() {
-        decision_table::rebuilds_race_settlements(fresh_gate()).await;
+    /// Each test on one server and on the cluster.
+    macro_rules! on_both {
+        ($($single:ident, $cluster:ident => $check:expr;)*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $single() {
+                ($check)(fresh_gate as fn() -> RedisGate).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $cluster() {
+                ($check)(cluster_gate as fn() -> RedisGate).await;
+            }
+        )*};
     }
 
-    #[tokio::test]
-    async fn a_redriven_order_is_charged_once_and_given_back() {
-        decision_table::charge_after_give_up(fresh_gate()).await;
+    on_both! {
+        follows_the_decision_table, follows_the_decision_table_on_a_cluster =>
+            decision_table::run;
+        rebuilds_race_settlements_without_over_counting, rebuilds_race_settlements_on_a_cluster =>
+            |make: fn() -> RedisGate| decision_table::rebuilds_race_settlements(make());
+        a_redriven_order_is_charged_once_and_given_back, a_redriven_order_is_charged_once_on_a_cluster =>
+            |make: fn() -> RedisGate| decision_table::charge_after_give_up(make());
+        windows_move_without_touching_counters, windows_move_on_a_cluster =>
+            |make: fn() -> RedisGate| decision_table::windows_move_without_touching_counters(make());
+        batch_settlement_spans_skus_and_counts_once, batch_settlement_spans_slots_on_a_cluster =>
+            batch_settlement_spans_skus;
+        restocks_are_published_to_every_gate_on_the_prefix, restocks_reach_every_gate_on_a_cluster =>
+            restocks_reach_every_gate;
+        a_reserve_sent_twice_admits_once_on_one_server, a_reserve_sent_twice_admits_once_on_a_cluster =>
+            a_reserve_sent_twice_admits_once;
     }
 
-    #[tokio::test]
-    async fn windows_move_without_touching_counters() {
-        decision_table::windows_move_without_touching_counters(fresh_gate()).await;
+    /// The cluster client sends a script again after a lost connection: a
+    /// reserve run twice for one id admits it once.
+    async fn a_reserve_sent_twice_admits_once(make: fn() -> RedisGate) {
+        let (gate, sku) = loaded(make(), 5, 0).await;
+        let r = request(&sku, "u1", 2);
+        for _ in 0..2 {
+            assert_eq!(
+                gate.reserve(&r).await.unwrap(),
+                GateDecision::Reserved { remaining: 3 }
+            );
+        }
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(3));
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 2);
+        gate.release(&r).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(5));
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 0);
     }
 
     /// Random sales against a model of the decision table (48 cases).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_sales_follow_the_model() {
         decision_table::random_sales(fresh_gate, 48);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_sales_follow_the_model_on_a_cluster() {
+        decision_table::random_sales(cluster_gate, 48);
     }
 
     #[tokio::test]
@@ -529,9 +723,10 @@ mod tests {
         assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
     }
 
-    #[tokio::test]
-    async fn batch_settlement_spans_skus_and_counts_once() {
-        let gate = fresh_gate();
+    /// Settles SKUs in different hash slots in one call (on a cluster, one
+    /// pipeline per slot).
+    async fn batch_settlement_spans_skus(make: fn() -> RedisGate) {
+        let gate = make();
         let (a, b) = (Sku::parse("A").unwrap(), Sku::parse("B").unwrap());
         let stock = |sku: &Sku| SkuStock {
             sku: sku.clone(),
@@ -595,11 +790,15 @@ mod tests {
         assert_eq!(gate.available(&sku).await.unwrap(), None);
     }
 
-    #[tokio::test]
-    async fn restocks_are_published_to_every_gate_on_the_prefix() {
-        let (gate, sku) = loaded(fresh_gate(), 1, 0).await;
+    async fn restocks_reach_every_gate(make: fn() -> RedisGate) {
+        let (gate, sku) = loaded(make(), 1, 0).await;
+        let url = if gate.conn.is_cluster() {
+            cluster_url()
+        } else {
+            redis_url()
+        };
         let other = RedisGate::connect(
-            &redis_url(),
+            &url,
             &RedisConfig {
                 key_prefix: gate.prefix.clone(),
                 ..RedisConfig::default()

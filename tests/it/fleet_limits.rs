@@ -13,16 +13,25 @@ use stockgate::{
 use tonic::Code;
 
 use crate::{
-    harness::{redis_url, reserve, wipe_redis_prefix, Profile, TestApp},
+    harness::{redis_cluster_url, redis_url, reserve, Profile, TestApp},
     middleware::rate_limit_stats,
 };
 
 /// Three replicas sharing the first one's database, Redis prefix and
 /// fleet-wide limits, with `rates` applied.
 async fn three_replicas(rates: impl FnOnce(&mut Config)) -> Vec<TestApp> {
-    let first = TestApp::spawn_with(Profile::Redis, |c| {
+    three_replicas_on(Profile::Redis, redis_url(), rates).await
+}
+
+/// The same with the gate and the limits on `url`.
+async fn three_replicas_on(
+    profile: Profile,
+    url: String,
+    rates: impl FnOnce(&mut Config),
+) -> Vec<TestApp> {
+    let first = TestApp::spawn_with(profile, |c| {
         c.layers.rate_limit.enabled = true;
-        c.backends.rate_limit = redis_url();
+        c.backends.rate_limit = url;
         rates(c);
     })
     .await;
@@ -39,10 +48,13 @@ async fn three_replicas(rates: impl FnOnce(&mut Config)) -> Vec<TestApp> {
 
 async fn stop(replicas: Vec<TestApp>) {
     let prefix = replicas[0].config.redis.key_prefix.clone();
+    let url = replicas[0].config.backends.rate_limit.clone();
     for app in replicas.into_iter().rev() {
         app.stop().await;
     }
-    wipe_redis_prefix(&prefix).await;
+    stockgate_tools::bench::cleanup(&url, &prefix)
+        .await
+        .unwrap();
 }
 
 /// Calls from every replica at once for `lasting`, from `user(replica, i)`;
@@ -104,6 +116,21 @@ async fn one_user_on_three_replicas_gets_the_limit_once() {
         c.layers.rate_limit.per_user_burst = 2;
     })
     .await;
+    one_user_gets_the_limit_once(replicas).await;
+}
+
+/// The same with the limits (and the gate) on a Redis Cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_on_three_replicas_gets_the_limit_once_on_a_cluster() {
+    let replicas = three_replicas_on(Profile::RedisCluster, redis_cluster_url(), |c| {
+        c.layers.rate_limit.per_user_period_ms = 200;
+        c.layers.rate_limit.per_user_burst = 2;
+    })
+    .await;
+    one_user_gets_the_limit_once(replicas).await;
+}
+
+async fn one_user_gets_the_limit_once(replicas: Vec<TestApp>) {
     let (admitted, refused, took) =
         hammer(&replicas, Duration::from_secs(2), |_, _| "hammer".into()).await;
     let bound = 2 + (took.as_millis() / 200) as usize + 1;

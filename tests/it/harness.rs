@@ -40,6 +40,9 @@ pub enum Profile {
     /// PostgreSQL, the Redis gate and the RabbitMQ queue, with a queue
     /// name of the test's own (deleted when the test stops the app).
     Rabbit,
+    /// PostgreSQL plus the gate and the dedup store on the run's Redis
+    /// Cluster ([`redis_cluster_url`]), under a key prefix of the test's own.
+    RedisCluster,
 }
 
 pub fn amqp_url() -> String {
@@ -102,6 +105,221 @@ pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 pub fn redis_url() -> String {
     std::env::var("STOCKGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The run's Redis Cluster: three masters and three replicas on loopback,
+/// started once per run by nextest's setup script (`ci/redis-cluster`, for
+/// tests with "cluster" in their name) or, run otherwise, by this process
+/// for itself. Either is stopped and removed when its owner exits.
+pub fn redis_cluster() -> &'static RedisCluster {
+    static CLUSTER: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let vars: Vec<(String, String)> = match (
+            std::env::var("STOCKGATE_TEST_REDIS_CLUSTER"),
+            std::env::var("STOCKGATE_TEST_REDIS_CLUSTER_DIR"),
+        ) {
+            (Ok(url), Ok(dir)) => vec![
+                ("STOCKGATE_TEST_REDIS_CLUSTER".into(), url),
+                ("STOCKGATE_TEST_REDIS_CLUSTER_DIR".into(), dir),
+            ],
+            _ => return RedisCluster::start(5_000),
+        };
+        RedisCluster::from_vars(&vars)
+    })
+}
+
+pub fn redis_cluster_url() -> String {
+    redis_cluster().url.clone()
+}
+
+/// A running test cluster: its `redis+cluster://` URL and the directory
+/// holding its ports and one pid file per node.
+pub struct RedisCluster {
+    pub url: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// A cluster of this test's own (for tests that kill its nodes), gone
+    /// when the test process exits; a master that does not answer for
+    /// `node_timeout_ms` is failed over.
+    pub fn start(node_timeout_ms: u64) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/redis-cluster");
+        let out = std::process::Command::new(script)
+            .arg(std::process::id().to_string())
+            .arg(node_timeout_ms.to_string())
+            .output()
+            .expect("ci/redis-cluster runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vars: Vec<(String, String)> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self::from_vars(&vars)
+    }
+
+    fn from_vars(vars: &[(String, String)]) -> Self {
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{name} from ci/redis-cluster"))
+        };
+        Self {
+            url: var("STOCKGATE_TEST_REDIS_CLUSTER"),
+            dir: var("STOCKGATE_TEST_REDIS_CLUSTER_DIR").into(),
+        }
+    }
+
+    /// The ports of the masters now.
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut masters = Vec::new();
+        for port in self.ports() {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+                continue;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let role: Result<Vec<redis::Value>, _> =
+                redis::cmd("ROLE").query_async(&mut conn).await;
+            if matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master") {
+                masters.push(port);
+            }
+        }
+        masters
+    }
+
+    /// The port of the master serving `key`'s hash slot now.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let masters = self.masters().await;
+        let mut conn = self.node(masters[0]).await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                match (low.parse::<i64>(), high.parse::<i64>()) {
+                    (Ok(low), Ok(high)) => (low..=high).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                let addr = fields[1].split('@').next().unwrap();
+                return addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&self, port: u16) {
+        let pid = std::fs::read_to_string(self.dir.join(format!("{port}.pid"))).unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Starts the node on `port` again with its settings and cluster
+    /// state: it rejoins, as a replica if its slots were failed over.
+    pub fn restart(&self, port: u16) {
+        let status = std::process::Command::new("redis-server")
+            .arg(self.dir.join(port.to_string()).join("redis.conf"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits until a replica has taken over from the dead master on
+    /// `victim` and the cluster is up again.
+    pub async fn wait_failed_over(&self, victim: u16, within: std::time::Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let masters = self.masters().await;
+            if masters.len() == 3 && !masters.contains(&victim) {
+                break;
+            }
+            assert!(
+                start.elapsed() < within,
+                "no replica took over within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        self.wait_healthy(within.saturating_sub(start.elapsed()))
+            .await;
+    }
+
+    /// Waits until every node that answers reports the cluster up with
+    /// all slots served.
+    pub async fn wait_healthy(&self, within: std::time::Duration) {
+        let start = std::time::Instant::now();
+        'poll: loop {
+            assert!(
+                start.elapsed() < within,
+                "the cluster did not heal within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            for port in self.ports() {
+                let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+                    continue;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    continue;
+                };
+                let info: String = match redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Ok(info) => info,
+                    Err(_) => continue 'poll,
+                };
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    continue 'poll;
+                }
+            }
+            return;
+        }
+    }
+
+    /// The six nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        std::fs::read_to_string(self.dir.join("ports"))
+            .unwrap()
+            .lines()
+            .map(|port| port.parse().unwrap())
+            .collect()
+    }
+
+    /// A client to one node (not cluster-aware), for inspecting it.
+    pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
 }
 
 /// Deletes every key under `prefix`: what a Redis restart or FLUSHALL does
@@ -198,7 +416,7 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.metrics.listen = String::new();
     let db = match profile {
         Profile::Embedded => None,
-        Profile::Postgres | Profile::Redis | Profile::Rabbit => {
+        Profile::Postgres | Profile::Redis | Profile::Rabbit | Profile::RedisCluster => {
             let db = TestDb::create().await;
             config.backends.store = db.url.clone();
             config.store.max_connections = 8;
@@ -210,6 +428,12 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
         config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
         // The suite runs storms side by side on two cores; these tests are
         // about correctness, so a slow Redis answer must not count as down.
+        config.redis.response_timeout_ms = 5_000;
+    }
+    if profile == Profile::RedisCluster {
+        config.backends.gate = redis_cluster_url();
+        config.backends.dedup = redis_cluster_url();
+        config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
         config.redis.response_timeout_ms = 5_000;
     }
     if profile == Profile::Rabbit {

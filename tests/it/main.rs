@@ -23,6 +23,7 @@ mod middleware;
 mod mtls;
 mod ops;
 mod rabbit_queue;
+mod redis_cluster;
 mod redis_gate;
 mod relay;
 mod rollout;

@@ -9,7 +9,7 @@ use stockgate_tools::storm::{self, StormOptions};
 
 use crate::harness::{Profile, TestApp};
 
-fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> StormOptions {
+pub(crate) fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> StormOptions {
     StormOptions {
         addr: format!("http://{}", app.addr),
         admin_addr: format!("http://{}", app.addr),

@@ -12,6 +12,11 @@ local inv = redis.call('HMGET', KEYS[1], 'stock', 'cap', 'opens', 'closes')
 if not inv[1] then
   return {0}
 end
+-- An id is admitted once: the same run sent again (a cluster client resends
+-- after a lost connection) gets the first answer, not a second admission.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {1, math.max(tonumber(inv[1]), 0)}
+end
 local at = tonumber(ARGV[6])
 if inv[3] and at < tonumber(inv[3]) then
   return {4, tonumber(inv[3])}

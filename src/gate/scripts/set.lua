@@ -3,11 +3,12 @@
 -- database; those that are get their units back when their commit is
 -- settled, see settle.lua). Refused when the gate has already settled a
 -- change newer than the read, whose effect the read would overwrite.
--- KEYS[1] inv hash.  ARGV: database stock, per-user cap, restock channel,
--- sku, row version of the read, the sale window's opening and closing
--- (Unix ms, '' = that side open).
--- Returns 1 when set, 0 when the read is stale.
-local version = tonumber(ARGV[5])
+-- KEYS[1] inv hash.  ARGV: database stock, per-user cap, row version of
+-- the read, the sale window's opening and closing (Unix ms, '' = that side
+-- open).
+-- Returns 1 when set (the caller announces a restock), 0 when the read is
+-- stale.
+local version = tonumber(ARGV[3])
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
 if version < seen then
   return 0
@@ -20,11 +21,10 @@ redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight
   'ver', version, 'seen', version)
 local fields = {'opens', 'closes'}
 for i = 1, 2 do
-  if ARGV[5 + i] == '' then
+  if ARGV[3 + i] == '' then
     redis.call('HDEL', KEYS[1], fields[i])
   else
-    redis.call('HSET', KEYS[1], fields[i], ARGV[5 + i])
+    redis.call('HSET', KEYS[1], fields[i], ARGV[3 + i])
   end
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1

@@ -8,8 +8,9 @@
 -- KEYS[1] inv hash, KEYS[2] users hash, KEYS[3] pending zset,
 -- KEYS[3+i] the record of reservation i (all under the SKU's hash tag).
 -- ARGV: action (committed | rejected | release | charged), record ttl seconds,
--- restock channel, sku, then user, qty, id, version ('' for none) for each
--- reservation. Returns how many records changed.
+-- then user, qty, id, version ('' for none) for each reservation.
+-- Returns {how many records changed, 1 when units came back (the caller
+-- announces a restock) else 0}.
 local action = ARGV[1]
 local base = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
@@ -18,10 +19,10 @@ local take = 0
 local changed = 0
 for i = 1, (#KEYS - 3) do
   local record = KEYS[3 + i]
-  local user = ARGV[1 + 4 * i]
-  local qty = tonumber(ARGV[2 + 4 * i])
-  local id = ARGV[3 + 4 * i]
-  local version = tonumber(ARGV[4 + 4 * i])
+  local user = ARGV[4 * i - 1]
+  local qty = tonumber(ARGV[4 * i])
+  local id = ARGV[4 * i + 1]
+  local version = tonumber(ARGV[4 * i + 2])
   if version and version > seen then
     seen = version
   end
@@ -104,16 +105,17 @@ for i = 1, (#KEYS - 3) do
   end
 end
 -- A missing counter stays missing: "not loaded" must never become "N left".
+local restocked = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if seen >= 0 then
     redis.call('HSET', KEYS[1], 'seen', seen)
   end
   if give > 0 then
     redis.call('HINCRBY', KEYS[1], 'stock', give)
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    restocked = 1
   end
   if take > 0 then
     redis.call('HINCRBY', KEYS[1], 'stock', -take)
   end
 end
-return changed
+return {changed, restocked}

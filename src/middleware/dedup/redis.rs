@@ -14,7 +14,7 @@ use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
 /// or later) and answers go through the `Batcher`, so under load a whole
 /// batch of calls costs Redis one read and one write.
 pub struct RedisDedup {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::redis_client::RedisConn,
     batch: Batcher,
     /// Which keys decide how connections are made, for errors.
     origin: String,
@@ -60,7 +60,7 @@ impl RedisDedup {
     ) -> Result<Claim, String> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.record(key))
-            .arg(record)
+            .arg(&record)
             .arg("NX")
             .arg("PX")
             .arg(millis(lasts))
@@ -72,6 +72,9 @@ impl RedisDedup {
             .map_err(|e| redis_error(e, &self.origin))?
         {
             redis::Value::Nil => Ok(Claim::Run),
+            // This very write, sent again after a lost connection (a
+            // cluster client resends): a claim carries the call's token.
+            redis::Value::BulkString(found) if found == record => Ok(Claim::Run),
             redis::Value::BulkString(found) => read_record(&found, fingerprint),
             other => Err(format!("unexpected dedup claim reply {other:?}")),
         }
@@ -192,5 +195,31 @@ impl DedupStore for RedisDedup {
 
     async fn changed(&self) {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the real Redis on 127.0.0.1:6379 (`STOCKGATE_TEST_REDIS_URL`
+    //! overrides), under a key prefix of the test's own.
+    use super::*;
+
+    /// The cluster client sends a command again after a lost connection:
+    /// a claim that finds the very record it wrote is still its own, and
+    /// another call's claim on the key is not.
+    #[tokio::test]
+    async fn a_claim_sent_twice_is_still_its_own() {
+        let url = std::env::var("STOCKGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("sg-unit-{}", uuid::Uuid::now_v7().simple());
+        let dedup = RedisDedup::new(url.as_str(), &prefix, Duration::from_secs(5)).unwrap();
+        let fingerprint = "f".repeat(FINGERPRINT_LEN);
+        let lasts = Duration::from_secs(30);
+        let first = dedup.claim("k", &fingerprint, "token-1", lasts).await;
+        let again = dedup.claim("k", &fingerprint, "token-1", lasts).await;
+        let other = dedup.claim("k", &fingerprint, "token-2", lasts).await;
+        assert!(matches!(first, Ok(Claim::Run)), "{first:?}");
+        assert!(matches!(again, Ok(Claim::Run)), "{again:?}");
+        assert!(matches!(other, Ok(Claim::InFlight)), "{other:?}");
     }
 }

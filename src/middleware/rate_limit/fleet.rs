@@ -172,7 +172,7 @@ fn gone() -> String {
 
 /// The task that owns the connection and sends the batches.
 struct Runner {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::redis_client::RedisConn,
     script: redis::Script,
     /// `<redis.key_prefix>:{rl}`: one hash slot for every cell.
     prefix: String,

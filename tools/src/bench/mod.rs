@@ -570,8 +570,59 @@ fn parse_redis_benchmark_csv(csv: &str) -> anyhow::Result<Measured> {
     })
 }
 
-/// Deletes every key under `prefix` (a run's, or a test's).
+/// Deletes every key under `prefix` (a run's, or a test's), on one Redis
+/// server or on every master of a cluster.
 pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let Some(seeds) = stockgate::redis_client::cluster_seeds(redis_url) else {
+        return cleanup_node(redis_url, prefix, false).await;
+    };
+    let mut last_error = None;
+    for seed in seeds {
+        match cluster_masters(&seed).await {
+            Ok(masters) => {
+                for master in masters {
+                    cleanup_node(&master, prefix, true).await?;
+                }
+                return Ok(());
+            }
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no seed in {redis_url}")))
+}
+
+/// The masters of the cluster `seed` belongs to, as URLs like `seed`.
+async fn cluster_masters(seed: &str) -> anyhow::Result<Vec<String>> {
+    let mut conn = redis::Client::open(seed)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await?;
+    let (scheme_and_user, rest) = match seed.rsplit_once('@') {
+        Some((before, after)) => (format!("{before}@"), after),
+        None => {
+            let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
+            (format!("{scheme}://"), rest)
+        }
+    };
+    let tail = rest.find(['/', '?']).map_or("", |at| &rest[at..]);
+    Ok(nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let flags = fields.get(2)?;
+            let addr = fields.get(1)?.split('@').next()?;
+            (flags.split(',').any(|f| f == "master") && !flags.contains("fail"))
+                .then(|| format!("{scheme_and_user}{addr}{tail}"))
+        })
+        .collect())
+}
+
+/// Deletes the keys under `prefix` on one node; on a cluster node one key
+/// per UNLINK, since keys of several slots cannot go in one.
+async fn cleanup_node(redis_url: &str, prefix: &str, per_key: bool) -> anyhow::Result<()> {
     // A run leaves a few hundred thousand keys (reservation records, dedup
     // answers): SCAN in slices rather than one KEYS, which blocks Redis and
     // outlasts the client's response timeout on a big database.
@@ -587,7 +638,13 @@ pub async fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
             .arg(10_000)
             .query_async(&mut conn)
             .await?;
-        if !keys.is_empty() {
+        if per_key && !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("UNLINK").arg(key).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await?;
+        } else if !keys.is_empty() {
             let _: () = redis::cmd("UNLINK")
                 .arg(keys)
                 .query_async(&mut conn)
