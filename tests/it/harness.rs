@@ -588,6 +588,54 @@ impl TestApp {
         }
     }
 
+    /// One unit of `sku` for `user`, with idempotency key `key` if any.
+    pub async fn reserve_as(
+        &self,
+        sku: &str,
+        user: &str,
+        key: Option<&str>,
+    ) -> stockgate::pb::ReserveResponse {
+        let request = ReserveRequest {
+            sku: sku.into(),
+            quantity: 1,
+            ..Default::default()
+        };
+        self.inventory()
+            .reserve(with_user(request, user, key))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Calls as `user` for one unit of `sku` every 10 ms until admitted,
+    /// hearing only SOLD_OUT meanwhile; fails after `within`.
+    pub async fn admits_within(&self, sku: &str, user: &str, within: Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let outcome = self.reserve_as(sku, user, None).await.outcome();
+            if is_admitted(outcome) {
+                return;
+            }
+            assert_eq!(outcome, ReserveOutcome::SoldOut);
+            assert!(
+                start.elapsed() < within,
+                "{sku} still sold out for {user} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Adds `delta` units to `sku` through AdjustStock.
+    pub async fn restock(&self, sku: &str, delta: i64) {
+        self.admin()
+            .adjust_stock(stockgate::pb::AdjustStockRequest {
+                sku: sku.into(),
+                delta,
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn set_stock(&self, sku: &str, stock: i64, max_per_user: u32) -> StockView {
         self.admin()
             .set_stock(SetStockRequest {

@@ -64,24 +64,6 @@ async fn set_window(
         .map(|r| r.into_inner().stock.unwrap())
 }
 
-async fn reserve_as(
-    app: &TestApp,
-    sku: &str,
-    user: &str,
-    key: Option<&str>,
-) -> stockgate::pb::ReserveResponse {
-    let request = ReserveRequest {
-        sku: sku.into(),
-        quantity: 1,
-        ..Default::default()
-    };
-    app.inventory()
-        .reserve(with_user(request, user, key))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// For every profile and every combination of the gate and the queue: a
 /// call 1 ms before the opening hears NOT_OPEN with the opening, one at
 /// the opening and one 1 ms before the closing are admitted, one at the
@@ -119,19 +101,19 @@ async fn reserve_follows_the_window_to_the_millisecond_on_every_layer() {
             assert_eq!(view.closes_at, Some(ts(closes)), "{case}");
 
             clock.set(opens - ms(1));
-            let early = reserve_as(&app, &sku, "early", None).await;
+            let early = app.reserve_as(&sku, "early", None).await;
             assert_eq!(early.outcome(), ReserveOutcome::NotOpen, "{case}");
             assert_eq!(early.opens_at, Some(ts(opens)), "{case}");
             assert!(early.reservation.is_none(), "{case}");
 
             for (at, user) in [(opens, "first"), (closes - ms(1), "last")] {
                 clock.set(at);
-                let answer = reserve_as(&app, &sku, user, None).await;
+                let answer = app.reserve_as(&sku, user, None).await;
                 assert!(is_admitted(answer.outcome()), "{case} {user}: {answer:?}");
             }
 
             clock.set(closes);
-            let late = reserve_as(&app, &sku, "late", None).await;
+            let late = app.reserve_as(&sku, "late", None).await;
             assert_eq!(late.outcome(), ReserveOutcome::Closed, "{case}");
             assert_eq!(late.closes_at, Some(ts(closes)), "{case}");
             assert!(late.opens_at.is_none(), "{case}");
@@ -169,10 +151,10 @@ async fn a_retry_with_the_same_key_after_the_opening_is_decided_again() {
     set_window(&app, "KEYED", Some(ts(opens)), None, "launch")
         .await
         .unwrap();
-    let first = reserve_as(&app, "KEYED", "u1", Some("press-1")).await;
+    let first = app.reserve_as("KEYED", "u1", Some("press-1")).await;
     assert_eq!(first.outcome(), ReserveOutcome::NotOpen);
     clock.set(opens);
-    let retry = reserve_as(&app, "KEYED", "u1", Some("press-1")).await;
+    let retry = app.reserve_as("KEYED", "u1", Some("press-1")).await;
     assert!(is_admitted(retry.outcome()), "{retry:?}");
     // The admission is kept as any other: a retry on another replica
     // sharing the dedup store gets it replayed (without the dedup layer it
@@ -181,7 +163,7 @@ async fn a_retry_with_the_same_key_after_the_opening_is_decided_again() {
     config.layers.gate.reconcile_interval_ms = 600_000;
     let other = TestApp::start(config, None, tempfile::tempdir().unwrap()).await;
     other.wait_serving().await;
-    let again = reserve_as(&other, "KEYED", "u1", Some("press-1")).await;
+    let again = other.reserve_as("KEYED", "u1", Some("press-1")).await;
     assert_eq!(
         again.reservation.unwrap().reservation_id,
         retry.reservation.unwrap().reservation_id
@@ -216,7 +198,7 @@ async fn the_database_refuses_what_a_stale_gate_admits_and_the_reconciler_repair
         .await
         .unwrap()
         .unwrap();
-    let admitted = reserve_as(&app, "STALE", "u1", Some("stale-1")).await;
+    let admitted = app.reserve_as("STALE", "u1", Some("stale-1")).await;
     assert_eq!(admitted.outcome(), ReserveOutcome::Queued, "{admitted:?}");
     app.drain("STALE").await;
     let id = admitted.reservation.unwrap().reservation_id;
@@ -252,7 +234,7 @@ async fn the_database_refuses_what_a_stale_gate_admits_and_the_reconciler_repair
     clock.set(opens);
     let mut answers = Vec::new();
     for _ in 0..50 {
-        let answer = reserve_as(&app, "STALE", "u2", None).await;
+        let answer = app.reserve_as("STALE", "u2", None).await;
         let done = answer.outcome() == ReserveOutcome::NotOpen;
         answers.push(answer);
         if done {
@@ -271,7 +253,7 @@ async fn the_database_refuses_what_a_stale_gate_admits_and_the_reconciler_repair
     // refused for the window used no key, so the retry is decided again
     // rather than answered with the refusal.
     clock.set(postponed);
-    let retry = reserve_as(&app, "STALE", "u1", Some("stale-1")).await;
+    let retry = app.reserve_as("STALE", "u1", Some("stale-1")).await;
     assert_eq!(retry.outcome(), ReserveOutcome::Queued, "{retry:?}");
     app.drain("STALE").await;
     assert_eq!(app.stock("STALE").await.held_units, 1);
@@ -299,7 +281,7 @@ async fn the_waitlist_neither_serves_nor_takes_anyone_after_the_closing() {
         .set_sold_out_policy(policy("LINE"))
         .await
         .unwrap();
-    let holder = reserve_as(&app, "LINE", "a", None).await;
+    let holder = app.reserve_as("LINE", "a", None).await;
     assert!(is_admitted(holder.outcome()), "{holder:?}");
     app.drain("LINE").await;
     let join = |user: &'static str, sku: &'static str| {
