@@ -105,6 +105,11 @@ enum Command {
         /// made, sampled and batched, then dropped: no collector needed).
         #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store"])]
         tracing: bool,
+        /// Measure a Redis Cluster instead (`redis+cluster://host:port,…`):
+        /// Reserve through a server with the gate and dedup on it next to
+        /// one on `--redis`.
+        #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store", "tracing"])]
+        cluster: Option<String>,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -351,6 +356,7 @@ async fn run() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tracing,
+            cluster,
         } => {
             let options = stockgate_tools::bench::BenchOptions {
                 requests,
@@ -378,6 +384,15 @@ async fn run() -> anyhow::Result<()> {
                 print!(
                     "{}",
                     stockgate_tools::bench::tls::render(&results, &options, &tls)
+                );
+                return Ok(());
+            }
+            if let Some(cluster) = cluster {
+                let results =
+                    stockgate_tools::bench::cluster::run(options.clone(), &cluster).await?;
+                print!(
+                    "{}",
+                    stockgate_tools::bench::cluster::render(&results, &options, &cluster)
                 );
                 return Ok(());
             }

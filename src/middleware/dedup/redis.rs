@@ -13,6 +13,11 @@ use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
 /// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
 /// or later) and answers go through the `Batcher`, so under load a whole
 /// batch of calls costs Redis one read and one write.
+/// Hash slots the records spread over on a cluster: enough to spread
+/// them over the masters, few enough that a batch of claims is a handful
+/// of pipelines.
+const CLUSTER_BUCKETS: u16 = 16;
+
 pub struct RedisDedup {
     conn: crate::redis_client::RedisConn,
     batch: Batcher,
@@ -44,9 +49,16 @@ impl RedisDedup {
 
     /// `v2`: the string layout; records of the earlier hash layout are
     /// never read as these (a retry across a rolling upgrade runs again and
-    /// the pipeline's own idempotency answers it).
+    /// the pipeline's own idempotency answers it). On a cluster each record
+    /// carries one of [`CLUSTER_BUCKETS`] hash tags: a batch of calls then
+    /// goes as at most that many pipelines (one per slot), not one per key.
     fn record(&self, key: &str) -> String {
-        format!("{}:dedup:v2:{key}", self.prefix)
+        if self.conn.is_cluster() {
+            let bucket = crate::redis_client::key_slot(key.as_bytes()) % CLUSTER_BUCKETS;
+            format!("{0}:dedup:v2:{{{0}:d{bucket}}}:{key}", self.prefix)
+        } else {
+            format!("{}:dedup:v2:{key}", self.prefix)
+        }
     }
 
     /// `SET record NX GET`: one round trip that both writes a new record

@@ -9,9 +9,11 @@
 //! with the backends given; the load shares the machine with it, as the
 //! reference loads do.
 
+pub mod cluster;
 pub mod cpu;
 pub mod middleware;
 pub mod queue;
+mod sides;
 pub mod storm;
 pub mod tls;
 
