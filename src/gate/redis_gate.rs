@@ -346,10 +346,12 @@ async fn listen_on_cluster(
                         redis::PushKind::SSubscribe => {
                             let _ = tx.send(RESTOCK_ALL.to_owned());
                         }
-                        // Its node is gone (a failover, a restart): an
-                        // idle subscriber would wait for that address, so
-                        // start again from the seeds and the new map.
-                        redis::PushKind::Disconnection => break,
+                        // Its node is gone (a failover, a restart), or the
+                        // node dropped the channel (its slot moved: a manual
+                        // failover, a reshard): an idle subscriber would
+                        // wait there, so start again from the seeds and the
+                        // new map.
+                        redis::PushKind::Disconnection | redis::PushKind::SUnsubscribe => break,
                         _ => {}
                     }
                 }

@@ -8,16 +8,16 @@ use crate::redis_batch::Batcher;
 
 use super::{Claim, DedupStore, StoredAnswer, FINGERPRINT_LEN};
 
-/// The shared store: one Redis string per key, so the hot path needs no
-/// script. A claim is `c`, the fingerprint and the token; an answer is `a`,
-/// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
-/// or later) and answers go through the `Batcher`, so under load a whole
-/// batch of calls costs Redis one read and one write.
 /// Hash slots the records spread over on a cluster: enough to spread
 /// them over the masters, few enough that a batch of claims is a handful
 /// of pipelines.
 const CLUSTER_BUCKETS: u16 = 16;
 
+/// The shared store: one Redis string per key, so the hot path needs no
+/// script. A claim is `c`, the fingerprint and the token; an answer is `a`,
+/// the fingerprint and the encoded answer. Claims (`SET NX GET`, Redis 7.0
+/// or later) and answers go through the `Batcher`, so under load a whole
+/// batch of calls costs Redis one read and one write.
 pub struct RedisDedup {
     conn: crate::redis_client::RedisConn,
     batch: Batcher,
@@ -84,9 +84,13 @@ impl RedisDedup {
             .map_err(|e| redis_error(e, &self.origin))?
         {
             redis::Value::Nil => Ok(Claim::Run),
-            // This very write, sent again after a lost connection (a
-            // cluster client resends): a claim carries the call's token.
-            redis::Value::BulkString(found) if found == record => Ok(Claim::Run),
+            // This very claim, sent again after a lost connection (a
+            // cluster client resends): a claim carries its call's token,
+            // so only this call wrote these bytes. (Two calls can store
+            // identical answers: those are replays.)
+            redis::Value::BulkString(found) if found == record && found.first() == Some(&b'c') => {
+                Ok(Claim::Run)
+            }
             redis::Value::BulkString(found) => read_record(&found, fingerprint),
             other => Err(format!("unexpected dedup claim reply {other:?}")),
         }
