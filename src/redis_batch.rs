@@ -78,7 +78,7 @@ async fn send(conn: &RedisConn, batch: Vec<Job>) {
     // that gave up (deadline, cancel) has dropped its receiver; its reply
     // has nowhere to go.
     let mut replies: Vec<Option<_>> = replies.into_iter().map(Some).collect();
-    let mut groups = conn.query_groups(&pipe);
+    let mut groups = conn.query_groups(pipe);
     while let Some(answered) = groups.next().await {
         for (index, result) in answered {
             if let Some(reply) = replies[index].take() {

@@ -39,19 +39,31 @@ impl StreamingCredentialsProvider for FilePassword {
 /// material when the URL is `rediss://`.
 pub(crate) fn client(url: &LiveUrl) -> RedisResult<Client> {
     let current = url.current();
-    match url.tls() {
-        Some(tls) if url.is_tls() && tls.is_set() => Client::build_with_tls(
-            current.as_str(),
-            TlsCertificates {
-                client_tls: tls.identity.as_ref().map(|identity| ClientTlsConfig {
-                    client_cert: identity.0.clone(),
-                    client_key: identity.1.clone(),
-                }),
-                root_cert: tls.ca.as_ref().map(|ca| ca.to_vec()),
-            },
-        ),
-        _ => Client::open(current.as_str()),
+    match certificates(url) {
+        Some(certificates) => Client::build_with_tls(current.as_str(), certificates),
+        None => Client::open(current.as_str()),
     }
+}
+
+/// The CA and client certificate `url` is to present, when it asks for
+/// TLS and its section names them.
+fn certificates(url: &LiveUrl) -> Option<TlsCertificates> {
+    let tls = url.tls().filter(|tls| url.is_tls() && tls.is_set())?;
+    Some(TlsCertificates {
+        client_tls: tls.identity.as_ref().map(|identity| ClientTlsConfig {
+            client_cert: identity.0.clone(),
+            client_key: identity.1.clone(),
+        }),
+        root_cert: tls.ca.as_ref().map(|ca| ca.to_vec()),
+    })
+}
+
+/// The credentials that follow `url`'s password file, if it has one.
+fn file_password(url: &LiveUrl, current: &str) -> Option<FilePassword> {
+    let password = url.password()?;
+    // Redis 6 ACLs: a password alone (requirepass) is the default user's.
+    let user = user_of(current).unwrap_or("default").to_owned();
+    Some(FilePassword { user, password })
 }
 
 /// A lazily connecting connection (one server or a cluster) whose
@@ -75,12 +87,9 @@ pub(crate) fn connect_timed(
 /// the password file if `url` has one. (Pub/sub connections take no
 /// credentials stream: open each with a fresh [`client`].)
 fn connect(url: &LiveUrl, mut config: ConnectionManagerConfig) -> RedisResult<ConnectionManager> {
-    let current = url.current();
     let client = client(url)?;
-    if let Some(password) = url.password() {
-        // Redis 6 ACLs: a password alone (requirepass) is the default user's.
-        let user = user_of(&current).unwrap_or("default").to_owned();
-        config = config.set_credentials_provider(FilePassword { user, password });
+    if let Some(credentials) = file_password(url, &url.current()) {
+        config = config.set_credentials_provider(credentials);
     }
     ConnectionManager::new_lazy_with_config(client, config)
 }
@@ -208,7 +217,7 @@ impl RedisConn {
     /// value, its error reply, or the error of the pipeline it went in (a
     /// lost connection, a timeout: whether it ran is then unknown, as for a
     /// direct call whose reply was lost). See [`RedisConn::query_groups`].
-    pub async fn query_each(&self, pipe: &Pipeline) -> Vec<RedisResult<Value>> {
+    pub async fn query_each(&self, pipe: Pipeline) -> Vec<RedisResult<Value>> {
         let mut out: Vec<RedisResult<Value>> = (0..pipe.len()).map(|_| Ok(Value::Nil)).collect();
         let mut groups = self.query_groups(pipe);
         while let Some(replies) = groups.next().await {
@@ -226,17 +235,25 @@ impl RedisConn {
     /// once: a master that is down fails (or delays) only its own slots'
     /// commands, and the other groups' replies do not wait for it. Each
     /// command stays atomic on its own, as in any pipeline.
-    pub fn query_groups<'a>(
-        &'a self,
-        pipe: &Pipeline,
-    ) -> futures::stream::FuturesUnordered<GroupReplies<'a>> {
+    pub fn query_groups(
+        &self,
+        pipe: Pipeline,
+    ) -> futures::stream::FuturesUnordered<GroupReplies<'_>> {
+        if !self.is_cluster() {
+            let count = pipe.len();
+            return std::iter::once(
+                async move {
+                    (0..count)
+                        .zip(self.query_group(pipe, count).await)
+                        .collect()
+                }
+                .boxed(),
+            )
+            .collect();
+        }
         let mut groups: Vec<(Option<u16>, Pipeline, Vec<usize>)> = Vec::new();
         for (index, cmd) in pipe.cmd_iter().enumerate() {
-            let slot = if self.is_cluster() {
-                command_slot(cmd)
-            } else {
-                None
-            };
+            let slot = command_slot(cmd);
             let group = match groups.iter().position(|(s, ..)| *s == slot) {
                 Some(found) => found,
                 None => {
@@ -309,18 +326,11 @@ pub(crate) fn cluster_client(
     if let Some(retries) = timeouts.retries {
         builder = builder.retries(retries);
     }
-    if let Some(tls) = url.tls().filter(|tls| url.is_tls() && tls.is_set()) {
-        builder = builder.certs(TlsCertificates {
-            client_tls: tls.identity.as_ref().map(|identity| ClientTlsConfig {
-                client_cert: identity.0.clone(),
-                client_key: identity.1.clone(),
-            }),
-            root_cert: tls.ca.as_ref().map(|ca| ca.to_vec()),
-        });
+    if let Some(certificates) = certificates(url) {
+        builder = builder.certs(certificates);
     }
-    if let Some(password) = url.password() {
-        let user = user_of(&current).unwrap_or("default").to_owned();
-        builder = builder.set_credentials_provider(FilePassword { user, password });
+    if let Some(credentials) = file_password(url, &current) {
+        builder = builder.set_credentials_provider(credentials);
     }
     if let Some(pushes) = pushes {
         builder = builder

@@ -217,7 +217,7 @@ impl RedisGate {
                 sub.add_command(commands[index].clone());
             }
             let mut again = Vec::new();
-            for (&index, reply) in todo.iter().zip(self.conn.query_each(&sub).await) {
+            for (&index, reply) in todo.iter().zip(self.conn.query_each(sub).await) {
                 match reply {
                     Err(err)
                         if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
@@ -262,7 +262,7 @@ impl RedisGate {
         }
         if let Some(Err(err)) = self
             .conn
-            .query_each(&pipe)
+            .query_each(pipe)
             .await
             .into_iter()
             .find(Result::is_err)

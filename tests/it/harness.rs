@@ -114,17 +114,16 @@ pub fn redis_url() -> String {
 pub fn redis_cluster() -> &'static RedisCluster {
     static CLUSTER: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let vars: Vec<(String, String)> = match (
+        match (
             std::env::var("STOCKGATE_TEST_REDIS_CLUSTER"),
             std::env::var("STOCKGATE_TEST_REDIS_CLUSTER_DIR"),
         ) {
-            (Ok(url), Ok(dir)) => vec![
-                ("STOCKGATE_TEST_REDIS_CLUSTER".into(), url),
-                ("STOCKGATE_TEST_REDIS_CLUSTER_DIR".into(), dir),
-            ],
-            _ => return RedisCluster::start(5_000),
-        };
-        RedisCluster::from_vars(&vars)
+            (Ok(url), Ok(dir)) => RedisCluster {
+                url,
+                dir: dir.into(),
+            },
+            _ => RedisCluster::start(5_000),
+        }
     })
 }
 
@@ -155,21 +154,12 @@ impl RedisCluster {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let vars: Vec<(String, String)> = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Self::from_vars(&vars)
-    }
-
-    fn from_vars(vars: &[(String, String)]) -> Self {
+        let out = String::from_utf8(out.stdout).unwrap();
         let var = |name: &str| {
-            vars.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
+            out.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
                 .unwrap_or_else(|| panic!("{name} from ci/redis-cluster"))
+                .to_owned()
         };
         Self {
             url: var("STOCKGATE_TEST_REDIS_CLUSTER"),
@@ -181,10 +171,7 @@ impl RedisCluster {
     pub async fn masters(&self) -> Vec<u16> {
         let mut masters = Vec::new();
         for port in self.ports() {
-            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
-                continue;
-            };
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            let Some(mut conn) = self.try_node(port).await else {
                 continue;
             };
             let role: Result<Vec<redis::Value>, _> =
@@ -281,10 +268,7 @@ impl RedisCluster {
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             for port in self.ports() {
-                let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
-                    continue;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                let Some(mut conn) = self.try_node(port).await else {
                     continue;
                 };
                 let info: String = match redis::cmd("CLUSTER")
@@ -314,11 +298,16 @@ impl RedisCluster {
 
     /// A client to one node (not cluster-aware), for inspecting it.
     pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        self.try_node(port).await.expect("the node answers")
+    }
+
+    /// The same, or `None` when the node is down.
+    async fn try_node(&self, port: u16) -> Option<redis::aio::MultiplexedConnection> {
         redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
+            .ok()?
             .get_multiplexed_async_connection()
             .await
-            .unwrap()
+            .ok()
     }
 }
 
@@ -423,17 +412,19 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
             Some(db)
         }
     };
-    if matches!(profile, Profile::Redis | Profile::Rabbit) {
-        config.backends.gate = redis_url();
+    let redis = match profile {
+        Profile::Redis | Profile::Rabbit => Some(redis_url()),
+        Profile::RedisCluster => Some(redis_cluster_url()),
+        Profile::Embedded | Profile::Postgres => None,
+    };
+    if let Some(url) = redis {
+        if profile == Profile::RedisCluster {
+            config.backends.dedup = url.clone();
+        }
+        config.backends.gate = url;
         config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
         // The suite runs storms side by side on two cores; these tests are
         // about correctness, so a slow Redis answer must not count as down.
-        config.redis.response_timeout_ms = 5_000;
-    }
-    if profile == Profile::RedisCluster {
-        config.backends.gate = redis_cluster_url();
-        config.backends.dedup = redis_cluster_url();
-        config.redis.key_prefix = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
         config.redis.response_timeout_ms = 5_000;
     }
     if profile == Profile::Rabbit {
@@ -753,6 +744,17 @@ pub struct StormTally {
 }
 
 impl StormTally {
+    /// Adds `other`'s answers to these.
+    pub fn absorb(&mut self, other: StormTally) {
+        for (outcome, n) in other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += n;
+        }
+        for (code, n) in other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+        self.granted.extend(other.granted);
+    }
+
     pub fn count(&self, outcome: ReserveOutcome) -> usize {
         self.outcomes.get(&outcome).copied().unwrap_or(0)
     }

@@ -127,10 +127,7 @@ async fn a_switch_reaches_every_replica_and_a_storm_still_holds() {
     a.drain("GAME").await;
     b.drain("GAME").await;
     let mut tally = left;
-    for (outcome, n) in right.outcomes {
-        *tally.outcomes.entry(outcome).or_default() += n;
-    }
-    tally.granted.extend(right.granted);
+    tally.absorb(right);
     let ordered = assert_invariants(&a, "GAME", 100, &tally).await;
     assert_eq!(ordered, 100, "stock 100, 800 buyers");
 

@@ -239,14 +239,7 @@ async fn a_master_killed_mid_sale_fails_over_on_a_private_cluster() {
     let mut tallies: HashMap<String, StormTally> = HashMap::new();
     for worker in workers {
         for (sku, tally) in worker.await.unwrap() {
-            let total = tallies.entry(sku).or_default();
-            for (outcome, n) in tally.outcomes {
-                *total.outcomes.entry(outcome).or_default() += n;
-            }
-            for (code, n) in tally.errors {
-                *total.errors.entry(code).or_default() += n;
-            }
-            total.granted.extend(tally.granted);
+            tallies.entry(sku).or_default().absorb(tally);
         }
     }
     let unavailable = |sku: &String| {
