@@ -512,6 +512,23 @@ impl Config {
             &["amqp://", "amqps://"],
             "an amqp:// or amqps://",
         )?;
+        if let Some(url) = &url {
+            // A cluster's nodes: `amqp://user:pass@host:port,host:port/vhost`.
+            if secrets::hosts_of(url).iter().any(|host| host.is_empty()) {
+                return Err(invalid(
+                    "backends.queue",
+                    "an empty entry in its list of brokers",
+                ));
+            }
+            for (n, host) in secrets::per_host(url).iter().enumerate() {
+                host.parse::<lapin::uri::AMQPUri>().map_err(|err| {
+                    invalid(
+                        "backends.queue",
+                        format!("broker {} of the list: {err}", n + 1),
+                    )
+                })?;
+            }
+        }
         Ok(url.map_or(QueueBackend::Embedded, QueueBackend::Rabbit))
     }
 
@@ -535,6 +552,15 @@ impl Config {
             }
             Ok(StoreBackend::Sqlite(self.store.sqlite_path.clone()))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // Several hosts are a primary and its standbys: any other host
+            // choice could write to (or read the stock from) a standby.
+            let several = secrets::hosts_of(url).len() > 1;
+            if several && !url.contains("target_session_attrs=read-write") {
+                return Err(invalid(
+                    "backends.store",
+                    "lists several hosts: add ?target_session_attrs=read-write so connections go to the primary",
+                ));
+            }
             Ok(StoreBackend::Postgres(url.to_owned()))
         } else {
             Err(invalid(
@@ -774,6 +800,32 @@ mod tests {
         config.redis.record_ttl_secs = 1_000;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("redis.record_ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn a_queue_url_may_list_a_clusters_brokers_each_checked() {
+        let mut config = Config::default();
+        config.backends.store = "postgres://db/sale".into();
+        config.backends.queue = "amqp://u:p@10.0.0.1:5672,10.0.0.2:5672/%2f".into();
+        assert!(config.queue_backend().is_ok());
+        config.backends.queue = "amqp://u:p@10.0.0.1:5672,10.0.0.2:notaport/%2f".into();
+        let err = config.queue_backend().unwrap_err().to_string();
+        assert!(
+            err.contains("backends.queue") && err.contains("broker 2"),
+            "{err}"
+        );
+        config.backends.queue = "amqp://10.0.0.1:5672,,10.0.0.2:5672".into();
+        let err = config.queue_backend().unwrap_err().to_string();
+        assert!(err.contains("empty entry"), "{err}");
+
+        config.backends.store = "postgres://app@db-a:5432,db-b:5432/sale".into();
+        let err = config.store_backend().unwrap_err().to_string();
+        assert!(
+            err.contains("backends.store") && err.contains("target_session_attrs"),
+            "{err}"
+        );
+        config.backends.store += "?target_session_attrs=read-write";
+        assert!(config.store_backend().is_ok());
     }
 
     #[test]

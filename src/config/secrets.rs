@@ -141,6 +141,32 @@ pub fn user_of(url: &str) -> Option<&str> {
     (!user.is_empty()).then_some(user)
 }
 
+/// The hosts (`host:port`) a URL's authority lists, in order; empty
+/// entries (`h1,,h2`) kept, so validation can refuse them.
+pub fn hosts_of(url: &str) -> Vec<&str> {
+    split_url(url).map_or_else(Vec::new, |(_, _, hosts, _)| hosts.split(',').collect())
+}
+
+/// `url` once per host when its authority lists several
+/// (`amqp://u:p@h1:5672,h2:5672/vhost`: one URL for `h1`, one for `h2`,
+/// each with the same credentials and tail); `[url]` otherwise.
+pub fn per_host(url: &str) -> Vec<String> {
+    let Some((scheme, _, hosts, tail)) = split_url(url) else {
+        return vec![url.to_owned()];
+    };
+    if !hosts.contains(',') {
+        return vec![url.to_owned()];
+    }
+    let userinfo = {
+        let rest = &url[scheme.len() + 3..];
+        rest[..rest.len() - tail.len() - hosts.len()].to_owned()
+    };
+    hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
+        .collect()
+}
+
 /// `scheme://[user[:password]@]host[tail]` as (scheme, user or "", host,
 /// tail from the first `/`, `?` or `#`).
 fn split_url(url: &str) -> Option<(&str, &str, &str, &str)> {
@@ -162,6 +188,11 @@ pub struct LiveUrl {
     url: String,
     password: Option<watch::Receiver<String>>,
     tls: Option<crate::tls::TlsPem>,
+    /// Of a URL listing several hosts, the one to try first: the last that
+    /// answered, shared by every clone (a replica's publisher, processor
+    /// and dead-letter sessions), starting at a random one so a fleet
+    /// spreads over the hosts.
+    first_host: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LiveUrl {
@@ -171,7 +202,27 @@ impl LiveUrl {
             url: url.to_owned(),
             password,
             tls: None,
+            first_host: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(
+                rand::random::<u16>().into(),
+            )),
         }
+    }
+
+    /// [`Self::current`] once per host, in the order to try them: from
+    /// the one that answered last (or a random one) onwards, each with its
+    /// index for [`Self::answered`].
+    pub fn hosts(&self) -> Vec<(usize, String)> {
+        let urls = per_host(&self.current());
+        let first = self.first_host.load(std::sync::atomic::Ordering::Relaxed) % urls.len();
+        let mut order: Vec<(usize, String)> = urls.into_iter().enumerate().collect();
+        order.rotate_left(first);
+        order
+    }
+
+    /// Host `index` of [`Self::hosts`] answered: try it first next time.
+    pub fn answered(&self, index: usize) {
+        self.first_host
+            .store(index, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// With the CA and client certificate of `tls` for TLS connections.
@@ -344,6 +395,37 @@ mod tests {
         assert_eq!(user_of("redis://ops:pw@h:1"), Some("ops"));
         assert_eq!(user_of("redis://:pw@h:1"), None);
         assert_eq!(user_of("redis://h:1"), None);
+    }
+
+    #[test]
+    fn a_url_of_several_hosts_is_tried_host_by_host_from_the_last_that_answered() {
+        assert_eq!(
+            per_host("amqp://u:p%40@a:1,b:2,[::1]:3/%2f?heartbeat=5"),
+            [
+                "amqp://u:p%40@a:1/%2f?heartbeat=5",
+                "amqp://u:p%40@b:2/%2f?heartbeat=5",
+                "amqp://u:p%40@[::1]:3/%2f?heartbeat=5",
+            ]
+        );
+        assert_eq!(per_host("amqp://a:1/%2f"), ["amqp://a:1/%2f"]);
+        assert_eq!(per_host("amqp://a,,b"), ["amqp://a", "amqp://", "amqp://b"]);
+
+        let (_tx, rx) = watch::channel("rotated".to_owned());
+        let url = LiveUrl::new("amqp://u@a:1,b:2,c:3/v", Some(rx));
+        let urls = |url: &LiveUrl| url.hosts().into_iter().map(|(_, u)| u).collect::<Vec<_>>();
+        url.answered(1);
+        let clone = url.clone();
+        assert_eq!(
+            urls(&clone),
+            [
+                "amqp://u:rotated@b:2/v",
+                "amqp://u:rotated@c:3/v",
+                "amqp://u:rotated@a:1/v"
+            ]
+        );
+        assert_eq!(clone.hosts()[2].0, 0);
+        clone.answered(2);
+        assert_eq!(url.hosts()[0].1, "amqp://u:rotated@c:3/v");
     }
 
     #[test]

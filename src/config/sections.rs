@@ -245,7 +245,9 @@ pub struct BackendsConfig {
     pub dedup: String,
     /// `embedded` (in-process channel; lost on a crash) or an `amqp://` URL
     /// (a durable RabbitMQ quorum queue shared by every replica; needs the
-    /// PostgreSQL store).
+    /// PostgreSQL store). A cluster's nodes are listed in one URL,
+    /// `amqp://user:pass@host:port,host:port/vhost`: each connection goes
+    /// to the first that answers, from the one that answered last.
     pub queue: String,
     /// `embedded` (each replica limits on its own) or a `redis://` URL: the
     /// rate limits then hold across every replica sharing it (one GCRA
@@ -491,7 +493,7 @@ pub struct RabbitConfig {
     /// Most time Reserve waits for the broker to confirm a message, in
     /// milliseconds; past it the reservation is rolled back (UNAVAILABLE).
     /// The whole publish, waiting for its batch and the ticket statement
-    /// included, is bounded by twice this plus 2 s.
+    /// included, is bounded by twice this plus 2 s per listed broker.
     pub publish_timeout_ms: u64,
     /// Most orders one message carries. Reserve calls waiting at a moment
     /// are published together, numbered by one statement and confirmed

@@ -74,8 +74,9 @@ impl State {
         }
     }
 
-    /// False, changing nothing, for a read older than a settled change.
-    fn set(&mut self, stock: &SkuStock) -> bool {
+    /// False, changing nothing, for a read older than a settled change
+    /// (unless `force`).
+    fn set(&mut self, stock: &SkuStock, force: bool) -> bool {
         let in_flight = self.in_flight(stock.sku.as_str());
         let counter = self
             .counters
@@ -85,7 +86,7 @@ impl State {
                 seen: -1,
                 ..Counter::default()
             });
-        if stock.version < counter.seen {
+        if stock.version < counter.seen && !force {
             return false;
         }
         // Not clamped at zero, as in set.lua.
@@ -331,7 +332,7 @@ impl StockGate for EmbeddedGate {
         let mut state = self.lock();
         for sku in stock {
             // A stale read keeps the counter settlements have kept current.
-            state.set(sku);
+            state.set(sku, false);
         }
         state.ready = true;
         Ok(())
@@ -348,11 +349,17 @@ impl StockGate for EmbeddedGate {
     }
 
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
-        let applied = self.lock().set(stock);
+        let applied = self.lock().set(stock, false);
         if applied {
             self.restocked(stock.sku.as_str());
         }
         Ok(applied)
+    }
+
+    async fn reset(&self, stock: &SkuStock) -> Result<(), GateError> {
+        self.lock().set(stock, true);
+        self.restocked(stock.sku.as_str());
+        Ok(())
     }
 
     async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {

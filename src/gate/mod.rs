@@ -196,6 +196,13 @@ pub trait StockGate: Send + Sync + 'static {
     /// the read (`stock.version`): the read is stale; read again.
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError>;
 
+    /// As [`Self::set`], even from a read older than what the gate has
+    /// applied: for a database that went back in time (a failover onto a
+    /// standby that lacked the latest commits), whose versions the gate
+    /// would otherwise refuse until they caught up. The read's version
+    /// becomes the newest the gate has seen.
+    async fn reset(&self, stock: &SkuStock) -> Result<(), GateError>;
+
     /// Sets SKUs' sale windows on the counters the gate has (a SKU without
     /// one gets its window with its counter). Not versioned: a window is
     /// written whole, and the reconciler writes every SKU's again.
@@ -645,6 +652,20 @@ pub(crate) mod decision_table {
         // not know (its record went with the counters): nothing comes back.
         gate.release(&request(&sku, "u3", 4)).await.unwrap();
         assert_eq!(available(&gate).await, Some(db));
+
+        // The database goes back in time (a failover lost versions 5 and 6,
+        // the adjustments): `set` refuses its reads, `reset` takes them,
+        // and settlements after it count from there.
+        let (db, version) = (10, 4);
+        assert!(!gate.set(&read(&sku, db, version)).await.unwrap());
+        gate.reset(&read(&sku, db, version)).await.unwrap();
+        assert_eq!(available(&gate).await, Some(db));
+        let third = request(&sku, "u4", 1);
+        gate.reserve(&third).await.unwrap();
+        gate.committed(&third.at_version(Some(5))).await.unwrap();
+        assert_eq!(available(&gate).await, Some(db - 1));
+        assert!(gate.set(&read(&sku, db - 1, 5)).await.unwrap());
+        assert_eq!(available(&gate).await, Some(db - 1));
     }
 
     /// One step of a random sale.

@@ -363,6 +363,31 @@ async fn listen_on_cluster(
     }
 }
 
+impl RedisGate {
+    /// set.lua on one SKU; `force` sets it from a read older than what
+    /// the gate has applied ([`StockGate::reset`]).
+    async fn set_counter(&self, stock: &SkuStock, force: bool) -> Result<bool, GateError> {
+        let applied = self
+            .invoke::<i64>(
+                self.set
+                    .prepare_invoke()
+                    .key(self.key(&stock.sku, "inv"))
+                    .arg(stock.db_stock)
+                    .arg(stock.max_per_user)
+                    .arg(stock.version)
+                    .arg(window_arg(stock.window.0))
+                    .arg(window_arg(stock.window.1))
+                    .arg(if force { "1" } else { "" }),
+            )
+            .await?
+            == 1;
+        if applied {
+            self.announce([&stock.sku]).await;
+        }
+        Ok(applied)
+    }
+}
+
 #[async_trait]
 impl StockGate for RedisGate {
     async fn reserve(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
@@ -447,23 +472,11 @@ impl StockGate for RedisGate {
     }
 
     async fn set(&self, stock: &SkuStock) -> Result<bool, GateError> {
-        let applied = self
-            .invoke::<i64>(
-                self.set
-                    .prepare_invoke()
-                    .key(self.key(&stock.sku, "inv"))
-                    .arg(stock.db_stock)
-                    .arg(stock.max_per_user)
-                    .arg(stock.version)
-                    .arg(window_arg(stock.window.0))
-                    .arg(window_arg(stock.window.1)),
-            )
-            .await?
-            == 1;
-        if applied {
-            self.announce([&stock.sku]).await;
-        }
-        Ok(applied)
+        self.set_counter(stock, false).await
+    }
+
+    async fn reset(&self, stock: &SkuStock) -> Result<(), GateError> {
+        self.set_counter(stock, true).await.map(drop)
     }
 
     async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {

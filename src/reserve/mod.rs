@@ -45,7 +45,7 @@ use crate::{
 };
 
 pub use batch::BatchOutcome;
-pub use path::FENCE_REASON;
+pub use path::{COMMIT_FENCE_REASON, FENCE_REASON};
 use pending::{Pending, PendingBook};
 pub use reconcile::ReconcileReport;
 
@@ -162,6 +162,9 @@ pub struct Pipeline {
     reload_wanted: Notify,
     /// Drift per SKU seen by the previous reconcile pass.
     last_drift: Mutex<HashMap<Sku, i64>>,
+    /// SKUs whose repair the gate refused last pass, with the database
+    /// row version it refused (see [`Pipeline::reconcile`]).
+    refused_repairs: Mutex<HashMap<Sku, i64>>,
     /// Open WatchReservation streams and their shared feeds.
     watches: Arc<Watches>,
     /// When a Reserve is decided (see [`Clock`]).
@@ -206,6 +209,7 @@ impl Pipeline {
             sold_out: SoldOutCache::new(limits.sold_out_cache),
             reload_wanted: Notify::new(),
             last_drift: Mutex::new(HashMap::new()),
+            refused_repairs: Mutex::new(HashMap::new()),
             watches: Arc::new(Watches::new(
                 limits.max_watches,
                 limits.max_watches_per_user,

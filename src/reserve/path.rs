@@ -2,7 +2,7 @@
 //! the order queue (publish, confirm, fence) or the commit in the request
 //! path; and joining a waitlist when a SKU is sold out.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::broadcast;
 use tracing::Instrument;
@@ -49,6 +49,16 @@ fn from_millis(ms: i64) -> chrono::NaiveDateTime {
 
 /// How a fenced-off order's REJECTED row starts.
 pub const FENCE_REASON: &str = "the order queue did not confirm the order";
+
+/// How the REJECTED row starts that fences off an order whose commit in
+/// the request path had no answer (the connection died with the database
+/// server, say in a failover).
+pub const COMMIT_FENCE_REASON: &str = "the database did not answer the commit";
+
+/// How long a commit without an answer is looked for, fence write by fence
+/// write, while the database is unreachable: about a managed failover's
+/// promotion. Past it the outcome is left to the reconciler.
+const COMMIT_RESOLVE_WITHIN: Duration = Duration::from_secs(30);
 
 impl Pipeline {
     pub async fn reserve(
@@ -460,11 +470,81 @@ impl Pipeline {
                 count_outcome(&outcome);
                 self.settle(&order, gated, outcome).await
             }
+            Err(err) if err.outcome_unknown() => self.resolve_commit(&order, gated, err).await,
             Err(err) => {
                 if gated {
                     self.gate_release(&order).await;
                 }
                 Err(store_error(err))
+            }
+        }
+    }
+
+    /// A commit whose answer was lost (the connection died during it) may
+    /// have committed, and a standby promoted since may hold it. A REJECTED
+    /// row for its id, written once a primary answers, settles which: it
+    /// goes in only if the order never committed, and then the order never
+    /// will (its id is taken), so answering UNAVAILABLE and returning the
+    /// units is true; otherwise the order's row is the answer. A commit
+    /// still waiting for its standby's acknowledgement holds the id, and
+    /// the fence's insert waits for it. If no primary answers in
+    /// [`COMMIT_RESOLVE_WITHIN`] the outcome is indeterminate: the units
+    /// stay with the admission, which the reconciler settles by what
+    /// became of it, and the caller, told UNAVAILABLE (the one
+    /// indeterminate UNAVAILABLE, as for an unconfirmed publish whose fence
+    /// cannot be written), retries with its key. A caller whose deadline
+    /// passes first hears DEADLINE_EXCEEDED; this goes on without it.
+    async fn resolve_commit(
+        &self,
+        order: &NewOrder,
+        gated: bool,
+        err: crate::store::StoreError,
+    ) -> Result<ReserveResult, ReservationError> {
+        let reason = format!("{COMMIT_FENCE_REASON}: {err}");
+        let give_up = tokio::time::Instant::now() + COMMIT_RESOLVE_WITHIN;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            // Bounded too: a fence insert waits on the order's id while a
+            // backend still holding it (cut off, not dead) has not ended.
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            let attempt =
+                tokio::time::timeout(left, self.store.record_failed(order, &reason, now()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::store::StoreError::Connect(format!(
+                            "no answer within {COMMIT_RESOLVE_WITHIN:?}"
+                        )))
+                    });
+            match attempt {
+                Ok(row) if row.reject_reason.as_deref() == Some(reason.as_str()) => {
+                    tracing::warn!(reservation = order.id.as_str(), error = %err, "a commit without an answer did not commit; fenced off");
+                    metrics::decision("db", "commit_fenced");
+                    if gated {
+                        self.gate_release(order).await;
+                    }
+                    self.emit(Event::Changed(row));
+                    return Err(store_error(err));
+                }
+                Ok(row) => {
+                    tracing::warn!(reservation = order.id.as_str(), error = %err, "a commit without an answer did commit");
+                    metrics::decision("db", "commit_found");
+                    return self
+                        .settle(
+                            order,
+                            gated,
+                            crate::store::CommitOutcome::AlreadyCommitted(row),
+                        )
+                        .await;
+                }
+                Err(db) if db.is_unavailable() && tokio::time::Instant::now() < give_up => {
+                    tracing::debug!(reservation = order.id.as_str(), error = %db, "no primary to settle a commit without an answer yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(db) => {
+                    tracing::error!(reservation = order.id.as_str(), error = %db, "a commit without an answer could not be settled; its outcome is left to the reconciler");
+                    return Err(store_error(err));
+                }
             }
         }
     }

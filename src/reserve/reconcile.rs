@@ -53,6 +53,7 @@ impl Pipeline {
             .collect();
         self.gate.set_windows(&windows).await.map_err(gate_error)?;
         let mut seen = HashMap::new();
+        let mut refused = HashMap::new();
         for row in &rows {
             let sku = Sku::from_trusted(row.sku.clone());
             report
@@ -89,6 +90,32 @@ impl Pipeline {
                         .map_err(gate_error)?
                     {
                         report.repaired.push(sku.clone());
+                    } else if self.refused_before(&sku, fresh.version) {
+                        // The same drift, refused at the same row version
+                        // on consecutive passes: no settlement is racing
+                        // the read; the database lost versions the gate
+                        // saw (a failover onto a standby that lacked the
+                        // last commits). Its stock is the truth now.
+                        tracing::error!(sku = sku.as_str(), version = fresh.version, drift, "the database's stock row is older than changes the gate applied: commits were lost (failover?); resetting the gate from the database");
+                        self.gate
+                            .reset(&sku_stock(&fresh))
+                            .await
+                            .map_err(gate_error)?;
+                        // A commit settled between the read and the reset
+                        // was overwritten: set again, by the usual rule,
+                        // from a read taken after it.
+                        if let Some(after) =
+                            self.store.inventory(&sku).await.map_err(store_error)?
+                        {
+                            self.gate
+                                .set(&sku_stock(&after))
+                                .await
+                                .map_err(gate_error)?;
+                        }
+                        report.repaired.push(sku.clone());
+                    } else {
+                        refused.insert(sku.clone(), fresh.version);
+                        seen.insert(sku, drift);
                     }
                 }
             } else {
@@ -96,6 +123,10 @@ impl Pipeline {
             }
         }
         *self.last_drift.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        *self
+            .refused_repairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = refused;
         let units: i64 = report.drift.iter().map(|(_, d)| d.abs()).sum();
         ::metrics::gauge!("stockgate_gate_drift_units").set(units as f64);
         ::metrics::gauge!("stockgate_gate_drift_skus").set(report.drift.len() as f64);
@@ -103,6 +134,15 @@ impl Pipeline {
             tracing::warn!(drift = ?report.drift, repaired = ?report.repaired, "gate and database disagree");
         }
         Ok(report)
+    }
+
+    /// Whether the last pass's repair of `sku` was refused at row `version`.
+    fn refused_before(&self, sku: &Sku, version: i64) -> bool {
+        self.refused_repairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sku)
+            == Some(&version)
     }
 
     /// Settles admissions older than the in-flight timeout by what became of

@@ -83,6 +83,22 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the statement (a commit, say) may have taken effect though
+    /// its answer never came: the connection broke while it ran. A refused
+    /// connection or a statement the server rejected changed nothing.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Query(DieselError::BrokenTransactionManager) => true,
+            Self::Query(DieselError::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand
+                ) || info.message().contains("terminating connection")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether a retry later may succeed (as opposed to a bug).
     /// Serialization failures, a read-only database (a failover in
     /// progress) and a command that could not be sent count as outages too:

@@ -22,6 +22,8 @@ mod image;
 mod middleware;
 mod mtls;
 mod ops;
+mod pg_failover;
+mod rabbit_cluster;
 mod rabbit_queue;
 mod redis_cluster;
 mod redis_gate;

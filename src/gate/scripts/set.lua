@@ -5,12 +5,13 @@
 -- change newer than the read, whose effect the read would overwrite.
 -- KEYS[1] inv hash.  ARGV: database stock, per-user cap, row version of
 -- the read, the sale window's opening and closing (Unix ms, '' = that side
--- open).
+-- open), '1' to set even from a stale read (a database that went back in
+-- time, see StockGate::reset).
 -- Returns 1 when set (the caller announces a restock), 0 when the read is
 -- stale.
 local version = tonumber(ARGV[3])
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
-if version < seen then
+if version < seen and ARGV[6] ~= '1' then
   return 0
 end
 local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')

@@ -281,7 +281,7 @@ struct Link {
 impl Link {
     /// Closes the connection: whatever its channel holds unacknowledged
     /// goes back to its queue.
-    async fn close(self) {
+    async fn close(&self) {
         let _ = self.channel.close(200, "done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;
     }
@@ -309,15 +309,41 @@ fn tls_config(url: &LiveUrl) -> lapin::tcp::OwnedTLSConfig {
     }
 }
 
+/// Connects to the first broker of `url` that answers (a cluster's nodes
+/// are listed `host:port,host:port`), from the one that answered last.
 async fn open(url: &LiveUrl, names: &QueueNames) -> Result<Link, String> {
+    let mut failures = Vec::new();
+    for (index, uri) in url.hosts() {
+        match open_one(url, &uri, names).await {
+            Ok(link) => {
+                url.answered(index);
+                return Ok(link);
+            }
+            Err(err) => failures.push(err),
+        }
+    }
+    Err(format!(
+        "{} (RabbitMQ at {})",
+        failures.join("; "),
+        url.describe("backends.queue")
+    ))
+}
+
+/// The longest [`open`] takes: each host in turn not answering.
+fn open_timeout(url: &LiveUrl) -> Duration {
+    CONNECT_TIMEOUT * u32::try_from(url.hosts().len()).unwrap_or(u32::MAX)
+}
+
+async fn open_one(url: &LiveUrl, uri: &str, names: &QueueNames) -> Result<Link, String> {
+    let host = uri.rsplit_once('@').map_or(uri, |(_, host)| host);
+    let host = host.split(['/', '?']).next().unwrap_or(host);
     let connect = async {
-        let uri = url.current();
         let properties = ConnectionProperties::default();
         let connection = if url.is_tls() {
             let runtime = lapin::runtime::default_runtime()?;
-            Connection::connect_with_config(&uri, properties, tls_config(url), runtime).await?
+            Connection::connect_with_config(uri, properties, tls_config(url), runtime).await?
         } else {
-            Connection::connect(&uri, properties).await?
+            Connection::connect(uri, properties).await?
         };
         let channel = connection.create_channel().await?;
         declare(&channel, names).await?;
@@ -329,15 +355,11 @@ async fn open(url: &LiveUrl, names: &QueueNames) -> Result<Link, String> {
             channel,
         })
     };
-    let failure = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(link)) => return Ok(link),
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
-    };
-    Err(format!(
-        "{failure} (RabbitMQ at {})",
-        url.describe("backends.queue")
-    ))
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(err)) => Err(format!("{host}: {err}")),
+        Err(_) => Err(format!("{host}: no answer within {CONNECT_TIMEOUT:?}")),
+    }
 }
 
 fn persistent_json(id: Option<&str>) -> BasicProperties {
@@ -403,8 +425,10 @@ impl RabbitQueue {
     /// Connects lazily: the server starts (and refuses Reserve with
     /// UNAVAILABLE) while the broker is still coming up.
     pub fn new(uri: impl Into<LiveUrl>, config: &RabbitConfig, store: Store) -> Self {
+        let uri: LiveUrl = uri.into();
         let publisher = Publisher {
-            uri: uri.into(),
+            open_timeout: open_timeout(&uri),
+            uri,
             names: QueueNames::new(&config.queue),
             store,
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
@@ -582,7 +606,7 @@ impl OrderQueue for RabbitQueue {
         // The batch bounds its own steps (connect, ticket statement,
         // confirm); this bounds the wait for a batch to start too. Past it
         // the order may still go out, so it counts as unconfirmed.
-        let bound = self.publisher.publish_timeout * 2 + CONNECT_TIMEOUT;
+        let bound = self.publisher.publish_timeout * 2 + self.publisher.open_timeout;
         match tokio::time::timeout(bound, answer).await {
             Ok(Ok(answer)) => answer,
             // The batch's task ended without an answer: its message may

@@ -73,6 +73,8 @@ pub(super) struct Publisher {
     /// Most orders in one message.
     pub per_message: usize,
     pub reconnect_delay: Duration,
+    /// The longest a (re)connect takes, every listed broker tried.
+    pub open_timeout: Duration,
     pub link: ArcSwapOption<Link>,
     /// Serialises reconnects; holds when the last attempt failed so callers
     /// during an outage are refused at once instead of each trying.
@@ -81,16 +83,21 @@ pub(super) struct Publisher {
 
 impl Publisher {
     pub async fn channel(&self) -> Result<Channel, QueueError> {
+        Ok(self.link().await?.channel.clone())
+    }
+
+    /// The publishing connection and channel, opened if there is none.
+    async fn link(&self) -> Result<Arc<Link>, QueueError> {
         if let Some(link) = self.link.load_full() {
             if link.channel.status().connected() {
-                return Ok(link.channel.clone());
+                return Ok(link);
             }
         }
         let mut last_failure = self.reconnect.lock().await;
         // Another caller may have reconnected while we waited.
         if let Some(link) = self.link.load_full() {
             if link.channel.status().connected() {
-                return Ok(link.channel.clone());
+                return Ok(link);
             }
         }
         if let Some(at) = *last_failure {
@@ -102,11 +109,11 @@ impl Publisher {
         }
         match open(&self.uri, &self.names).await {
             Ok(link) => {
-                let channel = link.channel.clone();
-                self.link.store(Some(Arc::new(link)));
+                let link = Arc::new(link);
+                self.link.store(Some(Arc::clone(&link)));
                 *last_failure = None;
                 tracing::info!(queue = %self.names.orders, "connected to the order queue");
-                Ok(channel)
+                Ok(link)
             }
             Err(err) => {
                 *last_failure = Some(Instant::now());
@@ -133,8 +140,8 @@ impl Publisher {
                 let _ = publish.reply.send(Err(err.clone()));
             }
         };
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
+        let link = match self.link().await {
+            Ok(link) => link,
             Err(err) => return fail(batch, err),
         };
         let tickets = match self.store.next_tickets(n).await {
@@ -148,11 +155,46 @@ impl Publisher {
                 return fail(batch, QueueError::Unavailable(why));
             }
         };
-        let sent = self.send(&channel, &batch, &tickets).await;
+        let sent = self.send(&link.channel, &batch, &tickets).await;
         let answers = confirms(sent, &tickets, self.publish_timeout).await;
+        if answers
+            .iter()
+            .any(|answer| matches!(answer, Err(QueueError::Unconfirmed(_))))
+        {
+            self.discard(link);
+        }
         for (publish, answer) in batch.into_iter().zip(answers) {
             let _ = publish.reply.send(answer);
         }
+    }
+
+    /// A channel whose publish was refused (nacked) or not confirmed in
+    /// time is not used again: RabbitMQ 3.10 goes on nacking every publish
+    /// on a channel whose quorum queue lost its leader, even once another
+    /// node leads it (seen with the queue's leader killed). The next batch
+    /// opens a new connection; this one is closed once no batch holds it
+    /// (or after `open_timeout` plus twice `publish_timeout`, the longest
+    /// a batch takes). A slow broker thus costs a reconnect per batch that
+    /// timed out.
+    fn discard(&self, link: Arc<Link>) {
+        let previous = self.link.compare_and_swap(&Some(Arc::clone(&link)), None);
+        if !previous
+            .as_ref()
+            .is_some_and(|previous| Arc::ptr_eq(previous, &link))
+        {
+            // Already retired by another batch (which closes it), or
+            // replaced after its channel closed.
+            return;
+        }
+        tracing::warn!(queue = %self.names.orders, "a publish was not confirmed; the next goes on a new connection");
+        let longest = self.open_timeout + self.publish_timeout * 2;
+        tokio::spawn(async move {
+            let until = Instant::now() + longest;
+            while Arc::strong_count(&link) > 1 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            link.close().await;
+        });
     }
 
     /// Sends the batch, numbered, in messages of at most `per_message`

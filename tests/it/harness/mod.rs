@@ -43,7 +43,12 @@ pub enum Profile {
     /// PostgreSQL plus the gate and the dedup store on the run's Redis
     /// Cluster ([`redis_cluster_url`]), under a key prefix of the test's own.
     RedisCluster,
+    /// As [`Profile::Rabbit`], the queue on the run's three-node RabbitMQ
+    /// cluster ([`replicated::rabbit_cluster`]).
+    RabbitCluster,
 }
+
+pub mod replicated;
 
 pub fn amqp_url() -> String {
     std::env::var("STOCKGATE_TEST_AMQP_URL")
@@ -96,7 +101,14 @@ pub async fn queue_depth(queue: &str) -> u32 {
 
 /// Deletes a test's queues and exchange.
 pub async fn delete_rabbit(config: &Config) {
-    stockgate::queue::delete_topology(&amqp_url(), &config.rabbitmq.queue).await;
+    // As guest, who may do so (a test's own broker user may be gone):
+    // on the run's cluster when the queue lives there.
+    let broker = if config.backends.queue.contains(',') {
+        config.backends.queue.clone()
+    } else {
+        amqp_url()
+    };
+    stockgate::queue::delete_topology(&broker, &config.rabbitmq.queue).await;
 }
 
 /// The workspace root: the tests belong to `tools/` (the package that
@@ -143,24 +155,7 @@ impl RedisCluster {
     /// when the test process exits; a master that does not answer for
     /// `node_timeout_ms` is failed over.
     pub fn start(node_timeout_ms: u64) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/redis-cluster");
-        let out = std::process::Command::new(script)
-            .arg(std::process::id().to_string())
-            .arg(node_timeout_ms.to_string())
-            .output()
-            .expect("ci/redis-cluster runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = String::from_utf8(out.stdout).unwrap();
-        let var = |name: &str| {
-            out.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
-                .unwrap_or_else(|| panic!("{name} from ci/redis-cluster"))
-                .to_owned()
-        };
+        let var = setup_script("redis-cluster", &[&node_timeout_ms.to_string()]);
         Self {
             url: var("STOCKGATE_TEST_REDIS_CLUSTER"),
             dir: var("STOCKGATE_TEST_REDIS_CLUSTER_DIR").into(),
@@ -311,6 +306,31 @@ impl RedisCluster {
     }
 }
 
+/// Runs `ci/<script> <this process's pid> <args>`, which starts servers
+/// that live until this process exits, and gives the `NAME=value` lines
+/// it prints, by name.
+pub fn setup_script(script: &str, args: &[&str]) -> impl Fn(&str) -> String {
+    let path = format!("{}/../ci/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(&path)
+        .arg(std::process::id().to_string())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ci/{script} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "ci/{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
+    let script = script.to_owned();
+    move |name: &str| {
+        out.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{name} from ci/{script}"))
+            .to_owned()
+    }
+}
+
 /// Deletes every key under `prefix`: what a Redis restart or FLUSHALL does
 /// to this test, without touching the keys of tests running beside it.
 pub async fn wipe_redis_prefix(prefix: &str) {
@@ -405,7 +425,11 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
     config.metrics.listen = String::new();
     let db = match profile {
         Profile::Embedded => None,
-        Profile::Postgres | Profile::Redis | Profile::Rabbit | Profile::RedisCluster => {
+        Profile::Postgres
+        | Profile::Redis
+        | Profile::Rabbit
+        | Profile::RedisCluster
+        | Profile::RabbitCluster => {
             let db = TestDb::create().await;
             config.backends.store = db.url.clone();
             config.store.max_connections = 8;
@@ -413,7 +437,7 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
         }
     };
     let redis = match profile {
-        Profile::Redis | Profile::Rabbit => Some(redis_url()),
+        Profile::Redis | Profile::Rabbit | Profile::RabbitCluster => Some(redis_url()),
         Profile::RedisCluster => Some(redis_cluster_url()),
         Profile::Embedded | Profile::Postgres => None,
     };
@@ -427,8 +451,11 @@ pub async fn config_for(profile: Profile) -> (Config, Option<TestDb>, tempfile::
         // about correctness, so a slow Redis answer must not count as down.
         config.redis.response_timeout_ms = 5_000;
     }
-    if profile == Profile::Rabbit {
-        config.backends.queue = amqp_url();
+    if matches!(profile, Profile::Rabbit | Profile::RabbitCluster) {
+        config.backends.queue = match profile {
+            Profile::RabbitCluster => replicated::rabbit_cluster().url.clone(),
+            _ => amqp_url(),
+        };
         config.rabbitmq.queue = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
     }
     (config, db, dir)
@@ -853,11 +880,11 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
         "stock left != stock - units ordered"
     );
     assert!(left >= 0);
+    let lost = lost_in(&rows, tally);
+    assert!(lost.is_empty(), "admitted reservations lost: {lost:?}");
     let by_id: HashMap<&str, _> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
     for (id, wanted) in &tally.granted {
-        let row = by_id
-            .get(id.as_str())
-            .unwrap_or_else(|| panic!("admitted reservation {id} was lost"));
+        let row = by_id[id.as_str()];
         assert_eq!(row.quantity, *wanted);
         assert!(
             matches!(
@@ -870,12 +897,13 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
     }
     for row in &rows {
         // A caller told UNAVAILABLE may have left a fence (an order the
-        // broker never confirmed, stored REJECTED), never an order.
+        // broker never confirmed, or whose commit lost its answer, stored
+        // REJECTED), never an order.
         let fence = row.state == ReservationState::Rejected
-            && row
-                .reject_reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with(stockgate::reserve::FENCE_REASON));
+            && row.reject_reason.as_deref().is_some_and(|r| {
+                r.starts_with(stockgate::reserve::FENCE_REASON)
+                    || r.starts_with(stockgate::reserve::COMMIT_FENCE_REASON)
+            });
         assert!(
             tally.granted.contains_key(row.id.as_str()) || fence,
             "order {} ({:?}) that no caller was told about",
@@ -884,6 +912,26 @@ pub async fn assert_invariants(app: &TestApp, sku: &str, initial: i64, tally: &S
         );
     }
     ordered
+}
+
+/// The reservations callers were told they got (`tally`) that `sku` has
+/// no row for: what the caller-side check calls lost.
+pub async fn lost_admissions(app: &TestApp, sku: &str, tally: &StormTally) -> Vec<String> {
+    let store = open_store(&app.config);
+    let sku = stockgate::domain::Sku::parse(sku).unwrap();
+    lost_in(&store.reservations_of(&sku).await.unwrap(), tally)
+}
+
+fn lost_in(rows: &[stockgate::domain::Reservation], tally: &StormTally) -> Vec<String> {
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let mut lost: Vec<String> = tally
+        .granted
+        .keys()
+        .filter(|id| !ids.contains(id.as_str()))
+        .cloned()
+        .collect();
+    lost.sort();
+    lost
 }
 
 macro_rules! by_id_call {
@@ -926,12 +974,7 @@ by_id_call!(get, get_reservation, GetReservationRequest, reservation);
 pub async fn assert_checked(app: &TestApp) {
     let mut last = None;
     for _ in 0..200 {
-        let report = app
-            .admin()
-            .check_invariants(stockgate::pb::CheckInvariantsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let report = app.check().await;
         if report.ok && (report.gate_compared || !app.gate_enabled().await) {
             return;
         }
@@ -942,6 +985,15 @@ pub async fn assert_checked(app: &TestApp) {
 }
 
 impl TestApp {
+    /// The service's invariant checker's report now.
+    pub async fn check(&self) -> stockgate::pb::CheckInvariantsResponse {
+        self.admin()
+            .check_invariants(stockgate::pb::CheckInvariantsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     async fn gate_enabled(&self) -> bool {
         self.admin()
             .get_layers(stockgate::pb::GetLayersRequest {})

@@ -1,0 +1,430 @@
+//! Backends of several nodes on loopback, for the tests that take one of
+//! their nodes away: a three-node RabbitMQ cluster (`ci/rabbit-cluster`)
+//! and a PostgreSQL primary with a streaming standby (`ci/pg-pair`); and a
+//! sale whose buyers retry a refusal with their key, as real callers do.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use stockgate::pb::{inventory_service_client::InventoryServiceClient, ReserveRequest};
+use tonic::Code;
+
+use super::{is_admitted, setup_script, with_user, StormTally};
+
+/// The run's RabbitMQ cluster: three nodes on loopback, started once per
+/// run by nextest's setup script (`ci/rabbit-cluster`, for the tests in
+/// `rabbit_cluster`) or, run otherwise, by this process for itself.
+/// Either is stopped and removed when its owner exits.
+pub fn rabbit_cluster() -> &'static RabbitCluster {
+    static CLUSTER: std::sync::OnceLock<RabbitCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        match (
+            std::env::var("STOCKGATE_TEST_RABBIT_CLUSTER"),
+            std::env::var("STOCKGATE_TEST_RABBIT_CLUSTER_DIR"),
+        ) {
+            (Ok(url), Ok(dir)) => RabbitCluster {
+                url,
+                dir: dir.into(),
+            },
+            _ => {
+                let var = setup_script("rabbit-cluster", &[]);
+                RabbitCluster {
+                    url: var("STOCKGATE_TEST_RABBIT_CLUSTER"),
+                    dir: var("STOCKGATE_TEST_RABBIT_CLUSTER_DIR").into(),
+                }
+            }
+        }
+    })
+}
+
+/// A running test cluster: its `amqp://` URL listing the three nodes, and
+/// the directory of their pid files and environments.
+pub struct RabbitCluster {
+    pub url: String,
+    pub dir: PathBuf,
+}
+
+impl RabbitCluster {
+    /// The nodes' short names (`sg1-…`), as `ci/rabbit-cluster` wrote them.
+    pub fn nodes(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("nodes"))
+            .unwrap()
+            .lines()
+            .map(|line| line.split(' ').next().unwrap().to_owned())
+            .collect()
+    }
+
+    /// `rabbitmqctl -n NODE@localhost ARGS` as the broker's user; its
+    /// output, or `None` if it failed (the node is down, say).
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Option<String> {
+        let out = Command::new("runuser")
+            .args(["-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq"])
+            .arg("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .args(["-n", &format!("{node}@localhost")])
+            .args(args)
+            .output()
+            .expect("runuser and rabbitmqctl");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `queue`'s leader and its members (short node names), as a running
+    /// node reports them.
+    pub fn queue_nodes(&self, queue: &str) -> (String, Vec<String>) {
+        for node in self.nodes() {
+            let Some(out) = self.ctl(
+                &node,
+                &[
+                    "list_queues",
+                    "-q",
+                    "--formatter",
+                    "json",
+                    "name",
+                    "leader",
+                    "members",
+                ],
+            ) else {
+                continue;
+            };
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+            let row = rows
+                .iter()
+                .find(|row| row["name"] == queue)
+                .unwrap_or_else(|| panic!("no queue {queue}: {out}"));
+            let short = |v: &serde_json::Value| {
+                v.as_str()
+                    .unwrap()
+                    .trim_end_matches("@localhost")
+                    .to_owned()
+            };
+            let members = row["members"].as_array().unwrap().iter().map(short);
+            return (short(&row["leader"]), members.collect());
+        }
+        panic!("no node of the cluster answers");
+    }
+
+    /// A policy placing the leader of the quorum queue `queue` on the node
+    /// of the connection that declares it (3.10 may place it on another).
+    pub fn lead_where_declared(&self, queue: &str) {
+        let pattern = format!("^{}$", regex_escape(queue));
+        self.ctl(
+            &self.nodes()[0],
+            &[
+                "set_policy",
+                "--apply-to",
+                "queues",
+                queue,
+                &pattern,
+                r#"{"queue-leader-locator":"client-local"}"#,
+            ],
+        )
+        .expect("set_policy");
+    }
+
+    /// How many client connections `node` holds (`list_connections`
+    /// lists the whole cluster's, each with the AMQP port it came in on).
+    pub fn connections_on(&self, node: &str) -> usize {
+        let port = self.port(node);
+        let listed = |on: &String| self.ctl(on, &["list_connections", "-q", "port"]);
+        let nodes = self.nodes();
+        nodes
+            .iter()
+            .find_map(listed)
+            .expect("no node of the cluster answers")
+            .lines()
+            .filter(|line| line.trim() == port)
+            .count()
+    }
+
+    /// The AMQP port of `node`.
+    fn port(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join("nodes"))
+            .unwrap()
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{node} ")))
+            .unwrap_or_else(|| panic!("no node {node}"))
+            .to_owned()
+    }
+
+    /// SIGKILLs the node's Erlang VM.
+    pub fn kill(&self, node: &str) {
+        self.signal(node, "KILL");
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`) to the node's Erlang VM.
+    pub fn signal(&self, node: &str, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join(format!("{node}.pid"))).unwrap();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), pid.trim()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The node as it was, whatever a test did to it: resumed if frozen,
+    /// started again if killed (it rejoins the cluster), and `policy`
+    /// cleared. For a guard's `Drop`: it does not panic.
+    pub fn heal(&self, node: &str, policy: Option<&str>) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{node}.pid"))) {
+            let _ = Command::new("kill").args(["-CONT", pid.trim()]).status();
+        }
+        if self.ctl(node, &["status"]).is_none() {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/rabbit-cluster"))
+                .arg("--start")
+                .arg(&self.dir)
+                .arg(node)
+                .status();
+        }
+        if let Some(policy) = policy {
+            let _ = self.ctl(node, &["clear_policy", policy]);
+        }
+    }
+}
+
+/// `text` matched literally in a regular expression.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escape = !c.is_ascii_alphanumeric() && c != '-' && c != '_';
+            escape.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
+/// A PostgreSQL primary and its streaming standby, of one test's own,
+/// stopped and removed when the test process exits.
+pub struct PgPair {
+    /// `postgres://postgres@primary,standby`, without a database.
+    pub hosts: String,
+    pub dir: PathBuf,
+}
+
+impl PgPair {
+    /// `synchronous`: the primary answers a commit once the standby has
+    /// it; otherwise replication is asynchronous (PostgreSQL's default).
+    pub fn start(synchronous: bool) -> Self {
+        let var = setup_script("pg-pair", &[if synchronous { "sync" } else { "async" }]);
+        let pair = Self {
+            hosts: var("STOCKGATE_TEST_PG_PAIR"),
+            dir: var("STOCKGATE_TEST_PG_PAIR_DIR").into(),
+        };
+        pair.psql("primary", "CREATE DATABASE stockgate");
+        pair
+    }
+
+    /// The store URL a service is given: both hosts, the database, and
+    /// "connect only to the one that takes writes".
+    pub fn store_url(&self) -> String {
+        format!("{}/stockgate?target_session_attrs=read-write", self.hosts)
+    }
+
+    /// The port of `node` (`primary` or `standby`).
+    fn port(&self, node: &str) -> &str {
+        let hosts = self.hosts.rsplit_once('@').unwrap().1;
+        let (primary, standby) = hosts.split_once(',').unwrap();
+        let host = if node == "primary" { primary } else { standby };
+        host.rsplit_once(':').unwrap().1
+    }
+
+    /// Runs `sql` on `node`, as the superuser; its output.
+    pub fn psql(&self, node: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", self.port(node), "-U", "postgres"])
+            .args(["-d", "postgres", "-tAc", sql])
+            .output()
+            .expect("psql runs");
+        assert!(out.status.success(), "psql on {node}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `pg_ctl ARGS` on `node`, as the server's user.
+    pub fn ctl(&self, node: &str, args: &[&str]) {
+        let out = Command::new(self.dir.join("ctl"))
+            .arg(node)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl {args:?} on {node}: {out:?}");
+    }
+
+    /// A crash of the primary: every one of its processes gone at once,
+    /// without a checkpoint (`pg_ctl stop -m immediate`).
+    pub fn crash_primary(&self) {
+        self.ctl("primary", &["stop", "-m", "immediate"]);
+    }
+}
+
+/// What the buyers of [`keyed_sale`] heard: each buyer's last answer (a
+/// refusal retried with the same key counts once, by how it ended).
+#[derive(Debug, Default)]
+pub struct KeyedTally {
+    pub tally: StormTally,
+    /// UNAVAILABLE answers that were retried.
+    pub refusals: usize,
+    /// Buyers still refused when the sale stopped: their outcome unknown
+    /// to them (the service may still have their order).
+    pub unresolved: Vec<String>,
+    /// When each admission was answered.
+    pub admitted_at: Vec<Instant>,
+    /// Keys told UNAVAILABLE whose retry found the reservation the refused
+    /// call had made (created before the refusal): told "failed" when it
+    /// had not, which a caller without a key would never learn.
+    pub refused_yet_made: Vec<String>,
+    /// Each admitted reservation's SKU.
+    pub sku_of: HashMap<String, String>,
+}
+
+impl KeyedTally {
+    /// Every buyer's outcome settled: none still refused when the sale
+    /// stopped, no error but the retried refusals, and none told
+    /// UNAVAILABLE for an order that exists.
+    pub fn assert_resolved(&self) {
+        assert!(self.unresolved.is_empty(), "{:?}", self.unresolved);
+        assert!(
+            self.refused_yet_made.is_empty(),
+            "told UNAVAILABLE, yet ordered: {:?}",
+            self.refused_yet_made
+        );
+        assert!(self.tally.errors.is_empty(), "{:?}", self.tally.errors);
+    }
+
+    /// Admissions answered after `at`.
+    pub fn admitted_after(&self, at: Instant) -> usize {
+        self.admitted_at.iter().filter(|when| **when > at).count()
+    }
+
+    /// The admissions of `sku` alone, for its invariants.
+    pub fn of_sku(&self, sku: &str) -> StormTally {
+        let mut tally = StormTally::default();
+        tally.granted = self
+            .tally
+            .granted
+            .iter()
+            .filter(|(id, _)| self.sku_of[*id] == sku)
+            .map(|(id, units)| (id.clone(), *units))
+            .collect();
+        tally
+    }
+}
+
+/// `workers` buyers at a time, each asking once for one unit of a SKU of
+/// `skus` (worker `w` buys `skus[w % skus.len()]`) as user `w<worker>-<n>`
+/// with idempotency key `k-<worker>-<n>`, until `stop` is set. A buyer told UNAVAILABLE asks again with the same key every
+/// 50 ms, for up to `retry_for`, as a caller whose outcome is unknown
+/// must.
+pub fn keyed_sale(
+    addr: std::net::SocketAddr,
+    skus: &[&str],
+    workers: usize,
+    retry_for: Duration,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<KeyedTally> {
+    let skus: Vec<String> = skus.iter().map(|sku| (*sku).to_owned()).collect();
+    tokio::spawn(async move {
+        let channel = super::connect(addr).await;
+        let runs = (0..workers).map(|w| {
+            let mut client = InventoryServiceClient::new(channel.clone());
+            let sku = skus[w % skus.len()].clone();
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut mine = KeyedTally::default();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (user, key) = (format!("w{w}-{n}"), format!("k-{w}-{n}"));
+                    n += 1;
+                    let give_up = Instant::now() + retry_for;
+                    let mut first_refusal = None;
+                    loop {
+                        let request = ReserveRequest {
+                            sku: sku.clone(),
+                            quantity: 1,
+                            ..Default::default()
+                        };
+                        match client.reserve(with_user(request, &user, Some(&key))).await {
+                            Ok(answer) => {
+                                let answer = answer.into_inner();
+                                let outcome = answer.outcome();
+                                *mine.tally.outcomes.entry(outcome).or_default() += 1;
+                                if is_admitted(outcome) {
+                                    let reservation = answer.reservation.unwrap();
+                                    if let (Some(refused), Some(created)) =
+                                        (first_refusal, &reservation.created_at)
+                                    {
+                                        let created = std::time::UNIX_EPOCH
+                                            + Duration::new(
+                                                created.seconds as u64,
+                                                created.nanos as u32,
+                                            );
+                                        if created < refused {
+                                            mine.refused_yet_made.push(key.clone());
+                                        }
+                                    }
+                                    mine.sku_of
+                                        .insert(reservation.reservation_id.clone(), sku.clone());
+                                    mine.tally.granted.insert(reservation.reservation_id, 1);
+                                    mine.admitted_at.push(Instant::now());
+                                }
+                                break;
+                            }
+                            Err(status)
+                                if status.code() == Code::Unavailable
+                                    && Instant::now() < give_up =>
+                            {
+                                mine.refusals += 1;
+                                first_refusal.get_or_insert_with(std::time::SystemTime::now);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(status) => {
+                                *mine.tally.errors.entry(status.code()).or_default() += 1;
+                                if status.code() == Code::Unavailable {
+                                    mine.unresolved.push(key);
+                                } else {
+                                    eprintln!("{key}: {status:?}");
+                                }
+                                break;
+                            }
+                        }
+                    }
+                }
+                mine
+            })
+        });
+        let mut all = KeyedTally::default();
+        for run in futures::future::join_all(runs).await {
+            let run = run.unwrap();
+            all.tally.absorb(run.tally);
+            all.refusals += run.refusals;
+            all.unresolved.extend(run.unresolved);
+            all.admitted_at.extend(run.admitted_at);
+            all.refused_yet_made.extend(run.refused_yet_made);
+            all.sku_of.extend(run.sku_of);
+        }
+        all
+    })
+}
+
+/// Counts per outcome, for the test's log.
+pub fn describe(tally: &KeyedTally) -> String {
+    let outcomes: HashMap<String, usize> = tally
+        .tally
+        .outcomes
+        .iter()
+        .map(|(outcome, n)| (format!("{outcome:?}"), *n))
+        .collect();
+    format!(
+        "{outcomes:?}, {} refusals retried, {} unresolved, {} refused yet made, errors {:?}",
+        tally.refusals,
+        tally.unresolved.len(),
+        tally.refused_yet_made.len(),
+        tally.tally.errors
+    )
+}
