@@ -201,3 +201,56 @@ async fn fences(app: &TestApp, sku: &str) -> usize {
         })
         .count()
 }
+
+/// The same crash with the queue layer on (RabbitMQ, the Redis gate):
+/// callers are told QUEUED once the broker confirms, and the processor
+/// commits later. While no primary answers, Reserve is refused (queue
+/// tickets come from the database) and the processor's batch commits
+/// fail and are retried; after the promotion it commits them on the new
+/// primary, a batch whose commit lost its answer found committed by its
+/// reservation ids. Every caller told QUEUED has exactly one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_mid_sale_through_the_queue_loses_no_queued_order() {
+    let pair = PgPair::start(true);
+    let (mut config, db, dir) = config_for(Profile::Rabbit).await;
+    config.backends.store = pair.store_url();
+    config.store.acquire_timeout_ms = 1_000;
+    config.server.request_timeout_ms = 10_000;
+    // The test's queue goes when its (unused) machine database does.
+    let app = TestApp::start(config, db, dir).await;
+    app.wait_serving().await;
+    app.set_stock("PG-QUEUE", 100_000, 0).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sale = keyed_sale(
+        app.addr,
+        &["PG-QUEUE"],
+        8,
+        Duration::from_secs(30),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pair.crash_primary();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pair.ctl("standby", &["promote"]);
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let heard = sale.await.unwrap();
+    eprintln!("{}", describe(&heard));
+
+    assert!(heard.refusals > 0, "no caller felt the crash");
+    heard.assert_resolved();
+    let after = heard.admitted_after(promoted);
+    assert!(after > 0, "nothing was sold on the promoted standby");
+    app.drain("PG-QUEUE").await;
+    let ordered = assert_invariants(&app, "PG-QUEUE", 100_000, &heard.tally).await;
+    assert_eq!(
+        ordered,
+        heard.tally.granted.len() as i64,
+        "one order per caller told QUEUED"
+    );
+    assert_checked(&app).await;
+    eprintln!("{ordered} orders, {after} queued after the promotion");
+    app.stop().await;
+}
