@@ -14,7 +14,7 @@ use stockgate::domain::Sku;
 
 use crate::harness::{
     assert_checked, assert_invariants, config_for, is_admitted, lost_admissions, open_store,
-    replicated::{describe, keyed_sale, PgPair},
+    replicated::{describe, keyed_sale, KeyedTally, PgPair},
     Profile, StormTally, TestApp,
 };
 
@@ -53,28 +53,7 @@ async fn a_crashed_primary_with_a_synchronous_standby_loses_no_acknowledged_orde
     const STOCK: i64 = 100_000;
     app.set_stock("PG-SYNC", STOCK, 0).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sale = keyed_sale(
-        app.addr,
-        &["PG-SYNC"],
-        8,
-        Duration::from_secs(30),
-        Arc::clone(&stop),
-    );
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    pair.crash_primary();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    pair.ctl("standby", &["promote"]);
-    let promoted = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
-
-    assert!(heard.refusals > 0, "no caller felt the crash");
-    heard.assert_resolved();
-    let after = heard.admitted_after(promoted);
-    assert!(after > 0, "nothing was sold on the promoted standby");
+    let (heard, after) = crash_mid_sale(&app, &pair, "PG-SYNC").await;
 
     let ordered = assert_invariants(&app, "PG-SYNC", STOCK, &heard.tally).await;
     assert_eq!(
@@ -171,6 +150,36 @@ async fn with_asynchronous_replication_a_crash_loses_exactly_the_commits_the_sta
     app.stop().await;
 }
 
+/// Keyed buyers of `sku` (8 at a time, retrying refusals with their keys)
+/// while the primary crashes and, a second later, the standby is
+/// promoted; four seconds after that the sale stops. What they heard, and
+/// how many were admitted after the promotion; fails unless the crash was
+/// felt, every buyer's outcome settled and sales went on afterwards.
+async fn crash_mid_sale(app: &TestApp, pair: &PgPair, sku: &str) -> (KeyedTally, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sale = keyed_sale(
+        app.addr,
+        &[sku],
+        8,
+        Duration::from_secs(30),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pair.crash_primary();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pair.ctl("standby", &["promote"]);
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let heard = sale.await.unwrap();
+    eprintln!("{}", describe(&heard));
+    assert!(heard.refusals > 0, "no caller felt the crash");
+    heard.assert_resolved();
+    let after = heard.admitted_after(promoted);
+    assert!(after > 0, "nothing was sold on the promoted standby");
+    (heard, after)
+}
+
 /// Waits until the standby has replayed all the primary has written.
 fn wait_replayed(pair: &PgPair) {
     for _ in 0..200 {
@@ -221,28 +230,7 @@ async fn a_crashed_primary_mid_sale_through_the_queue_loses_no_queued_order() {
     app.wait_serving().await;
     app.set_stock("PG-QUEUE", 100_000, 0).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sale = keyed_sale(
-        app.addr,
-        &["PG-QUEUE"],
-        8,
-        Duration::from_secs(30),
-        Arc::clone(&stop),
-    );
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    pair.crash_primary();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    pair.ctl("standby", &["promote"]);
-    let promoted = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
-
-    assert!(heard.refusals > 0, "no caller felt the crash");
-    heard.assert_resolved();
-    let after = heard.admitted_after(promoted);
-    assert!(after > 0, "nothing was sold on the promoted standby");
+    let (heard, after) = crash_mid_sale(&app, &pair, "PG-QUEUE").await;
     app.drain("PG-QUEUE").await;
     let ordered = assert_invariants(&app, "PG-QUEUE", 100_000, &heard.tally).await;
     assert_eq!(
