@@ -1,6 +1,7 @@
 //! The order queue on a three-node RabbitMQ cluster (the run's, from
-//! `ci/rabbit-cluster`): the quorum queue replicated to every node, and a
-//! sale that loses the node leading it.
+//! `ci/rabbit-cluster`, each node in a network namespace of its own): the
+//! quorum queue replicated to every node, a sale that loses the node
+//! leading it, and one whose minority node stalls or is cut off.
 
 use std::{
     sync::{atomic::AtomicBool, Arc},
@@ -58,6 +59,22 @@ async fn a_sale_through_a_rabbit_cluster_keeps_a_queue_replica_on_every_node() {
 /// invariants and the service's checker hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
+    leader_out("RQ-KILL", Fault::Kill).await;
+}
+
+/// The node leading the quorum queue, which holds all the service's
+/// connections, cut off the network mid-sale: no reset reaches the
+/// service, its publishes there go unanswered until their bound, and its
+/// consumer hears nothing. Callers are refused (UNAVAILABLE) until the
+/// service has reconnected to a survivor, where the majority has elected
+/// a new leader; then sales go on while the node is still cut off. Every
+/// caller told QUEUED has exactly one order once the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_leader_cut_off_with_the_services_connections_loses_no_confirmed_order() {
+    leader_out("RQ-CUTLEAD", Fault::Cut).await;
+}
+
+async fn leader_out(sku: &str, fault: Fault) {
     let cluster = rabbit_cluster();
     let queue = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
     cluster.lead_where_declared(&queue);
@@ -68,10 +85,10 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
     })
     .await;
     const STOCK: i64 = 100_000;
-    app.set_stock("RQ-KILL", STOCK, 0).await;
+    app.set_stock(sku, STOCK, 0).await;
     // Connected (publisher and processor both, to one node), and the queue
     // declared by the first of them: its leader is on that node.
-    let probe = app.reserve_as("RQ-KILL", "first", None).await;
+    let probe = app.reserve_as(sku, "first", None).await;
     assert!(crate::harness::is_admitted(probe.outcome()));
     let (leader, members) = cluster.queue_nodes(&queue);
     assert_eq!(members.len(), 3);
@@ -91,7 +108,7 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
     let stop = Arc::new(AtomicBool::new(false));
     let sale = keyed_sale(
         app.addr,
-        &["RQ-KILL"],
+        &[sku],
         8,
         Duration::from_secs(30),
         Arc::clone(&stop),
@@ -102,26 +119,49 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
         node: leader.clone(),
         policy: Some(queue.clone()),
     };
-    cluster.kill(&leader);
     let killed = Instant::now();
-    // The sale goes on through another node.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (new_leader, back) = match fault {
+        Fault::Kill => {
+            cluster.kill(&leader);
+            // The sale goes on through another node.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            (cluster.queue_nodes(&queue).0, None)
+        }
+        Fault::Cut => {
+            cluster.cut(&leader);
+            // The sale goes on through the majority, the node still out.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            let new_leader = tokio::task::block_in_place(|| cluster.queue_nodes(&queue).0);
+            let back = Instant::now();
+            cluster.reconnect(&leader);
+            await_whole(cluster, &stop).await;
+            (new_leader, Some(back))
+        }
+        Fault::Freeze => unreachable!("the leader is killed or cut off"),
+    };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let heard = sale.await.unwrap();
     eprintln!("{}", describe(&heard));
 
-    let (new_leader, _) = cluster.queue_nodes(&queue);
     assert_ne!(new_leader, leader, "the queue has a new leader");
-    assert!(heard.refusals > 0, "no caller felt the kill");
+    assert!(heard.refusals > 0, "no caller felt the fault");
     heard.assert_resolved();
     let after_kill = heard.admitted_after(killed + Duration::from_secs(1));
-    assert!(after_kill > 0, "nothing was admitted after the kill");
+    assert!(after_kill > 0, "nothing was admitted after the fault");
+    if let Some(back) = back {
+        let while_cut = after_kill - heard.admitted_after(back);
+        assert!(
+            while_cut > 0,
+            "nothing was admitted while {leader} was cut off"
+        );
+        eprintln!("{while_cut} admitted while {leader} was cut off");
+    }
 
-    app.drain("RQ-KILL").await;
+    app.drain(sku).await;
     let mut all = heard.tally;
     all.granted
         .insert(probe.reservation.unwrap().reservation_id, 1);
-    let ordered = assert_invariants(&app, "RQ-KILL", STOCK, &all).await;
+    let ordered = assert_invariants(&app, sku, STOCK, &all).await;
     assert_eq!(
         ordered,
         all.granted.len() as i64,
@@ -129,7 +169,7 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
     );
     assert_checked(&app).await;
     eprintln!(
-        "{ordered} orders; {after_kill} admitted more than 1 s after the kill; leader {leader} -> {new_leader}"
+        "{ordered} orders; {after_kill} admitted more than 1 s after the fault; leader {leader} -> {new_leader}"
     );
 
     drop(heal);
@@ -141,18 +181,43 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
 }
 
 /// A node that is neither the queue's leader nor the service's frozen
-/// (SIGSTOP) for four seconds mid-sale, as a minority node cut off from
-/// the others looks to them: the leader and the other follower are a
-/// majority and go on confirming. Callers see nothing: no refusal, no
-/// error; every caller told QUEUED has its order.
+/// (SIGSTOP) for four seconds mid-sale, as a stalled node (a long pause)
+/// looks to the others: the leader and the other follower are a majority
+/// and go on confirming. Callers see nothing: no refusal, no error; every
+/// caller told QUEUED has its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_minority_node_changes_nothing_callers_see() {
+    minority_out("RQ-FREEZE", Fault::Freeze, Duration::from_secs(4)).await;
+}
+
+/// A node that is neither the queue's leader nor the service's cut off
+/// the network (its namespace's cable unplugged) for ten seconds mid-sale:
+/// the majority declares it down within `net_ticktime`, it pauses itself
+/// (`pause_minority`), and once plugged back in it rejoins and catches
+/// up. Callers see nothing: no refusal, no error; every caller told QUEUED
+/// has its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_node_partitioned_away_changes_nothing_callers_see() {
+    minority_out("RQ-CUT", Fault::Cut, Duration::from_secs(10)).await;
+}
+
+enum Fault {
+    Kill,
+    Freeze,
+    Cut,
+}
+
+/// A sale during which a follower of the queue holding none of the
+/// service's connections is frozen or cut off for `hold`, then let back.
+async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
+    const STOCK: i64 = 100_000;
     let cluster = rabbit_cluster();
     let app = TestApp::spawn(Profile::RabbitCluster).await;
-    app.set_stock("RQ-FREEZE", 100_000, 0).await;
-    let probe = app.reserve_as("RQ-FREEZE", "first", None).await;
+    app.set_stock(sku, STOCK, 0).await;
+    let probe = app.reserve_as(sku, "first", None).await;
     assert!(crate::harness::is_admitted(probe.outcome()));
-    let (leader, members) = cluster.queue_nodes(&app.config.rabbitmq.queue);
+    let queue = &app.config.rabbitmq.queue;
+    let (leader, members) = cluster.queue_nodes(queue);
     let minority = members
         .iter()
         .find(|node| **node != leader && cluster.connections_on(node) == 0)
@@ -162,7 +227,7 @@ async fn a_frozen_minority_node_changes_nothing_callers_see() {
     let stop = Arc::new(AtomicBool::new(false));
     let sale = keyed_sale(
         app.addr,
-        &["RQ-FREEZE"],
+        &[sku],
         8,
         Duration::from_secs(30),
         Arc::clone(&stop),
@@ -173,34 +238,83 @@ async fn a_frozen_minority_node_changes_nothing_callers_see() {
         node: minority.clone(),
         policy: None,
     };
-    cluster.signal(&minority, "STOP");
-    let frozen = Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    cluster.signal(&minority, "CONT");
-    let during = frozen.elapsed();
+    let out = Instant::now();
+    let mut noticed = None;
+    match fault {
+        Fault::Freeze => {
+            cluster.signal(&minority, "STOP");
+            tokio::time::sleep(hold).await;
+            cluster.signal(&minority, "CONT");
+        }
+        Fault::Cut => {
+            cluster.cut(&minority);
+            // The cut is real when the leader's node stops counting the
+            // minority among the running.
+            while out.elapsed() < hold {
+                let view = tokio::task::block_in_place(|| cluster.view_of(&leader));
+                if noticed.is_none()
+                    && view.is_some_and(|(running, _)| !running.contains(&minority))
+                {
+                    noticed = Some(out.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            cluster.reconnect(&minority);
+        }
+        Fault::Kill => unreachable!("the minority node is frozen or cut off"),
+    }
+    let during = out.elapsed();
+    let rejoined = await_whole(cluster, &stop).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let heard = sale.await.unwrap();
     eprintln!("{}", describe(&heard));
 
+    if let Fault::Cut = fault {
+        let noticed = noticed.expect("the leader's node never saw the minority go");
+        let (_, members) = cluster.queue_nodes(queue);
+        assert_eq!(members.len(), 3, "the queue keeps its three members");
+        eprintln!(
+            "{minority} cut for {during:?}: declared down after {noticed:?}, whole again {rejoined:?} after the cable went back"
+        );
+    }
     assert_eq!(heard.refusals, 0, "a caller was refused");
     assert!(heard.tally.errors.is_empty(), "{:?}", heard.tally.errors);
-    let while_frozen = heard
+    let while_out = heard
         .admitted_at
         .iter()
-        .filter(|at| **at > frozen && **at < frozen + during)
+        .filter(|at| **at > out && **at < out + during)
         .count();
     assert!(
-        while_frozen > 0,
-        "nothing was admitted while {minority} was frozen"
+        while_out > 0,
+        "nothing was admitted while {minority} was out"
     );
-    app.drain("RQ-FREEZE").await;
+    app.drain(sku).await;
     let mut all = heard.tally;
     all.granted
         .insert(probe.reservation.unwrap().reservation_id, 1);
-    let ordered = assert_invariants(&app, "RQ-FREEZE", 100_000, &all).await;
+    let ordered = assert_invariants(&app, sku, STOCK, &all).await;
     assert_eq!(ordered, all.granted.len() as i64);
     assert_checked(&app).await;
-    eprintln!("{ordered} orders, {while_frozen} admitted while {minority} was frozen");
+    eprintln!("{ordered} orders, {while_out} admitted while {minority} was out; the cluster whole again {rejoined:?} after");
     app.stop().await;
+}
+
+/// Waits up to a minute for every node to run and see the other two, the
+/// sale going on meanwhile; how long that took.
+async fn await_whole(cluster: &RabbitCluster, sale: &AtomicBool) -> Duration {
+    let back = Instant::now();
+    while !tokio::task::block_in_place(|| cluster.whole()) {
+        if back.elapsed() > Duration::from_secs(60) {
+            sale.store(true, std::sync::atomic::Ordering::Relaxed);
+            let views: Vec<_> = cluster
+                .nodes()
+                .iter()
+                .map(|node| (node.clone(), cluster.view_of(node)))
+                .collect();
+            panic!("the cluster is not whole again within 60 s: {views:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    back.elapsed()
 }

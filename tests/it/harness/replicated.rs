@@ -46,68 +46,88 @@ pub fn rabbit_cluster() -> &'static RabbitCluster {
 }
 
 /// A running test cluster: its `amqp://` URL listing the three nodes, and
-/// the directory of their pid files and environments.
+/// the directory of their pid files, environments and network links.
 pub struct RabbitCluster {
     pub url: String,
     pub dir: PathBuf,
 }
 
+/// One node as `ci/rabbit-cluster` wrote it: "NAME ADDRESS NETNS LINK".
+struct Node {
+    name: String,
+    address: String,
+    netns: String,
+    link: String,
+}
+
 impl RabbitCluster {
-    /// The nodes' short names (`sg1-…`), as `ci/rabbit-cluster` wrote them.
-    pub fn nodes(&self) -> Vec<String> {
+    fn listed(&self) -> Vec<Node> {
         std::fs::read_to_string(self.dir.join("nodes"))
             .unwrap()
             .lines()
-            .map(|line| line.split(' ').next().unwrap().to_owned())
+            .map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                Node {
+                    name: fields[0].to_owned(),
+                    address: fields[1].to_owned(),
+                    netns: fields[2].to_owned(),
+                    link: fields[3].to_owned(),
+                }
+            })
             .collect()
     }
 
-    /// `rabbitmqctl -n NODE@localhost ARGS` as the broker's user; its
-    /// output, or `None` if it failed (the node is down, say).
+    fn node(&self, name: &str) -> Node {
+        self.listed()
+            .into_iter()
+            .find(|node| node.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The nodes' short names (`sg1-…`, without `@address`).
+    pub fn nodes(&self) -> Vec<String> {
+        self.listed().into_iter().map(|node| node.name).collect()
+    }
+
+    /// `rabbitmqctl ARGS` against `node`, as the broker's user; its
+    /// output, or `None` if it failed (the node is down or cut off, say).
     pub fn ctl(&self, node: &str, args: &[&str]) -> Option<String> {
+        self.cli("rabbitmqctl", node, args)
+    }
+
+    fn cli(&self, tool: &str, node: &str, args: &[&str]) -> Option<String> {
+        let address = self.node(node).address;
         let out = Command::new("runuser")
             .args(["-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq"])
-            .arg("/usr/lib/rabbitmq/bin/rabbitmqctl")
-            .args(["-n", &format!("{node}@localhost")])
+            .arg("RABBITMQ_USE_LONGNAME=true")
+            .arg(format!("/usr/lib/rabbitmq/bin/{tool}"))
+            .args(["-l", "-n", &format!("{node}@{address}")])
             .args(args)
             .output()
-            .expect("runuser and rabbitmqctl");
+            .expect("runuser and the RabbitMQ CLI");
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `queue`'s leader and its members (short node names), as a running
-    /// node reports them.
+    /// `queue`'s leader and its members (short node names), as a node
+    /// that answers reports them.
     pub fn queue_nodes(&self, queue: &str) -> (String, Vec<String>) {
         for node in self.nodes() {
-            let Some(out) = self.ctl(
-                &node,
-                &[
-                    "list_queues",
-                    "-q",
-                    "--formatter",
-                    "json",
-                    "name",
-                    "leader",
-                    "members",
-                ],
-            ) else {
+            let args = ["quorum_status", queue, "--formatter", "json"];
+            let Some(out) = self.cli("rabbitmq-queues", &node, &args) else {
                 continue;
             };
             let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-            let row = rows
-                .iter()
-                .find(|row| row["name"] == queue)
-                .unwrap_or_else(|| panic!("no queue {queue}: {out}"));
-            let short = |v: &serde_json::Value| {
-                v.as_str()
-                    .unwrap()
-                    .trim_end_matches("@localhost")
-                    .to_owned()
+            let short = |row: &serde_json::Value| {
+                let name = row["Node Name"].as_str().unwrap();
+                name.split('@').next().unwrap().to_owned()
             };
-            let members = row["members"].as_array().unwrap().iter().map(short);
-            return (short(&row["leader"]), members.collect());
+            let leader = rows
+                .iter()
+                .find(|row| row["Raft State"] == "leader")
+                .unwrap_or_else(|| panic!("{queue} has no leader: {out}"));
+            return (short(leader), rows.iter().map(short).collect());
         }
         panic!("no node of the cluster answers");
     }
@@ -130,29 +150,71 @@ impl RabbitCluster {
         .expect("set_policy");
     }
 
-    /// How many client connections `node` holds (`list_connections`
-    /// lists the whole cluster's, each with the AMQP port it came in on).
+    /// How many client connections `node` holds: established TCP
+    /// connections to its AMQP port, counted in its namespace. (The CLI's
+    /// `list_connections` hangs here: the other nodes stream their rows
+    /// to the CLI's own Erlang node, which they cannot reach from their
+    /// namespaces.)
     pub fn connections_on(&self, node: &str) -> usize {
-        let port = self.port(node);
-        let listed = |on: &String| self.ctl(on, &["list_connections", "-q", "port"]);
-        let nodes = self.nodes();
-        nodes
-            .iter()
-            .find_map(listed)
-            .expect("no node of the cluster answers")
-            .lines()
-            .filter(|line| line.trim() == port)
-            .count()
+        let netns = self.node(node).netns;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+            ])
+            .arg("( sport = :5672 )")
+            .output()
+            .expect("ip netns exec ss");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).lines().count()
     }
 
-    /// The AMQP port of `node`.
-    fn port(&self, node: &str) -> String {
-        std::fs::read_to_string(self.dir.join("nodes"))
-            .unwrap()
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{node} ")))
-            .unwrap_or_else(|| panic!("no node {node}"))
-            .to_owned()
+    /// The nodes `node` sees running, and whether it knows of a partition.
+    pub fn view_of(&self, node: &str) -> Option<(Vec<String>, bool)> {
+        let out = self.ctl(node, &["cluster_status", "--formatter", "json"])?;
+        let status: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let running = status["running_nodes"].as_array()?.iter();
+        let running = running.map(|name| {
+            let name = name.as_str().unwrap_or_default();
+            name.split('@').next().unwrap().to_owned()
+        });
+        let partitioned = status["partitions"]
+            .as_object()
+            .is_some_and(|partitions| !partitions.is_empty());
+        Some((running.collect(), partitioned))
+    }
+
+    /// Whether every node runs, each sees all three and none a partition.
+    pub fn whole(&self) -> bool {
+        self.nodes().iter().all(|node| {
+            self.view_of(node)
+                .is_some_and(|(running, partitioned)| running.len() == 3 && !partitioned)
+        })
+    }
+
+    /// Cuts `node` off the network (its cable's host end down): the
+    /// other nodes and the service no longer reach it, nor it them.
+    pub fn cut(&self, node: &str) {
+        self.link(node, "down");
+    }
+
+    /// Plugs `node`'s cable back in.
+    pub fn reconnect(&self, node: &str) {
+        self.link(node, "up");
+    }
+
+    fn link(&self, node: &str, state: &str) {
+        let link = self.node(node).link;
+        let status = Command::new("ip")
+            .args(["link", "set", &link, state])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip link set {link} {state}");
     }
 
     /// SIGKILLs the node's Erlang VM.
@@ -170,10 +232,16 @@ impl RabbitCluster {
         assert!(status.success());
     }
 
-    /// The node as it was, whatever a test did to it: resumed if frozen,
-    /// started again if killed (it rejoins the cluster), and `policy`
-    /// cleared. For a guard's `Drop`: it does not panic.
+    /// The node as it was, whatever a test did to it: plugged in, resumed
+    /// if frozen, started again if killed (it rejoins the cluster), and
+    /// `policy` cleared; then up to a minute for the cluster to be whole
+    /// again, so the next test finds three nodes. For a guard's `Drop`: it
+    /// does not panic.
     pub fn heal(&self, node: &str, policy: Option<&str>) {
+        let link = self.node(node).link;
+        let _ = Command::new("ip")
+            .args(["link", "set", &link, "up"])
+            .status();
         if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{node}.pid"))) {
             let _ = Command::new("kill").args(["-CONT", pid.trim()]).status();
         }
@@ -186,6 +254,10 @@ impl RabbitCluster {
         }
         if let Some(policy) = policy {
             let _ = self.ctl(node, &["clear_policy", policy]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.whole() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }
