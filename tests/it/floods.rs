@@ -142,13 +142,26 @@ async fn malformed_calls_leave_nothing_in_the_dedup_redis() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // SCAN, not KEYS: the machine's Redis holds other tests' keys, and one
+    // KEYS over many can outlast the client's response timeout.
     let mut dedup_keys = async || -> usize {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:dedup:*"))
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        keys.len()
+        let (mut cursor, mut found) = (0_u64, 0);
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:dedup:*"))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            found += keys.len();
+            if next == 0 {
+                return found;
+            }
+            cursor = next;
+        }
     };
     assert_eq!(dedup_keys().await, 0);
     let huge_keys = flood(&channel, 2_000, |n| {

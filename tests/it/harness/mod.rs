@@ -587,11 +587,27 @@ impl TestApp {
     /// Graceful stop; the server must exit cleanly.
     pub async fn stop(mut self) {
         self.stop_server().await;
-        // The app that owns the database owns the test's queues too.
+        // The app that owns the database owns the test's queues and Redis
+        // keys too. The keys would otherwise outlive the test by their TTL
+        // (a week for reservation records): a storm leaves tens of
+        // thousands on the machine's Redis, and runs add up.
         if let Some(db) = &self.db {
             db.drop_now().await;
             if self.config.backends.queue.starts_with("amqp") {
                 delete_rabbit(&self.config).await;
+            }
+            let backends = &self.config.backends;
+            let mut redis: Vec<&str> = [&backends.gate, &backends.dedup, &backends.rate_limit]
+                .into_iter()
+                .filter(|url| url.starts_with("redis"))
+                .map(String::as_str)
+                .collect();
+            redis.dedup();
+            for url in redis {
+                let prefix = &self.config.redis.key_prefix;
+                if let Err(err) = stockgate_tools::bench::cleanup(url, prefix).await {
+                    eprintln!("could not remove the keys under {prefix}: {err:#}");
+                }
             }
         }
     }
