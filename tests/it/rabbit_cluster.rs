@@ -42,7 +42,7 @@ async fn a_sale_through_a_rabbit_cluster_keeps_a_queue_replica_on_every_node() {
     app.drain("RQ-SALE").await;
     assert_invariants(&app, "RQ-SALE", 50, &tally).await;
 
-    let (leader, mut members) = cluster.queue_nodes(&app.config.rabbitmq.queue);
+    let (leader, mut members) = cluster.queue_nodes(&app.config.rabbitmq.queue, None);
     members.sort();
     let mut nodes = cluster.nodes();
     nodes.sort();
@@ -90,7 +90,7 @@ async fn leader_out(sku: &str, fault: Fault) {
     // declared by the first of them: its leader is on that node.
     let probe = app.reserve_as(sku, "first", None).await;
     assert!(crate::harness::is_admitted(probe.outcome()));
-    let (leader, members) = cluster.queue_nodes(&queue);
+    let (leader, members) = cluster.queue_nodes(&queue, None);
     assert_eq!(members.len(), 3);
     let on: Vec<(String, usize)> = cluster
         .nodes()
@@ -101,8 +101,8 @@ async fn leader_out(sku: &str, fault: Fault) {
         })
         .collect();
     assert!(
-        cluster.connections_on(&leader) >= 1,
-        "the service is connected to the leader's node: leader {leader}, connections {on:?}"
+        on.iter().all(|(node, n)| (*node == leader) == (*n > 0)),
+        "the service is connected to the leader's node alone: leader {leader}, connections {on:?}"
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -125,13 +125,14 @@ async fn leader_out(sku: &str, fault: Fault) {
             cluster.kill(&leader);
             // The sale goes on through another node.
             tokio::time::sleep(Duration::from_secs(6)).await;
-            (cluster.queue_nodes(&queue).0, None)
+            (cluster.queue_nodes(&queue, Some(&leader)).0, None)
         }
         Fault::Cut => {
             cluster.cut(&leader);
             // The sale goes on through the majority, the node still out.
             tokio::time::sleep(Duration::from_secs(8)).await;
-            let new_leader = tokio::task::block_in_place(|| cluster.queue_nodes(&queue).0);
+            let new_leader =
+                tokio::task::block_in_place(|| cluster.queue_nodes(&queue, Some(&leader)).0);
             let back = Instant::now();
             cluster.reconnect(&leader);
             await_whole(cluster, &stop).await;
@@ -192,9 +193,8 @@ async fn a_frozen_minority_node_changes_nothing_callers_see() {
 
 /// A node that is neither the queue's leader nor the service's cut off
 /// the network (its namespace's cable unplugged) for ten seconds mid-sale:
-/// the majority declares it down within `net_ticktime`, it pauses itself
-/// (`pause_minority`), and once plugged back in it rejoins and catches
-/// up. Callers see nothing: no refusal, no error; every caller told QUEUED
+/// the leader's node drops it within `net_ticktime`, and once plugged
+/// back in it rejoins and catches up. Callers see nothing: no refusal, no error; every caller told QUEUED
 /// has its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_node_partitioned_away_changes_nothing_callers_see() {
@@ -217,7 +217,7 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
     let probe = app.reserve_as(sku, "first", None).await;
     assert!(crate::harness::is_admitted(probe.outcome()));
     let queue = &app.config.rabbitmq.queue;
-    let (leader, members) = cluster.queue_nodes(queue);
+    let (leader, members) = cluster.queue_nodes(queue, None);
     let minority = members
         .iter()
         .find(|node| **node != leader && cluster.connections_on(node) == 0)
@@ -248,13 +248,13 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
         }
         Fault::Cut => {
             cluster.cut(&minority);
-            // The cut is real when the leader's node stops counting the
-            // minority among the running.
-            while out.elapsed() < hold {
-                let view = tokio::task::block_in_place(|| cluster.view_of(&leader));
-                if noticed.is_none()
-                    && view.is_some_and(|(running, _)| !running.contains(&minority))
-                {
+            // The cut is real when the leader's node has dropped its
+            // connection to the minority (within `net_ticktime`, 4 s).
+            while out.elapsed() < hold
+                || (noticed.is_none() && out.elapsed() < Duration::from_secs(30))
+            {
+                let peers = tokio::task::block_in_place(|| cluster.connected_to(&leader));
+                if noticed.is_none() && peers.is_some_and(|peers| !peers.contains(&minority)) {
                     noticed = Some(out.elapsed());
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -272,8 +272,6 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
 
     if let Fault::Cut = fault {
         let noticed = noticed.expect("the leader's node never saw the minority go");
-        let (_, members) = cluster.queue_nodes(queue);
-        assert_eq!(members.len(), 3, "the queue keeps its three members");
         eprintln!(
             "{minority} cut for {during:?}: declared down after {noticed:?}, whole again {rejoined:?} after the cable went back"
         );
@@ -296,15 +294,43 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
     let ordered = assert_invariants(&app, sku, STOCK, &all).await;
     assert_eq!(ordered, all.granted.len() as i64);
     assert_checked(&app).await;
+    // The node that was out is a follower again with the whole log.
+    let caught_up = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let rows = cluster.queue_status(queue, None);
+            let index = |node: &str| rows.iter().find(|row| row.0 == node).map(|row| row.2);
+            let state = rows.iter().find(|row| row.0 == minority).map(|row| &row.1);
+            if state.is_some_and(|state| state == "follower") && index(&minority) == index(&leader)
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                eprintln!("{minority} behind: {rows:?}");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    assert!(caught_up, "{minority} did not catch up with the leader");
     eprintln!("{ordered} orders, {while_out} admitted while {minority} was out; the cluster whole again {rejoined:?} after");
     app.stop().await;
 }
 
 /// Waits up to a minute for every node to run and see the other two, the
-/// sale going on meanwhile; how long that took.
+/// sale going on meanwhile; how long that took. A node still not running
+/// after 20 s is restarted, as an operator would: RabbitMQ 3.10 on Erlang
+/// 25.1 and later can hang booting after a pause (rabbitmq-server issue
+/// 6034), which is the broker's bug, not what these tests are about.
 async fn await_whole(cluster: &RabbitCluster, sale: &AtomicBool) -> Duration {
     let back = Instant::now();
+    let mut restarted = false;
     while !tokio::task::block_in_place(|| cluster.whole()) {
+        if !restarted && back.elapsed() > Duration::from_secs(20) {
+            restarted = true;
+            let hung = tokio::task::block_in_place(|| cluster.restart_hung());
+            eprintln!("restarted {hung:?}: hung after the partition");
+        }
         if back.elapsed() > Duration::from_secs(60) {
             sale.store(true, std::sync::atomic::Ordering::Relaxed);
             let views: Vec<_> = cluster

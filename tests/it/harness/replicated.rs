@@ -61,18 +61,20 @@ struct Node {
 }
 
 impl RabbitCluster {
+    /// Empty if the file is gone: [`Self::heal`] runs in a `Drop` and
+    /// must not panic.
     fn listed(&self) -> Vec<Node> {
         std::fs::read_to_string(self.dir.join("nodes"))
-            .unwrap()
+            .unwrap_or_default()
             .lines()
-            .map(|line| {
+            .filter_map(|line| {
                 let fields: Vec<&str> = line.split(' ').collect();
-                Node {
-                    name: fields[0].to_owned(),
-                    address: fields[1].to_owned(),
-                    netns: fields[2].to_owned(),
-                    link: fields[3].to_owned(),
-                }
+                Some(Node {
+                    name: (*fields.first()?).to_owned(),
+                    address: (*fields.get(1)?).to_owned(),
+                    netns: (*fields.get(2)?).to_owned(),
+                    link: (*fields.get(3)?).to_owned(),
+                })
             })
             .collect()
     }
@@ -95,10 +97,13 @@ impl RabbitCluster {
         self.cli("rabbitmqctl", node, args)
     }
 
+    /// Bounded: a call to a node cut off would otherwise wait out
+    /// Erlang's connection set-up, and some commands then call on.
     fn cli(&self, tool: &str, node: &str, args: &[&str]) -> Option<String> {
-        let address = self.node(node).address;
-        let out = Command::new("runuser")
-            .args(["-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq"])
+        let address = self.listed().into_iter().find(|n| n.name == node)?.address;
+        let out = Command::new("timeout")
+            .args(["-k", "2", "20", "runuser", "-u", "rabbitmq", "--"])
+            .args(["env", "HOME=/var/lib/rabbitmq"])
             .arg("RABBITMQ_USE_LONGNAME=true")
             .arg(format!("/usr/lib/rabbitmq/bin/{tool}"))
             .args(["-l", "-n", &format!("{node}@{address}")])
@@ -111,25 +116,66 @@ impl RabbitCluster {
     }
 
     /// `queue`'s leader and its members (short node names), as a node
-    /// that answers reports them.
-    pub fn queue_nodes(&self, queue: &str) -> (String, Vec<String>) {
-        for node in self.nodes() {
-            let args = ["quorum_status", queue, "--formatter", "json"];
-            let Some(out) = self.cli("rabbitmq-queues", &node, &args) else {
-                continue;
-            };
-            let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-            let short = |row: &serde_json::Value| {
-                let name = row["Node Name"].as_str().unwrap();
-                name.split('@').next().unwrap().to_owned()
-            };
-            let leader = rows
-                .iter()
-                .find(|row| row["Raft State"] == "leader")
-                .unwrap_or_else(|| panic!("{queue} has no leader: {out}"));
-            return (short(leader), rows.iter().map(short).collect());
+    /// other than `skip` reports them.
+    pub fn queue_nodes(&self, queue: &str, skip: Option<&str>) -> (String, Vec<String>) {
+        let rows = self.queue_status(queue, skip);
+        let leader = rows
+            .iter()
+            .find(|row| row.1 == "leader")
+            .unwrap_or_else(|| panic!("{queue} has no leader: {rows:?}"));
+        (
+            leader.0.clone(),
+            rows.iter().map(|row| row.0.clone()).collect(),
+        )
+    }
+
+    /// `queue`'s members, each with its Raft state and commit index, as
+    /// a node other than `skip` reports them (the first that names a
+    /// leader within 20 s: an election may be under way).
+    pub fn queue_status(&self, queue: &str, skip: Option<&str>) -> Vec<(String, String, u64)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = None;
+        while Instant::now() < deadline {
+            for node in self.nodes() {
+                if Some(node.as_str()) == skip {
+                    continue;
+                }
+                let args = ["quorum_status", queue, "--formatter", "json"];
+                let Some(out) = self.cli("rabbitmq-queues", &node, &args) else {
+                    continue;
+                };
+                let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+                let rows: Vec<(String, String, u64)> = rows
+                    .iter()
+                    .map(|row| {
+                        let name = row["Node Name"].as_str().unwrap();
+                        (
+                            name.split('@').next().unwrap().to_owned(),
+                            row["Raft State"].as_str().unwrap_or_default().to_owned(),
+                            row["Commit Index"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                if rows.iter().any(|row| row.1 == "leader") {
+                    return rows;
+                }
+                last = Some(rows);
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("no node of the cluster answers");
+        panic!("no node names a leader of {queue}: {last:?}");
+    }
+
+    /// The nodes `node` holds a distribution connection to, as it sees
+    /// them itself (`nodes()`, evaluated there: no call to another node).
+    pub fn connected_to(&self, node: &str) -> Option<Vec<String>> {
+        let out = self.ctl(node, &["eval", "nodes()."])?;
+        let names = out.trim().trim_start_matches('[').trim_end_matches(']');
+        let names = names.split(',').map(|name| {
+            let name = name.trim().trim_matches('\'');
+            name.split('@').next().unwrap_or_default().to_owned()
+        });
+        Some(names.filter(|name| !name.is_empty()).collect())
     }
 
     /// A policy placing the leader of the quorum queue `queue` on the node
@@ -197,6 +243,29 @@ impl RabbitCluster {
         })
     }
 
+    /// Kills and starts again every node whose RabbitMQ is not running
+    /// (its VM does not answer, or answers that the broker is down): for
+    /// a node plugged back in that hangs while it boots after its pause
+    /// (`ci/rabbit-cluster --restart`). Returns the nodes restarted.
+    pub fn restart_hung(&self) -> Vec<String> {
+        let hung: Vec<String> = self
+            .nodes()
+            .into_iter()
+            .filter(|node| {
+                let running = self.ctl(node, &["eval", "rabbit:is_running()."]);
+                running.is_none_or(|answer| answer.trim() != "true")
+            })
+            .collect();
+        for node in &hung {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/rabbit-cluster"))
+                .arg("--restart")
+                .arg(&self.dir)
+                .arg(node)
+                .status();
+        }
+        hung
+    }
+
     /// Cuts `node` off the network (its cable's host end down): the
     /// other nodes and the service no longer reach it, nor it them.
     pub fn cut(&self, node: &str) {
@@ -238,9 +307,12 @@ impl RabbitCluster {
     /// again, so the next test finds three nodes. For a guard's `Drop`: it
     /// does not panic.
     pub fn heal(&self, node: &str, policy: Option<&str>) {
-        let link = self.node(node).link;
+        let Some(listed) = self.listed().into_iter().find(|n| n.name == node) else {
+            eprintln!("heal: no node {node} in {}", self.dir.display());
+            return;
+        };
         let _ = Command::new("ip")
-            .args(["link", "set", &link, "up"])
+            .args(["link", "set", &listed.link, "up"])
             .status();
         if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("{node}.pid"))) {
             let _ = Command::new("kill").args(["-CONT", pid.trim()]).status();
@@ -255,8 +327,17 @@ impl RabbitCluster {
         if let Some(policy) = policy {
             let _ = self.ctl(node, &["clear_policy", policy]);
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.whole() && Instant::now() < deadline {
+        let healed = Instant::now();
+        let mut restarted = false;
+        while !self.whole() {
+            if !restarted && healed.elapsed() > Duration::from_secs(20) {
+                restarted = true;
+                eprintln!("heal: restarted, hung: {:?}", self.restart_hung());
+            }
+            if healed.elapsed() > Duration::from_secs(60) {
+                eprintln!("heal: the cluster is not whole a minute after {node} was healed");
+                break;
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
