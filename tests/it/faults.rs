@@ -5,10 +5,7 @@
 //! callers' outcomes printed, the invariants against what callers were
 //! told, and the service's own checker.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use stockgate::{config::DbCheckMode, pb::ReserveOutcome};
@@ -16,9 +13,8 @@ use tonic::Code;
 
 use crate::{
     harness::{
-        assert_checked, assert_invariants, config_for,
-        replicated::{describe, keyed_sale},
-        storm, Profile, TestApp,
+        assert_checked, assert_invariants, config_for, replicated::keyed_sale, storm, Profile,
+        TestApp,
     },
     relay::Relay,
 };
@@ -107,8 +103,7 @@ async fn commits_whose_answers_are_lost_are_answered_by_what_became_of_them() {
     .await
     .unwrap();
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sale = keyed_sale(app.addr, &skus, 8, Duration::from_secs(20), stop.clone());
+    let sale = keyed_sale(app.addr, &skus, 8, Duration::from_secs(20));
     tokio::time::sleep(Duration::from_millis(700)).await;
     relay.set_deaf(true);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -117,9 +112,7 @@ async fn commits_whose_answers_are_lost_are_answered_by_what_became_of_them() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     relay.set_up(true);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
+    let heard = sale.finish().await;
 
     heard.assert_resolved();
     let store = crate::harness::open_store(&app.config);

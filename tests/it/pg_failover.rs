@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashSet,
-    sync::{atomic::AtomicBool, atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -14,7 +13,7 @@ use stockgate::domain::Sku;
 
 use crate::harness::{
     assert_checked, assert_invariants, config_for, is_admitted, lost_admissions, open_store,
-    replicated::{describe, keyed_sale, KeyedTally, PgPair},
+    replicated::{keyed_sale, KeyedTally, PgPair},
     Profile, StormTally, TestApp,
 };
 
@@ -156,23 +155,14 @@ async fn with_asynchronous_replication_a_crash_loses_exactly_the_commits_the_sta
 /// how many were admitted after the promotion; fails unless the crash was
 /// felt, every buyer's outcome settled and sales went on afterwards.
 async fn crash_mid_sale(app: &TestApp, pair: &PgPair, sku: &str) -> (KeyedTally, usize) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let sale = keyed_sale(
-        app.addr,
-        &[sku],
-        8,
-        Duration::from_secs(30),
-        Arc::clone(&stop),
-    );
+    let sale = keyed_sale(app.addr, &[sku], 8, Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     pair.crash_primary();
     tokio::time::sleep(Duration::from_secs(1)).await;
     pair.ctl("standby", &["promote"]);
     let promoted = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
+    let heard = sale.finish().await;
     assert!(heard.refusals > 0, "no caller felt the crash");
     heard.assert_resolved();
     let after = heard.admitted_after(promoted);

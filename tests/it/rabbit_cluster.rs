@@ -3,14 +3,11 @@
 //! quorum queue replicated to every node, a sale that loses the node
 //! leading it, and one whose minority node stalls or is cut off.
 
-use std::{
-    sync::{atomic::AtomicBool, Arc},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use crate::harness::{
     assert_checked, assert_invariants,
-    replicated::{describe, keyed_sale, rabbit_cluster, RabbitCluster},
+    replicated::{keyed_sale, rabbit_cluster, KeyedSale, RabbitCluster},
     storm, Profile, TestApp,
 };
 
@@ -59,7 +56,7 @@ async fn a_sale_through_a_rabbit_cluster_keeps_a_queue_replica_on_every_node() {
 /// invariants and the service's checker hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
-    leader_out("RQ-KILL", Fault::Kill).await;
+    leader_out("RQ-KILL", LeaderOut::Kill).await;
 }
 
 /// The node leading the quorum queue, which holds all the service's
@@ -71,10 +68,10 @@ async fn the_queue_leader_killed_mid_sale_loses_no_confirmed_order() {
 /// caller told QUEUED has exactly one order once the node is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_leader_cut_off_with_the_services_connections_loses_no_confirmed_order() {
-    leader_out("RQ-CUTLEAD", Fault::Cut).await;
+    leader_out("RQ-CUTLEAD", LeaderOut::Cut).await;
 }
 
-async fn leader_out(sku: &str, fault: Fault) {
+async fn leader_out(sku: &str, fault: LeaderOut) {
     let cluster = rabbit_cluster();
     let queue = format!("sg-it-{}", uuid::Uuid::now_v7().simple());
     cluster.lead_where_declared(&queue);
@@ -105,14 +102,7 @@ async fn leader_out(sku: &str, fault: Fault) {
         "the service is connected to the leader's node alone: leader {leader}, connections {on:?}"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sale = keyed_sale(
-        app.addr,
-        &[sku],
-        8,
-        Duration::from_secs(30),
-        Arc::clone(&stop),
-    );
+    let sale = keyed_sale(app.addr, &[sku], 8, Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let heal = Heal {
         cluster,
@@ -121,13 +111,13 @@ async fn leader_out(sku: &str, fault: Fault) {
     };
     let killed = Instant::now();
     let (new_leader, back) = match fault {
-        Fault::Kill => {
+        LeaderOut::Kill => {
             cluster.kill(&leader);
             // The sale goes on through another node.
             tokio::time::sleep(Duration::from_secs(6)).await;
             (cluster.queue_nodes(&queue, Some(&leader)).0, None)
         }
-        Fault::Cut => {
+        LeaderOut::Cut => {
             cluster.cut(&leader);
             // The sale goes on through the majority, the node still out.
             tokio::time::sleep(Duration::from_secs(8)).await;
@@ -135,14 +125,11 @@ async fn leader_out(sku: &str, fault: Fault) {
                 tokio::task::block_in_place(|| cluster.queue_nodes(&queue, Some(&leader)).0);
             let back = Instant::now();
             cluster.reconnect(&leader);
-            await_whole(cluster, &stop).await;
+            await_whole(cluster, &sale);
             (new_leader, Some(back))
         }
-        Fault::Freeze => unreachable!("the leader is killed or cut off"),
     };
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
+    let heard = sale.finish().await;
 
     assert_ne!(new_leader, leader, "the queue has a new leader");
     assert!(heard.refusals > 0, "no caller felt the fault");
@@ -188,7 +175,7 @@ async fn leader_out(sku: &str, fault: Fault) {
 /// caller told QUEUED has its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_minority_node_changes_nothing_callers_see() {
-    minority_out("RQ-FREEZE", Fault::Freeze, Duration::from_secs(4)).await;
+    minority_out("RQ-FREEZE", MinorityOut::Freeze, Duration::from_secs(4)).await;
 }
 
 /// A node that is neither the queue's leader nor the service's cut off
@@ -198,18 +185,24 @@ async fn a_frozen_minority_node_changes_nothing_callers_see() {
 /// has its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_node_partitioned_away_changes_nothing_callers_see() {
-    minority_out("RQ-CUT", Fault::Cut, Duration::from_secs(10)).await;
+    minority_out("RQ-CUT", MinorityOut::Cut, Duration::from_secs(10)).await;
 }
 
-enum Fault {
+/// What happens to the node leading the queue.
+enum LeaderOut {
     Kill,
+    Cut,
+}
+
+/// What happens to a follower holding none of the service's connections.
+enum MinorityOut {
     Freeze,
     Cut,
 }
 
 /// A sale during which a follower of the queue holding none of the
 /// service's connections is frozen or cut off for `hold`, then let back.
-async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
+async fn minority_out(sku: &str, fault: MinorityOut, hold: Duration) {
     const STOCK: i64 = 100_000;
     let cluster = rabbit_cluster();
     let app = TestApp::spawn(Profile::RabbitCluster).await;
@@ -224,14 +217,7 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
         .expect("a follower the service is not connected to")
         .clone();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sale = keyed_sale(
-        app.addr,
-        &[sku],
-        8,
-        Duration::from_secs(30),
-        Arc::clone(&stop),
-    );
+    let sale = keyed_sale(app.addr, &[sku], 8, Duration::from_secs(30));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _heal = Heal {
         cluster,
@@ -241,12 +227,12 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
     let out = Instant::now();
     let mut noticed = None;
     match fault {
-        Fault::Freeze => {
+        MinorityOut::Freeze => {
             cluster.signal(&minority, "STOP");
             tokio::time::sleep(hold).await;
             cluster.signal(&minority, "CONT");
         }
-        Fault::Cut => {
+        MinorityOut::Cut => {
             cluster.cut(&minority);
             // The cut is real when the leader's node has dropped its
             // connection to the minority (within `net_ticktime`, 4 s).
@@ -261,16 +247,13 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
             }
             cluster.reconnect(&minority);
         }
-        Fault::Kill => unreachable!("the minority node is frozen or cut off"),
     }
     let during = out.elapsed();
-    let rejoined = await_whole(cluster, &stop).await;
+    let rejoined = await_whole(cluster, &sale);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let heard = sale.await.unwrap();
-    eprintln!("{}", describe(&heard));
+    let heard = sale.finish().await;
 
-    if let Fault::Cut = fault {
+    if let MinorityOut::Cut = fault {
         let noticed = noticed.expect("the leader's node never saw the minority go");
         eprintln!(
             "{minority} cut for {during:?}: declared down after {noticed:?}, whole again {rejoined:?} after the cable went back"
@@ -317,30 +300,11 @@ async fn minority_out(sku: &str, fault: Fault, hold: Duration) {
     app.stop().await;
 }
 
-/// Waits up to a minute for every node to run and see the other two, the
-/// sale going on meanwhile; how long that took. A node still not running
-/// after 20 s is restarted, as an operator would: RabbitMQ 3.10 on Erlang
-/// 25.1 and later can hang booting after a pause (rabbitmq-server issue
-/// 6034), which is the broker's bug, not what these tests are about.
-async fn await_whole(cluster: &RabbitCluster, sale: &AtomicBool) -> Duration {
-    let back = Instant::now();
-    let mut restarted = false;
-    while !tokio::task::block_in_place(|| cluster.whole()) {
-        if !restarted && back.elapsed() > Duration::from_secs(20) {
-            restarted = true;
-            let hung = tokio::task::block_in_place(|| cluster.restart_hung());
-            eprintln!("restarted {hung:?}: hung after the partition");
-        }
-        if back.elapsed() > Duration::from_secs(60) {
-            sale.store(true, std::sync::atomic::Ordering::Relaxed);
-            let views: Vec<_> = cluster
-                .nodes()
-                .iter()
-                .map(|node| (node.clone(), cluster.view_of(node)))
-                .collect();
-            panic!("the cluster is not whole again within 60 s: {views:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    back.elapsed()
+/// [`RabbitCluster::await_whole`], the sale going on meanwhile (stopped
+/// if the cluster never is whole, so the panic is not kept waiting).
+fn await_whole(cluster: &RabbitCluster, sale: &KeyedSale) -> Duration {
+    tokio::task::block_in_place(|| cluster.await_whole()).unwrap_or_else(|views| {
+        sale.stop();
+        panic!("{views}")
+    })
 }
