@@ -12,6 +12,7 @@
 //! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
 //! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
+//! | `P:{SKU}:adj:ID` | string | one adjustment call's mark (its answer), so a resent call counts once; expires after ten minutes |
 //! | `P:loaded` | string | present once the counters were loaded from the database |
 //! | channel `P:restock` | pub/sub (sharded on a cluster) | SKU names whose counter went up, so replicas drop their sold-out cache |
 //!
@@ -37,6 +38,10 @@ use crate::{
 /// The reserve script's source, for tools that measure it on its own
 /// (`stockgate bench` runs it under redis-benchmark as the raw reference).
 pub const RESERVE_SCRIPT: &str = include_str!("scripts/reserve.lua");
+
+/// How long an adjustment's mark outlives it: far longer than any resend
+/// (the client gives up on a command within its retries' timeouts).
+const ADJUST_MARK_SECS: u64 = 600;
 
 pub struct RedisGate {
     conn: RedisConn,
@@ -133,6 +138,33 @@ impl RedisGate {
                 other => return other.map_err(|e| unavailable(e, &self.origin)),
             }
         }
+    }
+
+    /// One adjustment call, `call` naming it: sent again under the same
+    /// name (as the cluster client does after a lost connection), it
+    /// counts once.
+    async fn adjust_once(
+        &self,
+        sku: &Sku,
+        delta: i64,
+        version: i64,
+        call: &str,
+    ) -> Result<(), GateError> {
+        let (_, restocked) = self
+            .invoke::<(i64, i64)>(
+                self.adjust
+                    .prepare_invoke()
+                    .key(self.key(sku, "inv"))
+                    .key(self.key(sku, &format!("adj:{call}")))
+                    .arg(delta)
+                    .arg(version)
+                    .arg(ADJUST_MARK_SECS),
+            )
+            .await?;
+        if restocked == 1 {
+            self.announce([sku]).await;
+        }
+        Ok(())
     }
 
     fn key(&self, sku: &Sku, part: &str) -> String {
@@ -503,19 +535,8 @@ impl StockGate for RedisGate {
     }
 
     async fn adjust(&self, sku: &Sku, delta: i64, version: i64) -> Result<(), GateError> {
-        let (_, restocked) = self
-            .invoke::<(i64, i64)>(
-                self.adjust
-                    .prepare_invoke()
-                    .key(self.key(sku, "inv"))
-                    .arg(delta)
-                    .arg(version),
-            )
-            .await?;
-        if restocked == 1 {
-            self.announce([sku]).await;
-        }
-        Ok(())
+        let call = uuid::Uuid::now_v7().simple().to_string();
+        self.adjust_once(sku, delta, version, &call).await
     }
 
     async fn available(&self, sku: &Sku) -> Result<Option<i64>, GateError> {
@@ -675,6 +696,25 @@ mod tests {
             restocks_reach_every_gate;
         a_reserve_sent_twice_admits_once_on_one_server, a_reserve_sent_twice_admits_once_on_a_cluster =>
             a_reserve_sent_twice_admits_once;
+        an_adjustment_sent_twice_counts_once_on_one_server, an_adjustment_sent_twice_counts_once_on_a_cluster =>
+            an_adjustment_sent_twice_counts_once;
+    }
+
+    /// The same for an adjustment: a call run twice (the same call id, as
+    /// a resend carries) moves the counter once; another call moves it again.
+    async fn an_adjustment_sent_twice_counts_once(make: fn() -> RedisGate) {
+        let (gate, sku) = loaded(make(), 5, 0).await;
+        for _ in 0..2 {
+            gate.adjust_once(&sku, 3, 10, "c1").await.unwrap();
+            assert_eq!(gate.available(&sku).await.unwrap(), Some(8));
+        }
+        for _ in 0..2 {
+            gate.adjust_once(&sku, -2, 11, "c2").await.unwrap();
+            assert_eq!(gate.available(&sku).await.unwrap(), Some(6));
+        }
+        gate.adjust(&sku, 1, 12).await.unwrap();
+        gate.adjust(&sku, 1, 13).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(8));
     }
 
     /// The cluster client sends a script again after a lost connection: a

@@ -6,11 +6,22 @@
 -- budget is full again. One script per batch: the clock, the global cell
 -- and the script call are paid once for all its calls.
 --
--- KEYS[1] the global cell, KEYS[2..] each call's user cell
+-- Once per batch however often it is sent: a cluster client sends a
+-- command again after a lost connection, and a batch run twice would spend
+-- its callers' budget twice, so each batch carries an id of its own and its
+-- first run leaves its answers under it for the later ones.
+--
+-- KEYS[1] the global cell, KEYS[2] the batch's mark, KEYS[3..] each call's
+-- user cell
 -- ARGV[1] the user's emission interval (us), ARGV[2] the user's burst,
--- ARGV[3] the global emission interval (us), ARGV[4] the global burst
+-- ARGV[3] the global emission interval (us), ARGV[4] the global burst,
+-- ARGV[5] how long the mark lasts (ms)
 -- Returns per call two numbers: {0, 0} admitted, {1, wait_us} over the
 -- user's budget, {2, wait_us} over the global one.
+local mark = redis.call('GET', KEYS[2])
+if mark then
+  return cjson.decode(mark)
+end
 local time = redis.call('TIME')
 local now = (tonumber(time[1]) - 1700000000) * 1000000 + tonumber(time[2])
 
@@ -31,7 +42,7 @@ end
 local global_tat = tat_of(redis.call('GET', KEYS[1]))
 local global_spent = false
 local out = {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local user_tat = tat_of(redis.call('GET', KEYS[i]))
   local user_early = user_tat - now - user_interval * (user_burst - 1)
   local global_early = global_tat - now - global_interval * (global_burst - 1)
@@ -54,4 +65,5 @@ end
 if global_spent then
   redis.call('SET', KEYS[1], string.format('%.17g', global_tat), 'PX', lasts_ms(global_tat))
 end
+redis.call('SET', KEYS[2], cjson.encode(out), 'PX', ARGV[5])
 return out

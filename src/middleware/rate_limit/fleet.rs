@@ -87,6 +87,7 @@ impl RedisFleetLimits {
         let runner = Arc::new(Runner {
             conn,
             script: redis::Script::new(include_str!("fleet.lua")),
+            mark_ms: mark_ms(timeout),
             // One hash slot for every cell, as a script needs on a cluster;
             // the tag comes before the user id, so no id can choose it.
             prefix: format!("{prefix}:{{rl}}"),
@@ -170,16 +171,63 @@ fn gone() -> String {
     "the fleet rate limit task has stopped".into()
 }
 
+/// How long a batch's answers stay in Redis for a resend of it. The
+/// cluster client resends only while its caller waits, at most the
+/// connection's overall response timeout (`timeout`, which also bounds
+/// its retries), so twice that with a second's margin outlives any resend
+/// while keeping few marks alive (one per batch).
+fn mark_ms(timeout: Duration) -> u64 {
+    ms(timeout).saturating_mul(2).saturating_add(1_000)
+}
+
 /// The task that owns the connection and sends the batches.
 struct Runner {
     conn: crate::redis_client::RedisConn,
     script: redis::Script,
+    /// See [`mark_ms`].
+    mark_ms: u64,
     /// `<redis.key_prefix>:{rl}`: one hash slot for every cell.
     prefix: String,
     origin: String,
 }
 
 impl Runner {
+    /// One run of the script for a batch: `batch_id` names it, so a resend
+    /// of the same run answers from the first one's mark.
+    fn invocation<'a>(
+        &'a self,
+        rates: RateSettings,
+        batch_id: &str,
+        users: impl Iterator<Item = &'a str>,
+    ) -> redis::ScriptInvocation<'a> {
+        let per_user_us = rates.per_user_period_ms.max(1).saturating_mul(1_000);
+        let global_us = 1_000_000.0 / f64::from(rates.global_per_sec.max(1));
+        // The rates are part of the cells' names: new rates start every
+        // budget full, as they do on each replica, and a cell is never read
+        // at rates other than its own.
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(format!(
+                "{}:g:{}x{}",
+                self.prefix, rates.global_per_sec, rates.global_burst
+            ))
+            .key(format!("{}:b:{batch_id}", self.prefix));
+        let user_prefix = format!(
+            "{}:u:{}x{}:",
+            self.prefix, rates.per_user_period_ms, rates.per_user_burst
+        );
+        for user in users {
+            invocation.key(format!("{user_prefix}{user}"));
+        }
+        invocation
+            .arg(per_user_us)
+            .arg(rates.per_user_burst.max(1))
+            .arg(global_us)
+            .arg(rates.global_burst.max(1))
+            .arg(self.mark_ms);
+        invocation
+    }
+
     async fn send(&self, mut batch: Vec<Job>) {
         // A caller that gave up (its timeout, a cancelled call) must not
         // spend the budget when Redis comes back.
@@ -190,28 +238,9 @@ impl Runner {
         // The rates in force when the batch leaves (a change of rates
         // reaches every caller within a batch or two).
         let rates = batch[batch.len() - 1].rates;
-        let per_user_us = rates.per_user_period_ms.max(1).saturating_mul(1_000);
-        let global_us = 1_000_000.0 / f64::from(rates.global_per_sec.max(1));
-        // The rates are part of the cells' names: new rates start every
-        // budget full, as they do on each replica, and a cell is never read
-        // at rates other than its own.
-        let mut invocation = self.script.prepare_invoke();
-        invocation.key(format!(
-            "{}:g:{}x{}",
-            self.prefix, rates.global_per_sec, rates.global_burst
-        ));
-        let user_prefix = format!(
-            "{}:u:{}x{}:",
-            self.prefix, rates.per_user_period_ms, rates.per_user_burst
-        );
-        for job in &batch {
-            invocation.key(format!("{user_prefix}{}", job.user));
-        }
-        invocation
-            .arg(per_user_us)
-            .arg(rates.per_user_burst.max(1))
-            .arg(global_us)
-            .arg(rates.global_burst.max(1));
+        let batch_id = uuid::Uuid::now_v7().simple().to_string();
+        let users = batch.iter().map(|job| job.user.as_str());
+        let invocation = self.invocation(rates, &batch_id, users);
         let mut conn = self.conn.clone();
         // invoke_async loads the script after NOSCRIPT (a restart, a SCRIPT
         // FLUSH) and sends it again; the run that failed changed nothing.
@@ -299,5 +328,55 @@ mod tests {
         let odd = Value::Array(vec![Value::Int(3), Value::Int(0)]);
         assert!(read_reply(&odd, 1).is_err());
         assert!(read_reply(&Value::Nil, 0).is_err());
+    }
+
+    /// The cluster client sends a script again after a lost connection: a
+    /// batch run twice under its id spends once and answers the same; the
+    /// next batch finds the budget spent. (Real Redis, as the gate's tests.)
+    #[tokio::test]
+    async fn a_batch_sent_twice_spends_once() {
+        let url = std::env::var("STOCKGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let timeout = Duration::from_secs(2);
+        let prefix = format!("sg-unit-{}", uuid::Uuid::now_v7().simple());
+        let runner = Runner {
+            conn: crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test")
+                .unwrap(),
+            script: redis::Script::new(include_str!("fleet.lua")),
+            mark_ms: mark_ms(timeout),
+            prefix: format!("{prefix}:{{rl}}"),
+            origin: url.clone(),
+        };
+        let rates = RateSettings {
+            per_user_period_ms: 60_000,
+            per_user_burst: 1,
+            global_per_sec: 1_000,
+            global_burst: 1_000,
+        };
+        let run = |batch_id: &'static str| {
+            let runner = &runner;
+            async move {
+                let mut conn = runner.conn.clone();
+                let reply: Value = runner
+                    .invocation(rates, batch_id, ["u1", "u2"].into_iter())
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                read_reply(&reply, 2).unwrap()
+            }
+        };
+        let first = run("b1").await;
+        assert_eq!(first, vec![None, None], "a full budget admits both");
+        assert_eq!(
+            run("b1").await,
+            first,
+            "the resend answers as the first run"
+        );
+        let next = run("b2").await;
+        assert!(
+            next.iter()
+                .all(|d| d.is_some_and(|over| over.scope == "user")),
+            "the budget was spent once, by b1: {next:?}"
+        );
     }
 }
