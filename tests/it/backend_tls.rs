@@ -358,3 +358,158 @@ async fn a_sale_runs_over_tls_to_all_three_backends_and_wrong_settings_are_named
         }
     }
 }
+
+/// `redis-cli` against one node of a cluster that takes TLS with a client
+/// certificate from `certs` and the password `password`.
+fn cluster_cli(certs: &Path, port: u16, password: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &file(certs, "ca.pem")])
+        .args(["--cert", &file(certs, "client.pem")])
+        .args(["--key", &file(certs, "client.key")])
+        .args(["-a", password, "--no-auth-warning", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A Redis Cluster as managed services run one: TLS only, with client
+/// certificates checked (between its nodes too), and a password. The gate,
+/// dedup and the fleet-wide rate limit run on it, the password read from a
+/// file. A sale holds every invariant; a second replica refuses a user the
+/// first one admitted (the fleet's budget, not its own). Then the password
+/// changes on every node and in the file, the binary gets SIGHUP, and once
+/// every connection is cut, the new ones (the sharded restock
+/// subscription too) log in with the new password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_runs_on_a_redis_cluster_over_tls_with_a_rotated_password() {
+    let certs = certificates();
+    let dir = certs.path();
+    let cluster = crate::harness::RedisCluster::start_with(
+        5_000,
+        &[
+            "--tls",
+            &dir.display().to_string(),
+            "--password",
+            "old-pass",
+        ],
+    );
+    let url = cluster.url.replace(":old-pass@", "");
+    assert!(
+        url.starts_with("rediss+cluster://127.0.0.1:") && url != cluster.url,
+        "{}",
+        cluster.url
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("redis-password");
+    std::fs::write(&password_file, "old-pass\n").unwrap();
+    let on_cluster = |config: &mut stockgate::config::Config| {
+        let path = password_file.display().to_string();
+        config.backends.gate = url.clone();
+        config.backends.gate_password_file = path.clone();
+        config.backends.dedup = url.clone();
+        config.backends.dedup_password_file = path.clone();
+        config.backends.rate_limit = url.clone();
+        config.backends.rate_limit_password_file = path;
+        config.redis.tls_ca_file = file(dir, "ca.pem");
+        config.redis.tls_cert_file = file(dir, "client.pem");
+        config.redis.tls_key_file = file(dir, "client.key");
+        config.redis.response_timeout_ms = 5_000;
+        config.layers.rate_limit.enabled = true;
+        config.layers.rate_limit.per_user_period_ms = 60_000;
+    };
+
+    let (mut config, _db, scratch) = config_for(Profile::Embedded).await;
+    on_cluster(&mut config);
+    let app = TestApp::start(config, None, scratch).await;
+    app.wait_serving().await;
+    app.set_stock("TLSCLUSTER", 50, 0).await;
+    let tally = storm(app.addr, "TLSCLUSTER", 200, 4, |_| 1).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.admitted(), 50, "{:?}", tally.outcomes);
+    app.drain("TLSCLUSTER").await;
+    assert_eq!(assert_invariants(&app, "TLSCLUSTER", 50, &tally).await, 50);
+    assert_checked(&app).await;
+
+    // One user, one call per minute: admitted by the first replica, then
+    // refused by a second whose own budget for them is still full.
+    let twin = TestApp::start(app.config.clone(), None, tempfile::tempdir().unwrap()).await;
+    twin.wait_serving().await;
+    crate::harness::reserve(&mut app.inventory(), "TLSCLUSTER", 1, "fleet-user")
+        .await
+        .unwrap();
+    let refused = crate::harness::reserve(&mut twin.inventory(), "TLSCLUSTER", 1, "fleet-user")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    twin.stop().await;
+    app.stop().await;
+
+    // The binary, for SIGHUP.
+    let (mut config, _db, _scratch) = config_for(Profile::Embedded).await;
+    on_cluster(&mut config);
+    let channel = format!("{}:restock", config.redis.key_prefix);
+    let server = BinaryServer::start(config).await;
+    server.wait_serving().await;
+    server.set_stock("ROTATE", 100, 0).await;
+    let mut client = InventoryServiceClient::new(crate::harness::connect(server.addr).await);
+    crate::backends::reserve_within_10s(&mut client, "before").await;
+    let subscribers = |password: &str| -> u64 {
+        cluster
+            .ports()
+            .into_iter()
+            .map(|port| {
+                let out = cluster_cli(dir, port, password, &["PUBSUB", "SHARDNUMSUB", &channel]);
+                out.lines()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert_eq!(
+        subscribers("old-pass"),
+        1,
+        "the sharded restock subscription"
+    );
+
+    // Rotate: every node takes only the new password from now on.
+    for port in cluster.ports() {
+        for setting in ["requirepass", "masterauth"] {
+            cluster_cli(
+                dir,
+                port,
+                "old-pass",
+                &["CONFIG", "SET", setting, "new-pass"],
+            );
+        }
+    }
+    std::fs::write(&password_file, "new-pass\n").unwrap();
+    server.reload();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::backends::reserve_within_10s(&mut client, "reloaded").await;
+
+    // Every connection cut: the new ones must log in with the new password.
+    for port in cluster.ports() {
+        for kind in ["normal", "pubsub"] {
+            cluster_cli(dir, port, "new-pass", &["CLIENT", "KILL", "TYPE", kind]);
+        }
+    }
+    crate::backends::reserve_within_10s(&mut client, "after").await;
+    let mut subscribed = false;
+    for _ in 0..100 {
+        if subscribers("new-pass") == 1 {
+            subscribed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(subscribed, "the restock subscription did not come back");
+}

@@ -121,7 +121,7 @@ async fn reserve(
 
 /// Retries Reserve (a new user and key each time, named after `tag`) until one succeeds; fails after
 /// 10 s.
-async fn reserve_within_10s(
+pub(crate) async fn reserve_within_10s(
     client: &mut InventoryServiceClient<tonic::transport::Channel>,
     tag: &str,
 ) {

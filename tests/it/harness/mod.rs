@@ -155,7 +155,16 @@ impl RedisCluster {
     /// when the test process exits; a master that does not answer for
     /// `node_timeout_ms` is failed over.
     pub fn start(node_timeout_ms: u64) -> Self {
-        let var = setup_script("redis-cluster", &[&node_timeout_ms.to_string()]);
+        Self::start_with(node_timeout_ms, &[])
+    }
+
+    /// As [`RedisCluster::start`], with `ci/redis-cluster`'s options
+    /// (`--tls DIR`, `--password PW`).
+    pub fn start_with(node_timeout_ms: u64, options: &[&str]) -> Self {
+        let node_timeout = node_timeout_ms.to_string();
+        let mut args = vec![node_timeout.as_str()];
+        args.extend_from_slice(options);
+        let var = setup_script("redis-cluster", &args);
         Self {
             url: var("STOCKGATE_TEST_REDIS_CLUSTER"),
             dir: var("STOCKGATE_TEST_REDIS_CLUSTER_DIR").into(),
@@ -1259,6 +1268,13 @@ impl BinaryServer {
             }
             None => std::process::Command::new(binary),
         };
+        // The binary reads `STOCKGATE_*` as settings: the harness's own
+        // variables (the run's clusters) would be refused as unknown keys.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("STOCKGATE_TEST_") {
+                command.env_remove(name);
+            }
+        }
         let child = command
             .args(["--config", file.to_str().unwrap(), "serve"])
             .env_remove("STOCKGATE_CONFIG")
