@@ -9,7 +9,7 @@
 //! [`GateDecision::NotReady`], never "sold out" and never "admitted".
 
 mod embedded;
-mod redis_gate;
+pub(crate) mod redis_gate;
 mod sold_out;
 
 pub use embedded::EmbeddedGate;

@@ -610,7 +610,7 @@ impl StockGate for RedisGate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Against the real Redis on 127.0.0.1:6379 (`STOCKGATE_TEST_REDIS_URL`
     //! overrides), each gate under a key prefix of its own.
     use super::*;
@@ -641,7 +641,7 @@ mod tests {
     /// The Redis Cluster nextest's setup script started for this run
     /// (`ci/redis-cluster`), or one this process starts for itself when run
     /// otherwise; either is removed when its owner exits.
-    fn cluster_url() -> String {
+    pub(crate) fn cluster_url() -> String {
         static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         URL.get_or_init(|| {
             std::env::var("STOCKGATE_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {

@@ -15,12 +15,16 @@
 -- user cell
 -- ARGV[1] the user's emission interval (us), ARGV[2] the user's burst,
 -- ARGV[3] the global emission interval (us), ARGV[4] the global burst,
--- ARGV[5] how long the mark lasts (ms)
+-- ARGV[5] how long the mark lasts (ms), 0 for none (one server: its
+-- client never resends)
 -- Returns per call two numbers: {0, 0} admitted, {1, wait_us} over the
 -- user's budget, {2, wait_us} over the global one.
-local mark = redis.call('GET', KEYS[2])
-if mark then
-  return cjson.decode(mark)
+local marked = ARGV[5] ~= '0'
+if marked then
+  local mark = redis.call('GET', KEYS[2])
+  if mark then
+    return cjson.decode(mark)
+  end
 end
 local time = redis.call('TIME')
 local now = (tonumber(time[1]) - 1700000000) * 1000000 + tonumber(time[2])
@@ -65,5 +69,7 @@ end
 if global_spent then
   redis.call('SET', KEYS[1], string.format('%.17g', global_tat), 'PX', lasts_ms(global_tat))
 end
-redis.call('SET', KEYS[2], cjson.encode(out), 'PX', ARGV[5])
+if marked then
+  redis.call('SET', KEYS[2], cjson.encode(out), 'PX', ARGV[5])
+end
 return out

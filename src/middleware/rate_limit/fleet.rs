@@ -85,9 +85,9 @@ impl RedisFleetLimits {
         let origin = url.describe("backends.rate_limit");
         let conn = crate::redis_client::connect_timed(&url, timeout, "backends.rate_limit")?;
         let runner = Arc::new(Runner {
+            mark_ms: mark_ms(&conn, timeout),
             conn,
             script: redis::Script::new(include_str!("fleet.lua")),
-            mark_ms: mark_ms(timeout),
             // One hash slot for every cell, as a script needs on a cluster;
             // the tag comes before the user id, so no id can choose it.
             prefix: format!("{prefix}:{{rl}}"),
@@ -175,8 +175,12 @@ fn gone() -> String {
 /// cluster client resends only while its caller waits, at most the
 /// connection's overall response timeout (`timeout`, which also bounds
 /// its retries), so twice that with a second's margin outlives any resend
-/// while keeping few marks alive (one per batch).
-fn mark_ms(timeout: Duration) -> u64 {
+/// while keeping few marks alive (one per batch). One server's client
+/// never resends (a lost connection fails the command): no mark, 0.
+fn mark_ms(conn: &crate::redis_client::RedisConn, timeout: Duration) -> u64 {
+    if !conn.is_cluster() {
+        return 0;
+    }
     ms(timeout).saturating_mul(2).saturating_add(1_000)
 }
 
@@ -332,21 +336,28 @@ mod tests {
 
     /// The cluster client sends a script again after a lost connection: a
     /// batch run twice under its id spends once and answers the same; the
-    /// next batch finds the budget spent. (Real Redis, as the gate's tests.)
-    #[tokio::test]
-    async fn a_batch_sent_twice_spends_once() {
-        let url = std::env::var("STOCKGATE_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    /// next batch finds the budget spent. One server's client never resends,
+    /// and its batches leave no mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_sent_twice_spends_once_on_a_cluster() {
         let timeout = Duration::from_secs(2);
+        let single = std::env::var("STOCKGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let single = crate::redis_client::connect_timed(&single.as_str().into(), timeout, "test");
+        assert_eq!(mark_ms(&single.unwrap(), timeout), 0);
+
+        let url = crate::gate::redis_gate::tests::cluster_url();
+        let conn = crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test");
+        let conn = conn.unwrap();
         let prefix = format!("sg-unit-{}", uuid::Uuid::now_v7().simple());
         let runner = Runner {
-            conn: crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test")
-                .unwrap(),
+            mark_ms: mark_ms(&conn, timeout),
+            conn,
             script: redis::Script::new(include_str!("fleet.lua")),
-            mark_ms: mark_ms(timeout),
             prefix: format!("{prefix}:{{rl}}"),
             origin: url.clone(),
         };
+        assert_eq!(runner.mark_ms, 5_000);
         let rates = RateSettings {
             per_user_period_ms: 60_000,
             per_user_burst: 1,
