@@ -12,7 +12,7 @@
 //! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
 //! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
-//! | `P:{SKU}:adj:ID` | string | one adjustment call's mark (its answer), so a resent call counts once; expires after ten minutes |
+//! | `P:{SKU}:adj:ID` | string | one adjustment call's mark (whether its units came back), so a resent call counts once; expires after ten minutes (longer with a response timeout over four minutes) |
 //! | `P:loaded` | string | present once the counters were loaded from the database |
 //! | channel `P:restock` | pub/sub (sharded on a cluster) | SKU names whose counter went up, so replicas drop their sold-out cache |
 //!
@@ -40,8 +40,13 @@ use crate::{
 pub const RESERVE_SCRIPT: &str = include_str!("scripts/reserve.lua");
 
 /// How long an adjustment's mark outlives it: far longer than any resend
-/// (the client gives up on a command within its retries' timeouts).
-const ADJUST_MARK_SECS: u64 = 600;
+/// (the cluster client resends only within `redis.response_timeout_ms`),
+/// and never shorter than twice that plus a minute however it is set.
+fn adjust_mark_secs(response_timeout_ms: u64) -> u64 {
+    (response_timeout_ms.saturating_mul(2) / 1_000)
+        .saturating_add(60)
+        .max(600)
+}
 
 pub struct RedisGate {
     conn: RedisConn,
@@ -49,6 +54,8 @@ pub struct RedisGate {
     /// Which keys decide how connections are made, for errors.
     origin: String,
     record_ttl_secs: u64,
+    /// See [`adjust_mark_secs`].
+    adjust_mark_secs: u64,
     reserve: Script,
     settle: Script,
     set: Script,
@@ -108,6 +115,7 @@ impl RedisGate {
             origin,
             prefix: config.key_prefix.clone(),
             record_ttl_secs: config.record_ttl_secs,
+            adjust_mark_secs: adjust_mark_secs(config.response_timeout_ms),
             reserve: Script::new(RESERVE_SCRIPT),
             settle: Script::new(include_str!("scripts/settle.lua")),
             set: Script::new(include_str!("scripts/set.lua")),
@@ -158,7 +166,7 @@ impl RedisGate {
                     .key(self.key(sku, &format!("adj:{call}")))
                     .arg(delta)
                     .arg(version)
-                    .arg(ADJUST_MARK_SECS),
+                    .arg(self.adjust_mark_secs),
             )
             .await?;
         if restocked == 1 {
@@ -715,6 +723,14 @@ pub(crate) mod tests {
         gate.adjust(&sku, 1, 12).await.unwrap();
         gate.adjust(&sku, 1, 13).await.unwrap();
         assert_eq!(gate.available(&sku).await.unwrap(), Some(8));
+        let lasts: i64 = redis::cmd("TTL")
+            .arg(gate.key(&sku, "adj:c1"))
+            .query_async(&mut gate.conn.clone())
+            .await
+            .unwrap();
+        assert!((1..=600).contains(&lasts), "the mark lasts {lasts} s");
+        assert_eq!(adjust_mark_secs(500), 600);
+        assert_eq!(adjust_mark_secs(300_000), 660);
     }
 
     /// The cluster client sends a script again after a lost connection: a

@@ -172,16 +172,17 @@ fn gone() -> String {
 }
 
 /// How long a batch's answers stay in Redis for a resend of it. The
-/// cluster client resends only while its caller waits, at most the
+/// cluster client sends a resend only while its caller waits, at most the
 /// connection's overall response timeout (`timeout`, which also bounds
-/// its retries), so twice that with a second's margin outlives any resend
-/// while keeping few marks alive (one per batch). One server's client
-/// never resends (a lost connection fails the command): no mark, 0.
+/// its retries); one sent just before then may still spend a while in TCP
+/// retransmission or behind a stalled server, hence twice that plus five
+/// seconds, while keeping few marks alive (one per batch). One server's
+/// client never resends (a lost connection fails the command): no mark, 0.
 fn mark_ms(conn: &crate::redis_client::RedisConn, timeout: Duration) -> u64 {
     if !conn.is_cluster() {
         return 0;
     }
-    ms(timeout).saturating_mul(2).saturating_add(1_000)
+    ms(timeout).saturating_mul(2).saturating_add(5_000)
 }
 
 /// The task that owns the connection and sends the batches.
@@ -334,60 +335,86 @@ mod tests {
         assert!(read_reply(&Value::Nil, 0).is_err());
     }
 
-    /// The cluster client sends a script again after a lost connection: a
-    /// batch run twice under its id spends once and answers the same; the
-    /// next batch finds the budget spent. One server's client never resends,
-    /// and its batches leave no mark.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_sent_twice_spends_once_on_a_cluster() {
-        let timeout = Duration::from_secs(2);
-        let single = std::env::var("STOCKGATE_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let single = crate::redis_client::connect_timed(&single.as_str().into(), timeout, "test");
-        assert_eq!(mark_ms(&single.unwrap(), timeout), 0);
-
-        let url = crate::gate::redis_gate::tests::cluster_url();
-        let conn = crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test");
-        let conn = conn.unwrap();
+    fn test_runner(conn: crate::redis_client::RedisConn, timeout: Duration) -> Runner {
         let prefix = format!("sg-unit-{}", uuid::Uuid::now_v7().simple());
-        let runner = Runner {
+        Runner {
             mark_ms: mark_ms(&conn, timeout),
             conn,
             script: redis::Script::new(include_str!("fleet.lua")),
             prefix: format!("{prefix}:{{rl}}"),
-            origin: url.clone(),
-        };
-        assert_eq!(runner.mark_ms, 5_000);
+            origin: "test".into(),
+        }
+    }
+
+    /// One run of a batch of users u1 and u2 under `batch_id`, at one call
+    /// per user per minute.
+    async fn run(runner: &Runner, batch_id: &str) -> Vec<Option<FleetOver>> {
         let rates = RateSettings {
             per_user_period_ms: 60_000,
             per_user_burst: 1,
             global_per_sec: 1_000,
             global_burst: 1_000,
         };
-        let run = |batch_id: &'static str| {
-            let runner = &runner;
-            async move {
-                let mut conn = runner.conn.clone();
-                let reply: Value = runner
-                    .invocation(rates, batch_id, ["u1", "u2"].into_iter())
-                    .invoke_async(&mut conn)
-                    .await
-                    .unwrap();
-                read_reply(&reply, 2).unwrap()
-            }
-        };
-        let first = run("b1").await;
+        let reply: Value = runner
+            .invocation(rates, batch_id, ["u1", "u2"].into_iter())
+            .invoke_async(&mut runner.conn.clone())
+            .await
+            .unwrap();
+        read_reply(&reply, 2).unwrap()
+    }
+
+    async fn pttl(runner: &Runner, batch_id: &str) -> i64 {
+        redis::cmd("PTTL")
+            .arg(format!("{}:b:{batch_id}", runner.prefix))
+            .query_async(&mut runner.conn.clone())
+            .await
+            .unwrap()
+    }
+
+    fn all_over(decisions: &[Option<FleetOver>]) -> bool {
+        decisions
+            .iter()
+            .all(|d| d.is_some_and(|over| over.scope == "user"))
+    }
+
+    /// The cluster client sends a script again after a lost connection: a
+    /// batch run twice under its id spends once and answers the same, its
+    /// mark expiring after its bound; the next batch finds the budget spent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_sent_twice_spends_once_on_a_cluster() {
+        let timeout = Duration::from_secs(2);
+        let url = crate::gate::redis_gate::tests::cluster_url();
+        let conn = crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test");
+        let runner = test_runner(conn.unwrap(), timeout);
+        assert_eq!(runner.mark_ms, 9_000);
+        let first = run(&runner, "b1").await;
         assert_eq!(first, vec![None, None], "a full budget admits both");
         assert_eq!(
-            run("b1").await,
+            run(&runner, "b1").await,
             first,
-            "the resend answers as the first run"
+            "the resend answers as the first"
         );
-        let next = run("b2").await;
+        let lasts = pttl(&runner, "b1").await;
+        assert!((1..=9_000).contains(&lasts), "the mark lasts {lasts} ms");
+        let next = run(&runner, "b2").await;
         assert!(
-            next.iter()
-                .all(|d| d.is_some_and(|over| over.scope == "user")),
+            all_over(&next),
             "the budget was spent once, by b1: {next:?}"
         );
+    }
+
+    /// One server's client never resends: its batches leave no mark, and a
+    /// batch run twice is two batches.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_on_one_server_leave_no_mark() {
+        let timeout = Duration::from_secs(2);
+        let url = std::env::var("STOCKGATE_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let conn = crate::redis_client::connect_timed(&url.as_str().into(), timeout, "test");
+        let runner = test_runner(conn.unwrap(), timeout);
+        assert_eq!(runner.mark_ms, 0);
+        assert_eq!(run(&runner, "b1").await, vec![None, None]);
+        assert_eq!(pttl(&runner, "b1").await, -2, "no mark key");
+        assert!(all_over(&run(&runner, "b1").await));
     }
 }
