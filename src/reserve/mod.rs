@@ -46,7 +46,7 @@ use crate::{
 
 pub use batch::BatchOutcome;
 pub use path::{COMMIT_FENCE_REASON, FENCE_REASON};
-use pending::{Pending, PendingBook};
+use pending::{KeyState, Pending, PendingBook};
 pub use reconcile::ReconcileReport;
 
 /// A validated Reserve call.

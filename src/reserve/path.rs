@@ -22,8 +22,8 @@ use crate::{
 };
 
 use super::{
-    count_outcome, gate_entry, gate_error, queue_error, store_error, Event, Pending, Pipeline,
-    ReserveCommand, ReserveResult,
+    count_outcome, gate_entry, gate_error, queue_error, store_error, Event, KeyState, Pending,
+    Pipeline, ReserveCommand, ReserveResult,
 };
 
 /// What the gate's step of the Reserve path decided.
@@ -59,6 +59,30 @@ pub const COMMIT_FENCE_REASON: &str = "the database did not answer the commit";
 /// write, while the database is unreachable: about a managed failover's
 /// promotion. Past it the outcome is left to the reconciler.
 const COMMIT_RESOLVE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Longest a call waits on the first call with its user and key (a twin:
+/// a double click the dedup layer did not catch) before answering
+/// UNAVAILABLE; that call's gate decision and publish are bounded well
+/// below it.
+const TWIN_WAIT: Duration = Duration::from_secs(30);
+
+/// A call's hold on its idempotency key, from before the gate until its
+/// order is queued (the claim passes to the queued entry) or the call ends
+/// without queueing (dropped: the key is free for its twins again).
+pub(super) struct KeyClaim {
+    pipeline: Arc<Pipeline>,
+    user: UserId,
+    key: IdempotencyKey,
+    token: u64,
+}
+
+impl Drop for KeyClaim {
+    fn drop(&mut self) {
+        self.pipeline
+            .pending()
+            .release_claim(&self.user, &self.key, self.token);
+    }
+}
 
 impl Pipeline {
     pub async fn reserve(
@@ -170,8 +194,14 @@ impl Pipeline {
     ) -> Result<ReserveResult, ReservationError> {
         self.ensure_ready()?;
         let layers = self.layers();
+        let mut claim = None;
         if let Some(key) = &cmd.idempotency_key {
-            if let Some(existing) = self.earlier_with_key(&cmd.user, key).await? {
+            if layers.queue {
+                match self.claim_key(&cmd.user, key).await? {
+                    Ok(held) => claim = Some(held),
+                    Err(existing) => return Ok(ReserveResult::Existing(existing)),
+                }
+            } else if let Some(existing) = self.earlier_with_key(&cmd.user, key).await? {
                 return Ok(ReserveResult::Existing(existing));
             }
         }
@@ -214,7 +244,7 @@ impl Pipeline {
             // leave the reservation pending and its units held forever.
             let this = Arc::clone(self);
             tokio::spawn(trace::follow(async move {
-                this.enqueue(order, gated, remaining).await
+                this.enqueue(order, gated, remaining, claim).await
             }))
             .await
             .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
@@ -324,11 +354,14 @@ impl Pipeline {
         self.reload_wanted.notified().await
     }
 
+    /// Publishes `order`, holding its key's `claim` (if any) until the
+    /// order is visible as queued or the publish is given up.
     async fn enqueue(
         &self,
         order: NewOrder,
         gated: bool,
         mut remaining: Option<i64>,
+        _claim: Option<KeyClaim>,
     ) -> Result<ReserveResult, ReservationError> {
         if !gated {
             // Without the gate, a read of the row still answers sold out and
@@ -380,9 +413,7 @@ impl Pipeline {
             Ok(ticket) => {
                 tracing::debug!(reservation = order.id.as_str(), ticket, "order queued");
                 metrics::decision("queue", "queued");
-                if let Some(pending) = self.pending().get_mut(&order.id) {
-                    pending.ticket = Some(ticket);
-                }
+                self.pending().set_ticket(&order.id, ticket);
                 let position = self.queue.position(ticket).await;
                 reservation.queue_position = Some(position);
                 Ok(ReserveResult::Queued {
@@ -393,12 +424,17 @@ impl Pipeline {
             }
             Err(err) => {
                 metrics::decision("queue", "refused");
-                self.pending().forget(&order.id);
                 if let QueueError::Unconfirmed(why) = &err {
-                    return self
+                    // Its key stays taken until the fence decides: the
+                    // broker may hold the order, and a twin queueing its
+                    // own meanwhile could be the one the database rejects.
+                    let fenced = self
                         .fence_unconfirmed(&order, gated, why, err.to_string())
                         .await;
+                    self.pending().forget(&order.id);
+                    return fenced;
                 }
+                self.pending().forget(&order.id);
                 if gated {
                     self.gate_release(&order).await;
                 }
@@ -571,15 +607,86 @@ impl Pipeline {
             return Ok(Some(reservation));
         }
         match processed {
-            // Refused for the sale window: the same call later is decided
-            // again (the window may have opened), as its key was not used.
-            Some(id) => Ok(self
-                .store
-                .reservation(&id)
-                .await
-                .map_err(store_error)?
-                .filter(|row| !row.reject_reason.as_deref().is_some_and(is_window_reason))),
+            Some(id) => self.processed_with_key(&id).await,
             None => Ok(None),
+        }
+    }
+
+    /// The row of `id`, processed under a key a call uses again; `None`
+    /// when the key was not used after all.
+    async fn processed_with_key(
+        &self,
+        id: &ReservationId,
+    ) -> Result<Option<Reservation>, ReservationError> {
+        // Refused for the sale window: the same call later is decided
+        // again (the window may have opened), as its key was not used.
+        Ok(self
+            .store
+            .reservation(id)
+            .await
+            .map_err(store_error)?
+            .filter(|row| !row.reject_reason.as_deref().is_some_and(is_window_reason)))
+    }
+
+    /// Takes `user`'s `key` for this call (the queue path): the claim, or
+    /// the reservation the key already made here. A call finding the key
+    /// taken by one still at the gate or publishing waits for it (at most
+    /// [`TWIN_WAIT`]), then answers with its reservation, or takes the key
+    /// if that call ended without queueing (refused, or its publish
+    /// failed).
+    async fn claim_key(
+        self: &Arc<Self>,
+        user: &UserId,
+        key: &IdempotencyKey,
+    ) -> Result<Result<KeyClaim, Reservation>, ReservationError> {
+        let changed = Arc::clone(&self.pending().changed);
+        let give_up = tokio::time::Instant::now() + TWIN_WAIT;
+        let (mut recent, mut waited) = (true, false);
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let state = self.pending().try_claim(user, key, recent);
+            let found = match state {
+                Ok(token) => {
+                    return Ok(Ok(KeyClaim {
+                        pipeline: Arc::clone(self),
+                        user: user.clone(),
+                        key: key.clone(),
+                        token,
+                    }))
+                }
+                Err(KeyState::Queued {
+                    mut reservation,
+                    ticket: Some(ticket),
+                }) => {
+                    reservation.queue_position = Some(self.queue.position(ticket).await);
+                    *reservation
+                }
+                Err(KeyState::Processed(id)) => match self.processed_with_key(&id).await? {
+                    Some(row) => row,
+                    None => {
+                        recent = false;
+                        continue;
+                    }
+                },
+                Err(KeyState::Claimed | KeyState::Queued { ticket: None, .. }) => {
+                    waited = true;
+                    if tokio::time::timeout_at(give_up, notified).await.is_err() {
+                        return Err(ReservationError::unavailable(
+                            "order queue",
+                            anyhow::anyhow!(
+                                "the first call with this idempotency key is still undecided"
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if waited {
+                metrics::decision("queue", "twin");
+            }
+            return Ok(Err(found));
         }
     }
 }

@@ -2,9 +2,9 @@
 //! processed yet: the only place a QUEUED reservation is visible before it
 //! has a row, and the keys of those processed recently.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::domain::{IdempotencyKey, Reservation, ReservationId, UserId};
 
@@ -25,6 +25,29 @@ pub(super) struct PendingBook {
     pub(super) by_key: HashMap<(UserId, IdempotencyKey), ReservationId>,
     pub(super) recent: HashMap<(UserId, IdempotencyKey), ReservationId>,
     pub(super) recent_order: std::collections::VecDeque<((UserId, IdempotencyKey), Instant)>,
+    /// Keys a call has taken before the gate and not yet queued under (see
+    /// [`PendingBook::try_claim`]), each with its claim's token.
+    pub(super) claims: HashMap<(UserId, IdempotencyKey), u64>,
+    pub(super) next_claim: u64,
+    /// Woken whenever a claim ends, a publish ends (its ticket set, or
+    /// forgotten) or a reservation is processed: what a call waiting on
+    /// its key's first call waits for.
+    pub(super) changed: Arc<Notify>,
+}
+
+/// Where a (user, idempotency key) stands in this replica.
+#[derive(Debug)]
+pub(super) enum KeyState {
+    /// Another call holds it and has not queued yet (it is at the gate).
+    Claimed,
+    /// Queued under this reservation; `ticket` once the publish was
+    /// confirmed.
+    Queued {
+        reservation: Box<Reservation>,
+        ticket: Option<u64>,
+    },
+    /// Processed recently as this reservation.
+    Processed(ReservationId),
 }
 
 /// How many processed keys a replica remembers, and for how long.
@@ -37,10 +60,6 @@ impl PendingBook {
         self.by_id.get(id)
     }
 
-    pub(super) fn get_mut(&mut self, id: &ReservationId) -> Option<&mut Pending> {
-        self.by_id.get_mut(id)
-    }
-
     pub(super) fn values(&self) -> impl Iterator<Item = &Pending> {
         self.by_id.values()
     }
@@ -50,9 +69,60 @@ impl PendingBook {
         self.by_id.get(id)
     }
 
+    /// Takes `user`'s `key` for one call, before the gate: the token of
+    /// the claim, or where the key stands when another call has it (a
+    /// processed one only when `recent` is asked). Concurrent twins of a
+    /// call (a double click the dedup layer did not catch) thus never
+    /// reach the gate, and never queue a second order that the database
+    /// would reject.
+    pub(super) fn try_claim(
+        &mut self,
+        user: &UserId,
+        key: &IdempotencyKey,
+        recent: bool,
+    ) -> Result<u64, KeyState> {
+        let slot = (user.clone(), key.clone());
+        if let Some(pending) = self.by_key.get(&slot).and_then(|id| self.by_id.get(id)) {
+            return Err(KeyState::Queued {
+                reservation: Box::new(pending.reservation.clone()),
+                ticket: pending.ticket,
+            });
+        }
+        if self.claims.contains_key(&slot) {
+            return Err(KeyState::Claimed);
+        }
+        if recent {
+            if let Some(id) = self.recent.get(&slot) {
+                return Err(KeyState::Processed(id.clone()));
+            }
+        }
+        self.next_claim += 1;
+        self.claims.insert(slot, self.next_claim);
+        Ok(self.next_claim)
+    }
+
+    /// The call holding claim `token` on the key ended without queueing.
+    pub(super) fn release_claim(&mut self, user: &UserId, key: &IdempotencyKey, token: u64) {
+        let slot = (user.clone(), key.clone());
+        if self.claims.get(&slot) == Some(&token) {
+            self.claims.remove(&slot);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// `id`'s publish was confirmed as `ticket`.
+    pub(super) fn set_ticket(&mut self, id: &ReservationId, ticket: u64) {
+        if let Some(pending) = self.by_id.get_mut(id) {
+            pending.ticket = Some(ticket);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Queues `pending`, its key's claim (if any) passing to it.
     pub(super) fn insert(&mut self, pending: Pending) {
         let reservation = &pending.reservation;
         if let Some(key) = &reservation.idempotency_key {
+            self.claims.remove(&(reservation.user.clone(), key.clone()));
             // The first holder keeps the key: it is queued ahead of any twin,
             // so its order is the one the database will keep.
             self.by_key
@@ -77,6 +147,7 @@ impl PendingBook {
         let Some(pending) = self.by_id.remove(id) else {
             return;
         };
+        self.changed.notify_waiters();
         let reservation = pending.reservation;
         if let Some(key) = reservation.idempotency_key {
             let slot = (reservation.user, key);
@@ -137,6 +208,46 @@ mod tests {
             },
             ticket: None,
         }
+    }
+
+    #[test]
+    fn a_claimed_key_is_held_until_queued_or_released() {
+        let mut book = PendingBook::default();
+        let user = UserId::parse("u1").unwrap();
+        let key = IdempotencyKey::parse("k").unwrap();
+        let token = book.try_claim(&user, &key, true).unwrap();
+        assert!(matches!(
+            book.try_claim(&user, &key, true),
+            Err(KeyState::Claimed)
+        ));
+        // Queued: the claim passes to the entry, and a late release of it
+        // changes nothing.
+        let first = queued("u1", Some("k"));
+        let id = first.reservation.id.clone();
+        book.insert(first);
+        book.release_claim(&user, &key, token);
+        assert!(matches!(
+            book.try_claim(&user, &key, true),
+            Err(KeyState::Queued { ticket: None, .. })
+        ));
+        book.set_ticket(&id, 7);
+        assert!(matches!(
+            book.try_claim(&user, &key, true),
+            Err(KeyState::Queued {
+                ticket: Some(7),
+                ..
+            })
+        ));
+        // Processed: remembered, unless the caller asks past it.
+        book.remove(&id);
+        assert!(matches!(
+            book.try_claim(&user, &key, true),
+            Err(KeyState::Processed(found)) if found == id
+        ));
+        let second = book.try_claim(&user, &key, false).unwrap();
+        // Released without queueing: free again.
+        book.release_claim(&user, &key, second);
+        assert!(book.try_claim(&user, &key, false).is_ok());
     }
 
     #[test]

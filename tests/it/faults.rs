@@ -543,3 +543,88 @@ async fn a_passed_deadline_is_deadline_exceeded_and_a_retry_orders_once() {
     assert_eq!(mine.len(), 1, "{mine:?}");
     assert_eq!(mine[0].id.as_str(), answers[0]);
 }
+
+/// The dedup store's Redis cut for two seconds mid-storm (connections cut,
+/// new ones refused, through a relay), with RabbitMQ, the Redis gate and
+/// PostgreSQL: calls run without the layer meanwhile, as it promises, and
+/// the database's one order per key stands in for it. Every invariant the
+/// storm tool checks holds, double clicks and retries with their key
+/// included; the layer really ran without its store during the cut, and
+/// with it again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dedup_store_cut_mid_storm_still_orders_once_per_key() {
+    let relay = Relay::start("127.0.0.1:6379".parse().unwrap()).await;
+    let app = TestApp::spawn_with(Profile::Rabbit, |c| {
+        c.layers.dedup.enabled = true;
+        c.backends.dedup = format!("redis://{}", relay.addr);
+        c.metrics.listen = "127.0.0.1:0".into();
+        // How long a call waits for the dedup store before running
+        // without it (the gate's bound too).
+        c.redis.response_timeout_ms = 300;
+    })
+    .await;
+    let store_down = |metrics: &str| {
+        crate::ops::sum(
+            metrics,
+            "stockgate_layer_decisions_total",
+            &[("layer", "dedup"), ("decision", "store_unavailable")],
+        )
+    };
+    let options = stockgate_tools::storm::StormOptions {
+        skus: 4,
+        seed: Some(7),
+        concurrency: 64,
+        double_click: 0.3,
+        ..crate::storm_tool::options(&app, "DEDUPCUT", 1_000, 6_000)
+    };
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay.set_up(false);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during = store_down(&crate::ops::scrape(app.metrics_addr.unwrap()).await);
+        relay.set_up(true);
+        during
+    };
+    let (report, during) = tokio::join!(stockgate_tools::storm::run(&options, "storm"), cut);
+    let report = report.unwrap();
+    let rendered = stockgate_tools::storm::render(&report);
+    eprintln!("{rendered}\ndedup ran without its store {during} times during the cut");
+    assert!(report.ok(), "{rendered}");
+    assert_eq!(report.oversold, 0, "{rendered}");
+    assert!(during > 0.0, "the cut never reached the dedup layer");
+    assert_checked(&app).await;
+
+    // The store is used again: a keyed retry is answered from it.
+    app.set_stock("DEDUPAFTER", 50, 0).await;
+    let replayed = |metrics: &str| {
+        crate::ops::sum(
+            metrics,
+            "stockgate_layer_decisions_total",
+            &[("layer", "dedup"), ("decision", "replayed")],
+        )
+    };
+    let before = replayed(&crate::ops::scrape(app.metrics_addr.unwrap()).await);
+    let mut back = false;
+    for n in 0..50 {
+        let (user, key) = (format!("after-{n}"), format!("after-key-{n}"));
+        let first = app.reserve_as("DEDUPAFTER", &user, Some(&key)).await;
+        let again = app.reserve_as("DEDUPAFTER", &user, Some(&key)).await;
+        let id = |answer: &stockgate::pb::ReserveResponse| {
+            answer
+                .reservation
+                .as_ref()
+                .map(|r| r.reservation_id.clone())
+        };
+        assert_eq!(id(&first), id(&again));
+        if replayed(&crate::ops::scrape(app.metrics_addr.unwrap()).await) > before {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "no retry was answered from the dedup store once it was back"
+    );
+    app.stop().await;
+}

@@ -132,3 +132,66 @@ async fn per_user_limit_holds_under_concurrency() {
     }
     app.stop().await;
 }
+
+/// Double clicks the dedup layer does not catch (it is off here, as when
+/// its store is down): each of 300 keys sent three times at once, through
+/// the Redis gate and the queue, on a SKU without a per-user cap and on
+/// one with a cap of one (where the twins are refused by the gate, since
+/// the first call took the user's share). Every call with a key gets the
+/// one reservation that key made, never a twin the database would reject
+/// nor a refusal; the twins' gate units come back; exactly one order per
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_twins_of_a_key_share_one_reservation_without_dedup() {
+    use std::collections::{HashMap, HashSet};
+    let app = TestApp::spawn_with(Profile::Redis, |c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+    })
+    .await;
+    assert!(!app.config.layers.dedup.enabled);
+    let keys = 300;
+    for (sku, cap) in [("TWINS", 0), ("TWINCAP", 1)] {
+        app.set_stock(sku, 10_000, cap).await;
+        let calls = futures::future::join_all((0..keys).flat_map(|k| {
+            let app = &app;
+            (0..3).map(move |_| async move {
+                let user = format!("{sku}-user-{k}");
+                let key = format!("{sku}-key-{k}");
+                (k, app.reserve_as(sku, &user, Some(&key)).await)
+            })
+        }))
+        .await;
+        let mut ids: HashMap<usize, HashSet<String>> = HashMap::new();
+        for (k, answer) in calls {
+            assert!(
+                crate::harness::is_admitted(answer.outcome()),
+                "{sku}: {answer:?}"
+            );
+            ids.entry(k)
+                .or_default()
+                .insert(answer.reservation.unwrap().reservation_id);
+        }
+        let doubled: Vec<_> = ids.iter().filter(|(_, ids)| ids.len() > 1).collect();
+        assert!(
+            doubled.is_empty(),
+            "{sku}: {} of {keys} keys with two reservations or more, e.g. {:?}",
+            doubled.len(),
+            doubled.first()
+        );
+        app.drain(sku).await;
+        let view = app.stock(sku).await;
+        let left = 10_000 - keys as i64;
+        assert_eq!(view.db_stock, left, "{sku}: {view:?}");
+        assert_eq!(view.gate_stock, Some(left), "{sku}: the twins' units back");
+    }
+    let metrics = crate::ops::scrape(app.metrics_addr.unwrap()).await;
+    let twins = crate::ops::sum(
+        &metrics,
+        "stockgate_layer_decisions_total",
+        &[("layer", "queue"), ("decision", "twin")],
+    );
+    eprintln!("{twins} calls answered with their twin");
+    assert!(twins > 0.0, "no call met a twin");
+    crate::harness::assert_checked(&app).await;
+    app.stop().await;
+}

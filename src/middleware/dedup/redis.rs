@@ -25,6 +25,8 @@ pub struct RedisDedup {
     origin: String,
     prefix: String,
     abandon: redis::Script,
+    /// Longest one store operation may take, reconnecting included.
+    timeout: Duration,
 }
 
 impl RedisDedup {
@@ -44,7 +46,26 @@ impl RedisDedup {
             conn,
             prefix: prefix.to_owned(),
             abandon: redis::Script::new(include_str!("abandon.lua")),
+            timeout,
         })
+    }
+
+    /// Runs one store operation within `timeout`. The connection's own
+    /// response timeout bounds an answer, not a reconnection: while Redis
+    /// refuses connections a call would wait out the client's reconnection
+    /// attempts (seconds), where it should run without the store instead.
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer within {:?} (Redis at {})",
+                    self.timeout, self.origin
+                ))
+            })
     }
 
     /// `v2`: the string layout; records of the earlier hash layout are
@@ -77,12 +98,13 @@ impl RedisDedup {
             .arg("PX")
             .arg(millis(lasts))
             .arg("GET");
-        match self
-            .batch
-            .query(cmd)
-            .await
-            .map_err(|e| redis_error(e, &self.origin))?
-        {
+        let reply = self.bounded(async {
+            self.batch
+                .query(cmd)
+                .await
+                .map_err(|e| redis_error(e, &self.origin))
+        });
+        match reply.await? {
             redis::Value::Nil => Ok(Claim::Run),
             // This very claim, sent again after a lost connection (a
             // cluster client resends): a claim carries its call's token,
@@ -190,23 +212,29 @@ impl DedupStore for RedisDedup {
             .arg(answer_record(fingerprint, answer))
             .arg("PX")
             .arg(millis(ttl));
-        self.batch
-            .query(cmd)
-            .await
-            .map(|_| ())
-            .map_err(|e| redis_error(e, &self.origin))
+        self.bounded(async {
+            self.batch
+                .query(cmd)
+                .await
+                .map(|_| ())
+                .map_err(|e| redis_error(e, &self.origin))
+        })
+        .await
     }
 
     /// Rare (transient answers only), so a script rather than the batch.
     async fn abandon(&self, key: &str, token: &str) -> Result<(), String> {
         let mut conn = self.conn.clone();
-        self.abandon
-            .key(self.record(key))
-            .arg(token)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| redis_error(e, &self.origin))
+        self.bounded(async {
+            self.abandon
+                .key(self.record(key))
+                .arg(token)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| redis_error(e, &self.origin))
+        })
+        .await
     }
 
     async fn changed(&self) {
