@@ -30,6 +30,8 @@ const LIMITS: Limits = Limits {
 struct Job {
     cmd: Cmd,
     reply: oneshot::Sender<RedisResult<Value>>,
+    /// Not sent once its caller stopped waiting.
+    wanted_only: bool,
 }
 
 /// A handle to the batching task; cheap to clone.
@@ -52,9 +54,25 @@ impl Batcher {
     /// Sends `cmd` with whatever else is waiting and returns its own reply;
     /// a Redis error reply comes back as `Err`, as for a direct call.
     pub async fn query(&self, cmd: Cmd) -> RedisResult<Value> {
+        self.send_job(cmd, false).await
+    }
+
+    /// As [`Batcher::query`], but not sent at all if its caller stopped
+    /// waiting before its batch left (its own timeout, a cancelled call):
+    /// for a command that must not take effect unseen, such as a dedup
+    /// claim, which would hold its key for a call that went on without it.
+    pub async fn query_if_awaited(&self, cmd: Cmd) -> RedisResult<Value> {
+        self.send_job(cmd, true).await
+    }
+
+    async fn send_job(&self, cmd: Cmd, wanted_only: bool) -> RedisResult<Value> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { cmd, reply })
+            .send(Job {
+                cmd,
+                reply,
+                wanted_only,
+            })
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -67,7 +85,11 @@ fn gone() -> RedisError {
 
 /// One pipeline for the batch (on a cluster, one per hash slot, all at
 /// once).
-async fn send(conn: &RedisConn, batch: Vec<Job>) {
+async fn send(conn: &RedisConn, mut batch: Vec<Job>) {
+    batch.retain(|job| !(job.wanted_only && job.reply.is_closed()));
+    if batch.is_empty() {
+        return;
+    }
     let mut pipe = redis::pipe();
     let mut replies = Vec::with_capacity(batch.len());
     for job in batch {

@@ -431,13 +431,20 @@ impl Pipeline {
                     let fenced = self
                         .fence_unconfirmed(&order, gated, why, err.to_string())
                         .await;
-                    self.pending().forget(&order.id);
+                    if let Ok(ReserveResult::Existing(_)) = &fenced {
+                        // The processor's row won: the key was used.
+                        self.pending().remove(&order.id);
+                    } else {
+                        self.pending().forget(&order.id);
+                    }
                     return fenced;
                 }
-                self.pending().forget(&order.id);
+                // Units back before the key is free: a twin taking it next
+                // must not meet this call's admission at the gate.
                 if gated {
                     self.gate_release(&order).await;
                 }
+                self.pending().forget(&order.id);
                 Err(queue_error(err))
             }
         }

@@ -136,11 +136,11 @@ async fn per_user_limit_holds_under_concurrency() {
 /// Double clicks the dedup layer does not catch (it is off here, as when
 /// its store is down): each of 300 keys sent three times at once, through
 /// the Redis gate and the queue, on a SKU without a per-user cap and on
-/// one with a cap of one (where the twins are refused by the gate, since
-/// the first call took the user's share). Every call with a key gets the
-/// one reservation that key made, never a twin the database would reject
-/// nor a refusal; the twins' gate units come back; exactly one order per
-/// key.
+/// one with a cap of one (where a twin reaching the gate would be refused,
+/// the first call having taken the user's share). Every call with a key
+/// gets the one reservation that key made, never a twin the database
+/// would reject nor a refusal; the gate counts exactly the orders; one
+/// order per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_twins_of_a_key_share_one_reservation_without_dedup() {
     use std::collections::{HashMap, HashSet};

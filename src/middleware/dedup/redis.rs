@@ -100,7 +100,7 @@ impl RedisDedup {
             .arg("GET");
         let reply = self.bounded(async {
             self.batch
-                .query(cmd)
+                .query_if_awaited(cmd)
                 .await
                 .map_err(|e| redis_error(e, &self.origin))
         });
