@@ -264,6 +264,14 @@ impl Config {
                     let why = format!("must be 1 to {most}");
                     return Err(invalid("rabbitmq.publish_batch_max", why));
                 }
+                let most = crate::queue::MAX_PARTITIONS;
+                if !(1..=most).contains(&rabbit.partitions) {
+                    let why = format!("must be 1 to {most}");
+                    return Err(invalid("rabbitmq.partitions", why));
+                }
+                if rabbit.lease_poll_ms == 0 {
+                    return Err(invalid("rabbitmq.lease_poll_ms", "must be above 0"));
+                }
                 if usize::from(rabbit.prefetch) < self.layers.queue.batch_size {
                     return Err(invalid(
                         "rabbitmq.prefetch",

@@ -507,6 +507,20 @@ pub struct RabbitConfig {
     /// Pause between reconnection attempts after the broker was lost, in
     /// milliseconds.
     pub reconnect_delay_ms: u64,
+    /// Order queues (1 to 64). 1: the one queue `<queue>`. Above 1: the
+    /// quorum queues `<queue>.p0` to `<queue>.p<N-1>`, each SKU's orders in
+    /// one of them (a hash of the SKU), each consumed by one processor at a
+    /// time; running processors share the partitions out between them
+    /// through leases in PostgreSQL. Every replica of a deployment must
+    /// use the same number; `<queue>` itself is still drained (the move
+    /// from one queue, `docs/runbook.md`).
+    pub partitions: u16,
+    /// How often a processor looks at the partition leases (takes a free
+    /// one, gives one up when others joined), in milliseconds: how long a
+    /// dead processor's partitions wait for another once PostgreSQL has
+    /// ended its session (at once for a crashed process, about 11 s for
+    /// one gone silent).
+    pub lease_poll_ms: u64,
     /// PEM certificates of the CA(s) that sign the broker's certificate,
     /// trusted besides the system's roots. Used for `amqps://` URLs, whose
     /// server certificate and host name are always verified; `amqp://` is
@@ -706,6 +720,8 @@ impl Default for RabbitConfig {
             publish_batch_max: 64,
             prefetch: 512,
             reconnect_delay_ms: 500,
+            partitions: 1,
+            lease_poll_ms: 1_000,
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),

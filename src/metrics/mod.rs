@@ -54,6 +54,7 @@ pub const NAMES: &[&str] = &[
     "stockgate_processor_lag_seconds",
     "stockgate_processor_batch_size",
     "stockgate_processor_commit_duration_seconds",
+    "stockgate_processor_partitions",
     "stockgate_gate_drift_units",
     "stockgate_gate_drift_skus",
     "stockgate_ready",

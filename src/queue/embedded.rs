@@ -104,6 +104,7 @@ impl OrderSource for EmbeddedSource {
             }
         }
         Some(TakenBatch {
+            passes: Vec::new(),
             orders,
             unreadable: Vec::new(),
             receipt: 0,

@@ -22,6 +22,47 @@ pub use rabbit::{
 
 use std::time::Duration;
 
+/// Most partitions of the RabbitMQ order queue (`rabbitmq.partitions`).
+pub const MAX_PARTITIONS: u16 = 64;
+
+/// The low bits of a ticket number an order within its line; the bits
+/// above say which line: 0 the one queue, `p + 1` partition `p`. Tickets
+/// of different lines thus never collide, and a replica that follows
+/// several lines tells them apart by the ticket alone.
+const LINE_SHIFT: u32 = 48;
+const NUMBER_MASK: u64 = (1 << LINE_SHIFT) - 1;
+
+/// Lines a ticket can belong to: the one queue and every partition.
+pub const LINES: usize = MAX_PARTITIONS as usize + 1;
+
+/// The ticket of order `number` in partition `partition` (`None`: the one
+/// queue).
+pub fn ticket(partition: Option<u16>, number: u64) -> u64 {
+    let line = partition.map_or(0, |p| u64::from(p) + 1);
+    (line << LINE_SHIFT) | (number & NUMBER_MASK)
+}
+
+/// Which line a ticket belongs to (0: the one queue, `p + 1`: partition
+/// `p`), and its number within that line. A line past [`LINES`] (a
+/// corrupt ticket) reads as the one queue's.
+pub fn ticket_line(ticket: u64) -> (usize, u64) {
+    let line = usize::try_from(ticket >> LINE_SHIFT).unwrap_or(0);
+    let line = if line < LINES { line } else { 0 };
+    (line, ticket & NUMBER_MASK)
+}
+
+/// The partition of a SKU's orders: FNV-1a of its bytes, so that every
+/// replica and every release route a SKU alike (std's hasher is seeded
+/// per process).
+pub fn partition_of(sku: &str, partitions: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in sku.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    u16::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
 use async_trait::async_trait;
 
 use crate::{domain::ReservationId, store::NewOrder};
@@ -90,6 +131,10 @@ pub struct TakenBatch {
     pub orders: Vec<QueuedOrder>,
     /// Messages that could not be read.
     pub unreadable: Vec<Unreadable>,
+    /// Pass marks taken (RabbitMQ partitions): every ticket of its line
+    /// up to each is delivered, and those not in this or an earlier batch
+    /// will never be (their publish failed).
+    pub passes: Vec<u64>,
     /// What acknowledging the batch takes (RabbitMQ: its last delivery tag).
     receipt: u64,
 }
@@ -135,4 +180,42 @@ pub trait OrderSource: Send {
 
     /// Stops consuming; what was not acknowledged stays queued.
     async fn close(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_of_different_lines_never_collide() {
+        assert_eq!(ticket(None, 7), 7, "the one queue's tickets are unchanged");
+        assert_eq!(ticket_line(ticket(None, 7)), (0, 7));
+        assert_eq!(ticket_line(ticket(Some(0), 7)), (1, 7));
+        assert_eq!(ticket_line(ticket(Some(63), 7)), (64, 7));
+        assert_ne!(ticket(Some(0), 7), ticket(Some(1), 7));
+        assert_eq!(
+            ticket_line(u64::MAX).0,
+            0,
+            "a corrupt line reads as the one queue"
+        );
+    }
+
+    #[test]
+    fn a_sku_always_lands_in_the_same_partition_and_skus_spread() {
+        // Fixed values: a change of hash would move SKUs between
+        // partitions under a running sale.
+        let routed: Vec<u16> = (1..=5)
+            .map(|i| partition_of(&format!("SKU-{i}"), 4))
+            .collect();
+        assert_eq!(routed, [0, 1, 2, 3, 0]);
+        assert_eq!(partition_of("A", 16), 12);
+        assert_eq!(partition_of("anything", 1), 0);
+        let mut per_partition = [0usize; 4];
+        for i in 0..4_000 {
+            per_partition[usize::from(partition_of(&format!("SKU-{i}"), 4))] += 1;
+        }
+        for count in per_partition {
+            assert!((800..1_200).contains(&count), "{per_partition:?}");
+        }
+    }
 }

@@ -297,8 +297,18 @@ impl Pipeline {
             todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
         if unfinished.is_empty() {
-            if let Some(last) = batch.iter().map(|q| q.ticket).max() {
-                let ids: Vec<ReservationId> = batch.iter().map(|q| q.order.id.clone()).collect();
+            // One line per queue, except the one queue, which can carry
+            // redriven orders numbered in a partition: each line moves on
+            // by its own tickets.
+            let mut lines: std::collections::BTreeMap<usize, (u64, Vec<ReservationId>)> =
+                std::collections::BTreeMap::new();
+            for queued in batch {
+                let (line, _) = crate::queue::ticket_line(queued.ticket);
+                let (last, ids) = lines.entry(line).or_default();
+                *last = (*last).max(queued.ticket);
+                ids.push(queued.order.id.clone());
+            }
+            for (last, ids) in lines.into_values() {
                 self.queue.processed(last, &ids).await;
             }
         }
@@ -404,6 +414,11 @@ impl Pipeline {
         self.pending().remove(&order.id);
         self.emit(Event::Changed(reservation));
         true
+    }
+
+    /// A pass mark was delivered: its line is done through `through`.
+    pub async fn pass_tickets(&self, through: u64) {
+        self.queue.processed(through, &[]).await;
     }
 
     /// An order the processor cannot read in full (see

@@ -181,6 +181,8 @@ pub async fn run_with(
     let store =
         Store::connect_with_password(target, &config.store, passwords.watch(Backend::Store))?;
     let role = config.server.role;
+    // The partition leases' sessions come from the same settings.
+    let processor_store = store.clone();
     let (queue, embedded_source, rabbit): (Arc<dyn OrderQueue>, _, _) = match config
         .queue_backend()?
     {
@@ -361,25 +363,51 @@ pub async fn run_with(
     }
     let batch_size = config.layers.queue.batch_size;
     let linger = Duration::from_millis(config.layers.queue.linger_ms);
-    let source: Option<Box<dyn OrderSource>> = match (embedded_source, &rabbit) {
-        (Some(source), _) => Some(Box::new(source)),
-        (None, Some((queue, url))) if role.processes_orders() => Some(Box::new(RabbitSource::new(
-            url.clone(),
-            queue.names(),
-            config.rabbitmq.prefetch,
-            Duration::from_millis(config.rabbitmq.reconnect_delay_ms),
-        ))),
-        _ => None,
-    };
-    let processor = source.map(|source| {
-        tokio::spawn(crate::processor::run_processor(
+    let reconnect_delay = Duration::from_millis(config.rabbitmq.reconnect_delay_ms);
+    let processor = match (embedded_source, &rabbit) {
+        (Some(source), _) => Some(tokio::spawn(crate::processor::run_processor(
             pipeline.clone(),
-            source,
+            Box::new(source),
             batch_size,
             linger,
             stop_rx.clone(),
-        ))
-    });
+        ))),
+        (None, Some((queue, url))) if role.processes_orders() && queue.names().is_partitioned() => {
+            let settings = crate::processor::Partitioned {
+                store: processor_store,
+                uri: url.clone(),
+                names: queue.names().clone(),
+                prefetch: config.rabbitmq.prefetch,
+                reconnect_delay,
+                batch_size,
+                linger,
+                lease_poll: Duration::from_millis(config.rabbitmq.lease_poll_ms),
+                publish_bound: queue.publish_bound(),
+                queue: Arc::clone(queue),
+            };
+            Some(tokio::spawn(crate::processor::run_partitioned(
+                pipeline.clone(),
+                settings,
+                stop_rx.clone(),
+            )))
+        }
+        (None, Some((queue, url))) if role.processes_orders() => {
+            let source: Box<dyn OrderSource> = Box::new(RabbitSource::new(
+                url.clone(),
+                queue.names(),
+                config.rabbitmq.prefetch,
+                reconnect_delay,
+            ));
+            Some(tokio::spawn(crate::processor::run_processor(
+                pipeline.clone(),
+                source,
+                batch_size,
+                linger,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     // API replicas learn from the processor which queued reservations
     // now have a row.
     if let Some((queue, _)) = rabbit.as_ref().filter(|_| role.serves_api()) {

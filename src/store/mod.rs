@@ -438,8 +438,11 @@ mod holds;
 #[macro_use]
 mod stock;
 mod dialect;
+mod leases;
 mod migrate;
 mod tickets;
+pub use leases::{LeaseSession, Members};
+pub use tickets::PartitionProgress;
 pub mod tls;
 
 pub use migrate::MigrationHarnessAny;

@@ -14,6 +14,32 @@ struct Ticket {
     value: i64,
 }
 
+#[derive(QueryableByName)]
+struct PartitionTicket {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    partition: i32,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    value: i64,
+}
+
+#[derive(QueryableByName)]
+struct PartitionProgressRow {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    partition: i32,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_ticket: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    done_through: i64,
+}
+
+/// How far one partition of the order queue got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub partition: u16,
+    pub last_ticket: u64,
+    pub done_through: u64,
+}
+
 const TICKETS_NEED_PG: &str = "queue tickets need PostgreSQL (backends.store)";
 
 impl Store {
@@ -56,6 +82,75 @@ impl Store {
         let sql = "UPDATE queue_progress SET done_through = GREATEST(done_through, $1) \
                    WHERE id = 1 RETURNING done_through AS value";
         self.ticket_query(sql, Some(through)).await.map(|_| ())
+    }
+
+    /// Fresh ticket numbers for partitions of the order queue, in one
+    /// round trip: for each `(partition, n)` (partitions ascending, so
+    /// replicas lock the rows in one order), the last of its `n` new
+    /// numbers; they run from that minus `n` plus 1.
+    pub async fn next_partition_tickets(
+        &self,
+        wanted: &[(u16, usize)],
+    ) -> Result<Vec<(u16, u64)>, StoreError> {
+        let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
+        let partitions: Vec<i32> = wanted.iter().map(|&(p, _)| i32::from(p)).collect();
+        let counts: Vec<i64> = wanted
+            .iter()
+            .map(|&(_, n)| i64::try_from(n).unwrap_or(i64::MAX))
+            .collect();
+        let rows: Vec<PartitionTicket> = diesel::sql_query(
+            "INSERT INTO queue_partitions AS q (partition, last_ticket) \
+             SELECT * FROM unnest($1::int[], $2::bigint[]) \
+             ON CONFLICT (partition) DO UPDATE SET last_ticket = q.last_ticket + excluded.last_ticket \
+             RETURNING partition, last_ticket AS value",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(partitions)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(counts)
+        .load(&mut *conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    u16::try_from(row.partition).unwrap_or(0),
+                    u64::try_from(row.value).unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    /// Each partition's last ticket number and the number its processor
+    /// is done through (partitions never published to have no row).
+    pub async fn partition_progress(&self) -> Result<Vec<PartitionProgress>, StoreError> {
+        let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
+        let rows: Vec<PartitionProgressRow> = diesel::sql_query(
+            "SELECT partition, last_ticket, done_through FROM queue_partitions ORDER BY partition",
+        )
+        .load(&mut *conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| PartitionProgress {
+                partition: u16::try_from(row.partition).unwrap_or(0),
+                last_ticket: u64::try_from(row.last_ticket).unwrap_or(0),
+                done_through: u64::try_from(row.done_through).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Records that partition `partition`'s processor is done with every
+    /// ticket number up to `through`.
+    pub async fn advance_partition(&self, partition: u16, through: u64) -> Result<(), StoreError> {
+        let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
+        diesel::sql_query(
+            "UPDATE queue_partitions SET done_through = GREATEST(done_through, $2) \
+             WHERE partition = $1",
+        )
+        .bind::<diesel::sql_types::Integer, _>(i32::from(partition))
+        .bind::<diesel::sql_types::BigInt, _>(i64::try_from(through).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     async fn ticket_query(&self, sql: &'static str, bind: Option<u64>) -> Result<u64, StoreError> {

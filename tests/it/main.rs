@@ -22,6 +22,7 @@ mod image;
 mod middleware;
 mod mtls;
 mod ops;
+mod partitions;
 mod pg_failover;
 mod rabbit_cluster;
 mod rabbit_queue;

@@ -66,11 +66,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The queue, dead-letter queue and processed-batch exchange of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNames {
+    /// The one orders queue (with partitions, still drained: orders that
+    /// replicas published before the move, and redriven dead letters).
     pub orders: String,
     pub dead_letters: String,
     /// The exchange announcing processed batches. Its name on the broker
     /// stays `<queue>.settled`: running fleets declare and bind it.
     pub processed: String,
+    /// `rabbitmq.partitions`: above 1, orders go to `<queue>.p<N>`.
+    pub partitions: u16,
 }
 
 impl QueueNames {
@@ -79,7 +83,45 @@ impl QueueNames {
             orders: queue.to_owned(),
             dead_letters: format!("{queue}.dlq"),
             processed: format!("{queue}.settled"),
+            partitions: 1,
         }
+    }
+
+    /// The names of a deployment with `partitions` order queues.
+    pub fn partitioned(queue: &str, partitions: u16) -> Self {
+        Self {
+            partitions: partitions.max(1),
+            ..Self::new(queue)
+        }
+    }
+
+    /// Whether orders go to partitions rather than the one queue.
+    pub fn is_partitioned(&self) -> bool {
+        self.partitions > 1
+    }
+
+    /// The orders queue of partition `partition`.
+    pub fn partition_queue(&self, partition: u16) -> String {
+        format!("{}.p{partition}", self.orders)
+    }
+
+    /// The names one partition's consumer uses: its queue as the orders
+    /// queue, the deployment's dead-letter queue and exchange.
+    pub fn partition(&self, partition: u16) -> Self {
+        Self {
+            orders: self.partition_queue(partition),
+            partitions: 1,
+            ..self.clone()
+        }
+    }
+
+    /// Every orders queue: the one queue, then the partitions.
+    pub fn order_queues(&self) -> Vec<String> {
+        let mut queues = vec![self.orders.clone()];
+        if self.is_partitioned() {
+            queues.extend((0..self.partitions).map(|p| self.partition_queue(p)));
+        }
+        queues
     }
 }
 
@@ -132,6 +174,25 @@ fn encode_wire(wire: &WireOrder) -> Vec<u8> {
 /// One order as a version 1 message (also what the dead-letter queue keeps).
 pub fn encode(queued: &QueuedOrder) -> Vec<u8> {
     encode_wire(&WireOrder::new(&queued.order, queued.ticket, queued.gated))
+}
+
+/// The version of a pass mark: no order, only the ticket its line's
+/// progress may move to once it is delivered (see
+/// [`RabbitQueue::publish_pass`]).
+const PASS_VERSION: u32 = 3;
+
+#[derive(Serialize, Deserialize)]
+struct WirePass {
+    v: u32,
+    through: u64,
+}
+
+/// The ticket a pass mark carries, if the message is one.
+pub(crate) fn decode_pass(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<WirePass>(body)
+        .ok()
+        .filter(|pass| pass.v == PASS_VERSION)
+        .map(|pass| pass.through)
 }
 
 /// What a message's first fields say it is.
@@ -248,9 +309,11 @@ async fn declare(channel: &Channel, names: &QueueNames) -> lapin::Result<()> {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(names.orders.as_str().into(), durable, quorum_args(true))
-        .await?;
+    for queue in names.order_queues() {
+        channel
+            .queue_declare(queue.as_str().into(), durable, quorum_args(true))
+            .await?;
+    }
     channel
         .queue_declare(
             names.dead_letters.as_str().into(),
@@ -388,6 +451,30 @@ async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u64> {
     Ok(u64::from(queue.message_count()))
 }
 
+/// Sends `body` to `queue` through the default exchange, returned if the
+/// queue does not exist. lapin checks the channel before writing, so an
+/// error means nothing reached the broker.
+async fn send_mandatory(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, QueueError> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| QueueError::Unavailable(e.to_string()))
+}
+
 /// Adds a `traceparent` header, when there is one.
 fn with_traceparent(properties: BasicProperties, traceparent: Option<String>) -> BasicProperties {
     match traceparent {
@@ -409,7 +496,9 @@ pub struct RabbitQueue {
     publisher: Arc<Publisher>,
     /// Started on first use, so the queue can be built outside a runtime.
     jobs: OnceLock<mpsc::Sender<Publish>>,
-    done: AtomicU64,
+    /// Per line (the one queue, then each partition: [`super::ticket_line`]),
+    /// the ticket number its processor is done through.
+    done: Box<[AtomicU64]>,
     closed: AtomicBool,
 }
 
@@ -429,7 +518,7 @@ impl RabbitQueue {
         let publisher = Publisher {
             open_timeout: open_timeout(&uri),
             uri,
-            names: QueueNames::new(&config.queue),
+            names: QueueNames::partitioned(&config.queue, config.partitions),
             store,
             publish_timeout: Duration::from_millis(config.publish_timeout_ms),
             per_message: config.publish_batch_max,
@@ -440,13 +529,54 @@ impl RabbitQueue {
         Self {
             publisher: Arc::new(publisher),
             jobs: OnceLock::new(),
-            done: AtomicU64::new(0),
+            done: (0..super::LINES).map(|_| AtomicU64::new(0)).collect(),
             closed: AtomicBool::new(false),
         }
     }
 
     pub fn names(&self) -> &QueueNames {
         &self.publisher.names
+    }
+
+    /// Publishes a pass mark for `through` (a ticket) to `queue`, confirmed.
+    /// Queues deliver in order, deliveries a dead consumer held going back
+    /// ahead, so once the mark is delivered every order numbered up to it
+    /// that was ever stored has been delivered before it: tickets whose
+    /// publish failed are passed without counting on a later order.
+    pub async fn publish_pass(&self, queue: &str, through: u64) -> Result<(), QueueError> {
+        let body = serde_json::to_vec(&WirePass {
+            v: PASS_VERSION,
+            through,
+        })
+        .expect("a pass mark always serialises");
+        let publish = async {
+            let link = self.publisher.link().await?;
+            let sent = async {
+                let confirm =
+                    send_mandatory(&link.channel, queue, &body, persistent_json(None)).await?;
+                match confirm.await {
+                    Ok(lapin::Confirmation::Ack(None)) => Ok(()),
+                    other => Err(QueueError::Unconfirmed(format!("{other:?}"))),
+                }
+            };
+            let sent = tokio::time::timeout(self.publisher.publish_timeout, sent)
+                .await
+                .unwrap_or_else(|_| Err(QueueError::Unconfirmed("no confirm in time".into())));
+            if sent.is_err() {
+                // As for orders: a channel refused once is refused again.
+                self.publisher.discard(link);
+            }
+            sent
+        };
+        tokio::time::timeout(self.publish_bound(), publish)
+            .await
+            .unwrap_or_else(|_| Err(QueueError::Unconfirmed("no answer in time".into())))
+    }
+
+    /// The longest a publish takes from the call to the broker's answer,
+    /// numbering included.
+    pub fn publish_bound(&self) -> Duration {
+        self.publisher.publish_timeout * 2 + self.publisher.open_timeout
     }
 
     async fn channel(&self) -> Result<Channel, QueueError> {
@@ -506,7 +636,7 @@ impl RabbitQueue {
                         let Some(Ok(delivery)) = next else { break };
                         match serde_json::from_slice::<ProcessedNotice>(&delivery.data) {
                             Ok(notice) => {
-                                self.done.fetch_max(notice.through, Ordering::AcqRel);
+                                self.done_through(notice.through);
                                 on_processed(
                                     notice
                                         .ids
@@ -570,14 +700,52 @@ impl RabbitQueue {
     }
 
     /// A replica that starts (or reconnects) mid-sale has heard no notice:
-    /// start from the progress the processor recorded.
+    /// start from the progress the processors recorded.
     async fn catch_up(&self) {
         match self.publisher.store.queue_done_through().await {
-            Ok(done) => {
-                self.done.fetch_max(done, Ordering::AcqRel);
-            }
+            Ok(done) => self.done_through(super::ticket(None, done)),
             Err(err) => tracing::warn!(error = %err, "queue progress unknown"),
         }
+        if self.publisher.names.is_partitioned() {
+            match self.publisher.store.partition_progress().await {
+                Ok(rows) => {
+                    for row in rows {
+                        self.done_through(super::ticket(Some(row.partition), row.done_through));
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "partition progress unknown"),
+            }
+        }
+    }
+
+    /// Moves the line of `ticket` on to it.
+    fn done_through(&self, ticket: u64) {
+        let (line, number) = super::ticket_line(ticket);
+        self.done[line].fetch_max(number, Ordering::AcqRel);
+    }
+
+    /// Orders numbered but not done with, over every line, and the
+    /// broker's ready messages over every orders queue.
+    async fn partitioned_backlog(&self) -> Option<u64> {
+        let mut ready = 0;
+        for queue in self.publisher.names.order_queues() {
+            ready += self.count(&queue).await?;
+        }
+        let numbered = async {
+            let store = &self.publisher.store;
+            let issued = store.last_ticket().await.ok()?;
+            let done = store.queue_done_through().await.ok()?;
+            let mut numbered = issued.saturating_sub(done);
+            for row in store.partition_progress().await.ok()? {
+                numbered += row.last_ticket.saturating_sub(row.done_through);
+            }
+            Some(numbered)
+        }
+        .await;
+        if ready == 0 {
+            return numbered;
+        }
+        Some(numbered.map_or(ready, |orders| orders.max(ready)))
     }
 }
 
@@ -595,18 +763,19 @@ impl OrderQueue for RabbitQueue {
             })
         });
         let (reply, answer) = oneshot::channel();
+        let bound = self.publish_bound();
         let publish = Publish {
             order,
             gated,
             traceparent: crate::telemetry::trace::current_traceparent(),
             reply,
+            deadline: tokio::time::Instant::now() + bound,
         };
         let gone = || QueueError::Unavailable("the publishing task has stopped".into());
         jobs.send(publish).await.map_err(|_| gone())?;
         // The batch bounds its own steps (connect, ticket statement,
         // confirm); this bounds the wait for a batch to start too. Past it
         // the order may still go out, so it counts as unconfirmed.
-        let bound = self.publisher.publish_timeout * 2 + self.publisher.open_timeout;
         match tokio::time::timeout(bound, answer).await {
             Ok(Ok(answer)) => answer,
             // The batch's task ended without an answer: its message may
@@ -621,12 +790,23 @@ impl OrderQueue for RabbitQueue {
     }
 
     async fn position(&self, ticket: u64) -> u64 {
-        ticket.saturating_sub(self.done.load(Ordering::Acquire) + 1)
+        // Only the orders of its own line are ahead of it: the other
+        // partitions are processed beside it.
+        let (line, number) = super::ticket_line(ticket);
+        number.saturating_sub(self.done[line].load(Ordering::Acquire) + 1)
     }
 
     async fn processed(&self, through: u64, ids: &[ReservationId]) {
-        self.done.fetch_max(through, Ordering::AcqRel);
-        if let Err(err) = self.publisher.store.advance_queue(through).await {
+        self.done_through(through);
+        let store = &self.publisher.store;
+        let recorded = match super::ticket_line(through) {
+            (0, number) => store.advance_queue(number).await,
+            (line, number) => {
+                let partition = u16::try_from(line - 1).unwrap_or(0);
+                store.advance_partition(partition, number).await
+            }
+        };
+        if let Err(err) = recorded {
             // Only positions suffer: replicas catch up at the next batch.
             tracing::warn!(error = %err, "queue progress not recorded");
         }
@@ -634,6 +814,9 @@ impl OrderQueue for RabbitQueue {
     }
 
     async fn backlog(&self) -> Option<u64> {
+        if self.publisher.names.is_partitioned() {
+            return self.partitioned_backlog().await;
+        }
         let ready = self.count(&self.publisher.names.orders).await?;
         // Orders numbered past what the processor is done with. They count
         // orders where the broker counts messages (a message can carry
@@ -658,14 +841,17 @@ impl OrderQueue for RabbitQueue {
     }
 }
 
-/// Deletes a deployment's queues and exchange (benchmarks and tests that
-/// made their own; operators retire a queue name the same way).
-pub async fn delete_topology(uri: &str, queue: &str) {
-    let names = QueueNames::new(queue);
+/// Deletes a deployment's queues (`partitions` of them besides the one
+/// queue) and exchange (benchmarks and tests that made their own;
+/// operators retire a queue name the same way).
+pub async fn delete_topology(uri: &str, queue: &str, partitions: u16) {
+    let names = QueueNames::partitioned(queue, partitions);
     let Ok(link) = open(&uri.into(), &names).await else {
         return;
     };
-    for queue in [&names.orders, &names.dead_letters] {
+    let mut queues = names.order_queues();
+    queues.push(names.dead_letters.clone());
+    for queue in &queues {
         let _ = link
             .channel
             .queue_delete(queue.as_str().into(), Default::default())

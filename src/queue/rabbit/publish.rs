@@ -21,13 +21,16 @@
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwapOption;
-use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::{
     sync::{oneshot, Mutex},
     time::Instant,
 };
 
-use super::{encode_wire, open, persistent_json, with_traceparent, Link, QueueNames, WireOrder};
+use super::{
+    encode_wire, open, persistent_json, send_mandatory, with_traceparent, Link, QueueNames,
+    WireOrder,
+};
 use crate::{
     batching::Limits,
     config::secrets::LiveUrl,
@@ -62,6 +65,10 @@ pub(super) struct Publish {
     /// The caller's trace, taken in its own task: the batch has none.
     pub traceparent: Option<String>,
     pub reply: oneshot::Sender<Result<u64, QueueError>>,
+    /// When its caller stops waiting: no message of it is sent after, so
+    /// a publish takes at most [`super::RabbitQueue::publish_bound`] from
+    /// the call (processors count on it to pass failed tickets).
+    pub deadline: Instant,
 }
 
 /// The publishing connection and what a batch needs.
@@ -87,7 +94,7 @@ impl Publisher {
     }
 
     /// The publishing connection and channel, opened if there is none.
-    async fn link(&self) -> Result<Arc<Link>, QueueError> {
+    pub(super) async fn link(&self) -> Result<Arc<Link>, QueueError> {
         if let Some(link) = self.link.load_full() {
             if link.channel.status().connected() {
                 return Ok(link);
@@ -144,7 +151,8 @@ impl Publisher {
             Ok(link) => link,
             Err(err) => return fail(batch, err),
         };
-        let tickets = match self.store.next_tickets(n).await {
+        let runs = self.route(&mut batch);
+        let tickets = match self.number(&runs).await {
             Ok(tickets) if tickets.len() == n => tickets,
             Ok(tickets) => {
                 let why = format!("no queue ticket: asked for {n}, got {}", tickets.len());
@@ -155,7 +163,7 @@ impl Publisher {
                 return fail(batch, QueueError::Unavailable(why));
             }
         };
-        let sent = self.send(&link.channel, &batch, &tickets).await;
+        let sent = self.send(&link.channel, &batch, &runs, &tickets).await;
         let answers = confirms(sent, &tickets, self.publish_timeout).await;
         if answers
             .iter()
@@ -176,7 +184,7 @@ impl Publisher {
     /// (or after `open_timeout` plus twice `publish_timeout`, the longest
     /// a batch takes). A slow broker thus costs a reconnect per batch that
     /// timed out.
-    fn discard(&self, link: Arc<Link>) {
+    pub(super) fn discard(&self, link: Arc<Link>) {
         let previous = self.link.compare_and_swap(&Some(Arc::clone(&link)), None);
         if !previous
             .as_ref()
@@ -197,33 +205,115 @@ impl Publisher {
         });
     }
 
-    /// Sends the batch, numbered, in messages of at most `per_message`
-    /// orders: each message's order count and its pending confirm (or why
-    /// it could not be sent).
-    async fn send(&self, channel: &Channel, batch: &[Publish], tickets: &[u64]) -> Vec<Sent> {
+    /// Puts the batch in the order it is sent: the one queue's, or by
+    /// partition (each partition's orders in arrival order), with the runs
+    /// of orders going to one queue.
+    fn route(&self, batch: &mut [Publish]) -> Vec<Run> {
+        if !self.names.is_partitioned() {
+            return vec![Run {
+                partition: None,
+                orders: batch.len(),
+            }];
+        }
+        let partitions = self.names.partitions;
+        let partition_of =
+            |publish: &Publish| crate::queue::partition_of(publish.order.sku.as_str(), partitions);
+        // Stable: orders of one SKU keep their arrival order.
+        batch.sort_by_key(partition_of);
+        let mut runs: Vec<Run> = Vec::new();
+        for publish in batch.iter() {
+            let partition = Some(partition_of(publish));
+            match runs.last_mut() {
+                Some(run) if run.partition == partition => run.orders += 1,
+                _ => runs.push(Run {
+                    partition,
+                    orders: 1,
+                }),
+            }
+        }
+        runs
+    }
+
+    /// Tickets for the runs' orders, in one statement.
+    async fn number(&self, runs: &[Run]) -> Result<Vec<u64>, crate::store::StoreError> {
+        if let [Run {
+            partition: None,
+            orders,
+        }] = runs
+        {
+            return self.store.next_tickets(*orders).await;
+        }
+        let wanted: Vec<(u16, usize)> = runs
+            .iter()
+            .filter_map(|run| Some((run.partition?, run.orders)))
+            .collect();
+        let lasts = self.store.next_partition_tickets(&wanted).await?;
+        let mut tickets = Vec::new();
+        for (partition, orders) in wanted {
+            let Some(&(_, last)) = lasts.iter().find(|(p, _)| *p == partition) else {
+                continue;
+            };
+            let first = (last + 1).saturating_sub(orders as u64);
+            tickets.extend((first..=last).map(|n| crate::queue::ticket(Some(partition), n)));
+        }
+        Ok(tickets)
+    }
+
+    /// Sends the batch, numbered, each run to its queue in messages of at
+    /// most `per_message` orders: each message's order count and its
+    /// pending confirm (or why it could not be sent).
+    async fn send(
+        &self,
+        channel: &Channel,
+        batch: &[Publish],
+        runs: &[Run],
+        tickets: &[u64],
+    ) -> Vec<Sent> {
         let per_message = self.per_message.max(1);
         let mut sent = Vec::new();
-        for (orders, tickets) in batch.chunks(per_message).zip(tickets.chunks(per_message)) {
-            let (body, properties) = message(orders, tickets);
-            // lapin checks the channel before writing, so an error here
-            // means nothing reached the broker.
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    self.names.orders.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await
-                .map_err(|e| QueueError::Unavailable(e.to_string()));
-            sent.push((tickets.len(), confirm));
+        let mut start = 0;
+        for run in runs {
+            let end = start + run.orders;
+            let queue = match run.partition {
+                Some(partition) => self.names.partition_queue(partition),
+                None => self.names.orders.clone(),
+            };
+            let (orders, numbers) = (&batch[start..end], &tickets[start..end]);
+            start = end;
+            for (orders, tickets) in orders.chunks(per_message).zip(numbers.chunks(per_message)) {
+                sent.push(self.send_one(channel, &queue, orders, tickets).await);
+            }
         }
         sent
     }
+
+    /// Sends one message of `orders` to `queue`.
+    async fn send_one(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        orders: &[Publish],
+        tickets: &[u64],
+    ) -> Sent {
+        if orders
+            .iter()
+            .any(|publish| Instant::now() >= publish.deadline)
+        {
+            let late = QueueError::Unavailable("its caller stopped waiting; not sent".into());
+            return (tickets.len(), Err(late));
+        }
+        let (body, properties) = message(orders, tickets);
+        let confirm = send_mandatory(channel, queue, &body, properties).await;
+        (tickets.len(), confirm)
+    }
+}
+
+/// Orders of a batch that go to one queue: a partition's, or the one
+/// queue (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    partition: Option<u16>,
+    orders: usize,
 }
 
 type Sent = (usize, Result<lapin::PublisherConfirm, QueueError>);
@@ -334,6 +424,7 @@ mod tests {
             gated: true,
             traceparent: trace.map(str::to_owned),
             reply: oneshot::channel().0,
+            deadline: Instant::now() + Duration::from_secs(60),
         }
     }
 

@@ -129,6 +129,10 @@ impl OrderSource for RabbitSource {
 /// ones that cannot be, with what [`salvage`] still reads of them.
 fn read(delivery: Delivery, batch: &mut TakenBatch) {
     batch.receipt = batch.receipt.max(delivery.delivery_tag);
+    if let Some(through) = super::decode_pass(&delivery.data) {
+        batch.passes.push(through);
+        return;
+    }
     let redriven = is_redriven(&delivery.properties);
     let header_trace = traceparent(&delivery.properties);
     for item in decode_message(&delivery.data) {
@@ -192,6 +196,7 @@ impl RabbitConsumer {
     async fn next_batch(&mut self, max: usize, linger: Duration) -> Option<TakenBatch> {
         let first = self.consumer.next().await?.ok()?;
         let mut batch = TakenBatch {
+            passes: Vec::new(),
             orders: Vec::with_capacity(max),
             unreadable: Vec::new(),
             receipt: 0,

@@ -108,7 +108,8 @@ pub async fn delete_rabbit(config: &Config) {
     } else {
         amqp_url()
     };
-    stockgate::queue::delete_topology(&broker, &config.rabbitmq.queue).await;
+    stockgate::queue::delete_topology(&broker, &config.rabbitmq.queue, config.rabbitmq.partitions)
+        .await;
 }
 
 /// The workspace root: the tests belong to `tools/` (the package that

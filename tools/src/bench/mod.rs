@@ -200,7 +200,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     }
     cleanup(&options.redis_url, &prefix).await?;
     if options.queue.starts_with("amqp://") {
-        stockgate::queue::delete_topology(&options.queue, &prefix).await;
+        stockgate::queue::delete_topology(&options.queue, &prefix, 1).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)

@@ -289,7 +289,12 @@ async fn processor_run(
         .await?;
     let _ = stop.send(());
     server.await??;
-    stockgate::queue::delete_topology(&options.amqp, &config.rabbitmq.queue).await;
+    stockgate::queue::delete_topology(
+        &options.amqp,
+        &config.rabbitmq.queue,
+        config.rabbitmq.partitions,
+    )
+    .await;
     Ok((first_left as f64 / elapsed, cpu))
 }
 

@@ -60,7 +60,7 @@ impl Side {
     pub(crate) async fn stop(self, options: &BenchOptions) -> anyhow::Result<()> {
         self.server.stop().await?;
         cleanup(&self.redis_url, &self.prefix).await?;
-        stockgate::queue::delete_topology(&options.queue, &self.prefix).await;
+        stockgate::queue::delete_topology(&options.queue, &self.prefix, 1).await;
         Ok(())
     }
 }

@@ -74,7 +74,7 @@ async fn clean_up(
 ) -> anyhow::Result<()> {
     super::cleanup(&options.redis_url, prefix).await?;
     if options.queue.starts_with("amqp://") {
-        stockgate::queue::delete_topology(&options.queue, prefix).await;
+        stockgate::queue::delete_topology(&options.queue, prefix, 1).await;
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
