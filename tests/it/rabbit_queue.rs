@@ -770,19 +770,27 @@ async fn unconfirmed_publishes_are_fenced_and_their_late_delivery_creates_nothin
     let app = TestApp::spawn_with(Profile::Rabbit, |c| c.rabbitmq.publish_timeout_ms = 1).await;
     app.set_stock("FENCE", 1_000, 0).await;
     let client = app.inventory();
-    let calls = (0..200).map(|i| {
-        let mut client = client.clone();
-        tokio::spawn(async move { reserve(&mut client, "FENCE", 1, &format!("f{i}")).await })
-    });
     let mut tally = StormTally::default();
     let mut unavailable = 0;
-    for call in futures::future::join_all(calls).await {
-        match call.unwrap() {
-            Ok(response) => record(&mut tally, Ok(response)),
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                unavailable += 1;
+    // A burst whose confirms all come within the millisecond is possible
+    // on an idle broker: another burst, then.
+    for burst in 0..4 {
+        let calls = (0..200).map(|i| {
+            let mut client = client.clone();
+            let user = format!("f{burst}-{i}");
+            tokio::spawn(async move { reserve(&mut client, "FENCE", 1, &user).await })
+        });
+        for call in futures::future::join_all(calls).await {
+            match call.unwrap() {
+                Ok(response) => record(&mut tally, Ok(response)),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                    unavailable += 1;
+                }
             }
+        }
+        if unavailable > 0 {
+            break;
         }
     }
     assert!(unavailable > 0, "no publish timed out");
