@@ -26,7 +26,7 @@ use crate::{
     config::secrets::LiveUrl,
     queue::{ticket, OrderSource, QueueNames, RabbitQueue, RabbitSource},
     reserve::Pipeline,
-    store::{LeaseSession, Store},
+    store::{LeaseSession, LineProgress, Store},
 };
 
 /// What a partitioned processor needs besides the pipeline.
@@ -222,6 +222,8 @@ impl Partitioned {
     /// those a dead consumer held included). Moving the progress at once
     /// would count orders a standby's predecessor still holds as done.
     async fn pass_unpublished(&self, held: &mut BTreeMap<u16, Held>) {
+        // Every line's progress, read once a line needs it.
+        let mut progress: Option<Vec<LineProgress>> = None;
         for line in held.values_mut().flat_map(|held| held.lines.iter_mut()) {
             let Some(batches) = line.activity.idle_after() else {
                 line.idle = None;
@@ -235,10 +237,11 @@ impl Partitioned {
                     {
                         continue;
                     }
-                    let (queue, through) = match line.partition {
-                        Some(p) => (self.names.partition_queue(p), ticket(Some(p), last)),
-                        None => (self.names.orders.clone(), ticket(None, last)),
-                    };
+                    let queue = line.partition.map_or_else(
+                        || self.names.orders.clone(),
+                        |p| self.names.partition_queue(p),
+                    );
+                    let through = ticket(line.partition, last);
                     match self.queue.publish_pass(&queue, through).await {
                         Ok(()) => {
                             tracing::info!(%queue, through = last, "pass mark sent past tickets whose publish failed");
@@ -252,29 +255,17 @@ impl Partitioned {
                     }
                 }
                 None => {
-                    line.idle = self
-                        .unprocessed_last(line.partition)
-                        .await
-                        .map(|last| (batches, last, Instant::now()));
+                    if progress.is_none() {
+                        progress = Some(self.store.queue_lines().await.unwrap_or_default());
+                    }
+                    line.idle = progress
+                        .iter()
+                        .flatten()
+                        .find(|p| p.partition == line.partition && p.last_ticket > p.done_through)
+                        .map(|p| (batches, p.last_ticket, Instant::now()));
                 }
             }
         }
-    }
-
-    /// The line's last ticket number, if its progress is below it.
-    async fn unprocessed_last(&self, partition: Option<u16>) -> Option<u64> {
-        let (last, done) = match partition {
-            Some(partition) => {
-                let rows = self.store.partition_progress().await.ok()?;
-                let row = rows.into_iter().find(|row| row.partition == partition)?;
-                (row.last_ticket, row.done_through)
-            }
-            None => (
-                self.store.last_ticket().await.ok()?,
-                self.store.queue_done_through().await.ok()?,
-            ),
-        };
-        (last > done).then_some(last)
     }
 }
 

@@ -442,7 +442,7 @@ mod leases;
 mod migrate;
 mod tickets;
 pub use leases::{LeaseSession, Members};
-pub use tickets::PartitionProgress;
+pub use tickets::LineProgress;
 pub mod tls;
 
 pub use migrate::MigrationHarnessAny;

@@ -23,19 +23,20 @@ struct PartitionTicket {
 }
 
 #[derive(QueryableByName)]
-struct PartitionProgressRow {
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    partition: i32,
+struct LineProgressRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+    partition: Option<i32>,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     last_ticket: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     done_through: i64,
 }
 
-/// How far one partition of the order queue got.
+/// How far one line of the order queue got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionProgress {
-    pub partition: u16,
+pub struct LineProgress {
+    /// `None`: the one queue.
+    pub partition: Option<u16>,
     pub last_ticket: u64,
     pub done_through: u64,
 }
@@ -62,19 +63,6 @@ impl Store {
             .collect();
         tickets.sort_unstable();
         Ok(tickets)
-    }
-
-    /// The last ticket handed out, 0 before the first.
-    pub async fn last_ticket(&self) -> Result<u64, StoreError> {
-        let sql =
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS value FROM order_tickets";
-        self.ticket_query(sql, None).await
-    }
-
-    /// The highest ticket the processor is done with.
-    pub async fn queue_done_through(&self) -> Result<u64, StoreError> {
-        self.ticket_query("SELECT done_through AS value FROM queue_progress", None)
-            .await
     }
 
     /// Records that the processor is done with every ticket up to `through`.
@@ -119,19 +107,26 @@ impl Store {
             .collect())
     }
 
-    /// Each partition's last ticket number and the number its processor
-    /// is done through (partitions never published to have no row).
-    pub async fn partition_progress(&self) -> Result<Vec<PartitionProgress>, StoreError> {
+    /// Every line's last ticket number and the number its processor is
+    /// done through, in one round trip: the one queue first, then each
+    /// partition published to.
+    pub async fn queue_lines(&self) -> Result<Vec<LineProgress>, StoreError> {
         let mut conn = self.pg_conn(TICKETS_NEED_PG).await?;
-        let rows: Vec<PartitionProgressRow> = diesel::sql_query(
-            "SELECT partition, last_ticket, done_through FROM queue_partitions ORDER BY partition",
+        let rows: Vec<LineProgressRow> = diesel::sql_query(
+            "SELECT NULL::int AS partition, \
+                    CASE WHEN is_called THEN last_value ELSE 0 END AS last_ticket, \
+                    (SELECT done_through FROM queue_progress) AS done_through \
+             FROM order_tickets \
+             UNION ALL \
+             SELECT partition, last_ticket, done_through FROM queue_partitions \
+             ORDER BY partition NULLS FIRST",
         )
         .load(&mut *conn)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|row| PartitionProgress {
-                partition: u16::try_from(row.partition).unwrap_or(0),
+            .map(|row| LineProgress {
+                partition: row.partition.map(|p| u16::try_from(p).unwrap_or(0)),
                 last_ticket: u64::try_from(row.last_ticket).unwrap_or(0),
                 done_through: u64::try_from(row.done_through).unwrap_or(0),
             })

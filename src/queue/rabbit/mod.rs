@@ -702,19 +702,13 @@ impl RabbitQueue {
     /// A replica that starts (or reconnects) mid-sale has heard no notice:
     /// start from the progress the processors recorded.
     async fn catch_up(&self) {
-        match self.publisher.store.queue_done_through().await {
-            Ok(done) => self.done_through(super::ticket(None, done)),
-            Err(err) => tracing::warn!(error = %err, "queue progress unknown"),
-        }
-        if self.publisher.names.is_partitioned() {
-            match self.publisher.store.partition_progress().await {
-                Ok(rows) => {
-                    for row in rows {
-                        self.done_through(super::ticket(Some(row.partition), row.done_through));
-                    }
+        match self.publisher.store.queue_lines().await {
+            Ok(lines) => {
+                for line in lines {
+                    self.done_through(super::ticket(line.partition, line.done_through));
                 }
-                Err(err) => tracing::warn!(error = %err, "partition progress unknown"),
             }
+            Err(err) => tracing::warn!(error = %err, "queue progress unknown"),
         }
     }
 
@@ -722,30 +716,6 @@ impl RabbitQueue {
     fn done_through(&self, ticket: u64) {
         let (line, number) = super::ticket_line(ticket);
         self.done[line].fetch_max(number, Ordering::AcqRel);
-    }
-
-    /// Orders numbered but not done with, over every line, and the
-    /// broker's ready messages over every orders queue.
-    async fn partitioned_backlog(&self) -> Option<u64> {
-        let mut ready = 0;
-        for queue in self.publisher.names.order_queues() {
-            ready += self.count(&queue).await?;
-        }
-        let numbered = async {
-            let store = &self.publisher.store;
-            let issued = store.last_ticket().await.ok()?;
-            let done = store.queue_done_through().await.ok()?;
-            let mut numbered = issued.saturating_sub(done);
-            for row in store.partition_progress().await.ok()? {
-                numbered += row.last_ticket.saturating_sub(row.done_through);
-            }
-            Some(numbered)
-        }
-        .await;
-        if ready == 0 {
-            return numbered;
-        }
-        Some(numbered.map_or(ready, |orders| orders.max(ready)))
     }
 }
 
@@ -814,19 +784,23 @@ impl OrderQueue for RabbitQueue {
     }
 
     async fn backlog(&self) -> Option<u64> {
-        if self.publisher.names.is_partitioned() {
-            return self.partitioned_backlog().await;
+        let mut ready = 0;
+        for queue in self.publisher.names.order_queues() {
+            ready += self.count(&queue).await?;
         }
-        let ready = self.count(&self.publisher.names.orders).await?;
-        // Orders numbered past what the processor is done with. They count
-        // orders where the broker counts messages (a message can carry
-        // several), and the deliveries the processor holds unacked, which
-        // the broker's count leaves out; a failed publish's ticket counts
-        // until the processor passes it.
+        // Orders numbered past what the processors are done with, over
+        // every line. They count orders where the broker counts messages (a
+        // message can carry several), and the deliveries a processor holds
+        // unacked, which the broker's count leaves out; a failed publish's
+        // ticket counts until its processor passes it.
         let numbered = async {
-            let issued = self.publisher.store.last_ticket().await.ok()?;
-            let done = self.publisher.store.queue_done_through().await.ok()?;
-            Some(issued.saturating_sub(done))
+            let lines = self.publisher.store.queue_lines().await.ok()?;
+            Some(
+                lines
+                    .iter()
+                    .map(|line| line.last_ticket.saturating_sub(line.done_through))
+                    .sum::<u64>(),
+            )
         }
         .await;
         if ready == 0 {
