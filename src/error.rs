@@ -20,6 +20,12 @@ pub enum ReservationError {
     /// The SKU does not exist.
     #[error("unknown sku {0:?}")]
     UnknownSku(String),
+    /// No sale with this id.
+    #[error("unknown sale {0:?}")]
+    UnknownSale(String),
+    /// A SKU named for a sale belongs to another one.
+    #[error("sku {sku:?} belongs to sale {sale:?}; take it out of that sale first")]
+    SkuInOtherSale { sku: String, sale: String },
     /// No reservation with this id.
     #[error("reservation {0:?} not found")]
     ReservationNotFound(String),
@@ -159,6 +165,8 @@ impl ReservationError {
         match self {
             Self::InvalidArgument { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Self::UnknownSku(_) => (Code::NotFound, "UNKNOWN_SKU"),
+            Self::UnknownSale(_) => (Code::NotFound, "UNKNOWN_SALE"),
+            Self::SkuInOtherSale { .. } => (Code::FailedPrecondition, "SKU_IN_OTHER_SALE"),
             Self::ReservationNotFound(_) => (Code::NotFound, "RESERVATION_NOT_FOUND"),
             Self::NotOwner(_) => (Code::PermissionDenied, "NOT_OWNER"),
             Self::WrongState(_) => (Code::FailedPrecondition, "WRONG_STATE"),

@@ -17,6 +17,15 @@ from grpc_status import rpc_status
 from stockgate.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 
+def error_info(err):
+    """The google.rpc.ErrorInfo among an error's standard details."""
+    info = error_details_pb2.ErrorInfo()
+    for detail in rpc_status.from_call(err).details:
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+    return info
+
+
 def main() -> int:
     target, sku = sys.argv[1], sys.argv[2]
     token = sys.argv[3] if len(sys.argv) > 3 else None
@@ -65,11 +74,7 @@ def main() -> int:
         try:
             extend(seconds)
         except grpc.RpcError as err:
-            status = rpc_status.from_call(err)
-            info = error_details_pb2.ErrorInfo()
-            for detail in status.details:
-                if detail.Is(info.DESCRIPTOR):
-                    detail.Unpack(info)
+            info = error_info(err)
             return {
                 "code": err.code().name,
                 "reason": info.reason,
@@ -129,6 +134,50 @@ def main() -> int:
     except grpc.RpcError as err:
         backwards = {"code": err.code().name, "details": err.details()}
 
+    # A sale: the cap binds across its SKUs (the server under test decides
+    # in the request path), and a SKU of another sale is refused by reason.
+    sale_skus = [f"{sku}-S1", f"{sku}-S2"]
+    for member in sale_skus:
+        admin.SetStock(admin_pb2.SetStockRequest(sku=member, stock=5), metadata=admin_metadata)
+    sale = admin.SetSale(
+        admin_pb2.SetSaleRequest(
+            sale_id=f"{sku}-SALE", max_per_user=1, skus=sale_skus, reason="python roundtrip"
+        ),
+        metadata=admin_metadata,
+    ).sale
+    first_in_sale = inventory.Reserve(
+        inventory_pb2.ReserveRequest(sku=sale_skus[0], quantity=1), metadata=caller
+    )
+    second_in_sale = inventory.Reserve(
+        inventory_pb2.ReserveRequest(sku=sale_skus[1], quantity=1), metadata=caller
+    )
+    # Through the queue the refusal comes as the reservation's end state.
+    second_state = None
+    if second_in_sale.outcome == inventory_pb2.RESERVE_OUTCOME_QUEUED:
+        for update in inventory.WatchReservation(
+            inventory_pb2.WatchReservationRequest(
+                reservation_id=second_in_sale.reservation.reservation_id
+            ),
+            metadata=caller,
+            timeout=30,
+        ):
+            if update.reservation.state != inventory_pb2.RESERVATION_STATE_QUEUED:
+                second_state = update.reservation
+                break
+    try:
+        admin.SetSale(
+            admin_pb2.SetSaleRequest(
+                sale_id=f"{sku}-OTHER", skus=sale_skus[:1], reason="python roundtrip"
+            ),
+            metadata=admin_metadata,
+        )
+        raise SystemExit("a SKU of another sale was taken")
+    except grpc.RpcError as err:
+        in_other_sale = {"code": err.code().name, "reason": error_info(err).reason}
+    got_sale = admin.GetSale(
+        admin_pb2.GetSaleRequest(sale_id=f"{sku}-SALE"), metadata=admin_metadata
+    ).sale
+
     stock = admin.GetStock(admin_pb2.GetStockRequest(sku=sku), metadata=admin_metadata).stock
     print(
         json.dumps(
@@ -153,6 +202,22 @@ def main() -> int:
                 "not_open": not_open,
                 "closed": closed,
                 "backwards_window": backwards,
+                "sale": {"skus": list(sale.skus), "max_per_user": sale.max_per_user},
+                "sale_read_back": list(got_sale.skus),
+                "sale_outcomes": [
+                    inventory_pb2.ReserveOutcome.Name(first_in_sale.outcome),
+                    inventory_pb2.ReserveOutcome.Name(second_in_sale.outcome),
+                ],
+                "sale_second_state": None
+                if second_state is None
+                else {
+                    "state": inventory_pb2.ReservationState.Name(second_state.state),
+                    "reason": second_state.reject_reason,
+                },
+                "sale_of_member": admin.GetStock(
+                    admin_pb2.GetStockRequest(sku=sale_skus[0]), metadata=admin_metadata
+                ).stock.sale_id,
+                "in_other_sale": in_other_sale,
                 "windowed_db_stock": admin.GetStock(
                     admin_pb2.GetStockRequest(sku=windowed), metadata=admin_metadata
                 ).stock.db_stock,

@@ -14,6 +14,11 @@ use crate::error::ReservationError;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sku(String);
 
+/// A sale: SKUs grouped under one per-user cap. Spelt as a SKU is (1-64
+/// characters from `A-Z a-z 0-9 . _ -`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SaleId(String);
+
 /// The end user the caller acts for: 1-128 visible ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UserId(String);
@@ -58,17 +63,34 @@ fn check_chars(
     }
 }
 
+/// A name safe inside Redis keys, queue messages and log lines: 1-64
+/// characters from `A-Z a-z 0-9 . _ -` (SKUs and sales).
+fn check_name(field: &'static str, value: &str) -> Result<(), ReservationError> {
+    check_len(field, value, 64)?;
+    check_chars(
+        field,
+        value,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+        "A-Z a-z 0-9 . _ -",
+    )
+}
+
 impl Sku {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, ReservationError> {
-        check_len("sku", value, Self::MAX_LEN)?;
-        check_chars(
-            "sku",
-            value,
-            |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
-            "A-Z a-z 0-9 . _ -",
-        )?;
+        check_name("sku", value)?;
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl SaleId {
+    pub fn parse(value: &str) -> Result<Self, ReservationError> {
+        check_name("sale_id", value)?;
         Ok(Self(value.to_owned()))
     }
 

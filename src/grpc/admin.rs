@@ -10,7 +10,7 @@ use crate::{
     config::{DbCheckMode, GateFailureMode},
     domain::{
         switches::{Layers, LayersChange, RateSettings},
-        ReservationId, ReservationState, SaleWindow, Sku, SoldOutPolicy,
+        ReservationId, ReservationState, SaleId, SaleWindow, Sku, SoldOutPolicy,
     },
     error::ReservationError,
     fleet::{ChangeRequest, SwitchBoard, MAX_REASON},
@@ -21,7 +21,7 @@ use crate::{
         DeadLetters,
     },
     reserve::{queue_error, store_error, Pipeline, StockView},
-    store::{NewAudit, ReservationFilter},
+    store::{NewAudit, ReservationFilter, SaleView},
 };
 
 use super::{metadata_str, state, timestamp};
@@ -426,6 +426,25 @@ impl AdminApi {
     }
 }
 
+/// Most SKUs one sale may list: bounds one SetSale's work and audit row.
+const MAX_SALE_SKUS: usize = 1_000;
+
+fn sale_message(view: SaleView) -> pb::Sale {
+    pb::Sale {
+        sale_id: view.sale_id,
+        max_per_user: view.max_per_user,
+        skus: view.skus,
+    }
+}
+
+fn sale_json(view: &SaleView) -> serde_json::Value {
+    serde_json::json!({
+        "sale_id": view.sale_id,
+        "max_per_user": view.max_per_user,
+        "skus": view.skus,
+    })
+}
+
 /// Largest stock one SKU may be set to; far above any sale, far below
 /// overflow in every sum we take.
 const MAX_STOCK: i64 = 1_000_000_000_000;
@@ -448,6 +467,7 @@ fn stock_view(view: StockView) -> pb::StockView {
         waitlisted_units: view.waitlisted_units,
         opens_at: view.row.opens_at.map(timestamp),
         closes_at: view.row.closes_at.map(timestamp),
+        sale_id: view.row.sale_id.unwrap_or_default(),
     }
 }
 
@@ -719,6 +739,90 @@ impl AdminService for AdminApi {
         let (_, view) = result?;
         Ok(Response::new(pb::SetSaleWindowResponse {
             stock: Some(stock_view(view)),
+        }))
+    }
+
+    async fn set_sale(
+        &self,
+        request: Request<pb::SetSaleRequest>,
+    ) -> Result<Response<pb::SetSaleResponse>, Status> {
+        let actor = actor(&request, self.board.replica())?;
+        let body = request.into_inner();
+        let sale = SaleId::parse(&body.sale_id)?;
+        if body.max_per_user > i32::MAX as u32 {
+            return Err(ReservationError::invalid("max_per_user", "at most 2,147,483,647").into());
+        }
+        if body.skus.len() > MAX_SALE_SKUS {
+            return Err(ReservationError::invalid(
+                "skus",
+                format!("at most {MAX_SALE_SKUS} SKUs, got {}", body.skus.len()),
+            )
+            .into());
+        }
+        let mut skus = Vec::with_capacity(body.skus.len());
+        for sku in &body.skus {
+            let sku = Sku::parse(sku).map_err(|err| match err {
+                ReservationError::InvalidArgument { reason, .. } => {
+                    ReservationError::invalid("skus", reason)
+                }
+                other => other,
+            })?;
+            if skus.contains(&sku) {
+                return Err(ReservationError::invalid(
+                    "skus",
+                    format!("{:?} is listed twice", sku.as_str()),
+                )
+                .into());
+            }
+            skus.push(sku);
+        }
+        let why = reason(&body.reason, true)?;
+        let result = self
+            .pipeline
+            .set_sale(&sale, body.max_per_user, &skus)
+            .await;
+        // Applied: the sale as stored; refused: what was asked.
+        let (outcome, before, after) = match &result {
+            Ok((before, after)) => (
+                "applied".to_owned(),
+                before.as_ref().map_or(serde_json::json!({}), sale_json),
+                sale_json(after),
+            ),
+            Err(err) => (
+                format!("failed: {err}"),
+                serde_json::json!({}),
+                serde_json::json!({
+                    "sale_id": sale.as_str(),
+                    "max_per_user": body.max_per_user,
+                    "skus": body.skus,
+                }),
+            ),
+        };
+        self.board
+            .record(&NewAudit {
+                at: crate::domain::now(),
+                actor: &actor,
+                action: "set_sale",
+                outcome: &outcome,
+                before: &before.to_string(),
+                after: &after.to_string(),
+                reason: why,
+            })
+            .await;
+        let (_, after) = result?;
+        Ok(Response::new(pb::SetSaleResponse {
+            sale: Some(sale_message(after)),
+        }))
+    }
+
+    async fn get_sale(
+        &self,
+        request: Request<pb::GetSaleRequest>,
+    ) -> Result<Response<pb::GetSaleResponse>, Status> {
+        let sale = SaleId::parse(&request.get_ref().sale_id)?;
+        let view = self.pipeline.sale(&sale).await?;
+        Ok(Response::new(pb::GetSaleResponse {
+            sale: Some(sale_message(view)),
         }))
     }
 

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use crate::{
     domain::{
-        now, switches::Layers, Reservation, ReservationState, SaleWindow, Sku, SoldOutPolicy,
+        now, switches::Layers, Reservation, ReservationState, SaleId, SaleWindow, Sku,
+        SoldOutPolicy,
     },
     error::ReservationError,
     gate::GateError,
-    store::{Adjusted, InventoryRow, ReservationFilter},
+    store::{Adjusted, InventoryRow, ReservationFilter, SaleView, SaleWrite},
 };
 
 use super::{gate_error, sku_stock, store_error, Event, Pipeline, StockView};
@@ -59,6 +60,39 @@ impl Pipeline {
         // A reopened window should not wait for the fast path's memory.
         self.restocked(sku.as_str());
         Ok((before, self.view(after).await?))
+    }
+
+    /// Creates or changes a sale in the database; the sale before
+    /// (`None`: new) and after. The gate keeps no sales: the database
+    /// checks the cap.
+    pub async fn set_sale(
+        &self,
+        sale: &SaleId,
+        max_per_user: u32,
+        skus: &[Sku],
+    ) -> Result<(Option<SaleView>, SaleView), ReservationError> {
+        self.ensure_ready()?;
+        match self
+            .store
+            .set_sale(sale, max_per_user, skus)
+            .await
+            .map_err(store_error)?
+        {
+            SaleWrite::Applied { before, after } => Ok((before, after)),
+            SaleWrite::UnknownSku(sku) => Err(ReservationError::UnknownSku(sku)),
+            SaleWrite::InOtherSale { sku, sale_id } => {
+                Err(ReservationError::SkuInOtherSale { sku, sale: sale_id })
+            }
+        }
+    }
+
+    pub async fn sale(&self, sale: &SaleId) -> Result<SaleView, ReservationError> {
+        self.ensure_ready()?;
+        self.store
+            .sale(sale)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| ReservationError::UnknownSale(sale.as_str().into()))
     }
 
     pub async fn set_stock(

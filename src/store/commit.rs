@@ -166,6 +166,12 @@ macro_rules! commit_queries {
                 .filter(|(row, _)| row.max_per_user > 0)
                 .map(|(row, _)| row.sku.as_str())
                 .collect();
+            // The sales' caps, under their (sale, user) locks: taken before
+            // `take_stock` locks any row.
+            let caps = row_caps(conn, stock.values().map(|(row, _)| row)).await?;
+            let pairs = capped_pairs(orders, &caps);
+            lock_sale_pairs(conn, &pairs).await?;
+            let mut sale_units = sale_live(conn, &pairs).await?;
             let mut live: HashMap<(String, String), i64> = HashMap::new();
             if !capped.is_empty() {
                 let users: Vec<&str> = orders.iter().map(|o| o.user.as_str()).collect();
@@ -240,6 +246,17 @@ macro_rules! commit_queries {
                         continue;
                     }
                 }
+                let sale = caps
+                    .get(order.sku.as_str())
+                    .map(|cap| (cap, (cap.sale_id.clone(), order.user.as_str().to_owned())));
+                if let Some((cap, pair)) = &sale {
+                    let units = sale_units.get(pair).copied().unwrap_or(0);
+                    if units + quantity > i64::from(cap.cap) {
+                        let row = rejected_row(order, sale_limit_reason(units, cap), params.now);
+                        push_rejected(&mut outcomes, &mut rows, row, RejectCause::UserLimit);
+                        continue;
+                    }
+                }
                 if available < quantity {
                     let reason = format!("{SOLD_OUT_REASON}: {available} units left");
                     let row = rejected_row(order, reason, params.now);
@@ -248,6 +265,9 @@ macro_rules! commit_queries {
                 }
                 *taken += quantity;
                 *live.entry(slot).or_default() += quantity;
+                if let Some((_, pair)) = sale {
+                    *sale_units.entry(pair).or_default() += quantity;
+                }
                 let mut row = row_for(order, ReservationState::Held, params.now);
                 row.expires_at = params.hold_ttl.map(|ttl| after(params.now, ttl));
                 outcomes.push(CommitOutcome::Committed {
@@ -277,10 +297,14 @@ macro_rules! commit_queries {
             Ok(Some(outcomes))
         }
 
+        /// `held`: this transaction may already hold `inventory` rows
+        /// (the fallback locked its SKUs), so it must not wait for a
+        /// (sale, user) lock (see `dialect.rs`).
         async fn decide(
             conn: &mut $Conn,
             order: &NewOrder,
             params: CommitParams,
+            held: bool,
         ) -> QueryResult<CommitOutcome> {
             if let Some(row) = find(conn, order.id.as_str()).await? {
                 return Ok(CommitOutcome::AlreadyCommitted(row.into_domain()));
@@ -306,7 +330,16 @@ macro_rules! commit_queries {
                 }
             }
             let quantity = i64::from(order.quantity);
-            for _attempt in 0..params.max_attempts {
+            // The SKU's capped sale, its (sale, user) lock held: `None`
+            // until looked up. A pessimistic read locks the row, so the
+            // lock must come first; otherwise only a SKU in a sale pays,
+            // and may wait for the lock only before its first update
+            // (a failed one can leave the row locked).
+            let mut sale: Option<Option<SaleCap>> = None;
+            if params.mode == DbCheckMode::Pessimistic {
+                sale = Some(sale_of(conn, order, !held).await?);
+            }
+            for attempt in 0..params.max_attempts {
                 let current = match params.mode {
                     DbCheckMode::Optimistic | DbCheckMode::Off => inventory::table
                         .find(order.sku.as_str())
@@ -352,6 +385,24 @@ macro_rules! commit_queries {
                         return Ok(CommitOutcome::UserLimit {
                             live_units: live,
                             limit: current.max_per_user as u32,
+                        });
+                    }
+                }
+                if sale.is_none() && current.sale_id.is_some() {
+                    sale = Some(sale_of(conn, order, !held && attempt == 0).await?);
+                }
+                if let Some(Some(cap)) = &sale {
+                    let live =
+                        sale_live_of(conn, cap.sale_id.as_str(), order.user.as_str()).await?;
+                    if live + quantity > i64::from(cap.cap) {
+                        if params.record_rejections {
+                            let reason = sale_limit_reason(live, cap);
+                            return reject(conn, order, RejectCause::UserLimit, reason, params.now)
+                                .await;
+                        }
+                        return Ok(CommitOutcome::UserLimit {
+                            live_units: live,
+                            limit: cap.cap as u32,
                         });
                     }
                 }
@@ -411,22 +462,57 @@ macro_rules! commit_queries {
             })
         }
 
+        /// The order's SKU's capped sale, if any, with the order's
+        /// (sale, user) lock taken: waited for when `wait`, else taken
+        /// only if free (a holder always gets it again), and
+        /// `RollbackTransaction` when it is not.
+        async fn sale_of(
+            conn: &mut $Conn,
+            order: &NewOrder,
+            wait: bool,
+        ) -> QueryResult<Option<SaleCap>> {
+            let cap = sale_caps(conn, &[order.sku.as_str()])
+                .await?
+                .remove(order.sku.as_str());
+            if let Some(cap) = &cap {
+                let pair = [(cap.sale_id.as_str(), order.user.as_str())];
+                if wait {
+                    lock_sale_pairs(conn, &pair).await?;
+                } else {
+                    let key = sale_user_key(&cap.sale_id, order.user.as_str());
+                    if !own::try_lock_sale_user(conn, key).await? {
+                        return Err(DieselError::RollbackTransaction);
+                    }
+                }
+            }
+            Ok(cap)
+        }
+
         /// One order in its own (sub)transaction. A unique violation
         /// means a concurrent writer stored this id or key first and has
         /// committed by now, so one more pass finds its row.
+        /// `held` as for `decide`.
         pub(super) async fn commit_one(
             conn: &mut $Conn,
             order: &NewOrder,
             params: CommitParams,
+            held: bool,
         ) -> QueryResult<CommitOutcome> {
             let mut retried = false;
             loop {
                 let result = conn
                     .transaction::<_, DieselError, _>(async |conn| {
-                        decide(conn, order, params).await
+                        decide(conn, order, params, held).await
                     })
                     .await;
                 match result {
+                    // Its sale appeared between two attempts and another
+                    // transaction holds the user's lock: as a lost race.
+                    Err(DieselError::RollbackTransaction) if !held => {
+                        return Ok(CommitOutcome::Contention {
+                            attempts: params.max_attempts,
+                        });
+                    }
                     Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
                         if !retried =>
                     {
@@ -514,29 +600,55 @@ macro_rules! commit_queries {
                     Err(other) => return Err(other),
                 }
             }
-            conn.transaction::<_, DieselError, _>(async |conn| {
-                reopen_given_up(conn, reopen).await?;
-                if params.mode != DbCheckMode::Off {
-                    // The orders below lock their rows one by one in
-                    // arrival order; taking them all first, sorted, keeps
-                    // this from deadlocking with another multi-SKU writer.
-                    // Off keeps the article's naive write, races and all.
-                    let mut skus: Vec<&str> = orders.iter().map(|o| o.sku.as_str()).collect();
-                    skus.sort_unstable();
-                    skus.dedup();
-                    if skus.len() > 1 {
-                        own::lock_skus(conn, &skus).await?;
-                    }
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let result = conn
+                    .transaction::<_, DieselError, _>(async |conn| {
+                        reopen_given_up(conn, reopen).await?;
+                        let mut skus: Vec<&str> = orders.iter().map(|o| o.sku.as_str()).collect();
+                        skus.sort_unstable();
+                        skus.dedup();
+                        // Every (sale, user) lock before any row lock, as
+                        // the grouped path takes them; each order takes its
+                        // own again, which a holder always gets.
+                        let caps = sale_caps(conn, &skus).await?;
+                        let pairs: HashSet<(&str, &str)> =
+                            capped_pairs(orders, &caps).into_iter().collect();
+                        let listed: Vec<(&str, &str)> = pairs.iter().copied().collect();
+                        lock_sale_pairs(conn, &listed).await?;
+                        if params.mode != DbCheckMode::Off {
+                            // The orders below lock their rows one by one
+                            // in arrival order; taking them all first,
+                            // sorted, keeps this from deadlocking with
+                            // another multi-SKU writer. Off keeps the
+                            // article's naive write, races and all.
+                            own::lock_skus(conn, &skus).await?;
+                            // Membership moves only under these row locks:
+                            // a sale set since the read above means pairs
+                            // not locked yet; take them from the start.
+                            let now_caps = sale_caps(conn, &skus).await?;
+                            if capped_pairs(orders, &now_caps)
+                                .iter()
+                                .any(|pair| !pairs.contains(pair))
+                            {
+                                return Err(DieselError::RollbackTransaction);
+                            }
+                        }
+                        let mut outcomes = Vec::with_capacity(orders.len());
+                        for order in orders {
+                            // Nested: each order is a savepoint, so one
+                            // conflict does not undo the batch.
+                            outcomes.push(commit_one(conn, order, params, true).await?);
+                        }
+                        Ok(outcomes)
+                    })
+                    .await;
+                match result {
+                    Err(DieselError::RollbackTransaction) if tries < 5 => {}
+                    other => return other,
                 }
-                let mut outcomes = Vec::with_capacity(orders.len());
-                for order in orders {
-                    // Nested: each order is a savepoint, so one
-                    // conflict does not undo the batch.
-                    outcomes.push(commit_one(conn, order, params).await?);
-                }
-                Ok(outcomes)
-            })
-            .await
+            }
         }
 
         /// Stores an order the processor gave up on (or whose publish
@@ -593,7 +705,7 @@ impl Store {
         order: &NewOrder,
         params: CommitParams,
     ) -> Result<CommitOutcome, StoreError> {
-        dispatch!(self.commit_one(order, params))
+        dispatch!(self.commit_one(order, params, false))
     }
 
     /// Commits orders in one transaction, each behind its own savepoint and

@@ -9,6 +9,11 @@
 //! order is byte order everywhere: Rust's `str` order, and `COLLATE "C"`
 //! in SQL, whatever collation the database was created with.
 //!
+//! A transaction that checks a sale's per-user cap takes the lock of each
+//! (sale, user) it checks, sorted, before any `inventory` row lock; the
+//! waitlist hand-off, which already holds its SKU's row, only tries (see
+//! `sale.rs`).
+//!
 //! The row locks are `FOR NO KEY UPDATE`, the lock an UPDATE of non-key
 //! columns takes anyway: it leaves `FOR KEY SHARE` free, which inserting a
 //! reservation takes on its SKU's row (the foreign key). A batch inserting a
@@ -23,9 +28,12 @@ pub(super) struct Take<'a> {
     pub units: i64,
 }
 
+/// The first key of every (sale, user) advisory lock: "SALE".
+const SALE_LOCK_SPACE: i32 = 0x5341_4c45;
+
 pub(super) mod pg {
     use super::super::*;
-    use super::Take;
+    use super::{Take, SALE_LOCK_SPACE};
     use diesel::sql_types::{Array, BigInt, Text, Timestamp};
 
     /// Takes each row's units where its version is still the one read and
@@ -54,6 +62,48 @@ pub(super) mod pg {
             .for_no_key_update()
             .first(conn)
             .map(|r| r.optional())
+    }
+
+    /// Transaction-scoped advisory locks in their own key space (two
+    /// 32-bit keys; the processor leases use one 64-bit key, a space that
+    /// never overlaps), taken in the order given.
+    const LOCK_SALE_USERS: &str = "\
+        SELECT count(pg_advisory_xact_lock($1, k)) AS value \
+        FROM (SELECT k FROM unnest($2::int4[]) WITH ORDINALITY AS t(k, o) ORDER BY o) AS s";
+
+    #[derive(QueryableByName)]
+    struct Granted {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        value: bool,
+    }
+
+    /// Waits for each of `keys` (sorted by the caller) in turn.
+    pub(in crate::store) async fn lock_sale_users(
+        conn: &mut AsyncPgConnection,
+        keys: &[i32],
+    ) -> QueryResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        diesel::sql_query(LOCK_SALE_USERS)
+            .bind::<diesel::sql_types::Integer, _>(SALE_LOCK_SPACE)
+            .bind::<Array<diesel::sql_types::Integer>, _>(keys)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Takes `key` if no other transaction holds it; never waits.
+    pub(in crate::store) async fn try_lock_sale_user(
+        conn: &mut AsyncPgConnection,
+        key: i32,
+    ) -> QueryResult<bool> {
+        diesel::sql_query("SELECT pg_try_advisory_xact_lock($1, $2) AS value")
+            .bind::<diesel::sql_types::Integer, _>(SALE_LOCK_SPACE)
+            .bind::<diesel::sql_types::Integer, _>(key)
+            .get_result::<Granted>(conn)
+            .await
+            .map(|g| g.value)
     }
 
     /// Locks these SKUs' rows in SKU order.
@@ -122,6 +172,20 @@ pub(super) mod sqlite {
             .select(InventoryRow::as_select())
             .first(conn)
             .map(|r| r.optional())
+    }
+
+    pub(in crate::store) async fn lock_sale_users(
+        _conn: &mut SqliteConn,
+        _keys: &[i32],
+    ) -> QueryResult<()> {
+        Ok(())
+    }
+
+    pub(in crate::store) async fn try_lock_sale_user(
+        _conn: &mut SqliteConn,
+        _key: i32,
+    ) -> QueryResult<bool> {
+        Ok(true)
     }
 
     pub(in crate::store) async fn lock_skus(

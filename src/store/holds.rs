@@ -133,6 +133,7 @@ macro_rules! holds_queries {
             if current.closes_at.is_some_and(|closes| now >= closes) {
                 return Ok((Vec::new(), 0, None));
             }
+            let sale = sale_caps(conn, &[sku]).await?.remove(sku);
             let mut stock = current.stock;
             let mut handed = Vec::new();
             let mut units = 0;
@@ -163,24 +164,40 @@ macro_rules! holds_queries {
                         blocked = true;
                         break;
                     }
-                    let next_state = if current.max_per_user > 0
+                    let mut reason = (current.max_per_user > 0
                         && live_units(conn, sku, &entry.user_id).await? + quantity
-                            > i64::from(current.max_per_user)
-                    {
-                        ReservationState::Rejected
-                    } else {
-                        ReservationState::Held
-                    };
-                    let expires_at = match next_state {
-                        ReservationState::Held => hold_ttl.map(|ttl| after(now, ttl)),
-                        _ => None,
-                    };
-                    let reason = (next_state == ReservationState::Rejected).then(|| {
+                            > i64::from(current.max_per_user))
+                    .then(|| {
                         format!(
                             "user limit: the waitlist's turn came with {} units already held",
                             current.max_per_user
                         )
                     });
+                    if let (None, Some(cap)) = (&reason, &sale) {
+                        // This transaction holds the SKU's row, so it may
+                        // not wait for a (sale, user) lock (see
+                        // `dialect.rs`). A user committing in another of
+                        // the sale's SKUs at this moment stops the
+                        // hand-off, as an entry that does not fit does.
+                        let key = sale_user_key(&cap.sale_id, &entry.user_id);
+                        if !own::try_lock_sale_user(conn, key).await? {
+                            blocked = true;
+                            break;
+                        }
+                        let live = sale_live_of(conn, cap.sale_id.as_str(), entry.user_id.as_str())
+                            .await?;
+                        if live + quantity > i64::from(cap.cap) {
+                            reason = Some(sale_limit_reason(live, cap));
+                        }
+                    }
+                    let next_state = match reason {
+                        Some(_) => ReservationState::Rejected,
+                        None => ReservationState::Held,
+                    };
+                    let expires_at = match next_state {
+                        ReservationState::Held => hold_ttl.map(|ttl| after(now, ttl)),
+                        _ => None,
+                    };
                     diesel::update(
                         reservations::table
                             .filter(reservations::reservation_id.eq(&entry.reservation_id))
@@ -357,6 +374,17 @@ macro_rules! holds_queries {
                         return Ok(WaitlistJoin::UserLimit {
                             live_units: live,
                             limit: current.max_per_user as u32,
+                        });
+                    }
+                }
+                // Without the (sale, user) lock: joining takes no units,
+                // and the hand-off checks the cap again under it.
+                if let Some(cap) = sale_caps(conn, &[sku]).await?.remove(sku) {
+                    let live = sale_live_of(conn, cap.sale_id.as_str(), user).await?;
+                    if live + quantity > i64::from(cap.cap) {
+                        return Ok(WaitlistJoin::UserLimit {
+                            live_units: live,
+                            limit: cap.cap as u32,
                         });
                     }
                 }

@@ -9,9 +9,9 @@
 //! unique by reservation id and by (user, idempotency key).
 //!
 //! The query code is written once per concern (`commit.rs`, `holds.rs`,
-//! `stock.rs`, each a macro) and instantiated per connection type by
+//! `stock.rs`, `sale.rs`, each a macro) and instantiated per connection type by
 //! `dialect!`, because diesel's query builder is typed by backend; [`Store`]
-//! picks the instance for the pool it holds. All three expand into the same
+//! picks the instance for the pool it holds. All of them expand into the same
 //! module per dialect, so they call each other's helpers (committing fills
 //! a waitlist's positions, a stock write hands units to the waitlist).
 //! `tickets.rs` numbers the queue, `migrate.rs` runs the embedded
@@ -43,7 +43,7 @@ use futures::FutureExt;
 pub use fleet::{AuditRow, NewAudit, ReplicaRow, ReservationFilter, SkuFigures, StoredSwitches};
 pub use models::InventoryRow;
 use models::ReservationRow;
-use schema::{inventory, reservations};
+use schema::{inventory, reservations, sales};
 
 use crate::{
     config::{DbCheckMode, StoreBackend, StoreConfig},
@@ -437,11 +437,15 @@ mod commit;
 mod holds;
 #[macro_use]
 mod stock;
+#[macro_use]
+mod sale;
 mod dialect;
 mod leases;
 mod migrate;
 mod tickets;
 pub use leases::{LeaseSession, Members};
+use sale::{sale_limit_reason, sale_user_key, SaleCap};
+pub use sale::{SaleView, SaleWrite, SALE_LIMIT_REASON};
 pub use tickets::LineProgress;
 pub mod tls;
 
@@ -458,6 +462,7 @@ macro_rules! dialect {
             commit_queries!($Conn);
             holds_queries!($Conn);
             stock_queries!($Conn);
+            sales_queries!($Conn);
         }
     };
 }

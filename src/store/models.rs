@@ -26,6 +26,8 @@ pub struct InventoryRow {
     pub opens_at: Option<NaiveDateTime>,
     /// The sale window's closing (Reserve admits until it), if any.
     pub closes_at: Option<NaiveDateTime>,
+    /// The sale whose per-user cap also binds this SKU, if any.
+    pub sale_id: Option<String>,
 }
 
 impl InventoryRow {

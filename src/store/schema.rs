@@ -13,6 +13,16 @@ diesel::table! {
         waitlist_limit -> Integer,
         opens_at -> Nullable<Timestamp>,
         closes_at -> Nullable<Timestamp>,
+        sale_id -> Nullable<Varchar>,
+    }
+}
+
+diesel::table! {
+    sales (sale_id) {
+        sale_id -> Varchar,
+        max_per_user -> Integer,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
     }
 }
 
@@ -32,7 +42,8 @@ diesel::table! {
 }
 
 diesel::joinable!(reservations -> inventory (sku));
-diesel::allow_tables_to_appear_in_same_query!(inventory, reservations);
+diesel::joinable!(inventory -> sales (sale_id));
+diesel::allow_tables_to_appear_in_same_query!(inventory, reservations, sales);
 
 diesel::table! {
     layer_switches (id) {
@@ -65,3 +76,5 @@ diesel::table! {
         seen_at -> Timestamp,
     }
 }
+
+diesel::allow_columns_to_appear_in_same_group_by_clause!(inventory::sale_id, reservations::user_id);

@@ -128,5 +128,32 @@ async fn the_python_client_round_trip() {
     assert_eq!(backwards["code"], "INVALID_ARGUMENT");
     assert!(backwards["details"].as_str().unwrap().contains("closes_at"));
     assert_eq!(result["windowed_db_stock"], 5);
+    // A sale of two SKUs with a cap of 1: the second order is refused,
+    // synchronously or as the queued reservation's end.
+    let members = serde_json::json!(["CLIENT-PY-S1", "CLIENT-PY-S2"]);
+    assert_eq!(result["sale"]["skus"], members);
+    assert_eq!(result["sale"]["max_per_user"], 1);
+    assert_eq!(result["sale_read_back"], members);
+    assert_eq!(result["sale_of_member"], "CLIENT-PY-SALE");
+    let outcomes = &result["sale_outcomes"];
+    assert!(
+        ["RESERVE_OUTCOME_RESERVED", "RESERVE_OUTCOME_QUEUED"]
+            .contains(&outcomes[0].as_str().unwrap()),
+        "{outcomes}"
+    );
+    match outcomes[1].as_str().unwrap() {
+        "RESERVE_OUTCOME_USER_LIMIT_REACHED" => {}
+        "RESERVE_OUTCOME_QUEUED" => {
+            let end = &result["sale_second_state"];
+            assert_eq!(end["state"], "RESERVATION_STATE_REJECTED", "{end}");
+            assert!(
+                end["reason"].as_str().unwrap().starts_with("sale limit"),
+                "{end}"
+            );
+        }
+        other => panic!("second order in the sale: {other}"),
+    }
+    assert_eq!(result["in_other_sale"]["code"], "FAILED_PRECONDITION");
+    assert_eq!(result["in_other_sale"]["reason"], "SKU_IN_OTHER_SALE");
     app.stop().await;
 }

@@ -5,8 +5,8 @@
 
 use stockgate::{
     config::DbCheckMode,
-    domain::{now, IdempotencyKey, ReservationId, Sku, UserId},
-    store::{CommitOutcome, CommitParams, NewOrder, Store},
+    domain::{now, IdempotencyKey, ReservationId, SaleId, Sku, UserId},
+    store::{CommitOutcome, CommitParams, NewOrder, SaleWrite, Store, SALE_LIMIT_REASON},
 };
 
 use crate::harness::{config_for, open_store, Profile};
@@ -530,5 +530,149 @@ async fn each_order_is_held_to_the_window_at_its_own_decision_time() {
             "{profile:?}"
         );
         assert_eq!(stock_of(&store, "W").await, 3, "{profile:?}");
+    }
+}
+
+/// A sale's cap binds a user across its SKUs on every commit path: the
+/// grouped batch decides in arrival order with a running count, the
+/// per-order path (the request path's commit, both check modes) reads the
+/// sale's live units; other users, SKUs outside the sale and a sale with
+/// no cap are untouched; a refused order takes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sales_cap_binds_each_user_across_its_skus() {
+    for profile in [Profile::Postgres, Profile::Embedded] {
+        let (config, _db, _dir) = config_for(profile).await;
+        let store = open_store(&config);
+        store.migrate().await.unwrap();
+        for name in ["SA", "SB", "SC", "OUT"] {
+            let sku = Sku::parse(name).unwrap();
+            store.set_stock(&sku, 10, 0, now(), None).await.unwrap();
+        }
+        let skus: Vec<Sku> = ["SA", "SB", "SC"]
+            .iter()
+            .map(|s| Sku::parse(s).unwrap())
+            .collect();
+        let sale = SaleId::parse("LAUNCH").unwrap();
+        let written = store.set_sale(&sale, 3, &skus).await.unwrap();
+        assert!(
+            matches!(written, SaleWrite::Applied { before: None, .. }),
+            "{written:?}"
+        );
+
+        let batch = vec![
+            order("SA", "u1", 2, None),
+            order("SB", "u2", 3, None),
+            order("SB", "u1", 1, None),
+            order("OUT", "u1", 5, None),
+            order("SC", "u1", 1, None),
+            order("SC", "u2", 1, None),
+        ];
+        let outcomes = store.commit_batch(&batch, params()).await.unwrap();
+        let shapes: Vec<String> = outcomes.iter().map(shape).collect();
+        assert_eq!(
+            shapes,
+            [
+                "held, 8 left",
+                "held, 7 left",
+                "held, 6 left",
+                "held, 5 left",
+                "rejected UserLimit",
+                "rejected UserLimit"
+            ],
+            "{profile:?}"
+        );
+        let CommitOutcome::Rejected { reservation, .. } = &outcomes[4] else {
+            unreachable!()
+        };
+        let reason = reservation.reject_reason.clone().unwrap();
+        assert!(reason.starts_with(SALE_LIMIT_REASON), "{reason}");
+        assert!(
+            reason.contains("3 of 3") && reason.contains("LAUNCH"),
+            "{reason}"
+        );
+        // One conditional update per SKU: the grouped path decided it.
+        assert_eq!(row_of(&store, "SB").await, (6, 1), "{profile:?}");
+
+        // The same id twice sends a batch order by order: the same cap.
+        let twice = order("SA", "u3", 2, None);
+        let fallback = vec![twice.clone(), twice, order("SB", "u3", 2, None)];
+        let shapes: Vec<String> = store
+            .commit_batch(&fallback, params())
+            .await
+            .unwrap()
+            .iter()
+            .map(shape)
+            .collect();
+        assert_eq!(
+            shapes,
+            ["held, 6 left", "already Held", "rejected UserLimit"],
+            "{profile:?}"
+        );
+        assert_eq!(row_of(&store, "SB").await, (6, 1), "{profile:?}");
+
+        for mode in [DbCheckMode::Optimistic, DbCheckMode::Pessimistic] {
+            let single = CommitParams {
+                mode,
+                record_rejections: false,
+                ..params()
+            };
+            let refused = store
+                .commit_order(&order("SC", "u1", 1, None), single)
+                .await
+                .unwrap();
+            assert_eq!(
+                refused,
+                CommitOutcome::UserLimit {
+                    live_units: 3,
+                    limit: 3
+                },
+                "{profile:?} {mode:?}"
+            );
+            let fresh = format!("fresh-{mode:?}");
+            let taken = store
+                .commit_order(&order("SC", &fresh, 2, None), single)
+                .await
+                .unwrap();
+            assert!(
+                matches!(taken, CommitOutcome::Committed { .. }),
+                "{profile:?} {mode:?}: {taken:?}"
+            );
+        }
+        assert_eq!(stock_of(&store, "SC").await, 6, "{profile:?}");
+
+        // A cap of 0 lifts it; a SKU taken out of the sale leaves it.
+        store.set_sale(&sale, 0, &skus).await.unwrap();
+        let lifted = store
+            .commit_batch(&[order("SC", "u1", 1, None)], params())
+            .await
+            .unwrap();
+        assert!(
+            matches!(lifted[0], CommitOutcome::Committed { .. }),
+            "{lifted:?}"
+        );
+        store.set_sale(&sale, 3, &skus[..2]).await.unwrap();
+        let outside = store
+            .commit_batch(&[order("SC", "u1", 1, None)], params())
+            .await
+            .unwrap();
+        assert!(
+            matches!(outside[0], CommitOutcome::Committed { .. }),
+            "{outside:?}"
+        );
+        let view = store.sale(&sale).await.unwrap().unwrap();
+        assert_eq!(view.skus, ["SA", "SB"], "{profile:?}");
+        assert_eq!(view.max_per_user, 3, "{profile:?}");
+        let other = SaleId::parse("OTHER").unwrap();
+        assert_eq!(
+            store.set_sale(&other, 1, &skus[..1]).await.unwrap(),
+            SaleWrite::InOtherSale {
+                sku: "SA".into(),
+                sale_id: "LAUNCH".into()
+            }
+        );
+        assert!(
+            store.sale(&other).await.unwrap().is_none(),
+            "refused, not created"
+        );
     }
 }

@@ -30,6 +30,7 @@ mod redis_cluster;
 mod redis_gate;
 mod relay;
 mod rollout;
+mod sales;
 mod storm;
 mod storm_tool;
 mod traces;

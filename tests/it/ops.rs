@@ -746,6 +746,47 @@ async fn the_cli_drives_a_running_server() {
     assert!(ok, "{err}");
     assert!(!out.contains("2030"), "{out}");
 
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "sale",
+            "set",
+            "CLI-SALE",
+            "--max-per-user",
+            "2",
+            "--skus",
+            "CLI-W,CLI-1",
+            "--reason",
+            "launch",
+        ],
+    );
+    assert!(ok, "{err}");
+    let cells: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(cells, ["CLI-SALE", "2", "CLI-1,CLI-W"], "{out}");
+    let (ok, out, err) = cli(&app, &["sale", "show", "CLI-SALE"]);
+    assert!(ok && out.contains("CLI-1,CLI-W"), "{out}{err}");
+    let (ok, out, err) = cli(&app, &["stock", "get", "CLI-W"]);
+    assert!(ok && out.contains("CLI-SALE"), "{out}{err}");
+    let (ok, _, err) = cli(&app, &["sale", "show", "NO-SUCH-SALE"]);
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "sale",
+            "set",
+            "CLI-SALE",
+            "--max-per-user",
+            "0",
+            "--skus",
+            "",
+            "--reason",
+            "over",
+        ],
+    );
+    assert!(ok, "{err}");
+    let cells: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(cells, ["CLI-SALE", "none"], "emptied: {out}");
+
     let mut client = app.inventory();
     reserve(&mut client, "CLI-1", 1, "buyer").await.unwrap();
     // The order processor commits it shortly.

@@ -12,9 +12,15 @@ use tonic::transport::Channel;
 
 use crate::harness::{assert_checked, with_user, Profile, StormTally, TestApp};
 
-type Inventory = stockgate::pb::inventory_service_client::InventoryServiceClient<Channel>;
+pub(crate) type Inventory =
+    stockgate::pb::inventory_service_client::InventoryServiceClient<Channel>;
 
-async fn set_policy(app: &TestApp, sku: &str, policy: SoldOutPolicy, limit: u32) -> StockView {
+pub(crate) async fn set_policy(
+    app: &TestApp,
+    sku: &str,
+    policy: SoldOutPolicy,
+    limit: u32,
+) -> StockView {
     app.admin()
         .set_sold_out_policy(SetSoldOutPolicyRequest {
             sku: sku.into(),
@@ -28,7 +34,12 @@ async fn set_policy(app: &TestApp, sku: &str, policy: SoldOutPolicy, limit: u32)
         .unwrap()
 }
 
-async fn reserve(client: &mut Inventory, sku: &str, user: &str, join: bool) -> ReserveResponse {
+pub(crate) async fn reserve(
+    client: &mut Inventory,
+    sku: &str,
+    user: &str,
+    join: bool,
+) -> ReserveResponse {
     client
         .reserve(with_user(
             ReserveRequest {
@@ -44,7 +55,7 @@ async fn reserve(client: &mut Inventory, sku: &str, user: &str, join: bool) -> R
         .into_inner()
 }
 
-async fn get(client: &mut Inventory, id: &str, user: &str) -> Reservation {
+pub(crate) async fn get(client: &mut Inventory, id: &str, user: &str) -> Reservation {
     client
         .get_reservation(with_user(
             GetReservationRequest {
@@ -61,7 +72,7 @@ async fn get(client: &mut Inventory, id: &str, user: &str) -> Reservation {
 }
 
 /// Polls until the reservation is in `state` (10 s at most).
-async fn until_state(
+pub(crate) async fn until_state(
     client: &mut Inventory,
     id: &str,
     user: &str,
@@ -78,7 +89,7 @@ async fn until_state(
 }
 
 /// A hold for `user` (through the queue when the profile has one).
-async fn take(client: &mut Inventory, sku: &str, user: &str) -> String {
+pub(crate) async fn take(client: &mut Inventory, sku: &str, user: &str) -> String {
     let answer = reserve(client, sku, user, false).await;
     assert!(
         crate::harness::is_admitted(answer.outcome()),
@@ -89,7 +100,7 @@ async fn take(client: &mut Inventory, sku: &str, user: &str) -> String {
     id
 }
 
-async fn release(client: &mut Inventory, id: &str, user: &str) -> Reservation {
+pub(crate) async fn release(client: &mut Inventory, id: &str, user: &str) -> Reservation {
     client
         .release_reservation(with_user(
             ReleaseReservationRequest {

@@ -18,7 +18,7 @@ mod render;
 pub use render::table;
 use render::{
     render_audit, render_check, render_dead_letters, render_layers, render_moved,
-    render_reservations, render_stock, render_switches,
+    render_reservations, render_sale, render_stock, render_switches,
 };
 use stockgate::pb::{
     self, admin_service_client::AdminServiceClient, DbCheckMode, GateFailureMode, Layers,
@@ -66,6 +66,11 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: StockCommand,
     },
+    /// Read or change a sale: SKUs sharing one per-user cap.
+    Sale {
+        #[command(subcommand)]
+        command: SaleCommand,
+    },
     /// List reservations in the database.
     Reservations {
         #[command(subcommand)]
@@ -86,6 +91,26 @@ pub enum AdminCommand {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SaleCommand {
+    /// The sale's cap and SKUs.
+    Show { sale_id: String },
+    /// Create or change a sale; the SKUs listed make it up afterwards.
+    Set {
+        sale_id: String,
+        /// Most units one user may hold or have bought across the sale's
+        /// SKUs (0 = no cap).
+        #[arg(long)]
+        max_per_user: u32,
+        /// Every SKU of the sale, comma-separated; `--skus ""` empties it.
+        #[arg(long, value_delimiter = ',', required = true)]
+        skus: Vec<String>,
+        /// Why, for the audit trail (required).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -389,6 +414,37 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                 }
             };
             Ok(render_stock(&view.unwrap_or_default()))
+        }
+        AdminCommand::Sale { command } => {
+            let sale = match command {
+                SaleCommand::Show { sale_id } => {
+                    admin
+                        .get_sale(pb::GetSaleRequest { sale_id })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .sale
+                }
+                SaleCommand::Set {
+                    sale_id,
+                    max_per_user,
+                    skus,
+                    reason,
+                } => {
+                    admin
+                        .set_sale(pb::SetSaleRequest {
+                            sale_id,
+                            max_per_user,
+                            skus: skus.into_iter().filter(|s| !s.is_empty()).collect(),
+                            reason,
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner()
+                        .sale
+                }
+            };
+            Ok(render_sale(&sale.unwrap_or_default()))
         }
         AdminCommand::Reservations {
             command: ReservationsCommand::List { sku, state, limit },

@@ -150,6 +150,7 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
             "sold_out",
             "waitlisted",
             "window (UTC)",
+            "sale",
             "version",
         ],
         &[vec![
@@ -169,8 +170,23 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
                 (None, None) => "-".into(),
                 (opens, closes) => format!("{} to {}", time(opens), time(closes)),
             },
+            match view.sale_id.as_str() {
+                "" => "-".into(),
+                sale => sale.to_owned(),
+            },
             view.db_version.to_string(),
         ]],
+    )
+}
+
+pub(super) fn render_sale(sale: &pb::Sale) -> String {
+    let cap = match sale.max_per_user {
+        0 => "none".to_owned(),
+        cap => cap.to_string(),
+    };
+    table(
+        &["sale", "max_per_user", "skus"],
+        &[vec![sale.sale_id.clone(), cap, sale.skus.join(",")]],
     )
 }
 
