@@ -29,7 +29,7 @@ pub(super) struct Take<'a> {
 }
 
 /// The first key of every (sale, user) advisory lock: "SALE".
-const SALE_LOCK_SPACE: i32 = 0x5341_4c45;
+pub const SALE_LOCK_SPACE: i32 = 0x5341_4c45;
 
 pub(super) mod pg {
     use super::super::*;

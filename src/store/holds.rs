@@ -113,7 +113,10 @@ macro_rules! holds_queries {
         /// fits becomes HELD with a hold of its own. First come, first
         /// served: an entry that does not fit stops the hand-off rather
         /// than letting a later, smaller one pass it. An entry whose
-        /// user is at the per-user limit is rejected and skipped.
+        /// user is at the per-user limit (the SKU's or its sale's) is
+        /// rejected and skipped. One whose user is committing in another
+        /// SKU of the sale at this instant is passed over this time and
+        /// keeps its place, so the units still go to the line.
         /// Returns the reservations handed units, the units, and the
         /// row version the stock update wrote (None when none moved).
         async fn fill_waitlist(
@@ -137,6 +140,8 @@ macro_rules! holds_queries {
             let mut stock = current.stock;
             let mut handed = Vec::new();
             let mut units = 0;
+            // Entries passed over this time (see the sale check below).
+            let mut passed: HashSet<String> = HashSet::new();
             while stock > 0 {
                 let waiting: Vec<ReservationRow> = reservations::table
                     .filter(reservations::sku.eq(sku))
@@ -150,10 +155,14 @@ macro_rules! holds_queries {
                         reservations::created_at.asc(),
                         reservations::reservation_id.asc(),
                     ))
-                    .limit(64)
+                    .limit(64 + passed.len() as i64)
                     .select(ReservationRow::as_select())
                     .load(conn)
                     .await?;
+                let waiting: Vec<ReservationRow> = waiting
+                    .into_iter()
+                    .filter(|entry| !passed.contains(&entry.reservation_id))
+                    .collect();
                 if waiting.is_empty() {
                     break;
                 }
@@ -176,13 +185,12 @@ macro_rules! holds_queries {
                     if let (None, Some(cap)) = (&reason, &sale) {
                         // This transaction holds the SKU's row, so it may
                         // not wait for a (sale, user) lock (see
-                        // `dialect.rs`). A user committing in another of
-                        // the sale's SKUs at this moment stops the
-                        // hand-off, as an entry that does not fit does.
+                        // `dialect.rs`): a user committing in another of
+                        // the sale's SKUs at this moment is passed over.
                         let key = sale_user_key(&cap.sale_id, &entry.user_id);
                         if !own::try_lock_sale_user(conn, key).await? {
-                            blocked = true;
-                            break;
+                            passed.insert(entry.reservation_id);
+                            continue;
                         }
                         let live = sale_live_of(conn, cap.sale_id.as_str(), entry.user_id.as_str())
                             .await?;

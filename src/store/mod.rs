@@ -443,9 +443,10 @@ mod dialect;
 mod leases;
 mod migrate;
 mod tickets;
+pub use dialect::SALE_LOCK_SPACE;
 pub use leases::{LeaseSession, Members};
-use sale::{sale_limit_reason, sale_user_key, SaleCap};
-pub use sale::{SaleView, SaleWrite, SALE_LIMIT_REASON};
+use sale::{sale_limit_reason, SaleCap};
+pub use sale::{sale_user_key, SaleView, SaleWrite, SALE_LIMIT_REASON};
 pub use tickets::LineProgress;
 pub mod tls;
 

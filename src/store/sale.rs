@@ -51,8 +51,9 @@ pub(super) fn sale_limit_reason(live: i64, cap: &SaleCap) -> String {
 }
 
 /// The advisory lock key of one (sale, user): FNV-1a over both. Two pairs
-/// sharing a key only wait for each other.
-pub(super) fn sale_user_key(sale: &str, user: &str) -> i32 {
+/// sharing a key only wait for each other. PostgreSQL's lock is
+/// `pg_advisory_xact_lock(SALE_LOCK_SPACE, key)`.
+pub fn sale_user_key(sale: &str, user: &str) -> i32 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in sale.bytes().chain([0]).chain(user.bytes()) {
         hash ^= u32::from(byte);

@@ -204,6 +204,53 @@ async fn the_waitlists_turn_respects_the_sales_cap() {
     app.stop().await;
 }
 
+/// A waiting entry whose user is committing in another of the sale's SKUs
+/// at the moment its turn comes (its (sale, user) lock held elsewhere) is
+/// passed over and keeps its place: the unit goes to the next in line, not
+/// back on sale, and the entry is served at the next hand-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let app = TestApp::spawn(Profile::Postgres).await;
+    let mut client = app.inventory();
+    app.set_stock("PASS-HOT", 1, 0).await;
+    app.set_stock("PASS-OTHER", 10, 0).await;
+    set_policy(&app, "PASS-HOT", SoldOutPolicy::Waitlist, 0).await;
+    set_sale(&app, "PASS", 2, &["PASS-HOT", "PASS-OTHER"])
+        .await
+        .unwrap();
+    let holder = take(&mut client, "PASS-HOT", "holder").await;
+    let mut waiting = Vec::new();
+    for user in ["busy", "next"] {
+        let answer = reserve(&mut client, "PASS-HOT", user, true).await;
+        assert_eq!(answer.outcome(), ReserveOutcome::Waitlisted, "{user}");
+        waiting.push(answer.reservation.unwrap().reservation_id);
+    }
+    // Another transaction holds busy's lock, as a commit of theirs would.
+    let mut other = AsyncPgConnection::establish(&app.config.backends.store)
+        .await
+        .unwrap();
+    let key = stockgate::store::sale_user_key("PASS", "busy");
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}, {key})",
+            stockgate::store::SALE_LOCK_SPACE
+        ))
+        .await
+        .unwrap();
+    release(&mut client, &holder, "holder").await;
+    let next = until_state(&mut client, &waiting[1], "next", ReservationState::Held).await;
+    let busy = get(&mut client, &waiting[0], "busy").await;
+    assert_eq!(busy.state(), ReservationState::Waitlisted);
+    assert_eq!(app.stock("PASS-HOT").await.db_stock, 0, "not back on sale");
+    other.batch_execute("COMMIT").await.unwrap();
+
+    release(&mut client, &next.reservation_id, "next").await;
+    until_state(&mut client, &waiting[0], "busy", ReservationState::Held).await;
+    assert_checked(&app).await;
+    app.stop().await;
+}
+
 /// SetSale checks every field and names it, refuses a SKU that is unknown
 /// or in another sale without changing anything, moves SKUs in and out,
 /// and leaves an audit event with the sale before and after; GetSale reads
