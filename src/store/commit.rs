@@ -388,8 +388,12 @@ macro_rules! commit_queries {
                         });
                     }
                 }
-                if sale.is_none() && current.sale_id.is_some() {
-                    sale = Some(sale_of(conn, order, !held && attempt == 0).await?);
+                // Not looked up yet, or looked up before this read with
+                // no cap found: a sale set since (under the row lock this
+                // read may hold) is checked too.
+                if current.sale_id.is_some() && !matches!(sale, Some(Some(_))) {
+                    let wait = !held && attempt == 0 && sale.is_none();
+                    sale = Some(sale_of(conn, order, wait).await?);
                 }
                 if let Some(Some(cap)) = &sale {
                     let live =

@@ -251,6 +251,39 @@ async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
     app.stop().await;
 }
 
+/// A SKU that joins a sale while a pessimistic commit waits for its row:
+/// the commit looked the sale up before the row lock and found none, then
+/// reads a row that names one; the cap is checked all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_set_while_a_commit_waits_for_the_row_still_binds_it() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let app = TestApp::spawn(Profile::Postgres).await;
+    app.set_layers(false, false, DbCheckMode::Pessimistic).await;
+    let mut client = app.inventory();
+    app.set_stock("LATE-A", 10, 0).await;
+    app.set_stock("LATE-B", 10, 0).await;
+    set_sale(&app, "LATE", 1, &["LATE-A"]).await.unwrap();
+    take(&mut client, "LATE-A", "buyer").await;
+    // B joins the sale in a transaction that holds B's row until told.
+    let mut other = AsyncPgConnection::establish(&app.config.backends.store)
+        .await
+        .unwrap();
+    other
+        .batch_execute("BEGIN; UPDATE inventory SET sale_id = 'LATE' WHERE sku = 'LATE-B'")
+        .await
+        .unwrap();
+    let mut buyer = app.inventory();
+    let call = tokio::spawn(async move { reserve(&mut buyer, "LATE-B", "buyer", false).await });
+    // The call is waiting for B's row (its sale lookup found none).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the commit did not wait for the row");
+    other.batch_execute("COMMIT").await.unwrap();
+    let answer = call.await.unwrap();
+    assert_eq!(answer.outcome(), ReserveOutcome::UserLimitReached);
+    assert_eq!(app.stock("LATE-B").await.db_stock, 10);
+    app.stop().await;
+}
+
 /// SetSale checks every field and names it, refuses a SKU that is unknown
 /// or in another sale without changing anything, moves SKUs in and out,
 /// and leaves an audit event with the sale before and after; GetSale reads
