@@ -723,12 +723,13 @@ fn rabbitmqctl(args: &[&str]) {
 }
 
 /// The real broker stopped and started again mid-sale (its app, not the
-/// node, so it is back in seconds; this test runs alone in its nextest
-/// group with every other test that uses RabbitMQ). Orders queued before
+/// node, so it is back in seconds; the test owns the shared broker while it
+/// runs, see [`crate::harness::own_shared_broker`]). Orders queued before
 /// the stop survive in the quorum queue and are committed; Reserve answers
 /// UNAVAILABLE while it is down and resumes on its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_restart_mid_sale_keeps_queued_orders_and_resumes() {
+    crate::harness::own_shared_broker();
     let app = api_only().await;
     app.set_stock("RESTART", 1_000, 0).await;
     let client = app.inventory();

@@ -50,7 +50,48 @@ pub enum Profile {
 
 pub mod replicated;
 
+/// One test stops and starts the shared broker. Every test process that
+/// uses the broker holds a shared lock on one file from its first use to
+/// its exit (nextest runs each test in a process of its own), and that test
+/// holds the lock exclusively, so no other test sees the broker go away,
+/// whatever group or name it has.
+static BROKER_LOCK: std::sync::OnceLock<(std::fs::File, bool)> = std::sync::OnceLock::new();
+
+/// Whether this process holds the broker exclusively.
+fn hold_broker(exclusive: bool) -> bool {
+    BROKER_LOCK
+        .get_or_init(|| {
+            let path = std::env::temp_dir().join("stockgate-it-shared-broker.lock");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mode = if exclusive {
+                rustix::fs::FlockOperation::LockExclusive
+            } else {
+                rustix::fs::FlockOperation::LockShared
+            };
+            rustix::fs::flock(&file, mode)
+                .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+            (file, exclusive)
+        })
+        .1
+}
+
+/// Waits until no other test process uses the shared broker, and keeps it
+/// so until this process exits. Call it before anything else in the test
+/// touches the broker.
+pub fn own_shared_broker() {
+    assert!(
+        hold_broker(true),
+        "own_shared_broker called after this test already used the broker"
+    );
+}
+
 pub fn amqp_url() -> String {
+    hold_broker(false);
     std::env::var("STOCKGATE_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
