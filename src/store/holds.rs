@@ -206,7 +206,7 @@ macro_rules! holds_queries {
                         ReservationState::Held => hold_ttl.map(|ttl| after(now, ttl)),
                         _ => None,
                     };
-                    diesel::update(
+                    let moved = diesel::update(
                         reservations::table
                             .filter(reservations::reservation_id.eq(&entry.reservation_id))
                             .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
@@ -219,6 +219,11 @@ macro_rules! holds_queries {
                     ))
                     .execute(conn)
                     .await?;
+                    // The entry left the line (its user, or a sweep) after
+                    // the read above: nothing to hand it.
+                    if moved == 0 {
+                        continue;
+                    }
                     let mut reservation = entry.into_domain();
                     reservation.state = next_state;
                     reservation.expires_at = expires_at;

@@ -13,7 +13,7 @@ use stockgate::{
 use tonic::Code;
 
 use crate::{
-    harness::{assert_checked, error_reason, Profile, TestApp},
+    harness::{assert_checked, error_reason, OpenTransaction, Profile, TestApp},
     waitlist::{get, release, reserve, set_policy, take, until_state},
 };
 
@@ -210,7 +210,6 @@ async fn the_waitlists_turn_respects_the_sales_cap() {
 /// back on sale, and the entry is served at the next hand-off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     let app = TestApp::spawn(Profile::Postgres).await;
     let mut client = app.inventory();
     app.set_stock("PASS-HOT", 1, 0).await;
@@ -227,23 +226,21 @@ async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
         waiting.push(answer.reservation.unwrap().reservation_id);
     }
     // Another transaction holds busy's lock, as a commit of theirs would.
-    let mut other = AsyncPgConnection::establish(&app.config.backends.store)
-        .await
-        .unwrap();
     let key = stockgate::store::sale_user_key("PASS", "busy");
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}, {key})",
+    let other = OpenTransaction::begin(
+        &app,
+        &format!(
+            "SELECT pg_advisory_xact_lock({}, {key})",
             stockgate::store::SALE_LOCK_SPACE
-        ))
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     release(&mut client, &holder, "holder").await;
     let next = until_state(&mut client, &waiting[1], "next", ReservationState::Held).await;
     let busy = get(&mut client, &waiting[0], "busy").await;
     assert_eq!(busy.state(), ReservationState::Waitlisted);
     assert_eq!(app.stock("PASS-HOT").await.db_stock, 0, "not back on sale");
-    other.batch_execute("COMMIT").await.unwrap();
+    other.commit().await;
 
     release(&mut client, &next.reservation_id, "next").await;
     until_state(&mut client, &waiting[0], "busy", ReservationState::Held).await;
@@ -256,7 +253,6 @@ async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
 /// reads a row that names one; the cap is checked all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_set_while_a_commit_waits_for_the_row_still_binds_it() {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
     let app = TestApp::spawn(Profile::Postgres).await;
     app.set_layers(false, false, DbCheckMode::Pessimistic).await;
     let mut client = app.inventory();
@@ -265,19 +261,17 @@ async fn a_sale_set_while_a_commit_waits_for_the_row_still_binds_it() {
     set_sale(&app, "LATE", 1, &["LATE-A"]).await.unwrap();
     take(&mut client, "LATE-A", "buyer").await;
     // B joins the sale in a transaction that holds B's row until told.
-    let mut other = AsyncPgConnection::establish(&app.config.backends.store)
-        .await
-        .unwrap();
-    other
-        .batch_execute("BEGIN; UPDATE inventory SET sale_id = 'LATE' WHERE sku = 'LATE-B'")
-        .await
-        .unwrap();
+    let other = OpenTransaction::begin(
+        &app,
+        "UPDATE inventory SET sale_id = 'LATE' WHERE sku = 'LATE-B'",
+    )
+    .await;
     let mut buyer = app.inventory();
     let call = tokio::spawn(async move { reserve(&mut buyer, "LATE-B", "buyer", false).await });
     // The call is waiting for B's row (its sale lookup found none).
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!call.is_finished(), "the commit did not wait for the row");
-    other.batch_execute("COMMIT").await.unwrap();
+    other.commit().await;
     let answer = call.await.unwrap();
     assert_eq!(answer.outcome(), ReserveOutcome::UserLimitReached);
     assert_eq!(app.stock("LATE-B").await.db_stock, 10);

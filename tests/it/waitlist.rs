@@ -10,7 +10,7 @@ use stockgate::pb::{
 };
 use tonic::transport::Channel;
 
-use crate::harness::{assert_checked, with_user, Profile, StormTally, TestApp};
+use crate::harness::{assert_checked, with_user, OpenTransaction, Profile, StormTally, TestApp};
 
 pub(crate) type Inventory =
     stockgate::pb::inventory_service_client::InventoryServiceClient<Channel>;
@@ -432,6 +432,44 @@ async fn the_line_and_a_storm_never_oversell() {
     assert_eq!(view.db_stock, 0, "{view:?}");
     assert_eq!(view.held_units, 30, "{view:?}");
     assert_eq!(view.gate_stock, Some(0), "{view:?}");
+    assert_checked(&app).await;
+    app.stop().await;
+}
+
+/// An entry that leaves the line just as its turn comes (another session
+/// has changed it, not yet committed, when the hand-off's update reaches
+/// it): the hand-off finds it gone and the unit goes back on sale, rather
+/// than being counted as handed with no hold behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_leaving_as_its_turn_comes_leaves_the_unit_in_stock() {
+    let app = TestApp::spawn(Profile::Postgres).await;
+    app.set_stock("LEAVE", 1, 0).await;
+    set_policy(&app, "LEAVE", SoldOutPolicy::Waitlist, 0).await;
+    let mut client = app.inventory();
+    let holder = take(&mut client, "LEAVE", "holder").await;
+    let entry = reserve(&mut client, "LEAVE", "leaver", true).await;
+    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
+    let entry_id = entry.reservation.unwrap().reservation_id;
+
+    let other = OpenTransaction::begin(
+        &app,
+        &format!("UPDATE reservations SET state = 'released' WHERE reservation_id = '{entry_id}'"),
+    )
+    .await;
+    let mut releaser = app.inventory();
+    let call = tokio::spawn(async move { release(&mut releaser, &holder, "holder").await });
+    // The hand-off read the entry as waiting and now waits for its row.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the hand-off did not reach the entry");
+    other.commit().await;
+    assert_eq!(call.await.unwrap().state(), ReservationState::Released);
+
+    let view = app.stock("LEAVE").await;
+    assert_eq!((view.db_stock, view.held_units), (1, 0), "{view:?}");
+    let left = get(&mut client, &entry_id, "leaver").await;
+    assert_eq!(left.state(), ReservationState::Released);
+    // The unit is on sale again.
+    take(&mut client, "LEAVE", "newcomer").await;
     assert_checked(&app).await;
     app.stop().await;
 }

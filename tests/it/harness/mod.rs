@@ -1035,6 +1035,29 @@ by_id_call!(
 );
 by_id_call!(get, get_reservation, GetReservationRequest, reservation);
 
+/// Another session on a PostgreSQL test's database, inside a transaction
+/// that ran `sql` and stays open until [`OpenTransaction::commit`]: the
+/// rows it changed and the locks it took are held from the service's
+/// sessions meanwhile, as a concurrent caller's would be.
+pub struct OpenTransaction(AsyncPgConnection);
+
+impl OpenTransaction {
+    pub async fn begin(app: &TestApp, sql: &str) -> Self {
+        let mut session = AsyncPgConnection::establish(&app.config.backends.store)
+            .await
+            .expect("a PostgreSQL profile's database");
+        session
+            .batch_execute(&format!("BEGIN; {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        Self(session)
+    }
+
+    pub async fn commit(mut self) {
+        self.0.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
 /// The service's invariant checker agrees, once the queue has drained and
 /// the reconciler has had a few passes: polled up to 20 s, then fails with
 /// everything it reported.
