@@ -136,7 +136,7 @@ macro_rules! holds_queries {
             if current.closes_at.is_some_and(|closes| now >= closes) {
                 return Ok((Vec::new(), 0, None));
             }
-            let sale = sale_caps(conn, &[sku]).await?.remove(sku);
+            let sale = row_caps(conn, std::iter::once(&current)).await?.remove(sku);
             let mut stock = current.stock;
             let mut handed = Vec::new();
             let mut units = 0;
@@ -392,7 +392,7 @@ macro_rules! holds_queries {
                 }
                 // Without the (sale, user) lock: joining takes no units,
                 // and the hand-off checks the cap again under it.
-                if let Some(cap) = sale_caps(conn, &[sku]).await?.remove(sku) {
+                if let Some(cap) = row_caps(conn, std::iter::once(&current)).await?.remove(sku) {
                     let live = sale_live_of(conn, cap.sale_id.as_str(), user).await?;
                     if live + quantity > i64::from(cap.cap) {
                         return Ok(WaitlistJoin::UserLimit {
