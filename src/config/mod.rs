@@ -879,6 +879,47 @@ mod tests {
     }
 
     #[test]
+    fn rabbitmq_bounds_name_the_key() {
+        let rabbit = || {
+            let mut config = Config::default();
+            config.backends.queue = "amqp://guest:guest@127.0.0.1:5672/%2f".into();
+            config.backends.store = "postgres://postgres@127.0.0.1:5432/sg".into();
+            config
+        };
+        rabbit().validate().unwrap();
+        let most = crate::queue::MAX_PARTITIONS;
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 8] = [
+            ("rabbitmq.partitions", |c| c.rabbitmq.partitions = 0),
+            ("rabbitmq.partitions", |c| {
+                c.rabbitmq.partitions = crate::queue::MAX_PARTITIONS + 1
+            }),
+            ("rabbitmq.lease_poll_ms", |c| c.rabbitmq.lease_poll_ms = 0),
+            ("rabbitmq.publish_batch_max", |c| {
+                c.rabbitmq.publish_batch_max = 0
+            }),
+            ("rabbitmq.publish_batch_max", |c| {
+                c.rabbitmq.publish_batch_max = crate::queue::PUBLISH_BATCH_MAX + 1
+            }),
+            ("rabbitmq.queue", |c| c.rabbitmq.queue = "q".repeat(201)),
+            ("rabbitmq.prefetch", |c| {
+                c.rabbitmq.prefetch = (c.layers.queue.batch_size - 1) as u16
+            }),
+            ("backends.queue", |c| c.backends.store = EMBEDDED.into()),
+        ];
+        for (key, change) in cases {
+            let mut config = rabbit();
+            change(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let mut config = rabbit();
+        config.rabbitmq.partitions = most;
+        config.rabbitmq.lease_poll_ms = 1;
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("sg.toml", "[layers.gate]\nenabeld = false\n")?;
