@@ -1,8 +1,8 @@
 //! The partitioned order queue (`rabbitmq.partitions`) against the real
 //! broker and PostgreSQL: orders routed by SKU, positions per partition,
 //! partitions spread over processor processes through leases, taken over
-//! when one is SIGKILLed and handed back when it returns, and the move
-//! from one queue to partitions mid-sale.
+//! when one is SIGKILLed or stopped with SIGTERM and handed back when it
+//! returns, and the move from one queue to partitions mid-sale.
 
 use std::time::Duration;
 
@@ -230,6 +230,21 @@ async fn a_queued_callers_position_counts_only_its_own_partition() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn partitions_spread_over_processors_move_off_a_killed_one_and_come_back() {
+    lose_a_processor_mid_sale(false).await;
+}
+
+/// As a rollout stops a pod: the processor drains what it holds, its
+/// leases end with its sessions, and the survivor takes its partitions.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_move_off_a_processor_stopped_with_sigterm() {
+    lose_a_processor_mid_sale(true).await;
+}
+
+/// Two processors share four partitions; one is stopped (SIGTERM when
+/// `gracefully`, else SIGKILL) once orders are being committed: the other
+/// holds all four within the bound, every admitted order is committed once,
+/// and a returning processor gets its share back.
+async fn lose_a_processor_mid_sale(gracefully: bool) {
     let app = partitioned_api().await;
     let skus = skus();
     let stock = 300;
@@ -243,29 +258,43 @@ async fn partitions_spread_over_processors_move_off_a_killed_one_and_come_back()
     let spread = Duration::from_secs(20);
     wait_spread(&config, &names, spread).await;
 
-    // A sale over every partition; one processor is SIGKILLed once orders
-    // are being committed.
+    // A sale over every partition; one processor stops once orders are
+    // being committed.
     let store = open_store(&app.config);
     let storms =
         futures::future::join_all(skus.iter().map(|sku| storm(app.addr, sku, 400, 2, |_| 1)));
-    let kill = async {
-        let sku = stockgate::domain::Sku::parse(&skus[0]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while store.reservations_of(&sku).await.unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "nothing committed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    // Owns `first`, to stop it on a blocking thread; borrows the rest.
+    let stop = {
+        let (skus, config, store) = (&skus, &config, &store);
+        async move {
+            let sku = stockgate::domain::Sku::parse(&skus[0]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while store.reservations_of(&sku).await.unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "nothing committed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let stopped = Instant::now();
+            if gracefully {
+                let status = tokio::task::spawn_blocking(move || first.terminate())
+                    .await
+                    .unwrap();
+                assert!(status.success(), "{status:?}");
+            } else {
+                first.kill();
+            }
+            let waited = wait_until("the survivor holding all four partitions", spread, || {
+                leases(config) == [4]
+            })
+            .await;
+            (waited, stopped.elapsed())
         }
-        first.kill();
-        wait_until("the survivor holding all four partitions", spread, || {
-            leases(&config) == [4]
-        })
-        .await
     };
-    let (tallies, takeover) = tokio::join!(storms, kill);
-    println!("partitions taken over {takeover:?} after the kill");
+    let (tallies, (after_exit, takeover)) = tokio::join!(storms, stop);
+    let signal = if gracefully { "SIGTERM" } else { "SIGKILL" };
+    println!("partitions taken over {takeover:?} after {signal} ({after_exit:?} after the exit)");
     assert!(
         takeover < Duration::from_secs(5),
-        "takeover took {takeover:?} with lease_poll_ms = 200"
+        "takeover took {takeover:?} with lease_poll_ms = 200 (gracefully: {gracefully})"
     );
     for tally in &tallies {
         assert!(tally.errors.is_empty(), "{:?}", tally.errors);
