@@ -268,18 +268,32 @@ macro_rules! sales_queries {
                     ))
                     .execute(conn)
                     .await?;
+                // A SKU whose membership changes gets a new row version:
+                // a commit that read the row before (the grouped one, the
+                // optimistic one) and decided without this sale's cap then
+                // fails its version check and decides again.
                 diesel::update(
                     inventory::table
                         .filter(inventory::sale_id.eq(sale_id))
                         .filter(inventory::sku.ne_all(skus)),
                 )
-                .set(inventory::sale_id.eq(None::<String>))
+                .set((
+                    inventory::sale_id.eq(None::<String>),
+                    inventory::version.eq(inventory::version + 1),
+                ))
                 .execute(conn)
                 .await?;
-                diesel::update(inventory::table.filter(inventory::sku.eq_any(skus)))
-                    .set(inventory::sale_id.eq(sale_id))
-                    .execute(conn)
-                    .await?;
+                diesel::update(
+                    inventory::table
+                        .filter(inventory::sku.eq_any(skus))
+                        .filter(inventory::sale_id.is_null()),
+                )
+                .set((
+                    inventory::sale_id.eq(sale_id),
+                    inventory::version.eq(inventory::version + 1),
+                ))
+                .execute(conn)
+                .await?;
                 let after = sale_view(conn, sale_id).await?.expect("upserted above");
                 Ok(SaleWrite::Applied { before, after })
             })

@@ -9,7 +9,7 @@ use stockgate::{
     store::{CommitOutcome, CommitParams, NewOrder, SaleWrite, Store, SALE_LIMIT_REASON},
 };
 
-use crate::harness::{config_for, open_store, Profile};
+use crate::harness::{config_for, open_store, OpenTransaction, Profile};
 
 fn order(sku: &str, user: &str, quantity: u32, key: Option<&str>) -> NewOrder {
     NewOrder {
@@ -559,6 +559,7 @@ async fn a_sales_cap_binds_each_user_across_its_skus() {
             "{written:?}"
         );
 
+        let sb_version = row_of(&store, "SB").await.1;
         let batch = vec![
             order("SA", "u1", 2, None),
             order("SB", "u2", 3, None),
@@ -591,7 +592,8 @@ async fn a_sales_cap_binds_each_user_across_its_skus() {
             "{reason}"
         );
         // One conditional update per SKU: the grouped path decided it.
-        assert_eq!(row_of(&store, "SB").await, (6, 1), "{profile:?}");
+        let sb = (6, sb_version + 1);
+        assert_eq!(row_of(&store, "SB").await, sb, "{profile:?}");
 
         // The same id twice sends a batch order by order: the same cap.
         let twice = order("SA", "u3", 2, None);
@@ -608,7 +610,7 @@ async fn a_sales_cap_binds_each_user_across_its_skus() {
             ["held, 6 left", "already Held", "rejected UserLimit"],
             "{profile:?}"
         );
-        assert_eq!(row_of(&store, "SB").await, (6, 1), "{profile:?}");
+        assert_eq!(row_of(&store, "SB").await, sb, "{profile:?}");
 
         for mode in [DbCheckMode::Optimistic, DbCheckMode::Pessimistic] {
             let single = CommitParams {
@@ -675,4 +677,57 @@ async fn a_sales_cap_binds_each_user_across_its_skus() {
             "refused, not created"
         );
     }
+}
+
+/// A SKU joins a sale while a grouped commit that read its row (in no sale
+/// then) waits for another (sale, user) lock of the batch: the commit's
+/// version check fails, and the order is decided again under the sale's
+/// cap instead of slipping past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sku_joining_a_sale_mid_commit_is_held_to_its_cap() {
+    let (config, _db, _dir) = config_for(Profile::Postgres).await;
+    let store = open_store(&config);
+    store.migrate().await.unwrap();
+    for name in ["JX", "JY", "JZ"] {
+        let sku = Sku::parse(name).unwrap();
+        store.set_stock(&sku, 10, 0, now(), None).await.unwrap();
+    }
+    let sku = |name: &str| Sku::parse(name).unwrap();
+    let (s, t) = (SaleId::parse("S").unwrap(), SaleId::parse("T").unwrap());
+    store.set_sale(&s, 1, &[sku("JZ")]).await.unwrap();
+    store.set_sale(&t, 10, &[sku("JY")]).await.unwrap();
+    // u1 is at S's cap.
+    let first = store
+        .commit_batch(&[order("JZ", "u1", 1, None)], params())
+        .await
+        .unwrap();
+    assert_eq!(shape(&first[0]), "held, 9 left");
+
+    // Another session holds (T, u1), so the batch waits after reading JX's
+    // row and before taking any stock.
+    let other = OpenTransaction::begin(
+        &config,
+        &format!(
+            "SELECT pg_advisory_xact_lock({}, {})",
+            stockgate::store::SALE_LOCK_SPACE,
+            stockgate::store::sale_user_key("T", "u1")
+        ),
+    )
+    .await;
+    let batch = vec![order("JY", "u1", 1, None), order("JX", "u1", 1, None)];
+    let committing = {
+        let store = open_store(&config);
+        tokio::spawn(async move { store.commit_batch(&batch, params()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!committing.is_finished(), "the batch did not wait");
+    store
+        .set_sale(&s, 1, &[sku("JZ"), sku("JX")])
+        .await
+        .unwrap();
+    other.commit().await;
+    let outcomes = committing.await.unwrap().unwrap();
+    let shapes: Vec<String> = outcomes.iter().map(shape).collect();
+    assert_eq!(shapes, ["held, 9 left", "rejected UserLimit"]);
+    assert_eq!(row_of(&store, "JX").await.0, 10);
 }

@@ -228,7 +228,7 @@ async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
     // Another transaction holds busy's lock, as a commit of theirs would.
     let key = stockgate::store::sale_user_key("PASS", "busy");
     let other = OpenTransaction::begin(
-        &app,
+        &app.config,
         &format!(
             "SELECT pg_advisory_xact_lock({}, {key})",
             stockgate::store::SALE_LOCK_SPACE
@@ -262,7 +262,7 @@ async fn a_sale_set_while_a_commit_waits_for_the_row_still_binds_it() {
     take(&mut client, "LATE-A", "buyer").await;
     // B joins the sale in a transaction that holds B's row until told.
     let other = OpenTransaction::begin(
-        &app,
+        &app.config,
         "UPDATE inventory SET sale_id = 'LATE' WHERE sku = 'LATE-B'",
     )
     .await;

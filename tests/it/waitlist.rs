@@ -452,7 +452,7 @@ async fn an_entry_leaving_as_its_turn_comes_leaves_the_unit_in_stock() {
     let entry_id = entry.reservation.unwrap().reservation_id;
 
     let other = OpenTransaction::begin(
-        &app,
+        &app.config,
         &format!("UPDATE reservations SET state = 'released' WHERE reservation_id = '{entry_id}'"),
     )
     .await;

@@ -1042,8 +1042,8 @@ by_id_call!(get, get_reservation, GetReservationRequest, reservation);
 pub struct OpenTransaction(AsyncPgConnection);
 
 impl OpenTransaction {
-    pub async fn begin(app: &TestApp, sql: &str) -> Self {
-        let mut session = AsyncPgConnection::establish(&app.config.backends.store)
+    pub async fn begin(config: &Config, sql: &str) -> Self {
+        let mut session = AsyncPgConnection::establish(&config.backends.store)
             .await
             .expect("a PostgreSQL profile's database");
         session
