@@ -278,7 +278,10 @@ macro_rules! holds_queries {
             reservations::table
                 .filter(reservations::state.eq(state.as_db()))
                 .filter(reservations::expires_at.le(now))
-                .order(reservations::expires_at.asc())
+                .order((
+                    reservations::expires_at.asc(),
+                    reservations::reservation_id.asc(),
+                ))
                 .limit(limit)
                 .select(ReservationRow::as_select())
                 .load(conn)
@@ -496,28 +499,33 @@ macro_rules! holds_queries {
             hold_ttl: Option<Duration>,
         ) -> QueryResult<HoldEnded> {
             conn.transaction::<_, DieselError, _>(async |conn| {
-                let Some(row) = find(conn, id).await? else {
+                let Some(mut row) = find(conn, id).await? else {
                     return Ok(HoldEnded::NotFound);
                 };
                 if row.user_id != user {
                     return Ok(HoldEnded::NotOwner);
                 }
-                let state = ReservationState::from_db(&row.state);
+                let mut state = ReservationState::from_db(&row.state);
                 if state == Some(to) {
                     return Ok(HoldEnded::Unchanged(row.into_domain()));
                 }
                 if state == Some(ReservationState::Waitlisted) && to == ReservationState::Released {
                     // Leaving the line: no units to return.
                     let moved = leave_line(conn, id, to, now).await?;
-                    let row = find(conn, id).await?.expect("rows are never deleted");
-                    return Ok(if moved {
-                        HoldEnded::Changed {
+                    row = find(conn, id).await?.expect("rows are never deleted");
+                    state = ReservationState::from_db(&row.state);
+                    if moved {
+                        return Ok(HoldEnded::Changed {
                             reservation: row.into_domain(),
                             restock: None,
-                        }
-                    } else {
-                        HoldEnded::Unchanged(row.into_domain())
-                    });
+                        });
+                    }
+                    // A hand-off gave the entry units between the read and
+                    // the update: the caller who asked to leave is released
+                    // from the hold instead, below, and the units go back.
+                    if state != Some(ReservationState::Held) {
+                        return Ok(HoldEnded::Unchanged(row.into_domain()));
+                    }
                 }
                 if state != Some(ReservationState::Held) {
                     // Releasing something no longer held is a no-op;
@@ -625,53 +633,63 @@ macro_rules! holds_queries {
             limit: i64,
             hold_ttl: Option<Duration>,
         ) -> QueryResult<Vec<(Reservation, Option<Restock>)>> {
-            conn.transaction::<_, DieselError, _>(async |conn| {
-                // Waitlist entries past their time leave the line first,
-                // so a hold expiring below does not hand them units.
-                let waited_out = lapsed(conn, ReservationState::Waitlisted, now, limit).await?;
-                let mut expired = Vec::new();
-                for row in waited_out {
-                    if leave_line(conn, &row.reservation_id, ReservationState::Expired, now).await?
-                    {
+            // Waitlist entries past their time leave the line first, so a
+            // hold expiring below does not hand them units; in a transaction
+            // of their own, committed before any SKU row is locked, because
+            // a hand-off or a policy change locks the SKU's row and then its
+            // entries: holding entries while waiting for that row would close
+            // a cycle. Locked in one order (expiry, then id), so two sweeps
+            // cannot close one either.
+            let mut expired = conn
+                .transaction::<_, DieselError, _>(async |conn| {
+                    let waited_out = lapsed(conn, ReservationState::Waitlisted, now, limit).await?;
+                    let mut expired = Vec::new();
+                    for row in waited_out {
+                        let id = &row.reservation_id;
+                        if leave_line(conn, id, ReservationState::Expired, now).await? {
+                            let mut reservation = row.into_domain();
+                            reservation.state = ReservationState::Expired;
+                            reservation.updated_at = now;
+                            expired.push((reservation, None));
+                        }
+                    }
+                    Ok(expired)
+                })
+                .await?;
+            let held = conn
+                .transaction::<_, DieselError, _>(async |conn| {
+                    // Every hold leaves HELD before any units go back, and the
+                    // units go back in SKU order (byte order, as the group
+                    // commit locks): held rows first, then inventory rows
+                    // sorted, as a release and the group commit take them, so
+                    // this sweep deadlocks with neither.
+                    let mut expired = Vec::new();
+                    let mut due = lapsed(conn, ReservationState::Held, now, limit).await?;
+                    due.sort_by(|a, b| {
+                        (&a.sku, a.expires_at, &a.reservation_id).cmp(&(
+                            &b.sku,
+                            b.expires_at,
+                            &b.reservation_id,
+                        ))
+                    });
+                    let mut moved = Vec::with_capacity(due.len());
+                    for row in due {
+                        if leave_held(conn, &row, ReservationState::Expired, now).await? {
+                            moved.push(row);
+                        }
+                    }
+                    for row in moved {
+                        let restock = give_back(conn, &row, now, hold_ttl).await?;
                         let mut reservation = row.into_domain();
                         reservation.state = ReservationState::Expired;
                         reservation.updated_at = now;
-                        expired.push((reservation, None));
+                        expired.push((reservation, Some(restock)));
                     }
-                }
-                // Every hold leaves HELD before any units go back, and the
-                // units go back in SKU order (byte order, as the group
-                // commit locks): held rows first, then inventory rows
-                // sorted, as a release and the group commit take them, so
-                // this sweep deadlocks with neither. Waitlist entries are
-                // the exception: a hand-off locks live ones after its SKU
-                // row, and a sweep on another replica whose clock has them
-                // lapsed locks them first; PostgreSQL breaks that cycle,
-                // and the losing sweep runs again at its next tick.
-                let mut due = lapsed(conn, ReservationState::Held, now, limit).await?;
-                due.sort_by(|a, b| {
-                    (&a.sku, a.expires_at, &a.reservation_id).cmp(&(
-                        &b.sku,
-                        b.expires_at,
-                        &b.reservation_id,
-                    ))
-                });
-                let mut moved = Vec::with_capacity(due.len());
-                for row in due {
-                    if leave_held(conn, &row, ReservationState::Expired, now).await? {
-                        moved.push(row);
-                    }
-                }
-                for row in moved {
-                    let restock = give_back(conn, &row, now, hold_ttl).await?;
-                    let mut reservation = row.into_domain();
-                    reservation.state = ReservationState::Expired;
-                    reservation.updated_at = now;
-                    expired.push((reservation, Some(restock)));
-                }
-                Ok(expired)
-            })
-            .await
+                    Ok(expired)
+                })
+                .await?;
+            expired.extend(held);
+            Ok(expired)
         }
     };
 }

@@ -473,3 +473,94 @@ async fn an_entry_leaving_as_its_turn_comes_leaves_the_unit_in_stock() {
     assert_checked(&app).await;
     app.stop().await;
 }
+
+/// An expiry sweep with a lapsed entry and a lapsed hold of the same SKU,
+/// beside a change that locks the SKU's row and then ends its entries
+/// (switching the policy to `instant`): neither waits for the other in a
+/// cycle, so neither fails with a deadlock. The sweep is made to stop
+/// between the two steps by another session holding the hold's row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_sweep_and_closing_the_line_do_not_deadlock() {
+    let app = TestApp::spawn(Profile::Postgres).await;
+    // The test sweeps itself, through the store: no gate to settle.
+    app.set_layers(false, false, stockgate::config::DbCheckMode::Optimistic)
+        .await;
+    app.set_stock("SWEEP", 1, 0).await;
+    set_policy(&app, "SWEEP", SoldOutPolicy::Waitlist, 0).await;
+    let mut client = app.inventory();
+    let hold = take(&mut client, "SWEEP", "holder").await;
+    let entry = reserve(&mut client, "SWEEP", "waiter", true).await;
+    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
+
+    let other = OpenTransaction::begin(
+        &app.config,
+        &format!("SELECT 1 FROM reservations WHERE reservation_id = '{hold}' FOR UPDATE"),
+    )
+    .await;
+    let store = crate::harness::open_store(&app.config);
+    let later = chrono::Utc::now().naive_utc() + chrono::Duration::days(1);
+    let sweep = tokio::spawn(async move { store.expire_due(later, 100, None).await });
+    // The sweep has dealt with the entry and waits for the hold's row.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sweep.is_finished(), "the sweep did not wait for the hold");
+    let admin = app.admin();
+    let close = tokio::spawn(async move {
+        let mut admin = admin;
+        admin
+            .set_sold_out_policy(SetSoldOutPolicyRequest {
+                sku: "SWEEP".into(),
+                policy: SoldOutPolicy::Instant as i32,
+                waitlist_limit: 0,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.commit().await;
+    let swept = sweep.await.unwrap().expect("the sweep");
+    assert_eq!(swept.len(), 2, "{swept:?}");
+    close.await.unwrap().expect("closing the line");
+    let view = app.stock("SWEEP").await;
+    assert_eq!((view.db_stock, view.held_units), (1, 0), "{view:?}");
+    assert_eq!(view.sold_out_policy(), SoldOutPolicy::Instant);
+    app.stop().await;
+}
+
+/// A caller leaves the line just as a hand-off gives their entry units
+/// (the hand-off's update reaches the entry first, the leave's second,
+/// both made to wait by another session holding the entry's row): the
+/// leave releases the new hold, rather than answering as if nothing
+/// changed and leaving units with someone who asked to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_the_line_as_the_units_arrive_gives_them_back() {
+    let app = TestApp::spawn(Profile::Postgres).await;
+    app.set_stock("GO", 1, 0).await;
+    set_policy(&app, "GO", SoldOutPolicy::Waitlist, 0).await;
+    let mut client = app.inventory();
+    let holder = take(&mut client, "GO", "holder").await;
+    let entry = reserve(&mut client, "GO", "leaver", true).await;
+    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
+    let entry_id = entry.reservation.unwrap().reservation_id;
+
+    let other = OpenTransaction::begin(
+        &app.config,
+        &format!("SELECT 1 FROM reservations WHERE reservation_id = '{entry_id}' FOR UPDATE"),
+    )
+    .await;
+    let mut releaser = app.inventory();
+    let hand_off = tokio::spawn(async move { release(&mut releaser, &holder, "holder").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut leaver = app.inventory();
+    let id = entry_id.clone();
+    let leave = tokio::spawn(async move { release(&mut leaver, &id, "leaver").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!hand_off.is_finished() && !leave.is_finished());
+    other.commit().await;
+
+    assert_eq!(hand_off.await.unwrap().state(), ReservationState::Released);
+    let left = leave.await.unwrap();
+    assert_eq!(left.state(), ReservationState::Released, "{left:?}");
+    let view = app.stock("GO").await;
+    assert_eq!((view.db_stock, view.held_units), (1, 0), "{view:?}");
+    assert_checked(&app).await;
+    app.stop().await;
+}
