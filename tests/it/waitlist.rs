@@ -436,6 +436,33 @@ async fn the_line_and_a_storm_never_oversell() {
     app.stop().await;
 }
 
+/// A SKU with its one unit held by "holder" and `waiter` in line: a client,
+/// the hold's id and the entry's.
+async fn one_held_one_waiting(
+    app: &TestApp,
+    sku: &str,
+    waiter: &str,
+) -> (Inventory, String, String) {
+    app.set_stock(sku, 1, 0).await;
+    set_policy(app, sku, SoldOutPolicy::Waitlist, 0).await;
+    let mut client = app.inventory();
+    let hold = take(&mut client, sku, "holder").await;
+    let entry = reserve(&mut client, sku, waiter, true).await;
+    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
+    (client, hold, entry.reservation.unwrap().reservation_id)
+}
+
+/// Releases `id` as `user` on a task of its own, for a call that will wait.
+fn release_in_background(
+    app: &TestApp,
+    id: &str,
+    user: &str,
+) -> tokio::task::JoinHandle<Reservation> {
+    let mut client = app.inventory();
+    let (id, user) = (id.to_owned(), user.to_owned());
+    tokio::spawn(async move { release(&mut client, &id, &user).await })
+}
+
 /// An entry that leaves the line just as its turn comes (another session
 /// has changed it, not yet committed, when the hand-off's update reaches
 /// it): the hand-off finds it gone and the unit goes back on sale, rather
@@ -443,21 +470,14 @@ async fn the_line_and_a_storm_never_oversell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_leaving_as_its_turn_comes_leaves_the_unit_in_stock() {
     let app = TestApp::spawn(Profile::Postgres).await;
-    app.set_stock("LEAVE", 1, 0).await;
-    set_policy(&app, "LEAVE", SoldOutPolicy::Waitlist, 0).await;
-    let mut client = app.inventory();
-    let holder = take(&mut client, "LEAVE", "holder").await;
-    let entry = reserve(&mut client, "LEAVE", "leaver", true).await;
-    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
-    let entry_id = entry.reservation.unwrap().reservation_id;
+    let (mut client, holder, entry_id) = one_held_one_waiting(&app, "LEAVE", "leaver").await;
 
     let other = OpenTransaction::begin(
         &app.config,
         &format!("UPDATE reservations SET state = 'released' WHERE reservation_id = '{entry_id}'"),
     )
     .await;
-    let mut releaser = app.inventory();
-    let call = tokio::spawn(async move { release(&mut releaser, &holder, "holder").await });
+    let call = release_in_background(&app, &holder, "holder");
     // The hand-off read the entry as waiting and now waits for its row.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!call.is_finished(), "the hand-off did not reach the entry");
@@ -485,12 +505,7 @@ async fn an_expiry_sweep_and_closing_the_line_do_not_deadlock() {
     // The test sweeps itself, through the store: no gate to settle.
     app.set_layers(false, false, stockgate::config::DbCheckMode::Optimistic)
         .await;
-    app.set_stock("SWEEP", 1, 0).await;
-    set_policy(&app, "SWEEP", SoldOutPolicy::Waitlist, 0).await;
-    let mut client = app.inventory();
-    let hold = take(&mut client, "SWEEP", "holder").await;
-    let entry = reserve(&mut client, "SWEEP", "waiter", true).await;
-    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
+    let (_, hold, _) = one_held_one_waiting(&app, "SWEEP", "waiter").await;
 
     let other = OpenTransaction::begin(
         &app.config,
@@ -503,22 +518,18 @@ async fn an_expiry_sweep_and_closing_the_line_do_not_deadlock() {
     // The sweep has dealt with the entry and waits for the hold's row.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!sweep.is_finished(), "the sweep did not wait for the hold");
-    let admin = app.admin();
-    let close = tokio::spawn(async move {
-        let mut admin = admin;
-        admin
-            .set_sold_out_policy(SetSoldOutPolicyRequest {
-                sku: "SWEEP".into(),
-                policy: SoldOutPolicy::Instant as i32,
-                waitlist_limit: 0,
-            })
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    other.commit().await;
+    // Closing the line (it panics on an error) while the sweep still
+    // waits, which is let go after a moment.
+    let release_the_hold = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        other.commit().await;
+    };
+    tokio::join!(
+        set_policy(&app, "SWEEP", SoldOutPolicy::Instant, 0),
+        release_the_hold
+    );
     let swept = sweep.await.unwrap().expect("the sweep");
     assert_eq!(swept.len(), 2, "{swept:?}");
-    close.await.unwrap().expect("closing the line");
     let view = app.stock("SWEEP").await;
     assert_eq!((view.db_stock, view.held_units), (1, 0), "{view:?}");
     assert_eq!(view.sold_out_policy(), SoldOutPolicy::Instant);
@@ -533,25 +544,16 @@ async fn an_expiry_sweep_and_closing_the_line_do_not_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_the_line_as_the_units_arrive_gives_them_back() {
     let app = TestApp::spawn(Profile::Postgres).await;
-    app.set_stock("GO", 1, 0).await;
-    set_policy(&app, "GO", SoldOutPolicy::Waitlist, 0).await;
-    let mut client = app.inventory();
-    let holder = take(&mut client, "GO", "holder").await;
-    let entry = reserve(&mut client, "GO", "leaver", true).await;
-    assert_eq!(entry.outcome(), ReserveOutcome::Waitlisted, "{entry:?}");
-    let entry_id = entry.reservation.unwrap().reservation_id;
+    let (_, holder, entry_id) = one_held_one_waiting(&app, "GO", "leaver").await;
 
     let other = OpenTransaction::begin(
         &app.config,
         &format!("SELECT 1 FROM reservations WHERE reservation_id = '{entry_id}' FOR UPDATE"),
     )
     .await;
-    let mut releaser = app.inventory();
-    let hand_off = tokio::spawn(async move { release(&mut releaser, &holder, "holder").await });
+    let hand_off = release_in_background(&app, &holder, "holder");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut leaver = app.inventory();
-    let id = entry_id.clone();
-    let leave = tokio::spawn(async move { release(&mut leaver, &id, "leaver").await });
+    let leave = release_in_background(&app, &entry_id, "leaver");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!hand_off.is_finished() && !leave.is_finished());
     other.commit().await;
