@@ -452,34 +452,25 @@ macro_rules! holds_queries {
                 }
                 let mut ended = Vec::new();
                 if policy == SoldOutPolicy::Instant {
-                    let waiting: Vec<ReservationRow> = reservations::table
-                        .filter(reservations::sku.eq(sku))
-                        .filter(reservations::state.eq(ReservationState::Waitlisted.as_db()))
-                        .select(ReservationRow::as_select())
-                        .load(conn)
-                        .await?;
-                    let reason = "the waitlist was closed";
-                    diesel::update(
+                    // The rows this update changed, not a read before it:
+                    // an entry can leave the line (its user) meanwhile, and
+                    // must not be announced as ended by the closing.
+                    let waiting: Vec<ReservationRow> = diesel::update(
                         reservations::table
                             .filter(reservations::sku.eq(sku))
                             .filter(reservations::state.eq(ReservationState::Waitlisted.as_db())),
                     )
                     .set((
                         reservations::state.eq(ReservationState::Expired.as_db()),
-                        reservations::reject_reason.eq(reason),
+                        reservations::reject_reason.eq("the waitlist was closed"),
                         reservations::updated_at.eq(now),
                     ))
-                    .execute(conn)
+                    .returning(ReservationRow::as_returning())
+                    .get_results(conn)
                     .await?;
                     ended = waiting
                         .into_iter()
-                        .map(|row| {
-                            let mut reservation = row.into_domain();
-                            reservation.state = ReservationState::Expired;
-                            reservation.reject_reason = Some(reason.into());
-                            reservation.updated_at = now;
-                            reservation
-                        })
+                        .map(ReservationRow::into_domain)
                         .collect();
                 }
                 let row = inventory(conn, sku)

@@ -566,3 +566,36 @@ async fn leaving_the_line_as_the_units_arrive_gives_them_back() {
     assert_checked(&app).await;
     app.stop().await;
 }
+
+/// Closing the line while one user leaves it (their change not yet
+/// committed when the closing reaches their entry): the closing reports
+/// only the entries it ended, so the leaver is not announced as EXPIRED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_line_reports_only_the_entries_it_ended() {
+    let app = TestApp::spawn(Profile::Postgres).await;
+    let (mut client, _, leaver) = one_held_one_waiting(&app, "SHUT", "leaver").await;
+    let stayer = reserve(&mut client, "SHUT", "stayer", true).await;
+    let stayer = stayer.reservation.unwrap().reservation_id;
+    let other = OpenTransaction::begin(
+        &app.config,
+        &format!("UPDATE reservations SET state = 'released' WHERE reservation_id = '{leaver}'"),
+    )
+    .await;
+    let store = crate::harness::open_store(&app.config);
+    let closing = tokio::spawn(async move {
+        let sku = stockgate::domain::Sku::parse("SHUT").unwrap();
+        let instant = stockgate::domain::SoldOutPolicy::Instant;
+        let at = stockgate::domain::now();
+        store.set_sold_out_policy(&sku, instant, 0, at).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !closing.is_finished(),
+        "the closing did not reach the entry"
+    );
+    other.commit().await;
+    let (_, ended) = closing.await.unwrap().unwrap().expect("a known SKU");
+    let ended: Vec<&str> = ended.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ended, [stayer.as_str()]);
+    app.stop().await;
+}
