@@ -756,7 +756,16 @@ impl Store {
         now: NaiveDateTime,
         stock_check: bool,
     ) -> Result<WaitlistJoin, StoreError> {
-        dispatch!(self.join_waitlist(order, default_limit, ttl, now, stock_check))
+        match dispatch!(self.join_waitlist(order, default_limit, ttl, now, stock_check)) {
+            // The key check reads without a lock: an order with the same
+            // (user, key) in another SKU can be stored between it and the
+            // insert. Run again, the check finds that order (KeyUsed).
+            Err(StoreError::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ))) => dispatch!(self.join_waitlist(order, default_limit, ttl, now, stock_check)),
+            answer => answer,
+        }
     }
 
     /// Sets a SKU's sold-out policy; `None` for an unknown SKU.

@@ -599,3 +599,52 @@ async fn closing_the_line_reports_only_the_entries_it_ended() {
     assert_eq!(ended, [stayer.as_str()]);
     app.stop().await;
 }
+
+/// A join whose idempotency key another order (in another SKU) stores at
+/// the same moment: the insert meets the other row (committed after the
+/// join's key check read nothing), and the join answers with that order
+/// rather than failing on the unique key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_racing_an_order_with_its_key_answers_that_order() {
+    use stockgate::{
+        domain::{IdempotencyKey, ReservationId, Sku, UserId},
+        store::{NewOrder, WaitlistJoin},
+    };
+    let app = TestApp::spawn(Profile::Postgres).await;
+    one_held_one_waiting(&app, "KEYED", "waiter").await;
+    app.set_stock("OTHER", 5, 0).await;
+    let theirs = ReservationId::generate();
+    let other = OpenTransaction::begin(
+        &app.config,
+        &format!(
+            "INSERT INTO reservations (reservation_id, sku, user_id, idempotency_key, quantity, \
+             state, created_at, updated_at) \
+             VALUES ('{}', 'OTHER', 'racer', 'k-1', 1, 'confirmed', now(), now())",
+            theirs.as_str()
+        ),
+    )
+    .await;
+    let store = crate::harness::open_store(&app.config);
+    let joining = tokio::spawn(async move {
+        let order = NewOrder {
+            id: ReservationId::generate(),
+            sku: Sku::parse("KEYED").unwrap(),
+            user: UserId::parse("racer").unwrap(),
+            quantity: 1,
+            idempotency_key: Some(IdempotencyKey::parse("k-1").unwrap()),
+            created_at: stockgate::domain::now(),
+        };
+        let ttl = Duration::from_secs(60);
+        store
+            .join_waitlist(&order, 100, ttl, order.created_at, false)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!joining.is_finished(), "the join did not meet the key");
+    other.commit().await;
+    match joining.await.unwrap().expect("no unique-key error") {
+        WaitlistJoin::KeyUsed(found) => assert_eq!(found.id, theirs),
+        answer => panic!("{answer:?}"),
+    }
+    app.stop().await;
+}
