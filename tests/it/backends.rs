@@ -421,6 +421,7 @@ impl Drop for RabbitUser {
 /// reconnect with the new password and calls succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_rabbitmq_password_is_picked_up_on_sighup() {
+    crate::harness::use_shared_broker();
     let user = RabbitUser(format!("sg-rotate-{}", uuid::Uuid::now_v7().simple()));
     rabbitmqctl(&["add_user", &user.0, "old-pass"]);
     rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);

@@ -90,8 +90,15 @@ pub fn own_shared_broker() {
     );
 }
 
-pub fn amqp_url() -> String {
+/// Keeps the shared broker up for this test (a shared hold, see
+/// [`BROKER_LOCK`]); [`amqp_url`] takes it, so only a test that reaches the
+/// broker some other way first (`rabbitmqctl`) needs to call this.
+pub fn use_shared_broker() {
     hold_broker(false);
+}
+
+pub fn amqp_url() -> String {
+    use_shared_broker();
     std::env::var("STOCKGATE_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
