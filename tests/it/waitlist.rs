@@ -479,8 +479,7 @@ async fn an_entry_leaving_as_its_turn_comes_leaves_the_unit_in_stock() {
     .await;
     let call = release_in_background(&app, &holder, "holder");
     // The hand-off read the entry as waiting and now waits for its row.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!call.is_finished(), "the hand-off did not reach the entry");
+    other.wait_for_waiters(1).await;
     other.commit().await;
     assert_eq!(call.await.unwrap().state(), ReservationState::Released);
 
@@ -516,8 +515,7 @@ async fn an_expiry_sweep_and_closing_the_line_do_not_deadlock() {
     let later = chrono::Utc::now().naive_utc() + chrono::Duration::days(1);
     let sweep = tokio::spawn(async move { store.expire_due(later, 100, None).await });
     // The sweep has dealt with the entry and waits for the hold's row.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!sweep.is_finished(), "the sweep did not wait for the hold");
+    other.wait_for_waiters(1).await;
     // Closing the line (it panics on an error) while the sweep still
     // waits, which is let go after a moment.
     let release_the_hold = async {
@@ -552,10 +550,10 @@ async fn leaving_the_line_as_the_units_arrive_gives_them_back() {
     )
     .await;
     let hand_off = release_in_background(&app, &holder, "holder");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The hand-off waits for the entry first, then the leave.
+    other.wait_for_waiters(1).await;
     let leave = release_in_background(&app, &entry_id, "leaver");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!hand_off.is_finished() && !leave.is_finished());
+    other.wait_for_waiters(2).await;
     other.commit().await;
 
     assert_eq!(hand_off.await.unwrap().state(), ReservationState::Released);
@@ -588,11 +586,7 @@ async fn closing_the_line_reports_only_the_entries_it_ended() {
         let at = stockgate::domain::now();
         store.set_sold_out_policy(&sku, instant, 0, at).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !closing.is_finished(),
-        "the closing did not reach the entry"
-    );
+    other.wait_for_waiters(1).await;
     other.commit().await;
     let (_, ended) = closing.await.unwrap().unwrap().expect("a known SKU");
     let ended: Vec<&str> = ended.iter().map(|r| r.id.as_str()).collect();
@@ -639,8 +633,7 @@ async fn a_join_racing_an_order_with_its_key_answers_that_order() {
             .join_waitlist(&order, 100, ttl, order.created_at, false)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!joining.is_finished(), "the join did not meet the key");
+    other.wait_for_waiters(1).await;
     other.commit().await;
     match joining.await.unwrap().expect("no unique-key error") {
         WaitlistJoin::KeyUsed(found) => assert_eq!(found.id, theirs),

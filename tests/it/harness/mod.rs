@@ -1046,22 +1046,60 @@ by_id_call!(get, get_reservation, GetReservationRequest, reservation);
 /// that ran `sql` and stays open until [`OpenTransaction::commit`]: the
 /// rows it changed and the locks it took are held from the service's
 /// sessions meanwhile, as a concurrent caller's would be.
-pub struct OpenTransaction(AsyncPgConnection);
+pub struct OpenTransaction {
+    session: AsyncPgConnection,
+    database: String,
+}
 
 impl OpenTransaction {
     pub async fn begin(config: &Config, sql: &str) -> Self {
-        let mut session = AsyncPgConnection::establish(&config.backends.store)
+        let url = &config.backends.store;
+        let mut session = AsyncPgConnection::establish(url)
             .await
             .expect("a PostgreSQL profile's database");
         session
             .batch_execute(&format!("BEGIN; {sql}"))
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        Self(session)
+        let path = url.split('?').next().unwrap_or(url);
+        let database = path.rsplit('/').next().unwrap_or_default().to_owned();
+        Self { session, database }
+    }
+
+    /// Waits until `sessions` sessions of the database wait for a lock (a
+    /// row's or an advisory one), by PostgreSQL's own `pg_stat_activity`:
+    /// the calls a test started have reached the point it holds them at,
+    /// however slow the machine.
+    pub async fn wait_for_waiters(&self, sessions: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = std::process::Command::new("psql")
+                .arg(format!("{}/postgres", pg_admin_url()))
+                .arg("-tAc")
+                .arg(format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = '{}' AND wait_event_type = 'Lock'",
+                    self.database
+                ))
+                .output()
+                .expect("psql runs");
+            let waiting: i64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("psql said {out:?}"));
+            if waiting >= sessions {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{waiting} of {sessions} sessions waiting for a lock after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn commit(mut self) {
-        self.0.batch_execute("COMMIT").await.unwrap();
+        self.session.batch_execute("COMMIT").await.unwrap();
     }
 }
 
