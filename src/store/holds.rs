@@ -625,28 +625,20 @@ macro_rules! holds_queries {
             hold_ttl: Option<Duration>,
         ) -> QueryResult<Vec<(Reservation, Option<Restock>)>> {
             // Waitlist entries past their time leave the line first, so a
-            // hold expiring below does not hand them units; in a transaction
-            // of their own, committed before any SKU row is locked, because
-            // a hand-off or a policy change locks the SKU's row and then its
-            // entries: holding entries while waiting for that row would close
-            // a cycle. Locked in one order (expiry, then id), so two sweeps
-            // cannot close one either.
-            let mut expired = conn
-                .transaction::<_, DieselError, _>(async |conn| {
-                    let waited_out = lapsed(conn, ReservationState::Waitlisted, now, limit).await?;
-                    let mut expired = Vec::new();
-                    for row in waited_out {
-                        let id = &row.reservation_id;
-                        if leave_line(conn, id, ReservationState::Expired, now).await? {
-                            let mut reservation = row.into_domain();
-                            reservation.state = ReservationState::Expired;
-                            reservation.updated_at = now;
-                            expired.push((reservation, None));
-                        }
-                    }
-                    Ok(expired)
-                })
-                .await?;
+            // hold expiring below does not hand them units. Each in a
+            // statement of its own, committed at once: a hand-off or a
+            // policy change locks the SKU's row and then its entries (in
+            // an order of their own), so a sweep holding one entry while it
+            // waits for another entry or a row could close a cycle.
+            let mut expired = Vec::new();
+            for row in lapsed(conn, ReservationState::Waitlisted, now, limit).await? {
+                if leave_line(conn, &row.reservation_id, ReservationState::Expired, now).await? {
+                    let mut reservation = row.into_domain();
+                    reservation.state = ReservationState::Expired;
+                    reservation.updated_at = now;
+                    expired.push((reservation, None));
+                }
+            }
             let held = conn
                 .transaction::<_, DieselError, _>(async |conn| {
                     // Every hold leaves HELD before any units go back, and the
