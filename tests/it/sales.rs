@@ -165,6 +165,31 @@ async fn concurrent_orders_in_a_sales_skus_never_pass_its_cap() {
     app.stop().await;
 }
 
+/// Sale `name` with cap `cap` over `{name}-HOT` (one unit, held by
+/// "holder", the waitlist policy, `line` waiting in that order) and
+/// `{name}-OTHER` (10 units): a client, the hold's id and the entries' ids.
+async fn a_sale_with_a_line(
+    app: &TestApp,
+    name: &str,
+    cap: u32,
+    line: [&str; 2],
+) -> (crate::waitlist::Inventory, String, Vec<String>) {
+    let (hot, other) = (format!("{name}-HOT"), format!("{name}-OTHER"));
+    let mut client = app.inventory();
+    app.set_stock(&hot, 1, 0).await;
+    app.set_stock(&other, 10, 0).await;
+    set_policy(app, &hot, SoldOutPolicy::Waitlist, 0).await;
+    set_sale(app, name, cap, &[&hot, &other]).await.unwrap();
+    let holder = take(&mut client, &hot, "holder").await;
+    let mut waiting = Vec::new();
+    for user in line {
+        let answer = reserve(&mut client, &hot, user, true).await;
+        assert_eq!(answer.outcome(), ReserveOutcome::Waitlisted, "{user}");
+        waiting.push(answer.reservation.unwrap().reservation_id);
+    }
+    (client, holder, waiting)
+}
+
 /// A user at the sale's cap is not let into a waitlist; a waiting entry
 /// whose turn comes while its user is at the cap (a hold taken in another
 /// of the sale's SKUs since joining) is REJECTED with the sale's reason,
@@ -172,20 +197,7 @@ async fn concurrent_orders_in_a_sales_skus_never_pass_its_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waitlists_turn_respects_the_sales_cap() {
     let app = TestApp::spawn(Profile::Postgres).await;
-    let mut client = app.inventory();
-    app.set_stock("WL-HOT", 1, 0).await;
-    app.set_stock("WL-OTHER", 10, 0).await;
-    set_policy(&app, "WL-HOT", SoldOutPolicy::Waitlist, 0).await;
-    set_sale(&app, "WL", 1, &["WL-HOT", "WL-OTHER"])
-        .await
-        .unwrap();
-    let holder = take(&mut client, "WL-HOT", "holder").await;
-    let mut waiting = Vec::new();
-    for user in ["capped", "next"] {
-        let answer = reserve(&mut client, "WL-HOT", user, true).await;
-        assert_eq!(answer.outcome(), ReserveOutcome::Waitlisted, "{user}");
-        waiting.push(answer.reservation.unwrap().reservation_id);
-    }
+    let (mut client, holder, waiting) = a_sale_with_a_line(&app, "WL", 1, ["capped", "next"]).await;
     take(&mut client, "WL-OTHER", "capped").await;
     // A user already at the cap is not let into the line.
     take(&mut client, "WL-OTHER", "full").await;
@@ -211,20 +223,7 @@ async fn the_waitlists_turn_respects_the_sales_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_mid_commit_is_passed_over_and_keeps_their_place() {
     let app = TestApp::spawn(Profile::Postgres).await;
-    let mut client = app.inventory();
-    app.set_stock("PASS-HOT", 1, 0).await;
-    app.set_stock("PASS-OTHER", 10, 0).await;
-    set_policy(&app, "PASS-HOT", SoldOutPolicy::Waitlist, 0).await;
-    set_sale(&app, "PASS", 2, &["PASS-HOT", "PASS-OTHER"])
-        .await
-        .unwrap();
-    let holder = take(&mut client, "PASS-HOT", "holder").await;
-    let mut waiting = Vec::new();
-    for user in ["busy", "next"] {
-        let answer = reserve(&mut client, "PASS-HOT", user, true).await;
-        assert_eq!(answer.outcome(), ReserveOutcome::Waitlisted, "{user}");
-        waiting.push(answer.reservation.unwrap().reservation_id);
-    }
+    let (mut client, holder, waiting) = a_sale_with_a_line(&app, "PASS", 2, ["busy", "next"]).await;
     // Another transaction holds busy's lock, as a commit of theirs would.
     let key = stockgate::store::sale_user_key("PASS", "busy");
     let other = OpenTransaction::begin(

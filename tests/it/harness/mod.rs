@@ -439,12 +439,17 @@ impl TestDb {
 /// `figure` of `database`'s row in `pg_stat_database`: PostgreSQL's own
 /// statistics, read from outside the service.
 pub fn database_stat(database: &str, figure: &str) -> i64 {
+    psql_number(&format!(
+        "SELECT {figure} FROM pg_stat_database WHERE datname = '{database}'"
+    ))
+}
+
+/// The one number `sql` answers, asked as the administrator through psql
+/// (from outside the service's sessions and their snapshots).
+fn psql_number(sql: &str) -> i64 {
     let out = std::process::Command::new("psql")
         .arg(format!("{}/postgres", pg_admin_url()))
-        .args(["-tAc"])
-        .arg(format!(
-            "SELECT {figure} FROM pg_stat_database WHERE datname = '{database}'"
-        ))
+        .args(["-tAc", sql])
         .output()
         .expect("psql runs");
     String::from_utf8_lossy(&out.stdout)
@@ -1073,20 +1078,11 @@ impl OpenTransaction {
     pub async fn wait_for_waiters(&self, sessions: i64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let out = std::process::Command::new("psql")
-                .arg(format!("{}/postgres", pg_admin_url()))
-                .arg("-tAc")
-                .arg(format!(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = '{}' AND wait_event_type = 'Lock'",
-                    self.database
-                ))
-                .output()
-                .expect("psql runs");
-            let waiting: i64 = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("psql said {out:?}"));
+            let waiting = psql_number(&format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND wait_event_type = 'Lock'",
+                self.database
+            ));
             if waiting >= sessions {
                 return;
             }
