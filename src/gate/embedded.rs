@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Mutex};
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{GateDecision, GateEntry, GateError, SkuStock, StockGate, WindowMs};
+use super::{GateDecision, GateEntry, GateError, SaleCap, SkuStock, StockGate, WindowMs};
 use crate::domain::Sku;
 
 #[derive(Debug, Default)]
@@ -24,6 +24,7 @@ struct Counter {
     /// Live units per user (admitted and not released or refused).
     users: HashMap<String, i64>,
     window: WindowMs,
+    sale: Option<SaleCap>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,8 @@ struct Admitted {
     user: String,
     quantity: u32,
     phase: Phase,
+    /// The sale whose per-user count this admission added to.
+    sale: Option<String>,
     /// The newest database release seen for it (see `released` in
     /// settle.lua): a charge at or below it comes too late to count.
     released: Option<i64>,
@@ -52,6 +55,8 @@ struct State {
     ready: bool,
     counters: HashMap<String, Counter>,
     admitted: HashMap<String, Admitted>,
+    /// Sale → user → live units admitted in the sale's SKUs.
+    sales: HashMap<String, HashMap<String, i64>>,
 }
 
 impl State {
@@ -69,6 +74,24 @@ impl State {
                 *live -= i64::from(quantity);
                 if *live <= 0 {
                     counter.users.remove(user);
+                }
+            }
+        }
+    }
+
+    /// Ends a reservation's count against its sale, if it had one.
+    fn free_sale_units(&mut self, id: &str) {
+        let Some(admitted) = self.admitted.get_mut(id) else {
+            return;
+        };
+        let Some(sale) = admitted.sale.take() else {
+            return;
+        };
+        if let Some(users) = self.sales.get_mut(&sale) {
+            if let Some(live) = users.get_mut(&admitted.user) {
+                *live -= i64::from(admitted.quantity);
+                if *live <= 0 {
+                    users.remove(&admitted.user);
                 }
             }
         }
@@ -93,6 +116,7 @@ impl State {
         counter.available = stock.db_stock - in_flight;
         counter.max_per_user = stock.max_per_user;
         counter.window = stock.window;
+        counter.sale = stock.sale.clone();
         counter.base = stock.version;
         counter.seen = stock.version;
         true
@@ -151,7 +175,13 @@ impl StockGate for EmbeddedGate {
         if !state.ready {
             return Ok(GateDecision::NotReady);
         }
-        let Some(counter) = state.counters.get_mut(request.sku.as_str()) else {
+        let State {
+            counters,
+            admitted,
+            sales,
+            ..
+        } = &mut *state;
+        let Some(counter) = counters.get_mut(request.sku.as_str()) else {
             return Ok(GateDecision::UnknownSku);
         };
         match counter.window {
@@ -180,18 +210,29 @@ impl StockGate for EmbeddedGate {
                 limit: counter.max_per_user,
             });
         }
+        let user = request.user.as_str();
+        if let Some(cap) = &counter.sale {
+            let users = sales.entry(cap.sale_id.clone()).or_default();
+            let in_sale = users.get(user).copied().unwrap_or(0);
+            if in_sale + quantity > i64::from(cap.max_per_user) {
+                return Ok(GateDecision::UserLimit {
+                    live_units: in_sale,
+                    limit: cap.max_per_user,
+                });
+            }
+            users.insert(user.to_owned(), in_sale + quantity);
+        }
         counter.available -= quantity;
         let remaining = counter.available;
-        counter
-            .users
-            .insert(request.user.as_str().to_owned(), live + quantity);
-        state.admitted.insert(
+        counter.users.insert(user.to_owned(), live + quantity);
+        admitted.insert(
             request.id.as_str().to_owned(),
             Admitted {
                 sku: request.sku.as_str().to_owned(),
                 user: request.user.as_str().to_owned(),
                 quantity: request.quantity,
                 phase: Phase::InFlight,
+                sale: counter.sale.as_ref().map(|cap| cap.sale_id.clone()),
                 released: None,
             },
         );
@@ -247,6 +288,7 @@ impl StockGate for EmbeddedGate {
                 user: entry.user.as_str().to_owned(),
                 quantity: entry.quantity,
                 phase: Phase::Committed,
+                sale: None,
                 released: None,
             },
         );
@@ -277,6 +319,7 @@ impl StockGate for EmbeddedGate {
             admitted.quantity,
         );
         state.free_user_units(&sku, &user, quantity);
+        state.free_sale_units(entry.id.as_str());
         Ok(())
     }
 
@@ -304,6 +347,7 @@ impl StockGate for EmbeddedGate {
                         user: release.user.as_str().to_owned(),
                         quantity: release.quantity,
                         phase: Phase::Done,
+                        sale: None,
                         released: release.version,
                     },
                 );
@@ -313,6 +357,7 @@ impl StockGate for EmbeddedGate {
         if known || release.version.is_some() {
             state.free_user_units(sku, release.user.as_str(), release.quantity);
         }
+        state.free_sale_units(release.id.as_str());
         // The same rule as settle.lua: a database restock comes back unless
         // the last read had it; units the database never saw come back if
         // this counter took them.
@@ -335,6 +380,27 @@ impl StockGate for EmbeddedGate {
             state.set(sku, false);
         }
         state.ready = true;
+        Ok(())
+    }
+
+    async fn forget_sale_counts(&self, sale_id: &str) -> Result<(), GateError> {
+        self.lock().sales.remove(sale_id);
+        Ok(())
+    }
+
+    async fn set_sales(&self, sales: &[(Sku, Option<SaleCap>)]) -> Result<(), GateError> {
+        let mut state = self.lock();
+        for (sku, sale) in sales {
+            let Some(counter) = state.counters.get_mut(sku.as_str()) else {
+                continue;
+            };
+            let before = std::mem::replace(&mut counter.sale, sale.clone());
+            if let Some(left) =
+                before.filter(|b| Some(&b.sale_id) != sale.as_ref().map(|s| &s.sale_id))
+            {
+                state.sales.remove(&left.sale_id);
+            }
+        }
         Ok(())
     }
 
@@ -430,6 +496,11 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sale_caps_span_skus() {
+        decision_table::sale_caps_span_skus(EmbeddedGate::new()).await;
+    }
+
+    #[tokio::test]
     async fn release_returns_units_once() {
         let (gate, sku) = loaded(EmbeddedGate::new(), 5, 0).await;
         let r = request(&sku, "u1", 3);
@@ -488,6 +559,7 @@ mod tests {
             db_stock: 8,
             max_per_user: 0,
             window: (None, None),
+            sale: None,
         })
         .await
         .unwrap();

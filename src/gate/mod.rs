@@ -85,7 +85,9 @@ pub enum GateDecision {
     Reserved { remaining: i64 },
     /// Fewer than the requested units are left.
     SoldOut { remaining: i64 },
-    /// The user's live units plus this request exceed the SKU's limit.
+    /// The user's live units plus this request exceed the SKU's limit, or
+    /// those across the SKU's sale exceed the sale's (then `limit` is the
+    /// sale's cap and `live_units` the user's units across the sale).
     UserLimit { live_units: i64, limit: u32 },
     /// The gate is loaded and has no such SKU.
     UnknownSku,
@@ -139,6 +141,24 @@ pub struct SkuStock {
     pub version: i64,
     /// The SKU's sale window.
     pub window: WindowMs,
+    /// The capped sale the SKU belongs to, if any.
+    pub sale: Option<SaleCap>,
+}
+
+/// A sale's per-user cap across all of its SKUs, as the gate checks it.
+///
+/// The gate counts a user's units per sale from the admissions it made for
+/// the sale's SKUs, and gives them back as those end (refused, released).
+/// The count may fall short of the database's (a hold made before the SKU
+/// joined, a count dropped by [`StockGate::forget_sale_counts`], a restart
+/// or flush) but is never above it for long, so the gate only refuses an
+/// order the database would refuse too; the database's check stands
+/// behind it for the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleCap {
+    pub sale_id: String,
+    /// Units per user across the sale; above 0.
+    pub max_per_user: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +222,17 @@ pub trait StockGate: Send + Sync + 'static {
     /// would otherwise refuse until they caught up. The read's version
     /// becomes the newest the gate has seen.
     async fn reset(&self, stock: &SkuStock) -> Result<(), GateError>;
+
+    /// Drops the gate's per-user counts of a sale whose SKUs changed: a
+    /// SKU that left took its users' units out of the sale, which the
+    /// counts cannot tell apart. Until new admissions count again, the
+    /// database alone holds users to the cap.
+    async fn forget_sale_counts(&self, sale_id: &str) -> Result<(), GateError>;
+
+    /// Sets the capped sale (or none) of SKUs on the counters the gate
+    /// has, as [`Self::set_windows`] does windows, and forgets the counts
+    /// of each sale a SKU left here (see [`Self::forget_sale_counts`]).
+    async fn set_sales(&self, sales: &[(Sku, Option<SaleCap>)]) -> Result<(), GateError>;
 
     /// Sets SKUs' sale windows on the counters the gate has (a SKU without
     /// one gets its window with its counter). Not versioned: a window is
@@ -420,6 +451,7 @@ pub(crate) mod decision_table {
                 .map(|&(db_stock, max_per_user)| SkuStock {
                     version: 0,
                     window: case.window,
+                    sale: None,
                     sku: sku.clone(),
                     db_stock,
                     max_per_user,
@@ -454,6 +486,7 @@ pub(crate) mod decision_table {
             max_per_user,
             version: 0,
             window: (None, None),
+            sale: None,
         }])
         .await
         .unwrap();
@@ -586,6 +619,7 @@ pub(crate) mod decision_table {
             max_per_user: 0,
             version,
             window: (None, None),
+            sale: None,
         }
     }
 
@@ -666,6 +700,128 @@ pub(crate) mod decision_table {
         assert_eq!(available(&gate).await, Some(db - 1));
         assert!(gate.set(&read(&sku, db - 1, 5)).await.unwrap());
         assert_eq!(available(&gate).await, Some(db - 1));
+    }
+
+    /// `sku` read at `version` with `stock` units, in `sale` (if any).
+    fn in_sale(sku: &Sku, stock: i64, version: i64, sale: Option<&str>) -> SkuStock {
+        SkuStock {
+            sale: sale.map(|sale_id| SaleCap {
+                sale_id: sale_id.to_owned(),
+                max_per_user: 3,
+            }),
+            ..read(sku, stock, version)
+        }
+    }
+
+    /// Two SKUs of a sale capped at 3 units per user: the cap counts a
+    /// user's units across both; a refusal by it leaves the SKU's counter
+    /// as it was, and its resend is refused too; units that end (refused,
+    /// released) stop counting, once however often they are settled, and
+    /// committed ones keep counting; a SKU that leaves the sale, and a
+    /// sale whose counts were forgotten, no longer refuse what the
+    /// database may allow.
+    pub async fn sale_caps_span_skus<G: StockGate>(gate: G) {
+        let (a, b, apart) = (
+            Sku::parse("SA").unwrap(),
+            Sku::parse("SB").unwrap(),
+            Sku::parse("SC").unwrap(),
+        );
+        let sale = Some("S1");
+        gate.load(&[
+            in_sale(&a, 10, 0, sale),
+            in_sale(&b, 10, 0, sale),
+            read(&apart, 10, 0),
+        ])
+        .await
+        .unwrap();
+        let over = |live_units| GateDecision::UserLimit {
+            live_units,
+            limit: 3,
+        };
+        let first = request(&a, "u1", 2);
+        assert_eq!(
+            gate.reserve(&first).await.unwrap(),
+            GateDecision::Reserved { remaining: 8 }
+        );
+        gate.committed(&first.clone().at_version(Some(1)))
+            .await
+            .unwrap();
+        assert_eq!(gate.reserve(&request(&b, "u1", 2)).await.unwrap(), over(2));
+        assert_eq!(gate.available(&b).await.unwrap(), Some(10));
+        assert_eq!(gate.in_flight(&b).await.unwrap(), 0);
+        // Other users, and SKUs outside the sale, are not held to it.
+        assert_eq!(
+            gate.reserve(&request(&b, "u2", 3)).await.unwrap(),
+            GateDecision::Reserved { remaining: 7 }
+        );
+        assert_eq!(
+            gate.reserve(&request(&apart, "u1", 5)).await.unwrap(),
+            GateDecision::Reserved { remaining: 5 }
+        );
+        let second = request(&b, "u1", 1);
+        assert_eq!(
+            gate.reserve(&second).await.unwrap(),
+            GateDecision::Reserved { remaining: 6 }
+        );
+        assert_eq!(gate.reserve(&request(&a, "u1", 1)).await.unwrap(), over(3));
+        for _ in 0..2 {
+            gate.rejected(&second).await.unwrap();
+        }
+        let third = request(&a, "u1", 1);
+        assert_eq!(
+            gate.reserve(&third).await.unwrap(),
+            GateDecision::Reserved { remaining: 7 }
+        );
+        assert_eq!(gate.reserve(&request(&b, "u1", 1)).await.unwrap(), over(3));
+        // The first hold ends in the database (an expiry): its 2 units
+        // stop counting, once.
+        for _ in 0..2 {
+            gate.release(&first.clone().at_version(Some(2)))
+                .await
+                .unwrap();
+        }
+        let fourth = request(&b, "u1", 2);
+        assert_eq!(
+            gate.reserve(&fourth).await.unwrap(),
+            GateDecision::Reserved { remaining: 4 }
+        );
+        assert_eq!(gate.reserve(&request(&b, "u1", 1)).await.unwrap(), over(3));
+        // A SKU that left the sale is no longer held to its cap.
+        assert!(gate.set(&in_sale(&a, 7, 3, None)).await.unwrap());
+        assert!(matches!(
+            gate.reserve(&request(&a, "u1", 2)).await.unwrap(),
+            GateDecision::Reserved { .. }
+        ));
+        assert_eq!(gate.reserve(&request(&b, "u1", 1)).await.unwrap(), over(3));
+        // A SKU unbound by `set_sales` drops the sale's counts: its units
+        // left the sale in the database.
+        let bound = in_sale(&a, 0, 0, sale).sale;
+        gate.set_sales(&[(a.clone(), bound)]).await.unwrap();
+        gate.set_sales(&[(a.clone(), None)]).await.unwrap();
+        assert_eq!(
+            gate.reserve(&request(&b, "u1", 3)).await.unwrap(),
+            GateDecision::Reserved { remaining: 1 }
+        );
+        let in_flight = gate.in_flight(&b).await.unwrap();
+        let refused = request(&b, "u1", 1);
+        for _ in 0..2 {
+            assert_eq!(gate.reserve(&refused).await.unwrap(), over(3));
+        }
+        assert_eq!(gate.in_flight(&b).await.unwrap(), in_flight);
+        assert_eq!(gate.available(&b).await.unwrap(), Some(1));
+        gate.forget_sale_counts("S1").await.unwrap();
+        assert_eq!(
+            gate.reserve(&request(&b, "u1", 1)).await.unwrap(),
+            GateDecision::Reserved { remaining: 0 }
+        );
+        // The SKU's own limit still applies next to the sale's.
+        let mut limited = in_sale(&a, 10, 4, sale);
+        limited.max_per_user = 1;
+        assert!(gate.set(&limited).await.unwrap());
+        assert!(matches!(
+            gate.reserve(&request(&a, "u3", 2)).await.unwrap(),
+            GateDecision::UserLimit { limit: 1, .. }
+        ));
     }
 
     /// One step of a random sale.

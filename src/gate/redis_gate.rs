@@ -8,13 +8,22 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled), `ver` (row version of the database read it was last rebuilt from), `seen` (newest row version of a change settled since) |
+//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled), `ver` (row version of the database read it was last rebuilt from), `seen` (newest row version of a change settled since), `opens`/`closes` (the sale window, Unix ms), `sale`/`scap` (the capped sale the SKU belongs to and its per-user cap) |
 //! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
-//! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done); expires after `redis.record_ttl_secs` |
+//! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done), `sale` (when counted against one); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
 //! | `P:{SKU}:adj:ID` | string | one adjustment call's mark (whether its units came back), so a resent call counts once; expires after ten minutes (longer with a response timeout over four minutes) |
+//! | `P:sale:{SALE}:users` | hash | user id → live units admitted across the sale's SKUs |
+//! | `P:sale:{SALE}:res:ID` | string | one admission's count against the sale: its units, then `done`; expires after `redis.record_ttl_secs` |
 //! | `P:loaded` | string | present once the counters were loaded from the database |
 //! | channel `P:restock` | pub/sub (sharded on a cluster) | SKU names whose counter went up, so replicas drop their sold-out cache |
+//!
+//! A sale's keys share the hash tag `{SALE}`: on a cluster they sit in a
+//! slot apart from its SKUs', so an admission in a capped sale is two
+//! script runs, the SKU's (reserve.lua) and then the sale's
+//! (sale_take.lua); a refusal by the second gives the first back, and a
+//! process that dies between them leaves an admission in flight, which
+//! the reconciler's sweep of stale admissions ends like any other.
 //!
 //! A missing `inv` hash means "not loaded" when `P:loaded` is missing too
 //! (a restart or flush emptied Redis) and "unknown SKU" otherwise.
@@ -27,7 +36,8 @@ use redis::{AsyncCommands, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use super::{
-    GateDecision, GateEntry, GateError, Settlement, SkuStock, StockGate, WindowMs, RESTOCK_ALL,
+    GateDecision, GateEntry, GateError, SaleCap, Settlement, SkuStock, StockGate, WindowMs,
+    RESTOCK_ALL,
 };
 use crate::{
     config::RedisConfig,
@@ -60,7 +70,9 @@ pub struct RedisGate {
     settle: Script,
     set: Script,
     adjust: Script,
-    window: Script,
+    fields: Script,
+    sale_take: Script,
+    sale_give: Script,
     restocks: broadcast::Sender<String>,
     subscriber: JoinHandle<()>,
 }
@@ -120,7 +132,9 @@ impl RedisGate {
             settle: Script::new(include_str!("scripts/settle.lua")),
             set: Script::new(include_str!("scripts/set.lua")),
             adjust: Script::new(include_str!("scripts/adjust.lua")),
-            window: Script::new(include_str!("scripts/window.lua")),
+            fields: Script::new(include_str!("scripts/fields.lua")),
+            sale_take: Script::new(include_str!("scripts/sale_take.lua")),
+            sale_give: Script::new(include_str!("scripts/sale_give.lua")),
             restocks,
             subscriber,
         })
@@ -179,6 +193,83 @@ impl RedisGate {
         format!("{}:{{{}}}:{part}", self.prefix, sku.as_str())
     }
 
+    fn sale_key(&self, sale_id: &str, part: &str) -> String {
+        format!("{}:sale:{{{sale_id}}}:{part}", self.prefix)
+    }
+
+    /// Counts an admission's units against its user's cap across its
+    /// sale; over the cap, gives the admission back and answers so.
+    async fn take_in_sale(
+        &self,
+        entry: &GateEntry,
+        sale_id: &str,
+        cap: i64,
+        admitted: GateDecision,
+    ) -> Result<GateDecision, GateError> {
+        let reply: Vec<i64> = self
+            .invoke(
+                self.sale_take
+                    .prepare_invoke()
+                    .key(self.sale_key(sale_id, "users"))
+                    .key(self.sale_key(sale_id, &format!("res:{}", entry.id.as_str())))
+                    .arg(entry.user.as_str())
+                    .arg(entry.quantity)
+                    .arg(cap)
+                    .arg(self.record_ttl_secs),
+            )
+            .await?;
+        match reply.as_slice() {
+            [1] => Ok(admitted),
+            [0, live] => {
+                self.settle_entries(&[(Settlement::Released, entry.clone())])
+                    .await?;
+                Ok(GateDecision::UserLimit {
+                    live_units: *live,
+                    limit: u32::try_from(cap).unwrap_or(u32::MAX),
+                })
+            }
+            other => Err(GateError::Unavailable(format!(
+                "unexpected sale script reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Ends the counts of reservations that ended (see settle.lua's
+    /// reply): one sale_give.lua run per sale, all in one pipeline.
+    async fn give_in_sales(&self, ended: Vec<Ended>) -> Result<(), GateError> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let mut by_sale: Vec<(String, Vec<Ended>)> = Vec::new();
+        for end in ended {
+            match by_sale.iter_mut().find(|(s, _)| *s == end.sale) {
+                Some((_, group)) => group.push(end),
+                None => by_sale.push((end.sale.clone(), vec![end])),
+            }
+        }
+        let invocations: Vec<_> = by_sale
+            .iter()
+            .map(|(sale, group)| {
+                let mut invocation = self.sale_give.prepare_invoke();
+                invocation
+                    .key(self.sale_key(sale, "users"))
+                    .arg(self.record_ttl_secs);
+                for end in group {
+                    invocation
+                        .key(self.sale_key(sale, &format!("res:{}", end.id)))
+                        .arg(&end.user)
+                        .arg(end.quantity);
+                }
+                invocation
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        self.pipeline(&pipe, &self.sale_give).await.map(drop)
+    }
+
     fn loaded_key(&self) -> String {
         format!("{}:loaded", self.prefix)
     }
@@ -228,13 +319,15 @@ impl RedisGate {
             pipe.invoke_script(invocation);
         }
         let replies = self.pipeline(&pipe, &self.settle).await?;
+        let ended = replies.iter().flat_map(ended_in_sales).collect();
+        let given = self.give_in_sales(ended).await;
         let restocked = skus
             .into_iter()
             .zip(&replies)
             .filter(|(_, reply)| second_is_one(reply))
             .map(|(sku, _)| sku);
         self.announce(restocked).await;
-        Ok(())
+        given
     }
 
     /// Sends a pipeline of `script`'s runs and returns their replies. A
@@ -309,6 +402,50 @@ impl RedisGate {
         {
             tracing::warn!(error = %err, "restock notice not sent");
         }
+    }
+}
+
+/// A reservation whose count against its sale is to end.
+struct Ended {
+    sale: String,
+    id: String,
+    user: String,
+    quantity: i64,
+}
+
+/// What follows a settle script's `{changed, restocked}`: (sale, id,
+/// user, qty) for each reservation whose count against its sale is to end.
+fn ended_in_sales(reply: &Value) -> Vec<Ended> {
+    let Value::Array(parts) = reply else {
+        return Vec::new();
+    };
+    parts
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .filter_map(|four| {
+            Some(Ended {
+                sale: text(&four[0])?,
+                id: text(&four[1])?,
+                user: text(&four[2])?,
+                quantity: int(&four[3])?,
+            })
+        })
+        .collect()
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        _ => None,
     }
 }
 
@@ -404,6 +541,40 @@ async fn listen_on_cluster(
 }
 
 impl RedisGate {
+    /// fields.lua on each SKU's counter: one run per SKU (its own hash
+    /// slot), all in one pipeline.
+    /// Answers, per SKU, the first field's value before (`None`: no
+    /// counter).
+    async fn set_fields(
+        &self,
+        fields: &[(&Sku, [(&str, String); 2])],
+    ) -> Result<Vec<Option<String>>, GateError> {
+        let mut before = Vec::with_capacity(fields.len());
+        for chunk in fields.chunks(512) {
+            let invocations: Vec<_> = chunk
+                .iter()
+                .map(|(sku, pairs)| {
+                    let mut invocation = self.fields.prepare_invoke();
+                    invocation.key(self.key(sku, "inv"));
+                    for (field, value) in pairs {
+                        invocation.arg(*field).arg(value);
+                    }
+                    invocation
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let replies = self.pipeline(&pipe, &self.fields).await?;
+            before.extend(replies.iter().map(|reply| match reply {
+                Value::Array(parts) if parts.len() == 2 => text(&parts[1]),
+                _ => None,
+            }));
+        }
+        Ok(before)
+    }
+
     /// set.lua on one SKU; `force` sets it from a read older than what
     /// the gate has applied ([`StockGate::reset`]).
     async fn set_counter(&self, stock: &SkuStock, force: bool) -> Result<bool, GateError> {
@@ -417,7 +588,15 @@ impl RedisGate {
                     .arg(stock.version)
                     .arg(window_arg(stock.window.0))
                     .arg(window_arg(stock.window.1))
-                    .arg(if force { "1" } else { "" }),
+                    .arg(if force { "1" } else { "" })
+                    .arg(stock.sale.as_ref().map_or("", |cap| cap.sale_id.as_str()))
+                    .arg(
+                        stock
+                            .sale
+                            .as_ref()
+                            .map(|cap| cap.max_per_user.to_string())
+                            .unwrap_or_default(),
+                    ),
             )
             .await?
             == 1;
@@ -432,7 +611,7 @@ impl RedisGate {
 impl StockGate for RedisGate {
     async fn reserve(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let reply: Vec<i64> = self
+        let reply: Vec<Value> = self
             .invoke(
                 self.reserve
                     .prepare_invoke()
@@ -448,7 +627,16 @@ impl StockGate for RedisGate {
                     .arg(entry.at_ms),
             )
             .await?;
-        Ok(match reply.as_slice() {
+        if let [code, remaining, sale, cap] = reply.as_slice() {
+            if let (Some(1), Some(remaining), Some(sale), Some(cap)) =
+                (int(code), int(remaining), text(sale), int(cap))
+            {
+                let admitted = GateDecision::Reserved { remaining };
+                return self.take_in_sale(entry, &sale, cap, admitted).await;
+            }
+        }
+        let codes: Option<Vec<i64>> = reply.iter().map(int).collect();
+        Ok(match codes.unwrap_or_default().as_slice() {
             [1, remaining] => GateDecision::Reserved {
                 remaining: *remaining,
             },
@@ -467,9 +655,9 @@ impl StockGate for RedisGate {
             },
             [0] if self.is_loaded().await? => GateDecision::UnknownSku,
             [0] => GateDecision::NotReady,
-            other => {
+            _ => {
                 return Err(GateError::Unavailable(format!(
-                    "unexpected reserve script reply {other:?}"
+                    "unexpected reserve script reply {reply:?}"
                 )))
             }
         })
@@ -519,25 +707,52 @@ impl StockGate for RedisGate {
         self.set_counter(stock, true).await.map(drop)
     }
 
+    async fn forget_sale_counts(&self, sale_id: &str) -> Result<(), GateError> {
+        self.conn
+            .clone()
+            .del::<_, ()>(self.sale_key(sale_id, "users"))
+            .await
+            .map_err(|e| unavailable(e, &self.origin))
+    }
+
     async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {
-        // One script run per SKU (its own hash slot), all in one pipeline.
-        for chunk in windows.chunks(512) {
-            let invocations: Vec<_> = chunk
-                .iter()
-                .map(|(sku, (opens, closes))| {
-                    let mut invocation = self.window.prepare_invoke();
-                    invocation
-                        .key(self.key(sku, "inv"))
-                        .arg(window_arg(*opens))
-                        .arg(window_arg(*closes));
-                    invocation
-                })
-                .collect();
-            let mut pipe = redis::pipe();
-            for invocation in &invocations {
-                pipe.invoke_script(invocation);
+        let fields: Vec<_> = windows
+            .iter()
+            .map(|(sku, (opens, closes))| {
+                (
+                    sku,
+                    [
+                        ("opens", window_arg(*opens)),
+                        ("closes", window_arg(*closes)),
+                    ],
+                )
+            })
+            .collect();
+        self.set_fields(&fields).await.map(drop)
+    }
+
+    async fn set_sales(&self, sales: &[(Sku, Option<SaleCap>)]) -> Result<(), GateError> {
+        let fields: Vec<_> = sales
+            .iter()
+            .map(|(sku, sale)| {
+                let (id, cap) = sale.as_ref().map_or((String::new(), String::new()), |cap| {
+                    (cap.sale_id.clone(), cap.max_per_user.to_string())
+                });
+                (sku, [("sale", id), ("scap", cap)])
+            })
+            .collect();
+        let before = self.set_fields(&fields).await?;
+        let mut left: Vec<String> = Vec::new();
+        for ((_, now), before) in sales.iter().zip(before) {
+            let now = now.as_ref().map(|cap| cap.sale_id.as_str());
+            if let Some(before) = before.filter(|b| !b.is_empty() && Some(b.as_str()) != now) {
+                if !left.contains(&before) {
+                    left.push(before);
+                }
             }
-            self.pipeline(&pipe, &self.window).await?;
+        }
+        for sale in left {
+            self.forget_sale_counts(&sale).await?;
         }
         Ok(())
     }
@@ -698,6 +913,8 @@ pub(crate) mod tests {
             |make: fn() -> RedisGate| decision_table::charge_after_give_up(make());
         windows_move_without_touching_counters, windows_move_on_a_cluster =>
             |make: fn() -> RedisGate| decision_table::windows_move_without_touching_counters(make());
+        sale_caps_span_skus, sale_caps_span_slots_on_a_cluster =>
+            |make: fn() -> RedisGate| decision_table::sale_caps_span_skus(make());
         batch_settlement_spans_skus_and_counts_once, batch_settlement_spans_slots_on_a_cluster =>
             batch_settlement_spans_skus;
         restocks_are_published_to_every_gate_on_the_prefix, restocks_reach_every_gate_on_a_cluster =>
@@ -706,6 +923,57 @@ pub(crate) mod tests {
             a_reserve_sent_twice_admits_once;
         an_adjustment_sent_twice_counts_once_on_one_server, an_adjustment_sent_twice_counts_once_on_a_cluster =>
             an_adjustment_sent_twice_counts_once;
+        a_lost_sale_give_is_given_again_on_one_server, a_lost_sale_give_is_given_again_on_a_cluster =>
+            a_lost_sale_give_is_given_again;
+    }
+
+    /// A settlement sent again because its sale's give was lost (a timeout
+    /// after the settle script ran) still ends the sale's count: the
+    /// settle script answers the records it had ended before.
+    async fn a_lost_sale_give_is_given_again(make: fn() -> RedisGate) {
+        let gate = make();
+        let sku = Sku::parse("S").unwrap();
+        let cap = SaleCap {
+            sale_id: "S1".into(),
+            max_per_user: 1,
+        };
+        gate.load(&[SkuStock {
+            sku: sku.clone(),
+            db_stock: 5,
+            max_per_user: 0,
+            version: 0,
+            window: (None, None),
+            sale: Some(cap),
+        }])
+        .await
+        .unwrap();
+        let first = request(&sku, "u1", 1);
+        assert!(matches!(
+            gate.reserve(&first).await.unwrap(),
+            GateDecision::Reserved { .. }
+        ));
+        gate.release(&first).await.unwrap();
+        // Undo the give, as if it never ran.
+        let mark = gate.sale_key("S1", &format!("res:{}", first.id.as_str()));
+        let mut conn = gate.conn.clone();
+        let _: () = redis::pipe()
+            .hincr(gate.sale_key("S1", "users"), "u1", 1)
+            .ignore()
+            .set(&mark, 1)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let second = request(&sku, "u1", 1);
+        assert!(matches!(
+            gate.reserve(&second).await.unwrap(),
+            GateDecision::UserLimit { live_units: 1, .. }
+        ));
+        gate.release(&first).await.unwrap();
+        assert!(matches!(
+            gate.reserve(&request(&sku, "u1", 1)).await.unwrap(),
+            GateDecision::Reserved { .. }
+        ));
     }
 
     /// The same for an adjustment: a call run twice (the same call id, as
@@ -805,6 +1073,7 @@ pub(crate) mod tests {
             max_per_user: 0,
             version: 0,
             window: (None, None),
+            sale: None,
         };
         gate.load(&[stock(&a), stock(&b)]).await.unwrap();
         let entries = [

@@ -38,7 +38,7 @@ use crate::{
         Clock, IdempotencyKey, Quantity, Reservation, Sku, UserId, WindowCheck,
     },
     error::ReservationError,
-    gate::{GateEntry, GateError, SkuStock, SoldOutCache, StockGate},
+    gate::{GateEntry, GateError, SaleCap, SkuStock, SoldOutCache, StockGate},
     metrics,
     queue::{OrderQueue, QueueError},
     store::{CommitOutcome, InventoryRow, NewOrder, RejectCause, Store, StoreError},
@@ -162,6 +162,9 @@ pub struct Pipeline {
     reload_wanted: Notify,
     /// Drift per SKU seen by the previous reconcile pass.
     last_drift: Mutex<HashMap<Sku, i64>>,
+    /// Sales whose counts the gate was to forget and could not (it was
+    /// unreachable): the reconciler tries again every pass.
+    sales_to_forget: Mutex<Vec<String>>,
     /// SKUs whose repair the gate refused last pass, with the database
     /// row version it refused (see [`Pipeline::reconcile`]).
     refused_repairs: Mutex<HashMap<Sku, i64>>,
@@ -209,6 +212,7 @@ impl Pipeline {
             sold_out: SoldOutCache::new(limits.sold_out_cache),
             reload_wanted: Notify::new(),
             last_drift: Mutex::new(HashMap::new()),
+            sales_to_forget: Mutex::new(Vec::new()),
             refused_repairs: Mutex::new(HashMap::new()),
             watches: Arc::new(Watches::new(
                 limits.max_watches,
@@ -292,20 +296,34 @@ impl Pipeline {
     }
 
     async fn reload_gate(&self) -> Result<(), ReservationError> {
+        let caps = self.store.sale_caps().await.map_err(store_error)?;
         let rows = self.store.all_inventory().await.map_err(store_error)?;
-        let stock: Vec<SkuStock> = rows.iter().map(sku_stock).collect();
+        let stock: Vec<SkuStock> = rows.iter().map(|row| sku_stock(row, &caps)).collect();
         self.gate.load(&stock).await.map_err(gate_error)
     }
 }
 
-fn sku_stock(row: &InventoryRow) -> SkuStock {
+/// `row` as the gate loads it; `caps` are the sales' caps
+/// ([`crate::store::Store::sale_caps`]).
+fn sku_stock(row: &InventoryRow, caps: &HashMap<String, u32>) -> SkuStock {
     SkuStock {
         sku: Sku::from_trusted(row.sku.clone()),
         db_stock: row.stock,
         max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
         version: row.version,
         window: row.window().as_millis(),
+        sale: sale_cap(row, caps),
     }
+}
+
+/// The capped sale `row`'s SKU belongs to, if any.
+fn sale_cap(row: &InventoryRow, caps: &HashMap<String, u32>) -> Option<SaleCap> {
+    let sale_id = row.sale_id.as_ref()?;
+    let max_per_user = *caps.get(sale_id).filter(|cap| **cap > 0)?;
+    Some(SaleCap {
+        sale_id: sale_id.clone(),
+        max_per_user,
+    })
 }
 
 fn gate_entry(order: &NewOrder) -> GateEntry {

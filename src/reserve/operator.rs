@@ -9,7 +9,7 @@ use crate::{
         SoldOutPolicy,
     },
     error::ReservationError,
-    gate::GateError,
+    gate::{GateError, SaleCap},
     store::{Adjusted, InventoryRow, ReservationFilter, SaleView, SaleWrite},
 };
 
@@ -78,7 +78,10 @@ impl Pipeline {
             .await
             .map_err(store_error)?
         {
-            SaleWrite::Applied { before, after } => Ok((before, after)),
+            SaleWrite::Applied { before, after } => {
+                self.gate_follows_sale(before.as_ref(), &after).await;
+                Ok((before, after))
+            }
             SaleWrite::UnknownSku(sku) => Err(ReservationError::UnknownSku(sku)),
             SaleWrite::InOtherSale { sku, sale_id } => {
                 Err(ReservationError::SkuInOtherSale { sku, sale: sale_id })
@@ -149,8 +152,16 @@ impl Pipeline {
     /// read (a busy processor); after a few tries the reconciler takes over.
     async fn gate_follows(&self, mut row: InventoryRow) {
         let sku = Sku::from_trusted(row.sku.clone());
+        let caps = match self.store.sale_caps().await {
+            Ok(caps) => caps,
+            Err(err) => {
+                tracing::warn!(sku = sku.as_str(), error = %err, "sales not read; the reconciler will set the gate");
+                self.reload_wanted.notify_one();
+                return;
+            }
+        };
         for _ in 0..5 {
-            match self.gate.set(&sku_stock(&row)).await {
+            match self.gate.set(&sku_stock(&row, &caps)).await {
                 Ok(true) => return,
                 Ok(false) => match self.store.inventory(&sku).await {
                     Ok(Some(fresh)) => row = fresh,
@@ -163,6 +174,46 @@ impl Pipeline {
             sku = sku.as_str(),
             "gate kept missing the database's latest stock; the reconciler will set it"
         );
+    }
+
+    /// Binds the sale's SKUs to its cap in the gate and unbinds those that
+    /// left. A SKU that left took its users' units out of the sale (the
+    /// gate forgets the sale's counts as it unbinds it), and a cap
+    /// switched on or off finds counts nobody kept: the sale's counts start
+    /// again (see [`crate::gate::SaleCap`]).
+    async fn gate_follows_sale(&self, before: Option<&SaleView>, after: &SaleView) {
+        let cap = (after.max_per_user > 0).then(|| SaleCap {
+            sale_id: after.sale_id.clone(),
+            max_per_user: after.max_per_user,
+        });
+        let mut sales: Vec<(Sku, Option<SaleCap>)> = after
+            .skus
+            .iter()
+            .map(|sku| (Sku::from_trusted(sku.clone()), cap.clone()))
+            .collect();
+        let left: Vec<&String> = before
+            .map(|b| b.skus.iter().filter(|s| !after.skus.contains(s)).collect())
+            .unwrap_or_default();
+        sales.extend(
+            left.iter()
+                .map(|sku| (Sku::from_trusted((*sku).clone()), None)),
+        );
+        let was_capped = before.is_some_and(|b| b.max_per_user > 0);
+        let sale = after.sale_id.as_str();
+        // After the SKUs are set: an admission between the two is then
+        // forgotten (counted short), never kept (counted over).
+        if let Err(err) = self.gate.set_sales(&sales).await {
+            tracing::warn!(sale, error = %err, "stock gate not told of the sale's SKUs; the reconciler will set them");
+        }
+        if !left.is_empty() || was_capped != cap.is_some() {
+            if let Err(err) = self.gate.forget_sale_counts(sale).await {
+                tracing::warn!(sale, error = %err, "stock gate kept the sale's counts; the reconciler will drop them");
+                self.sales_to_forget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(sale.to_owned());
+            }
+        }
     }
 
     /// The database changed and the gate could not follow. The database

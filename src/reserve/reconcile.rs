@@ -10,7 +10,7 @@ use crate::{
     store::CommitOutcome,
 };
 
-use super::{gate_error, sku_stock, store_error, Pipeline};
+use super::{gate_error, sale_cap, sku_stock, store_error, Pipeline};
 
 /// What one reconcile pass found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,14 +44,36 @@ impl Pipeline {
             tracing::warn!("stock gate had lost its counters; reloaded from the database");
             return Ok(report);
         }
+        let caps = self.store.sale_caps().await.map_err(store_error)?;
         let rows = self.store.all_inventory().await.map_err(store_error)?;
-        // Every window again: a window change the gate missed (unreachable
-        // then) is right by the next pass, well before a sale opens.
+        // Every window and sale again: a change the gate missed
+        // (unreachable then) is right by the next pass, well before a sale
+        // opens.
         let windows: Vec<_> = rows
             .iter()
             .map(|row| (Sku::from_trusted(row.sku.clone()), row.window().as_millis()))
             .collect();
         self.gate.set_windows(&windows).await.map_err(gate_error)?;
+        let sales: Vec<_> = rows
+            .iter()
+            .map(|row| (Sku::from_trusted(row.sku.clone()), sale_cap(row, &caps)))
+            .collect();
+        self.gate.set_sales(&sales).await.map_err(gate_error)?;
+        let forget = std::mem::take(
+            &mut *self
+                .sales_to_forget
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (n, sale) in forget.iter().enumerate() {
+            if let Err(err) = self.gate.forget_sale_counts(sale).await {
+                self.sales_to_forget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(forget[n..].iter().cloned());
+                return Err(gate_error(err));
+            }
+        }
         let mut seen = HashMap::new();
         let mut refused = HashMap::new();
         for row in &rows {
@@ -61,7 +83,10 @@ impl Pipeline {
                 .extend(self.settle_stale_in_flight(&sku).await?);
             let Some(admissible) = self.gate.available(&sku).await.map_err(gate_error)? else {
                 // A SKU created while this gate was off or unreachable.
-                self.gate.set(&sku_stock(row)).await.map_err(gate_error)?;
+                self.gate
+                    .set(&sku_stock(row, &caps))
+                    .await
+                    .map_err(gate_error)?;
                 report.repaired.push(sku);
                 continue;
             };
@@ -85,7 +110,7 @@ impl Pipeline {
                     // next pass measures again.
                     if self
                         .gate
-                        .set(&sku_stock(&fresh))
+                        .set(&sku_stock(&fresh, &caps))
                         .await
                         .map_err(gate_error)?
                     {
@@ -98,7 +123,7 @@ impl Pipeline {
                         // last commits). Its stock is the truth now.
                         tracing::error!(sku = sku.as_str(), version = fresh.version, drift, "the database's stock row is older than changes the gate applied: commits were lost (failover?); resetting the gate from the database");
                         self.gate
-                            .reset(&sku_stock(&fresh))
+                            .reset(&sku_stock(&fresh, &caps))
                             .await
                             .map_err(gate_error)?;
                         // A commit settled between the read and the reset
@@ -108,7 +133,7 @@ impl Pipeline {
                             self.store.inventory(&sku).await.map_err(store_error)?
                         {
                             self.gate
-                                .set(&sku_stock(&after))
+                                .set(&sku_stock(&after, &caps))
                                 .await
                                 .map_err(gate_error)?;
                         }

@@ -8,6 +8,8 @@
 //! `inventory` row lock (see `dialect.rs`); the embedded SQLite store runs
 //! one transaction at a time.
 
+use std::collections::HashMap;
+
 use super::{Store, StoreError};
 use crate::domain::{SaleId, Sku};
 
@@ -300,6 +302,15 @@ macro_rules! sales_queries {
             .await
         }
 
+        /// Every sale with a cap: its id and cap.
+        pub(super) async fn capped_sales(conn: &mut $Conn) -> QueryResult<Vec<(String, i32)>> {
+            sales::table
+                .filter(sales::max_per_user.gt(0))
+                .select((sales::sale_id, sales::max_per_user))
+                .load(conn)
+                .await
+        }
+
         pub(super) async fn get_sale(
             conn: &mut $Conn,
             sale_id: &str,
@@ -321,6 +332,15 @@ impl Store {
         let skus: Vec<&str> = skus.iter().map(Sku::as_str).collect();
         let cap = i32::try_from(max_per_user).unwrap_or(i32::MAX);
         dispatch!(self.set_sale(sale.as_str(), cap, &skus, crate::domain::now()))
+    }
+
+    /// Sale id → per-user cap, for every sale with a cap.
+    pub async fn sale_caps(&self) -> Result<HashMap<String, u32>, StoreError> {
+        let rows: Vec<(String, i32)> = dispatch!(self.capped_sales())?;
+        Ok(rows
+            .into_iter()
+            .map(|(sale, cap)| (sale, u32::try_from(cap).unwrap_or(0)))
+            .collect())
     }
 
     pub async fn sale(&self, sale: &SaleId) -> Result<Option<SaleView>, StoreError> {

@@ -6,14 +6,17 @@
 use stockgate::{
     config::DbCheckMode,
     pb::{
-        GetSaleRequest, ListAuditEventsRequest, ReservationState, ReserveOutcome, SetSaleRequest,
-        SoldOutPolicy,
+        GetSaleRequest, ListAuditEventsRequest, ReservationState, ReserveOutcome, ReserveRequest,
+        SetSaleRequest, SoldOutPolicy,
     },
 };
 use tonic::Code;
 
 use crate::{
-    harness::{assert_checked, error_reason, OpenTransaction, Profile, TestApp},
+    harness::{
+        assert_checked, error_reason, wipe_redis_prefix, with_user, OpenTransaction, Profile,
+        TestApp,
+    },
     waitlist::{get, release, reserve, set_policy, take, until_state},
 };
 
@@ -43,10 +46,11 @@ async fn set_sale(
 
 /// On every profile and every combination of the gate and the queue: a
 /// user with a cap of 2 across three SKUs gets two units in two of them
-/// and is refused the third (USER_LIMIT_REACHED in the request path, a
-/// REJECTED "sale limit" reservation through the queue) while another
-/// user is not; the refused order takes nothing from the database or the
-/// gate; a released hold makes room again.
+/// and is refused the third while another user is not: USER_LIMIT_REACHED
+/// from the gate or the database in the request path, and only with the
+/// gate off a QUEUED reservation that ends REJECTED "sale limit"; the
+/// refused order takes nothing from the database or the gate; a released
+/// hold makes room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sales_cap_holds_on_every_layer() {
     for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
@@ -69,11 +73,13 @@ async fn a_sales_cap_holds_on_every_layer() {
             set_sale(&app, &format!("SALE-{n}"), 2, &names)
                 .await
                 .unwrap();
+            // A stock change after the sale keeps the SKU bound in the gate.
+            app.set_stock(&skus[2], 10, 0).await;
 
             let first = take(&mut client, &skus[0], "buyer").await;
             take(&mut client, &skus[1], "buyer").await;
             let over = reserve(&mut client, &skus[2], "buyer", false).await;
-            if queue {
+            if queue && !gate {
                 assert_eq!(over.outcome(), ReserveOutcome::Queued, "{case}");
                 let id = over.reservation.unwrap().reservation_id;
                 let ended =
@@ -111,6 +117,59 @@ async fn a_sales_cap_holds_on_every_layer() {
         assert_checked(&app).await;
         app.stop().await;
     }
+}
+
+/// The Redis gate, shared by replicas, checks a sale's cap itself: it
+/// learns the sale from SetSale, learns it again when it reloads from the
+/// database (its keys lost), and stops holding a SKU's units against the
+/// sale once the SKU leaves it, where the database no longer counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_gate_follows_a_sales_skus() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    let mut client = app.inventory();
+    let skus = ["FOLLOW-A", "FOLLOW-B"];
+    for sku in skus {
+        app.set_stock(sku, 10, 0).await;
+    }
+    set_sale(&app, "FOLLOW", 1, &skus).await.unwrap();
+    take(&mut client, skus[0], "first").await;
+    let over = reserve(&mut client, skus[1], "first", false).await;
+    assert_eq!(over.outcome(), ReserveOutcome::UserLimitReached);
+
+    wipe_redis_prefix(&app.config.redis.key_prefix).await;
+    let start = std::time::Instant::now();
+    let second = loop {
+        let request = with_user(
+            ReserveRequest {
+                sku: skus[0].into(),
+                quantity: 1,
+                join_waitlist: false,
+            },
+            "second",
+            None,
+        );
+        match client.reserve(request).await {
+            Ok(answer) => break answer.into_inner(),
+            // Failing closed while the gate reloads.
+            Err(status) if status.code() == Code::Unavailable => {
+                assert!(start.elapsed() < std::time::Duration::from_secs(10));
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    assert_eq!(second.outcome(), ReserveOutcome::Queued);
+    let id = second.reservation.unwrap().reservation_id;
+    until_state(&mut client, &id, "second", ReservationState::Held).await;
+    let over = reserve(&mut client, skus[1], "second", false).await;
+    assert_eq!(over.outcome(), ReserveOutcome::UserLimitReached);
+
+    set_sale(&app, "FOLLOW", 1, &skus[1..]).await.unwrap();
+    take(&mut client, skus[1], "second").await;
+    let over = reserve(&mut client, skus[1], "second", false).await;
+    assert_eq!(over.outcome(), ReserveOutcome::UserLimitReached);
+    assert_checked(&app).await;
+    app.stop().await;
 }
 
 /// Many users each fire orders at every SKU of a sale at once, the

@@ -6,7 +6,8 @@
 -- KEYS[1] inv hash.  ARGV: database stock, per-user cap, row version of
 -- the read, the sale window's opening and closing (Unix ms, '' = that side
 -- open), '1' to set even from a stale read (a database that went back in
--- time, see StockGate::reset).
+-- time, see StockGate::reset), the capped sale the SKU belongs to and
+-- that sale's per-user cap ('' = none).
 -- Returns 1 when set (the caller announces a restock), 0 when the read is
 -- stale.
 local version = tonumber(ARGV[3])
@@ -20,12 +21,13 @@ local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
 local stock = tonumber(ARGV[1]) - inflight
 redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight,
   'ver', version, 'seen', version)
-local fields = {'opens', 'closes'}
-for i = 1, 2 do
-  if ARGV[3 + i] == '' then
+local args = {ARGV[4], ARGV[5], ARGV[7], ARGV[8]}
+local fields = {'opens', 'closes', 'sale', 'scap'}
+for i = 1, 4 do
+  if args[i] == '' then
     redis.call('HDEL', KEYS[1], fields[i])
   else
-    redis.call('HSET', KEYS[1], fields[i], ARGV[3 + i])
+    redis.call('HSET', KEYS[1], fields[i], args[i])
   end
 end
 return 1

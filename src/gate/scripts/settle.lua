@@ -10,13 +10,27 @@
 -- ARGV: action (committed | rejected | release | charged), record ttl seconds,
 -- then user, qty, id, version ('' for none) for each reservation.
 -- Returns {how many records changed, 1 when units came back (the caller
--- announces a restock) else 0}.
+-- announces a restock) else 0, then sale, id, user, qty for each
+-- reservation refused or released here that may count against a capped
+-- sale (the caller ends its count there with sale_give.lua, once per id):
+-- one that ended now or had ended before (a settlement sent again after
+-- its give failed), by the sale its record names, and a database release
+-- whose record is gone, by the SKU's sale now}.
 local action = ARGV[1]
 local base = tonumber(redis.call('HGET', KEYS[1], 'ver') or '-1')
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
 local give = 0
 local take = 0
 local changed = 0
+local ended = {}
+local function ends(sale, id, user, qty)
+  if sale then
+    ended[#ended + 1] = sale
+    ended[#ended + 1] = id
+    ended[#ended + 1] = user
+    ended[#ended + 1] = qty
+  end
+end
 for i = 1, (#KEYS - 3) do
   local record = KEYS[3 + i]
   local user = ARGV[4 * i - 1]
@@ -51,6 +65,9 @@ for i = 1, (#KEYS - 3) do
       changed = changed + 1
     end
   elseif phase == 'done' then
+    if action ~= 'committed' then
+      ends(redis.call('HGET', record, 'sale'), id, user, qty)
+    end
     -- A database release of a record already done: remembered, in case a
     -- charge for the same reservation is still on its way.
     if action == 'release' and version then
@@ -81,6 +98,11 @@ for i = 1, (#KEYS - 3) do
       local live = redis.call('HINCRBY', KEYS[2], user, -qty)
       if live <= 0 then
         redis.call('HDEL', KEYS[2], user)
+      end
+      if phase then
+        ends(redis.call('HGET', record, 'sale'), id, user, qty)
+      else
+        ends(redis.call('HGET', KEYS[1], 'sale'), id, user, qty)
       end
       if action == 'release' then
         if version then
@@ -118,4 +140,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'stock', -take)
   end
 end
-return {changed, restocked}
+local reply = {changed, restocked}
+for _, part in ipairs(ended) do
+  reply[#reply + 1] = part
+end
+return reply
