@@ -590,6 +590,8 @@ async fn bench_queue_runs_and_reports_every_measurement() {
         rounds: 1,
         store: db.url.clone(),
         amqp: crate::harness::amqp_url(),
+        partitions: 4,
+        processors: 2,
     };
     let (results, statements) = stockgate_tools::bench::queue::run(options.clone())
         .await
@@ -601,6 +603,7 @@ async fn bench_queue_runs_and_reports_every_measurement() {
             "pgbench, update + insert, 1 client",
             "queue + processor, batch size 16",
             "queue + processor, batch size 16, 16 SKUs",
+            "queue + processor, batch size 16, 16 SKUs, 4 partitions, 2 processors",
             "queue + processor, batch size 1",
             "queue + processor, batch size 16, 16 orders/message"
         ]
@@ -611,6 +614,10 @@ async fn bench_queue_runs_and_reports_every_measurement() {
     assert!((3..20).contains(&statements.on_one_sku), "{statements:?}");
     let table = stockgate_tools::bench::queue::render(&results, &statements, &options);
     assert!(table.contains("x batch 1"), "{table}");
+    assert!(
+        table.contains("4 partitions shared by 2 processors / one queue"),
+        "{table}"
+    );
     assert!(
         table.contains("statements per batch of 16 orders"),
         "{table}"

@@ -133,6 +133,12 @@ enum Command {
         /// The broker; the benchmark makes and deletes its own queues.
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         amqp: String,
+        /// Queues of the partitioned row (`rabbitmq.partitions`).
+        #[arg(long, default_value_t = 4)]
+        partitions: u16,
+        /// Processors sharing the partitioned row's queues.
+        #[arg(long, default_value_t = 2)]
+        processors: usize,
     },
 }
 
@@ -444,6 +450,8 @@ async fn run() -> anyhow::Result<()> {
             rounds,
             store,
             amqp,
+            partitions,
+            processors,
         } => {
             let options = stockgate_tools::bench::queue::QueueBenchOptions {
                 orders,
@@ -451,6 +459,8 @@ async fn run() -> anyhow::Result<()> {
                 rounds,
                 store,
                 amqp,
+                partitions,
+                processors,
             };
             let (results, statements) = stockgate_tools::bench::queue::run(options.clone()).await?;
             print!(

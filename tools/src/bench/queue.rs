@@ -8,7 +8,11 @@
 //! Each measurement fills a fresh queue with `orders` messages first (not
 //! timed), then starts a real processor (`server::run` with role
 //! `processor`, gate off) and times from its first committed order to its
-//! last, read from the SKU's stock in the database.
+//! last, read from the SKU's stock in the database. One row fills
+//! `rabbitmq.partitions` queues instead and starts several processors in
+//! this process, which share the partitions out through their leases as
+//! a fleet's processors do, next to one processor on one queue over the
+//! same SKUs.
 
 use std::{process::Command, sync::Arc, time::Duration};
 
@@ -34,6 +38,10 @@ pub struct QueueBenchOptions {
     /// A PostgreSQL database of the benchmark's own (migrated here).
     pub store: String,
     pub amqp: String,
+    /// The partitioned row: queues (`rabbitmq.partitions`, at least 2) and
+    /// the processors sharing them.
+    pub partitions: u16,
+    pub processors: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +67,9 @@ pub async fn run(
     if options.batch_size == 0 || options.orders < 2 * options.batch_size {
         bail!("--batch-size must be at least 1 and --orders at least twice --batch-size (two orders per SKU)");
     }
+    if !(2..=64).contains(&options.partitions) || options.processors == 0 {
+        bail!("--partitions must be 2 to 64 and --processors at least 1");
+    }
     let mut config = Config::default();
     // In-process servers side by side: no fixed metrics port.
     config.metrics.listen = String::new();
@@ -81,16 +92,20 @@ pub async fn run(
         let spread = options.batch_size;
         // One order per message isolates group commit; the last row fills
         // messages as the API publishes them under load.
-        for (batch, skus, per_message) in [
-            (options.batch_size, 1, 1),
-            (options.batch_size, spread, 1),
-            (1, 1, 1),
-            (options.batch_size, 1, options.batch_size),
+        let split = (options.partitions, options.processors);
+        for (batch, skus, per_message, (partitions, processors)) in [
+            (options.batch_size, 1, 1, (1, 1)),
+            (options.batch_size, spread, 1, (1, 1)),
+            (options.batch_size, spread, 1, split),
+            (1, 1, 1, (1, 1)),
+            (options.batch_size, 1, options.batch_size, (1, 1)),
         ] {
             let run = Run {
                 batch,
                 skus,
                 per_message,
+                partitions,
+                processors,
                 round,
             };
             let (per_sec, cpu) = processor_run(&config, &store, &options, run).await?;
@@ -104,8 +119,13 @@ pub async fn run(
             } else {
                 String::new()
             };
+            let split = if partitions > 1 {
+                format!(", {partitions} partitions, {processors} processors")
+            } else {
+                String::new()
+            };
             measured.push(QueueMeasured {
-                name: format!("queue + processor, batch size {batch}{over}{packed}"),
+                name: format!("queue + processor, batch size {batch}{over}{packed}{split}"),
                 per_sec,
                 cpu: Some(cpu),
             });
@@ -176,6 +196,9 @@ struct Run {
     skus: usize,
     /// Most orders per message (`rabbitmq.publish_batch_max`).
     per_message: usize,
+    /// Queues (`rabbitmq.partitions`) and the processors consuming them.
+    partitions: u16,
+    processors: usize,
     round: usize,
 }
 
@@ -191,13 +214,15 @@ async fn processor_run(
         batch,
         skus,
         per_message,
+        partitions,
+        processors,
         round,
     } = run;
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let names: Vec<Sku> = (0..skus)
         .map(|k| {
             Sku::parse(&format!(
-                "QB-{batch}-{skus}-{per_message}-{round}-{}-{k}",
+                "QB-{batch}-{skus}-{per_message}-{partitions}-{round}-{}-{k}",
                 &tag[20..]
             ))
         })
@@ -211,6 +236,10 @@ async fn processor_run(
     config.rabbitmq.queue = format!("sg-bench-{tag}");
     config.layers.queue.batch_size = batch;
     config.rabbitmq.publish_batch_max = per_message;
+    config.rabbitmq.partitions = partitions;
+    // Processors starting together share the partitions out within a
+    // look or two; the clock starts at the first commit in any case.
+    config.rabbitmq.lease_poll_ms = 100;
 
     // Fill the queue through the real publisher (confirms and all).
     let producer = Arc::new(RabbitQueue::new(
@@ -231,11 +260,19 @@ async fn processor_run(
         bail!("filling the queue: {err}");
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = stockgate::server::spawn(config.clone(), listener, async move {
-        let _ = stopped.await;
-    });
+    let (mut stops, mut servers) = (Vec::new(), Vec::new());
+    for _ in 0..processors {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        stops.push(stop);
+        servers.push(stockgate::server::spawn(
+            config.clone(),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+    }
     // Polling one SKU at a time keeps the clock's reads off the database's
     // back: the first SKU shows that commits began (a batch or so late, as
     // publishing runs 128 at once), then the units left over all SKUs are
@@ -287,8 +324,12 @@ async fn processor_run(
     let cpu = meter
         .finish(cpu_from, usize::try_from(first_left).unwrap_or(1))
         .await?;
-    let _ = stop.send(());
-    server.await??;
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for server in servers {
+        server.await??;
+    }
     stockgate::queue::delete_topology(
         &options.amqp,
         &config.rabbitmq.queue,
@@ -358,7 +399,7 @@ pub fn render(
         .find(|m| m.name.ends_with(", batch size 1"))
         .map(|m| m.per_sec);
     let mut out = format!(
-        "orders={} rounds={} (median round shown)\n{:<56} {:>9} {:>9} {:>9} {}\n",
+        "orders={} rounds={} (median round shown)\n{:<72} {:>9} {:>9} {:>9} {}\n",
         options.orders,
         options.rounds,
         "measurement",
@@ -371,12 +412,26 @@ pub fn render(
         let ratio =
             |base: Option<f64>| base.map_or("-".into(), |b| format!("{:.2}", m.per_sec / b));
         out.push_str(&format!(
-            "{:<56} {:>9.0} {:>9} {:>9} {}\n",
+            "{:<72} {:>9.0} {:>9} {:>9} {}\n",
             m.name,
             m.per_sec,
             ratio(pgbench),
             ratio(single),
             super::cpu::columns(m.cpu)
+        ));
+    }
+    let spread = results
+        .iter()
+        .find(|m| m.name.ends_with(&format!(", {} SKUs", statements.orders)));
+    if let (Some(one), Some(split)) = (
+        spread,
+        results.iter().find(|m| m.name.contains("partitions")),
+    ) {
+        out.push_str(&format!(
+            "{} partitions shared by {} processors / one queue and one processor, same SKUs: {:.2}x\n",
+            options.partitions,
+            options.processors,
+            split.per_sec / one.per_sec
         ));
     }
     out.push_str(&format!(
