@@ -101,6 +101,7 @@ impl State {
     /// (unless `force`).
     fn set(&mut self, stock: &SkuStock, force: bool) -> bool {
         let in_flight = self.in_flight(stock.sku.as_str());
+        let created = !self.counters.contains_key(stock.sku.as_str());
         let counter = self
             .counters
             .entry(stock.sku.as_str().to_owned())
@@ -116,7 +117,9 @@ impl State {
         counter.available = stock.db_stock - in_flight;
         counter.max_per_user = stock.max_per_user;
         counter.window = stock.window;
-        counter.sale = stock.sale.clone();
+        if created {
+            counter.sale = stock.sale.clone();
+        }
         counter.base = stock.version;
         counter.seen = stock.version;
         true

@@ -141,7 +141,9 @@ pub struct SkuStock {
     pub version: i64,
     /// The SKU's sale window.
     pub window: WindowMs,
-    /// The capped sale the SKU belongs to, if any.
+    /// The capped sale the SKU belongs to, if any: taken by a counter
+    /// the gate creates from this read; an existing counter changes sales
+    /// only through [`StockGate::set_sales`].
     pub sale: Option<SaleCap>,
 }
 
@@ -786,18 +788,18 @@ pub(crate) mod decision_table {
             GateDecision::Reserved { remaining: 4 }
         );
         assert_eq!(gate.reserve(&request(&b, "u1", 1)).await.unwrap(), over(3));
-        // A SKU that left the sale is no longer held to its cap.
+        // A set from a read keeps the sale the counter has: only
+        // `set_sales`, which drops the counts as a SKU leaves, moves it.
         assert!(gate.set(&in_sale(&a, 7, 3, None)).await.unwrap());
+        assert_eq!(gate.reserve(&request(&a, "u1", 1)).await.unwrap(), over(3));
+        // A SKU unbound by `set_sales` is no longer held to the cap, and
+        // the sale's counts are dropped: its units left the sale in the
+        // database.
+        gate.set_sales(&[(a.clone(), None)]).await.unwrap();
         assert!(matches!(
             gate.reserve(&request(&a, "u1", 2)).await.unwrap(),
             GateDecision::Reserved { .. }
         ));
-        assert_eq!(gate.reserve(&request(&b, "u1", 1)).await.unwrap(), over(3));
-        // A SKU unbound by `set_sales` drops the sale's counts: its units
-        // left the sale in the database.
-        let bound = in_sale(&a, 0, 0, sale).sale;
-        gate.set_sales(&[(a.clone(), bound)]).await.unwrap();
-        gate.set_sales(&[(a.clone(), None)]).await.unwrap();
         assert_eq!(
             gate.reserve(&request(&b, "u1", 3)).await.unwrap(),
             GateDecision::Reserved { remaining: 1 }

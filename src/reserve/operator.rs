@@ -63,8 +63,8 @@ impl Pipeline {
     }
 
     /// Creates or changes a sale in the database; the sale before
-    /// (`None`: new) and after. The gate keeps no sales: the database
-    /// checks the cap.
+    /// (`None`: new) and after. The gate follows (see
+    /// [`Self::gate_follows_sale`]); the database's check stands behind it.
     pub async fn set_sale(
         &self,
         sale: &SaleId,
@@ -200,8 +200,10 @@ impl Pipeline {
         );
         let was_capped = before.is_some_and(|b| b.max_per_user > 0);
         let sale = after.sale_id.as_str();
-        // After the SKUs are set: an admission between the two is then
-        // forgotten (counted short), never kept (counted over).
+        // After the SKUs are set: an admission decided between the two is
+        // then forgotten (counted short), not kept (counted over); one
+        // whose sale script lands after the drop is the window
+        // docs/architecture.md describes.
         if let Err(err) = self.gate.set_sales(&sales).await {
             tracing::warn!(sale, error = %err, "stock gate not told of the sale's SKUs; the reconciler will set them");
         }

@@ -603,6 +603,7 @@ async fn bench_queue_runs_and_reports_every_measurement() {
             "pgbench, update + insert, 1 client",
             "queue + processor, batch size 16",
             "queue + processor, batch size 16, 16 SKUs",
+            "queue + processor, batch size 16, 16 SKUs, 4 partitions, 1 processor",
             "queue + processor, batch size 16, 16 SKUs, 4 partitions, 2 processors",
             "queue + processor, batch size 1",
             "queue + processor, batch size 16, 16 orders/message"
@@ -615,7 +616,7 @@ async fn bench_queue_runs_and_reports_every_measurement() {
     let table = stockgate_tools::bench::queue::render(&results, &statements, &options);
     assert!(table.contains("x batch 1"), "{table}");
     assert!(
-        table.contains("4 partitions shared by 2 processors / one queue"),
+        table.contains("4 partitions on 1 processor / one queue"),
         "{table}"
     );
     assert!(

@@ -7,9 +7,11 @@
 -- the read, the sale window's opening and closing (Unix ms, '' = that side
 -- open), '1' to set even from a stale read (a database that went back in
 -- time, see StockGate::reset), the capped sale the SKU belongs to and
--- that sale's per-user cap ('' = none).
+-- that sale's per-user cap ('' = none), taken only by a counter created
+-- here (set_sales moves an existing one, dropping the counts it leaves).
 -- Returns 1 when set (the caller announces a restock), 0 when the read is
 -- stale.
+local created = redis.call('EXISTS', KEYS[1]) == 0
 local version = tonumber(ARGV[3])
 local seen = tonumber(redis.call('HGET', KEYS[1], 'seen') or '-1')
 if version < seen and ARGV[6] ~= '1' then
@@ -23,7 +25,7 @@ redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight
   'ver', version, 'seen', version)
 local args = {ARGV[4], ARGV[5], ARGV[7], ARGV[8]}
 local fields = {'opens', 'closes', 'sale', 'scap'}
-for i = 1, 4 do
+for i = 1, (created and 4 or 2) do
   if args[i] == '' then
     redis.call('HDEL', KEYS[1], fields[i])
   else

@@ -8,11 +8,11 @@
 //! Each measurement fills a fresh queue with `orders` messages first (not
 //! timed), then starts a real processor (`server::run` with role
 //! `processor`, gate off) and times from its first committed order to its
-//! last, read from the SKU's stock in the database. One row fills
-//! `rabbitmq.partitions` queues instead and starts several processors in
-//! this process, which share the partitions out through their leases as
-//! a fleet's processors do, next to one processor on one queue over the
-//! same SKUs.
+//! last, read from the SKU's stock in the database. Two rows fill
+//! `rabbitmq.partitions` queues instead, consumed by one processor and by
+//! several in this process, which share the partitions out through their
+//! leases as a fleet's processors do, next to one processor on one queue
+//! over the same SKUs.
 
 use std::{process::Command, sync::Arc, time::Duration};
 
@@ -96,6 +96,7 @@ pub async fn run(
         for (batch, skus, per_message, (partitions, processors)) in [
             (options.batch_size, 1, 1, (1, 1)),
             (options.batch_size, spread, 1, (1, 1)),
+            (options.batch_size, spread, 1, (options.partitions, 1)),
             (options.batch_size, spread, 1, split),
             (1, 1, 1, (1, 1)),
             (options.batch_size, 1, options.batch_size, (1, 1)),
@@ -120,7 +121,8 @@ pub async fn run(
                 String::new()
             };
             let split = if partitions > 1 {
-                format!(", {partitions} partitions, {processors} processors")
+                let s = if processors == 1 { "" } else { "s" };
+                format!(", {partitions} partitions, {processors} processor{s}")
             } else {
                 String::new()
             };
@@ -238,7 +240,9 @@ async fn processor_run(
     config.rabbitmq.publish_batch_max = per_message;
     config.rabbitmq.partitions = partitions;
     // Processors starting together share the partitions out within a
-    // look or two; the clock starts at the first commit in any case.
+    // look or two (one that looked first holds them all until then); the
+    // clock starts at the first commit, so that share-out is timed, as a
+    // handicap of the partitioned rows.
     config.rabbitmq.lease_poll_ms = 100;
 
     // Fill the queue through the real publisher (confirms and all).
@@ -423,15 +427,20 @@ pub fn render(
     let spread = results
         .iter()
         .find(|m| m.name.ends_with(&format!(", {} SKUs", statements.orders)));
-    if let (Some(one), Some(split)) = (
-        spread,
-        results.iter().find(|m| m.name.contains("partitions")),
-    ) {
+    let partitioned = |processors: &str| {
+        results
+            .iter()
+            .find(|m| m.name.contains("partitions") && m.name.ends_with(processors))
+    };
+    let one_processor = partitioned(", 1 processor");
+    let shared = partitioned(&format!(", {} processors", options.processors));
+    if let (Some(one), Some(alone), Some(shared)) = (spread, one_processor, shared) {
         out.push_str(&format!(
-            "{} partitions shared by {} processors / one queue and one processor, same SKUs: {:.2}x\n",
+            "same SKUs, medians: {} partitions on 1 processor / one queue {:.2}x; shared by {} processors / one queue {:.2}x\n",
             options.partitions,
+            alone.per_sec / one.per_sec,
             options.processors,
-            split.per_sec / one.per_sec
+            shared.per_sec / one.per_sec
         ));
     }
     out.push_str(&format!(
