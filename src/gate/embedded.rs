@@ -59,6 +59,16 @@ struct State {
     sales: HashMap<String, HashMap<String, i64>>,
 }
 
+/// Takes `quantity` off `user`'s live units, dropping the user at zero.
+fn free_units(users: &mut HashMap<String, i64>, user: &str, quantity: u32) {
+    if let Some(live) = users.get_mut(user) {
+        *live -= i64::from(quantity);
+        if *live <= 0 {
+            users.remove(user);
+        }
+    }
+}
+
 impl State {
     fn in_flight(&self, sku: &str) -> i64 {
         self.admitted
@@ -70,12 +80,7 @@ impl State {
 
     fn free_user_units(&mut self, sku: &str, user: &str, quantity: u32) {
         if let Some(counter) = self.counters.get_mut(sku) {
-            if let Some(live) = counter.users.get_mut(user) {
-                *live -= i64::from(quantity);
-                if *live <= 0 {
-                    counter.users.remove(user);
-                }
-            }
+            free_units(&mut counter.users, user, quantity);
         }
     }
 
@@ -88,12 +93,7 @@ impl State {
             return;
         };
         if let Some(users) = self.sales.get_mut(&sale) {
-            if let Some(live) = users.get_mut(&admitted.user) {
-                *live -= i64::from(admitted.quantity);
-                if *live <= 0 {
-                    users.remove(&admitted.user);
-                }
-            }
+            free_units(users, &admitted.user, admitted.quantity);
         }
     }
 

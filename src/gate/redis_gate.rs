@@ -543,6 +543,7 @@ async fn listen_on_cluster(
 impl RedisGate {
     /// fields.lua on each SKU's counter: one run per SKU (its own hash
     /// slot), all in one pipeline.
+    ///
     /// Answers, per SKU, the first field's value before (`None`: no
     /// counter).
     async fn set_fields(
