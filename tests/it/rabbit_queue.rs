@@ -643,6 +643,7 @@ async fn bench_through_rabbitmq_reads_the_brokers_and_the_databases_cpu() {
         store: db.url.clone(),
         queue: crate::harness::amqp_url(),
         tracing: false,
+        partitions: 1,
     };
     let results = stockgate_tools::bench::run(options).await.unwrap();
     let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
@@ -668,6 +669,7 @@ async fn bench_through_rabbitmq_reads_the_brokers_and_the_databases_cpu() {
 /// RabbitMQ: both sales of the round hold every invariant, the one-SKU
 /// sale commits exactly its units, the many-SKU sale commits what it
 /// admitted, each with a commit span to divide by, and the ratio is shown.
+/// Its orders go through two partitioned queues (`--partitions 2`).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_many_sku_bench_compares_commit_rates_in_one_round() {
     use stockgate_tools::bench::storm::{render_many_skus, run_many_skus, ManySkus};
@@ -681,6 +683,7 @@ async fn the_many_sku_bench_compares_commit_rates_in_one_round() {
         store: db.url.clone(),
         queue: crate::harness::amqp_url(),
         tracing: false,
+        partitions: 2,
     };
     let sale = ManySkus {
         skus: 20,
@@ -699,6 +702,13 @@ async fn the_many_sku_bench_compares_commit_rates_in_one_round() {
     assert!(round.many.orders <= 200, "{shown}");
     assert!(
         shown.contains("committed orders/s, many SKUs / 1 SKU: "),
+        "{shown}"
+    );
+    assert!(shown.contains("partitions=2"), "{shown}");
+    // The in-process processor consumed both queues during each sale.
+    assert_eq!(
+        (round.one.partitions_held, round.many.partitions_held),
+        (2, 2),
         "{shown}"
     );
     db.drop_now().await;

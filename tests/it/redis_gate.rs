@@ -268,6 +268,7 @@ fn small_bench(requests: usize) -> stockgate_tools::bench::BenchOptions {
         store: "embedded".into(),
         queue: "embedded".into(),
         tracing: false,
+        partitions: 1,
     }
 }
 
@@ -313,6 +314,35 @@ async fn bench_runs_and_reports_every_measurement() {
     let table = stockgate_tools::bench::render(&results, &options);
     assert!(table.contains("x no-op"), "{table}");
     assert!(table.contains("cpu/call"), "{table}");
+}
+
+/// `stockgate bench --sale` runs end to end (small N): the capped side
+/// refused its probe's second unit (or the run would have failed), and
+/// every measured call, each a new buyer's first, was let through.
+#[tokio::test(flavor = "multi_thread")]
+async fn sale_bench_measures_a_capped_sale_next_to_none() {
+    let options = small_bench(300);
+    let results = stockgate_tools::bench::sale::run(options.clone())
+        .await
+        .unwrap();
+    let names: Vec<_> = results.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Reserve, stock, no sale",
+            "Reserve, stock, in a capped sale",
+            "Reserve, sold out, no sale",
+            "Reserve, sold out, in a capped sale"
+        ]
+    );
+    for m in &results {
+        assert_eq!(m.failures, 0, "{m:?}");
+    }
+    let table = stockgate_tools::bench::sale::render(&results, &options);
+    assert!(
+        table.contains("in a capped sale / no sale: Reserve with stock"),
+        "{table}"
+    );
 }
 
 /// A replica admitted units and died before queueing them: the reconciler

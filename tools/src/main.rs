@@ -85,6 +85,11 @@ enum Command {
         sku_stock: i64,
         #[arg(long, requires = "storm", default_value_t = 1.0)]
         zipf: f64,
+        /// Order queues through RabbitMQ (`rabbitmq.partitions`): above 1,
+        /// orders are routed by SKU to that many queues, each consumed by
+        /// its own loop in the in-process processor.
+        #[arg(long, default_value_t = 1)]
+        partitions: u16,
         /// Measure TLS to the backends instead: Reserve through a server
         /// with these TLS URLs (to the same servers as `--store`, `--redis`
         /// and `--queue`) next to one with those plaintext URLs.
@@ -110,6 +115,10 @@ enum Command {
         /// one on `--redis`.
         #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store", "tracing"])]
         cluster: Option<String>,
+        /// Measure a sale's per-user cap instead: Reserve through a server
+        /// whose SKUs are in a capped sale next to one whose are not.
+        #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store", "tracing", "cluster"])]
+        sale: bool,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -355,6 +364,7 @@ async fn run() -> anyhow::Result<()> {
             skus,
             sku_stock,
             zipf,
+            partitions,
             tls_store,
             tls_redis,
             tls_queue,
@@ -363,6 +373,7 @@ async fn run() -> anyhow::Result<()> {
             tls_key,
             tracing,
             cluster,
+            sale,
         } => {
             let options = stockgate_tools::bench::BenchOptions {
                 requests,
@@ -373,7 +384,11 @@ async fn run() -> anyhow::Result<()> {
                 store,
                 queue,
                 tracing,
+                partitions,
             };
+            if partitions > 1 && !options.queue.starts_with("amqp") {
+                anyhow::bail!("--partitions needs an amqp:// --queue");
+            }
             if let (Some(store), Some(redis_url), Some(queue), Some(ca_file)) =
                 (tls_store, tls_redis, tls_queue, tls_ca)
             {
@@ -399,6 +414,14 @@ async fn run() -> anyhow::Result<()> {
                 print!(
                     "{}",
                     stockgate_tools::bench::cluster::render(&results, &options, &cluster)
+                );
+                return Ok(());
+            }
+            if sale {
+                let results = stockgate_tools::bench::sale::run(options.clone()).await?;
+                print!(
+                    "{}",
+                    stockgate_tools::bench::sale::render(&results, &options)
                 );
                 return Ok(());
             }

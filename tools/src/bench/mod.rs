@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod cpu;
 pub mod middleware;
 pub mod queue;
+pub mod sale;
 mod sides;
 pub mod storm;
 pub mod tls;
@@ -66,6 +67,8 @@ pub struct BenchOptions {
     /// Also measure the sold-out path with every call traced (the process
     /// must have been started with [`stockgate::telemetry::init_discarding`]).
     pub tracing: bool,
+    /// Order queues through RabbitMQ (`rabbitmq.partitions`; 1: one queue).
+    pub partitions: u16,
 }
 
 /// One measured line.
@@ -200,7 +203,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<Measured>> {
     }
     cleanup(&options.redis_url, &prefix).await?;
     if options.queue.starts_with("amqp://") {
-        stockgate::queue::delete_topology(&options.queue, &prefix, 1).await;
+        stockgate::queue::delete_topology(&options.queue, &prefix, options.partitions).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(results)
@@ -263,6 +266,7 @@ pub(crate) fn server_config(
     config.backends.store = options.store.clone();
     config.backends.queue = options.queue.clone();
     config.rabbitmq.queue = prefix.to_owned();
+    config.rabbitmq.partitions = options.partitions;
     config.store.sqlite_path = sqlite.display().to_string();
     config.redis.key_prefix = prefix.to_owned();
     Ok(config)

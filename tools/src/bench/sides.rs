@@ -1,5 +1,5 @@
 //! Two servers in this process that differ in one way (TLS to the
-//! backends, a Redis Cluster), measured in alternating order every round:
+//! backends, a Redis Cluster, a capped sale), measured in alternating order every round:
 //! Reserve with stock (gate, dedup, queue and commit) and sold out
 //! (answered from the sold-out cache, so only dedup's claim and answer
 //! reach Redis). The median round is reported.
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use stockgate::{
     config::Config,
-    pb::{admin_service_client::AdminServiceClient, ReserveOutcome},
+    pb::{admin_service_client::AdminServiceClient, ReserveOutcome, SetSaleRequest},
 };
 use tonic::transport::Channel;
 
@@ -20,6 +20,8 @@ use super::{
 // As stock_both names them.
 const STOCK: &str = "BENCH-AVAIL";
 const SOLD_OUT: &str = "BENCH-SOLDOUT";
+/// Both SKUs a side sells.
+pub(crate) const SKUS: [&str; 2] = [STOCK, SOLD_OUT];
 
 /// One side: its server, the label its rows carry, and where its keys
 /// live (deleted when it stops).
@@ -41,10 +43,31 @@ impl Side {
         redis_url: String,
         options: &BenchOptions,
     ) -> anyhow::Result<Self> {
+        Self::start_in_sale(label, config, prefix, redis_url, options, None).await
+    }
+
+    /// As [`Side::start`], then puts both SKUs in `sale` (when given)
+    /// before the warm-up, so the warm-up loads the sale's scripts too.
+    pub(crate) async fn start_in_sale(
+        label: &'static str,
+        config: Config,
+        prefix: String,
+        redis_url: String,
+        options: &BenchOptions,
+        sale: Option<SetSaleRequest>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let server = BenchServer::start(config, options.connections).await?;
         let mut admin = AdminServiceClient::new(server.channels[0].clone());
-        stock_both(&mut admin, options).await?;
+        let mut prepared = stock_both(&mut admin, options).await;
+        if let (Ok(()), Some(sale)) = (&prepared, sale) {
+            prepared = admin.set_sale(sale).await.map(drop).map_err(Into::into);
+        }
+        if let Err(err) = prepared {
+            server.stop().await?;
+            cleanup(&redis_url, &prefix).await?;
+            return Err(err);
+        }
         let call = reserve_call(STOCK, format!("warm-{prefix}"), ReserveOutcome::Queued);
         load(&server.channels, &warm_up_options(options), "warm-up", call).await;
         wait_drained(&mut admin, STOCK).await?;
@@ -57,10 +80,15 @@ impl Side {
         })
     }
 
+    /// A connection to this side's server.
+    pub(crate) fn channel(&self) -> Channel {
+        self.server.channels[0].clone()
+    }
+
     pub(crate) async fn stop(self, options: &BenchOptions) -> anyhow::Result<()> {
         self.server.stop().await?;
         cleanup(&self.redis_url, &self.prefix).await?;
-        stockgate::queue::delete_topology(&options.queue, &self.prefix, 1).await;
+        stockgate::queue::delete_topology(&options.queue, &self.prefix, options.partitions).await;
         Ok(())
     }
 }

@@ -74,7 +74,7 @@ async fn clean_up(
 ) -> anyhow::Result<()> {
     super::cleanup(&options.redis_url, prefix).await?;
     if options.queue.starts_with("amqp://") {
-        stockgate::queue::delete_topology(&options.queue, prefix, 1).await;
+        stockgate::queue::delete_topology(&options.queue, prefix, options.partitions).await;
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
@@ -110,15 +110,25 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Vec<StormRound>> {
     Ok(vec![median])
 }
 
+/// The header's note of partitioned queues, empty for one queue.
+fn partitions(options: &BenchOptions) -> String {
+    if options.partitions > 1 {
+        format!(" partitions={}", options.partitions)
+    } else {
+        String::new()
+    }
+}
+
 pub fn render(rounds: &[StormRound], options: &BenchOptions) -> String {
     let mut out = format!(
-        "buyers={} stock=1 concurrency={} connections={} rounds={} (median storm shown) store={} queue={}\n",
+        "buyers={} stock=1 concurrency={} connections={} rounds={} (median storm shown) store={} queue={}{}\n",
         options.requests,
         options.concurrency,
         options.connections,
         options.rounds,
         stockgate::config::redact_url(&options.store),
         stockgate::config::redact_url(&options.queue),
+        partitions(options),
     );
     out.push_str(&format!(
         "{:<34} {:>10} {:>9} {:>9} {:>10} {:>8}\n",
@@ -177,6 +187,9 @@ pub struct Committed {
     pub orders: u64,
     /// From the first commit to the last, in seconds (20 ms resolution).
     pub span_secs: f64,
+    /// The most order queues the in-process processor consumed at once
+    /// (`stockgate_processor_partitions`; 0 with one unpartitioned queue).
+    pub partitions_held: u64,
 }
 
 impl Committed {
@@ -211,6 +224,18 @@ fn committed_so_far(render: &impl Fn() -> String) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// The partitions this process's processor holds now
+/// (`stockgate_processor_partitions`), 0 when it has none.
+fn partitions_held(render: &impl Fn() -> String) -> u64 {
+    render()
+        .lines()
+        .filter(|line| line.split(['{', ' ']).next() == Some("stockgate_processor_partitions"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|held| held as u64)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Runs a storm while sampling the commit counter every 20 ms.
 async fn timed_storm<R>(render: &R, options: &storm::StormOptions) -> anyhow::Result<Committed>
 where
@@ -224,10 +249,12 @@ where
         tokio::spawn(async move {
             loop {
                 let count = committed_so_far(&render) - base;
-                samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((std::time::Instant::now(), count));
+                let held = partitions_held(&render);
+                samples.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    std::time::Instant::now(),
+                    count,
+                    held,
+                ));
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
                     _ = &mut stopped => return,
@@ -241,11 +268,12 @@ where
     let report = report?;
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
     let orders = committed_so_far(render) - base;
-    let first = samples.iter().find(|(_, n)| *n > 0).map(|(at, _)| *at);
+    let first = samples.iter().find(|(_, n, _)| *n > 0).map(|(at, ..)| *at);
     let last = samples
         .iter()
-        .find(|(_, n)| *n >= orders)
-        .map(|(at, _)| *at);
+        .find(|(_, n, _)| *n >= orders)
+        .map(|(at, ..)| *at);
+    let partitions_held = samples.iter().map(|(.., held)| *held).max().unwrap_or(0);
     let span_secs = match (first, last) {
         (Some(first), Some(last)) => (last - first).as_secs_f64(),
         _ => 0.0,
@@ -254,6 +282,7 @@ where
         storm: report,
         orders,
         span_secs,
+        partitions_held,
     })
 }
 
@@ -312,7 +341,7 @@ pub fn render_many_skus(
 ) -> String {
     let mut out = format!(
         "buyers={} per sale, {} SKUs x {} units (Zipf s = {}, seed 7) next to 1 SKU x {} units; \
-         concurrency={} connections={} rounds={} (median ratio shown) store={} queue={}\n",
+         concurrency={} connections={} rounds={} (median ratio shown) store={} queue={}{}\n",
         options.requests,
         sale.skus,
         sale.stock,
@@ -323,6 +352,7 @@ pub fn render_many_skus(
         options.rounds,
         stockgate::config::redact_url(&options.store),
         stockgate::config::redact_url(&options.queue),
+        partitions(options),
     );
     out.push_str(&format!(
         "{:<30} {:>9} {:>10} {:>12} {:>10} {:>9} {:>10}\n",
@@ -339,6 +369,12 @@ pub fn render_many_skus(
                 c.storm.calls_per_sec,
                 c.storm.oversold,
                 if c.storm.ok() { "hold" } else { "BROKEN" }
+            ));
+        }
+        if options.partitions > 1 {
+            out.push_str(&format!(
+                "partitions the processor consumed at once: {}\n",
+                round.one.partitions_held.max(round.many.partitions_held)
             ));
         }
         out.push_str(&format!(
