@@ -23,6 +23,15 @@ pub enum ReservationError {
     /// No sale with this id.
     #[error("unknown sale {0:?}")]
     UnknownSale(String),
+    /// The gate holds no draw for the SKU's opening.
+    #[error(
+        "no draw for sku {0:?}: it has no draw window, nobody entered yet, or the draw expired"
+    )]
+    UnknownDraw(String),
+    /// A SKU's window cannot change while its draw is open or being
+    /// decided.
+    #[error("{0}")]
+    DrawInProgress(String),
     /// A SKU named for a sale belongs to another one.
     #[error("sku {sku:?} belongs to sale {sale:?}; take it out of that sale first")]
     SkuInOtherSale { sku: String, sale: String },
@@ -166,6 +175,8 @@ impl ReservationError {
             Self::InvalidArgument { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
             Self::UnknownSku(_) => (Code::NotFound, "UNKNOWN_SKU"),
             Self::UnknownSale(_) => (Code::NotFound, "UNKNOWN_SALE"),
+            Self::UnknownDraw(_) => (Code::NotFound, "UNKNOWN_DRAW"),
+            Self::DrawInProgress(_) => (Code::FailedPrecondition, "DRAW_IN_PROGRESS"),
             Self::SkuInOtherSale { .. } => (Code::FailedPrecondition, "SKU_IN_OTHER_SALE"),
             Self::ReservationNotFound(_) => (Code::NotFound, "RESERVATION_NOT_FOUND"),
             Self::NotOwner(_) => (Code::PermissionDenied, "NOT_OWNER"),

@@ -1,5 +1,5 @@
-"""Reserve, watch, extend, confirm, and a sale window, through the
-generated Python stubs.
+"""Reserve, watch, extend, confirm, a sale window and a fair opening's
+draw, through the generated Python stubs.
 
 Usage: roundtrip.py HOST:PORT SKU [ADMIN_TOKEN]
 Prints one JSON object; exits non-zero on any unexpected answer.
@@ -7,6 +7,7 @@ Prints one JSON object; exits non-zero on any unexpected answer.
 
 import json
 import sys
+import threading
 import time
 import uuid
 
@@ -134,6 +135,40 @@ def main() -> int:
     except grpc.RpcError as err:
         backwards = {"code": err.code().name, "details": err.details()}
 
+    # A fair opening: three buyers of one unit call during a draw; each
+    # call waits for the close, one is admitted, and the draw reads back.
+    drawn = f"{sku}-D"
+    admin.SetStock(admin_pb2.SetStockRequest(sku=drawn, stock=1), metadata=admin_metadata)
+    opens_ms = int(time.time() * 1000) + 1000
+    request = admin_pb2.SetSaleWindowRequest(
+        sku=drawn, reason="python roundtrip", draw_window_ms=600
+    )
+    request.opens_at.FromMilliseconds(opens_ms)
+    admin.SetSaleWindow(request, metadata=admin_metadata)
+    answers = {}
+
+    def buyer(n):
+        time.sleep(max(0.0, (opens_ms + 50) / 1000 - time.time()))
+        answer = inventory.Reserve(
+            inventory_pb2.ReserveRequest(sku=drawn, quantity=1),
+            metadata=[("x-user-id", f"{user}-draw-{n}")],
+            timeout=30,
+        )
+        outcome = inventory_pb2.ReserveOutcome.Name(answer.outcome)
+        answers[n] = ("ADMITTED" if answer.outcome in admitted else outcome, time.time() * 1000)
+
+    buyers = [threading.Thread(target=buyer, args=(n,)) for n in range(3)]
+    for thread in buyers:
+        thread.start()
+    for thread in buyers:
+        thread.join()
+    draw = admin.GetDraw(admin_pb2.GetDrawRequest(sku=drawn), metadata=admin_metadata)
+    try:
+        admin.GetDraw(admin_pb2.GetDrawRequest(sku=windowed), metadata=admin_metadata)
+        raise SystemExit("a SKU without a draw had one")
+    except grpc.RpcError as err:
+        no_draw = {"code": err.code().name, "reason": error_info(err).reason}
+
     # A sale: the cap binds across its SKUs (the server under test decides
     # in the request path), and a SKU of another sale is refused by reason.
     sale_skus = [f"{sku}-S1", f"{sku}-S2"]
@@ -196,6 +231,19 @@ def main() -> int:
                 "too_long": too_long,
                 "extend_after_confirm": refusal(60),
                 "invalid_quantity": invalid,
+                "draw_outcomes": sorted(outcome for outcome, _ in answers.values()),
+                "draw_heard_after_close": all(
+                    at >= opens_ms + 600 for _, at in answers.values()
+                ),
+                "draw": {
+                    "entrant_count": draw.entrant_count,
+                    "seed_digits": len(draw.seed),
+                    "drawn": draw.HasField("drawn_at"),
+                    "outcomes": sorted(
+                        admin_pb2.DrawOutcome.Name(e.outcome) for e in draw.entrants
+                    ),
+                },
+                "no_draw": no_draw,
                 "confirmed_units": stock.confirmed_units,
                 "db_stock": stock.db_stock,
                 "window_now": now,

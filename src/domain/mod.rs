@@ -267,12 +267,20 @@ impl SoldOutPolicy {
 }
 
 /// When a SKU sells: Reserve admits from `opens_at` (inclusive) until
-/// `closes_at` (exclusive); `None` leaves that side open.
+/// `closes_at` (exclusive); `None` leaves that side open. With a
+/// `draw_window_ms` above 0 the opening is fair: calls in its first
+/// `draw_window_ms` are entered in a draw, which the stock gate holds
+/// when it closes (see `docs/architecture.md`, "Fair opening").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SaleWindow {
     pub opens_at: Option<NaiveDateTime>,
     pub closes_at: Option<NaiveDateTime>,
+    pub draw_window_ms: u32,
 }
+
+/// The longest draw a window may have: every entrant's call waits for
+/// it, inside its deadline and the server's `server.request_timeout_ms`.
+pub const MAX_DRAW_WINDOW_MS: u32 = 10_000;
 
 /// Where a moment falls in a [`SaleWindow`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,6 +563,7 @@ mod tests {
         let window = SaleWindow {
             opens_at: Some(t(1_000)),
             closes_at: Some(t(2_000)),
+            ..Default::default()
         };
         assert_eq!(window.check(t(999)), WindowCheck::NotOpen(t(1_000)));
         assert_eq!(window.check(t(1_000)), WindowCheck::Open);

@@ -4,12 +4,18 @@
 //! from zero after a restart, so until then the database alone enforces the
 //! per-user limit for holds made before the restart.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{GateDecision, GateEntry, GateError, SaleCap, SkuStock, StockGate, WindowMs};
+use super::{
+    draw::{draw_order, new_seed, Draw, DrawEntrant, DrawOutcome, DrawSummary, MAX_DRAW_ENTRANTS},
+    GateDecision, GateEntry, GateError, SaleCap, SkuStock, StockGate, WindowMs,
+};
 use crate::domain::Sku;
 
 #[derive(Debug, Default)]
@@ -57,6 +63,66 @@ struct State {
     admitted: HashMap<String, Admitted>,
     /// Sale → user → live units admitted in the sale's SKUs.
     sales: HashMap<String, HashMap<String, i64>>,
+    /// SKU → its latest draw.
+    draws: HashMap<String, DrawState>,
+}
+
+impl DrawState {
+    fn new(opens: i64, ends: i64) -> Self {
+        Self {
+            opens,
+            ends,
+            seed: new_seed(),
+            entrants: Vec::new(),
+            entered: HashSet::new(),
+            users: HashSet::new(),
+            drawn_at: None,
+            stock_at_draw: 0,
+            decided: HashMap::new(),
+            overflow: 0,
+            recorded: false,
+        }
+    }
+
+    /// As operators read it.
+    fn view(&self) -> Draw {
+        let places: HashMap<&str, u32> = if self.drawn_at.is_some() {
+            draw_order(&self.seed, self.entrants.iter().map(|(id, ..)| id.as_str()))
+                .into_iter()
+                .enumerate()
+                .map(|(place, id)| (id, place as u32 + 1))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let entrants = self
+            .entrants
+            .iter()
+            .enumerate()
+            .map(|(arrival, (id, user, quantity))| DrawEntrant {
+                id: id.clone(),
+                user: user.clone(),
+                quantity: *quantity,
+                arrival: arrival as u32 + 1,
+                drawn: places.get(id.as_str()).copied().unwrap_or(0),
+                outcome: self.drawn_at.map(|_| match self.decided.get(id) {
+                    Some((_, Some(GateDecision::Reserved { .. }))) => DrawOutcome::Admitted,
+                    Some((_, Some(GateDecision::UserLimit { .. }))) => DrawOutcome::UserLimit,
+                    Some((_, None)) => DrawOutcome::Withdrawn,
+                    _ => DrawOutcome::SoldOut,
+                }),
+            })
+            .collect();
+        Draw {
+            opens_at_ms: self.opens,
+            ends_at_ms: self.ends,
+            seed: self.seed.clone(),
+            drawn_at_ms: self.drawn_at,
+            stock_at_draw: self.stock_at_draw,
+            entrants,
+            overflow: self.overflow,
+        }
+    }
 }
 
 /// Takes `quantity` off `user`'s live units, dropping the user at zero.
@@ -69,7 +135,185 @@ fn free_units(users: &mut HashMap<String, i64>, user: &str, quantity: u32) {
     }
 }
 
+/// A SKU's draw for one opening.
+#[derive(Debug)]
+struct DrawState {
+    opens: i64,
+    ends: i64,
+    seed: String,
+    /// (id, user, quantity), in arrival order.
+    entrants: Vec<(String, String, u32)>,
+    entered: HashSet<String>,
+    /// One entry per user.
+    users: HashSet<String>,
+    drawn_at: Option<i64>,
+    stock_at_draw: i64,
+    /// What the draw decided for the entrants it reached (place, answer;
+    /// `None` for one withdrawn); those after the stock ran out are sold
+    /// out.
+    decided: HashMap<String, (u32, Option<GateDecision>)>,
+    overflow: u32,
+    /// Claimed for the audit trail.
+    recorded: bool,
+}
+
 impl State {
+    /// Decides one call at its SKU's counter, as reserve.lua's admission
+    /// part does (and the sale's cap as sale_take.lua).
+    fn admit(&mut self, sku: &str, id: &str, user: &str, quantity: u32) -> GateDecision {
+        let State {
+            counters,
+            admitted,
+            sales,
+            ..
+        } = self;
+        let Some(counter) = counters.get_mut(sku) else {
+            return GateDecision::UnknownSku;
+        };
+        let units = i64::from(quantity);
+        if counter.available < units {
+            return GateDecision::SoldOut {
+                remaining: counter.available.max(0),
+            };
+        }
+        let live = counter.users.get(user).copied().unwrap_or(0);
+        if counter.max_per_user > 0 && live + units > i64::from(counter.max_per_user) {
+            return GateDecision::UserLimit {
+                live_units: live,
+                limit: counter.max_per_user,
+            };
+        }
+        if let Some(cap) = &counter.sale {
+            let users = sales.entry(cap.sale_id.clone()).or_default();
+            let in_sale = users.get(user).copied().unwrap_or(0);
+            if in_sale + units > i64::from(cap.max_per_user) {
+                return GateDecision::UserLimit {
+                    live_units: in_sale,
+                    limit: cap.max_per_user,
+                };
+            }
+            users.insert(user.to_owned(), in_sale + units);
+        }
+        counter.available -= units;
+        counter.users.insert(user.to_owned(), live + units);
+        admitted.insert(
+            id.to_owned(),
+            Admitted {
+                sku: sku.to_owned(),
+                user: user.to_owned(),
+                quantity,
+                phase: Phase::InFlight,
+                sale: counter.sale.as_ref().map(|cap| cap.sale_id.clone()),
+                released: None,
+            },
+        );
+        GateDecision::Reserved {
+            remaining: counter.available,
+        }
+    }
+
+    /// Enters a call in the SKU's draw for the opening `(opens, ends)`,
+    /// starting the draw (and its seed) with its first entrant.
+    fn enter(&mut self, sku: &str, (opens, ends): (i64, i64), request: &GateEntry) {
+        let draw = self
+            .draws
+            .entry(sku.to_owned())
+            .or_insert_with(|| DrawState::new(opens, ends));
+        if draw.opens != opens {
+            *draw = DrawState::new(opens, ends);
+        }
+        if draw.entered.contains(request.id.as_str()) {
+            return;
+        }
+        if draw.entrants.len() >= MAX_DRAW_ENTRANTS as usize {
+            draw.overflow += 1;
+            return;
+        }
+        if !draw.users.insert(request.user.as_str().to_owned()) {
+            return;
+        }
+        draw.entered.insert(request.id.as_str().to_owned());
+        draw.entrants.push((
+            request.id.as_str().to_owned(),
+            request.user.as_str().to_owned(),
+            request.quantity,
+        ));
+    }
+
+    /// Runs the SKU's draw for the opening at `opens` once: every entrant
+    /// in the draw's order, each decided as a call would be, until the
+    /// stock runs out.
+    fn run_draw(&mut self, sku: &str, opens: i64, now: i64) {
+        let Some(draw) = self.draws.get_mut(sku) else {
+            return;
+        };
+        if draw.opens != opens || draw.drawn_at.is_some() {
+            return;
+        }
+        draw.drawn_at = Some(now);
+        draw.stock_at_draw = self.counters.get(sku).map_or(0, |c| c.available);
+        let by_id: HashMap<&str, (&str, u32)> = draw
+            .entrants
+            .iter()
+            .map(|(id, user, quantity)| (id.as_str(), (user.as_str(), *quantity)))
+            .collect();
+        let order: Vec<(String, String, u32)> =
+            draw_order(&draw.seed, draw.entrants.iter().map(|(id, ..)| id.as_str()))
+                .into_iter()
+                .map(|id| {
+                    let (user, quantity) = by_id[id];
+                    (id.to_owned(), user.to_owned(), quantity)
+                })
+                .collect();
+        let mut decided = HashMap::new();
+        for (place, (id, user, quantity)) in order.into_iter().enumerate() {
+            if self.counters.get(sku).is_none_or(|c| c.available <= 0) {
+                break;
+            }
+            // Decided before the draw came to it: skipped, nothing taken.
+            let decision = if self.admitted.contains_key(&id) {
+                None
+            } else {
+                Some(self.admit(sku, &id, &user, quantity))
+            };
+            decided.insert(id, (place as u32 + 1, decision));
+        }
+        if let Some(draw) = self.draws.get_mut(sku) {
+            draw.decided = decided;
+        }
+    }
+
+    /// The answer for an entrant the SKU's draw (for this window's
+    /// opening) has run without admitting; `None` for any other call.
+    fn refused_in_draw(
+        &self,
+        sku: &str,
+        window: WindowMs,
+        request: &GateEntry,
+    ) -> Option<GateDecision> {
+        let draw = self.draws.get(sku)?;
+        if Some(draw.opens) != window.opens
+            || draw.drawn_at.is_none()
+            || !draw.entered.contains(request.id.as_str())
+        {
+            return None;
+        }
+        let counter = self.counters.get(sku)?;
+        Some(match draw.decided.get(request.id.as_str()) {
+            Some((_, Some(GateDecision::UserLimit { limit, .. }))) => GateDecision::UserLimit {
+                live_units: counter
+                    .users
+                    .get(request.user.as_str())
+                    .copied()
+                    .unwrap_or(0),
+                limit: *limit,
+            },
+            _ => GateDecision::SoldOut {
+                remaining: counter.available.max(0),
+            },
+        })
+    }
+
     fn in_flight(&self, sku: &str) -> i64 {
         self.admitted
             .values()
@@ -178,68 +422,59 @@ impl StockGate for EmbeddedGate {
         if !state.ready {
             return Ok(GateDecision::NotReady);
         }
-        let State {
-            counters,
-            admitted,
-            sales,
-            ..
-        } = &mut *state;
-        let Some(counter) = counters.get_mut(request.sku.as_str()) else {
+        let sku = request.sku.as_str();
+        let Some(window) = state.counters.get(sku).map(|c| c.window) else {
             return Ok(GateDecision::UnknownSku);
         };
-        match counter.window {
-            (Some(opens_at_ms), _) if request.at_ms < opens_at_ms => {
-                return Ok(GateDecision::NotOpen { opens_at_ms })
+        let draw_ends = window.draw_ends_at();
+        // The draw closes before anything else is decided: its entrants
+        // go before every later call.
+        if let (Some(ends), Some(opens)) = (draw_ends, window.opens) {
+            if request.at_ms >= ends {
+                state.run_draw(sku, opens, request.at_ms);
             }
-            (_, Some(closes_at_ms)) if request.at_ms >= closes_at_ms => {
-                return Ok(GateDecision::Closed { closes_at_ms })
-            }
+        }
+        // An id is decided once (an entrant asking again after the draw).
+        if state
+            .admitted
+            .get(request.id.as_str())
+            .is_some_and(|a| a.sku == sku)
+        {
+            let remaining = state.counters[sku].available.max(0);
+            return Ok(GateDecision::Reserved { remaining });
+        }
+        if let Some(refused) = state.refused_in_draw(sku, window, request) {
+            return Ok(refused);
+        }
+        match window {
+            WindowMs {
+                opens: Some(opens_at_ms),
+                ..
+            } if request.at_ms < opens_at_ms => return Ok(GateDecision::NotOpen { opens_at_ms }),
+            WindowMs {
+                closes: Some(closes_at_ms),
+                ..
+            } if request.at_ms >= closes_at_ms => return Ok(GateDecision::Closed { closes_at_ms }),
             _ => {}
         }
-        let quantity = i64::from(request.quantity);
-        if counter.available < quantity {
-            return Ok(GateDecision::SoldOut {
-                remaining: counter.available.max(0),
-            });
-        }
-        let live = counter
-            .users
-            .get(request.user.as_str())
-            .copied()
-            .unwrap_or(0);
-        if counter.max_per_user > 0 && live + quantity > i64::from(counter.max_per_user) {
-            return Ok(GateDecision::UserLimit {
-                live_units: live,
-                limit: counter.max_per_user,
-            });
-        }
-        let user = request.user.as_str();
-        if let Some(cap) = &counter.sale {
-            let users = sales.entry(cap.sale_id.clone()).or_default();
-            let in_sale = users.get(user).copied().unwrap_or(0);
-            if in_sale + quantity > i64::from(cap.max_per_user) {
-                return Ok(GateDecision::UserLimit {
-                    live_units: in_sale,
-                    limit: cap.max_per_user,
-                });
+        if let (Some(draw_ends_at_ms), Some(opens)) = (draw_ends, window.opens) {
+            // Once the draw has run (by a call whose clock was ahead), a
+            // call is decided as any later one.
+            let drawn = state
+                .draws
+                .get(sku)
+                .is_some_and(|d| d.opens == opens && d.drawn_at.is_some());
+            if request.at_ms < draw_ends_at_ms && !drawn {
+                state.enter(sku, (opens, draw_ends_at_ms), request);
+                return Ok(GateDecision::Entered { draw_ends_at_ms });
             }
-            users.insert(user.to_owned(), in_sale + quantity);
         }
-        counter.available -= quantity;
-        let remaining = counter.available;
-        counter.users.insert(user.to_owned(), live + quantity);
-        admitted.insert(
-            request.id.as_str().to_owned(),
-            Admitted {
-                sku: request.sku.as_str().to_owned(),
-                user: request.user.as_str().to_owned(),
-                quantity: request.quantity,
-                phase: Phase::InFlight,
-                sale: counter.sale.as_ref().map(|cap| cap.sale_id.clone()),
-                released: None,
-            },
-        );
-        Ok(GateDecision::Reserved { remaining })
+        Ok(state.admit(
+            sku,
+            request.id.as_str(),
+            request.user.as_str(),
+            request.quantity,
+        ))
     }
 
     async fn committed(&self, entry: &GateEntry) -> Result<(), GateError> {
@@ -459,6 +694,52 @@ impl StockGate for EmbeddedGate {
         Ok(self.lock().ready)
     }
 
+    async fn claim_draw_record(&self, sku: &Sku) -> Result<Option<DrawSummary>, GateError> {
+        let mut state = self.lock();
+        let opens = state
+            .counters
+            .get(sku.as_str())
+            .and_then(|c| c.window.opens);
+        let Some(draw) = state.draws.get_mut(sku.as_str()) else {
+            return Ok(None);
+        };
+        if Some(draw.opens) != opens || draw.recorded {
+            return Ok(None);
+        }
+        let Some(drawn_at_ms) = draw.drawn_at else {
+            return Ok(None);
+        };
+        draw.recorded = true;
+        let admitted = draw
+            .decided
+            .values()
+            .filter(|(_, d)| matches!(d, Some(GateDecision::Reserved { .. })))
+            .count();
+        Ok(Some(DrawSummary {
+            opens_at_ms: draw.opens,
+            ends_at_ms: draw.ends,
+            seed: draw.seed.clone(),
+            drawn_at_ms,
+            stock_at_draw: draw.stock_at_draw,
+            entrants: draw.entrants.len() as u32,
+            admitted: admitted as u32,
+            overflow: draw.overflow,
+        }))
+    }
+
+    async fn draw(&self, sku: &Sku) -> Result<Option<Draw>, GateError> {
+        let state = self.lock();
+        let opens = state
+            .counters
+            .get(sku.as_str())
+            .and_then(|c| c.window.opens);
+        Ok(state
+            .draws
+            .get(sku.as_str())
+            .filter(|draw| Some(draw.opens) == opens)
+            .map(DrawState::view))
+    }
+
     fn restocks(&self) -> broadcast::Receiver<String> {
         self.restocks.subscribe()
     }
@@ -496,6 +777,49 @@ mod tests {
     #[tokio::test]
     async fn windows_move_without_touching_counters() {
         decision_table::windows_move_without_touching_counters(EmbeddedGate::new()).await;
+    }
+
+    #[tokio::test]
+    async fn a_fair_opening_is_drawn_once() {
+        let gate = EmbeddedGate::new();
+        decision_table::fair_opening(&gate, &gate).await;
+    }
+
+    /// A draw takes at most [`MAX_DRAW_ENTRANTS`]; later calls in its
+    /// window are counted, wait for the close like entrants, and are then
+    /// decided first come, first served after every entrant.
+    #[tokio::test]
+    async fn a_full_draw_leaves_later_calls_to_after_it() {
+        use crate::gate::decision_table::AT;
+        let (gate, sku) = loaded(EmbeddedGate::new(), 1, 0).await;
+        let window = WindowMs::new(Some(AT), None).with_draw(10);
+        gate.set_windows(&[(sku.clone(), window)]).await.unwrap();
+        let entered = GateDecision::Entered {
+            draw_ends_at_ms: AT + 10,
+        };
+        for i in 0..MAX_DRAW_ENTRANTS {
+            let entry = request(&sku, &format!("u{i}"), 1);
+            assert_eq!(gate.reserve(&entry).await.unwrap(), entered);
+        }
+        let beyond = request(&sku, "beyond", 1);
+        assert_eq!(gate.reserve(&beyond).await.unwrap(), entered);
+        let draw = gate.draw(&sku).await.unwrap().unwrap();
+        assert_eq!(draw.entrants.len(), MAX_DRAW_ENTRANTS as usize);
+        assert_eq!(draw.overflow, 1);
+        // The draw gives the one unit to an entrant; the call beyond it
+        // comes after and finds none.
+        let after = beyond.decided_at(AT + 10);
+        assert_eq!(
+            gate.reserve(&after).await.unwrap(),
+            GateDecision::SoldOut { remaining: 0 }
+        );
+        let draw = gate.draw(&sku).await.unwrap().unwrap();
+        let admitted = draw
+            .entrants
+            .iter()
+            .filter(|e| e.outcome == Some(DrawOutcome::Admitted))
+            .count();
+        assert_eq!(admitted, 1);
     }
 
     #[tokio::test]
@@ -561,7 +885,7 @@ mod tests {
             sku: sku.clone(),
             db_stock: 8,
             max_per_user: 0,
-            window: (None, None),
+            window: WindowMs::OPEN,
             sale: None,
         })
         .await

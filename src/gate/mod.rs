@@ -8,10 +8,12 @@
 //! It must never be empty-and-open: a gate without counters answers
 //! [`GateDecision::NotReady`], never "sold out" and never "admitted".
 
+pub mod draw;
 mod embedded;
 pub(crate) mod redis_gate;
 mod sold_out;
 
+pub use draw::{Draw, DrawEntrant, DrawOutcome, DrawSummary};
 pub use embedded::EmbeddedGate;
 pub use redis_gate::{RedisGate, RESERVE_SCRIPT};
 pub use sold_out::SoldOutCache;
@@ -49,8 +51,50 @@ pub struct GateEntry {
 }
 
 /// A sale window as the gate keeps it: opening and closing in Unix ms,
-/// `None` leaving that side open (see [`crate::domain::SaleWindow`]).
-pub type WindowMs = (Option<i64>, Option<i64>);
+/// `None` leaving that side open, and the fair opening's draw (see
+/// [`crate::domain::SaleWindow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowMs {
+    pub opens: Option<i64>,
+    pub closes: Option<i64>,
+    /// The draw after the opening, in ms (0: first come first served from
+    /// the opening). Calls decided in `[opens, opens + draw_ms)` are
+    /// entered in the SKU's draw, not admitted on arrival.
+    pub draw_ms: u32,
+}
+
+impl WindowMs {
+    /// Open on both sides, no draw.
+    pub const OPEN: Self = Self::new(None, None);
+
+    pub const fn new(opens: Option<i64>, closes: Option<i64>) -> Self {
+        Self {
+            opens,
+            closes,
+            draw_ms: 0,
+        }
+    }
+
+    /// The same window with a draw of `draw_ms` after its opening.
+    pub const fn with_draw(mut self, draw_ms: u32) -> Self {
+        self.draw_ms = draw_ms;
+        self
+    }
+
+    /// The gate's copy of a SKU's window.
+    pub fn of(window: &crate::domain::SaleWindow) -> Self {
+        let (opens, closes) = window.as_millis();
+        Self::new(opens, closes).with_draw(window.draw_window_ms)
+    }
+
+    /// When the draw closes (Unix ms), for a window with one.
+    pub fn draw_ends_at(&self) -> Option<i64> {
+        match self.opens {
+            Some(opens) if self.draw_ms > 0 => Some(opens + i64::from(self.draw_ms)),
+            _ => None,
+        }
+    }
+}
 
 impl GateEntry {
     /// An admission, or a settlement the database never saw.
@@ -95,6 +139,10 @@ pub enum GateDecision {
     NotOpen { opens_at_ms: i64 },
     /// Decided at or after the SKU's sale window closed (at this Unix ms).
     Closed { closes_at_ms: i64 },
+    /// Decided during the SKU's draw: entered in it (or, with the draw
+    /// full, to be decided first come first served after it). Ask again
+    /// with the same entry at or after `draw_ends_at_ms` for the outcome.
+    Entered { draw_ends_at_ms: i64 },
     /// The gate has not been loaded from the database (start-up, or the
     /// counters were lost); admit nothing.
     NotReady,
@@ -263,6 +311,16 @@ pub trait StockGate: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The SKU's draw for its current opening (see [`draw`]), `None`
+    /// when the gate holds none: no draw window, no entrant yet, or (on
+    /// Redis) expired.
+    async fn draw(&self, sku: &Sku) -> Result<Option<Draw>, GateError>;
+
+    /// The SKU's draw for its current opening once it is done, to the
+    /// first caller only (across replicas sharing the gate): who records
+    /// it in the audit trail.
+    async fn claim_draw_record(&self, sku: &Sku) -> Result<Option<DrawSummary>, GateError>;
+
     /// Whether the counters are loaded; false after the backend lost them
     /// (a Redis restart or flush), which calls for a reload.
     async fn is_loaded(&self) -> Result<bool, GateError>;
@@ -301,7 +359,7 @@ pub(crate) mod decision_table {
         Case {
             name: "plenty",
             stock: Some((10, 0)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[],
             user: "u1",
             quantity: 3,
@@ -310,7 +368,7 @@ pub(crate) mod decision_table {
         Case {
             name: "exactly the last units",
             stock: Some((3, 0)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[],
             user: "u1",
             quantity: 3,
@@ -319,7 +377,7 @@ pub(crate) mod decision_table {
         Case {
             name: "one short",
             stock: Some((2, 0)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[],
             user: "u1",
             quantity: 3,
@@ -328,7 +386,7 @@ pub(crate) mod decision_table {
         Case {
             name: "empty",
             stock: Some((0, 0)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[],
             user: "u1",
             quantity: 1,
@@ -337,7 +395,7 @@ pub(crate) mod decision_table {
         Case {
             name: "after others took it",
             stock: Some((10, 0)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[("a", 3), ("b", 3), ("c", 3)],
             user: "u1",
             quantity: 3,
@@ -346,7 +404,7 @@ pub(crate) mod decision_table {
         Case {
             name: "within the user limit",
             stock: Some((10, 2)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[("u1", 1)],
             user: "u1",
             quantity: 1,
@@ -355,7 +413,7 @@ pub(crate) mod decision_table {
         Case {
             name: "over the user limit",
             stock: Some((10, 2)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[("u1", 2)],
             user: "u1",
             quantity: 1,
@@ -367,7 +425,7 @@ pub(crate) mod decision_table {
         Case {
             name: "limit is per user",
             stock: Some((10, 2)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[("u2", 2)],
             user: "u1",
             quantity: 2,
@@ -376,7 +434,7 @@ pub(crate) mod decision_table {
         Case {
             name: "sold out wins over the user limit",
             stock: Some((2, 2)),
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[("u1", 2)],
             user: "u1",
             quantity: 1,
@@ -385,7 +443,7 @@ pub(crate) mod decision_table {
         Case {
             name: "unknown sku",
             stock: None,
-            window: (None, None),
+            window: WindowMs::OPEN,
             before: &[],
             user: "u1",
             quantity: 1,
@@ -394,7 +452,7 @@ pub(crate) mod decision_table {
         Case {
             name: "before the opening",
             stock: Some((10, 0)),
-            window: (Some(AT + 1), None),
+            window: WindowMs::new(Some(AT + 1), None),
             before: &[],
             user: "u1",
             quantity: 1,
@@ -405,7 +463,7 @@ pub(crate) mod decision_table {
         Case {
             name: "at the opening",
             stock: Some((10, 0)),
-            window: (Some(AT), Some(AT + 1)),
+            window: WindowMs::new(Some(AT), Some(AT + 1)),
             before: &[],
             user: "u1",
             quantity: 1,
@@ -414,7 +472,7 @@ pub(crate) mod decision_table {
         Case {
             name: "at the closing",
             stock: Some((10, 0)),
-            window: (Some(AT - 1), Some(AT)),
+            window: WindowMs::new(Some(AT - 1), Some(AT)),
             before: &[],
             user: "u1",
             quantity: 1,
@@ -423,7 +481,7 @@ pub(crate) mod decision_table {
         Case {
             name: "closed wins over sold out",
             stock: Some((0, 0)),
-            window: (None, Some(AT)),
+            window: WindowMs::new(None, Some(AT)),
             before: &[],
             user: "u1",
             quantity: 1,
@@ -432,7 +490,7 @@ pub(crate) mod decision_table {
         Case {
             name: "not open wins over the user limit",
             stock: Some((10, 1)),
-            window: (Some(AT + 1), None),
+            window: WindowMs::new(Some(AT + 1), None),
             before: &[],
             user: "u1",
             quantity: 2,
@@ -487,7 +545,7 @@ pub(crate) mod decision_table {
             db_stock: stock,
             max_per_user,
             version: 0,
-            window: (None, None),
+            window: WindowMs::OPEN,
             sale: None,
         }])
         .await
@@ -566,7 +624,7 @@ pub(crate) mod decision_table {
     pub async fn windows_move_without_touching_counters<G: StockGate>(gate: G) {
         let (gate, sku) = loaded(gate, 5, 0).await;
         gate.reserve(&request(&sku, "u1", 2)).await.unwrap();
-        gate.set_windows(&[(sku.clone(), (Some(AT + 10), Some(AT + 20)))])
+        gate.set_windows(&[(sku.clone(), WindowMs::new(Some(AT + 10), Some(AT + 20)))])
             .await
             .unwrap();
         assert_eq!(
@@ -588,7 +646,7 @@ pub(crate) mod decision_table {
                 closes_at_ms: AT + 20
             }
         );
-        gate.set_windows(&[(sku.clone(), (None, None))])
+        gate.set_windows(&[(sku.clone(), WindowMs::OPEN)])
             .await
             .unwrap();
         assert!(matches!(
@@ -596,7 +654,7 @@ pub(crate) mod decision_table {
             GateDecision::Reserved { remaining: 1 }
         ));
         let unknown = Sku::parse("NOT-LOADED").unwrap();
-        gate.set_windows(&[(unknown.clone(), (Some(AT), None))])
+        gate.set_windows(&[(unknown.clone(), WindowMs::new(Some(AT), None))])
             .await
             .unwrap();
         assert_eq!(gate.available(&unknown).await.unwrap(), None);
@@ -605,12 +663,178 @@ pub(crate) mod decision_table {
             GateDecision::UnknownSku
         );
         let mut windowed = read(&sku, 5, 0);
-        windowed.window = (None, Some(AT));
+        windowed.window = WindowMs::new(None, Some(AT));
         assert!(gate.set(&windowed).await.unwrap());
         assert!(matches!(
             gate.reserve(&request(&sku, "u3", 1)).await.unwrap(),
             GateDecision::Closed { .. }
         ));
+    }
+
+    /// A fair opening (see [`draw`]): calls in the draw window are
+    /// entered, not admitted, and the counter is untouched; the first call
+    /// at or after the close runs the draw, once, for every replica on the
+    /// gate (`gate` and `replica` share it); its winners are admitted in
+    /// the seed's order as calls would be (stock, the user's limit), its
+    /// record re-runs to the same places and outcomes, each entrant asking
+    /// again hears its own outcome, and a late caller comes after every
+    /// entrant.
+    pub async fn fair_opening<G: StockGate>(gate: &G, replica: &G) {
+        let sku = Sku::parse("DRAWN").unwrap();
+        let window = WindowMs::new(Some(AT + 100), None).with_draw(1_000);
+        gate.load(&[SkuStock {
+            window,
+            ..read(&sku, 3, 0)
+        }])
+        .await
+        .unwrap();
+        let mut max_one = read(&sku, 3, 0);
+        max_one.max_per_user = 1;
+        max_one.window = window;
+        assert!(gate.set(&max_one).await.unwrap());
+        let ends = AT + 1_100;
+        assert_eq!(
+            gate.reserve(&request(&sku, "early", 1)).await.unwrap(),
+            GateDecision::NotOpen {
+                opens_at_ms: AT + 100
+            }
+        );
+        // 20 users, one of them (u7) calling twice: one entry per user,
+        // its second call waits like the others and is then decided after
+        // the draw.
+        let mut entrants = Vec::new();
+        for i in 0..21u32 {
+            let user = if i == 20 {
+                "u7".to_owned()
+            } else {
+                format!("u{i}")
+            };
+            let entry = request(&sku, &user, 1).decided_at(AT + 100 + i64::from(i) * 45);
+            let on = if i % 2 == 0 { gate } else { replica };
+            assert_eq!(
+                on.reserve(&entry).await.unwrap(),
+                GateDecision::Entered {
+                    draw_ends_at_ms: ends
+                }
+            );
+            entrants.push(entry);
+        }
+        // Asking again before the close: still entered, entered once.
+        let again = entrants[3].clone().decided_at(ends - 1);
+        assert_eq!(
+            replica.reserve(&again).await.unwrap(),
+            GateDecision::Entered {
+                draw_ends_at_ms: ends
+            }
+        );
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(3));
+        let before = gate
+            .draw(&sku)
+            .await
+            .unwrap()
+            .expect("a draw with entrants");
+        assert_eq!(before.entrants.len(), 20);
+        assert_eq!(before.drawn_at_ms, None);
+        assert_eq!(
+            gate.claim_draw_record(&sku).await.unwrap(),
+            None,
+            "not done"
+        );
+        assert!(before
+            .entrants
+            .iter()
+            .all(|e| e.outcome.is_none() && e.drawn == 0));
+        // A late caller at the close runs the draw first (on Redis a chunk
+        // of entrants per call: it is told to come back until the draw is
+        // done), then is decided.
+        let late = request(&sku, "late", 1).decided_at(ends);
+        let entered = GateDecision::Entered {
+            draw_ends_at_ms: ends,
+        };
+        let mut heard = replica.reserve(&late).await.unwrap();
+        for _ in 0..50 {
+            if heard != entered {
+                break;
+            }
+            heard = gate.reserve(&late).await.unwrap();
+        }
+        assert_eq!(heard, GateDecision::SoldOut { remaining: 0 });
+        let record = gate.draw(&sku).await.unwrap().unwrap();
+        assert_eq!(record, replica.draw(&sku).await.unwrap().unwrap());
+        assert_eq!(record.seed.len(), 16);
+        assert_eq!((record.opens_at_ms, record.ends_at_ms), (AT + 100, ends));
+        assert_eq!(record.stock_at_draw, 3);
+        assert!(record.drawn_at_ms.is_some());
+        let arrivals: Vec<u32> = record.entrants.iter().map(|e| e.arrival).collect();
+        assert_eq!(arrivals, (1..=20).collect::<Vec<_>>());
+        let ids: Vec<&str> = record.entrants.iter().map(|e| e.id.as_str()).collect();
+        let expected: Vec<&str> = entrants[..20].iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, expected, "entrants in arrival order");
+        let again = draw::replay(&record.seed, 3, 1, &record.entrants);
+        let gates: Vec<(u32, DrawOutcome)> = record
+            .entrants
+            .iter()
+            .map(|e| (e.drawn, e.outcome.unwrap()))
+            .collect();
+        assert_eq!(gates, again, "the record re-runs to the gate's draw");
+        let winners: Vec<&DrawEntrant> = record
+            .entrants
+            .iter()
+            .filter(|e| e.outcome == Some(DrawOutcome::Admitted))
+            .collect();
+        assert_eq!(winners.len(), 3);
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(0));
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 3);
+        // Every entrant hears its own outcome, from either replica, as
+        // often as it asks.
+        for (i, entry) in entrants.iter().enumerate() {
+            let asked = entry.clone().decided_at(ends + 5);
+            let on = if i % 2 == 0 { replica } else { gate };
+            let heard = on.reserve(&asked).await.unwrap();
+            let expect = match record.entrants.get(i).and_then(|e| e.outcome) {
+                Some(DrawOutcome::Admitted) => GateDecision::Reserved { remaining: 0 },
+                Some(DrawOutcome::UserLimit) => GateDecision::UserLimit {
+                    live_units: 1,
+                    limit: 1,
+                },
+                // Sold out, and u7's second call, decided after the draw
+                // when none were left.
+                _ => GateDecision::SoldOut { remaining: 0 },
+            };
+            assert_eq!(heard, expect, "entrant {i}");
+            assert_eq!(
+                on.reserve(&asked).await.unwrap(),
+                expect,
+                "entrant {i} again"
+            );
+        }
+        assert_eq!(gate.in_flight(&sku).await.unwrap(), 3, "admitted once each");
+        // The record goes to the audit trail once, from either replica.
+        let summary = replica.claim_draw_record(&sku).await.unwrap().unwrap();
+        assert_eq!(gate.claim_draw_record(&sku).await.unwrap(), None);
+        assert_eq!(replica.claim_draw_record(&sku).await.unwrap(), None);
+        assert_eq!(
+            (
+                summary.seed.as_str(),
+                summary.entrants,
+                summary.admitted,
+                summary.stock_at_draw
+            ),
+            (record.seed.as_str(), 20, 3, 3)
+        );
+        assert_eq!(summary.ends_at_ms, ends);
+        // A winner's units come back as any admission's do.
+        let winner = entrants
+            .iter()
+            .find(|e| e.id.as_str() == winners[0].id)
+            .unwrap();
+        gate.release(winner).await.unwrap();
+        assert_eq!(gate.available(&sku).await.unwrap(), Some(1));
+        let next = request(&sku, "next", 1).decided_at(ends + 10);
+        assert_eq!(
+            replica.reserve(&next).await.unwrap(),
+            GateDecision::Reserved { remaining: 0 }
+        );
     }
 
     /// `S` as the database holds it: `stock` units at row `version`.
@@ -620,7 +844,7 @@ pub(crate) mod decision_table {
             db_stock: stock,
             max_per_user: 0,
             version,
-            window: (None, None),
+            window: WindowMs::OPEN,
             sale: None,
         }
     }

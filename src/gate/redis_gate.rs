@@ -8,13 +8,14 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled), `ver` (row version of the database read it was last rebuilt from), `seen` (newest row version of a change settled since), `opens`/`closes` (the sale window, Unix ms), `sale`/`scap` (the capped sale the SKU belongs to and its per-user cap) |
+//! | `P:{SKU}:inv` | hash | `stock` (units the gate will still admit), `cap` (per-user limit, 0 = none), `inflight` (admitted, not yet settled), `ver` (row version of the database read it was last rebuilt from), `seen` (newest row version of a change settled since), `opens`/`closes` (the sale window, Unix ms), `draw` (the window's draw, ms), `sale`/`scap` (the capped sale the SKU belongs to and its per-user cap) |
 //! | `P:{SKU}:users` | hash | user id → live units (admitted and not released or refused) |
 //! | `P:{SKU}:res:ID` | hash | one reservation: `user`, `qty`, `phase` (inflight → committed → done), `sale` (when counted against one); expires after `redis.record_ttl_secs` |
 //! | `P:{SKU}:pending` | sorted set | reservation ids still in flight, scored by admission time (ms) |
 //! | `P:{SKU}:adj:ID` | string | one adjustment call's mark (whether its units came back), so a resent call counts once; expires after ten minutes (longer with a response timeout over four minutes) |
 //! | `P:sale:{SALE}:users` | hash | user id → live units admitted across the sale's SKUs |
 //! | `P:sale:{SALE}:res:ID` | string | one admission's count against the sale: its units, then `done`; expires after `redis.record_ttl_secs` |
+//! | `P:{SKU}:draw:OPENS` | hash | the fair opening's draw for the opening at `OPENS` (Unix ms): `seed`, `n` (entrants), `overflow`, `opens`, `ends`, `drawn` (ms it started), `stock` (units it could give), `at` (entrants decided so far), `admitted`, `done` (ms it finished); with `:who` (id → "arrival quantity user"), `:users` (user → id: one entry each), `:order` (sorted set of ids by draw key) and `:out` (id → what the draw decided: 1 admitted, 2 sold out, 3 over the limit, 4 withdrawn); expire a week after the first entrant or the draw |
 //! | `P:loaded` | string | present once the counters were loaded from the database |
 //! | channel `P:restock` | pub/sub (sharded on a cluster) | SKU names whose counter went up, so replicas drop their sold-out cache |
 //!
@@ -36,6 +37,10 @@ use redis::{AsyncCommands, ErrorKind, Script, ScriptInvocation, ServerErrorKind,
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use super::{
+    draw::{
+        new_seed, Draw, DrawEntrant, DrawOutcome, DrawSummary, DRAW_CHUNK, DRAW_KEEP_SECS,
+        MAX_DRAW_ENTRANTS,
+    },
     GateDecision, GateEntry, GateError, SaleCap, Settlement, SkuStock, StockGate, WindowMs,
     RESTOCK_ALL,
 };
@@ -73,6 +78,9 @@ pub struct RedisGate {
     fields: Script,
     sale_take: Script,
     sale_give: Script,
+    draw_claim: Script,
+    /// Entrants one script run decides ([`DRAW_CHUNK`]; tests set fewer).
+    draw_chunk: u32,
     restocks: broadcast::Sender<String>,
     subscriber: JoinHandle<()>,
 }
@@ -86,6 +94,14 @@ impl Drop for RedisGate {
 /// One side of a sale window as a script argument: '' when open.
 fn window_arg(ms: Option<i64>) -> String {
     ms.map(|ms| ms.to_string()).unwrap_or_default()
+}
+
+/// A window's draw as a script argument: '' for none.
+fn draw_arg(window: &WindowMs) -> String {
+    match window.draw_ms {
+        0 => String::new(),
+        ms => ms.to_string(),
+    }
 }
 
 /// Errors of the connection (not of a command) name the keys that decide
@@ -135,6 +151,8 @@ impl RedisGate {
             fields: Script::new(include_str!("scripts/fields.lua")),
             sale_take: Script::new(include_str!("scripts/sale_take.lua")),
             sale_give: Script::new(include_str!("scripts/sale_give.lua")),
+            draw_claim: Script::new(include_str!("scripts/draw_claim.lua")),
+            draw_chunk: DRAW_CHUNK,
             restocks,
             subscriber,
         })
@@ -546,9 +564,9 @@ impl RedisGate {
     ///
     /// Answers, per SKU, the first field's value before (`None`: no
     /// counter).
-    async fn set_fields(
+    async fn set_fields<const N: usize>(
         &self,
-        fields: &[(&Sku, [(&str, String); 2])],
+        fields: &[(&Sku, [(&str, String); N])],
     ) -> Result<Vec<Option<String>>, GateError> {
         let mut before = Vec::with_capacity(fields.len());
         for chunk in fields.chunks(512) {
@@ -587,8 +605,8 @@ impl RedisGate {
                     .arg(stock.db_stock)
                     .arg(stock.max_per_user)
                     .arg(stock.version)
-                    .arg(window_arg(stock.window.0))
-                    .arg(window_arg(stock.window.1))
+                    .arg(window_arg(stock.window.opens))
+                    .arg(window_arg(stock.window.closes))
                     .arg(if force { "1" } else { "" })
                     .arg(stock.sale.as_ref().map_or("", |cap| cap.sale_id.as_str()))
                     .arg(
@@ -597,7 +615,8 @@ impl RedisGate {
                             .as_ref()
                             .map(|cap| cap.max_per_user.to_string())
                             .unwrap_or_default(),
-                    ),
+                    )
+                    .arg(draw_arg(&stock.window)),
             )
             .await?
             == 1;
@@ -625,7 +644,12 @@ impl StockGate for RedisGate {
                     .arg(self.record_ttl_secs)
                     .arg(now_ms)
                     .arg(entry.id.as_str())
-                    .arg(entry.at_ms),
+                    .arg(entry.at_ms)
+                    .arg(self.key(&entry.sku, ""))
+                    .arg(new_seed())
+                    .arg(MAX_DRAW_ENTRANTS)
+                    .arg(DRAW_KEEP_SECS)
+                    .arg(self.draw_chunk),
             )
             .await?;
         if let [code, remaining, sale, cap] = reply.as_slice() {
@@ -653,6 +677,9 @@ impl StockGate for RedisGate {
             },
             [5, closes_at_ms] => GateDecision::Closed {
                 closes_at_ms: *closes_at_ms,
+            },
+            [6, draw_ends_at_ms] => GateDecision::Entered {
+                draw_ends_at_ms: *draw_ends_at_ms,
             },
             [0] if self.is_loaded().await? => GateDecision::UnknownSku,
             [0] => GateDecision::NotReady,
@@ -719,12 +746,13 @@ impl StockGate for RedisGate {
     async fn set_windows(&self, windows: &[(Sku, WindowMs)]) -> Result<(), GateError> {
         let fields: Vec<_> = windows
             .iter()
-            .map(|(sku, (opens, closes))| {
+            .map(|(sku, window)| {
                 (
                     sku,
                     [
-                        ("opens", window_arg(*opens)),
-                        ("closes", window_arg(*closes)),
+                        ("opens", window_arg(window.opens)),
+                        ("closes", window_arg(window.closes)),
+                        ("draw", draw_arg(window)),
                     ],
                 )
             })
@@ -779,6 +807,108 @@ impl StockGate for RedisGate {
             .await
             .map_err(|e| unavailable(e, &self.origin))?;
         Ok(inflight.unwrap_or(0))
+    }
+
+    async fn draw(&self, sku: &Sku) -> Result<Option<Draw>, GateError> {
+        let mut conn = self.conn.clone();
+        let failed = |e| unavailable(e, &self.origin);
+        let (opens, draw_ms): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.key(sku, "inv"))
+            .arg("opens")
+            .arg("draw")
+            .query_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        let (Some(opens), Some(_)) = (opens, draw_ms) else {
+            return Ok(None);
+        };
+        let key = self.key(sku, &format!("draw:{opens}"));
+        let head: std::collections::HashMap<String, String> =
+            conn.hgetall(&key).await.map_err(failed)?;
+        let Some(seed) = head.get("seed") else {
+            return Ok(None);
+        };
+        let number = |field: &str| head.get(field).and_then(|v| v.parse::<i64>().ok());
+        // Outcomes are complete once the draw is done (it may take
+        // several script runs).
+        let drawn_at_ms = number("done");
+        let who: std::collections::HashMap<String, String> =
+            conn.hgetall(format!("{key}:who")).await.map_err(failed)?;
+        let out: std::collections::HashMap<String, String> =
+            conn.hgetall(format!("{key}:out")).await.map_err(failed)?;
+        let places: std::collections::HashMap<String, u32> = if drawn_at_ms.is_some() {
+            let order: Vec<String> = conn
+                .zrange(format!("{key}:order"), 0, -1)
+                .await
+                .map_err(failed)?;
+            (1..).zip(order).map(|(place, id)| (id, place)).collect()
+        } else {
+            Default::default()
+        };
+        let mut entrants: Vec<DrawEntrant> = who
+            .into_iter()
+            .filter_map(|(id, entry)| {
+                let mut parts = entry.splitn(3, ' ');
+                let arrival = parts.next()?.parse().ok()?;
+                let quantity = parts.next()?.parse().ok()?;
+                let user = parts.next()?.to_owned();
+                let outcome = drawn_at_ms.map(|_| {
+                    out.get(&id)
+                        .and_then(|code| code.parse().ok())
+                        .and_then(DrawOutcome::from_code)
+                        .unwrap_or(DrawOutcome::SoldOut)
+                });
+                Some(DrawEntrant {
+                    drawn: places.get(&id).copied().unwrap_or(0),
+                    id,
+                    user,
+                    quantity,
+                    arrival,
+                    outcome,
+                })
+            })
+            .collect();
+        entrants.sort_by_key(|e| e.arrival);
+        Ok(Some(Draw {
+            opens_at_ms: opens,
+            ends_at_ms: number("ends").unwrap_or(opens),
+            seed: seed.clone(),
+            drawn_at_ms,
+            stock_at_draw: number("stock").unwrap_or(0),
+            entrants,
+            overflow: number("overflow")
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn claim_draw_record(&self, sku: &Sku) -> Result<Option<DrawSummary>, GateError> {
+        let reply: Vec<String> = self
+            .invoke(
+                self.draw_claim
+                    .prepare_invoke()
+                    .key(self.key(sku, "inv"))
+                    .arg(self.key(sku, ""))
+                    .arg(DRAW_KEEP_SECS),
+            )
+            .await?;
+        let number = |i: usize| {
+            reply
+                .get(i)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        let count = |i: usize| u32::try_from(number(i)).unwrap_or(0);
+        Ok((reply.len() == 8).then(|| DrawSummary {
+            seed: reply[0].clone(),
+            opens_at_ms: number(1),
+            ends_at_ms: number(2),
+            drawn_at_ms: number(3),
+            stock_at_draw: number(4),
+            entrants: count(5),
+            admitted: count(6),
+            overflow: count(7),
+        }))
     }
 
     async fn stale_in_flight(
@@ -928,6 +1058,34 @@ pub(crate) mod tests {
             a_lost_sale_give_is_given_again;
     }
 
+    /// Two replicas' gates on one prefix, on one server and on the
+    /// cluster.
+    fn twin_gates(url: &str) -> (RedisGate, RedisGate) {
+        let config = RedisConfig {
+            key_prefix: format!("sg-unit-{}", uuid::Uuid::now_v7().simple()),
+            ..RedisConfig::default()
+        };
+        // Two entrants a script run, so the test's draw takes several.
+        let gate = || {
+            let mut gate = RedisGate::connect(url, &config).unwrap();
+            gate.draw_chunk = 2;
+            gate
+        };
+        (gate(), gate())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fair_opening_is_drawn_once_for_every_replica() {
+        let (gate, replica) = twin_gates(&redis_url());
+        decision_table::fair_opening(&gate, &replica).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fair_opening_is_drawn_once_on_a_cluster() {
+        let (gate, replica) = twin_gates(&cluster_url());
+        decision_table::fair_opening(&gate, &replica).await;
+    }
+
     /// A settlement sent again because its sale's give was lost (a timeout
     /// after the settle script ran) still ends the sale's count: the
     /// settle script answers the records it had ended before.
@@ -943,7 +1101,7 @@ pub(crate) mod tests {
             db_stock: 5,
             max_per_user: 0,
             version: 0,
-            window: (None, None),
+            window: WindowMs::OPEN,
             sale: Some(cap),
         }])
         .await
@@ -1073,7 +1231,7 @@ pub(crate) mod tests {
             db_stock: 10,
             max_per_user: 0,
             version: 0,
-            window: (None, None),
+            window: WindowMs::OPEN,
             sale: None,
         };
         gate.load(&[stock(&a), stock(&b)]).await.unwrap();

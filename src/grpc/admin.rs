@@ -11,6 +11,7 @@ use crate::{
     domain::{
         switches::{Layers, LayersChange, RateSettings},
         ReservationId, ReservationState, SaleId, SaleWindow, Sku, SoldOutPolicy,
+        MAX_DRAW_WINDOW_MS,
     },
     error::ReservationError,
     fleet::{ChangeRequest, SwitchBoard, MAX_REASON},
@@ -36,6 +37,9 @@ pub struct AdminApi {
     /// How long past its expiry a hold may wait for the sweeper before the
     /// checker calls it stuck.
     hold_grace: std::time::Duration,
+    /// The server's `server.request_timeout_ms`: a draw window must end
+    /// well inside it, or its first entrants' calls time out.
+    request_timeout: std::time::Duration,
 }
 
 impl AdminApi {
@@ -54,9 +58,20 @@ impl AdminApi {
             in_flight,
             board,
             hold_grace,
+            request_timeout: std::time::Duration::from_secs(5),
         }
     }
+
+    /// The server's request timeout, which bounds a draw window.
+    pub fn with_request_timeout(mut self, request_timeout: std::time::Duration) -> Self {
+        self.request_timeout = request_timeout;
+        self
+    }
 }
+
+/// What a draw window leaves of the request timeout for the draw itself
+/// and the call's own path after it.
+const DRAW_MARGIN_MS: u64 = 1_000;
 
 /// The admin credential, swappable on SIGHUP: the SHA-256 of the token, so
 /// the comparison takes the same time whatever the length or content of
@@ -468,6 +483,7 @@ fn stock_view(view: StockView) -> pb::StockView {
         opens_at: view.row.opens_at.map(timestamp),
         closes_at: view.row.closes_at.map(timestamp),
         sale_id: view.row.sale_id.unwrap_or_default(),
+        draw_window_ms: u32::try_from(view.row.draw_window_ms).unwrap_or(0),
     }
 }
 
@@ -495,7 +511,72 @@ fn window_time(
 /// A window as the audit trail keeps it.
 fn window_json(window: SaleWindow) -> serde_json::Value {
     let side = |t: Option<chrono::NaiveDateTime>| t.as_ref().map(crate::error::rfc3339_ms);
-    serde_json::json!({ "opens_at": side(window.opens_at), "closes_at": side(window.closes_at) })
+    serde_json::json!({
+        "opens_at": side(window.opens_at),
+        "closes_at": side(window.closes_at),
+        "draw_window_ms": window.draw_window_ms,
+    })
+}
+
+/// Unix ms as a protobuf time.
+fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
+    timestamp(
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap_or_default()
+            .naive_utc(),
+    )
+}
+
+/// Entrants one GetDraw answer carries when the caller sets no `limit`,
+/// and at most: a page stays well under gRPC's usual 4 MiB message limit.
+const DRAW_PAGE: u32 = 1_000;
+const DRAW_PAGE_MOST: u32 = 10_000;
+
+/// The draw as GetDraw answers it: its entrants from arrival `offset`,
+/// at most `limit` of them.
+fn draw_message(
+    sku: &Sku,
+    mut draw: crate::gate::Draw,
+    offset: u32,
+    limit: u32,
+) -> pb::GetDrawResponse {
+    use crate::gate::DrawOutcome;
+    let entrant_count = u32::try_from(draw.entrants.len()).unwrap_or(u32::MAX);
+    let page: Vec<_> = draw
+        .entrants
+        .drain(..)
+        .skip(offset as usize)
+        .take(limit as usize)
+        .collect();
+    draw.entrants = page;
+    pb::GetDrawResponse {
+        entrant_count,
+        sku: sku.as_str().to_owned(),
+        opens_at: Some(timestamp_ms(draw.opens_at_ms)),
+        closes_at: Some(timestamp_ms(draw.ends_at_ms)),
+        seed: draw.seed,
+        drawn_at: draw.drawn_at_ms.map(timestamp_ms),
+        stock_at_draw: draw.stock_at_draw,
+        entrants: draw
+            .entrants
+            .into_iter()
+            .map(|e| pb::DrawEntrant {
+                reservation_id: e.id,
+                user_id: e.user,
+                quantity: e.quantity,
+                arrival: e.arrival,
+                drawn: e.drawn,
+                outcome: match e.outcome {
+                    None => pb::DrawOutcome::Unspecified,
+                    Some(DrawOutcome::Admitted) => pb::DrawOutcome::Admitted,
+                    Some(DrawOutcome::SoldOut) => pb::DrawOutcome::SoldOut,
+                    Some(DrawOutcome::UserLimit) => pb::DrawOutcome::UserLimitReached,
+                    Some(DrawOutcome::Withdrawn) => pb::DrawOutcome::Withdrawn,
+                } as i32,
+            })
+            .collect(),
+        overflow: draw.overflow,
+    }
 }
 
 /// Most entries one SKU's waitlist may be set to hold.
@@ -707,7 +788,38 @@ impl AdminService for AdminApi {
         let window = SaleWindow {
             opens_at: window_time("opens_at", body.opens_at.as_ref())?,
             closes_at: window_time("closes_at", body.closes_at.as_ref())?,
+            draw_window_ms: body.draw_window_ms,
         };
+        if window.draw_window_ms > 0 {
+            if window.draw_window_ms > MAX_DRAW_WINDOW_MS {
+                return Err(ReservationError::invalid("draw_window_ms", "at most 10,000").into());
+            }
+            let most = (self.request_timeout.as_millis() as u64).saturating_sub(DRAW_MARGIN_MS);
+            if u64::from(window.draw_window_ms) > most {
+                return Err(ReservationError::invalid(
+                    "draw_window_ms",
+                    format!(
+                        "at most {most} with this server's server.request_timeout_ms (the draw's first entrants wait all of it); raise that first"
+                    ),
+                )
+                .into());
+            }
+            let Some(opens) = window.opens_at else {
+                return Err(ReservationError::invalid(
+                    "draw_window_ms",
+                    "needs opens_at: a draw follows the opening",
+                )
+                .into());
+            };
+            let draw_ends = opens + chrono::Duration::milliseconds(window.draw_window_ms.into());
+            if window.closes_at.is_some_and(|closes| closes < draw_ends) {
+                return Err(ReservationError::invalid(
+                    "draw_window_ms",
+                    "the draw must close no later than closes_at",
+                )
+                .into());
+            }
+        }
         if let (Some(opens), Some(closes)) = (window.opens_at, window.closes_at) {
             if closes <= opens {
                 return Err(ReservationError::invalid(
@@ -824,6 +936,21 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::GetSaleResponse {
             sale: Some(sale_message(view)),
         }))
+    }
+
+    async fn get_draw(
+        &self,
+        request: Request<pb::GetDrawRequest>,
+    ) -> Result<Response<pb::GetDrawResponse>, Status> {
+        let body = request.into_inner();
+        let sku = Sku::parse(&body.sku)?;
+        let limit = match body.limit {
+            0 => DRAW_PAGE,
+            n if n <= DRAW_PAGE_MOST => n,
+            _ => return Err(ReservationError::invalid("limit", "at most 10,000").into()),
+        };
+        let draw = self.pipeline.draw(&sku).await?;
+        Ok(Response::new(draw_message(&sku, draw, body.offset, limit)))
     }
 
     async fn get_stock(

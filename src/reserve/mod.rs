@@ -38,7 +38,7 @@ use crate::{
         Clock, IdempotencyKey, Quantity, Reservation, Sku, UserId, WindowCheck,
     },
     error::ReservationError,
-    gate::{GateEntry, GateError, SaleCap, SkuStock, SoldOutCache, StockGate},
+    gate::{GateEntry, GateError, SaleCap, SkuStock, SoldOutCache, StockGate, WindowMs},
     metrics,
     queue::{OrderQueue, QueueError},
     store::{CommitOutcome, InventoryRow, NewOrder, RejectCause, Store, StoreError},
@@ -311,7 +311,7 @@ fn sku_stock(row: &InventoryRow, caps: &HashMap<String, u32>) -> SkuStock {
         db_stock: row.stock,
         max_per_user: u32::try_from(row.max_per_user).unwrap_or(0),
         version: row.version,
-        window: row.window().as_millis(),
+        window: WindowMs::of(&row.window()),
         sale: sale_cap(row, caps),
     }
 }

@@ -9,7 +9,7 @@ use crate::{
         SoldOutPolicy,
     },
     error::ReservationError,
-    gate::{GateError, SaleCap},
+    gate::{Draw, GateError, SaleCap, WindowMs},
     store::{Adjusted, InventoryRow, ReservationFilter, SaleView, SaleWrite},
 };
 
@@ -45,6 +45,16 @@ impl Pipeline {
         window: SaleWindow,
     ) -> Result<(InventoryRow, StockView), ReservationError> {
         self.ensure_ready()?;
+        // A draw's entrants wait for its close: moving or dropping the
+        // window under them would leave them undecided.
+        let current = self.store.inventory(sku).await.map_err(store_error)?;
+        if let Some(ends) = current.as_ref().and_then(|row| draw_open_until(row, now())) {
+            return Err(ReservationError::DrawInProgress(format!(
+                "the draw of {} is open or being decided until {}; change its window after that",
+                sku.as_str(),
+                crate::error::rfc3339_ms(&ends)
+            )));
+        }
         let (before, after) = self
             .store
             .set_sale_window(sku, window, now())
@@ -53,13 +63,23 @@ impl Pipeline {
             .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
         // Also with the gate switched off, so that it has the window when
         // it is switched back on.
-        let windows = [(sku.clone(), after.window().as_millis())];
+        let windows = [(sku.clone(), WindowMs::of(&after.window()))];
         if let Err(err) = self.gate.set_windows(&windows).await {
             self.gate_lagging(sku, err);
         }
         // A reopened window should not wait for the fast path's memory.
         self.restocked(sku.as_str());
         Ok((before, self.view(after).await?))
+    }
+
+    /// The SKU's draw for its current opening, as the gate keeps it.
+    pub async fn draw(&self, sku: &Sku) -> Result<Draw, ReservationError> {
+        self.ensure_ready()?;
+        self.gate
+            .draw(sku)
+            .await
+            .map_err(gate_error)?
+            .ok_or_else(|| ReservationError::UnknownDraw(sku.as_str().into()))
     }
 
     /// Creates or changes a sale in the database; the sale before
@@ -293,4 +313,18 @@ impl Pipeline {
         self.layers.store(Arc::new(after));
         Ok(())
     }
+}
+
+/// How long after a draw's close its entrants may still be asking for
+/// their outcome (the longest wait of an entered call).
+const DRAW_SETTLING: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
+
+/// The end of the time `row`'s draw is open or being decided, if `at` is
+/// within it.
+fn draw_open_until(row: &InventoryRow, at: chrono::NaiveDateTime) -> Option<chrono::NaiveDateTime> {
+    let window = row.window();
+    let opens = window.opens_at.filter(|_| window.draw_window_ms > 0)?;
+    let until =
+        opens + chrono::TimeDelta::milliseconds(window.draw_window_ms.into()) + DRAW_SETTLING;
+    (opens <= at && at < until).then_some(until)
 }

@@ -14,7 +14,7 @@ use crate::{
         IdempotencyKey, Reservation, ReservationId, ReservationState, UserId, WindowCheck,
     },
     error::ReservationError,
-    gate::{GateDecision, GateEntry, Settlement},
+    gate::{GateDecision, GateEntry, GateError, Settlement},
     metrics,
     queue::QueueError,
     store::{is_window_reason, CommitParams, NewOrder, WaitlistJoin},
@@ -65,6 +65,16 @@ const COMMIT_RESOLVE_WITHIN: Duration = Duration::from_secs(30);
 /// UNAVAILABLE; that call's gate decision and publish are bounded well
 /// below it.
 const TWIN_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a call entered in a draw waits for its outcome at most: the
+/// longest draw window and then some, for replicas' clocks that differ.
+/// The server's request timeout usually ends the call sooner.
+const DRAW_WAIT_MOST: Duration =
+    Duration::from_millis(crate::domain::MAX_DRAW_WINDOW_MS as u64 + 5_000);
+
+/// How soon an entered call asks again after the close while the draw is
+/// still being decided, or after a gate error.
+const DRAW_POLL_MS: i64 = 5;
 
 /// A call's hold on its idempotency key, from before the gate until its
 /// order is queued (the claim passes to the queued entry) or the call ends
@@ -223,8 +233,35 @@ impl Pipeline {
             idempotency_key: cmd.idempotency_key,
             created_at: self.clock.now(),
         };
+        // The rest on a task of its own: a caller that gives up (deadline,
+        // cancel) drops this future, and a gate call, a draw's wait, a
+        // publish or a commit abandoned half way would leave an admission
+        // unsettled (its units held, the user's count up) until the
+        // reconciler came by, or a draw's winner with nobody to place it.
+        let this = Arc::clone(self);
+        tokio::spawn(trace::follow(async move {
+            this.decide(order, layers, claim).await
+        }))
+        .await
+        .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+    }
+
+    /// The gate (waiting out a draw it entered the call in), then the
+    /// queue or the database.
+    async fn decide(
+        self: &Arc<Self>,
+        order: NewOrder,
+        layers: Layers,
+        claim: Option<KeyClaim>,
+    ) -> Result<ReserveResult, ReservationError> {
         let (gated, remaining) = if layers.gate {
-            match self.pass_gate(&order, &layers).await? {
+            let entry = gate_entry(&order);
+            let mut decision = self.ask_gate(&entry).await;
+            if let Ok(GateDecision::Entered { draw_ends_at_ms }) = decision {
+                metrics::decision("gate", "entered");
+                decision = self.await_draw(entry, draw_ends_at_ms).await;
+            }
+            match self.gate_pass(decision, &order, &layers)? {
                 GatePass::Admitted { remaining } => (true, Some(remaining)),
                 GatePass::Bypassed => (false, None),
                 GatePass::SoldOut { remaining } => {
@@ -239,41 +276,65 @@ impl Pipeline {
             (false, None)
         };
         if layers.queue {
-            // On its own task: a caller that gives up (deadline, cancel)
-            // drops this future, and a publish abandoned half way would
-            // leave the reservation pending and its units held forever.
-            let this = Arc::clone(self);
-            tokio::spawn(trace::follow(async move {
-                this.enqueue(order, gated, remaining, claim).await
-            }))
-            .await
-            .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+            self.enqueue(order, gated, remaining, claim).await
         } else {
-            // On its own task too: a commit dropped half way would leave
-            // the gate's admission unsettled (its units held, the user's
-            // count up) until the reconciler comes by.
-            let this = Arc::clone(self);
-            tokio::spawn(trace::follow(async move {
-                this.commit_now(order, layers.db_check, gated).await
-            }))
-            .await
-            .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+            self.commit_now(order, layers.db_check, gated).await
         }
     }
 
-    /// The gate's decision on `order`: admitted, skipped (it is down or
-    /// being rebuilt and `layers.gate.failure_mode` says bypass), refused,
-    /// or an error (unknown SKU, the gate unavailable and failing closed).
-    async fn pass_gate(
+    /// One gate call for `entry`.
+    async fn ask_gate(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
+        self.gate
+            .reserve(entry)
+            .instrument(trace::span("gate.reserve"))
+            .await
+    }
+
+    /// Asks the gate again for an entry it entered in a draw closing at
+    /// `draw_ends_at_ms`: once the draw has closed by the clock that
+    /// decides calls, then shortly after while the draw is still being
+    /// run (in chunks, by whichever calls come), until the gate answers
+    /// otherwise or [`DRAW_WAIT_MOST`] has passed. A gate error is asked
+    /// again too: asking is safe to repeat for an entered call, and
+    /// giving up would hand a winner's units back.
+    async fn await_draw(
         &self,
+        mut entry: GateEntry,
+        mut draw_ends_at_ms: i64,
+    ) -> Result<GateDecision, GateError> {
+        let give_up = tokio::time::Instant::now() + DRAW_WAIT_MOST;
+        loop {
+            let now_ms = self.clock.now().and_utc().timestamp_millis();
+            let pause = Duration::from_millis((draw_ends_at_ms - now_ms).max(DRAW_POLL_MS) as u64);
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::sleep(pause.min(left)).await;
+            entry.at_ms = self.clock.now().and_utc().timestamp_millis();
+            let decision = self.ask_gate(&entry).await;
+            let again = tokio::time::Instant::now() < give_up;
+            match decision {
+                Ok(GateDecision::Entered {
+                    draw_ends_at_ms: ends,
+                }) if again => {
+                    draw_ends_at_ms = ends;
+                }
+                Err(err) if again => {
+                    tracing::debug!(error = %err, "asking about a draw again");
+                }
+                decision => return decision,
+            }
+        }
+    }
+
+    /// What the gate's `decision` on `order` means for the path: admitted,
+    /// skipped (it is down or being rebuilt and `layers.gate.failure_mode`
+    /// says bypass), refused, or an error (unknown SKU, the gate
+    /// unavailable and failing closed).
+    fn gate_pass(
+        &self,
+        decision: Result<GateDecision, GateError>,
         order: &NewOrder,
         layers: &Layers,
     ) -> Result<GatePass, ReservationError> {
-        let decision = self
-            .gate
-            .reserve(&gate_entry(order))
-            .instrument(trace::span("gate.reserve"))
-            .await;
         match decision {
             Ok(GateDecision::Reserved { remaining }) => {
                 metrics::decision("gate", "admitted");
@@ -300,6 +361,11 @@ impl Pipeline {
                     closes_at_ms,
                 ))))
             }
+            // Only after the loop gave up waiting for the draw.
+            Ok(GateDecision::Entered { .. }) => Err(ReservationError::unavailable(
+                "stock gate",
+                anyhow::anyhow!("the draw that entered this call has not closed"),
+            )),
             Ok(GateDecision::UnknownSku) => {
                 metrics::decision("gate", "unknown_sku");
                 Err(ReservationError::UnknownSku(order.sku.as_str().into()))

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::{
     domain::{ReservationId, ReservationState, Sku},
     error::ReservationError,
-    gate::{Settlement, RESTOCK_ALL},
+    gate::{Settlement, WindowMs, RESTOCK_ALL},
     store::CommitOutcome,
 };
 
@@ -29,6 +29,46 @@ pub struct ReconcileReport {
 }
 
 impl Pipeline {
+    /// Writes each SKU's finished draw (seed, stock, counts) to the audit
+    /// trail, once across the fleet (the gate hands it to one replica):
+    /// the entrants stay with the gate (`GetDraw`), the seed lasts here.
+    async fn record_finished_draws(&self, rows: &[crate::store::InventoryRow]) {
+        let now_ms = crate::domain::now().and_utc().timestamp_millis();
+        let keep_ms = crate::gate::draw::DRAW_KEEP_SECS as i64 * 1_000;
+        for row in rows {
+            let Some(ends) = WindowMs::of(&row.window()).draw_ends_at() else {
+                continue;
+            };
+            if now_ms < ends || now_ms > ends + keep_ms {
+                continue;
+            }
+            let sku = Sku::from_trusted(row.sku.clone());
+            let summary = match self.gate.claim_draw_record(&sku).await {
+                Ok(Some(summary)) => summary,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::debug!(error = %err, sku = row.sku, "draw not claimed for the audit trail");
+                    continue;
+                }
+            };
+            let mut after = serde_json::to_value(&summary).unwrap_or_default();
+            after["sku"] = row.sku.clone().into();
+            after["max_per_user"] = row.max_per_user.into();
+            let event = crate::store::NewAudit {
+                at: crate::domain::now(),
+                actor: "stockgate",
+                action: "draw",
+                outcome: "drawn",
+                before: "{}",
+                after: &after.to_string(),
+                reason: "a fair opening's draw closed (GetDraw lists its entrants)",
+            };
+            if let Err(err) = self.store.audit(&event).await {
+                tracing::error!(error = %err, after = %after, "draw not stored in the audit trail (it is in this log)");
+            }
+        }
+    }
+
     /// Compares the gate with the database: reloads a gate that lost its
     /// counters, reports drift, and resets SKUs whose drift held steady
     /// across two passes.
@@ -51,7 +91,12 @@ impl Pipeline {
         // opens.
         let windows: Vec<_> = rows
             .iter()
-            .map(|row| (Sku::from_trusted(row.sku.clone()), row.window().as_millis()))
+            .map(|row| {
+                (
+                    Sku::from_trusted(row.sku.clone()),
+                    WindowMs::of(&row.window()),
+                )
+            })
             .collect();
         self.gate.set_windows(&windows).await.map_err(gate_error)?;
         let sales: Vec<_> = rows
@@ -59,6 +104,7 @@ impl Pipeline {
             .map(|row| (Sku::from_trusted(row.sku.clone()), sale_cap(row, &caps)))
             .collect();
         self.gate.set_sales(&sales).await.map_err(gate_error)?;
+        self.record_finished_draws(&rows).await;
         let forget = std::mem::take(
             &mut *self
                 .sales_to_forget

@@ -459,16 +459,19 @@ pub async fn run_with(
     let in_flight = (config.server.max_in_flight > 0)
         .then(|| Arc::new(InFlight::new(config.server.max_in_flight, caller_shares)));
     let admin = InterceptedService::new(
-        AdminServiceServer::new(AdminApi::new(
-            pipeline.clone(),
-            rate_limits.clone(),
-            in_flight.clone(),
-            board.clone(),
-            // Three sweeps and a second: a hold older than that past its
-            // expiry was missed.
-            Duration::from_millis(config.reservations.sweep_interval_ms * 3 + 1_000),
-            dead_letters.clone(),
-        ))
+        AdminServiceServer::new(
+            AdminApi::new(
+                pipeline.clone(),
+                rate_limits.clone(),
+                in_flight.clone(),
+                board.clone(),
+                // Three sweeps and a second: a hold older than that past its
+                // expiry was missed.
+                Duration::from_millis(config.reservations.sweep_interval_ms * 3 + 1_000),
+                dead_letters.clone(),
+            )
+            .with_request_timeout(config.request_timeout()),
+        )
         .max_decoding_message_size(max)
         .max_encoding_message_size(max),
         AdminAuth {

@@ -28,6 +28,8 @@ pub struct InventoryRow {
     pub closes_at: Option<NaiveDateTime>,
     /// The sale whose per-user cap also binds this SKU, if any.
     pub sale_id: Option<String>,
+    /// The fair opening's draw after `opens_at`, in ms (0: none).
+    pub draw_window_ms: i32,
 }
 
 impl InventoryRow {
@@ -35,6 +37,7 @@ impl InventoryRow {
         crate::domain::SaleWindow {
             opens_at: self.opens_at,
             closes_at: self.closes_at,
+            draw_window_ms: u32::try_from(self.draw_window_ms).unwrap_or(0),
         }
     }
 }

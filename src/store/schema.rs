@@ -14,6 +14,7 @@ diesel::table! {
         opens_at -> Nullable<Timestamp>,
         closes_at -> Nullable<Timestamp>,
         sale_id -> Nullable<Varchar>,
+        draw_window_ms -> Integer,
     }
 }
 

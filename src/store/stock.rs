@@ -118,6 +118,8 @@ macro_rules! stock_queries {
                     .set((
                         inventory::opens_at.eq(window.opens_at),
                         inventory::closes_at.eq(window.closes_at),
+                        inventory::draw_window_ms
+                            .eq(i32::try_from(window.draw_window_ms).unwrap_or(i32::MAX)),
                         inventory::updated_at.eq(now),
                     ))
                     .returning(InventoryRow::as_returning())

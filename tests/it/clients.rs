@@ -128,6 +128,32 @@ async fn the_python_client_round_trip() {
     assert_eq!(backwards["code"], "INVALID_ARGUMENT");
     assert!(backwards["details"].as_str().unwrap().contains("closes_at"));
     assert_eq!(result["windowed_db_stock"], 5);
+    // A fair opening seen by a grpc-core client: three buyers in a draw,
+    // each waiting for its close; one unit, one winner; the draw reads
+    // back with its seed; a SKU without one has no draw (by reason).
+    assert_eq!(
+        result["draw_outcomes"],
+        serde_json::json!([
+            "ADMITTED",
+            "RESERVE_OUTCOME_SOLD_OUT",
+            "RESERVE_OUTCOME_SOLD_OUT"
+        ])
+    );
+    assert_eq!(result["draw_heard_after_close"], true);
+    let draw = &result["draw"];
+    assert_eq!(draw["entrant_count"], 3);
+    assert_eq!(draw["seed_digits"], 16);
+    assert_eq!(draw["drawn"], true);
+    assert_eq!(
+        draw["outcomes"],
+        serde_json::json!([
+            "DRAW_OUTCOME_ADMITTED",
+            "DRAW_OUTCOME_SOLD_OUT",
+            "DRAW_OUTCOME_SOLD_OUT"
+        ])
+    );
+    assert_eq!(result["no_draw"]["code"], "NOT_FOUND");
+    assert_eq!(result["no_draw"]["reason"], "UNKNOWN_DRAW");
     // A sale of two SKUs with a cap of 1: the second order is refused,
     // synchronously or as the queued reservation's end.
     let members = serde_json::json!(["CLIENT-PY-S1", "CLIENT-PY-S2"]);

@@ -487,6 +487,7 @@ async fn each_order_is_held_to_the_window_at_its_own_decision_time() {
         let window = stockgate::domain::SaleWindow {
             opens_at: Some(opens),
             closes_at: Some(closes),
+            ..Default::default()
         };
         store
             .set_sale_window(&sku, window, now())

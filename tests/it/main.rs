@@ -11,6 +11,7 @@ mod clients;
 mod conformance;
 mod connections;
 mod dead_letters;
+mod draws;
 mod faults;
 mod fleet_limits;
 mod floods;

@@ -31,6 +31,7 @@ pub(crate) fn options(app: &TestApp, sku: &str, stock: i64, requests: usize) -> 
         store: None,
         metrics_url: app.metrics_addr.map(|a| format!("http://{a}/metrics")),
         opens_in_ms: 0,
+        draw_ms: 0,
     }
 }
 
@@ -66,6 +67,38 @@ async fn a_storm_opening_at_a_set_time_admits_nothing_before_it() {
         .expect("the opening is checked");
     assert!(check.ok, "{rendered}");
     assert!(rendered.contains("the sale opened at "), "{rendered}");
+    app.stop().await;
+}
+
+/// The same opening with a draw of 800 ms: the first wave comes back at
+/// the opening and is entered in the draw, the stock goes to 20 of them,
+/// the report reads the draw back, re-runs it to the same outcomes and
+/// finds its winners spread over the entrants as a random draw's would
+/// (the bound a random draw exceeds once in 1,000 runs: the stated
+/// false-failure rate), and every invariant holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_opening_with_a_draw_reports_the_draw() {
+    let app = TestApp::spawn(Profile::Rabbit).await;
+    let options = StormOptions {
+        opens_in_ms: 1_500,
+        draw_ms: 800,
+        double_click: 0.0,
+        concurrency: 100,
+        ..options(&app, "DRAWN", 20, 400)
+    };
+    let report = storm::run(&options, "storm").await.unwrap();
+    let rendered = storm::render(&report);
+    assert!(report.ok(), "{rendered}");
+    assert_eq!(report.admitted, 20, "{rendered}");
+    let [draw] = report.draws.as_slice() else {
+        panic!("one draw: {rendered}");
+    };
+    assert!(draw.entrants >= 100, "{rendered}");
+    assert_eq!(draw.admitted, 20, "{rendered}");
+    assert!(draw.re_run_agrees, "{rendered}");
+    let spread = draw.spread.expect("winners");
+    assert!(spread < draw.spread_bound, "{rendered}");
+    assert!(rendered.contains("draw of DRAWN: seed "), "{rendered}");
     app.stop().await;
 }
 

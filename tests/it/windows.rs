@@ -59,6 +59,7 @@ async fn set_window(
             opens_at,
             closes_at,
             reason: reason.into(),
+            draw_window_ms: 0,
         })
         .await
         .map(|r| r.into_inner().stock.unwrap())
@@ -192,6 +193,7 @@ async fn the_database_refuses_what_a_stale_gate_admits_and_the_reconciler_repair
     let window = SaleWindow {
         opens_at: Some(opens),
         closes_at: None,
+        ..Default::default()
     };
     store
         .set_sale_window(&sku, window, stockgate::domain::now())
@@ -225,6 +227,7 @@ async fn the_database_refuses_what_a_stale_gate_admits_and_the_reconciler_repair
     let moved = SaleWindow {
         opens_at: Some(postponed),
         closes_at: None,
+        ..Default::default()
     };
     store
         .set_sale_window(&sku, moved, stockgate::domain::now())
@@ -324,6 +327,7 @@ async fn the_waitlist_neither_serves_nor_takes_anyone_after_the_closing() {
     let closed = SaleWindow {
         opens_at: None,
         closes_at: Some(closed_at),
+        ..Default::default()
     };
     let sku = Sku::parse("LINE-2").unwrap();
     let store = open_store(&app.config);

@@ -215,6 +215,12 @@ struct StormArgs {
     /// the opening; the report checks nothing was admitted before it.
     #[arg(long, default_value_t = 0)]
     opens_in_ms: u64,
+    /// With `--opens-in-ms`: open with a draw of this many milliseconds
+    /// (the fair opening): the calls in it are decided at its close in a
+    /// random order; the report reads the hottest SKUs' draws back and
+    /// re-runs them.
+    #[arg(long, default_value_t = 0, requires = "opens_in_ms")]
+    draw_ms: u32,
     /// Run once per layer configuration and compare (switches restored after).
     #[arg(long)]
     matrix: bool,
@@ -254,6 +260,7 @@ async fn storm(args: StormArgs) -> anyhow::Result<bool> {
         store: args.store,
         metrics_url: args.metrics,
         opens_in_ms: args.opens_in_ms,
+        draw_ms: args.draw_ms,
     };
     let reports = if args.matrix {
         let reports = storm::run_matrix(&options).await?;

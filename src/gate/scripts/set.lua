@@ -8,7 +8,8 @@
 -- open), '1' to set even from a stale read (a database that went back in
 -- time, see StockGate::reset), the capped sale the SKU belongs to and
 -- that sale's per-user cap ('' = none), taken only by a counter created
--- here (set_sales moves an existing one, dropping the counts it leaves).
+-- here (set_sales moves an existing one, dropping the counts it leaves),
+-- and the window's draw in ms ('' = none).
 -- Returns 1 when set (the caller announces a restock), 0 when the read is
 -- stale.
 local created = redis.call('EXISTS', KEYS[1]) == 0
@@ -23,9 +24,9 @@ local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
 local stock = tonumber(ARGV[1]) - inflight
 redis.call('HSET', KEYS[1], 'stock', stock, 'cap', ARGV[2], 'inflight', inflight,
   'ver', version, 'seen', version)
-local args = {ARGV[4], ARGV[5], ARGV[7], ARGV[8]}
-local fields = {'opens', 'closes', 'sale', 'scap'}
-for i = 1, (created and 4 or 2) do
+local args = {ARGV[4], ARGV[5], ARGV[9], ARGV[7], ARGV[8]}
+local fields = {'opens', 'closes', 'draw', 'sale', 'scap'}
+for i = 1, (created and 5 or 3) do
   if args[i] == '' then
     redis.call('HDEL', KEYS[1], fields[i])
   else

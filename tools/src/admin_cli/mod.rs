@@ -92,6 +92,15 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// A SKU's fair-opening draw: its seed and entrants, re-run here from
+    /// them and compared with what the gate decided; exits 1 when they
+    /// disagree.
+    Draw {
+        sku: String,
+        /// Also list every entrant (arrival, place drawn, outcome).
+        #[arg(long)]
+        entrants: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,13 +221,16 @@ pub enum StockCommand {
     },
     /// Set the sale window: Reserve admits from `--opens-at` until
     /// `--closes-at` (RFC 3339, e.g. 2026-12-24T18:00:00Z); a side left
-    /// out stays open, both left out clear the window.
+    /// out stays open, both left out clear the window. `--draw-ms` makes
+    /// the opening fair: calls in its first milliseconds enter a draw.
     Window {
         sku: String,
         #[arg(long)]
         opens_at: Option<String>,
         #[arg(long)]
         closes_at: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        draw_ms: u32,
         /// Why, for the audit trail (required).
         #[arg(long)]
         reason: String,
@@ -281,6 +293,38 @@ async fn client(args: &AdminArgs) -> anyhow::Result<Client> {
 }
 
 /// Runs one command; returns what to print.
+/// A SKU's draw with every entrant, read page by page.
+async fn fetch_draw(admin: &mut Client, sku: &str) -> Result<pb::GetDrawResponse, Status> {
+    let mut draw = admin
+        .get_draw(pb::GetDrawRequest {
+            sku: sku.to_owned(),
+            offset: 0,
+            limit: DRAW_PAGE,
+        })
+        .await?
+        .into_inner();
+    while (draw.entrants.len() as u32) < draw.entrant_count {
+        let page = admin
+            .get_draw(pb::GetDrawRequest {
+                sku: sku.to_owned(),
+                offset: draw.entrants.len() as u32,
+                limit: DRAW_PAGE,
+            })
+            .await?
+            .into_inner();
+        if page.entrants.is_empty() || page.seed != draw.seed || page.drawn_at != draw.drawn_at {
+            return Err(Status::aborted(
+                "the draw changed while it was read; read again",
+            ));
+        }
+        draw.entrants.extend(page.entrants);
+    }
+    Ok(draw)
+}
+
+/// Entrants per GetDraw page (the most the server gives).
+const DRAW_PAGE: u32 = 10_000;
+
 pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
     let mut admin = client(&args).await?;
     let status = |s: Status| {
@@ -379,6 +423,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                     sku,
                     opens_at,
                     closes_at,
+                    draw_ms,
                     reason,
                 } => {
                     let at = |flag: &str, text: Option<String>| {
@@ -397,6 +442,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                             sku,
                             opens_at: at("--opens-at", opens_at)?,
                             closes_at: at("--closes-at", closes_at)?,
+                            draw_window_ms: draw_ms,
                             reason,
                         })
                         .await
@@ -471,6 +517,22 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
                 .map_err(status)?
                 .into_inner();
             Ok(render_reservations(&answer.reservations))
+        }
+        AdminCommand::Draw { sku, entrants } => {
+            let draw = fetch_draw(&mut admin, &sku).await.map_err(status)?;
+            let max_per_user = admin
+                .get_stock(pb::GetStockRequest { sku })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .stock
+                .map_or(0, |s| s.max_per_user);
+            let (out, agrees) = render::render_draw(&draw, max_per_user, entrants);
+            if agrees {
+                Ok(out)
+            } else {
+                Err(anyhow!("{out}the re-run disagrees with the gate's draw"))
+            }
         }
         AdminCommand::Check { sku } => {
             let answer = admin

@@ -166,9 +166,12 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
                 _ => "instant".into(),
             },
             view.waitlisted_units.to_string(),
-            match (&view.opens_at, &view.closes_at) {
-                (None, None) => "-".into(),
-                (opens, closes) => format!("{} to {}", time(opens), time(closes)),
+            match (&view.opens_at, &view.closes_at, view.draw_window_ms) {
+                (None, None, _) => "-".into(),
+                (opens, closes, 0) => format!("{} to {}", time(opens), time(closes)),
+                (opens, closes, draw) => {
+                    format!("{} to {}, draw {draw} ms", time(opens), time(closes))
+                }
             },
             match view.sale_id.as_str() {
                 "" => "-".into(),
@@ -177,6 +180,128 @@ pub(super) fn render_stock(view: &pb::StockView) -> String {
             view.db_version.to_string(),
         ]],
     )
+}
+
+/// A draw as `stockgate admin draw` prints it, and whether re-running it
+/// here from its seed and entrants (each user held to `max_per_user`)
+/// gives the same places and outcomes as the gate's.
+pub(super) fn render_draw(
+    draw: &pb::GetDrawResponse,
+    max_per_user: u32,
+    list: bool,
+) -> (String, bool) {
+    use stockgate::gate::{draw::replay, DrawEntrant, DrawOutcome};
+    let entrants: Vec<DrawEntrant> = draw
+        .entrants
+        .iter()
+        .map(|e| DrawEntrant {
+            id: e.reservation_id.clone(),
+            user: e.user_id.clone(),
+            quantity: e.quantity,
+            arrival: e.arrival,
+            drawn: e.drawn,
+            outcome: (e.outcome() == pb::DrawOutcome::Withdrawn).then_some(DrawOutcome::Withdrawn),
+        })
+        .collect();
+    let outcome_name = |outcome: pb::DrawOutcome| match outcome {
+        pb::DrawOutcome::Admitted => "admitted",
+        pb::DrawOutcome::SoldOut => "sold out",
+        pb::DrawOutcome::UserLimitReached => "over the limit",
+        pb::DrawOutcome::Withdrawn => "withdrawn",
+        pb::DrawOutcome::Unspecified => "-",
+    };
+    let mut out = format!(
+        "sku {}: draw from {} to {} (UTC), seed {}
+",
+        draw.sku,
+        time(&draw.opens_at),
+        time(&draw.closes_at),
+        draw.seed
+    );
+    let admitted: Vec<&pb::DrawEntrant> = draw
+        .entrants
+        .iter()
+        .filter(|e| e.outcome() == pb::DrawOutcome::Admitted)
+        .collect();
+    let _ = writeln!(
+        out,
+        "{} entrants ({} more while it was full), {}",
+        draw.entrant_count,
+        draw.overflow,
+        match &draw.drawn_at {
+            None => "not drawn yet".to_owned(),
+            Some(_) => format!(
+                "drawn at {} from {} units: {} admitted ({} units)",
+                time(&draw.drawn_at),
+                draw.stock_at_draw,
+                admitted.len(),
+                admitted.iter().map(|e| u64::from(e.quantity)).sum::<u64>()
+            ),
+        }
+    );
+    let mut agrees = true;
+    if draw.drawn_at.is_some() {
+        let again = replay(&draw.seed, draw.stock_at_draw, max_per_user, &entrants);
+        let first_difference = draw
+            .entrants
+            .iter()
+            .zip(&again)
+            .find(|(e, (place, outcome))| {
+                let same_outcome = matches!(
+                    (e.outcome(), outcome),
+                    (pb::DrawOutcome::Admitted, DrawOutcome::Admitted)
+                        | (pb::DrawOutcome::SoldOut, DrawOutcome::SoldOut)
+                        | (pb::DrawOutcome::UserLimitReached, DrawOutcome::UserLimit)
+                        | (pb::DrawOutcome::Withdrawn, DrawOutcome::Withdrawn)
+                );
+                e.drawn != *place || !same_outcome
+            });
+        match first_difference {
+            None => out.push_str(
+                "re-run from the seed and the entrants: the same places and outcomes
+",
+            ),
+            Some((e, (place, outcome))) => {
+                agrees = false;
+                let _ = writeln!(
+                    out,
+                    "re-run differs at {}: the gate drew it {} ({}), the re-run {place} ({outcome:?}); a user holding units before the draw, or a sale's cap, explains an outcome but never a place",
+                    e.reservation_id,
+                    e.drawn,
+                    outcome_name(e.outcome())
+                );
+            }
+        }
+    }
+    if list {
+        let rows: Vec<Vec<String>> = draw
+            .entrants
+            .iter()
+            .map(|e| {
+                vec![
+                    e.arrival.to_string(),
+                    e.drawn.to_string(),
+                    e.reservation_id.clone(),
+                    e.user_id.clone(),
+                    e.quantity.to_string(),
+                    outcome_name(e.outcome()).to_owned(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "arrival",
+                "drawn",
+                "reservation",
+                "user",
+                "quantity",
+                "outcome",
+            ],
+            &rows,
+        ));
+    }
+    (out, agrees)
 }
 
 pub(super) fn render_sale(sale: &pb::Sale) -> String {

@@ -64,6 +64,7 @@ fn storm_options(
         store: None,
         metrics_url: None,
         opens_in_ms: 0,
+        draw_ms: 0,
     }
 }
 

@@ -99,6 +99,28 @@ pub struct StormOptions {
     /// caller told NOT_OPEN calls again at `opens_at` with the same key,
     /// as a shop's page would.
     pub opens_in_ms: u64,
+    /// With `opens_in_ms`: the opening is a draw of this many ms (the
+    /// fair opening): calls in it are entered and decided at its close,
+    /// and the report reads every hot SKU's draw back.
+    pub draw_ms: u32,
+}
+
+/// One SKU's draw as the storm read it back (AdminService GetDraw).
+#[derive(Debug, Clone, Serialize)]
+pub struct DrawTally {
+    pub sku: String,
+    pub seed: String,
+    pub entrants: u32,
+    pub overflow: u32,
+    pub admitted: usize,
+    /// Whether re-running it from its seed and entrants gives the gate's
+    /// places and outcomes.
+    pub re_run_agrees: bool,
+    /// How evenly the winners' arrival ranks spread over the entrants
+    /// ([`stockgate::gate::draw::rank_spread`]), and the bound a random
+    /// draw keeps under but once in a thousand.
+    pub spread: Option<f64>,
+    pub spread_bound: f64,
 }
 
 /// One call's end.
@@ -177,6 +199,8 @@ pub struct StormReport {
     pub opens_at: Option<String>,
     /// Calls told NOT_OPEN (each then called again at the opening).
     pub not_open_answers: usize,
+    /// With `draw_ms`: the hottest SKUs' draws.
+    pub draws: Vec<DrawTally>,
     pub checks: Vec<Check>,
     /// Latencies in ms, sorted, for the report's charts.
     #[serde(skip)]
@@ -245,6 +269,9 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     if !(0.0..=1.0).contains(&options.double_click) {
         bail!("--double-click is a share between 0 and 1");
     }
+    if options.draw_ms > 0 && options.opens_in_ms == 0 {
+        bail!("--draw-ms needs --opens-in-ms: a draw follows an opening");
+    }
     let run_uuid = uuid::Uuid::now_v7();
     let seed = options.seed.unwrap_or(run_uuid.as_u64_pair().1);
     let sale = Arc::new(sale::Sale::new(options, seed)?);
@@ -271,7 +298,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     let writes_before = check::db_writes(options).await;
     let opens_at = match options.opens_in_ms {
         0 => None,
-        ms => Some(open_at(&admin, &sale, ms).await?),
+        ms => Some(open_at(&admin, &sale, ms, options.draw_ms).await?),
     };
     let not_open = Arc::new(AtomicUsize::new(0));
 
@@ -366,7 +393,96 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
     if let (Some(before), Some(after)) = (writes_before, check::db_writes(options).await) {
         report.db_writes = Some(after.saturating_sub(before));
     }
+    if options.draw_ms > 0 {
+        let hot: Vec<String> = if report.hottest.is_empty() {
+            vec![options.sku.clone()]
+        } else {
+            report.hottest.iter().map(|t| t.sku.clone()).collect()
+        };
+        for sku in hot {
+            report.draws.push(read_draw(&admin, &sku).await?);
+        }
+        let differ: Vec<&str> = report
+            .draws
+            .iter()
+            .filter(|d| !d.re_run_agrees)
+            .map(|d| d.sku.as_str())
+            .collect();
+        report.checks.push(Check {
+            name: "every draw re-runs from its record",
+            ok: differ.is_empty(),
+            detail: if differ.is_empty() {
+                format!("{} draws read back and re-run", report.draws.len())
+            } else {
+                format!("re-runs differ for {}", differ.join(", "))
+            },
+        });
+    }
     Ok(report)
+}
+
+/// One SKU's draw, every entrant read page by page, re-run here.
+async fn read_draw(admin: &Admin, sku: &str) -> anyhow::Result<DrawTally> {
+    use stockgate::{
+        gate::{draw, DrawEntrant, DrawOutcome},
+        pb::{DrawOutcome as Outcome, GetDrawRequest},
+    };
+    let mut client = admin.client.clone();
+    let mut entrants = Vec::new();
+    let mut first: Option<(String, Option<prost_types::Timestamp>)> = None;
+    let (seed, stock, overflow) = loop {
+        let page = client
+            .get_draw(admin.request(GetDrawRequest {
+                sku: sku.to_owned(),
+                offset: entrants.len() as u32,
+                limit: 10_000,
+            }))
+            .await
+            .map_err(status("GetDraw"))?
+            .into_inner();
+        let this = (page.seed.clone(), page.drawn_at);
+        if first.get_or_insert_with(|| this.clone()) != &this {
+            bail!("the draw of {sku} changed while it was read");
+        }
+        let done = page.entrants.is_empty()
+            || entrants.len() + page.entrants.len() >= page.entrant_count as usize;
+        entrants.extend(page.entrants);
+        if done {
+            break (page.seed, page.stock_at_draw, page.overflow);
+        }
+    };
+    let mine: Vec<DrawEntrant> = entrants
+        .iter()
+        .map(|e| DrawEntrant {
+            id: e.reservation_id.clone(),
+            user: e.user_id.clone(),
+            quantity: e.quantity,
+            arrival: e.arrival,
+            drawn: e.drawn,
+            outcome: (e.outcome() == Outcome::Withdrawn).then_some(DrawOutcome::Withdrawn),
+        })
+        .collect();
+    // The storm's SKUs have no per-user limit.
+    let again = draw::replay(&seed, stock, 0, &mine);
+    let re_run_agrees = entrants.iter().zip(&again).all(|(e, (place, outcome))| {
+        e.drawn == *place
+            && (e.outcome() == Outcome::Admitted) == (*outcome == DrawOutcome::Admitted)
+    });
+    let winners: Vec<u32> = entrants
+        .iter()
+        .filter(|e| e.outcome() == Outcome::Admitted)
+        .map(|e| e.arrival)
+        .collect();
+    Ok(DrawTally {
+        sku: sku.to_owned(),
+        seed,
+        entrants: entrants.len() as u32,
+        overflow,
+        admitted: winners.len(),
+        re_run_agrees,
+        spread: draw::rank_spread(&winners, entrants.len() as u32),
+        spread_bound: draw::rank_spread_bound(winners.len()),
+    })
 }
 
 /// Gives every SKU of the sale a window opening `in_ms` from now (to the
@@ -375,6 +491,7 @@ async fn open_at(
     admin: &Admin,
     sale: &sale::Sale,
     in_ms: u64,
+    draw_ms: u32,
 ) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     let at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(in_ms.min(86_400_000) as i64);
     let at = chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).context("opening")?;
@@ -389,6 +506,7 @@ async fn open_at(
                         nanos: at.timestamp_subsec_nanos() as i32,
                     }),
                     closes_at: None,
+                    draw_window_ms: draw_ms,
                     reason: "stockgate storm: a sale opening at a set time".into(),
                 }))
                 .await
@@ -542,6 +660,7 @@ fn tally(
         db_writes: None,
         opens_at: None,
         not_open_answers: 0,
+        draws: Vec::new(),
         checks: Vec::new(),
         latencies_ms: latencies,
     }
@@ -591,6 +710,22 @@ pub fn render(report: &StormReport) -> String {
             "the sale opened at {opens_at}: {} calls came early (NOT_OPEN) and called again then\n\n",
             report.not_open_answers
         ));
+    }
+    for d in &report.draws {
+        out.push_str(&format!(
+            "draw of {}: seed {}, {} entrants ({} more while full), {} admitted; winners' arrival spread D = {} (a random draw: under {:.3} but once in 1,000); re-run from the record {}\n",
+            d.sku,
+            d.seed,
+            d.entrants,
+            d.overflow,
+            d.admitted,
+            d.spread.map_or("-".to_owned(), |d| format!("{d:.3}")),
+            d.spread_bound,
+            if d.re_run_agrees { "agrees" } else { "DISAGREES" }
+        ));
+    }
+    if !report.draws.is_empty() {
+        out.push('\n');
     }
     if o.skus > 1 {
         let title = "hottest SKUs";
