@@ -527,6 +527,28 @@ fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
     )
 }
 
+/// An entrant as GetDraw lists it, back as the gate's, for re-running a
+/// draw from its record ([`crate::gate::draw::replay`]).
+impl From<&pb::DrawEntrant> for crate::gate::DrawEntrant {
+    fn from(e: &pb::DrawEntrant) -> Self {
+        use crate::gate::DrawOutcome;
+        Self {
+            id: e.reservation_id.clone(),
+            user: e.user_id.clone(),
+            quantity: e.quantity,
+            arrival: e.arrival,
+            drawn: e.drawn,
+            outcome: match e.outcome() {
+                pb::DrawOutcome::Admitted => Some(DrawOutcome::Admitted),
+                pb::DrawOutcome::SoldOut => Some(DrawOutcome::SoldOut),
+                pb::DrawOutcome::UserLimitReached => Some(DrawOutcome::UserLimit),
+                pb::DrawOutcome::Withdrawn => Some(DrawOutcome::Withdrawn),
+                pb::DrawOutcome::Unspecified => None,
+            },
+        }
+    }
+}
+
 /// Entrants one GetDraw answer carries when the caller sets no `limit`,
 /// and at most: a page stays well under gRPC's usual 4 MiB message limit.
 const DRAW_PAGE: u32 = 1_000;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use stockgate::{
-    gate::{draw::replay, DrawEntrant, DrawOutcome},
+    gate::{draw::replay, DrawEntrant},
     pb::{
         DrawOutcome as PbOutcome, GetDrawRequest, ListAuditEventsRequest, ReserveOutcome,
         SetSaleWindowRequest,
@@ -125,23 +125,10 @@ async fn a_fair_opening_admits_in_the_draws_order_across_replicas() {
     assert_eq!((draw.entrant_count, draw.overflow), (60, 0));
     assert_eq!(draw.stock_at_draw, 5);
     assert!(draw.drawn_at.is_some());
-    let entrants: Vec<DrawEntrant> = draw
-        .entrants
-        .iter()
-        .map(|e| DrawEntrant {
-            id: e.reservation_id.clone(),
-            user: e.user_id.clone(),
-            quantity: e.quantity,
-            arrival: e.arrival,
-            drawn: e.drawn,
-            outcome: (e.outcome() == PbOutcome::Withdrawn).then_some(DrawOutcome::Withdrawn),
-        })
-        .collect();
+    let entrants: Vec<DrawEntrant> = draw.entrants.iter().map(DrawEntrant::from).collect();
     let again = replay(&draw.seed, draw.stock_at_draw, 0, &entrants);
-    for (e, (place, outcome)) in draw.entrants.iter().zip(&again) {
-        assert_eq!(e.drawn, *place);
-        let admitted_again = *outcome == DrawOutcome::Admitted;
-        assert_eq!(e.outcome() == PbOutcome::Admitted, admitted_again);
+    for (e, (place, outcome)) in entrants.iter().zip(&again) {
+        assert_eq!((e.drawn, e.outcome), (*place, Some(*outcome)), "{}", e.id);
     }
     let mut drawn: Vec<String> = draw
         .entrants
@@ -258,5 +245,87 @@ async fn draw_windows_are_checked_and_read_back() {
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
     assert_eq!(error_reason(&none), "UNKNOWN_DRAW");
+    app.stop().await;
+}
+
+fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
+        .args(["admin", "--addr", &format!("http://{}", app.addr)])
+        .args(args)
+        .env_remove("STOCKGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// Operators set a draw and audit it with the command line: `stock window
+/// --draw-ms` shows it, `draw` re-runs the gate's draw from its seed and
+/// entrants and agrees, and disagrees (exit 1, naming the entrant) once
+/// the record no longer re-runs the same, here because the SKU's
+/// per-user limit changed after the draw.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_line_sets_a_draw_and_re_runs_it() {
+    let app = TestApp::spawn(Profile::Embedded).await;
+    app.set_stock("CLI-DRAW", 4, 0).await;
+    let opens = chrono::Utc::now().timestamp_millis() + 700;
+    let opens_at = chrono::DateTime::from_timestamp_millis(opens)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (ok, shown) = cli(
+        &app,
+        &[
+            "stock",
+            "window",
+            "CLI-DRAW",
+            "--opens-at",
+            &opens_at,
+            "--draw-ms",
+            "600",
+            "--reason",
+            "a fair opening",
+        ],
+    );
+    assert!(ok, "{shown}");
+    assert!(shown.contains("draw 600 ms"), "{shown}");
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut client = app.inventory();
+        calls.push(tokio::spawn(async move {
+            let wait = opens + 20 + i * 30 - chrono::Utc::now().timestamp_millis();
+            tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+            reserve(&mut client, "CLI-DRAW", 2, &format!("cli-buyer-{i}"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut admitted = 0;
+    for call in calls {
+        admitted += usize::from(is_admitted(call.await.unwrap().outcome()));
+    }
+    assert_eq!(admitted, 2);
+    let (ok, shown) = cli(&app, &["draw", "CLI-DRAW", "--entrants"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("8 entrants (0 more while it was full)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("from 4 units: 2 admitted (4 units)"),
+        "{shown}"
+    );
+    assert!(shown.contains("the same places and outcomes"), "{shown}");
+    assert_eq!(shown.matches("cli-buyer-").count(), 8, "{shown}");
+    app.set_stock("CLI-DRAW", 0, 1).await;
+    let (ok, shown) = cli(&app, &["draw", "CLI-DRAW"]);
+    assert!(!ok, "{shown}");
+    assert!(shown.contains("re-run differs at "), "{shown}");
+    assert!(shown.contains("disagrees with the gate's draw"), "{shown}");
     app.stop().await;
 }

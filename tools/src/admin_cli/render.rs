@@ -190,19 +190,8 @@ pub(super) fn render_draw(
     max_per_user: u32,
     list: bool,
 ) -> (String, bool) {
-    use stockgate::gate::{draw::replay, DrawEntrant, DrawOutcome};
-    let entrants: Vec<DrawEntrant> = draw
-        .entrants
-        .iter()
-        .map(|e| DrawEntrant {
-            id: e.reservation_id.clone(),
-            user: e.user_id.clone(),
-            quantity: e.quantity,
-            arrival: e.arrival,
-            drawn: e.drawn,
-            outcome: (e.outcome() == pb::DrawOutcome::Withdrawn).then_some(DrawOutcome::Withdrawn),
-        })
-        .collect();
+    use stockgate::gate::{draw::replay, DrawEntrant};
+    let entrants: Vec<DrawEntrant> = draw.entrants.iter().map(DrawEntrant::from).collect();
     let outcome_name = |outcome: pb::DrawOutcome| match outcome {
         pb::DrawOutcome::Admitted => "admitted",
         pb::DrawOutcome::SoldOut => "sold out",
@@ -242,33 +231,19 @@ pub(super) fn render_draw(
     let mut agrees = true;
     if draw.drawn_at.is_some() {
         let again = replay(&draw.seed, draw.stock_at_draw, max_per_user, &entrants);
-        let first_difference = draw
-            .entrants
+        let first_difference = entrants
             .iter()
             .zip(&again)
-            .find(|(e, (place, outcome))| {
-                let same_outcome = matches!(
-                    (e.outcome(), outcome),
-                    (pb::DrawOutcome::Admitted, DrawOutcome::Admitted)
-                        | (pb::DrawOutcome::SoldOut, DrawOutcome::SoldOut)
-                        | (pb::DrawOutcome::UserLimitReached, DrawOutcome::UserLimit)
-                        | (pb::DrawOutcome::Withdrawn, DrawOutcome::Withdrawn)
-                );
-                e.drawn != *place || !same_outcome
-            });
+            .find(|(e, (place, outcome))| (e.drawn, e.outcome) != (*place, Some(*outcome)));
         match first_difference {
-            None => out.push_str(
-                "re-run from the seed and the entrants: the same places and outcomes
-",
-            ),
+            None => out
+                .push_str("re-run from the seed and the entrants: the same places and outcomes\n"),
             Some((e, (place, outcome))) => {
                 agrees = false;
                 let _ = writeln!(
                     out,
-                    "re-run differs at {}: the gate drew it {} ({}), the re-run {place} ({outcome:?}); a user holding units before the draw, or a sale's cap, explains an outcome but never a place",
-                    e.reservation_id,
-                    e.drawn,
-                    outcome_name(e.outcome())
+                    "re-run differs at {}: the gate drew it {} ({:?}), the re-run {place} ({outcome:?}); a user holding units before the draw, or a sale's cap, explains an outcome but never a place",
+                    e.id, e.drawn, e.outcome
                 );
             }
         }

@@ -424,7 +424,7 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
 /// One SKU's draw, every entrant read page by page, re-run here.
 async fn read_draw(admin: &Admin, sku: &str) -> anyhow::Result<DrawTally> {
     use stockgate::{
-        gate::{draw, DrawEntrant, DrawOutcome},
+        gate::{draw, DrawEntrant},
         pb::{DrawOutcome as Outcome, GetDrawRequest},
     };
     let mut client = admin.client.clone();
@@ -451,23 +451,13 @@ async fn read_draw(admin: &Admin, sku: &str) -> anyhow::Result<DrawTally> {
             break (page.seed, page.stock_at_draw, page.overflow);
         }
     };
-    let mine: Vec<DrawEntrant> = entrants
-        .iter()
-        .map(|e| DrawEntrant {
-            id: e.reservation_id.clone(),
-            user: e.user_id.clone(),
-            quantity: e.quantity,
-            arrival: e.arrival,
-            drawn: e.drawn,
-            outcome: (e.outcome() == Outcome::Withdrawn).then_some(DrawOutcome::Withdrawn),
-        })
-        .collect();
+    let mine: Vec<DrawEntrant> = entrants.iter().map(DrawEntrant::from).collect();
     // The storm's SKUs have no per-user limit.
     let again = draw::replay(&seed, stock, 0, &mine);
-    let re_run_agrees = entrants.iter().zip(&again).all(|(e, (place, outcome))| {
-        e.drawn == *place
-            && (e.outcome() == Outcome::Admitted) == (*outcome == DrawOutcome::Admitted)
-    });
+    let re_run_agrees = mine
+        .iter()
+        .zip(&again)
+        .all(|(e, (place, outcome))| (e.drawn, e.outcome) == (*place, Some(*outcome)));
     let winners: Vec<u32> = entrants
         .iter()
         .filter(|e| e.outcome() == Outcome::Admitted)
