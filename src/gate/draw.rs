@@ -32,9 +32,9 @@ pub enum DrawOutcome {
     Admitted,
     SoldOut,
     UserLimit,
-    /// Its reservation id had been decided before the draw came to it (a
-    /// gate release of a call that gave up, or an admission under an
-    /// earlier window): skipped, nothing taken.
+    /// Its reservation id already had a record when the draw came to it:
+    /// skipped, nothing taken. Defensive: the server makes a fresh id per
+    /// call and no path writes one for an undecided entrant.
     Withdrawn,
 }
 

@@ -752,6 +752,18 @@ pub(crate) mod decision_table {
             draw_ends_at_ms: ends,
         };
         let mut heard = replica.reserve(&late).await.unwrap();
+        // A call decided just before the close that reaches the gate once
+        // the draw has started (a lagging replica) must not take stock
+        // ahead of undecided entrants: it waits, or finds none left.
+        let lagging = request(&sku, "lagging", 1).decided_at(ends - 1);
+        let lagged = gate.reserve(&lagging).await.unwrap();
+        assert!(
+            matches!(
+                lagged,
+                GateDecision::Entered { .. } | GateDecision::SoldOut { .. }
+            ),
+            "{lagged:?}"
+        );
         for _ in 0..50 {
             if heard != entered {
                 break;

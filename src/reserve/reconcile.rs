@@ -28,13 +28,19 @@ pub struct ReconcileReport {
     pub lost_admissions: Vec<ReservationId>,
 }
 
+/// How long after a draw's close the reconciler offers to record it.
+const RECORD_DRAWS_WITHIN_MS: i64 = 60 * 60 * 1_000;
+
 impl Pipeline {
     /// Writes each SKU's finished draw (seed, stock, counts) to the audit
     /// trail, once across the fleet (the gate hands it to one replica):
     /// the entrants stay with the gate (`GetDraw`), the seed lasts here.
     async fn record_finished_draws(&self, rows: &[crate::store::InventoryRow]) {
         let now_ms = crate::domain::now().and_utc().timestamp_millis();
-        let keep_ms = crate::gate::draw::DRAW_KEEP_SECS as i64 * 1_000;
+        // Each pass asks once per SKU whose draw closed within the hour
+        // (one script run each): a draw still unclaimed after that, its
+        // replicas' passes failing all along, stays in the gate only.
+        let keep_ms = RECORD_DRAWS_WITHIN_MS;
         for row in rows {
             let Some(ends) = WindowMs::of(&row.window()).draw_ends_at() else {
                 continue;

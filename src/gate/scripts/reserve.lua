@@ -63,14 +63,17 @@ local function admit(id, user, qty, record, stock)
 end
 
 -- The draw closes before anything else is decided: its entrants go
--- before every later call, which waits until it is done.
-if dkey and at >= ends and redis.call('EXISTS', dkey) == 1
-    and not redis.call('HGET', dkey, 'done') then
+-- before every later call, which waits until it is done. Once started it
+-- goes on in every call for the SKU, also one decided just before the
+-- close that reaches Redis late (a lagging replica), which would
+-- otherwise take stock while entrants are still undecided.
+if dkey and redis.call('EXISTS', dkey) == 1 and not redis.call('HGET', dkey, 'done')
+    and (at >= ends or redis.call('HEXISTS', dkey, 'drawn') == 1) then
   local stock = tonumber(redis.call('HGET', KEYS[1], 'stock'))
+  local who, out = dkey .. ':who', dkey .. ':out'
   if redis.call('HSETNX', dkey, 'drawn', ARGV[4]) == 1 then
     redis.call('HSET', dkey, 'stock', stock)
   end
-  local who, out = dkey .. ':who', dkey .. ':out'
   local from = tonumber(redis.call('HGET', dkey, 'at') or '0')
   local ids = {}
   if stock > 0 then
@@ -92,12 +95,15 @@ if dkey and at >= ends and redis.call('EXISTS', dkey) == 1
         admitted = admitted + 1
       end
     else
+      -- Defensive: an id decided before the draw came to it is skipped.
       redis.call('HSET', out, id, 4)
     end
     from = from + 1
   end
   redis.call('HINCRBY', dkey, 'admitted', admitted)
   redis.call('HSET', dkey, 'at', from)
+  -- Expiring from its first chunk, so a draw left unfinished goes too.
+  redis.call('EXPIRE', out, ARGV[10])
   if stock <= 0 or #ids < tonumber(ARGV[11]) then
     redis.call('HSET', dkey, 'done', ARGV[4])
     for _, key in ipairs({dkey, who, out, dkey .. ':order', dkey .. ':users'}) do
