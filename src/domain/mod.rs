@@ -307,6 +307,12 @@ impl SaleWindow {
         (ms(self.opens_at), ms(self.closes_at))
     }
 
+    /// When the draw after the opening closes, for a window with one.
+    pub fn draw_closes_at(&self) -> Option<NaiveDateTime> {
+        let opens = self.opens_at.filter(|_| self.draw_window_ms > 0)?;
+        Some(opens + chrono::TimeDelta::milliseconds(self.draw_window_ms.into()))
+    }
+
     pub fn is_set(&self) -> bool {
         self.opens_at.is_some() || self.closes_at.is_some()
     }
@@ -365,6 +371,13 @@ pub struct Reservation {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub expires_at: Option<NaiveDateTime>,
+}
+
+/// Unix ms (the stock gate's unit) as a database time.
+pub fn from_millis(ms: i64) -> NaiveDateTime {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .naive_utc()
 }
 
 /// UTC now, at the microsecond precision both databases store.

@@ -160,6 +160,22 @@ pub fn replay(
     decided
 }
 
+/// The first of `entrants` (as GetDraw lists them, with the gate's places
+/// and outcomes) whose place or outcome [`replay`] does not give, with
+/// what the re-run gave; `None` when the record re-runs the same.
+pub fn first_difference<'a>(
+    seed: &str,
+    stock: i64,
+    max_per_user: u32,
+    entrants: &'a [DrawEntrant],
+) -> Option<(&'a DrawEntrant, (u32, DrawOutcome))> {
+    let again = replay(seed, stock, max_per_user, entrants);
+    entrants
+        .iter()
+        .zip(again)
+        .find(|(e, (place, outcome))| (e.drawn, e.outcome) != (*place, Some(*outcome)))
+}
+
 /// How far the winners' arrival ranks (1 = first entrant) are from an
 /// even spread over `1..=entrants`: the Kolmogorov-Smirnov statistic D
 /// of their distribution against the uniform one. A random draw keeps

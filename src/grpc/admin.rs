@@ -521,11 +521,7 @@ fn window_json(window: SaleWindow) -> serde_json::Value {
 
 /// Unix ms as a protobuf time.
 fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
-    timestamp(
-        chrono::DateTime::from_timestamp_millis(ms)
-            .unwrap_or_default()
-            .naive_utc(),
-    )
+    timestamp(crate::domain::from_millis(ms))
 }
 
 /// An entrant as GetDraw lists it, back as the gate's, for re-running a
@@ -559,19 +555,12 @@ const DRAW_PAGE_MOST: u32 = 10_000;
 /// at most `limit` of them.
 fn draw_message(
     sku: &Sku,
-    mut draw: crate::gate::Draw,
+    draw: crate::gate::Draw,
     offset: u32,
     limit: u32,
 ) -> pb::GetDrawResponse {
     use crate::gate::DrawOutcome;
     let entrant_count = u32::try_from(draw.entrants.len()).unwrap_or(u32::MAX);
-    let page: Vec<_> = draw
-        .entrants
-        .drain(..)
-        .skip(offset as usize)
-        .take(limit as usize)
-        .collect();
-    draw.entrants = page;
     pb::GetDrawResponse {
         entrant_count,
         sku: sku.as_str().to_owned(),
@@ -583,6 +572,8 @@ fn draw_message(
         entrants: draw
             .entrants
             .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
             .map(|e| pb::DrawEntrant {
                 reservation_id: e.id,
                 user_id: e.user,
@@ -827,15 +818,14 @@ impl AdminService for AdminApi {
                 )
                 .into());
             }
-            let Some(opens) = window.opens_at else {
+            let Some(draw_closes) = window.draw_closes_at() else {
                 return Err(ReservationError::invalid(
                     "draw_window_ms",
                     "needs opens_at: a draw follows the opening",
                 )
                 .into());
             };
-            let draw_ends = opens + chrono::Duration::milliseconds(window.draw_window_ms.into());
-            if window.closes_at.is_some_and(|closes| closes < draw_ends) {
+            if window.closes_at.is_some_and(|closes| closes < draw_closes) {
                 return Err(ReservationError::invalid(
                     "draw_window_ms",
                     "the draw must close no later than closes_at",

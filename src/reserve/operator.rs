@@ -323,8 +323,6 @@ const DRAW_SETTLING: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
 /// within it.
 fn draw_open_until(row: &InventoryRow, at: chrono::NaiveDateTime) -> Option<chrono::NaiveDateTime> {
     let window = row.window();
-    let opens = window.opens_at.filter(|_| window.draw_window_ms > 0)?;
-    let until =
-        opens + chrono::TimeDelta::milliseconds(window.draw_window_ms.into()) + DRAW_SETTLING;
-    (opens <= at && at < until).then_some(until)
+    let until = window.draw_closes_at()? + DRAW_SETTLING;
+    (window.opens_at? <= at && at < until).then_some(until)
 }

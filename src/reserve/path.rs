@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use crate::{
     domain::{
-        now,
+        from_millis, now,
         switches::{DbCheckMode, GateFailureMode, Layers},
         IdempotencyKey, Reservation, ReservationId, ReservationState, UserId, WindowCheck,
     },
@@ -38,13 +38,6 @@ enum GatePass {
     OverCap,
     /// Refused: outside the SKU's sale window.
     OutsideWindow(WindowCheck),
-}
-
-/// A gate's Unix ms as a database time.
-fn from_millis(ms: i64) -> chrono::NaiveDateTime {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .naive_utc()
 }
 
 /// How a fenced-off order's REJECTED row starts.

@@ -40,12 +40,11 @@ impl Pipeline {
         // Each pass asks once per SKU whose draw closed within the hour
         // (one script run each): a draw still unclaimed after that, its
         // replicas' passes failing all along, stays in the gate only.
-        let keep_ms = RECORD_DRAWS_WITHIN_MS;
         for row in rows {
             let Some(ends) = WindowMs::of(&row.window()).draw_ends_at() else {
                 continue;
             };
-            if now_ms < ends || now_ms > ends + keep_ms {
+            if now_ms < ends || now_ms > ends + RECORD_DRAWS_WITHIN_MS {
                 continue;
             }
             let sku = Sku::from_trusted(row.sku.clone());

@@ -293,33 +293,58 @@ async fn client(args: &AdminArgs) -> anyhow::Result<Client> {
 }
 
 /// Runs one command; returns what to print.
-/// A SKU's draw with every entrant, read page by page.
-async fn fetch_draw(admin: &mut Client, sku: &str) -> Result<pb::GetDrawResponse, Status> {
-    let mut draw = admin
-        .get_draw(pb::GetDrawRequest {
+/// A SKU's draw read whole, page by page: ask for [`DrawPages::next`]
+/// with any client until it says `None`, [`DrawPages::add`]ing each
+/// answer.
+pub struct DrawPages {
+    sku: String,
+    draw: Option<pb::GetDrawResponse>,
+}
+
+impl DrawPages {
+    pub fn new(sku: &str) -> Self {
+        Self {
             sku: sku.to_owned(),
-            offset: 0,
+            draw: None,
+        }
+    }
+
+    /// The next page to ask for; `None` once every entrant is in.
+    pub fn next(&self) -> Option<pb::GetDrawRequest> {
+        let offset = match &self.draw {
+            None => 0,
+            Some(draw) if (draw.entrants.len() as u32) < draw.entrant_count => {
+                draw.entrants.len() as u32
+            }
+            Some(_) => return None,
+        };
+        Some(pb::GetDrawRequest {
+            sku: self.sku.clone(),
+            offset,
             limit: DRAW_PAGE,
         })
-        .await?
-        .into_inner();
-    while (draw.entrants.len() as u32) < draw.entrant_count {
-        let page = admin
-            .get_draw(pb::GetDrawRequest {
-                sku: sku.to_owned(),
-                offset: draw.entrants.len() as u32,
-                limit: DRAW_PAGE,
-            })
-            .await?
-            .into_inner();
+    }
+
+    /// Adds the answer to [`Self::next`]'s request; ABORTED if the draw
+    /// changed since the first page.
+    pub fn add(&mut self, page: pb::GetDrawResponse) -> Result<(), Status> {
+        let Some(draw) = &mut self.draw else {
+            self.draw = Some(page);
+            return Ok(());
+        };
         if page.entrants.is_empty() || page.seed != draw.seed || page.drawn_at != draw.drawn_at {
             return Err(Status::aborted(
                 "the draw changed while it was read; read again",
             ));
         }
         draw.entrants.extend(page.entrants);
+        Ok(())
     }
-    Ok(draw)
+
+    /// The draw with every entrant.
+    pub fn into_draw(self) -> pb::GetDrawResponse {
+        self.draw.unwrap_or_default()
+    }
 }
 
 /// Entrants per GetDraw page (the most the server gives).
@@ -519,7 +544,12 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<String> {
             Ok(render_reservations(&answer.reservations))
         }
         AdminCommand::Draw { sku, entrants } => {
-            let draw = fetch_draw(&mut admin, &sku).await.map_err(status)?;
+            let mut pages = DrawPages::new(&sku);
+            while let Some(request) = pages.next() {
+                let page = admin.get_draw(request).await.map_err(status)?;
+                pages.add(page.into_inner()).map_err(status)?;
+            }
+            let draw = pages.into_draw();
             let max_per_user = admin
                 .get_stock(pb::GetStockRequest { sku })
                 .await

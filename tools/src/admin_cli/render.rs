@@ -190,7 +190,7 @@ pub(super) fn render_draw(
     max_per_user: u32,
     list: bool,
 ) -> (String, bool) {
-    use stockgate::gate::{draw::replay, DrawEntrant};
+    use stockgate::gate::{draw::first_difference, DrawEntrant};
     let entrants: Vec<DrawEntrant> = draw.entrants.iter().map(DrawEntrant::from).collect();
     let outcome_name = |outcome: pb::DrawOutcome| match outcome {
         pb::DrawOutcome::Admitted => "admitted",
@@ -230,11 +230,8 @@ pub(super) fn render_draw(
     );
     let mut agrees = true;
     if draw.drawn_at.is_some() {
-        let again = replay(&draw.seed, draw.stock_at_draw, max_per_user, &entrants);
-        let first_difference = entrants
-            .iter()
-            .zip(&again)
-            .find(|(e, (place, outcome))| (e.drawn, e.outcome) != (*place, Some(*outcome)));
+        let first_difference =
+            first_difference(&draw.seed, draw.stock_at_draw, max_per_user, &entrants);
         match first_difference {
             None => out
                 .push_str("re-run from the seed and the entrants: the same places and outcomes\n"),

@@ -425,39 +425,22 @@ pub async fn run(options: &StormOptions, strategy: &str) -> anyhow::Result<Storm
 async fn read_draw(admin: &Admin, sku: &str) -> anyhow::Result<DrawTally> {
     use stockgate::{
         gate::{draw, DrawEntrant},
-        pb::{DrawOutcome as Outcome, GetDrawRequest},
+        pb::DrawOutcome as Outcome,
     };
     let mut client = admin.client.clone();
-    let mut entrants = Vec::new();
-    let mut first: Option<(String, Option<prost_types::Timestamp>)> = None;
-    let (seed, stock, overflow) = loop {
-        let page = client
-            .get_draw(admin.request(GetDrawRequest {
-                sku: sku.to_owned(),
-                offset: entrants.len() as u32,
-                limit: 10_000,
-            }))
-            .await
-            .map_err(status("GetDraw"))?
-            .into_inner();
-        let this = (page.seed.clone(), page.drawn_at);
-        if first.get_or_insert_with(|| this.clone()) != &this {
-            bail!("the draw of {sku} changed while it was read");
-        }
-        let done = page.entrants.is_empty()
-            || entrants.len() + page.entrants.len() >= page.entrant_count as usize;
-        entrants.extend(page.entrants);
-        if done {
-            break (page.seed, page.stock_at_draw, page.overflow);
-        }
-    };
+    let mut pages = crate::admin_cli::DrawPages::new(sku);
+    while let Some(request) = pages.next() {
+        let page = client.get_draw(admin.request(request)).await;
+        pages
+            .add(page.map_err(status("GetDraw"))?.into_inner())
+            .map_err(status("GetDraw"))?;
+    }
+    let draw = pages.into_draw();
+    let (seed, stock, overflow, entrants) =
+        (draw.seed, draw.stock_at_draw, draw.overflow, draw.entrants);
     let mine: Vec<DrawEntrant> = entrants.iter().map(DrawEntrant::from).collect();
     // The storm's SKUs have no per-user limit.
-    let again = draw::replay(&seed, stock, 0, &mine);
-    let re_run_agrees = mine
-        .iter()
-        .zip(&again)
-        .all(|(e, (place, outcome))| (e.drawn, e.outcome) == (*place, Some(*outcome)));
+    let re_run_agrees = draw::first_difference(&seed, stock, 0, &mine).is_none();
     let winners: Vec<u32> = entrants
         .iter()
         .filter(|e| e.outcome() == Outcome::Admitted)
