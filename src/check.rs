@@ -6,7 +6,8 @@
 //! operation changes that sum, so an oversell or a lost unit breaks it);
 //! no HELD reservation left past its expiry (the sweeper expires them).
 //! Across SKUs: no (user, idempotency key) holding two reservations (a
-//! reservation id is the primary key, so it cannot repeat). From the gate,
+//! reservation id is the primary key, so it cannot repeat); no cart whose
+//! lines are in different states (one line held or sold, another not). From the gate,
 //! once the queue has drained: each admission still in flight was either
 //! committed or lost, so the database's stock lies between the gate's
 //! counter and the counter plus what is in flight (equal when nothing is;
@@ -166,6 +167,17 @@ pub async fn run(
             "{count} reservations for user {user:?} with idempotency key {:?}",
             key.unwrap_or_default()
         ));
+    }
+    if sku.is_none() {
+        let split = store
+            .split_carts(overdue_before)
+            .await
+            .map_err(crate::reserve::store_error)?;
+        for cart in split {
+            report.problems.push(format!(
+                "cart {cart} is in part held or confirmed and in part not"
+            ));
+        }
     }
     Ok(report)
 }

@@ -26,7 +26,8 @@ use tonic::{
 use crate::pb::{
     inventory_service_client::InventoryServiceClient, ConfirmReservationRequest,
     ExtendReservationRequest, GetReservationRequest, ReleaseReservationRequest, Reservation,
-    ReservationState, ReserveRequest, ReserveResponse, WatchReservationRequest,
+    ReservationLine, ReservationState, ReserveCartRequest, ReserveCartResponse, ReserveRequest,
+    ReserveResponse, WatchReservationRequest,
 };
 
 /// InventoryService on behalf of one end user.
@@ -84,6 +85,30 @@ impl Client {
             ascii(idempotency_key, "idempotency key")?,
         );
         Ok(self.inner.reserve(request).await?.into_inner())
+    }
+
+    /// Reserves every `(sku, quantity)` line under one reservation, or
+    /// none (a cart; see the proto's "Carts"). `idempotency_key` names the
+    /// whole cart, as for [`Self::reserve`].
+    pub async fn reserve_cart(
+        &mut self,
+        lines: &[(&str, u32)],
+        idempotency_key: &str,
+    ) -> Result<ReserveCartResponse, Status> {
+        let mut request = self.request(ReserveCartRequest {
+            lines: lines
+                .iter()
+                .map(|(sku, quantity)| ReservationLine {
+                    sku: (*sku).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        });
+        request.metadata_mut().insert(
+            "idempotency-key",
+            ascii(idempotency_key, "idempotency key")?,
+        );
+        Ok(self.inner.reserve_cart(request).await?.into_inner())
     }
 
     pub async fn get(&mut self, reservation_id: &str) -> Result<Reservation, Status> {

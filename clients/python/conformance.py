@@ -548,6 +548,100 @@ def _reservation_id_cases():
 _reservation_id_cases()
 
 
+# ---- ReserveCart ------------------------------------------------------------------
+
+
+def cart_request(*lines):
+    return inv.ReserveCartRequest(lines=[inv.ReservationLine(sku=s, quantity=q) for s, q in lines])
+
+
+def cart(ctx, user, *lines, key=None):
+    return unary(ctx.inv.ReserveCart, cart_request(*lines), ctx.md(user, key))
+
+
+def names(text):
+    return lambda message: None if text in message else f"message {message!r} does not name {text!r}"
+
+
+@case("ok/cart-held-whole-then-refused-naming-the-line")
+def _(ctx):
+    one = ctx.new_sku(1, "CART")
+    held = ok(cart(ctx, ctx.user(), (ctx.sku, 2), (one, 1)), "ReserveCart")
+    if held.outcome != inv.CART_OUTCOME_RESERVED or [(l.sku, l.quantity) for l in held.reservation.lines] != [(ctx.sku, 2), (one, 1)]:
+        raise Fail(f"first cart: {held}")
+    refused = ok(cart(ctx, ctx.user(), (ctx.sku, 2), (one, 1)), "ReserveCart")
+    results = [(r.sku, r.outcome) for r in refused.line_results]
+    if refused.outcome != inv.CART_OUTCOME_REFUSED or refused.HasField("reservation") or results != [
+        (ctx.sku, inv.RESERVE_OUTCOME_RESERVED),
+        (one, inv.RESERVE_OUTCOME_SOLD_OUT),
+    ]:
+        raise Fail(f"second cart: {refused}")
+
+
+@case("invalid/cart-missing-x-user-id")
+def _(ctx):
+    expect(cart(ctx, None, (ctx.sku, 1)), invalid("x-user-id"))
+
+
+@case("invalid/cart-no-lines")
+def _(ctx):
+    expect(cart(ctx, ctx.user()), invalid("lines"))
+
+
+@case("invalid/cart-sku-twice")
+def _(ctx):
+    expect(cart(ctx, ctx.user(), (ctx.sku, 1), (ctx.sku, 1)), invalid("lines"))
+
+
+@case("invalid/cart-line-quantity-0")
+def _(ctx):
+    want = invalid("lines")
+    want.message = names("lines[1].quantity")
+    expect(cart(ctx, ctx.user(), (ctx.sku, 1), (ctx.empty_sku, 0)), want)
+
+
+@case("invalid/cart-line-sku-with-space")
+def _(ctx):
+    want = invalid("lines")
+    want.message = names("lines[0].sku")
+    expect(cart(ctx, ctx.user(), ("a b", 1)), want)
+
+
+@case("invalid/cart-idempotency-key-with-space")
+def _(ctx):
+    expect(cart(ctx, ctx.user(), (ctx.sku, 1), key="a b"), invalid("idempotency-key"))
+
+
+@case("invalid/cart-key-reused-with-other-lines", when=redis_only)
+def _(ctx):
+    user, key = ctx.user(), ctx.key()
+    ok(cart(ctx, user, (ctx.sku, 1), key=key), "first ReserveCart")
+    expect(cart(ctx, user, (ctx.sku, 2), key=key), invalid("idempotency-key"))
+
+
+@case("invalid/reserve-key-reused-for-a-cart", when=redis_only)
+def _(ctx):
+    user, key = ctx.user(), ctx.key()
+    ok(ctx.reserve(user, key=key), "first Reserve")
+    expect(cart(ctx, user, (ctx.sku, 1), key=key), invalid("idempotency-key"))
+
+
+@case("not-found/cart-unknown-sku")
+def _(ctx):
+    expect(cart(ctx, ctx.user(), (ctx.sku, 1), (ctx.unknown_sku, 1)), Expect(SC.NOT_FOUND, reason="UNKNOWN_SKU"))
+
+
+@case("out-of-range/cart-70000-byte-message")
+def _(ctx):
+    body = cart_request(*[(f"S{n}", 1) for n in range(10_000)]).SerializeToString()
+    expect(unary(ctx.raw(f"/{INVENTORY}/ReserveCart"), body, ctx.md(ctx.user())), Expect(SC.OUT_OF_RANGE))
+
+
+@case("internal/cart-undecodable-bytes")
+def _(ctx):
+    expect(unary(ctx.raw(f"/{INVENTORY}/ReserveCart"), b"\xff\xff\xff", ctx.md(ctx.user())), Expect(SC.INTERNAL))
+
+
 # ---- NOT_FOUND / FAILED_PRECONDITION -------------------------------------------
 
 

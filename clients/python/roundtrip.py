@@ -1,5 +1,5 @@
-"""Reserve, watch, extend, confirm, a sale window and a fair opening's
-draw, through the generated Python stubs.
+"""Reserve, watch, extend, confirm, a sale window, a fair opening's draw
+and a cart, through the generated Python stubs.
 
 Usage: roundtrip.py HOST:PORT SKU [ADMIN_TOKEN]
 Prints one JSON object; exits non-zero on any unexpected answer.
@@ -213,6 +213,36 @@ def main() -> int:
         admin_pb2.GetSaleRequest(sale_id=f"{sku}-SALE"), metadata=admin_metadata
     ).sale
 
+    # A cart: two SKUs held under one id, or, with one line sold out,
+    # nothing held and the failed line named; a bad cart names `lines`.
+    cart_skus = [f"{sku}-C1", f"{sku}-C2"]
+    for member, units in zip(cart_skus, (4, 1)):
+        admin.SetStock(admin_pb2.SetStockRequest(sku=member, stock=units), metadata=admin_metadata)
+
+    def cart(lines, who):
+        request = inventory_pb2.ReserveCartRequest(
+            lines=[inventory_pb2.ReservationLine(sku=s, quantity=q) for s, q in lines]
+        )
+        return inventory.ReserveCart(request, metadata=[("x-user-id", who)])
+
+    held_cart = cart([(cart_skus[0], 2), (cart_skus[1], 1)], user)
+    refused_cart = cart([(cart_skus[0], 2), (cart_skus[1], 1)], f"{user}-2")
+    read_cart = inventory.GetReservation(
+        inventory_pb2.GetReservationRequest(reservation_id=held_cart.reservation.reservation_id),
+        metadata=caller,
+    ).reservation
+    released_cart = inventory.ReleaseReservation(
+        inventory_pb2.ReleaseReservationRequest(
+            reservation_id=held_cart.reservation.reservation_id
+        ),
+        metadata=caller,
+    ).reservation
+    try:
+        cart([(cart_skus[0], 1), (cart_skus[0], 1)], user)
+        raise SystemExit("a cart with a SKU twice was taken")
+    except grpc.RpcError as err:
+        bad_cart = {"code": err.code().name, "field": error_info(err).metadata["field"]}
+
     stock = admin.GetStock(admin_pb2.GetStockRequest(sku=sku), metadata=admin_metadata).stock
     print(
         json.dumps(
@@ -266,6 +296,24 @@ def main() -> int:
                     admin_pb2.GetStockRequest(sku=sale_skus[0]), metadata=admin_metadata
                 ).stock.sale_id,
                 "in_other_sale": in_other_sale,
+                "cart": {
+                    "outcome": inventory_pb2.CartOutcome.Name(held_cart.outcome),
+                    "state": inventory_pb2.ReservationState.Name(held_cart.reservation.state),
+                    "lines": [[l.sku, l.quantity] for l in read_cart.lines],
+                    "refused": inventory_pb2.CartOutcome.Name(refused_cart.outcome),
+                    "line_results": [
+                        [r.sku, inventory_pb2.ReserveOutcome.Name(r.outcome)]
+                        for r in refused_cart.line_results
+                    ],
+                    "released": inventory_pb2.ReservationState.Name(released_cart.state),
+                    "db_stock": [
+                        admin.GetStock(
+                            admin_pb2.GetStockRequest(sku=member), metadata=admin_metadata
+                        ).stock.db_stock
+                        for member in cart_skus
+                    ],
+                    "bad": bad_cart,
+                },
                 "windowed_db_stock": admin.GetStock(
                     admin_pb2.GetStockRequest(sku=windowed), metadata=admin_metadata
                 ).stock.db_stock,

@@ -369,6 +369,12 @@ impl Config {
                 "must be between 1 and 10000",
             ));
         }
+        if !(1..=100).contains(&self.reservations.max_cart_lines) {
+            return Err(invalid(
+                "reservations.max_cart_lines",
+                "must be between 1 and 100",
+            ));
+        }
         let reservations = &self.reservations;
         if reservations.max_hold_secs != 0
             && reservations.max_hold_secs < reservations.hold_ttl_secs
@@ -724,7 +730,7 @@ mod tests {
         assert_eq!(proto, INVENTORY_METHODS);
 
         let mut config = Config::default();
-        assert_eq!(config.layers.rate_limit.methods, ["Reserve"]);
+        assert_eq!(config.layers.rate_limit.methods, ["Reserve", "ReserveCart"]);
         config.layers.rate_limit.methods = vec!["Reserve".into(), "Confirm".into()];
         let err = config.validate().unwrap_err().to_string();
         assert!(

@@ -344,8 +344,8 @@ pub struct RateLimitConfig {
     /// forgotten, in milliseconds (bounds memory with millions of users).
     pub sweep_interval_ms: u64,
     /// The InventoryService methods the limits count (names as in the
-    /// proto, e.g. `["Reserve", "ConfirmReservation"]`). Only Reserve by
-    /// default: a buyer's reserve → watch → confirm must not spend the
+    /// proto, e.g. `["Reserve", "ConfirmReservation"]`). Only Reserve and
+    /// ReserveCart by default: a buyer's reserve → watch → confirm must not spend the
     /// budget meant for competing for stock. A method not listed is never
     /// counted nor refused by this layer.
     pub methods: Vec<String>,
@@ -357,13 +357,14 @@ pub struct RateLimitConfig {
 }
 
 /// InventoryService's methods, as `layers.rate_limit.methods` names them.
-pub const INVENTORY_METHODS: [&str; 6] = [
+pub const INVENTORY_METHODS: [&str; 7] = [
     "Reserve",
     "GetReservation",
     "ConfirmReservation",
     "ReleaseReservation",
     "ExtendReservation",
     "WatchReservation",
+    "ReserveCart",
 ];
 
 impl Default for RateLimitConfig {
@@ -376,7 +377,7 @@ impl Default for RateLimitConfig {
             global_per_sec: 20_000,
             global_burst: 5_000,
             sweep_interval_ms: 10_000,
-            methods: vec!["Reserve".into()],
+            methods: vec!["Reserve".into(), "ReserveCart".into()],
             max_tracked_users: 100_000,
         }
     }
@@ -547,8 +548,12 @@ pub struct DbLayerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReservationsConfig {
-    /// Most units one Reserve call may ask for.
+    /// Most units one Reserve call may ask for (and one line of a cart).
     pub max_quantity: u32,
+    /// Most lines one ReserveCart call may ask for (1 to 100): a cart's
+    /// lines are decided one gate call each and committed in one
+    /// transaction, so this bounds what one call may cost.
+    pub max_cart_lines: u32,
     /// How long a hold lasts before it expires and its units return to
     /// stock, in seconds. 0 = holds never expire.
     pub hold_ttl_secs: u64,
@@ -755,6 +760,7 @@ impl Default for ReservationsConfig {
     fn default() -> Self {
         Self {
             max_quantity: 10,
+            max_cart_lines: 20,
             hold_ttl_secs: 600,
             max_hold_secs: 0,
             sweep_interval_ms: 1_000,

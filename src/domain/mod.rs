@@ -371,6 +371,29 @@ pub struct Reservation {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub expires_at: Option<NaiveDateTime>,
+    /// For a line of a cart: the cart's id (its first line's, so the
+    /// cart's own row has its id here too).
+    pub cart_id: Option<ReservationId>,
+    /// For a cart as callers see it: every line, in the order asked for
+    /// (the first is this reservation's own `sku` and `quantity`). Empty
+    /// for a single reservation and for a line read on its own.
+    pub lines: Vec<CartLine>,
+}
+
+/// One line of a cart: its own row, decided with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartLine {
+    pub id: ReservationId,
+    pub sku: Sku,
+    pub quantity: u32,
+    pub reject_reason: Option<String>,
+}
+
+impl Reservation {
+    /// Whether this is a cart's own row (or a cart as callers see it).
+    pub fn is_cart(&self) -> bool {
+        self.cart_id.as_ref() == Some(&self.id)
+    }
 }
 
 /// Unix ms (the stock gate's unit) as a database time.

@@ -13,7 +13,7 @@ use crate::{
     error::ReservationError,
     middleware::{AnswerAtOnce, Provisional, StoredAnswer},
     pb::{self, inventory_service_server::InventoryService},
-    reserve::{Pipeline, ReserveCommand, ReserveResult},
+    reserve::{CartCommand, CartResult, LineRefusal, Pipeline, ReserveCommand, ReserveResult},
 };
 
 pub struct InventoryApi {
@@ -129,6 +129,104 @@ fn reserve_response(result: ReserveResult) -> pb::ReserveResponse {
     }
 }
 
+/// A ReserveCart call as a validated command: 1 to `max_lines` lines,
+/// each a different, valid SKU with a valid quantity. Bad lines are
+/// named in the message (`lines[i].sku`), the field being `lines`.
+pub fn validate_cart(
+    metadata: &tonic::metadata::MetadataMap,
+    body: &pb::ReserveCartRequest,
+    max_lines: u32,
+    max_quantity: u32,
+) -> Result<CartCommand, ReservationError> {
+    let user = user_id(metadata)?;
+    let idempotency_key = idempotency_key(metadata)?;
+    let count = body.lines.len();
+    if count == 0 {
+        return Err(ReservationError::invalid(
+            "lines",
+            "must hold at least one line",
+        ));
+    }
+    if count > max_lines as usize {
+        return Err(ReservationError::invalid(
+            "lines",
+            format!(
+                "must hold at most {max_lines} lines (reservations.max_cart_lines), got {count}"
+            ),
+        ));
+    }
+    let mut lines: Vec<(Sku, Quantity)> = Vec::with_capacity(count);
+    for (index, line) in body.lines.iter().enumerate() {
+        let named = |err: ReservationError| match err {
+            ReservationError::InvalidArgument { field, reason } => {
+                ReservationError::invalid("lines", format!("lines[{index}].{field}: {reason}"))
+            }
+            other => other,
+        };
+        let sku = Sku::parse(&line.sku).map_err(named)?;
+        let quantity = Quantity::parse(line.quantity, max_quantity).map_err(named)?;
+        if let Some(first) = lines.iter().position(|(seen, _)| *seen == sku) {
+            return Err(ReservationError::invalid(
+                "lines",
+                format!(
+                    "lines[{index}].sku: {} is also lines[{first}]; one line per SKU",
+                    sku.as_str()
+                ),
+            ));
+        }
+        lines.push((sku, quantity));
+    }
+    Ok(CartCommand {
+        user,
+        lines,
+        idempotency_key,
+    })
+}
+
+fn cart_response(result: CartResult, skus: &[Sku]) -> pb::ReserveCartResponse {
+    use pb::ReserveOutcome as O;
+    match result {
+        CartResult::Reserved(cart) | CartResult::Existing(cart) => pb::ReserveCartResponse {
+            outcome: pb::CartOutcome::Reserved as i32,
+            reservation: Some(cart.into()),
+            line_results: Vec::new(),
+        },
+        CartResult::Refused(refusals) => pb::ReserveCartResponse {
+            outcome: pb::CartOutcome::Refused as i32,
+            reservation: None,
+            line_results: skus
+                .iter()
+                .zip(refusals)
+                .map(|(sku, refusal)| {
+                    let mut line = pb::CartLineResult {
+                        sku: sku.as_str().to_owned(),
+                        outcome: O::Reserved as i32,
+                        ..Default::default()
+                    };
+                    match refusal {
+                        None => {}
+                        Some(LineRefusal::SoldOut { remaining }) => {
+                            line.outcome = O::SoldOut as i32;
+                            line.remaining_stock = remaining;
+                        }
+                        Some(LineRefusal::UserLimit) => line.outcome = O::UserLimitReached as i32,
+                        Some(LineRefusal::OutsideWindow(WindowCheck::NotOpen(at))) => {
+                            line.outcome = O::NotOpen as i32;
+                            line.opens_at = Some(super::timestamp(at));
+                        }
+                        Some(LineRefusal::OutsideWindow(WindowCheck::Closed(at))) => {
+                            line.outcome = O::Closed as i32;
+                            line.closes_at = Some(super::timestamp(at));
+                        }
+                        Some(LineRefusal::OutsideWindow(WindowCheck::Open)) => {}
+                    }
+                    line
+                })
+                .collect(),
+        },
+    }
+}
+
 type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchReservationResponse, Status>> + Send + 'static>>;
 
@@ -234,5 +332,31 @@ impl InventoryService for InventoryApi {
                 .map_err(|err| Status::from(&*err))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn reserve_cart(
+        &self,
+        request: Request<pb::ReserveCartRequest>,
+    ) -> Result<Response<pb::ReserveCartResponse>, Status> {
+        let limits = self.pipeline.limits();
+        let command = validate_cart(
+            request.metadata(),
+            request.get_ref(),
+            limits.max_cart_lines,
+            limits.max_quantity,
+        )?;
+        let skus: Vec<Sku> = command.lines.iter().map(|(sku, _)| sku.clone()).collect();
+        for sku in &skus {
+            crate::metrics::hot_skus::record(sku.as_str());
+        }
+        let result = self.pipeline.reserve_cart(command).await?;
+        let provisional = matches!(&result, CartResult::Refused(lines)
+            if lines.iter().any(|l| matches!(l, Some(LineRefusal::OutsideWindow(_)))));
+        let mut response = Response::new(cart_response(result, &skus));
+        if provisional {
+            // As Reserve's NOT_OPEN and CLOSED: decided again on a retry.
+            response.extensions_mut().insert(Provisional);
+        }
+        Ok(response)
     }
 }

@@ -109,6 +109,18 @@ impl From<Reservation> for pb::Reservation {
                 .idempotency_key
                 .map(|k| k.as_str().to_owned())
                 .unwrap_or_default(),
+            cart_id: r
+                .cart_id
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default(),
+            lines: r
+                .lines
+                .into_iter()
+                .map(|line| pb::ReservationLine {
+                    sku: line.sku.as_str().to_owned(),
+                    quantity: line.quantity,
+                })
+                .collect(),
         }
     }
 }

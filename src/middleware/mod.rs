@@ -65,7 +65,7 @@ pub use body::BodyDeadlineLayer;
 pub use deadline::{grpc_timeout, DeadlineLayer};
 pub use dedup::{
     fingerprint, record_key, AnswerAtOnce, Claim, DedupLayer, DedupStore, DedupTimes, MemoryDedup,
-    Provisional, RedisDedup, StoredAnswer, DEDUP_PATH,
+    Provisional, RedisDedup, StoredAnswer, CART_PATH, DEDUP_PATH,
 };
 pub use identity::{certificate_identities, CallerIdentity, IdentityLayer};
 pub use rate_limit::{

@@ -93,7 +93,7 @@ impl Pipeline {
                 remaining,
                 ..
             } => {
-                self.emit(Event::Changed(reservation.clone()));
+                self.emit(Event::Changed(Box::new(reservation.clone())));
                 Ok(ReserveResult::Reserved {
                     reservation,
                     remaining: Some(remaining),
@@ -112,7 +112,7 @@ impl Pipeline {
             CommitOutcome::Contention { attempts } => Err(ReservationError::Contention(attempts)),
             CommitOutcome::OutsideWindow(check) => Ok(ReserveResult::OutsideWindow(check)),
             CommitOutcome::Rejected { reservation, .. } => {
-                self.emit(Event::Changed(reservation.clone()));
+                self.emit(Event::Changed(Box::new(reservation.clone())));
                 Ok(ReserveResult::Existing(reservation))
             }
         }
@@ -412,7 +412,7 @@ impl Pipeline {
             self.restocked(order.sku.as_str());
         }
         self.pending().remove(&order.id);
-        self.emit(Event::Changed(reservation));
+        self.emit(Event::Changed(Box::new(reservation)));
         true
     }
 

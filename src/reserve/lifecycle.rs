@@ -77,12 +77,17 @@ impl Pipeline {
             .release(id, user, now(), self.limits.hold_ttl)
             .await
             .map_err(store_error)?;
-        if let HoldEnded::Changed {
-            reservation,
-            restock: Some(restock),
-        } = &ended
-        {
-            self.return_to_gate(reservation, restock).await;
+        match &ended {
+            HoldEnded::Changed {
+                reservation,
+                restock: Some(restock),
+            } => self.return_to_gate(reservation, restock).await,
+            HoldEnded::CartChanged { restocks, .. } => {
+                for (line, restock) in restocks {
+                    self.return_to_gate(line, restock).await;
+                }
+            }
+            _ => {}
         }
         self.after_hold_ended(id, ended, "release").await
     }
@@ -107,7 +112,7 @@ impl Pipeline {
         let id = id.as_str();
         match extended {
             HoldExtended::Extended(reservation) => {
-                self.emit(Event::Changed(reservation.clone()));
+                self.emit(Event::Changed(Box::new(reservation.clone())));
                 Ok(reservation)
             }
             HoldExtended::Unchanged(reservation) => Ok(reservation),
@@ -155,8 +160,11 @@ impl Pipeline {
         action: &str,
     ) -> Result<Reservation, ReservationError> {
         match ended {
-            HoldEnded::Changed { reservation, .. } => {
-                self.emit(Event::Changed(reservation.clone()));
+            HoldEnded::Changed { reservation, .. }
+            | HoldEnded::CartChanged {
+                cart: reservation, ..
+            } => {
+                self.emit(Event::Changed(Box::new(reservation.clone())));
                 Ok(reservation)
             }
             HoldEnded::Unchanged(reservation) => Ok(reservation),
@@ -224,7 +232,7 @@ impl Pipeline {
                     "skipped_over_cap"
                 },
             );
-            self.emit(Event::Changed(reservation.clone()));
+            self.emit(Event::Changed(Box::new(reservation.clone())));
         }
     }
 
@@ -257,7 +265,7 @@ impl Pipeline {
             {
                 self.restocked(reservation.sku.as_str());
             }
-            self.emit(Event::Changed(reservation.clone()));
+            self.emit(Event::Changed(Box::new(reservation.clone())));
         }
         Ok(expired.len())
     }

@@ -10,6 +10,7 @@
 //! heard as RESERVED or QUEUED ends as a database row.
 
 mod batch;
+mod cart;
 mod lifecycle;
 mod operator;
 mod path;
@@ -45,6 +46,7 @@ use crate::{
 };
 
 pub use batch::BatchOutcome;
+pub use cart::{CartCommand, CartResult, LineRefusal};
 pub use path::{COMMIT_FENCE_REASON, FENCE_REASON};
 use pending::{KeyState, Pending, PendingBook};
 pub use reconcile::ReconcileReport;
@@ -99,7 +101,7 @@ pub struct StockView {
 /// What watchers hear about.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Changed(Reservation),
+    Changed(Box<Reservation>),
     /// The processor finished a batch: queued positions dropped.
     QueueAdvanced,
 }
@@ -108,6 +110,7 @@ pub enum Event {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_quantity: u32,
+    pub max_cart_lines: u32,
     pub hold_ttl: Option<Duration>,
     /// Longest a hold may last in all, extensions included.
     pub max_hold: Duration,
@@ -127,6 +130,7 @@ impl Limits {
         let ttl = config.reservations.hold_ttl_secs;
         Self {
             max_quantity: config.reservations.max_quantity,
+            max_cart_lines: config.reservations.max_cart_lines,
             hold_ttl: (ttl > 0).then(|| Duration::from_secs(ttl)),
             max_hold: Duration::from_secs(config.reservations.max_hold_secs()),
             max_attempts: config.layers.db.max_attempts,

@@ -30,7 +30,7 @@ impl Pipeline {
             .map_err(store_error)?
             .ok_or_else(|| ReservationError::UnknownSku(sku.as_str().into()))?;
         for reservation in ended {
-            self.emit(Event::Changed(reservation));
+            self.emit(Event::Changed(Box::new(reservation)));
         }
         self.view(row).await
     }

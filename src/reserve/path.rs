@@ -27,7 +27,7 @@ use super::{
 };
 
 /// What the gate's step of the Reserve path decided.
-enum GatePass {
+pub(super) enum GatePass {
     /// Admitted; units left after this order.
     Admitted { remaining: i64 },
     /// Not asked: the gate is down or being rebuilt and fails open.
@@ -200,7 +200,7 @@ impl Pipeline {
         let mut claim = None;
         if let Some(key) = &cmd.idempotency_key {
             if layers.queue {
-                match self.claim_key(&cmd.user, key).await? {
+                match self.claim_key(&cmd.user, key, true).await? {
                     Ok(held) => claim = Some(held),
                     Err(existing) => return Ok(ReserveResult::Existing(existing)),
                 }
@@ -276,7 +276,7 @@ impl Pipeline {
     }
 
     /// One gate call for `entry`.
-    async fn ask_gate(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
+    pub(super) async fn ask_gate(&self, entry: &GateEntry) -> Result<GateDecision, GateError> {
         self.gate
             .reserve(entry)
             .instrument(trace::span("gate.reserve"))
@@ -290,7 +290,7 @@ impl Pipeline {
     /// otherwise or [`DRAW_WAIT_MOST`] has passed. A gate error is asked
     /// again too: asking is safe to repeat for an entered call, and
     /// giving up would hand a winner's units back.
-    async fn await_draw(
+    pub(super) async fn await_draw(
         &self,
         mut entry: GateEntry,
         mut draw_ends_at_ms: i64,
@@ -322,7 +322,7 @@ impl Pipeline {
     /// skipped (it is down or being rebuilt and `layers.gate.failure_mode`
     /// says bypass), refused, or an error (unknown SKU, the gate
     /// unavailable and failing closed).
-    fn gate_pass(
+    pub(super) fn gate_pass(
         &self,
         decision: Result<GateDecision, GateError>,
         order: &NewOrder,
@@ -456,6 +456,8 @@ impl Pipeline {
             created_at: order.created_at,
             updated_at: order.created_at,
             expires_at: None,
+            cart_id: None,
+            lines: Vec::new(),
         };
         // Visible before it is published, so the processor can never settle
         // it before we know about it.
@@ -528,7 +530,7 @@ impl Pipeline {
                 if gated {
                     self.gate_release(order).await;
                 }
-                self.emit(Event::Changed(row));
+                self.emit(Event::Changed(Box::new(row)));
                 Err(ReservationError::unavailable(
                     "order queue",
                     anyhow::anyhow!(error),
@@ -624,7 +626,7 @@ impl Pipeline {
                     if gated {
                         self.gate_release(order).await;
                     }
-                    self.emit(Event::Changed(row));
+                    self.emit(Event::Changed(Box::new(row)));
                     return Err(store_error(err));
                 }
                 Ok(row) => {
@@ -700,14 +702,18 @@ impl Pipeline {
     /// [`TWIN_WAIT`]), then answers with its reservation, or takes the key
     /// if that call ended without queueing (refused, or its publish
     /// failed).
-    async fn claim_key(
+    /// `recent`: a reservation this replica processed with the key
+    /// recently answers too (a cart, which consults the database instead,
+    /// passes false).
+    pub(super) async fn claim_key(
         self: &Arc<Self>,
         user: &UserId,
         key: &IdempotencyKey,
+        recent: bool,
     ) -> Result<Result<KeyClaim, Reservation>, ReservationError> {
         let changed = Arc::clone(&self.pending().changed);
         let give_up = tokio::time::Instant::now() + TWIN_WAIT;
-        let (mut recent, mut waited) = (true, false);
+        let (mut recent, mut waited) = (recent, false);
         loop {
             let notified = changed.notified();
             tokio::pin!(notified);

@@ -205,6 +205,8 @@ mod tests {
                 created_at: at,
                 updated_at: at,
                 expires_at: None,
+                cart_id: None,
+                lines: Vec::new(),
             },
             ticket: None,
         }

@@ -163,7 +163,9 @@ impl Pipeline {
         // misses no change in between.
         let events = self.events.subscribe();
         let first = self.get(&id, &user).await?;
-        let updates = self.feed(id, first, events);
+        // A line of a cart reads as its cart: follow the cart's id, which
+        // the cart's changes carry.
+        let updates = self.feed(first.id.clone(), first, events);
         Ok(futures::stream::unfold(
             Watcher {
                 updates,
@@ -222,21 +224,31 @@ impl Pipeline {
                 }
             };
             let next = match event {
-                Ok(Event::Changed(reservation)) if reservation.id == id => reservation,
+                // A cart's own row without its lines (the expiry sweep
+                // moves rows one by one): read the whole cart below.
+                Ok(Event::Changed(reservation))
+                    if reservation.id == id
+                        && !(reservation.is_cart() && reservation.lines.is_empty()) =>
+                {
+                    Some(*reservation)
+                }
+                Ok(Event::Changed(reservation)) if reservation.id == id => None,
                 Ok(Event::Changed(_)) => continue,
                 Ok(Event::QueueAdvanced) if last.state != ReservationState::Queued => continue,
                 // Missed events, a queue move or a waitlist poll: read the
                 // truth again.
-                Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    match self.find(&id).await {
-                        Ok(current) => current,
-                        Err(err) => {
-                            self.end_feed_with(&id, &feed, Err(Arc::new(err)));
-                            return;
-                        }
-                    }
-                }
+                Ok(Event::QueueAdvanced) | Err(broadcast::error::RecvError::Lagged(_)) => None,
                 Err(broadcast::error::RecvError::Closed) => break,
+            };
+            let next = match next {
+                Some(next) => next,
+                None => match self.find(&id).await {
+                    Ok(current) => current,
+                    Err(err) => {
+                        self.end_feed_with(&id, &feed, Err(Arc::new(err)));
+                        return;
+                    }
+                },
             };
             if next != last {
                 last = next;

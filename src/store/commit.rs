@@ -80,6 +80,7 @@ macro_rules! commit_queries {
                 expires_at: None,
                 created_at: order.created_at,
                 updated_at: now,
+                cart_id: None,
             }
         }
 
@@ -697,7 +698,10 @@ macro_rules! commit_queries {
         }
 
         pub(super) async fn get(conn: &mut $Conn, id: &str) -> QueryResult<Option<Reservation>> {
-            Ok(find(conn, id).await?.map(ReservationRow::into_domain))
+            match find(conn, id).await? {
+                Some(row) => Ok(Some(as_seen(conn, row).await?)),
+                None => Ok(None),
+            }
         }
     };
 }

@@ -496,6 +496,9 @@ macro_rules! holds_queries {
                 if row.user_id != user {
                     return Ok(HoldEnded::NotOwner);
                 }
+                if let Some(cart) = row.cart_id.clone() {
+                    return end_cart(conn, &cart, to, now, hold_ttl).await;
+                }
                 let mut state = ReservationState::from_db(&row.state);
                 if state == Some(to) {
                     return Ok(HoldEnded::Unchanged(row.into_domain()));
@@ -574,17 +577,17 @@ macro_rules! holds_queries {
                 return Ok(HoldExtended::NotOwner);
             }
             if ReservationState::from_db(&row.state) != Some(ReservationState::Held) {
-                return Ok(HoldExtended::WrongState(row.into_domain()));
+                return Ok(HoldExtended::WrongState(as_seen(conn, row).await?));
             }
             let Some(expires_at) = row.expires_at else {
                 // Holds that never expire need no more time.
-                return Ok(HoldExtended::Unchanged(row.into_domain()));
+                return Ok(HoldExtended::Unchanged(as_seen(conn, row).await?));
             };
             if expires_at <= now {
-                return Ok(HoldExtended::HoldExpired(row.into_domain()));
+                return Ok(HoldExtended::HoldExpired(as_seen(conn, row).await?));
             }
             if until <= expires_at {
-                return Ok(HoldExtended::Unchanged(row.into_domain()));
+                return Ok(HoldExtended::Unchanged(as_seen(conn, row).await?));
             }
             // A HELD row's `updated_at` is when it became HELD: nothing
             // else writes a HELD row, and an extension moves only its
@@ -592,6 +595,25 @@ macro_rules! holds_queries {
             let latest = after(row.updated_at, max_hold);
             if until > latest {
                 return Ok(HoldExtended::Limit { latest });
+            }
+            if let Some(cart) = row.cart_id.clone() {
+                // All lines or none; the checks above, made on this line,
+                // hold for every line (they became HELD and lapse
+                // together) unless another call moved some meanwhile.
+                if let Some(extended) = extend_cart(conn, &cart, until, now).await? {
+                    return Ok(HoldExtended::Extended(extended));
+                }
+                let rows = cart_rows(conn, &cart).await?;
+                let live = rows.iter().all(|row| {
+                    row.state == ReservationState::Held.as_db()
+                        && row.expires_at.is_some_and(|at| at > now)
+                });
+                return Ok(match cart_lapsed(rows, now) {
+                    (true, cart) => HoldExtended::HoldExpired(cart),
+                    // Another extension got there first.
+                    (false, cart) if live => HoldExtended::Unchanged(cart),
+                    (false, cart) => HoldExtended::WrongState(cart),
+                });
             }
             let moved = diesel::update(
                 reservations::table

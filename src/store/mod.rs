@@ -220,6 +220,24 @@ pub enum CommitOutcome {
     },
 }
 
+/// What the database decided for a cart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CartOutcome {
+    /// Every line is HELD: the cart with its lines, and per line the
+    /// units of its SKU left and the SKU row's version the commit wrote.
+    Committed {
+        cart: Reservation,
+        lines: Vec<(i64, i64)>,
+    },
+    /// The cart's id, or its user's idempotency key, was used before:
+    /// that reservation (a cart with its lines, or a single one).
+    Existing(Reservation),
+    /// Some line could not be filled and nothing was written. Per line,
+    /// in order: `None` where the line would have been filled, else why
+    /// not (sold out, a limit, the window, an unknown SKU, contention).
+    Refused(Vec<Option<CommitOutcome>>),
+}
+
 /// Why a recorded order was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectCause {
@@ -259,6 +277,12 @@ pub enum HoldEnded {
     WrongState(Reservation),
     /// A hold whose expiry has passed cannot be confirmed.
     HoldExpired(Reservation),
+    /// A cart's lines moved now (the cart, with its lines), and the units
+    /// each released line gave back.
+    CartChanged {
+        cart: Reservation,
+        restocks: Vec<(Reservation, Restock)>,
+    },
 }
 
 /// What asking a hold to last longer did.
@@ -439,6 +463,8 @@ mod holds;
 mod stock;
 #[macro_use]
 mod sale;
+#[macro_use]
+mod carts;
 mod dialect;
 mod leases;
 mod migrate;
@@ -464,6 +490,7 @@ macro_rules! dialect {
             holds_queries!($Conn);
             stock_queries!($Conn);
             sales_queries!($Conn);
+            cart_queries!($Conn);
         }
     };
 }

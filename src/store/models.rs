@@ -55,6 +55,8 @@ pub struct ReservationRow {
     pub expires_at: Option<NaiveDateTime>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    /// The cart this row is a line of: its first line's id.
+    pub cart_id: Option<String>,
 }
 
 impl ReservationRow {
@@ -73,6 +75,8 @@ impl ReservationRow {
             created_at: self.created_at,
             updated_at: self.updated_at,
             expires_at: self.expires_at,
+            cart_id: self.cart_id.map(ReservationId::from_trusted),
+            lines: Vec::new(),
         }
     }
 }

@@ -39,6 +39,7 @@ diesel::table! {
         expires_at -> Nullable<Timestamp>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        cart_id -> Nullable<Varchar>,
     }
 }
 

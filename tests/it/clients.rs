@@ -1,7 +1,7 @@
 //! The contract works for callers: the Rust client helper, and stubs
 //! generated for Python from `proto/` by grpcio-tools, each doing a real
 //! round trip (reserve, the same key again, watch until HELD, extend,
-//! confirm).
+//! confirm, a cart).
 
 use std::process::Command;
 
@@ -35,6 +35,21 @@ async fn the_rust_client_reserves_watches_and_confirms() {
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert_eq!(app.stock("CLIENT-RS").await.confirmed_units, 1);
+    // A cart of both SKUs under one key: held whole, the same cart again.
+    app.set_stock("CLIENT-RS-2", 1, 0).await;
+    let lines = [("CLIENT-RS", 1), ("CLIENT-RS-2", 1)];
+    let cart = client.reserve_cart(&lines, "cart-2").await.unwrap();
+    assert_eq!(cart.outcome(), stockgate::pb::CartOutcome::Reserved);
+    let cart = cart.reservation.unwrap();
+    assert_eq!(cart.lines.len(), 2);
+    let again = client.reserve_cart(&lines, "cart-2").await.unwrap();
+    assert_eq!(
+        again.reservation.unwrap().reservation_id,
+        cart.reservation_id
+    );
+    let confirmed = client.confirm(&cart.reservation_id).await.unwrap();
+    assert_eq!(confirmed.state(), ReservationState::Confirmed);
+    assert_eq!(app.stock("CLIENT-RS-2").await.confirmed_units, 1);
     app.stop().await;
 }
 
@@ -181,5 +196,27 @@ async fn the_python_client_round_trip() {
     }
     assert_eq!(result["in_other_sale"]["code"], "FAILED_PRECONDITION");
     assert_eq!(result["in_other_sale"]["reason"], "SKU_IN_OTHER_SALE");
+    // A cart seen by a grpc-core client: held whole and read back with
+    // its lines; the next buyer's cart refused naming the sold-out line,
+    // holding nothing; released whole; a SKU twice names `lines`.
+    let cart = &result["cart"];
+    assert_eq!(cart["outcome"], "CART_OUTCOME_RESERVED");
+    assert_eq!(cart["state"], "RESERVATION_STATE_HELD");
+    assert_eq!(
+        cart["lines"],
+        serde_json::json!([["CLIENT-PY-C1", 2], ["CLIENT-PY-C2", 1]])
+    );
+    assert_eq!(cart["refused"], "CART_OUTCOME_REFUSED");
+    assert_eq!(
+        cart["line_results"],
+        serde_json::json!([
+            ["CLIENT-PY-C1", "RESERVE_OUTCOME_RESERVED"],
+            ["CLIENT-PY-C2", "RESERVE_OUTCOME_SOLD_OUT"]
+        ])
+    );
+    assert_eq!(cart["released"], "RESERVATION_STATE_RELEASED");
+    assert_eq!(cart["db_stock"], serde_json::json!([4, 1]));
+    assert_eq!(cart["bad"]["code"], "INVALID_ARGUMENT");
+    assert_eq!(cart["bad"]["field"], "lines");
     app.stop().await;
 }

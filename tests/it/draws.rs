@@ -16,7 +16,9 @@ use stockgate::{
 };
 use tonic::Code;
 
-use crate::harness::{assert_checked, error_reason, is_admitted, reserve, Profile, TestApp};
+use crate::harness::{
+    assert_checked, error_field, error_reason, is_admitted, reserve, Profile, TestApp,
+};
 
 fn ts_ms(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -6,6 +6,7 @@ mod api;
 mod backend_tls;
 mod backends;
 mod balancing;
+mod carts;
 mod check;
 mod clients;
 mod conformance;

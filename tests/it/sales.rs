@@ -14,18 +14,11 @@ use tonic::Code;
 
 use crate::{
     harness::{
-        assert_checked, error_reason, wipe_redis_prefix, with_user, OpenTransaction, Profile,
-        TestApp,
+        assert_checked, error_field, error_reason, wipe_redis_prefix, with_user, OpenTransaction,
+        Profile, TestApp,
     },
     waitlist::{get, release, reserve, set_policy, take, until_state},
 };
-
-/// The field an INVALID_ARGUMENT names in its `BadRequest`.
-fn error_field(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    let bad = status.get_details_bad_request().expect("a BadRequest");
-    bad.field_violations[0].field.clone()
-}
 
 async fn set_sale(
     app: &TestApp,

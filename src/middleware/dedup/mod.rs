@@ -1,11 +1,11 @@
-//! Dedup by idempotency key: the first Reserve carrying a given
+//! Dedup by idempotency key: the first Reserve (or ReserveCart) carrying a given
 //! (`x-user-id`, `idempotency-key`) runs; a retry with the same key and the
 //! same request gets the first answer replayed byte for byte (HTTP status,
 //! headers, body and trailers); a concurrent duplicate waits for that answer
 //! (up to `layers.dedup.wait_ms`, then ABORTED) instead of running twice;
 //! the same key with a different request is refused with INVALID_ARGUMENT.
 //!
-//! Only Reserve is deduplicated (reads are not). Answers that a retry should
+//! Only Reserve and ReserveCart are deduplicated (reads are not). Answers that a retry should
 //! not inherit (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED,
 //! INTERNAL, …) are not stored: the claim is dropped so the retry runs. The
 //! store is Redis when `backends.dedup` is a `redis://` URL (every replica
@@ -48,9 +48,13 @@ pub use answer::StoredAnswer;
 pub use memory::MemoryDedup;
 pub use redis::RedisDedup;
 
-/// The one deduplicated call.
+/// The deduplicated calls: Reserve, and ReserveCart (whose key names the
+/// whole cart). The fingerprint includes the path, so a key used for one
+/// is "another request" for the other.
 pub const DEDUP_PATH: &str = "/stockgate.v1.InventoryService/Reserve";
-/// A Reserve request is tiny; anything larger is refused before hashing.
+pub const CART_PATH: &str = "/stockgate.v1.InventoryService/ReserveCart";
+/// As the server's default message limit; anything larger is refused
+/// before hashing.
 const MAX_BODY: usize = 64 * 1024;
 
 /// Hex SHA-256.
@@ -245,7 +249,8 @@ where
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !(self.layer.switches.load().dedup && request.uri().path() == DEDUP_PATH) {
+        let path = request.uri().path();
+        if !(self.layer.switches.load().dedup && (path == DEDUP_PATH || path == CART_PATH)) {
             return Box::pin(inner.call(request));
         }
         let headers = request.headers();
@@ -278,9 +283,9 @@ where
             // in one round trip; the record it finds instead is answered
             // like a claim's.
             let mut found = None;
-            let at_once = layer
-                .at_once
-                .answer_at_once(&parts.headers, &body)
+            let at_once = (parts.uri.path() == DEDUP_PATH)
+                .then(|| layer.at_once.answer_at_once(&parts.headers, &body))
+                .flatten()
                 .filter(StoredAnswer::worth_keeping);
             if let Some(answer) = at_once {
                 match store

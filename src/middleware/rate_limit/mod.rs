@@ -4,7 +4,7 @@
 //! [`super::callers`]), and one for the whole replica. A refused call gets
 //! RESOURCE_EXHAUSTED with `retry-after`; in shadow mode it is let through
 //! and counted. Only the InventoryService methods named in
-//! `layers.rate_limit.methods` (Reserve alone by default) are counted:
+//! `layers.rate_limit.methods` (Reserve and ReserveCart by default) are counted:
 //! operators, health checks, reflection and the rest of a buyer's calls
 //! never are.
 //!

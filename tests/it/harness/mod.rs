@@ -1258,6 +1258,15 @@ pub fn error_reason(status: &Status) -> String {
         .reason
 }
 
+/// The field an INVALID_ARGUMENT names in its `BadRequest`.
+pub fn error_field(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    let bad = status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    bad.field_violations[0].field.clone()
+}
+
 /// The UNAVAILABLE a not-ready server answers Reserve with, once its
 /// message names `cause` (start-up reports what it met after its first
 /// attempt); fails after 10 s.

@@ -301,6 +301,7 @@ pub(super) fn render_reservations(rows: &[pb::Reservation]) -> String {
                     .trim_start_matches("RESERVATION_STATE_")
                     .to_ascii_lowercase(),
                 time(&r.created_at),
+                r.cart_id.clone(),
                 r.reject_reason.clone(),
             ]
         })
@@ -313,6 +314,7 @@ pub(super) fn render_reservations(rows: &[pb::Reservation]) -> String {
             "qty",
             "state",
             "created (UTC)",
+            "cart",
             "reason",
         ],
         &rows,

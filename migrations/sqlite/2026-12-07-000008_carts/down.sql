@@ -1,0 +1,2 @@
+DROP INDEX reservations_by_cart;
+ALTER TABLE reservations DROP COLUMN cart_id;

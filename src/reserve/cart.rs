@@ -1,0 +1,295 @@
+//! ReserveCart: several SKUs held under one reservation, all or nothing.
+//! Each line goes through the gate as an order of its own, until one is
+//! refused: then the units the gate took for the lines before it go back
+//! at once, and the lines after it are only compared with the gate's
+//! counter. The database commits the lines in one transaction or none.
+
+use std::sync::Arc;
+
+use crate::{
+    domain::{
+        switches::Layers, IdempotencyKey, Quantity, Reservation, ReservationId, Sku, UserId,
+        WindowCheck,
+    },
+    error::ReservationError,
+    gate::{GateDecision, Settlement},
+    metrics,
+    store::{CartOutcome, CommitOutcome, NewOrder},
+    telemetry::trace,
+};
+
+use super::{batch::settlement, gate_entry, path::GatePass, store_error, Event, Pipeline};
+
+/// A validated ReserveCart call: distinct SKUs, in the caller's order.
+#[derive(Debug, Clone)]
+pub struct CartCommand {
+    pub user: UserId,
+    pub lines: Vec<(Sku, Quantity)>,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// Why one line of a cart was not had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineRefusal {
+    SoldOut { remaining: Option<i64> },
+    UserLimit,
+    OutsideWindow(WindowCheck),
+}
+
+/// How a ReserveCart call was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CartResult {
+    /// Every line is held: the cart, with its lines.
+    Reserved(Reservation),
+    /// An earlier call with the same idempotency key made this one.
+    Existing(Reservation),
+    /// Nothing is held. Per line, in the caller's order: why it was not
+    /// had, or `None` where it could have been.
+    Refused(Vec<Option<LineRefusal>>),
+}
+
+impl Pipeline {
+    /// Holds every line of `cmd` under one reservation, or none.
+    pub async fn reserve_cart(
+        self: &Arc<Self>,
+        cmd: CartCommand,
+    ) -> Result<CartResult, ReservationError> {
+        self.ensure_ready()?;
+        let mut claim = None;
+        if let Some(key) = &cmd.idempotency_key {
+            // The key for the whole call, as a Reserve's on the queue path:
+            // a twin on this replica waits for this call to end, then
+            // finds its cart. A Reserve still queued here under the key
+            // answers; otherwise the row holding the key does.
+            match self.claim_key(&cmd.user, key, false).await? {
+                Ok(held) => claim = Some(held),
+                Err(queued) => return Ok(CartResult::Existing(queued)),
+            }
+            let found = self
+                .store
+                .reservation_with_key(&cmd.user, key)
+                .await
+                .map_err(store_error)?;
+            if let Some(existing) = found {
+                return Ok(CartResult::Existing(existing));
+            }
+        }
+        let created_at = self.clock.now();
+        let lines: Vec<NewOrder> = cmd
+            .lines
+            .into_iter()
+            .enumerate()
+            .map(|(index, (sku, quantity))| NewOrder {
+                id: ReservationId::generate(),
+                sku,
+                user: cmd.user.clone(),
+                quantity: quantity.get(),
+                idempotency_key: cmd.idempotency_key.clone().filter(|_| index == 0),
+                created_at,
+            })
+            .collect();
+        let layers = self.layers();
+        // On a task of its own, as a Reserve's: a caller that gives up must
+        // not leave the gate's admissions for the lines unsettled.
+        let this = Arc::clone(self);
+        tokio::spawn(trace::follow(async move {
+            let decided = this.decide_cart(lines, layers).await;
+            drop(claim);
+            decided
+        }))
+        .await
+        .unwrap_or_else(|err| Err(ReservationError::Internal(err.into())))
+    }
+
+    async fn decide_cart(
+        &self,
+        lines: Vec<NewOrder>,
+        layers: Layers,
+    ) -> Result<CartResult, ReservationError> {
+        let budget = tokio::time::Instant::now() + self.limits.in_flight_timeout / 2;
+        let mut gated = vec![false; lines.len()];
+        let mut refusals: Vec<Option<LineRefusal>> = vec![None; lines.len()];
+        if layers.gate {
+            for (index, line) in lines.iter().enumerate() {
+                if refusals.iter().any(Option::is_some) {
+                    // The cart is refused: admitting more of it would take
+                    // units other buyers' carts may need, for nothing. The
+                    // line is told what the gate's counter says.
+                    match self.gate.available(&line.sku).await {
+                        Ok(Some(left)) if left < i64::from(line.quantity) => {
+                            refusals[index] = Some(LineRefusal::SoldOut {
+                                remaining: Some(left),
+                            });
+                        }
+                        Ok(Some(_)) | Err(_) => {}
+                        // No counter: an unknown SKU, which the contract
+                        // answers NOT_FOUND whatever else the cart holds.
+                        Ok(None) => {
+                            let row = self.store.inventory(&line.sku).await.map_err(store_error);
+                            if !matches!(row, Ok(Some(_))) {
+                                self.release_lines(&lines, &gated).await;
+                                row?;
+                                return Err(ReservationError::UnknownSku(line.sku.as_str().into()));
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let entry = gate_entry(line);
+                let mut decision = self.ask_gate(&entry).await;
+                if let Ok(GateDecision::Entered { draw_ends_at_ms }) = decision {
+                    metrics::decision("gate", "entered");
+                    // Lines wait for their draws one after the other: the
+                    // whole cart's wait stays within the budget, so that
+                    // the lines admitted first are settled before the
+                    // reconciler would take them for lost.
+                    let left = budget.saturating_duration_since(tokio::time::Instant::now());
+                    decision = match tokio::time::timeout(
+                        left,
+                        self.await_draw(entry.clone(), draw_ends_at_ms),
+                    )
+                    .await
+                    {
+                        Ok(decision) => decision,
+                        Err(_) => {
+                            // Whatever the draw decides for this entry
+                            // goes back now, or is found lost later.
+                            let mut all = gated.clone();
+                            all[index] = true;
+                            self.release_lines(&lines, &all).await;
+                            return Err(ReservationError::unavailable(
+                                "stock gate",
+                                anyhow::anyhow!(
+                                    "the cart's draws did not all close within its time"
+                                ),
+                            ));
+                        }
+                    };
+                }
+                let pass = match self.gate_pass(decision, line, &layers) {
+                    Ok(pass) => pass,
+                    Err(err) => {
+                        self.release_lines(&lines, &gated).await;
+                        return Err(err);
+                    }
+                };
+                match pass {
+                    GatePass::Admitted { .. } => gated[index] = true,
+                    GatePass::Bypassed => {}
+                    GatePass::SoldOut { remaining } => {
+                        refusals[index] = Some(LineRefusal::SoldOut {
+                            remaining: Some(remaining),
+                        })
+                    }
+                    GatePass::OverCap => refusals[index] = Some(LineRefusal::UserLimit),
+                    GatePass::OutsideWindow(check) => {
+                        refusals[index] = Some(LineRefusal::OutsideWindow(check))
+                    }
+                }
+            }
+            if refusals.iter().any(Option::is_some) {
+                self.release_lines(&lines, &gated).await;
+                metrics::decision("cart", "refused_at_gate");
+                return Ok(CartResult::Refused(refusals));
+            }
+        }
+        let params = self.commit_params(layers.db_check, false);
+        let committed = match self.store.commit_cart(&lines, params).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // Whether the cart committed is unknown only if the
+                // connection died during the commit: its lines' gate
+                // admissions then stay in flight, and the reconciler
+                // settles each by the row it finds (or returns its
+                // units). Otherwise nothing was written.
+                if !err.outcome_unknown() {
+                    self.release_lines(&lines, &gated).await;
+                }
+                return Err(store_error(err));
+            }
+        };
+        match committed {
+            CartOutcome::Committed {
+                cart,
+                lines: settled,
+            } => {
+                let entries: Vec<_> = lines
+                    .iter()
+                    .zip(&settled)
+                    .zip(&gated)
+                    .filter(|(_, gated)| **gated)
+                    .map(|((line, (_, version)), _)| {
+                        (
+                            Settlement::Committed,
+                            gate_entry(line).at_version(Some(*version)),
+                        )
+                    })
+                    .collect();
+                if !entries.is_empty() {
+                    self.settle_gate(&entries).await;
+                }
+                metrics::decision("cart", "reserved");
+                self.emit(Event::Changed(Box::new(cart.clone())));
+                Ok(CartResult::Reserved(cart))
+            }
+            CartOutcome::Existing(existing) => {
+                self.release_lines(&lines, &gated).await;
+                Ok(CartResult::Existing(existing))
+            }
+            CartOutcome::Refused(outcomes) => {
+                let entries: Vec<_> = lines
+                    .iter()
+                    .zip(&outcomes)
+                    .zip(&gated)
+                    .filter(|(_, gated)| **gated)
+                    .map(|((line, outcome), _)| {
+                        let action = outcome.as_ref().map_or(Settlement::Released, settlement);
+                        (action, gate_entry(line))
+                    })
+                    .collect();
+                if !entries.is_empty() {
+                    self.settle_gate(&entries).await;
+                }
+                let mut refusals = Vec::with_capacity(outcomes.len());
+                for (line, outcome) in lines.iter().zip(outcomes) {
+                    refusals.push(match outcome {
+                        None => None,
+                        Some(CommitOutcome::SoldOut { remaining }) => Some(LineRefusal::SoldOut {
+                            remaining: Some(remaining),
+                        }),
+                        Some(CommitOutcome::UserLimit { .. }) => Some(LineRefusal::UserLimit),
+                        Some(CommitOutcome::OutsideWindow(check)) => {
+                            Some(LineRefusal::OutsideWindow(check))
+                        }
+                        Some(CommitOutcome::UnknownSku) => {
+                            return Err(ReservationError::UnknownSku(line.sku.as_str().into()))
+                        }
+                        Some(CommitOutcome::Contention { attempts }) => {
+                            return Err(ReservationError::Contention(attempts))
+                        }
+                        Some(other) => {
+                            return Err(ReservationError::Internal(anyhow::anyhow!(
+                                "unexpected outcome for a cart line: {other:?}"
+                            )))
+                        }
+                    });
+                }
+                metrics::decision("cart", "refused_by_db");
+                Ok(CartResult::Refused(refusals))
+            }
+        }
+    }
+
+    /// Gives back the units the gate admitted for the `gated` lines.
+    async fn release_lines(&self, lines: &[NewOrder], gated: &[bool]) {
+        let entries: Vec<_> = lines
+            .iter()
+            .zip(gated)
+            .filter(|(_, gated)| **gated)
+            .map(|(line, _)| (Settlement::Released, gate_entry(line)))
+            .collect();
+        if !entries.is_empty() {
+            self.settle_gate(&entries).await;
+        }
+    }
+}
