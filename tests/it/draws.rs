@@ -248,6 +248,23 @@ async fn draw_windows_are_checked_and_read_back() {
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
     assert_eq!(error_reason(&none), "UNKNOWN_DRAW");
+    // A page is at most 10,000 entrants: the limit is checked before the
+    // draw is read, and the largest page passes on to the lookup.
+    for (limit, code) in [(10_001, Code::InvalidArgument), (10_000, Code::NotFound)] {
+        let paged = app
+            .admin()
+            .get_draw(GetDrawRequest {
+                sku: "PLAIN".into(),
+                limit,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(paged.code(), code, "limit {limit}: {paged:?}");
+        if code == Code::InvalidArgument {
+            assert_eq!(error_field(&paged), "limit");
+        }
+    }
     app.stop().await;
 }
 
