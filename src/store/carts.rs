@@ -360,17 +360,7 @@ macro_rules! cart_queries {
             let extended = conn
                 .transaction::<_, DieselError, _>(async |conn| {
                     for row in &rows {
-                        let moved = diesel::update(
-                            reservations::table
-                                .filter(reservations::reservation_id.eq(&row.reservation_id))
-                                .filter(reservations::state.eq(ReservationState::Held.as_db()))
-                                .filter(reservations::expires_at.gt(now))
-                                .filter(reservations::expires_at.lt(until)),
-                        )
-                        .set(reservations::expires_at.eq(until))
-                        .execute(conn)
-                        .await?;
-                        if moved != 1 {
+                        if extend_row(conn, &row.reservation_id, until, now).await? != 1 {
                             return Err(DieselError::RollbackTransaction);
                         }
                     }

@@ -557,6 +557,27 @@ macro_rules! holds_queries {
             .await
         }
 
+        /// The extension's one conditional update: a HELD row with an
+        /// unexpired expiry earlier than `until` moves to `until`. Rows
+        /// moved (0 or 1).
+        async fn extend_row(
+            conn: &mut $Conn,
+            id: &str,
+            until: NaiveDateTime,
+            now: NaiveDateTime,
+        ) -> QueryResult<usize> {
+            diesel::update(
+                reservations::table
+                    .filter(reservations::reservation_id.eq(id))
+                    .filter(reservations::state.eq(ReservationState::Held.as_db()))
+                    .filter(reservations::expires_at.gt(now))
+                    .filter(reservations::expires_at.lt(until)),
+            )
+            .set(reservations::expires_at.eq(until))
+            .execute(conn)
+            .await
+        }
+
         /// Moves a HELD reservation's expiry to `until` if that is later,
         /// within `max_hold` of when it became HELD. One row, one
         /// conditional update on an unexpired, earlier expiry; the
@@ -615,16 +636,7 @@ macro_rules! holds_queries {
                     (false, cart) => HoldExtended::WrongState(cart),
                 });
             }
-            let moved = diesel::update(
-                reservations::table
-                    .filter(reservations::reservation_id.eq(id))
-                    .filter(reservations::state.eq(ReservationState::Held.as_db()))
-                    .filter(reservations::expires_at.gt(now))
-                    .filter(reservations::expires_at.lt(until)),
-            )
-            .set(reservations::expires_at.eq(until))
-            .execute(conn)
-            .await?;
+            let moved = extend_row(conn, id, until, now).await?;
             let row = find(conn, id).await?.expect("rows are never deleted");
             let held = ReservationState::from_db(&row.state) == Some(ReservationState::Held);
             Ok(match row.expires_at {

@@ -46,6 +46,70 @@ pub(crate) async fn cart(
         .map(|r| r.into_inner())
 }
 
+/// Opens `sku`'s sale window at `opens` with a draw of
+/// `draw_ms` (0: none).
+async fn open_at(app: &TestApp, sku: &str, opens: chrono::DateTime<chrono::Utc>, draw_ms: u32) {
+    app.admin()
+        .set_sale_window(SetSaleWindowRequest {
+            sku: sku.into(),
+            opens_at: Some(prost_types::Timestamp {
+                seconds: opens.timestamp(),
+                nanos: opens.timestamp_subsec_nanos() as i32,
+            }),
+            closes_at: None,
+            reason: "a cart test's opening".into(),
+            draw_window_ms: draw_ms,
+        })
+        .await
+        .unwrap();
+}
+
+/// ConfirmReservation, ReleaseReservation and ExtendReservation as
+/// `user`, their reservation or status.
+async fn confirm(
+    client: &mut Inventory,
+    id: &str,
+    user: &str,
+) -> Result<stockgate::pb::Reservation, tonic::Status> {
+    let body = ConfirmReservationRequest {
+        reservation_id: id.into(),
+    };
+    let answer = client
+        .confirm_reservation(with_user(body, user, None))
+        .await?;
+    Ok(answer.into_inner().reservation.unwrap())
+}
+
+async fn release_as(
+    client: &mut Inventory,
+    id: &str,
+    user: &str,
+) -> Result<stockgate::pb::Reservation, tonic::Status> {
+    let body = stockgate::pb::ReleaseReservationRequest {
+        reservation_id: id.into(),
+    };
+    let answer = client
+        .release_reservation(with_user(body, user, None))
+        .await?;
+    Ok(answer.into_inner().reservation.unwrap())
+}
+
+async fn extend(
+    client: &mut Inventory,
+    id: &str,
+    user: &str,
+    hold_seconds: u32,
+) -> Result<stockgate::pb::Reservation, tonic::Status> {
+    let body = ExtendReservationRequest {
+        reservation_id: id.into(),
+        hold_seconds,
+    };
+    let answer = client
+        .extend_reservation(with_user(body, user, None))
+        .await?;
+    Ok(answer.into_inner().reservation.unwrap())
+}
+
 fn lines_of(reservation: &stockgate::pb::Reservation) -> Vec<(String, u32)> {
     reservation
         .lines
@@ -150,62 +214,26 @@ async fn a_cart_is_held_whole_or_not_at_all_on_every_layer() {
             // Read, extended and confirmed as one.
             let read = get(&mut client, &first.reservation_id, u1).await;
             assert_eq!(lines_of(&read), lines_of(&first), "{case}");
-            let extended = client
-                .extend_reservation(with_user(
-                    ExtendReservationRequest {
-                        reservation_id: first.reservation_id.clone(),
-                        hold_seconds: 1_200,
-                    },
-                    u1,
-                    None,
-                ))
+            let extended = extend(&mut client, &first.reservation_id, u1, 1_200)
                 .await
-                .unwrap()
-                .into_inner()
-                .reservation
                 .unwrap();
             assert!(
                 extended.expires_at.unwrap().seconds > first.expires_at.unwrap().seconds,
                 "{case}"
             );
             assert_eq!(lines_of(&extended), lines_of(&first), "{case}");
-            let too_long = client
-                .extend_reservation(with_user(
-                    ExtendReservationRequest {
-                        reservation_id: first.reservation_id.clone(),
-                        hold_seconds: 1_800,
-                    },
-                    u1,
-                    None,
-                ))
+            let too_long = extend(&mut client, &first.reservation_id, u1, 1_800)
                 .await
                 .unwrap_err();
             assert_eq!(too_long.code(), Code::FailedPrecondition, "{case}");
             assert_eq!(error_reason(&too_long), "HOLD_LIMIT", "{case}");
-            let confirmed = client
-                .confirm_reservation(with_user(
-                    ConfirmReservationRequest {
-                        reservation_id: first.reservation_id.clone(),
-                    },
-                    u1,
-                    None,
-                ))
+            let confirmed = confirm(&mut client, &first.reservation_id, u1)
                 .await
-                .unwrap()
-                .into_inner()
-                .reservation
                 .unwrap();
             assert_eq!(confirmed.state(), ReservationState::Confirmed, "{case}");
             assert_eq!(app.stock(&a).await.confirmed_units, 2, "{case}");
             assert_eq!(app.stock(&b).await.confirmed_units, 1, "{case}");
-            let denied = client
-                .release_reservation(with_user(
-                    stockgate::pb::ReleaseReservationRequest {
-                        reservation_id: first.reservation_id.clone(),
-                    },
-                    u1,
-                    None,
-                ))
+            let denied = release_as(&mut client, &first.reservation_id, u1)
                 .await
                 .unwrap_err();
             assert_eq!(denied.code(), Code::FailedPrecondition, "{case}");
@@ -218,14 +246,7 @@ async fn a_cart_is_held_whole_or_not_at_all_on_every_layer() {
             assert_eq!(second.outcome(), CartOutcome::Reserved, "{case}");
             let second = second.reservation.unwrap();
             assert_eq!(app.stock(&a).await.db_stock, 0, "{case}");
-            let other_user = client
-                .release_reservation(with_user(
-                    stockgate::pb::ReleaseReservationRequest {
-                        reservation_id: second.reservation_id.clone(),
-                    },
-                    u1,
-                    None,
-                ))
+            let other_user = release_as(&mut client, &second.reservation_id, u1)
                 .await
                 .unwrap_err();
             assert_eq!(other_user.code(), Code::PermissionDenied, "{case}");
@@ -333,14 +354,7 @@ async fn a_carts_hold_expires_as_one() {
         lines_of(&expired),
         [("EXP-A".into(), 2), ("EXP-B".into(), 1)]
     );
-    let late = client
-        .confirm_reservation(with_user(
-            ConfirmReservationRequest {
-                reservation_id: held.reservation_id.clone(),
-            },
-            "u1",
-            None,
-        ))
+    let late = confirm(&mut client, &held.reservation_id, "u1")
         .await
         .unwrap_err();
     assert_eq!(error_reason(&late), "HOLD_EXPIRED");
@@ -480,20 +494,7 @@ async fn a_replica_killed_between_lines_holds_nothing() {
     survivor.set_stock("KILL-A", 3, 0).await;
     survivor.set_stock("KILL-B", 3, 0).await;
     let opens = chrono::Utc::now() - TimeDelta::milliseconds(200);
-    survivor
-        .admin()
-        .set_sale_window(SetSaleWindowRequest {
-            sku: "KILL-B".into(),
-            opens_at: Some(prost_types::Timestamp {
-                seconds: opens.timestamp(),
-                nanos: opens.timestamp_subsec_nanos() as i32,
-            }),
-            closes_at: None,
-            reason: "a draw the cart waits for".into(),
-            draw_window_ms: 2_500,
-        })
-        .await
-        .unwrap();
+    open_at(&survivor, "KILL-B", opens, 2_500).await;
     let mut api = crate::harness::BinaryServer::start(survivor.config.clone()).await;
     api.wait_serving().await;
     let mut client = InventoryServiceClient::new(crate::harness::connect(api.addr).await);
@@ -589,35 +590,11 @@ async fn a_confirm_a_release_and_the_sweep_at_once_end_a_cart_whole() {
             let id = held.reservation.unwrap().reservation_id;
             // Spread over the last 100 ms before the expiry and just after.
             tokio::time::sleep(Duration::from_millis(900 + n * 4)).await;
-            let confirm = {
-                let mut client = client.clone();
-                let id = id.clone();
-                let user = user.clone();
-                async move {
-                    client
-                        .confirm_reservation(with_user(
-                            ConfirmReservationRequest { reservation_id: id },
-                            &user,
-                            None,
-                        ))
-                        .await
-                }
-            };
-            let release = {
-                let mut client = client.clone();
-                let id = id.clone();
-                let user = user.clone();
-                async move {
-                    client
-                        .release_reservation(with_user(
-                            stockgate::pb::ReleaseReservationRequest { reservation_id: id },
-                            &user,
-                            None,
-                        ))
-                        .await
-                }
-            };
-            let (confirmed, released) = tokio::join!(confirm, release);
+            let (mut other, mut another) = (client.clone(), client.clone());
+            let (confirmed, released) = tokio::join!(
+                confirm(&mut other, &id, &user),
+                release_as(&mut another, &id, &user),
+            );
             for answer in [confirmed.map(|_| ()), released.map(|_| ())] {
                 if let Err(err) = answer {
                     assert_eq!(err.code(), Code::FailedPrecondition, "{user}: {err:?}");
@@ -695,19 +672,7 @@ async fn a_refused_line_stops_the_cart_before_a_draw() {
     app.set_stock("STOP-P", 0, 0).await;
     app.set_stock("STOP-Q", 1, 0).await;
     let opens = chrono::Utc::now() - TimeDelta::milliseconds(100);
-    app.admin()
-        .set_sale_window(SetSaleWindowRequest {
-            sku: "STOP-Q".into(),
-            opens_at: Some(prost_types::Timestamp {
-                seconds: opens.timestamp(),
-                nanos: opens.timestamp_subsec_nanos() as i32,
-            }),
-            closes_at: None,
-            reason: "a draw the refused cart must not enter".into(),
-            draw_window_ms: 2_500,
-        })
-        .await
-        .unwrap();
+    open_at(&app, "STOP-Q", opens, 2_500).await;
     let mut client = app.inventory();
     let started = std::time::Instant::now();
     let answer = cart(
@@ -777,19 +742,7 @@ async fn twins_of_a_keyed_cart_get_one_cart() {
     .await;
     app.set_stock("LATER", 1, 0).await;
     let opens = chrono::Utc::now() + TimeDelta::milliseconds(800);
-    app.admin()
-        .set_sale_window(SetSaleWindowRequest {
-            sku: "LATER".into(),
-            opens_at: Some(prost_types::Timestamp {
-                seconds: opens.timestamp(),
-                nanos: opens.timestamp_subsec_nanos() as i32,
-            }),
-            closes_at: None,
-            reason: "a cart before the opening".into(),
-            draw_window_ms: 0,
-        })
-        .await
-        .unwrap();
+    open_at(&app, "LATER", opens, 0).await;
     let mut client = app.inventory();
     let early = cart(&mut client, "early", Some("k"), &[("LATER", 1)])
         .await
