@@ -119,6 +119,10 @@ enum Command {
         /// whose SKUs are in a capped sale next to one whose are not.
         #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store", "tracing", "cluster"])]
         sale: bool,
+        /// Measure carts instead: ReserveCart of one unit of four SKUs next
+        /// to Reserve of one unit, in units per second.
+        #[arg(long, conflicts_with_all = ["middleware", "storm", "tls_store", "tracing", "cluster", "sale"])]
+        cart: bool,
     },
     /// Measure committed orders per second through RabbitMQ, the order
     /// processor and PostgreSQL (group commit and batches of one) next to
@@ -381,6 +385,7 @@ async fn run() -> anyhow::Result<()> {
             tracing,
             cluster,
             sale,
+            cart,
         } => {
             let options = stockgate_tools::bench::BenchOptions {
                 requests,
@@ -421,6 +426,14 @@ async fn run() -> anyhow::Result<()> {
                 print!(
                     "{}",
                     stockgate_tools::bench::cluster::render(&results, &options, &cluster)
+                );
+                return Ok(());
+            }
+            if cart {
+                let results = stockgate_tools::bench::cart::run(options.clone()).await?;
+                print!(
+                    "{}",
+                    stockgate_tools::bench::cart::render(&results, &options)
                 );
                 return Ok(());
             }

@@ -9,6 +9,7 @@
 //! with the backends given; the load shares the machine with it, as the
 //! reference loads do.
 
+pub mod cart;
 pub mod cluster;
 pub mod cpu;
 pub mod middleware;
