@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 
 use super::{
     cleanup, load, median_rounds, server_config, tempfile_dir, wait_drained, warm_up_options,
-    BenchOptions, BenchServer, Measured,
+    BenchOptions, BenchServer, CallFuture, Measured,
 };
 
 /// Lines in each measured cart.
@@ -100,16 +100,7 @@ async fn measure(
 }
 
 /// Call `i` reserves one unit of SKU `i mod LINES` as buyer `{users}-i`.
-fn single_call(
-    users: String,
-) -> impl Fn(
-    Channel,
-    usize,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<bool, tonic::Status>> + Send>,
-> + Clone
-       + Send
-       + 'static {
+fn single_call(users: String) -> impl Fn(Channel, usize) -> CallFuture + Clone + Send + 'static {
     move |channel, i| {
         let mut client = InventoryServiceClient::new(channel);
         let request = super::reserve_request(SKUS[i % LINES], format!("{users}-{i}"));
@@ -124,16 +115,7 @@ fn single_call(
 }
 
 /// Call `i` reserves one unit of every SKU as buyer `{users}-i`.
-fn cart_call(
-    users: String,
-) -> impl Fn(
-    Channel,
-    usize,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<bool, tonic::Status>> + Send>,
-> + Clone
-       + Send
-       + 'static {
+fn cart_call(users: String) -> impl Fn(Channel, usize) -> CallFuture + Clone + Send + 'static {
     move |channel, i| {
         let mut client = InventoryServiceClient::new(channel);
         let user = format!("{users}-{i}");

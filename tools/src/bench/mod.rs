@@ -346,20 +346,17 @@ fn reserve_request(sku: &str, user: String) -> Request<ReserveRequest> {
     request
 }
 
+/// One measured call's answer: whether it was the one expected.
+pub(crate) type CallFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, tonic::Status>> + Send>>;
+
 /// Reserve as user `{users}-i`, counting only the expected outcome as
 /// success.
 pub(crate) fn reserve_call(
     sku: &'static str,
     users: String,
     expect: ReserveOutcome,
-) -> impl Fn(
-    Channel,
-    usize,
-) -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<bool, tonic::Status>> + Send>,
-> + Clone
-       + Send
-       + 'static {
+) -> impl Fn(Channel, usize) -> CallFuture + Clone + Send + 'static {
     move |channel, i| {
         let mut client = InventoryServiceClient::new(channel);
         let user = format!("{users}-{i}");
