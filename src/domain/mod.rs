@@ -390,6 +390,22 @@ pub struct CartLine {
 }
 
 impl Reservation {
+    /// A cart as callers see it, from its lines' reservations (the cart's
+    /// own first): that one, carrying every line in order.
+    pub fn cart_of(lines: Vec<Reservation>) -> Option<Reservation> {
+        let mut cart = lines.first()?.clone();
+        cart.lines = lines
+            .into_iter()
+            .map(|line| CartLine {
+                id: line.id,
+                sku: line.sku,
+                quantity: line.quantity,
+                reject_reason: line.reject_reason,
+            })
+            .collect();
+        Some(cart)
+    }
+
     /// Whether this is a cart's own row (or a cart as callers see it).
     pub fn is_cart(&self) -> bool {
         self.cart_id.as_ref() == Some(&self.id)

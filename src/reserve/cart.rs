@@ -12,7 +12,7 @@ use crate::{
         WindowCheck,
     },
     error::ReservationError,
-    gate::{GateDecision, Settlement},
+    gate::{GateDecision, GateEntry, Settlement},
     metrics,
     store::{CartOutcome, CommitOutcome, NewOrder},
     telemetry::trace,
@@ -209,25 +209,12 @@ impl Pipeline {
             }
         };
         match committed {
-            CartOutcome::Committed {
-                cart,
-                lines: settled,
-            } => {
-                let entries: Vec<_> = lines
-                    .iter()
-                    .zip(&settled)
-                    .zip(&gated)
-                    .filter(|(_, gated)| **gated)
-                    .map(|((line, (_, version)), _)| {
-                        (
-                            Settlement::Committed,
-                            gate_entry(line).at_version(Some(*version)),
-                        )
-                    })
-                    .collect();
-                if !entries.is_empty() {
-                    self.settle_gate(&entries).await;
-                }
+            CartOutcome::Committed { cart, versions } => {
+                self.settle_lines(&lines, &gated, |index, line| {
+                    let entry = gate_entry(line).at_version(Some(versions[index]));
+                    (Settlement::Committed, entry)
+                })
+                .await;
                 metrics::decision("cart", "reserved");
                 self.emit(Event::Changed(Box::new(cart.clone())));
                 Ok(CartResult::Reserved(cart))
@@ -237,19 +224,15 @@ impl Pipeline {
                 Ok(CartResult::Existing(existing))
             }
             CartOutcome::Refused(outcomes) => {
-                let entries: Vec<_> = lines
-                    .iter()
-                    .zip(&outcomes)
-                    .zip(&gated)
-                    .filter(|(_, gated)| **gated)
-                    .map(|((line, outcome), _)| {
-                        let action = outcome.as_ref().map_or(Settlement::Released, settlement);
-                        (action, gate_entry(line))
-                    })
-                    .collect();
-                if !entries.is_empty() {
-                    self.settle_gate(&entries).await;
-                }
+                // A line the database found sold out: the gate counted
+                // units the database did not have (`settlement`).
+                self.settle_lines(&lines, &gated, |index, line| {
+                    let action = outcomes[index]
+                        .as_ref()
+                        .map_or(Settlement::Released, settlement);
+                    (action, gate_entry(line))
+                })
+                .await;
                 let mut refusals = Vec::with_capacity(outcomes.len());
                 for (line, outcome) in lines.iter().zip(outcomes) {
                     refusals.push(match outcome {
@@ -282,11 +265,25 @@ impl Pipeline {
 
     /// Gives back the units the gate admitted for the `gated` lines.
     async fn release_lines(&self, lines: &[NewOrder], gated: &[bool]) {
+        self.settle_lines(lines, gated, |_, line| {
+            (Settlement::Released, gate_entry(line))
+        })
+        .await;
+    }
+
+    /// Settles with the gate each line it admitted (`gated`), as
+    /// `settle` says for that line and its index.
+    async fn settle_lines(
+        &self,
+        lines: &[NewOrder],
+        gated: &[bool],
+        settle: impl Fn(usize, &NewOrder) -> (Settlement, GateEntry),
+    ) {
         let entries: Vec<_> = lines
             .iter()
-            .zip(gated)
-            .filter(|(_, gated)| **gated)
-            .map(|(line, _)| (Settlement::Released, gate_entry(line)))
+            .enumerate()
+            .filter(|(index, _)| gated[*index])
+            .map(|(index, line)| settle(index, line))
             .collect();
         if !entries.is_empty() {
             self.settle_gate(&entries).await;

@@ -57,23 +57,7 @@ macro_rules! cart_queries {
         /// A cart from its rows (the cart's own row first): that row,
         /// carrying every line.
         fn assemble(rows: Vec<ReservationRow>) -> Option<Reservation> {
-            let mut rows = rows.into_iter().map(ReservationRow::into_domain);
-            let mut cart = rows.next()?;
-            let first = crate::domain::CartLine {
-                id: cart.id.clone(),
-                sku: cart.sku.clone(),
-                quantity: cart.quantity,
-                reject_reason: cart.reject_reason.clone(),
-            };
-            cart.lines = std::iter::once(first)
-                .chain(rows.map(|line| crate::domain::CartLine {
-                    id: line.id,
-                    sku: line.sku,
-                    quantity: line.quantity,
-                    reject_reason: line.reject_reason,
-                }))
-                .collect();
-            Some(cart)
+            Reservation::cart_of(rows.into_iter().map(ReservationRow::into_domain).collect())
         }
 
         pub(super) async fn with_key(
@@ -218,34 +202,22 @@ macro_rules! cart_queries {
                 }
                 _ => {}
             }
-            let mut settled = Vec::with_capacity(outcomes.len());
+            let mut versions = Vec::with_capacity(outcomes.len());
             let mut rows = Vec::with_capacity(outcomes.len());
             for outcome in outcomes {
                 if let CommitOutcome::Committed {
                     mut reservation,
-                    remaining,
                     stock_version,
+                    ..
                 } = outcome
                 {
                     reservation.cart_id = Some(lines[0].id.clone());
-                    settled.push((remaining, stock_version));
+                    versions.push(stock_version);
                     rows.push(reservation);
                 }
             }
-            let mut cart = rows[0].clone();
-            cart.lines = rows
-                .into_iter()
-                .map(|line| crate::domain::CartLine {
-                    id: line.id,
-                    sku: line.sku,
-                    quantity: line.quantity,
-                    reject_reason: None,
-                })
-                .collect();
-            Ok(CartOutcome::Committed {
-                cart,
-                lines: settled,
-            })
+            let cart = Reservation::cart_of(rows).expect("a cart has at least one line");
+            Ok(CartOutcome::Committed { cart, versions })
         }
 
         /// Confirms or releases every line of `cart` (inside

@@ -223,11 +223,11 @@ pub enum CommitOutcome {
 /// What the database decided for a cart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CartOutcome {
-    /// Every line is HELD: the cart with its lines, and per line the
-    /// units of its SKU left and the SKU row's version the commit wrote.
+    /// Every line is HELD: the cart with its lines, and per line the SKU
+    /// row's version the commit wrote.
     Committed {
         cart: Reservation,
-        lines: Vec<(i64, i64)>,
+        versions: Vec<i64>,
     },
     /// The cart's id, or its user's idempotency key, was used before:
     /// that reservation (a cart with its lines, or a single one).
