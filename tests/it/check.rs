@@ -1,8 +1,6 @@
 //! The invariant checker (`AdminService/CheckInvariants`, `stockgate admin
 //! check`): quiet after a storm, and specific when something is broken.
 
-use std::process::Command;
-
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use stockgate::pb::{
     CheckInvariantsRequest, CheckInvariantsResponse, DbCheckMode, SetLayersRequest,
@@ -18,20 +16,11 @@ async fn check(app: &TestApp, sku: &str) -> CheckInvariantsResponse {
         .into_inner()
 }
 
+/// `stockgate admin check` (the server has no admin token): whether it
+/// passed, and its stdout and stderr together.
 fn cli_check(app: &TestApp) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_stockgate"))
-        .args(["admin", "--addr", &format!("http://{}", app.addr), "check"])
-        .env_remove("STOCKGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
+    let (ok, out, err) = crate::ops::admin_cli(app, "none", "check-test", &["check"]);
+    (ok, out + &err)
 }
 
 /// After a storm through the Redis gate and the queue, every invariant

@@ -268,21 +268,11 @@ async fn draw_windows_are_checked_and_read_back() {
     app.stop().await;
 }
 
+/// `stockgate admin ARGS` (the server has no admin token): whether it
+/// succeeded, and its stdout and stderr together.
 fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stockgate"))
-        .args(["admin", "--addr", &format!("http://{}", app.addr)])
-        .args(args)
-        .env_remove("STOCKGATE_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
+    let (ok, out, err) = crate::ops::admin_cli(app, "none", "draws-test", args);
+    (ok, out + &err)
 }
 
 /// Operators set a draw and audit it with the command line: `stock window
