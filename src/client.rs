@@ -101,6 +101,7 @@ impl Client {
                 .map(|(sku, quantity)| ReservationLine {
                     sku: (*sku).to_owned(),
                     quantity: *quantity,
+                    ..Default::default()
                 })
                 .collect(),
         });

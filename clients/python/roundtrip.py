@@ -227,10 +227,17 @@ def main() -> int:
 
     held_cart = cart([(cart_skus[0], 2), (cart_skus[1], 1)], user)
     refused_cart = cart([(cart_skus[0], 2), (cart_skus[1], 1)], f"{user}-2")
-    read_cart = inventory.GetReservation(
-        inventory_pb2.GetReservationRequest(reservation_id=held_cart.reservation.reservation_id),
-        metadata=caller,
-    ).reservation
+    # QUEUED with the order queue on: read until the processor decides it.
+    for _ in range(200):
+        read_cart = inventory.GetReservation(
+            inventory_pb2.GetReservationRequest(
+                reservation_id=held_cart.reservation.reservation_id
+            ),
+            metadata=caller,
+        ).reservation
+        if read_cart.state != inventory_pb2.RESERVATION_STATE_QUEUED:
+            break
+        time.sleep(0.025)
     released_cart = inventory.ReleaseReservation(
         inventory_pb2.ReleaseReservationRequest(
             reservation_id=held_cart.reservation.reservation_id
@@ -298,7 +305,8 @@ def main() -> int:
                 "in_other_sale": in_other_sale,
                 "cart": {
                     "outcome": inventory_pb2.CartOutcome.Name(held_cart.outcome),
-                    "state": inventory_pb2.ReservationState.Name(held_cart.reservation.state),
+                    "queue_position": held_cart.HasField("queue_position"),
+                    "state": inventory_pb2.ReservationState.Name(read_cart.state),
                     "lines": [[l.sku, l.quantity] for l in read_cart.lines],
                     "refused": inventory_pb2.CartOutcome.Name(refused_cart.outcome),
                     "line_results": [

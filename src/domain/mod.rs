@@ -389,6 +389,10 @@ pub struct CartLine {
     pub reject_reason: Option<String>,
 }
 
+/// The REJECTED reason of a cart's line that could have been had: the
+/// cart was refused for another of its lines.
+pub const CART_LINE_REASON: &str = "the cart was refused for another line";
+
 impl Reservation {
     /// A cart as callers see it, from its lines' reservations (the cart's
     /// own first): that one, carrying every line in order.
@@ -404,6 +408,21 @@ impl Reservation {
             })
             .collect();
         Some(cart)
+    }
+
+    /// Line `id` of this cart as its own row would read (its SKU,
+    /// quantity and reason); itself when it is not a cart or has no such
+    /// line.
+    pub fn line_row(&self, id: &ReservationId) -> Reservation {
+        let mut row = self.clone();
+        if let Some(line) = self.lines.iter().find(|line| line.id == *id) {
+            row.id = line.id.clone();
+            row.sku = line.sku.clone();
+            row.quantity = line.quantity;
+            row.reject_reason = line.reject_reason.clone();
+            row.lines = Vec::new();
+        }
+        row
     }
 
     /// Whether this is a cart's own row (or a cart as callers see it).

@@ -186,14 +186,23 @@ pub fn validate_cart(
 fn cart_response(result: CartResult, skus: &[Sku]) -> pb::ReserveCartResponse {
     use pb::ReserveOutcome as O;
     match result {
-        CartResult::Reserved(cart) | CartResult::Existing(cart) => pb::ReserveCartResponse {
-            outcome: pb::CartOutcome::Reserved as i32,
-            reservation: Some(cart.into()),
-            line_results: Vec::new(),
-        },
+        CartResult::Reserved(cart) | CartResult::Queued(cart) | CartResult::Existing(cart) => {
+            let outcome = match cart.state {
+                ReservationState::Queued => pb::CartOutcome::Queued,
+                ReservationState::Rejected => pb::CartOutcome::Rejected,
+                _ => pb::CartOutcome::Reserved,
+            };
+            pb::ReserveCartResponse {
+                outcome: outcome as i32,
+                queue_position: cart.queue_position,
+                reservation: Some(cart.into()),
+                line_results: Vec::new(),
+            }
+        }
         CartResult::Refused(refusals) => pb::ReserveCartResponse {
             outcome: pb::CartOutcome::Refused as i32,
             reservation: None,
+            queue_position: None,
             line_results: skus
                 .iter()
                 .zip(refusals)

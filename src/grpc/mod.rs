@@ -119,6 +119,7 @@ impl From<Reservation> for pb::Reservation {
                 .map(|line| pb::ReservationLine {
                     sku: line.sku.as_str().to_owned(),
                     quantity: line.quantity,
+                    reject_reason: line.reject_reason.unwrap_or_default(),
                 })
                 .collect(),
         }

@@ -15,7 +15,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{OrderQueue, OrderSource, QueueError, QueuedOrder, TakenBatch};
+use super::{OrderQueue, OrderSource, QueueError, QueuedLine, QueuedOrder, TakenBatch};
 use crate::{domain::ReservationId, store::NewOrder};
 
 /// The publishing side.
@@ -48,7 +48,12 @@ impl EmbeddedQueue {
 
 #[async_trait]
 impl OrderQueue for EmbeddedQueue {
-    async fn publish(&self, order: NewOrder, gated: bool) -> Result<u64, QueueError> {
+    async fn publish(
+        &self,
+        order: NewOrder,
+        gated: bool,
+        more_lines: Option<Vec<QueuedLine>>,
+    ) -> Result<u64, QueueError> {
         let mut guard = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         let Some((last, tx)) = guard.as_mut() else {
             return Err(QueueError::Closed);
@@ -60,6 +65,7 @@ impl OrderQueue for EmbeddedQueue {
             gated,
             redriven: false,
             traceparent: crate::telemetry::trace::current_traceparent(),
+            more_lines,
         }) {
             Ok(()) => {
                 *last = ticket;
@@ -162,10 +168,10 @@ mod tests {
     #[tokio::test]
     async fn tickets_positions_capacity_and_close() {
         let (queue, mut source) = EmbeddedQueue::new(2);
-        assert_eq!(queue.publish(order(), true).await.unwrap(), 1);
-        assert_eq!(queue.publish(order(), false).await.unwrap(), 2);
+        assert_eq!(queue.publish(order(), true, None).await.unwrap(), 1);
+        assert_eq!(queue.publish(order(), false, None).await.unwrap(), 2);
         assert!(matches!(
-            queue.publish(order(), true).await,
+            queue.publish(order(), true, None).await,
             Err(QueueError::Full(2))
         ));
         assert_eq!(queue.position(2).await, 1);
@@ -175,7 +181,7 @@ mod tests {
         assert_eq!(queue.position(2).await, 0);
         queue.close();
         assert!(matches!(
-            queue.publish(order(), true).await,
+            queue.publish(order(), true, None).await,
             Err(QueueError::Closed)
         ));
         // Closing still delivers what was queued, then ends.

@@ -84,6 +84,54 @@ pub struct QueuedOrder {
     /// The W3C `traceparent` of the publish, when the call was traced: the
     /// processor's span for this order joins the buyer's trace.
     pub traceparent: Option<String>,
+    /// `Some` for a cart (`order` is its first line, whose id is the
+    /// cart's): its lines after the first, committed with it in one
+    /// transaction (none for a cart of one line). `None`: a single order.
+    pub more_lines: Option<Vec<QueuedLine>>,
+}
+
+/// A line of a queued cart after its first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedLine {
+    pub order: NewOrder,
+    /// Whether the gate admitted this line.
+    pub gated: bool,
+}
+
+impl QueuedOrder {
+    /// Whether this is a cart (several lines committed as one).
+    pub fn is_cart(&self) -> bool {
+        self.more_lines.is_some()
+    }
+
+    /// Every line, the first (`order`) included, in the order asked for.
+    pub fn lines(&self) -> Vec<NewOrder> {
+        std::iter::once(self.order.clone())
+            .chain(
+                self.more_lines
+                    .iter()
+                    .flatten()
+                    .map(|line| line.order.clone()),
+            )
+            .collect()
+    }
+
+    /// Sent back from the dead-letter queue: decided again, holding no
+    /// gate units for any line (giving up returned them).
+    pub fn mark_redriven(&mut self) {
+        self.redriven = true;
+        self.gated = false;
+        for line in self.more_lines.iter_mut().flatten() {
+            line.gated = false;
+        }
+    }
+
+    /// Per line (as [`Self::lines`]), whether the gate admitted it.
+    pub fn gated_lines(&self) -> Vec<bool> {
+        std::iter::once(self.gated)
+            .chain(self.more_lines.iter().flatten().map(|line| line.gated))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -105,8 +153,15 @@ pub enum QueueError {
 #[async_trait]
 pub trait OrderQueue: Send + Sync + 'static {
     /// Enqueues durably (as durable as the backend is) and returns the
-    /// ticket. An error means the order was not enqueued.
-    async fn publish(&self, order: NewOrder, gated: bool) -> Result<u64, QueueError>;
+    /// ticket. An error means the order was not enqueued. A cart is its
+    /// first line as `order` and the others as `more_lines` (`Some`, empty
+    /// for a cart of one line): one message, one ticket.
+    async fn publish(
+        &self,
+        order: NewOrder,
+        gated: bool,
+        more_lines: Option<Vec<QueuedLine>>,
+    ) -> Result<u64, QueueError>;
 
     /// Orders ahead of `ticket` that are not done yet.
     async fn position(&self, ticket: u64) -> u64;

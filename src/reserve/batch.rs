@@ -7,12 +7,15 @@ use std::{sync::Arc, time::Duration};
 use tracing::Instrument;
 
 use crate::{
-    domain::{now, ReservationId, ReservationState, Sku},
+    domain::{now, Reservation, ReservationId, ReservationState, Sku},
     error::ReservationError,
     gate::{GateEntry, Settlement},
     metrics,
     queue::QueuedOrder,
-    store::{CommitOutcome, NewOrder, RejectCause, GIVEN_UP_REASON, SOLD_OUT_REASON},
+    store::{
+        line_reason, CartOutcome, CommitOutcome, NewOrder, RejectCause, GIVEN_UP_REASON,
+        SOLD_OUT_REASON,
+    },
     telemetry::trace,
 };
 
@@ -208,9 +211,62 @@ impl Pipeline {
             let lag = (now() - oldest).to_std().unwrap_or_default();
             ::metrics::gauge!("stockgate_processor_lag_seconds").set(lag.as_secs_f64());
         }
-        let mut todo: Vec<&QueuedOrder> = batch.iter().collect();
         let mut failed = Vec::new();
         let mut unfinished: Vec<ReservationId> = Vec::new();
+        // Runs of single orders share a group commit; a cart commits on its
+        // own between them, so the batch is decided in arrival order.
+        let mut start = 0;
+        for (index, queued) in batch.iter().enumerate() {
+            if queued.is_cart() {
+                self.commit_singles(&batch[start..index], &mut failed, &mut unfinished)
+                    .await;
+                self.commit_queued_cart(queued, &mut failed, &mut unfinished)
+                    .await;
+                start = index + 1;
+            }
+        }
+        self.commit_singles(&batch[start..], &mut failed, &mut unfinished)
+            .await;
+        if unfinished.is_empty() {
+            // One line per queue, except the one queue, which can carry
+            // redriven orders numbered in a partition: each line moves on
+            // by its own tickets.
+            let mut lines: std::collections::BTreeMap<usize, (u64, Vec<ReservationId>)> =
+                std::collections::BTreeMap::new();
+            for queued in batch {
+                let (line, _) = crate::queue::ticket_line(queued.ticket);
+                let (last, ids) = lines.entry(line).or_default();
+                *last = (*last).max(queued.ticket);
+                ids.push(queued.order.id.clone());
+            }
+            for (last, ids) in lines.into_values() {
+                self.queue.processed(last, &ids).await;
+            }
+        }
+        self.emit(Event::QueueAdvanced);
+        ::metrics::histogram!("stockgate_processor_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            orders = batch.len(),
+            given_up = failed.len(),
+            "batch committed"
+        );
+        BatchOutcome {
+            given_up: failed,
+            incomplete: !unfinished.is_empty(),
+        }
+    }
+
+    /// Commits a run of single orders (the queue's group commit), order
+    /// by order where the batch's transaction is refused, retrying those
+    /// that lost a race.
+    async fn commit_singles(
+        &self,
+        orders: &[QueuedOrder],
+        failed: &mut Vec<(QueuedOrder, String)>,
+        unfinished: &mut Vec<ReservationId>,
+    ) {
+        let mut todo: Vec<&QueuedOrder> = orders.iter().collect();
         let mut backoff = Duration::from_millis(10);
         while !todo.is_empty() {
             let orders: Vec<NewOrder> = todo.iter().map(|q| q.order.clone()).collect();
@@ -296,33 +352,192 @@ impl Pipeline {
             }
             todo = again.into_iter().map(|(queued, _)| queued).collect();
         }
-        if unfinished.is_empty() {
-            // One line per queue, except the one queue, which can carry
-            // redriven orders numbered in a partition: each line moves on
-            // by its own tickets.
-            let mut lines: std::collections::BTreeMap<usize, (u64, Vec<ReservationId>)> =
-                std::collections::BTreeMap::new();
-            for queued in batch {
-                let (line, _) = crate::queue::ticket_line(queued.ticket);
-                let (last, ids) = lines.entry(line).or_default();
-                *last = (*last).max(queued.ticket);
-                ids.push(queued.order.id.clone());
+    }
+
+    /// Commits a queued cart in one transaction, or records it REJECTED
+    /// whole (each line with its own reason), and settles the gate line by
+    /// line. A database outage is retried; an error past
+    /// `layers.queue.max_attempts` tries gives the cart up.
+    async fn commit_queued_cart(
+        &self,
+        queued: &QueuedOrder,
+        failed: &mut Vec<(QueuedOrder, String)>,
+        unfinished: &mut Vec<ReservationId>,
+    ) {
+        let lines = queued.lines();
+        let gated = queued.gated_lines();
+        let reopen = if queued.redriven {
+            vec![queued.order.id.clone()]
+        } else {
+            Vec::new()
+        };
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(10);
+        let outcome = loop {
+            let params = self.commit_params(self.layers().db_check, true);
+            let committed = self
+                .store
+                .commit_cart(&lines, params, &reopen)
+                .instrument(trace::span("db.commit"))
+                .await;
+            match committed {
+                Ok(CartOutcome::Refused(outcomes))
+                    if outcomes
+                        .iter()
+                        .any(|o| matches!(o, Some(CommitOutcome::Contention { .. }))) =>
+                {
+                    metrics::decision("db", "contention");
+                }
+                Ok(outcome) => break outcome,
+                Err(err) if err.is_unavailable() => {
+                    metrics::decision("db", "retry");
+                    tracing::error!(error = %err, reservation = queued.order.id.as_str(), "cart commit failed; retrying");
+                }
+                Err(err) => {
+                    attempts += 1;
+                    if attempts >= self.limits.max_order_attempts {
+                        let reason = format!("failed {attempts} times: {err}");
+                        if self.give_up(queued, &reason).await {
+                            failed.push((queued.clone(), reason));
+                        } else {
+                            unfinished.push(queued.order.id.clone());
+                        }
+                        return;
+                    }
+                }
             }
-            for (last, ids) in lines.into_values() {
-                self.queue.processed(last, &ids).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        };
+        let reasons: Vec<String> = match outcome {
+            CartOutcome::Committed { cart, versions } => {
+                metrics::decision("cart", "reserved");
+                // A redriven cart holds no gate units: its lines are charged.
+                let action = if queued.redriven {
+                    Settlement::Charged
+                } else {
+                    Settlement::Committed
+                };
+                let charge = queued.redriven && self.layers().gate;
+                let settlements: Vec<_> = lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(index, _)| gated[*index] || charge)
+                    .map(|(index, line)| {
+                        (action, gate_entry(line).at_version(Some(versions[index])))
+                    })
+                    .collect();
+                if !settlements.is_empty() {
+                    self.settle_gate(&settlements).await;
+                }
+                self.pending().remove(&queued.order.id);
+                self.emit(Event::Changed(Box::new(cart)));
+                return;
             }
+            CartOutcome::Existing(cart) if cart.id == queued.order.id => {
+                // A redelivery: settle as the first delivery decided (its
+                // settlement may never have run), and write a dead letter
+                // it may not have written.
+                if let Some(reason) = cart
+                    .reject_reason
+                    .as_deref()
+                    .filter(|r| r.starts_with(GIVEN_UP_REASON) && !queued.redriven)
+                {
+                    failed.push((queued.clone(), reason.to_owned()));
+                }
+                self.settle_recorded(&lines, &gated, &cart).await;
+                self.pending().remove(&queued.order.id);
+                self.emit(Event::Changed(Box::new(cart)));
+                return;
+            }
+            CartOutcome::Existing(holder) => {
+                let reason = format!(
+                    "duplicate idempotency key: reservation {} holds it",
+                    holder.id.as_str()
+                );
+                tracing::info!(
+                    reservation = queued.order.id.as_str(),
+                    holder = holder.id.as_str(),
+                    "duplicate idempotency key in queue"
+                );
+                vec![reason; lines.len()]
+            }
+            CartOutcome::Refused(outcomes) => {
+                metrics::decision("cart", "rejected");
+                outcomes.iter().map(|o| line_reason(o.as_ref())).collect()
+            }
+        };
+        let cart = match self.record_cart(queued, &reasons).await {
+            Ok(cart) => cart,
+            Err(reason) => {
+                if self.give_up(queued, &reason).await {
+                    failed.push((queued.clone(), reason));
+                } else {
+                    unfinished.push(queued.order.id.clone());
+                }
+                return;
+            }
+        };
+        // By each line's row: the first delivery's settlement may never
+        // have run.
+        self.settle_recorded(&lines, &gated, &cart).await;
+        self.pending().remove(&queued.order.id);
+        self.emit(Event::Changed(Box::new(cart)));
+    }
+
+    /// Records `queued`, a cart, REJECTED with a reason per line (its
+    /// given-up rows replaced, if it was redriven), retrying while the
+    /// database is unreachable and `layers.queue.max_attempts` times on an
+    /// error; the error's reason past that. A cart whose id has rows
+    /// already is answered with them.
+    async fn record_cart(
+        &self,
+        queued: &QueuedOrder,
+        reasons: &[String],
+    ) -> Result<Reservation, String> {
+        let lines = queued.lines();
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let recorded = self
+                .store
+                .record_cart_failed(&lines, reasons, now(), queued.redriven)
+                .await;
+            match recorded {
+                Ok(cart) => return Ok(cart),
+                Err(err) if err.is_unavailable() => {}
+                Err(err) => {
+                    attempts += 1;
+                    if attempts >= self.limits.max_order_attempts {
+                        return Err(format!("recording it failed {attempts} times: {err}"));
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        self.emit(Event::QueueAdvanced);
-        ::metrics::histogram!("stockgate_processor_commit_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        tracing::debug!(
-            orders = batch.len(),
-            given_up = failed.len(),
-            "batch committed"
-        );
-        BatchOutcome {
-            given_up: failed,
-            incomplete: !unfinished.is_empty(),
+    }
+
+    /// Settles the `gated` lines of a cart the database holds as `cart`,
+    /// each by its own row (a HELD line committed, a REJECTED one by its
+    /// reason), as the processor settles a single order's redelivery.
+    async fn settle_recorded(&self, lines: &[NewOrder], gated: &[bool], cart: &Reservation) {
+        let mut settlements = Vec::new();
+        let mut returned = Vec::new();
+        for (line, _) in lines.iter().zip(gated).filter(|(_, gated)| **gated) {
+            let outcome = CommitOutcome::AlreadyCommitted(cart.line_row(&line.id));
+            let action = settlement(&outcome);
+            let entry = self.settled_entry(line, &outcome).await;
+            if action == Settlement::Released {
+                returned.push(line.sku.as_str());
+            }
+            settlements.push((action, entry));
+        }
+        if !settlements.is_empty() {
+            self.settle_gate(&settlements).await;
+        }
+        for sku in returned {
+            self.restocked(sku);
         }
     }
 
@@ -390,8 +605,17 @@ impl Pipeline {
         tracing::error!(reservation = order.id.as_str(), sku = order.sku.as_str(), %reason, "order given up after repeated failures");
         let reason = format!("{GIVEN_UP_REASON}: {reason}");
         let mut backoff = Duration::from_millis(100);
+        let lines = queued.lines();
         let recorded = loop {
-            match self.store.record_failed(order, &reason, now()).await {
+            let recorded = if queued.is_cart() {
+                let reasons = vec![reason.clone(); lines.len()];
+                self.store
+                    .record_cart_failed(&lines, &reasons, now(), queued.redriven)
+                    .await
+            } else {
+                self.store.record_failed(order, &reason, now()).await
+            };
+            match recorded {
                 Err(err) if err.is_unavailable() => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -406,11 +630,8 @@ impl Pipeline {
                 return false;
             }
         };
-        if queued.gated {
-            let action = settlement(&CommitOutcome::AlreadyCommitted(reservation.clone()));
-            self.settle_gate(&[(action, gate_entry(order))]).await;
-            self.restocked(order.sku.as_str());
-        }
+        self.settle_recorded(&lines, &queued.gated_lines(), &reservation)
+            .await;
         self.pending().remove(&order.id);
         self.emit(Event::Changed(Box::new(reservation)));
         true

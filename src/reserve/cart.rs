@@ -8,17 +8,25 @@ use std::sync::Arc;
 
 use crate::{
     domain::{
-        switches::Layers, IdempotencyKey, Quantity, Reservation, ReservationId, Sku, UserId,
+        now, switches::Layers, IdempotencyKey, Quantity, Reservation, ReservationId, Sku, UserId,
         WindowCheck,
     },
     error::ReservationError,
     gate::{GateDecision, GateEntry, Settlement},
     metrics,
+    queue::{QueueError, QueuedLine},
     store::{CartOutcome, CommitOutcome, NewOrder},
     telemetry::trace,
 };
 
-use super::{batch::settlement, gate_entry, path::GatePass, store_error, Event, Pipeline};
+use tracing::Instrument;
+
+use super::{
+    batch::settlement,
+    gate_entry,
+    path::{queued_view, GatePass, FENCE_REASON},
+    queue_error, store_error, Event, Pending, Pipeline,
+};
 
 /// A validated ReserveCart call: distinct SKUs, in the caller's order.
 #[derive(Debug, Clone)]
@@ -41,6 +49,9 @@ pub enum LineRefusal {
 pub enum CartResult {
     /// Every line is held: the cart, with its lines.
     Reserved(Reservation),
+    /// The order queue is on: the cart is queued whole (QUEUED, with its
+    /// position), for the processor to commit or reject as one.
+    Queued(Reservation),
     /// An earlier call with the same idempotency key made this one.
     Existing(Reservation),
     /// Nothing is held. Per line, in the caller's order: why it was not
@@ -193,8 +204,11 @@ impl Pipeline {
                 return Ok(CartResult::Refused(refusals));
             }
         }
+        if layers.queue {
+            return self.enqueue_cart(lines, gated).await;
+        }
         let params = self.commit_params(layers.db_check, false);
-        let committed = match self.store.commit_cart(&lines, params).await {
+        let committed = match self.store.commit_cart(&lines, params, &[]).await {
             Ok(outcome) => outcome,
             Err(err) => {
                 // Whether the cart committed is unknown only if the
@@ -259,6 +273,113 @@ impl Pipeline {
                 }
                 metrics::decision("cart", "refused_by_db");
                 Ok(CartResult::Refused(refusals))
+            }
+        }
+    }
+
+    /// Publishes the cart as one message, its key's claim passing to the
+    /// queued entry. Lines the gate did not admit (it is off, or failing
+    /// open) are first compared with the database's rows, as a Reserve's
+    /// order is: an unknown SKU, the window or too little stock refuses
+    /// the cart before anything is queued.
+    async fn enqueue_cart(
+        &self,
+        lines: Vec<NewOrder>,
+        gated: Vec<bool>,
+    ) -> Result<CartResult, ReservationError> {
+        let mut refusals: Vec<Option<LineRefusal>> = vec![None; lines.len()];
+        for (index, line) in lines.iter().enumerate() {
+            if gated[index] {
+                continue;
+            }
+            let row = match self.store.inventory(&line.sku).await {
+                Ok(Some(row)) => row,
+                found => {
+                    self.release_lines(&lines, &gated).await;
+                    found.map_err(store_error)?;
+                    return Err(ReservationError::UnknownSku(line.sku.as_str().into()));
+                }
+            };
+            let check = row.window().check(line.created_at);
+            if check != WindowCheck::Open {
+                refusals[index] = Some(LineRefusal::OutsideWindow(check));
+            } else if row.stock < i64::from(line.quantity) {
+                refusals[index] = Some(LineRefusal::SoldOut {
+                    remaining: Some(row.stock),
+                });
+            }
+        }
+        if refusals.iter().any(Option::is_some) {
+            self.release_lines(&lines, &gated).await;
+            metrics::decision("cart", "refused_by_db");
+            return Ok(CartResult::Refused(refusals));
+        }
+        let cart_id = lines[0].id.clone();
+        let views = lines.iter().map(|line| Reservation {
+            cart_id: Some(cart_id.clone()),
+            ..queued_view(line)
+        });
+        let mut cart = Reservation::cart_of(views.collect()).expect("a cart has a line");
+        // Visible before it is published, as a Reserve's order.
+        self.pending().insert(Pending {
+            reservation: cart.clone(),
+            ticket: None,
+        });
+        let more_lines = lines
+            .iter()
+            .zip(&gated)
+            .skip(1)
+            .map(|(order, gated)| QueuedLine {
+                order: order.clone(),
+                gated: *gated,
+            })
+            .collect();
+        let published = self
+            .queue
+            .publish(lines[0].clone(), gated[0], Some(more_lines))
+            .instrument(trace::span("queue.publish"))
+            .await;
+        match published {
+            Ok(ticket) => {
+                metrics::decision("cart", "queued");
+                self.pending().set_ticket(&cart_id, ticket);
+                cart.queue_position = Some(self.queue.position(ticket).await);
+                Ok(CartResult::Queued(cart))
+            }
+            Err(QueueError::Unconfirmed(why)) => {
+                // The broker may hold the cart: REJECTED rows for its
+                // lines make a late delivery a no-op, or show that the
+                // processor got there first.
+                let reason = format!("{FENCE_REASON}: {why}");
+                let reasons = vec![reason.clone(); lines.len()];
+                let fenced = self
+                    .store
+                    .record_cart_failed(&lines, &reasons, now(), false)
+                    .await;
+                match fenced {
+                    Ok(row) if row.reject_reason.as_deref() == Some(reason.as_str()) => {
+                        self.release_lines(&lines, &gated).await;
+                        self.pending().forget(&cart_id);
+                        self.emit(Event::Changed(Box::new(row)));
+                    }
+                    Ok(row) => {
+                        self.pending().remove(&cart_id);
+                        return Ok(CartResult::Existing(row));
+                    }
+                    Err(err) => {
+                        tracing::error!(reservation = cart_id.as_str(), error = %err, "unconfirmed cart could not be fenced off; its outcome is left to the reconciler");
+                        self.pending().forget(&cart_id);
+                    }
+                }
+                Err(ReservationError::unavailable(
+                    "order queue",
+                    anyhow::anyhow!("the order queue did not confirm the cart: {why}"),
+                ))
+            }
+            Err(err) => {
+                self.release_lines(&lines, &gated).await;
+                self.pending().forget(&cart_id);
+                Err(queue_error(err))
             }
         }
     }

@@ -285,11 +285,18 @@ impl Pipeline {
         } else {
             None
         };
+        // A queued cart counts the units of its lines of this SKU.
         let queued_units = self
             .pending()
             .values()
-            .filter(|p| p.reservation.sku == sku)
-            .map(|p| i64::from(p.reservation.quantity))
+            .map(|p| match p.reservation.lines.as_slice() {
+                [] if p.reservation.sku == sku => i64::from(p.reservation.quantity),
+                lines => lines
+                    .iter()
+                    .filter(|line| line.sku == sku)
+                    .map(|line| i64::from(line.quantity))
+                    .sum(),
+            })
             .sum();
         Ok(StockView {
             row,

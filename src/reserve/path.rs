@@ -87,6 +87,26 @@ impl Drop for KeyClaim {
     }
 }
 
+/// `order` as callers see it while it is queued.
+pub(super) fn queued_view(order: &NewOrder) -> Reservation {
+    Reservation {
+        id: order.id.clone(),
+        sku: order.sku.clone(),
+        user: order.user.clone(),
+        quantity: order.quantity,
+        state: ReservationState::Queued,
+        idempotency_key: order.idempotency_key.clone(),
+        queue_position: None,
+        waitlist_position: None,
+        reject_reason: None,
+        created_at: order.created_at,
+        updated_at: order.created_at,
+        expires_at: None,
+        cart_id: None,
+        lines: Vec::new(),
+    }
+}
+
 impl Pipeline {
     pub async fn reserve(
         self: &Arc<Self>,
@@ -443,22 +463,7 @@ impl Pipeline {
             }
             remaining = Some(row.stock - i64::from(order.quantity));
         }
-        let mut reservation = Reservation {
-            id: order.id.clone(),
-            sku: order.sku.clone(),
-            user: order.user.clone(),
-            quantity: order.quantity,
-            state: ReservationState::Queued,
-            idempotency_key: order.idempotency_key.clone(),
-            queue_position: None,
-            waitlist_position: None,
-            reject_reason: None,
-            created_at: order.created_at,
-            updated_at: order.created_at,
-            expires_at: None,
-            cart_id: None,
-            lines: Vec::new(),
-        };
+        let mut reservation = queued_view(&order);
         // Visible before it is published, so the processor can never settle
         // it before we know about it.
         self.pending().insert(Pending {
@@ -467,7 +472,7 @@ impl Pipeline {
         });
         let published = self
             .queue
-            .publish(order.clone(), gated)
+            .publish(order.clone(), gated, None)
             .instrument(trace::span("queue.publish"))
             .await;
         match published {

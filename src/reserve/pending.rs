@@ -22,6 +22,9 @@ pub(super) struct Pending {
 #[derive(Default)]
 pub(super) struct PendingBook {
     pub(super) by_id: HashMap<ReservationId, Pending>,
+    /// A queued cart's lines after its first, each to the cart's id: the
+    /// gate and the reconciler know the lines by their own ids.
+    pub(super) lines: HashMap<ReservationId, ReservationId>,
     pub(super) by_key: HashMap<(UserId, IdempotencyKey), ReservationId>,
     pub(super) recent: HashMap<(UserId, IdempotencyKey), ReservationId>,
     pub(super) recent_order: std::collections::VecDeque<((UserId, IdempotencyKey), Instant)>,
@@ -56,7 +59,9 @@ pub(super) const RECENT_KEYS: usize = 100_000;
 pub(super) const RECENT_FOR: Duration = Duration::from_secs(600);
 
 impl PendingBook {
+    /// The queued reservation `id`, or the queued cart it is a line of.
     pub(super) fn get(&self, id: &ReservationId) -> Option<&Pending> {
+        let id = self.lines.get(id).unwrap_or(id);
         self.by_id.get(id)
     }
 
@@ -129,6 +134,9 @@ impl PendingBook {
                 .entry((reservation.user.clone(), key.clone()))
                 .or_insert_with(|| reservation.id.clone());
         }
+        for line in reservation.lines.iter().skip(1) {
+            self.lines.insert(line.id.clone(), reservation.id.clone());
+        }
         self.by_id.insert(reservation.id.clone(), pending);
     }
 
@@ -149,6 +157,9 @@ impl PendingBook {
         };
         self.changed.notify_waiters();
         let reservation = pending.reservation;
+        for line in &reservation.lines {
+            self.lines.remove(&line.id);
+        }
         if let Some(key) = reservation.idempotency_key {
             let slot = (reservation.user, key);
             // A twin's removal must not drop the holder's entry.
@@ -280,6 +291,33 @@ mod tests {
         assert_eq!(book.values().count(), 1);
         // A processed holder's key is remembered for retries; the twin's not.
         assert_eq!(book.recently_processed(&user, &key), Some(holder_id));
+    }
+
+    #[test]
+    fn a_queued_carts_lines_find_the_cart_until_it_is_processed() {
+        let mut book = PendingBook::default();
+        let mut cart = queued("u1", Some("k"));
+        let id = cart.reservation.id.clone();
+        cart.reservation.cart_id = Some(id.clone());
+        cart.reservation.lines = (0..3)
+            .map(|n| crate::domain::CartLine {
+                id: if n == 0 {
+                    id.clone()
+                } else {
+                    ReservationId::generate()
+                },
+                sku: Sku::parse(&format!("S{n}")).unwrap(),
+                quantity: 1,
+                reject_reason: None,
+            })
+            .collect();
+        let line = cart.reservation.lines[2].id.clone();
+        book.insert(cart);
+        assert_eq!(book.get(&line).unwrap().reservation.id, id);
+        assert_eq!(book.get(&id).unwrap().reservation.id, id);
+        book.remove(&id);
+        assert!(book.get(&line).is_none());
+        assert!(book.lines.is_empty());
     }
 
     #[test]

@@ -256,8 +256,11 @@ impl Pipeline {
             {
                 // As the processor would have settled it: a sold-out
                 // rejection returns nothing, any other its units.
+                // A cart's line by its own row's reason.
                 Some(row) if row.state == ReservationState::Rejected => (
-                    super::batch::settlement(&CommitOutcome::AlreadyCommitted(row)),
+                    super::batch::settlement(&CommitOutcome::AlreadyCommitted(
+                        row.line_row(&entry.id),
+                    )),
                     None,
                 ),
                 Some(_) => (Settlement::Committed, self.stock_version(sku).await),

@@ -8,7 +8,62 @@ use chrono::NaiveDateTime;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::{CartOutcome, CommitOutcome, CommitParams, NewOrder, Store, StoreError};
-use crate::domain::{IdempotencyKey, Reservation, UserId};
+use crate::domain::{IdempotencyKey, Reservation, ReservationId, UserId, CART_LINE_REASON};
+
+/// The reason a cart refused for some of its lines gives as its own: each
+/// refused line's SKU and reason. `None` when no line was refused on its
+/// own: a cart given up, fenced or refused for its key as a whole keeps
+/// the reason all its lines share.
+pub(super) fn named_refusal(cart: &Reservation) -> Option<String> {
+    let refused: Vec<String> = cart
+        .lines
+        .iter()
+        .filter_map(|line| {
+            let reason = line.reject_reason.as_deref()?;
+            is_line_refusal(reason).then(|| format!("{} ({reason})", line.sku.as_str()))
+        })
+        .collect();
+    (!refused.is_empty()).then(|| format!("the cart was refused for {}", refused.join("; ")))
+}
+
+/// Whether a line's REJECTED reason is one [`line_reason`] writes for the
+/// line itself (not [`CART_LINE_REASON`], the cart's).
+fn is_line_refusal(reason: &str) -> bool {
+    [
+        super::SOLD_OUT_REASON,
+        USER_LIMIT_REASON,
+        super::NOT_OPEN_REASON,
+        super::CLOSED_REASON,
+        UNKNOWN_SKU_REASON,
+        NOT_FILLED_REASON,
+    ]
+    .iter()
+    .any(|start| reason.starts_with(start))
+}
+
+const USER_LIMIT_REASON: &str = "user limit";
+const UNKNOWN_SKU_REASON: &str = "unknown SKU";
+const NOT_FILLED_REASON: &str = "not filled";
+
+/// The REJECTED reason of a cart's line the database refused for
+/// `outcome`, as a single order's row would say it; `None` (a line that
+/// could have been had) says the cart was refused for another line.
+pub fn line_reason(outcome: Option<&CommitOutcome>) -> String {
+    match outcome {
+        None => CART_LINE_REASON.to_owned(),
+        Some(CommitOutcome::SoldOut { remaining }) => {
+            format!("{}: {remaining} units left", super::SOLD_OUT_REASON)
+        }
+        // The SKU's own limit or its sale's: the outcome does not say which.
+        Some(CommitOutcome::UserLimit { live_units, limit }) => format!(
+            "{USER_LIMIT_REASON}: {live_units} of {limit} units already held (the SKU's or its sale's)"
+        ),
+        Some(CommitOutcome::OutsideWindow(check)) => super::window_reason(*check)
+            .unwrap_or_else(|| format!("{NOT_FILLED_REASON}: outside the sale window")),
+        Some(CommitOutcome::UnknownSku) => UNKNOWN_SKU_REASON.to_owned(),
+        Some(other) => format!("{NOT_FILLED_REASON}: {other:?}"),
+    }
+}
 
 /// Cart queries, written once; `dialect!` in `mod.rs` expands them into
 /// each connection type's module.
@@ -19,6 +74,9 @@ macro_rules! cart_queries {
             Db(DieselError),
             /// Some line could not be filled: each line's outcome.
             Refused(Vec<CommitOutcome>),
+            /// The cart's id, or its key, was used before: that
+            /// reservation (rolled back, so a reopening stands undone).
+            Existing(Box<Reservation>),
         }
 
         impl From<DieselError> for CartAbort {
@@ -55,9 +113,15 @@ macro_rules! cart_queries {
         }
 
         /// A cart from its rows (the cart's own row first): that row,
-        /// carrying every line.
+        /// carrying every line; a cart refused for some of its lines gives
+        /// those lines and their reasons as its own (`named_refusal`).
         fn assemble(rows: Vec<ReservationRow>) -> Option<Reservation> {
-            Reservation::cart_of(rows.into_iter().map(ReservationRow::into_domain).collect())
+            let mut cart =
+                Reservation::cart_of(rows.into_iter().map(ReservationRow::into_domain).collect())?;
+            if let Some(reason) = super::carts::named_refusal(&cart) {
+                cart.reject_reason = Some(reason);
+            }
+            Some(cart)
         }
 
         pub(super) async fn with_key(
@@ -123,10 +187,14 @@ macro_rules! cart_queries {
         /// each line seeing the lines before it, under the same locks
         /// the group commit takes (every (sale, user) pair, then every
         /// SKU row in byte order).
+        /// `reopen`: the given-up rows of these ids (or of carts with
+        /// these ids) are deleted first, so the cart is decided again (an
+        /// operator's redrive).
         pub(super) async fn commit_cart(
             conn: &mut $Conn,
             lines: &[NewOrder],
             params: CommitParams,
+            reopen: &[&str],
         ) -> QueryResult<CartOutcome> {
             let each = CommitParams {
                 record_rejections: false,
@@ -134,6 +202,7 @@ macro_rules! cart_queries {
             };
             let result = conn
                 .transaction::<_, CartAbort, _>(async |conn| {
+                    reopen_given_up(conn, reopen).await?;
                     let mut skus: Vec<&str> = lines.iter().map(|o| o.sku.as_str()).collect();
                     skus.sort_unstable();
                     skus.dedup();
@@ -154,12 +223,12 @@ macro_rules! cart_queries {
                     for (index, line) in lines.iter().enumerate() {
                         let outcome = decide(conn, line, each, true).await?;
                         if index == 0 {
-                            if let CommitOutcome::AlreadyCommitted(_)
-                            | CommitOutcome::DuplicateKey(_) = &outcome
+                            if let CommitOutcome::AlreadyCommitted(row)
+                            | CommitOutcome::DuplicateKey(row) = outcome
                             {
                                 // Nothing written yet: the earlier
                                 // reservation is the answer.
-                                return Ok(vec![outcome]);
+                                return Err(CartAbort::Existing(Box::new(row)));
                             }
                         }
                         outcomes.push(outcome);
@@ -190,18 +259,13 @@ macro_rules! cart_queries {
                             .collect(),
                     ))
                 }
-                Err(CartAbort::Db(err)) => return Err(err),
-            };
-            match outcomes.as_slice() {
-                [CommitOutcome::AlreadyCommitted(row) | CommitOutcome::DuplicateKey(row)] => {
+                Err(CartAbort::Existing(row)) => {
                     let id = row.cart_id.clone().unwrap_or_else(|| row.id.clone());
                     let rows = cart_rows(conn, id.as_str()).await?;
-                    return Ok(CartOutcome::Existing(
-                        assemble(rows).unwrap_or_else(|| row.clone()),
-                    ));
+                    return Ok(CartOutcome::Existing(assemble(rows).unwrap_or(*row)));
                 }
-                _ => {}
-            }
+                Err(CartAbort::Db(err)) => return Err(err),
+            };
             let mut versions = Vec::with_capacity(outcomes.len());
             let mut rows = Vec::with_capacity(outcomes.len());
             for outcome in outcomes {
@@ -218,6 +282,60 @@ macro_rules! cart_queries {
             }
             let cart = Reservation::cart_of(rows).expect("a cart has at least one line");
             Ok(CartOutcome::Committed { cart, versions })
+        }
+
+        /// Stores a cart the processor could not fill (or gave up on, or
+        /// whose publish was never confirmed) as REJECTED rows, one per
+        /// line with its own reason, all or none, so a late delivery finds
+        /// them and creates nothing. An existing row of the cart's id wins
+        /// and is the answer. `reopen`: the cart's given-up rows are
+        /// deleted first (a redriven cart decided again records its new
+        /// outcome).
+        pub(super) async fn record_cart_failed(
+            conn: &mut $Conn,
+            lines: &[NewOrder],
+            reasons: &[String],
+            now: NaiveDateTime,
+            reopen: bool,
+        ) -> QueryResult<Reservation> {
+            let cart = lines[0].id.as_str();
+            let written = conn
+                .transaction::<_, DieselError, _>(async |conn| {
+                    if reopen {
+                        reopen_given_up(conn, &[cart]).await?;
+                    }
+                    if let Some(row) = find(conn, cart).await? {
+                        return Ok(Some(row));
+                    }
+                    let rows: Vec<ReservationRow> = lines
+                        .iter()
+                        .zip(reasons)
+                        .map(|(line, reason)| {
+                            let mut row = rejected_row(line, reason.clone(), now);
+                            row.cart_id = Some(cart.to_owned());
+                            row
+                        })
+                        .collect();
+                    own::insert_rows(conn, &rows).await?;
+                    Ok(None)
+                })
+                .await;
+            match written {
+                Ok(Some(row)) => as_seen(conn, row).await,
+                Ok(None) => Ok(seen(cart_rows(conn, cart).await?)),
+                // The processor stored the cart between our read and our
+                // insert: its rows win and are the answer.
+                Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)) => {
+                    match find(conn, cart).await? {
+                        Some(row) => as_seen(conn, row).await,
+                        None => Err(DieselError::DatabaseError(
+                            DatabaseErrorKind::UniqueViolation,
+                            info,
+                        )),
+                    }
+                }
+                Err(err) => Err(err),
+            }
         }
 
         /// Confirms or releases every line of `cart` (inside
@@ -352,15 +470,19 @@ impl Store {
     /// Commits a cart's lines ([`NewOrder`]s, the first one's id being the
     /// cart's and only it carrying the idempotency key) in one
     /// transaction, all or nothing ([`CartOutcome`]).
+    /// `reopen`: the given-up rows of these carts are deleted in the same
+    /// transaction and the carts decided again (a redrive).
     pub async fn commit_cart(
         &self,
         lines: &[NewOrder],
         params: CommitParams,
+        reopen: &[ReservationId],
     ) -> Result<CartOutcome, StoreError> {
         const TRIES: u32 = 5;
+        let reopen: Vec<&str> = reopen.iter().map(ReservationId::as_str).collect();
         let mut twin_seen = false;
         for _ in 0..TRIES {
-            match dispatch!(self.commit_cart(lines, params)) {
+            match dispatch!(self.commit_cart(lines, params, &reopen)) {
                 // A twin with the same key stored its reservation between
                 // the key check and the insert, and has committed: run
                 // again, the check finds it.
@@ -380,6 +502,18 @@ impl Store {
                 .map(|_| Some(CommitOutcome::Contention { attempts: TRIES }))
                 .collect(),
         ))
+    }
+
+    /// See `record_cart_failed` in the query module: `reasons` per line;
+    /// `reopen` for a redriven cart.
+    pub async fn record_cart_failed(
+        &self,
+        lines: &[NewOrder],
+        reasons: &[String],
+        now: NaiveDateTime,
+        reopen: bool,
+    ) -> Result<Reservation, StoreError> {
+        dispatch!(self.record_cart_failed(lines, reasons, now, reopen))
     }
 
     /// Carts whose lines are in different states, as the invariant

@@ -528,14 +528,20 @@ macro_rules! commit_queries {
             }
         }
 
-        /// The rows of `ids` that record an order the processor gave up
-        /// on: REJECTED, the reason starting with [`GIVEN_UP_REASON`].
+        /// The rows of `ids` (and of the carts with those ids) that
+        /// record an order the processor gave up on: REJECTED, the reason
+        /// starting with [`GIVEN_UP_REASON`].
         #[diesel::dsl::auto_type(no_type_alias)]
         fn given_up_rows<'a>(ids: &'a [&'a str]) -> _ {
             let pattern: String = format!("{GIVEN_UP_REASON}:%");
             let rejected: &'static str = ReservationState::Rejected.as_db();
             reservations::table
-                .filter(reservations::reservation_id.eq_any(ids))
+                .filter(
+                    reservations::reservation_id
+                        .eq_any(ids)
+                        .nullable()
+                        .or(reservations::cart_id.eq_any(ids)),
+                )
                 .filter(reservations::state.eq(rejected))
                 .filter(reservations::reject_reason.like(pattern))
         }

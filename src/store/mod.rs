@@ -469,6 +469,7 @@ mod dialect;
 mod leases;
 mod migrate;
 mod tickets;
+pub use carts::line_reason;
 pub use dialect::SALE_LOCK_SPACE;
 pub use leases::{LeaseSession, Members};
 use sale::{sale_limit_reason, SaleCap};

@@ -38,10 +38,17 @@ async fn the_rust_client_reserves_watches_and_confirms() {
     // A cart of both SKUs under one key: held whole, the same cart again.
     app.set_stock("CLIENT-RS-2", 1, 0).await;
     let lines = [("CLIENT-RS", 1), ("CLIENT-RS-2", 1)];
+    // Queued (the embedded queue is on), then held whole.
     let cart = client.reserve_cart(&lines, "cart-2").await.unwrap();
-    assert_eq!(cart.outcome(), stockgate::pb::CartOutcome::Reserved);
+    assert_eq!(cart.outcome(), stockgate::pb::CartOutcome::Queued);
     let cart = cart.reservation.unwrap();
     assert_eq!(cart.lines.len(), 2);
+    let held = client
+        .wait_until_decided(&cart.reservation_id)
+        .await
+        .unwrap();
+    assert_eq!(held.state(), ReservationState::Held);
+    assert_eq!(held.lines.len(), 2);
     let again = client.reserve_cart(&lines, "cart-2").await.unwrap();
     assert_eq!(
         again.reservation.unwrap().reservation_id,
@@ -200,7 +207,9 @@ async fn the_python_client_round_trip() {
     // its lines; the next buyer's cart refused naming the sold-out line,
     // holding nothing; released whole; a SKU twice names `lines`.
     let cart = &result["cart"];
-    assert_eq!(cart["outcome"], "CART_OUTCOME_RESERVED");
+    // (The embedded profile's order queue is on: queued, then held.)
+    assert_eq!(cart["outcome"], "CART_OUTCOME_QUEUED");
+    assert_eq!(cart["queue_position"], true);
     assert_eq!(cart["state"], "RESERVATION_STATE_HELD");
     assert_eq!(
         cart["lines"],

@@ -451,3 +451,236 @@ async fn purge_needs_a_reason_takes_what_it_is_asked_and_is_audited() {
     .await;
     app.stop().await;
 }
+
+/// Waits until `sku`'s gate count is `units`.
+async fn wait_gate(app: &TestApp, sku: &str, units: i64) {
+    let mut gate = None;
+    for _ in 0..100 {
+        gate = stock(app, sku).await.gate_stock;
+        if gate == Some(units) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sku}: the gate holds {gate:?}, not {units}");
+}
+
+/// A queued cart the database refuses (a trigger on one of its SKUs) is
+/// given up whole: every line REJECTED with the error, every line's gate
+/// units back, one dead letter keyed by the cart. Redriven once the cause
+/// is fixed, it commits whole and the gate is charged for every line;
+/// a copy redriven again changes nothing. A cart message one of whose
+/// lines cannot be read is recorded REJECTED for the lines that can, and
+/// set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
+    let app = spawn().await;
+    let names = QueueNames::new(&app.config.rabbitmq.queue);
+    set_stock(&app, "DLQC-A", 5).await;
+    set_stock(&app, "DLQC-B", 5).await;
+    db(&app)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_b() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'the warehouse feed refuses %', NEW.sku; END $$;
+             CREATE TRIGGER refuse_b BEFORE INSERT ON reservations FOR EACH ROW
+             WHEN (NEW.state = 'held' AND NEW.sku = 'DLQC-B') EXECUTE FUNCTION refuse_b();",
+        )
+        .await
+        .unwrap();
+    let mut client = app.inventory();
+    let answer = crate::carts::cart(&mut client, "fay", None, &[("DLQC-A", 2), ("DLQC-B", 1)])
+        .await
+        .unwrap();
+    assert_eq!(answer.outcome(), stockgate::pb::CartOutcome::Queued);
+    let id = ReservationId::parse(&answer.reservation.unwrap().reservation_id).unwrap();
+    let reason = wait_state(&app, &id, ReservationState::Rejected).await;
+    assert!(
+        reason.starts_with("processing failed") && reason.contains("warehouse feed"),
+        "{reason}"
+    );
+    let cart = open_store(&app.config)
+        .reservation(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cart.lines.len(), 2, "{cart:?}");
+    assert!(
+        cart.lines
+            .iter()
+            .all(|l| l.reject_reason.as_deref() == Some(reason.as_str())),
+        "every line given up alike: {cart:?}"
+    );
+    wait_depth(&names, 1).await;
+    for sku in ["DLQC-A", "DLQC-B"] {
+        assert_eq!(stock(&app, sku).await.db_stock, 5, "{sku}");
+        wait_gate(&app, sku, 5).await;
+    }
+    let letter = app
+        .admin()
+        .list_dead_letters(authed(ListDeadLettersRequest { limit: 10 }))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .remove(0);
+    assert_eq!(
+        (letter.key.as_str(), letter.sku.as_str(), letter.quantity),
+        (id.as_str(), "DLQC-A", 2)
+    );
+    wait_depth(&names, 1).await;
+    let (body, properties) = peek(&names).await;
+    wait_depth(&names, 1).await;
+
+    db(&app)
+        .await
+        .batch_execute("DROP TRIGGER refuse_b ON reservations")
+        .await
+        .unwrap();
+    let (ok, out, err) = cli(
+        &app,
+        &[
+            "dlq",
+            "redrive",
+            "--key",
+            id.as_str(),
+            "--reason",
+            "feed fixed",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("redrove 1 messages"), "{out}");
+    wait_state(&app, &id, ReservationState::Held).await;
+    wait_depth(&names, 0).await;
+    let held = open_store(&app.config)
+        .reservation(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.lines.len(), 2, "{held:?}");
+    for (sku, left) in [("DLQC-A", 3), ("DLQC-B", 4)] {
+        let view = stock(&app, sku).await;
+        assert_eq!(view.db_stock, left, "{sku}: {view:?}");
+        // Charged for the redriven lines, once.
+        wait_gate(&app, sku, left).await;
+    }
+
+    // A copy redriven again, and an order behind it.
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-stockgate-redriven".into(), AMQPValue::Boolean(true));
+    publish(&names.orders, &body, properties.with_headers(headers)).await;
+    let behind = reserve(&mut client, "DLQC-B", 1, "gus").await.unwrap();
+    let behind = ReservationId::parse(&behind.reservation.unwrap().reservation_id).unwrap();
+    wait_state(&app, &behind, ReservationState::Held).await;
+    let store = open_store(&app.config);
+    let rows = |sku: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .reservations_of(&stockgate::domain::Sku::parse(sku).unwrap())
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!((rows("DLQC-A").await, rows("DLQC-B").await), (1, 2));
+    assert_eq!(stock(&app, "DLQC-A").await.db_stock, 3);
+    wait_gate(&app, "DLQC-A", 3).await;
+
+    // Given up again, then redriven once B is sold out: decided afresh,
+    // the cart is REJECTED for B, its given-up rows replaced.
+    db(&app)
+        .await
+        .batch_execute(
+            "CREATE TRIGGER refuse_b BEFORE INSERT ON reservations FOR EACH ROW
+             WHEN (NEW.state = 'held' AND NEW.sku = 'DLQC-B') EXECUTE FUNCTION refuse_b();",
+        )
+        .await
+        .unwrap();
+    let answer = crate::carts::cart(&mut client, "ivy", None, &[("DLQC-A", 1), ("DLQC-B", 1)])
+        .await
+        .unwrap();
+    let again = ReservationId::parse(&answer.reservation.unwrap().reservation_id).unwrap();
+    let reason = wait_state(&app, &again, ReservationState::Rejected).await;
+    assert!(reason.starts_with("processing failed"), "{reason}");
+    wait_depth(&names, 1).await;
+    set_stock(&app, "DLQC-B", 0).await;
+    db(&app)
+        .await
+        .batch_execute("DROP TRIGGER refuse_b ON reservations")
+        .await
+        .unwrap();
+    let (ok, _, err) = cli(
+        &app,
+        &[
+            "dlq",
+            "redrive",
+            "--key",
+            again.as_str(),
+            "--reason",
+            "retry",
+        ],
+    );
+    assert!(ok, "{err}");
+    let mut decided = None;
+    for _ in 0..200 {
+        decided = store.reservation(&again).await.unwrap();
+        if decided
+            .as_ref()
+            .and_then(|c| c.reject_reason.as_deref())
+            .is_some_and(|r| !r.starts_with("processing failed"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let decided = decided.unwrap();
+    assert_eq!(decided.state, ReservationState::Rejected, "{decided:?}");
+    assert!(
+        decided
+            .reject_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("the cart was refused for DLQC-B (sold out")),
+        "{decided:?}"
+    );
+    assert_eq!(decided.lines.len(), 2);
+    wait_depth(&names, 0).await;
+    assert_eq!(stock(&app, "DLQC-A").await.db_stock, 3);
+
+    // A cart whose second line cannot be read.
+    let (cart_id, third) = (
+        uuid::Uuid::now_v7().to_string(),
+        uuid::Uuid::now_v7().to_string(),
+    );
+    let broken = serde_json::json!({
+        "v": 4, "ticket": 0, "id": cart_id, "sku": "DLQC-A", "user": "hal",
+        "quantity": 1, "idempotency_key": null, "created_at": 1_700_000_000_000_000i64,
+        "gated": false,
+        "lines": [
+            {"id": uuid::Uuid::now_v7().to_string(), "sku": "no spaces", "quantity": 1, "gated": false},
+            {"id": third, "sku": "DLQC-B", "quantity": 1, "gated": false},
+        ],
+    });
+    publish(
+        &names.orders,
+        &serde_json::to_vec(&broken).unwrap(),
+        BasicProperties::default(),
+    )
+    .await;
+    let cart_id = ReservationId::parse(&cart_id).unwrap();
+    let reason = wait_state(&app, &cart_id, ReservationState::Rejected).await;
+    assert!(reason.contains("lines[1].sku"), "{reason}");
+    let salvaged = store.reservation(&cart_id).await.unwrap().unwrap();
+    let skus: Vec<&str> = salvaged.lines.iter().map(|l| l.sku.as_str()).collect();
+    assert_eq!(skus, ["DLQC-A", "DLQC-B"], "{salvaged:?}");
+    wait_depth(&names, 1).await;
+    assert_eq!(stock(&app, "DLQC-A").await.db_stock, 3);
+    let report = app
+        .admin()
+        .check_invariants(authed(CheckInvariantsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    app.stop().await;
+}

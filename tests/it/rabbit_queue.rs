@@ -263,7 +263,7 @@ async fn poison_order_lands_in_the_dead_letter_queue_with_its_units_returned() {
         &app.config.rabbitmq,
         open_store(&app.config),
     );
-    producer.publish(order.clone(), true).await.unwrap();
+    producer.publish(order.clone(), true, None).await.unwrap();
     wait_given_up(&app.config, &gate, &order.id, "processing failed", 5).await;
     // The queue moved on: a good order behind it is committed.
     let mut client = app.inventory();
@@ -344,7 +344,7 @@ async fn publish_at_once(
                     created_at: stockgate::domain::now(),
                 };
                 let id = order.id.clone();
-                (id, producer.publish(order, false).await.unwrap())
+                (id, producer.publish(order, false, None).await.unwrap())
             })
         })
         .collect();

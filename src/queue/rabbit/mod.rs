@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use self::publish::{Publish, Publisher};
-use super::{OrderQueue, QueueError, QueuedOrder};
+use super::{OrderQueue, QueueError, QueuedLine, QueuedOrder};
 use crate::{
     batching,
     config::secrets::LiveUrl,
@@ -143,14 +143,38 @@ struct WireOrder {
     /// of one order carries it as a header). Older readers ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     traceparent: Option<String>,
+    /// A cart's lines after the first (the fields above; none for a cart
+    /// of one line); only in a version 4 message, which readers of version
+    /// 1 refuse rather than take for a single order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lines: Option<Vec<WireLine>>,
+}
+
+/// A line of a cart after its first: the user, key and time are the cart's.
+#[derive(Debug, Serialize, Deserialize)]
+struct WireLine {
+    id: String,
+    sku: String,
+    quantity: u32,
+    gated: bool,
 }
 
 const WIRE_VERSION: u32 = 1;
 
+/// The version of a cart's message: a version 1 order (its first line)
+/// with `lines`. A processor of an earlier release cannot read it, and
+/// [`salvage`] there records the first line REJECTED (see `docs/runbook.md`,
+/// "Carts").
+const CART_VERSION: u32 = 4;
+
 impl WireOrder {
-    fn new(order: &NewOrder, ticket: u64, gated: bool) -> Self {
+    fn new(order: &NewOrder, ticket: u64, gated: bool, more: Option<&[QueuedLine]>) -> Self {
         Self {
-            v: WIRE_VERSION,
+            v: if more.is_some() {
+                CART_VERSION
+            } else {
+                WIRE_VERSION
+            },
             ticket,
             id: order.id.as_str().to_owned(),
             sku: order.sku.as_str().to_owned(),
@@ -163,6 +187,16 @@ impl WireOrder {
             created_at: order.created_at.and_utc().timestamp_micros(),
             gated,
             traceparent: None,
+            lines: more.map(|more| {
+                more.iter()
+                    .map(|line| WireLine {
+                        id: line.order.id.as_str().to_owned(),
+                        sku: line.order.sku.as_str().to_owned(),
+                        quantity: line.order.quantity,
+                        gated: line.gated,
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -171,9 +205,15 @@ fn encode_wire(wire: &WireOrder) -> Vec<u8> {
     serde_json::to_vec(wire).expect("an order always serialises")
 }
 
-/// One order as a version 1 message (also what the dead-letter queue keeps).
+/// One order as a version 1 message, or a cart as a version 4 one (also
+/// what the dead-letter queue keeps).
 pub fn encode(queued: &QueuedOrder) -> Vec<u8> {
-    encode_wire(&WireOrder::new(&queued.order, queued.ticket, queued.gated))
+    encode_wire(&WireOrder::new(
+        &queued.order,
+        queued.ticket,
+        queued.gated,
+        queued.more_lines.as_deref(),
+    ))
 }
 
 /// The version of a pass mark: no order, only the ticket its line's
@@ -230,59 +270,122 @@ pub fn decode_message(body: &[u8]) -> Vec<Result<QueuedOrder, (Vec<u8>, String)>
 pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
     let wire: WireOrder =
         serde_json::from_slice(body).map_err(|e| format!("undecodable message: {e}"))?;
-    if wire.v != WIRE_VERSION {
-        return Err(format!("unknown message version {}", wire.v));
+    match (wire.v, wire.lines.is_some()) {
+        (WIRE_VERSION, false) | (CART_VERSION, true) => {}
+        (WIRE_VERSION | CART_VERSION, _) => {
+            return Err(format!("version {} with the wrong lines", wire.v))
+        }
+        (v, _) => return Err(format!("unknown message version {v}")),
     }
     let field = |name: &str, e: crate::error::ReservationError| format!("bad {name}: {e}");
     let created_at = DateTime::from_timestamp_micros(wire.created_at)
         .ok_or_else(|| format!("bad created_at: {}", wire.created_at))?
         .naive_utc();
+    let order = NewOrder {
+        id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
+        sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
+        user: UserId::parse(&wire.user).map_err(|e| field("user", e))?,
+        quantity: wire.quantity,
+        idempotency_key: wire
+            .idempotency_key
+            .as_deref()
+            .map(IdempotencyKey::parse)
+            .transpose()
+            .map_err(|e| field("idempotency_key", e))?,
+        created_at,
+    };
+    let more_lines = wire
+        .lines
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(n, line)| {
+            // Numbered as the cart's lines are: the first is `lines[0]`.
+            let field = |name: &str, e| field(&format!("lines[{}].{name}", n + 1), e);
+            Ok(QueuedLine {
+                order: NewOrder {
+                    id: ReservationId::parse(&line.id).map_err(|e| field("id", e))?,
+                    sku: Sku::parse(&line.sku).map_err(|e| field("sku", e))?,
+                    quantity: line.quantity,
+                    idempotency_key: None,
+                    ..order.clone()
+                },
+                gated: line.gated,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(QueuedOrder {
         ticket: wire.ticket,
         gated: wire.gated,
         redriven: false,
         traceparent: wire.traceparent,
-        order: NewOrder {
-            id: ReservationId::parse(&wire.id).map_err(|e| field("id", e))?,
-            sku: Sku::parse(&wire.sku).map_err(|e| field("sku", e))?,
-            user: UserId::parse(&wire.user).map_err(|e| field("user", e))?,
-            quantity: wire.quantity,
-            idempotency_key: wire
-                .idempotency_key
-                .as_deref()
-                .map(IdempotencyKey::parse)
-                .transpose()
-                .map_err(|e| field("idempotency_key", e))?,
-            created_at,
-        },
+        order,
+        more_lines: wire.lines.is_some().then_some(more_lines),
     })
 }
 
 /// From a message [`decode`] refused, what identifies the reservation (id,
-/// sku, user, quantity, gated), if that much can still be read: enough to
-/// record it REJECTED and return its units, so a message from a newer or
-/// buggy producer does not leave its caller QUEUED forever. The creation
-/// time is now and the key is dropped.
+/// sku, user, quantity, gated; a cart's further lines, those that can be
+/// read), if that much can still be read: enough to record it REJECTED and
+/// return its units, so a message from a newer or buggy producer does not
+/// leave its caller QUEUED forever. The creation time is now and the key
+/// is dropped.
 pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let text = |name: &str| value.get(name)?.as_str();
+    let first = salvage_line(&value)?;
+    let user = UserId::parse(value.get("user")?.as_str()?).ok()?;
+    let created_at = crate::domain::now();
+    let order = |(id, sku, quantity)| NewOrder {
+        id,
+        sku,
+        user: user.clone(),
+        quantity,
+        idempotency_key: None,
+        created_at,
+    };
+    // A cart (version 4, or any message with lines) stays a cart with the
+    // lines that can be read, even none.
+    let is_cart = value.get("v").and_then(|v| v.as_u64()) == Some(u64::from(CART_VERSION))
+        || value.get("lines").is_some_and(|lines| lines.is_array());
+    let more_lines = is_cart.then(|| {
+        value
+            .get("lines")
+            .and_then(|lines| lines.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|line| {
+                Some(QueuedLine {
+                    order: order(salvage_line(line)?),
+                    gated: gated(line),
+                })
+            })
+            .collect()
+    });
     Some(QueuedOrder {
         ticket: value.get("ticket").and_then(|t| t.as_u64()).unwrap_or(0),
-        gated: value
-            .get("gated")
-            .and_then(|g| g.as_bool())
-            .unwrap_or(false),
+        gated: gated(&value),
         redriven: false,
         traceparent: None,
-        order: NewOrder {
-            id: ReservationId::parse(text("id")?).ok()?,
-            sku: Sku::parse(text("sku")?).ok()?,
-            user: UserId::parse(text("user")?).ok()?,
-            quantity: u32::try_from(value.get("quantity")?.as_u64()?).ok()?,
-            idempotency_key: None,
-            created_at: crate::domain::now(),
-        },
+        order: order(first),
+        more_lines,
     })
+}
+
+/// The id, SKU and quantity of an order or a cart's line, if readable.
+fn salvage_line(value: &serde_json::Value) -> Option<(ReservationId, Sku, u32)> {
+    let text = |name: &str| value.get(name)?.as_str();
+    Some((
+        ReservationId::parse(text("id")?).ok()?,
+        Sku::parse(text("sku")?).ok()?,
+        u32::try_from(value.get("quantity")?.as_u64()?).ok()?,
+    ))
+}
+
+fn gated(value: &serde_json::Value) -> bool {
+    value
+        .get("gated")
+        .and_then(|g| g.as_bool())
+        .unwrap_or(false)
 }
 
 /// What the processor announces after each batch.
@@ -721,7 +824,12 @@ impl RabbitQueue {
 
 #[async_trait]
 impl OrderQueue for RabbitQueue {
-    async fn publish(&self, order: NewOrder, gated: bool) -> Result<u64, QueueError> {
+    async fn publish(
+        &self,
+        order: NewOrder,
+        gated: bool,
+        more_lines: Option<Vec<QueuedLine>>,
+    ) -> Result<u64, QueueError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(QueueError::Closed);
         }
@@ -737,6 +845,7 @@ impl OrderQueue for RabbitQueue {
         let publish = Publish {
             order,
             gated,
+            more_lines,
             traceparent: crate::telemetry::trace::current_traceparent(),
             reply,
             deadline: tokio::time::Instant::now() + bound,
@@ -857,6 +966,7 @@ mod tests {
             gated: true,
             redriven: false,
             traceparent: None,
+            more_lines: None,
         }
     }
 
@@ -871,7 +981,7 @@ mod tests {
     #[test]
     fn a_batch_reads_each_order_with_its_own_trace() {
         let (a, b) = (order(1), order(2));
-        let mut traced = WireOrder::new(&b.order, b.ticket, b.gated);
+        let mut traced = WireOrder::new(&b.order, b.ticket, b.gated, None);
         traced.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         let body = serde_json::to_vec(&serde_json::json!({
             "v": 2,
@@ -885,6 +995,84 @@ mod tests {
         assert_eq!(decoded[0], a);
         assert_eq!(decoded[1].order, b.order);
         assert_eq!(decoded[1].traceparent, traced.traceparent);
+    }
+
+    fn cart(n: u64) -> QueuedOrder {
+        let mut cart = order(n);
+        cart.more_lines = Some(
+            ["T", "U"]
+                .into_iter()
+                .map(|sku| QueuedLine {
+                    order: NewOrder {
+                        id: ReservationId::generate(),
+                        sku: Sku::parse(sku).unwrap(),
+                        quantity: 2,
+                        idempotency_key: None,
+                        ..cart.order.clone()
+                    },
+                    gated: sku == "T",
+                })
+                .collect(),
+        );
+        cart.order.idempotency_key = Some(IdempotencyKey::parse("k").unwrap());
+        cart
+    }
+
+    #[test]
+    fn a_cart_is_one_version_four_message_read_whole_or_salvaged_line_by_line() {
+        let whole = cart(3);
+        let body = encode(&whole);
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["v"], 4, "readers of version 1 must refuse it");
+        assert_eq!(decode(&body).unwrap(), whole);
+        assert_eq!(decode_message(&body)[0].as_ref().unwrap(), &whole);
+        // In a batch beside a single order.
+        let single = order(4);
+        let batch = serde_json::to_vec(&serde_json::json!({
+            "v": 2,
+            "orders": [value, serde_json::from_slice::<serde_json::Value>(&encode(&single)).unwrap()],
+        }))
+        .unwrap();
+        let decoded: Vec<_> = decode_message(&batch)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(decoded, [whole.clone(), single]);
+        // A version 1 message with lines, or a version 4 one without, is
+        // neither an order nor a cart.
+        let mut bad = value.clone();
+        bad["v"] = 1.into();
+        assert!(decode(&serde_json::to_vec(&bad).unwrap()).is_err());
+        let mut bad = value.clone();
+        bad.as_object_mut().unwrap().remove("lines");
+        assert!(decode(&serde_json::to_vec(&bad).unwrap()).is_err());
+        // A cart of one line is a cart still, not a single order.
+        let mut one = order(5);
+        one.more_lines = Some(Vec::new());
+        let body = encode(&one);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()["v"],
+            4
+        );
+        assert_eq!(decode(&body).unwrap(), one);
+        assert!(salvage(&body).unwrap().is_cart());
+        // A line that cannot be read: the cart is unreadable, and salvage
+        // keeps what identifies every readable line.
+        let mut broken = value.clone();
+        broken["lines"][1]["sku"] = "no spaces allowed".into();
+        let broken = serde_json::to_vec(&broken).unwrap();
+        let why = decode(&broken).unwrap_err();
+        assert!(why.contains("lines[2].sku"), "{why}");
+        let salvaged = salvage(&broken).unwrap();
+        assert_eq!(salvaged.order.id, whole.order.id);
+        let (salvaged, whole) = (
+            salvaged.more_lines.unwrap(),
+            whole.more_lines.as_deref().unwrap().to_vec(),
+        );
+        assert_eq!(salvaged.len(), 1);
+        assert_eq!(salvaged[0].order.id, whole[0].order.id);
+        assert!(salvaged[0].gated);
+        assert_eq!(salvaged[0].order.user, whole[0].order.user);
     }
 
     #[test]

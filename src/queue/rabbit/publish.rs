@@ -34,7 +34,7 @@ use super::{
 use crate::{
     batching::Limits,
     config::secrets::LiveUrl,
-    queue::QueueError,
+    queue::{QueueError, QueuedLine},
     store::{NewOrder, Store},
 };
 
@@ -62,6 +62,8 @@ pub(super) const BATCH_VERSION: u32 = 2;
 pub(super) struct Publish {
     pub order: NewOrder,
     pub gated: bool,
+    /// A cart's lines after the first (`order`); `None` for an order.
+    pub more_lines: Option<Vec<QueuedLine>>,
     /// The caller's trace, taken in its own task: the batch has none.
     pub traceparent: Option<String>,
     pub reply: oneshot::Sender<Result<u64, QueueError>>,
@@ -391,7 +393,12 @@ fn message(batch: &[Publish], tickets: &[u64]) -> (Vec<u8>, BasicProperties) {
 }
 
 fn wire(publish: &Publish, ticket: u64, with_trace: bool) -> WireOrder {
-    let mut wire = WireOrder::new(&publish.order, ticket, publish.gated);
+    let mut wire = WireOrder::new(
+        &publish.order,
+        ticket,
+        publish.gated,
+        publish.more_lines.as_deref(),
+    );
     // Alone, the trace travels in the message's header, as before.
     if with_trace {
         wire.traceparent = publish.traceparent.clone();
@@ -422,6 +429,7 @@ mod tests {
                 created_at: crate::domain::now(),
             },
             gated: true,
+            more_lines: None,
             traceparent: trace.map(str::to_owned),
             reply: oneshot::channel().0,
             deadline: Instant::now() + Duration::from_secs(60),

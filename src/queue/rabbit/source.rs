@@ -139,8 +139,7 @@ fn read(delivery: Delivery, batch: &mut TakenBatch) {
         match item {
             Ok(mut order) => {
                 if redriven {
-                    order.redriven = true;
-                    order.gated = false;
+                    order.mark_redriven();
                 }
                 if order.traceparent.is_none() {
                     order.traceparent = header_trace.clone();

@@ -255,7 +255,7 @@ async fn processor_run(
         .map(|i| {
             let producer = producer.clone();
             let order = bench_order(&names[i % skus], i);
-            async move { producer.publish(order, false).await }
+            async move { producer.publish(order, false, None).await }
         })
         .buffer_unordered(128)
         .collect()
