@@ -460,6 +460,7 @@ impl Pipeline {
                     holder = holder.id.as_str(),
                     "duplicate idempotency key in queue"
                 );
+                metrics::decision("cart", "rejected");
                 vec![reason; lines.len()]
             }
             CartOutcome::Refused(outcomes) => {
@@ -608,9 +609,19 @@ impl Pipeline {
         let lines = queued.lines();
         let recorded = loop {
             let recorded = if queued.is_cart() {
+                // Stamped now, as `record_failed` stamps an order: the
+                // cart's own time may be what the database refuses.
+                let at = now();
+                let stamped: Vec<NewOrder> = lines
+                    .iter()
+                    .map(|line| NewOrder {
+                        created_at: at,
+                        ..line.clone()
+                    })
+                    .collect();
                 let reasons = vec![reason.clone(); lines.len()];
                 self.store
-                    .record_cart_failed(&lines, &reasons, now(), queued.redriven)
+                    .record_cart_failed(&stamped, &reasons, at, queued.redriven)
                     .await
             } else {
                 self.store.record_failed(order, &reason, now()).await

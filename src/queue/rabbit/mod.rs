@@ -314,6 +314,18 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    // Each line is a row of its own: the same id twice could never be
+    // recorded, and the same SKU twice is not a cart ReserveCart makes.
+    let mut seen = std::collections::HashSet::from([order.id.as_str()]);
+    let mut skus = std::collections::HashSet::from([order.sku.as_str()]);
+    for (n, line) in more_lines.iter().enumerate() {
+        if !seen.insert(line.order.id.as_str()) {
+            return Err(format!("bad lines[{}].id: used by another line", n + 1));
+        }
+        if !skus.insert(line.order.sku.as_str()) {
+            return Err(format!("bad lines[{}].sku: another line's SKU", n + 1));
+        }
+    }
     Ok(QueuedOrder {
         ticket: wire.ticket,
         gated: wire.gated,
@@ -333,6 +345,7 @@ pub fn decode(body: &[u8]) -> Result<QueuedOrder, String> {
 pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let first = salvage_line(&value)?;
+    let first_id = first.0.clone();
     let user = UserId::parse(value.get("user")?.as_str()?).ok()?;
     let created_at = crate::domain::now();
     let order = |(id, sku, quantity)| NewOrder {
@@ -359,7 +372,14 @@ pub fn salvage(body: &[u8]) -> Option<QueuedOrder> {
                     gated: gated(line),
                 })
             })
-            .collect()
+            // One row per id: a repeated id is left out.
+            .fold(Vec::<QueuedLine>::new(), |mut kept, line| {
+                let id = &line.order.id;
+                if *id != first_id && kept.iter().all(|k| k.order.id != *id) {
+                    kept.push(line);
+                }
+                kept
+            })
     });
     Some(QueuedOrder {
         ticket: value.get("ticket").and_then(|t| t.as_u64()).unwrap_or(0),
@@ -1056,6 +1076,18 @@ mod tests {
         );
         assert_eq!(decode(&body).unwrap(), one);
         assert!(salvage(&body).unwrap().is_cart());
+        // A line repeating another's id, or SKU, is unreadable (its rows
+        // could never be written); salvage keeps one line per id.
+        let mut twice = value.clone();
+        twice["lines"][1]["id"] = twice["id"].clone();
+        let twice = serde_json::to_vec(&twice).unwrap();
+        let why = decode(&twice).unwrap_err();
+        assert!(why.contains("lines[2].id"), "{why}");
+        assert_eq!(salvage(&twice).unwrap().more_lines.unwrap().len(), 1);
+        let mut same_sku = value.clone();
+        same_sku["lines"][0]["sku"] = same_sku["sku"].clone();
+        let why = decode(&serde_json::to_vec(&same_sku).unwrap()).unwrap_err();
+        assert!(why.contains("lines[1].sku"), "{why}");
         // A line that cannot be read: the cart is unreadable, and salvage
         // keeps what identifies every readable line.
         let mut broken = value.clone();
