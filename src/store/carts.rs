@@ -219,6 +219,38 @@ macro_rules! cart_queries {
                             return Err(DieselError::RollbackTransaction.into());
                         }
                     }
+                    if params.mode == DbCheckMode::Optimistic && lines.len() > 1 {
+                        // The group commit's few set-based statements for
+                        // every line, kept (a savepoint) only if every
+                        // line is had; otherwise the lines are decided one
+                        // by one below, for each line's own outcome.
+                        let grouped = conn
+                            .transaction::<_, DieselError, _>(async |conn| {
+                                match decide_grouped(conn, lines, params).await? {
+                                    Some(outcomes)
+                                        if outcomes.iter().all(|o| {
+                                            matches!(o, CommitOutcome::Committed { .. })
+                                        }) =>
+                                    {
+                                        Ok(outcomes)
+                                    }
+                                    _ => Err(DieselError::RollbackTransaction),
+                                }
+                            })
+                            .await;
+                        match grouped {
+                            Ok(outcomes) => {
+                                mark_cart(conn, lines).await?;
+                                return Ok(outcomes);
+                            }
+                            Err(DieselError::RollbackTransaction)
+                            | Err(DieselError::DatabaseError(
+                                DatabaseErrorKind::UniqueViolation,
+                                _,
+                            )) => {}
+                            Err(err) => return Err(err.into()),
+                        }
+                    }
                     let mut outcomes = Vec::with_capacity(lines.len());
                     for (index, line) in lines.iter().enumerate() {
                         let outcome = decide(conn, line, each, true).await?;
@@ -239,13 +271,7 @@ macro_rules! cart_queries {
                     {
                         return Err(CartAbort::Refused(outcomes));
                     }
-                    let ids: Vec<&str> = lines.iter().map(|o| o.id.as_str()).collect();
-                    diesel::update(
-                        reservations::table.filter(reservations::reservation_id.eq_any(&ids)),
-                    )
-                    .set(reservations::cart_id.eq(ids[0]))
-                    .execute(conn)
-                    .await?;
+                    mark_cart(conn, lines).await?;
                     Ok(outcomes)
                 })
                 .await;
@@ -282,6 +308,16 @@ macro_rules! cart_queries {
             }
             let cart = Reservation::cart_of(rows).expect("a cart has at least one line");
             Ok(CartOutcome::Committed { cart, versions })
+        }
+
+        /// Sets every line's `cart_id` to the first line's id.
+        async fn mark_cart(conn: &mut $Conn, lines: &[NewOrder]) -> QueryResult<()> {
+            let ids: Vec<&str> = lines.iter().map(|o| o.id.as_str()).collect();
+            diesel::update(reservations::table.filter(reservations::reservation_id.eq_any(&ids)))
+                .set(reservations::cart_id.eq(ids[0]))
+                .execute(conn)
+                .await
+                .map(|_| ())
         }
 
         /// Stores a cart the processor could not fill (or gave up on, or

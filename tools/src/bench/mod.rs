@@ -374,7 +374,17 @@ pub(crate) async fn wait_drained(
     admin: &mut AdminServiceClient<Channel>,
     sku: &str,
 ) -> anyhow::Result<()> {
-    for _ in 0..1200 {
+    wait_drained_within(admin, sku, Duration::from_secs(60)).await
+}
+
+/// Waits until nothing of `sku` is queued, at most `limit`.
+pub(crate) async fn wait_drained_within(
+    admin: &mut AdminServiceClient<Channel>,
+    sku: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let polls = limit.as_millis() / 50;
+    for _ in 0..polls.max(1) {
         let view = admin
             .get_stock(stockgate::pb::GetStockRequest { sku: sku.into() })
             .await?
@@ -386,7 +396,7 @@ pub(crate) async fn wait_drained(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("the order queue did not drain within 60 s")
+    bail!("the order queue did not drain within {limit:?}")
 }
 
 /// Per measurement, the round with the median throughput, and the CPU
