@@ -351,9 +351,11 @@ async fn sale_bench_measures_a_capped_sale_next_to_none() {
 #[tokio::test(flavor = "multi_thread")]
 async fn lost_admissions_are_returned_by_the_reconciler() {
     use stockgate::gate::{GateEntry, RedisGate, StockGate};
+    // The in-flight timeout must exceed the request timeout; 100 ms for
+    // the Reserve below ran out once with the whole suite on both cores.
     let app = TestApp::spawn_with(Profile::Redis, |c| {
-        c.server.request_timeout_ms = 100;
-        c.layers.gate.in_flight_timeout_ms = 300;
+        c.server.request_timeout_ms = 250;
+        c.layers.gate.in_flight_timeout_ms = 600;
         c.layers.gate.reconcile_interval_ms = 100;
         c.layers.queue.enabled = false;
     })
