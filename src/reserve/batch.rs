@@ -496,21 +496,34 @@ impl Pipeline {
         queued: &QueuedOrder,
         reasons: &[String],
     ) -> Result<Reservation, String> {
-        let lines = queued.lines();
+        let lines = &queued.lines();
+        self.with_retries(|| async move {
+            self.store
+                .record_cart_failed(lines, reasons, now(), queued.redriven)
+                .await
+        })
+        .await
+        .map_err(|why| format!("recording it {why}"))
+    }
+
+    /// Runs `attempt` until it answers: again while the database is
+    /// unreachable (an outage does not count), and on any other error up
+    /// to `layers.queue.max_attempts` times, whose last error is then the
+    /// reason given.
+    async fn with_retries<T, F>(&self, mut attempt: impl FnMut() -> F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    {
         let mut attempts = 0;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let recorded = self
-                .store
-                .record_cart_failed(&lines, reasons, now(), queued.redriven)
-                .await;
-            match recorded {
-                Ok(cart) => return Ok(cart),
+            match attempt().await {
+                Ok(answer) => return Ok(answer),
                 Err(err) if err.is_unavailable() => {}
                 Err(err) => {
                     attempts += 1;
                     if attempts >= self.limits.max_order_attempts {
-                        return Err(format!("recording it failed {attempts} times: {err}"));
+                        return Err(format!("failed {attempts} times: {err}"));
                     }
                 }
             }
@@ -545,32 +558,19 @@ impl Pipeline {
     /// One order in its own transaction, retried on errors up to
     /// `layers.queue.max_attempts` times (an outage does not count).
     async fn commit_alone(&self, queued: &QueuedOrder) -> Result<CommitOutcome, String> {
-        let mut attempts = 0;
-        let mut backoff = Duration::from_millis(100);
-        loop {
+        let reopen = if queued.redriven {
+            std::slice::from_ref(&queued.order.id)
+        } else {
+            &[]
+        };
+        self.with_retries(|| async move {
             let params = self.commit_params(self.layers().db_check, true);
-            let reopen = if queued.redriven {
-                std::slice::from_ref(&queued.order.id)
-            } else {
-                &[]
-            };
-            match self
-                .store
+            self.store
                 .commit_batch_reopening(std::slice::from_ref(&queued.order), params, reopen)
                 .await
-            {
-                Ok(mut outcomes) => return Ok(outcomes.remove(0)),
-                Err(err) if err.is_unavailable() => {}
-                Err(err) => {
-                    attempts += 1;
-                    if attempts >= self.limits.max_order_attempts {
-                        return Err(format!("failed {attempts} times: {err}"));
-                    }
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+                .map(|mut outcomes| outcomes.remove(0))
+        })
+        .await
     }
 
     /// A redriven order holds no gate units (giving up returned them): its
