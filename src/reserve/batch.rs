@@ -299,11 +299,7 @@ impl Pipeline {
                         match self.commit_alone(queued).await {
                             Ok(outcome) => outcomes.push(Some(outcome)),
                             Err(reason) => {
-                                if self.give_up(queued, &reason).await {
-                                    failed.push(((*queued).clone(), reason));
-                                } else {
-                                    unfinished.push(queued.order.id.clone());
-                                }
+                                self.give_up_into(queued, reason, failed, unfinished).await;
                                 outcomes.push(None);
                             }
                         }
@@ -397,11 +393,7 @@ impl Pipeline {
                     attempts += 1;
                     if attempts >= self.limits.max_order_attempts {
                         let reason = format!("failed {attempts} times: {err}");
-                        if self.give_up(queued, &reason).await {
-                            failed.push((queued.clone(), reason));
-                        } else {
-                            unfinished.push(queued.order.id.clone());
-                        }
+                        self.give_up_into(queued, reason, failed, unfinished).await;
                         return;
                     }
                 }
@@ -409,30 +401,20 @@ impl Pipeline {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         };
-        let reasons: Vec<String> = match outcome {
+        let cart = match outcome {
             CartOutcome::Committed { cart, versions } => {
                 metrics::decision("cart", "reserved");
                 // A redriven cart holds no gate units: its lines are charged.
-                let action = if queued.redriven {
-                    Settlement::Charged
+                let (action, settled) = if queued.redriven {
+                    (Settlement::Charged, vec![self.layers().gate; lines.len()])
                 } else {
-                    Settlement::Committed
+                    (Settlement::Committed, gated)
                 };
-                let charge = queued.redriven && self.layers().gate;
-                let settlements: Vec<_> = lines
-                    .iter()
-                    .enumerate()
-                    .filter(|(index, _)| gated[*index] || charge)
-                    .map(|(index, line)| {
-                        (action, gate_entry(line).at_version(Some(versions[index])))
-                    })
-                    .collect();
-                if !settlements.is_empty() {
-                    self.settle_gate(&settlements).await;
-                }
-                self.pending().remove(&queued.order.id);
-                self.emit(Event::Changed(Box::new(cart)));
-                return;
+                self.settle_lines(&lines, &settled, |index, line| {
+                    (action, gate_entry(line).at_version(Some(versions[index])))
+                })
+                .await;
+                cart
             }
             CartOutcome::Existing(cart) if cart.id == queued.order.id => {
                 // A redelivery: settle as the first delivery decided (its
@@ -446,44 +428,78 @@ impl Pipeline {
                     failed.push((queued.clone(), reason.to_owned()));
                 }
                 self.settle_recorded(&lines, &gated, &cart).await;
-                self.pending().remove(&queued.order.id);
-                self.emit(Event::Changed(Box::new(cart)));
-                return;
+                cart
             }
             CartOutcome::Existing(holder) => {
-                let reason = format!(
-                    "duplicate idempotency key: reservation {} holds it",
-                    holder.id.as_str()
-                );
                 tracing::info!(
                     reservation = queued.order.id.as_str(),
                     holder = holder.id.as_str(),
                     "duplicate idempotency key in queue"
                 );
-                metrics::decision("cart", "rejected");
-                vec![reason; lines.len()]
+                let reason = format!(
+                    "duplicate idempotency key: reservation {} holds it",
+                    holder.id.as_str()
+                );
+                let reasons = vec![reason; lines.len()];
+                match self.reject_cart(queued, &reasons, failed, unfinished).await {
+                    Some(cart) => cart,
+                    None => return,
+                }
             }
             CartOutcome::Refused(outcomes) => {
-                metrics::decision("cart", "rejected");
-                outcomes.iter().map(|o| line_reason(o.as_ref())).collect()
-            }
-        };
-        let cart = match self.record_cart(queued, &reasons).await {
-            Ok(cart) => cart,
-            Err(reason) => {
-                if self.give_up(queued, &reason).await {
-                    failed.push((queued.clone(), reason));
-                } else {
-                    unfinished.push(queued.order.id.clone());
+                let reasons: Vec<String> =
+                    outcomes.iter().map(|o| line_reason(o.as_ref())).collect();
+                match self.reject_cart(queued, &reasons, failed, unfinished).await {
+                    Some(cart) => cart,
+                    None => return,
                 }
-                return;
             }
         };
-        // By each line's row: the first delivery's settlement may never
-        // have run.
-        self.settle_recorded(&lines, &gated, &cart).await;
         self.pending().remove(&queued.order.id);
         self.emit(Event::Changed(Box::new(cart)));
+    }
+
+    /// Gives `queued` up (into `failed`, bound for the dead-letter queue),
+    /// or, when not even that can be recorded, keeps it for a redelivery
+    /// (`unfinished`).
+    async fn give_up_into(
+        &self,
+        queued: &QueuedOrder,
+        reason: String,
+        failed: &mut Vec<(QueuedOrder, String)>,
+        unfinished: &mut Vec<ReservationId>,
+    ) {
+        if self.give_up(queued, &reason).await {
+            failed.push((queued.clone(), reason));
+        } else {
+            unfinished.push(queued.order.id.clone());
+        }
+    }
+
+    /// Records `queued`, a cart the database would not take, REJECTED
+    /// with `reasons` (one per line) and settles its lines by their rows
+    /// (the first delivery's settlement may never have run). `None` when
+    /// it could not be recorded: it is then given up (`failed`) or, if not
+    /// even that could be written, left for a redelivery (`unfinished`).
+    async fn reject_cart(
+        &self,
+        queued: &QueuedOrder,
+        reasons: &[String],
+        failed: &mut Vec<(QueuedOrder, String)>,
+        unfinished: &mut Vec<ReservationId>,
+    ) -> Option<Reservation> {
+        metrics::decision("cart", "rejected");
+        match self.record_cart(queued, reasons).await {
+            Ok(cart) => {
+                self.settle_recorded(&queued.lines(), &queued.gated_lines(), &cart)
+                    .await;
+                Some(cart)
+            }
+            Err(reason) => {
+                self.give_up_into(queued, reason, failed, unfinished).await;
+                None
+            }
+        }
     }
 
     /// Records `queued`, a cart, REJECTED with a reason per line (its

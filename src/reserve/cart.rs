@@ -394,7 +394,7 @@ impl Pipeline {
 
     /// Settles with the gate each line it admitted (`gated`), as
     /// `settle` says for that line and its index.
-    async fn settle_lines(
+    pub(super) async fn settle_lines(
         &self,
         lines: &[NewOrder],
         gated: &[bool],
