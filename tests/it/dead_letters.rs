@@ -118,6 +118,43 @@ fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     crate::ops::admin_cli(app, TOKEN, "dave", args)
 }
 
+/// Runs `sql` on the test's database.
+async fn execute(app: &TestApp, sql: &str) {
+    db(app).await.batch_execute(sql).await.unwrap();
+}
+
+/// `stockgate admin dlq redrive --key ID --reason REASON`: one message
+/// sent back.
+fn redrive_one(app: &TestApp, id: &ReservationId, reason: &str) {
+    let (ok, out, err) = cli(
+        app,
+        &["dlq", "redrive", "--key", id.as_str(), "--reason", reason],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("redrove 1 messages"), "{out}");
+}
+
+/// Publishes the dead letter `body` once more as a redriven copy (as a
+/// crash between a redrive's publish and its removal leaves one), then a
+/// Reserve of `sku` behind it, and returns once that order is HELD: the
+/// copy was processed.
+async fn redriven_copy_then_one_behind(
+    app: &TestApp,
+    names: &QueueNames,
+    (body, properties): (&[u8], BasicProperties),
+    client: &mut stockgate::pb::inventory_service_client::InventoryServiceClient<
+        tonic::transport::Channel,
+    >,
+    (sku, user): (&str, &str),
+) {
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-stockgate-redriven".into(), AMQPValue::Boolean(true));
+    publish(&names.orders, body, properties.with_headers(headers)).await;
+    let behind = reserve(client, sku, 1, user).await.unwrap();
+    let behind = ReservationId::parse(&behind.reservation.unwrap().reservation_id).unwrap();
+    wait_state(app, &behind, ReservationState::Held).await;
+}
+
 /// The first dead letter's body and properties, put back at once.
 async fn peek(names: &QueueNames) -> (Vec<u8>, BasicProperties) {
     let (_conn, channel) = amqp_channel().await;
@@ -167,16 +204,14 @@ async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
     let app = spawn().await;
     let names = QueueNames::new(&app.config.rabbitmq.queue);
     set_stock(&app, "DLQ-FIX", 5).await;
-    db(&app)
-        .await
-        .batch_execute(
-            "CREATE FUNCTION refuse_holds() RETURNS trigger LANGUAGE plpgsql AS $$
+    execute(
+        &app,
+        "CREATE FUNCTION refuse_holds() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN RAISE EXCEPTION 'the warehouse feed refuses %', NEW.sku; END $$;
              CREATE TRIGGER refuse_holds BEFORE INSERT ON reservations FOR EACH ROW
              WHEN (NEW.state = 'held') EXECUTE FUNCTION refuse_holds();",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let mut client = app.inventory();
     let answer = reserve(&mut client, "DLQ-FIX", 2, "dana").await.unwrap();
     assert_eq!(answer.outcome(), ReserveOutcome::Queued);
@@ -250,24 +285,8 @@ async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
     wait_depth(&names, 1).await;
 
     // The cause fixed, the order goes back and commits.
-    db(&app)
-        .await
-        .batch_execute("DROP TRIGGER refuse_holds ON reservations")
-        .await
-        .unwrap();
-    let (ok, out, err) = cli(
-        &app,
-        &[
-            "dlq",
-            "redrive",
-            "--key",
-            id.as_str(),
-            "--reason",
-            "feed fixed",
-        ],
-    );
-    assert!(ok, "{err}");
-    assert!(out.starts_with("redrove 1 messages"), "{out}");
+    execute(&app, "DROP TRIGGER refuse_holds ON reservations").await;
+    redrive_one(&app, &id, "feed fixed");
     wait_state(&app, &id, ReservationState::Held).await;
     wait_depth(&names, 0).await;
     let view = stock(&app, "DLQ-FIX").await;
@@ -275,13 +294,14 @@ async fn a_poison_order_is_listed_redriven_once_fixed_and_committed_once() {
 
     // A second copy, redriven as a crash mid-redrive would leave it, and
     // an order behind it so we know the copy was processed.
-    let headers = properties.headers().clone().unwrap_or_default();
-    let mut headers: FieldTable = headers;
-    headers.insert("x-stockgate-redriven".into(), AMQPValue::Boolean(true));
-    publish(&names.orders, &body, properties.with_headers(headers)).await;
-    let behind = reserve(&mut client, "DLQ-FIX", 1, "erin").await.unwrap();
-    let behind = ReservationId::parse(&behind.reservation.unwrap().reservation_id).unwrap();
-    wait_state(&app, &behind, ReservationState::Held).await;
+    redriven_copy_then_one_behind(
+        &app,
+        &names,
+        (&body, properties),
+        &mut client,
+        ("DLQ-FIX", "erin"),
+    )
+    .await;
     let rows = open_store(&app.config)
         .reservations_of(&stockgate::domain::Sku::parse("DLQ-FIX").unwrap())
         .await
@@ -478,16 +498,14 @@ async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
     let names = QueueNames::new(&app.config.rabbitmq.queue);
     set_stock(&app, "DLQC-A", 5).await;
     set_stock(&app, "DLQC-B", 5).await;
-    db(&app)
-        .await
-        .batch_execute(
-            "CREATE FUNCTION refuse_b() RETURNS trigger LANGUAGE plpgsql AS $$
+    execute(
+        &app,
+        "CREATE FUNCTION refuse_b() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN RAISE EXCEPTION 'the warehouse feed refuses %', NEW.sku; END $$;
              CREATE TRIGGER refuse_b BEFORE INSERT ON reservations FOR EACH ROW
              WHEN (NEW.state = 'held' AND NEW.sku = 'DLQC-B') EXECUTE FUNCTION refuse_b();",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let mut client = app.inventory();
     let answer = crate::carts::cart(&mut client, "fay", None, &[("DLQC-A", 2), ("DLQC-B", 1)])
         .await
@@ -532,24 +550,8 @@ async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
     let (body, properties) = peek(&names).await;
     wait_depth(&names, 1).await;
 
-    db(&app)
-        .await
-        .batch_execute("DROP TRIGGER refuse_b ON reservations")
-        .await
-        .unwrap();
-    let (ok, out, err) = cli(
-        &app,
-        &[
-            "dlq",
-            "redrive",
-            "--key",
-            id.as_str(),
-            "--reason",
-            "feed fixed",
-        ],
-    );
-    assert!(ok, "{err}");
-    assert!(out.starts_with("redrove 1 messages"), "{out}");
+    execute(&app, "DROP TRIGGER refuse_b ON reservations").await;
+    redrive_one(&app, &id, "feed fixed");
     wait_state(&app, &id, ReservationState::Held).await;
     wait_depth(&names, 0).await;
     let held = open_store(&app.config)
@@ -566,12 +568,14 @@ async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
     }
 
     // A copy redriven again, and an order behind it.
-    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
-    headers.insert("x-stockgate-redriven".into(), AMQPValue::Boolean(true));
-    publish(&names.orders, &body, properties.with_headers(headers)).await;
-    let behind = reserve(&mut client, "DLQC-B", 1, "gus").await.unwrap();
-    let behind = ReservationId::parse(&behind.reservation.unwrap().reservation_id).unwrap();
-    wait_state(&app, &behind, ReservationState::Held).await;
+    redriven_copy_then_one_behind(
+        &app,
+        &names,
+        (&body, properties),
+        &mut client,
+        ("DLQC-B", "gus"),
+    )
+    .await;
     let store = open_store(&app.config);
     let rows = |sku: &'static str| {
         let store = store.clone();
@@ -589,14 +593,12 @@ async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
 
     // Given up again, then redriven once B is sold out: decided afresh,
     // the cart is REJECTED for B, its given-up rows replaced.
-    db(&app)
-        .await
-        .batch_execute(
-            "CREATE TRIGGER refuse_b BEFORE INSERT ON reservations FOR EACH ROW
+    execute(
+        &app,
+        "CREATE TRIGGER refuse_b BEFORE INSERT ON reservations FOR EACH ROW
              WHEN (NEW.state = 'held' AND NEW.sku = 'DLQC-B') EXECUTE FUNCTION refuse_b();",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let answer = crate::carts::cart(&mut client, "ivy", None, &[("DLQC-A", 1), ("DLQC-B", 1)])
         .await
         .unwrap();
@@ -605,23 +607,8 @@ async fn a_poison_cart_is_given_up_whole_and_redriven_whole() {
     assert!(reason.starts_with("processing failed"), "{reason}");
     wait_depth(&names, 1).await;
     set_stock(&app, "DLQC-B", 0).await;
-    db(&app)
-        .await
-        .batch_execute("DROP TRIGGER refuse_b ON reservations")
-        .await
-        .unwrap();
-    let (ok, _, err) = cli(
-        &app,
-        &[
-            "dlq",
-            "redrive",
-            "--key",
-            again.as_str(),
-            "--reason",
-            "retry",
-        ],
-    );
-    assert!(ok, "{err}");
+    execute(&app, "DROP TRIGGER refuse_b ON reservations").await;
+    redrive_one(&app, &again, "retry");
     let mut decided = None;
     for _ in 0..200 {
         decided = store.reservation(&again).await.unwrap();
