@@ -441,7 +441,9 @@ impl Pipeline {
                     holder.id.as_str()
                 );
                 let reasons = vec![reason; lines.len()];
-                match self.reject_cart(queued, &reasons, failed, unfinished).await {
+                let rejected =
+                    self.reject_cart(queued, (&lines, &gated), &reasons, failed, unfinished);
+                match rejected.await {
                     Some(cart) => cart,
                     None => return,
                 }
@@ -449,7 +451,9 @@ impl Pipeline {
             CartOutcome::Refused(outcomes) => {
                 let reasons: Vec<String> =
                     outcomes.iter().map(|o| line_reason(o.as_ref())).collect();
-                match self.reject_cart(queued, &reasons, failed, unfinished).await {
+                let rejected =
+                    self.reject_cart(queued, (&lines, &gated), &reasons, failed, unfinished);
+                match rejected.await {
                     Some(cart) => cart,
                     None => return,
                 }
@@ -478,21 +482,22 @@ impl Pipeline {
 
     /// Records `queued`, a cart the database would not take, REJECTED
     /// with `reasons` (one per line) and settles its lines by their rows
-    /// (the first delivery's settlement may never have run). `None` when
+    /// (the first delivery's settlement may never have run); `lines` and
+    /// `gated` are its lines and which of them the gate holds. `None` when
     /// it could not be recorded: it is then given up (`failed`) or, if not
     /// even that could be written, left for a redelivery (`unfinished`).
     async fn reject_cart(
         &self,
         queued: &QueuedOrder,
+        (lines, gated): (&[NewOrder], &[bool]),
         reasons: &[String],
         failed: &mut Vec<(QueuedOrder, String)>,
         unfinished: &mut Vec<ReservationId>,
     ) -> Option<Reservation> {
         metrics::decision("cart", "rejected");
-        match self.record_cart(queued, reasons).await {
+        match self.record_cart(queued, lines, reasons).await {
             Ok(cart) => {
-                self.settle_recorded(&queued.lines(), &queued.gated_lines(), &cart)
-                    .await;
+                self.settle_recorded(lines, gated, &cart).await;
                 Some(cart)
             }
             Err(reason) => {
@@ -502,7 +507,7 @@ impl Pipeline {
         }
     }
 
-    /// Records `queued`, a cart, REJECTED with a reason per line (its
+    /// Records `queued`, a cart of `lines`, REJECTED with a reason per line (its
     /// given-up rows replaced, if it was redriven), retrying while the
     /// database is unreachable and `layers.queue.max_attempts` times on an
     /// error; the error's reason past that. A cart whose id has rows
@@ -510,9 +515,9 @@ impl Pipeline {
     async fn record_cart(
         &self,
         queued: &QueuedOrder,
+        lines: &[NewOrder],
         reasons: &[String],
     ) -> Result<Reservation, String> {
-        let lines = &queued.lines();
         self.with_retries(|| async move {
             self.store
                 .record_cart_failed(lines, reasons, now(), queued.redriven)
