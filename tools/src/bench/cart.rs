@@ -76,9 +76,7 @@ async fn measure(
     )
     .await;
     // Queued warm-up carts committed while the first row runs would slow it.
-    for sku in SKUS {
-        wait_drained_within(&mut admin, sku, DRAIN_LIMIT).await?;
-    }
+    drain_all(&mut admin).await?;
     let mut rounds = Vec::new();
     for round in 0..options.rounds.max(1) {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -98,9 +96,7 @@ async fn measure(
             // drain shows how long the processor took to commit them, and
             // with the calls' own time, the rate they were committed at.
             let drained = Instant::now();
-            for sku in SKUS {
-                wait_drained_within(&mut admin, sku, DRAIN_LIMIT).await?;
-            }
+            drain_all(&mut admin).await?;
             let drain = drained.elapsed();
             let calls = options.requests as f64 / measured_row.rps.max(f64::MIN_POSITIVE);
             eprintln!(
@@ -112,6 +108,14 @@ async fn measure(
         rounds.push(measured.into_iter().map(Option::unwrap).collect());
     }
     Ok(median_rounds(rounds))
+}
+
+/// Waits until every SKU's queued orders are committed.
+async fn drain_all(admin: &mut AdminServiceClient<Channel>) -> anyhow::Result<()> {
+    for sku in SKUS {
+        wait_drained_within(admin, sku, DRAIN_LIMIT).await?;
+    }
+    Ok(())
 }
 
 /// Call `i` reserves one unit of SKU `i mod LINES` as buyer `{users}-i`.
