@@ -31,7 +31,8 @@ pub(super) fn named_refusal(cart: &Reservation) -> Option<String> {
 fn is_line_refusal(reason: &str) -> bool {
     [
         super::SOLD_OUT_REASON,
-        USER_LIMIT_REASON,
+        super::USER_LIMIT_REASON,
+        super::SALE_LIMIT_REASON,
         super::NOT_OPEN_REASON,
         super::CLOSED_REASON,
         UNKNOWN_SKU_REASON,
@@ -41,7 +42,6 @@ fn is_line_refusal(reason: &str) -> bool {
     .any(|start| reason.starts_with(start))
 }
 
-const USER_LIMIT_REASON: &str = "user limit";
 const UNKNOWN_SKU_REASON: &str = "unknown SKU";
 const NOT_FILLED_REASON: &str = "not filled";
 
@@ -54,10 +54,16 @@ pub fn line_reason(outcome: Option<&CommitOutcome>) -> String {
         Some(CommitOutcome::SoldOut { remaining }) => {
             format!("{}: {remaining} units left", super::SOLD_OUT_REASON)
         }
-        // The SKU's own limit or its sale's: the outcome does not say which.
-        Some(CommitOutcome::UserLimit { live_units, limit }) => format!(
-            "{USER_LIMIT_REASON}: {live_units} of {limit} units already held (the SKU's or its sale's)"
-        ),
+        Some(CommitOutcome::UserLimit {
+            live_units,
+            limit,
+            sale: None,
+        }) => super::user_limit_reason(*live_units, limit),
+        Some(CommitOutcome::UserLimit {
+            live_units,
+            limit,
+            sale: Some(sale),
+        }) => super::sale_limit_reason(*live_units, limit, sale),
         Some(CommitOutcome::OutsideWindow(check)) => super::window_reason(*check)
             .unwrap_or_else(|| format!("{NOT_FILLED_REASON}: outside the sale window")),
         Some(CommitOutcome::UnknownSku) => UNKNOWN_SKU_REASON.to_owned(),

@@ -238,10 +238,7 @@ macro_rules! commit_queries {
                 if current.max_per_user > 0 {
                     let units = live.get(&slot).copied().unwrap_or(0);
                     if units + quantity > i64::from(current.max_per_user) {
-                        let reason = format!(
-                            "user limit: {units} of {} units already held",
-                            current.max_per_user
-                        );
+                        let reason = user_limit_reason(units, current.max_per_user);
                         let row = rejected_row(order, reason, params.now);
                         push_rejected(&mut outcomes, &mut rows, row, RejectCause::UserLimit);
                         continue;
@@ -253,7 +250,8 @@ macro_rules! commit_queries {
                 if let Some((cap, pair)) = &sale {
                     let units = sale_units.get(pair).copied().unwrap_or(0);
                     if units + quantity > i64::from(cap.cap) {
-                        let row = rejected_row(order, sale_limit_reason(units, cap), params.now);
+                        let reason = sale_limit_reason(units, cap.cap, &cap.sale_id);
+                        let row = rejected_row(order, reason, params.now);
                         push_rejected(&mut outcomes, &mut rows, row, RejectCause::UserLimit);
                         continue;
                     }
@@ -376,16 +374,14 @@ macro_rules! commit_queries {
                     let live = live.unwrap_or(0);
                     if live + quantity > i64::from(current.max_per_user) {
                         if params.record_rejections {
-                            let reason = format!(
-                                "user limit: {live} of {} units already held",
-                                current.max_per_user
-                            );
+                            let reason = user_limit_reason(live, current.max_per_user);
                             return reject(conn, order, RejectCause::UserLimit, reason, params.now)
                                 .await;
                         }
                         return Ok(CommitOutcome::UserLimit {
                             live_units: live,
                             limit: current.max_per_user as u32,
+                            sale: None,
                         });
                     }
                 }
@@ -401,13 +397,14 @@ macro_rules! commit_queries {
                         sale_live_of(conn, cap.sale_id.as_str(), order.user.as_str()).await?;
                     if live + quantity > i64::from(cap.cap) {
                         if params.record_rejections {
-                            let reason = sale_limit_reason(live, cap);
+                            let reason = sale_limit_reason(live, cap.cap, &cap.sale_id);
                             return reject(conn, order, RejectCause::UserLimit, reason, params.now)
                                 .await;
                         }
                         return Ok(CommitOutcome::UserLimit {
                             live_units: live,
                             limit: cap.cap as u32,
+                            sale: Some(cap.sale_id.clone()),
                         });
                     }
                 }

@@ -195,7 +195,7 @@ macro_rules! holds_queries {
                         let live = sale_live_of(conn, cap.sale_id.as_str(), entry.user_id.as_str())
                             .await?;
                         if live + quantity > i64::from(cap.cap) {
-                            reason = Some(sale_limit_reason(live, cap));
+                            reason = Some(sale_limit_reason(live, cap.cap, &cap.sale_id));
                         }
                     }
                     let next_state = match reason {

@@ -137,6 +137,16 @@ pub struct NewOrder {
 /// redelivery can tell it from rejections that must return gate units.
 pub const SOLD_OUT_REASON: &str = "sold out";
 
+/// How the reason of a REJECTED row starts when the user held the SKU's
+/// own per-user limit already (a sale's cap: [`SALE_LIMIT_REASON`]).
+pub const USER_LIMIT_REASON: &str = "user limit";
+
+/// The REJECTED reason of an order over the SKU's per-user `limit`, with
+/// `live` units held.
+pub fn user_limit_reason(live: i64, limit: impl std::fmt::Display) -> String {
+    format!("{USER_LIMIT_REASON}: {live} of {limit} units already held")
+}
+
 /// How the reason of a REJECTED row starts when the processor gave the
 /// order up (the database kept refusing it with an error, or its message
 /// could not be read). Only such a row is decided again when an operator
@@ -201,9 +211,11 @@ pub enum CommitOutcome {
     SoldOut {
         remaining: i64,
     },
+    /// Over the user's limit: the SKU's own, or the cap of `sale`.
     UserLimit {
         live_units: i64,
         limit: u32,
+        sale: Option<String>,
     },
     UnknownSku,
     /// Decided outside the SKU's sale window; nothing was written.

@@ -45,11 +45,10 @@ pub(super) struct SaleCap {
 /// The start of a REJECTED reason for an order over its sale's cap.
 pub const SALE_LIMIT_REASON: &str = "sale limit";
 
-pub(super) fn sale_limit_reason(live: i64, cap: &SaleCap) -> String {
-    format!(
-        "{SALE_LIMIT_REASON}: {live} of {} units already held across sale {}",
-        cap.cap, cap.sale_id
-    )
+/// The REJECTED reason of an order over sale `sale_id`'s per-user `cap`,
+/// with `live` units held across the sale.
+pub(super) fn sale_limit_reason(live: i64, cap: impl std::fmt::Display, sale_id: &str) -> String {
+    format!("{SALE_LIMIT_REASON}: {live} of {cap} units already held across sale {sale_id}")
 }
 
 /// The advisory lock key of one (sale, user): FNV-1a over both. Two pairs

@@ -818,6 +818,51 @@ async fn a_refused_line_stops_the_cart_before_a_draw() {
     app.stop().await;
 }
 
+/// A cart over its sale's per-user cap, queued with the gate off, is
+/// rejected whole by the processor: the line that broke the cap names the
+/// sale and its cap as a single order's row does, the line that fitted
+/// says another line failed, the cart's reason names the first, and
+/// nothing is taken. (The SKU's own limit keeps its own wording.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_cart_over_its_sales_cap_names_the_sale() {
+    for profile in [Profile::Embedded, Profile::Postgres] {
+        let app = TestApp::spawn(profile).await;
+        app.set_layers(false, true, DbCheckMode::Optimistic).await;
+        let [a, b] = ["CAP-A", "CAP-B"];
+        app.set_stock(a, 5, 0).await;
+        app.set_stock(b, 5, 0).await;
+        crate::sales::set_sale(&app, "CART-SALE", 2, &[a, b])
+            .await
+            .unwrap();
+        let mut client = app.inventory();
+        let answer = cart(&mut client, "capped", None, &[(a, 1), (b, 2)])
+            .await
+            .unwrap();
+        let rejected = decided(&mut client, answer, "capped", true).await;
+        assert_eq!(rejected.state(), ReservationState::Rejected, "{profile:?}");
+        let reasons: Vec<&str> = rejected
+            .lines
+            .iter()
+            .map(|l| l.reject_reason.as_str())
+            .collect();
+        assert_eq!(reasons[0], CART_LINE_REASON, "{profile:?}");
+        assert_eq!(
+            reasons[1], "sale limit: 1 of 2 units already held across sale CART-SALE",
+            "{profile:?}"
+        );
+        assert!(
+            rejected.reject_reason.contains(&format!("{b} (sale limit"))
+                && !rejected.reject_reason.contains(a),
+            "{profile:?}: {rejected:?}"
+        );
+        for sku in [a, b] {
+            assert_eq!(app.stock(sku).await.db_stock, 5, "{profile:?} {sku}");
+        }
+        assert_checked(&app).await;
+        app.stop().await;
+    }
+}
+
 /// Twins of a keyed cart on one replica, with the dedup layer off: each
 /// pair sent at once for the last unit of a SKU gets one cart, the same
 /// for both (the twin waits for the first call's key, then finds its

@@ -627,7 +627,8 @@ async fn a_sales_cap_binds_each_user_across_its_skus() {
                 refused,
                 CommitOutcome::UserLimit {
                     live_units: 3,
-                    limit: 3
+                    limit: 3,
+                    sale: Some("LAUNCH".into()),
                 },
                 "{profile:?} {mode:?}"
             );

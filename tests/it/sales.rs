@@ -20,7 +20,7 @@ use crate::{
     waitlist::{get, release, reserve, set_policy, take, until_state},
 };
 
-async fn set_sale(
+pub(crate) async fn set_sale(
     app: &TestApp,
     sale: &str,
     cap: u32,
