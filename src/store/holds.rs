@@ -173,15 +173,14 @@ macro_rules! holds_queries {
                         blocked = true;
                         break;
                     }
-                    let mut reason = (current.max_per_user > 0
-                        && live_units(conn, sku, &entry.user_id).await? + quantity
-                            > i64::from(current.max_per_user))
-                    .then(|| {
-                        format!(
-                            "user limit: the waitlist's turn came with {} units already held",
-                            current.max_per_user
-                        )
-                    });
+                    let mut reason = None;
+                    if current.max_per_user > 0 {
+                        let live = live_units(conn, sku, &entry.user_id).await?;
+                        if live + quantity > i64::from(current.max_per_user) {
+                            let held = user_limit_reason(live, current.max_per_user);
+                            reason = Some(format!("{held} when the waitlist's turn came"));
+                        }
+                    }
                     if let (None, Some(cap)) = (&reason, &sale) {
                         // This transaction holds the SKU's row, so it may
                         // not wait for a (sale, user) lock (see

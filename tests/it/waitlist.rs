@@ -116,6 +116,36 @@ pub(crate) async fn release(client: &mut Inventory, id: &str, user: &str) -> Res
         .unwrap()
 }
 
+/// A waiting entry whose turn comes while its user holds more than the
+/// SKU's per-user limit (lowered since they joined) is REJECTED saying how
+/// many units they hold and the limit, and the unit stays on sale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_past_the_skus_limit_says_what_is_held() {
+    for profile in [Profile::Embedded, Profile::Postgres] {
+        let app = TestApp::spawn(profile).await;
+        let mut client = app.inventory();
+        app.set_stock("TURN", 3, 3).await;
+        take(&mut client, "TURN", "keen").await;
+        take(&mut client, "TURN", "keen").await;
+        let holder = take(&mut client, "TURN", "holder").await;
+        set_policy(&app, "TURN", SoldOutPolicy::Waitlist, 0).await;
+        let joined = reserve(&mut client, "TURN", "keen", true).await;
+        assert_eq!(joined.outcome(), ReserveOutcome::Waitlisted, "{profile:?}");
+        let waiting = joined.reservation.unwrap().reservation_id;
+        app.set_stock("TURN", 0, 1).await;
+        release(&mut client, &holder, "holder").await;
+        let ended = until_state(&mut client, &waiting, "keen", ReservationState::Rejected).await;
+        assert_eq!(
+            ended.reject_reason,
+            "user limit: 2 of 1 units already held when the waitlist's turn came",
+            "{profile:?}"
+        );
+        assert_eq!(app.stock("TURN").await.db_stock, 1, "{profile:?}");
+        assert_checked(&app).await;
+        app.stop().await;
+    }
+}
+
 /// The scenario: stock 1, ten in line; the holder releases and the
 /// first in line is handed a hold (told through WatchReservation); it
 /// expires and the second gets it; newcomers meanwhile hear sold out or
