@@ -282,8 +282,8 @@ async fn a_cart_is_held_whole_or_not_at_all_on_every_layer() {
                     .map(|l| l.reject_reason.as_str())
                     .collect();
                 assert_eq!(reasons[0], CART_LINE_REASON, "{case}");
-                assert!(
-                    reasons[1].starts_with("user limit: 0 of 2"),
+                assert_eq!(
+                    reasons[1], "user limit: 0 of 2 units already held",
                     "{case}: {reasons:?}"
                 );
                 assert!(
@@ -825,7 +825,7 @@ async fn a_refused_line_stops_the_cart_before_a_draw() {
 /// nothing is taken. (The SKU's own limit keeps its own wording.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_cart_over_its_sales_cap_names_the_sale() {
-    for profile in [Profile::Embedded, Profile::Postgres] {
+    for profile in [Profile::Embedded, Profile::Postgres, Profile::Rabbit] {
         let app = TestApp::spawn(profile).await;
         app.set_layers(false, true, DbCheckMode::Optimistic).await;
         let [a, b] = ["CAP-A", "CAP-B"];
