@@ -442,7 +442,7 @@ impl Pipeline {
                 );
                 let reasons = vec![reason; lines.len()];
                 let rejected =
-                    self.reject_cart(queued, (&lines, &gated), &reasons, failed, unfinished);
+                    self.reject_cart(queued, &lines, &gated, &reasons, failed, unfinished);
                 match rejected.await {
                     Some(cart) => cart,
                     None => return,
@@ -452,7 +452,7 @@ impl Pipeline {
                 let reasons: Vec<String> =
                     outcomes.iter().map(|o| line_reason(o.as_ref())).collect();
                 let rejected =
-                    self.reject_cart(queued, (&lines, &gated), &reasons, failed, unfinished);
+                    self.reject_cart(queued, &lines, &gated, &reasons, failed, unfinished);
                 match rejected.await {
                     Some(cart) => cart,
                     None => return,
@@ -489,7 +489,8 @@ impl Pipeline {
     async fn reject_cart(
         &self,
         queued: &QueuedOrder,
-        (lines, gated): (&[NewOrder], &[bool]),
+        lines: &[NewOrder],
+        gated: &[bool],
         reasons: &[String],
         failed: &mut Vec<(QueuedOrder, String)>,
         unfinished: &mut Vec<ReservationId>,
