@@ -397,10 +397,14 @@ pub async fn wipe_redis_prefix(prefix: &str) {
         .unwrap();
 }
 
-/// A database of one test's own, dropped when the test ends.
+/// A database of one test's own, dropped when the test ends: by
+/// [`TestDb::drop_now`] (as [`TestApp::stop`] does), or else when the value
+/// is dropped, so a test that never stops its app, or fails, leaves no
+/// database behind on a machine whose runs add up.
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    dropped: std::sync::atomic::AtomicBool,
 }
 
 impl TestDb {
@@ -419,20 +423,47 @@ impl TestDb {
             .await
             .unwrap();
         let url = format!("{}/{name}", pg_admin_url());
-        Self { name, url }
+        Self {
+            name,
+            url,
+            dropped: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     pub async fn drop_now(&self) {
         if let Ok(mut admin) =
             AsyncPgConnection::establish(&format!("{}/postgres", pg_admin_url())).await
         {
-            let _ = admin
+            let dropped = admin
                 .batch_execute(&format!(
                     "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                     self.name
                 ))
                 .await;
+            if dropped.is_ok() {
+                self.dropped
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.dropped.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // Drop may run inside the test's runtime, where nothing can be
+        // awaited: psql, as `psql_number` runs it.
+        let _ = std::process::Command::new("psql")
+            .arg(format!("{}/postgres", pg_admin_url()))
+            .args([
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
