@@ -159,6 +159,15 @@ async fn gate_settles(app: &TestApp, sku: &str, expected: Option<i64>) {
     panic!("{sku}: the gate holds {seen:?}, not {expected:?}");
 }
 
+/// Each line's REJECTED reason, in the cart's order.
+fn line_reasons(reservation: &stockgate::pb::Reservation) -> Vec<&str> {
+    reservation
+        .lines
+        .iter()
+        .map(|l| l.reject_reason.as_str())
+        .collect()
+}
+
 fn lines_of(reservation: &stockgate::pb::Reservation) -> Vec<(String, u32)> {
     reservation
         .lines
@@ -276,11 +285,7 @@ async fn a_cart_is_held_whole_or_not_at_all_on_every_layer() {
                     .unwrap();
                 let rejected = decided(&mut client, answer, u2, queue).await;
                 assert_eq!(rejected.state(), ReservationState::Rejected, "{case}");
-                let reasons: Vec<&str> = rejected
-                    .lines
-                    .iter()
-                    .map(|l| l.reject_reason.as_str())
-                    .collect();
+                let reasons = line_reasons(&rejected);
                 assert_eq!(reasons[0], CART_LINE_REASON, "{case}");
                 assert_eq!(
                     reasons[1], "user limit: 0 of 2 units already held",
@@ -840,11 +845,7 @@ async fn a_queued_cart_over_its_sales_cap_names_the_sale() {
             .unwrap();
         let rejected = decided(&mut client, answer, "capped", true).await;
         assert_eq!(rejected.state(), ReservationState::Rejected, "{profile:?}");
-        let reasons: Vec<&str> = rejected
-            .lines
-            .iter()
-            .map(|l| l.reject_reason.as_str())
-            .collect();
+        let reasons = line_reasons(&rejected);
         assert_eq!(reasons[0], CART_LINE_REASON, "{profile:?}");
         assert_eq!(
             reasons[1], "sale limit: 1 of 2 units already held across sale CART-SALE",

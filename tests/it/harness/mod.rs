@@ -430,16 +430,15 @@ impl TestDb {
         }
     }
 
+    fn drop_statement(&self) -> String {
+        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)
+    }
+
     pub async fn drop_now(&self) {
         if let Ok(mut admin) =
             AsyncPgConnection::establish(&format!("{}/postgres", pg_admin_url())).await
         {
-            let dropped = admin
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-                .await;
+            let dropped = admin.batch_execute(&self.drop_statement()).await;
             if dropped.is_ok() {
                 self.dropped
                     .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -457,10 +456,7 @@ impl Drop for TestDb {
         // awaited: psql, as `psql_number` runs it.
         let _ = std::process::Command::new("psql")
             .arg(format!("{}/postgres", pg_admin_url()))
-            .args([
-                "-qc",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
+            .args(["-qc", &self.drop_statement()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
